@@ -1,0 +1,53 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+# Everything lives in .venv (Python 3.12); pip's cache and an existing .venv are reused when present.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# First Python 3.12 that actually runs (a pyenv shim for a non-selected version exists but fails).
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.extension-built
+RUST_SOURCES := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test setup develop rust-test py-test bench clean
+
+demo: develop
+	$(VENV)/bin/simpletuner-lcm demo
+
+test: develop rust-test py-test
+
+setup: $(DEPS_STAMP)
+
+develop: $(BUILD_STAMP)
+
+$(PY):
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (SimpleTuner 4.10 needs it); set PYTHON312=/path/to/python3.12" >&2; exit 1; }
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(DEPS_STAMP): $(PY) requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) packaging/wheel-data/purelib/simpletuner_lcm.pth
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
+	touch $@
+
+rust-test:
+	cargo test --workspace --locked
+
+py-test: develop
+	$(PY) -m pytest
+
+bench: develop
+	$(PY) bench/step.py
+	$(PY) bench/data.py
+
+clean:
+	rm -rf target $(BUILD_STAMP)

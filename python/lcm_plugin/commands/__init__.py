@@ -1,0 +1,1 @@
+"""Subcommands of `simpletuner-lcm` (see lcm_plugin.cli)."""

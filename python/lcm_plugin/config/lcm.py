@@ -1,0 +1,68 @@
+"""`distillation_config.lcm`: the one source of truth for the distiller's settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LcmConfig(BaseModel):
+    """Latent Consistency Distillation settings (LCM, arXiv 2310.04378; LCM-LoRA, arXiv 2311.05556)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_ddim_timesteps: int = Field(
+        50,
+        ge=1,
+        description="Steps of the DDIM solver grid the teacher walks: one training step moves from t to "
+        "t - num_train_timesteps // num_ddim_timesteps. Typical 50-100.",
+        examples=[50],
+    )
+    w_min: float = Field(
+        4.0,
+        ge=1.0,
+        description="Lowest classifier-free guidance scale for the teacher, in SimpleTuner's convention "
+        "uncond + s * (cond - uncond). The LCM paper's omega is s - 1: the default 4.0..16.0 is diffusers' "
+        "w_min=3, w_max=15.",
+        examples=[4.0],
+    )
+    w_max: float = Field(
+        16.0,
+        ge=1.0,
+        description="Highest teacher guidance scale (same convention as w_min). Each sample draws its scale from "
+        "U[w_min, w_max]; w_min == w_max fixes it (the LCM-LoRA report's omega = 7.5 is 8.5).",
+        examples=[16.0],
+    )
+    loss_type: Literal["l2", "huber"] = Field(
+        "l2",
+        description="Distance between student and target consistency outputs: 'l2' (mean squared error) or "
+        "'huber' (pseudo-Huber with huber_c).",
+    )
+    huber_c: float = Field(
+        0.001,
+        gt=0.0,
+        description="The c of the pseudo-Huber loss sqrt((a - b)^2 + c^2) - c. Used when loss_type is 'huber'.",
+        examples=[0.001],
+    )
+    timestep_scaling_factor: float = Field(
+        10.0,
+        gt=0.0,
+        description="Multiplies the timestep inside the boundary scalings c_skip and c_out (diffusers' "
+        "timestep_scaling_factor); also passed to LCMScheduler as timestep_scaling for validation.",
+        examples=[10.0],
+    )
+    ema_decay: float = Field(
+        0.95,
+        ge=0.0,
+        lt=1.0,
+        description="Full-model distillation only: EMA decay of the target network (diffusers' default 0.95). "
+        "LoRA distillation uses the student itself as the target, as LCM-LoRA does.",
+        examples=[0.95],
+    )
+
+    @model_validator(mode="after")
+    def _guidance_range_is_ordered(self) -> LcmConfig:
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
+        return self
