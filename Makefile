@@ -35,7 +35,7 @@ $(DEPS_STAMP): $(PY) requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-$(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) packaging/wheel-data/purelib/simpletuner_lcm.pth
+$(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) packaging/wheel-data/purelib/simpletuner_lcm_hook.pth
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
 	touch $@
 
