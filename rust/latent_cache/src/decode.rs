@@ -1,0 +1,231 @@
+//! Batch decode → RGB → orient → antialiased resize → crop, into one contiguous `[N, H, W, 3]` buffer.
+use crate::error::{CacheError, Result};
+use crate::scan::{header_from_bytes, Format, Header};
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// Pillow's `DecompressionBombError` threshold (2 × `Image.MAX_IMAGE_PIXELS`).
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+/// Geometry of one image: resize the oriented image to `resize` (W, H), then cut `target` at `crop` (top, left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// (W, H) the whole oriented image is resized to.
+    pub resize: (u32, u32),
+    /// (top, left) of the crop inside the resized image.
+    pub crop: (u32, u32),
+}
+
+/// Result of a batch: rows of `target` RGB pixels for the images that decoded, in input order.
+pub struct Batch {
+    /// `ok.len() * H * W * 3` bytes.
+    pub pixels: Vec<u8>,
+    /// Input indices of the rows.
+    pub ok: Vec<usize>,
+    /// Input index and error of each image that failed.
+    pub errors: Vec<(usize, CacheError)>,
+}
+
+/// Where an image comes from.
+pub enum Source<'a> {
+    /// A file on disk.
+    Path(&'a Path),
+    /// Encoded bytes in memory; the path only names it in messages.
+    Bytes(&'a Path, &'a [u8]),
+}
+
+/// Decodes every source in parallel (on the current rayon pool) into one buffer of `target` (W, H) crops.
+pub fn decode_batch(sources: &[Source<'_>], geometry: &[Geometry], target: (u32, u32), max_pixels: u64) -> Batch {
+    let frame = target.0 as usize * target.1 as usize * 3;
+    let mut pixels = vec![0u8; frame * sources.len()];
+    let results: Vec<Result<()>> = pixels
+        .par_chunks_mut(frame.max(1))
+        .zip(sources.par_iter().zip(geometry.par_iter()))
+        .map(|(out, (src, geo))| decode_source(src, *geo, target, max_pixels, out))
+        .collect();
+    let (mut ok, mut errors) = (Vec::new(), Vec::new());
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(()) => {
+                // Compact: successful rows move down over failed ones.
+                if ok.len() != i {
+                    pixels.copy_within(i * frame..(i + 1) * frame, ok.len() * frame);
+                }
+                ok.push(i);
+            }
+            Err(e) => errors.push((i, e)),
+        }
+    }
+    pixels.truncate(ok.len() * frame);
+    Batch { pixels, ok, errors }
+}
+
+fn decode_source(src: &Source<'_>, geo: Geometry, target: (u32, u32), max_pixels: u64, out: &mut [u8]) -> Result<()> {
+    match src {
+        Source::Path(p) => {
+            let bytes = std::fs::read(p).map_err(|e| CacheError::io(p, e))?;
+            decode_into(p, &bytes, geo, target, max_pixels, out)
+        }
+        Source::Bytes(p, bytes) => decode_into(p, bytes, geo, target, max_pixels, out),
+    }
+}
+
+/// Decodes one encoded image into `out` (`target` W × H × 3, zero where the crop leaves the image, like Pillow).
+pub fn decode_into(path: &Path, bytes: &[u8], geo: Geometry, target: (u32, u32), max_pixels: u64, out: &mut [u8]) -> Result<()> {
+    let header = header_from_bytes(path, bytes)?;
+    if u64::from(header.width) * u64::from(header.height) > max_pixels {
+        return Err(CacheError::TooManyPixels {
+            path: path.to_path_buf(),
+            width: header.width,
+            height: header.height,
+            limit: max_pixels,
+        });
+    }
+    if geo.resize.0 == 0 || geo.resize.1 == 0 {
+        return Err(CacheError::config("resize_size", format!("empty resize size for `{}`", path.display())));
+    }
+    let rgb = decode_rgb(path, bytes, &header, geo.resize)?;
+    let rgb = orient(rgb, header.orientation);
+    resize_crop(path, &rgb, geo, target, out)
+}
+
+/// An RGB8 image.
+pub struct Rgb {
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
+    /// `width * height * 3` bytes.
+    pub data: Vec<u8>,
+}
+
+/// Decodes to RGB8 the way SimpleTuner's `load_image` ends up: grey replicated, palette expanded, 16-bit
+/// scaled to 8 bits, alpha dropped (trainingsample's `rgba_to_rgb_optimized` keeps the colour channels), CMYK
+/// converted. JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when that still covers `resize`.
+fn decode_rgb(path: &Path, bytes: &[u8], header: &Header, resize: (u32, u32)) -> Result<Rgb> {
+    if header.format == Format::Jpeg {
+        let stored = if (5..=8).contains(&header.orientation) { (resize.1, resize.0) } else { resize };
+        // Keep at least 2× the output size so the Lanczos filter still does the final antialiasing.
+        let wanted = (stored.0.saturating_mul(2), stored.1.saturating_mul(2));
+        if wanted.0 <= header.width / 2 && wanted.1 <= header.height / 2 {
+            return decode_jpeg_scaled(path, bytes, wanted);
+        }
+        return decode_jpeg(path, bytes, header);
+    }
+    let img = image::load_from_memory(bytes).map_err(|e| CacheError::decode(path, e))?;
+    let (width, height) = (img.width(), img.height());
+    Ok(Rgb { width, height, data: img.into_rgb8().into_raw() })
+}
+
+fn decode_jpeg(path: &Path, bytes: &[u8], header: &Header) -> Result<Rgb> {
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(header.width as usize)
+        .set_max_height(header.height as usize)
+        .set_strict_mode(false);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    let data = decoder.decode().map_err(|e| CacheError::decode(path, format!("{e:?}")))?;
+    let info = decoder.info().ok_or_else(|| CacheError::decode(path, "no frame header"))?;
+    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    let channels = data.len() / (width as usize * height as usize).max(1);
+    let data = match channels {
+        3 => data,
+        1 => data.iter().flat_map(|&v| [v, v, v]).collect(),
+        _ => return Err(CacheError::decode(path, format!("unexpected {channels} channels"))),
+    };
+    if data.len() < width as usize * height as usize * 3 {
+        return Err(CacheError::decode(path, "truncated pixel data"));
+    }
+    Ok(Rgb { width, height, data })
+}
+
+fn decode_jpeg_scaled(path: &Path, bytes: &[u8], wanted: (u32, u32)) -> Result<Rgb> {
+    use jpeg_decoder::PixelFormat;
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    let clamp16 = |v: u32| v.min(u32::from(u16::MAX)) as u16;
+    let (w, h) = decoder
+        .scale(clamp16(wanted.0), clamp16(wanted.1))
+        .map_err(|e| CacheError::decode(path, e))?;
+    let data = decoder.decode().map_err(|e| CacheError::decode(path, e))?;
+    let info = decoder.info().ok_or_else(|| CacheError::decode(path, "no frame header"))?;
+    let (width, height) = (u32::from(w), u32::from(h));
+    let n = width as usize * height as usize;
+    let data: Vec<u8> = match info.pixel_format {
+        PixelFormat::RGB24 => data,
+        PixelFormat::L8 => data.iter().flat_map(|&v| [v, v, v]).collect(),
+        PixelFormat::L16 => data.chunks_exact(2).flat_map(|c| [c[0]; 3]).collect(),
+        PixelFormat::CMYK32 => data.chunks_exact(4).flat_map(|c| cmyk_to_rgb(c[0], c[1], c[2], c[3])).collect(),
+    };
+    if data.len() < n * 3 {
+        return Err(CacheError::decode(path, "truncated pixel data"));
+    }
+    Ok(Rgb { width, height, data })
+}
+
+/// Adobe-style (inverted) CMYK as stored by jpeg-decoder, to RGB.
+fn cmyk_to_rgb(c: u8, m: u8, y: u8, k: u8) -> [u8; 3] {
+    let f = |v: u8| ((u16::from(v) * u16::from(k) + 127) / 255) as u8;
+    [f(c), f(m), f(y)]
+}
+
+/// Applies an EXIF orientation (1..=8), as Pillow's `exif_transpose` does.
+pub fn orient(img: Rgb, orientation: u16) -> Rgb {
+    if !(2..=8).contains(&orientation) {
+        return img;
+    }
+    let buf = image::RgbImage::from_raw(img.width, img.height, img.data).expect("buffer sized by decoder");
+    use image::imageops::{flip_horizontal, flip_vertical, rotate180, rotate270, rotate90};
+    let out = match orientation {
+        2 => flip_horizontal(&buf),
+        3 => rotate180(&buf),
+        4 => flip_vertical(&buf),
+        5 => flip_horizontal(&rotate90(&buf)),
+        6 => rotate90(&buf),
+        7 => flip_horizontal(&rotate270(&buf)),
+        _ => rotate270(&buf),
+    };
+    Rgb { width: out.width(), height: out.height(), data: out.into_raw() }
+}
+
+/// Lanczos-3 resize of `rgb` to `geo.resize`, keeping only the `target` window at `geo.crop`; only the window
+/// is computed (the source region it maps to is resampled directly).
+fn resize_crop(path: &Path, rgb: &Rgb, geo: Geometry, target: (u32, u32), out: &mut [u8]) -> Result<()> {
+    let (rw, rh) = geo.resize;
+    let (top, left) = geo.crop;
+    // Part of the target window inside the resized image; the rest stays black, as Pillow's crop pads.
+    let win_w = target.0.min(rw.saturating_sub(left));
+    let win_h = target.1.min(rh.saturating_sub(top));
+    out.fill(0);
+    if win_w == 0 || win_h == 0 {
+        return Ok(());
+    }
+    let err = |e: &dyn std::fmt::Display| CacheError::decode(path, format!("resize failed: {e}"));
+    let src = ImageRef::new(rgb.width, rgb.height, &rgb.data, PixelType::U8x3).map_err(|e| err(&e))?;
+    let (sx, sy) = (f64::from(rgb.width) / f64::from(rw), f64::from(rgb.height) / f64::from(rh));
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
+        .crop(f64::from(left) * sx, f64::from(top) * sy, f64::from(win_w) * sx, f64::from(win_h) * sy);
+    let mut resizer = Resizer::new();
+    if (win_w, win_h) == target {
+        let mut dst = Image::from_slice_u8(win_w, win_h, out, PixelType::U8x3).map_err(|e| err(&e))?;
+        return resizer.resize(&src, &mut dst, &options).map_err(|e| err(&e));
+    }
+    let mut dst = Image::new(win_w, win_h, PixelType::U8x3);
+    resizer.resize(&src, &mut dst, &options).map_err(|e| err(&e))?;
+    let row = win_w as usize * 3;
+    for (y, line) in dst.buffer().chunks_exact(row).enumerate() {
+        let start = y * target.0 as usize * 3;
+        out[start..start + row].copy_from_slice(line);
+    }
+    Ok(())
+}
+
+/// Convenience for callers with paths: `decode_batch` over files.
+pub fn decode_paths(paths: &[PathBuf], geometry: &[Geometry], target: (u32, u32), max_pixels: u64) -> Batch {
+    let sources: Vec<Source<'_>> = paths.iter().map(|p| Source::Path(p)).collect();
+    decode_batch(&sources, geometry, target, max_pixels)
+}
