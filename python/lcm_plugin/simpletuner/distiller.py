@@ -1,0 +1,150 @@
+"""`LcmDistiller`: LCM-LoRA distillation inside SimpleTuner's trainer (glue only; the math is lcm_plugin.lcm).
+
+Per training step SimpleTuner calls, in order:
+    prepare_batch(batch, model, state)       -> we noise the latents, run teacher + target, store the target
+    model.model_predict(batch)               -> the student (UNet, adapters on, with grad) at (x_t, t_n_plus_k)
+    compute_distill_loss(batch, output, _)   -> consistency loss between f_theta and the stored target
+The step is exact to diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sdxl.py`, with one
+deliberate difference in execution: the teacher's cond and uncond predictions come from ONE batched UNet call.
+
+Batch keys read (SimpleTuner's `ModelFoundation.prepare_batch` output):
+    latents [B, C, H, W], noise [B, C, H, W], encoder_hidden_states [B, L, D],
+    added_cond_kwargs {"text_embeds": [B, P], "time_ids": [B, 6]}
+Batch keys written: noisy_latents (x_t), timesteps (t_n_plus_k), lcm_target (f_target(x_t_n, t_n)).
+"""
+
+from __future__ import annotations
+
+import torch
+from simpletuner.helpers.distillation.common import DistillationBase
+
+from lcm_plugin.config import LcmConfig
+from lcm_plugin.lcm import (
+    DDIMSkipSchedule,
+    consistency_loss,
+    consistency_targets,
+    sample_guidance_scale,
+    student_consistency_output,
+)
+
+LCM_TARGET_KEY = "lcm_target"
+
+
+class LcmDistiller(DistillationBase):
+    """LCM-LoRA: teacher = the UNet with adapters disabled, student and target = the UNet with adapters on.
+
+    teacher_model: SimpleTuner's model object (ImageModelFoundation); its trained component is the
+        PEFT-wrapped UNet. noise_scheduler: the DDPM-family training scheduler (alphas_cumprod, config).
+    """
+
+    def __init__(self, teacher_model, student_model=None, *, noise_scheduler, config: LcmConfig):
+        super().__init__(teacher_model, student_model, config.model_dump())
+        if self.is_flow_matching:
+            raise ValueError(
+                "distillation_method 'lcm': flow-matching models are not supported yet by simpletuner-lcm "
+                f"(model prediction type {teacher_model.PREDICTION_TYPE.value!r}); use an epsilon or "
+                "v_prediction model such as SDXL."
+            )
+        if not self.low_rank_distillation:
+            raise ValueError(
+                "distillation_method 'lcm': full-model distillation (model_type 'full') is not supported yet by "
+                "simpletuner-lcm; set model_type to 'lora'."
+            )
+        self.lcm_config = config
+        self.noise_scheduler = noise_scheduler
+        self.prediction_type = noise_scheduler.config.prediction_type
+        # float64 tables; per-step copies in the latents' dtype/device are cached in _schedules.
+        self.schedule = DDIMSkipSchedule.from_alphas_cumprod(
+            noise_scheduler.alphas_cumprod, config.num_ddim_timesteps
+        )
+        self._schedules: dict[tuple[torch.device, torch.dtype], DDIMSkipSchedule] = {}
+
+    def _schedule_like(self, latents: torch.Tensor) -> DDIMSkipSchedule:
+        key = (latents.device, latents.dtype)
+        if key not in self._schedules:
+            self._schedules[key] = self.schedule.to(latents.device, latents.dtype)
+        return self._schedules[key]
+
+    def prepare_batch(self, batch, model=None, state=None):
+        """Replace the trainer's noisy input with LCM's x_t at t_n_plus_k and attach the consistency target."""
+        del model, state
+        latents = batch["latents"]
+        schedule = self._schedule_like(latents)
+        t_n_plus_k, t_n = schedule.sample_step(latents.shape[0])
+        guidance_scale = sample_guidance_scale(
+            latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max
+        )
+        unet = self.teacher_model.get_trained_component()
+        prompt_embeds = batch["encoder_hidden_states"]
+        added_cond_kwargs = batch["added_cond_kwargs"]
+
+        def teacher(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # cond and uncond in one call; uncond = zero prompt and pooled embeds, same time_ids (diffusers' SDXL).
+            uncond_kwargs = {**added_cond_kwargs, "text_embeds": torch.zeros_like(added_cond_kwargs["text_embeds"])}
+            self.toggle_adapter(enable=False)
+            try:
+                output = unet(
+                    torch.cat([x_t, x_t]),
+                    torch.cat([t, t]),
+                    encoder_hidden_states=torch.cat([prompt_embeds, torch.zeros_like(prompt_embeds)]),
+                    added_cond_kwargs={
+                        key: torch.cat([added_cond_kwargs[key], uncond_kwargs[key]]) for key in added_cond_kwargs
+                    },
+                    return_dict=False,
+                )[0]
+            finally:
+                self.toggle_adapter(enable=True)
+            cond_output, uncond_output = output.chunk(2)
+            return cond_output, uncond_output
+
+        def target_model(x_t_n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # LCM-LoRA: the target network is the student itself, adapters on (not the teacher).
+            return unet(
+                x_t_n, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False
+            )[0]
+
+        targets = consistency_targets(
+            latents=latents,
+            noise=batch["noise"],
+            t_n_plus_k=t_n_plus_k,
+            t_n=t_n,
+            guidance_scale=guidance_scale,
+            schedule=schedule,
+            prediction_type=self.prediction_type,
+            timestep_scaling=self.lcm_config.timestep_scaling_factor,
+            teacher=teacher,
+            target_model=target_model,
+        )
+        # The trainer's own student forward reads these two keys.
+        batch["noisy_latents"] = targets.x_t
+        batch["timesteps"] = targets.t_n_plus_k
+        batch[LCM_TARGET_KEY] = targets.target
+        return batch
+
+    def compute_distill_loss(self, prepared_batch, model_output, original_loss):
+        """Consistency loss d(f_theta(x_t, t_n_plus_k), f_target(x_t_n, t_n)); replaces the diffusion loss."""
+        del original_loss
+        x_t = prepared_batch["noisy_latents"]
+        prediction = student_consistency_output(
+            model_output["model_prediction"],
+            x_t=x_t,
+            t_n_plus_k=prepared_batch["timesteps"],
+            schedule=self._schedule_like(x_t),
+            prediction_type=self.prediction_type,
+            timestep_scaling=self.lcm_config.timestep_scaling_factor,
+        )
+        loss = consistency_loss(
+            prediction,
+            prepared_batch[LCM_TARGET_KEY],
+            loss_type=self.lcm_config.loss_type,
+            huber_c=self.lcm_config.huber_c,
+        )
+        return loss, {"lcm_loss": loss.detach().item()}
+
+    def get_scheduler(self, *_):
+        """Validation sampler: LCMScheduler on the training schedule, with the trained boundary scaling."""
+        from diffusers import LCMScheduler
+
+        return LCMScheduler.from_config(
+            self.noise_scheduler.config, timestep_scaling=self.lcm_config.timestep_scaling_factor
+        )

@@ -1,0 +1,285 @@
+"""LcmDistiller's step equals diffusers' train_lcm_distill_lora_sdxl.py step (re-implemented below).
+
+The reference follows the diffusers script line by line: DDIMSolver tables from numpy, DDPMScheduler.add_noise,
+separate cond / uncond teacher calls with adapters disabled, diffusers' guidance `cond + w (cond - uncond)` on x0
+and eps, the target from the student with adapters enabled under no_grad. Our side runs the real
+DistillationBase subclass through a minimal fake of SimpleTuner's SDXL model object, whose model_predict makes
+the same UNet call as SimpleTuner's SDXL `_model_predict_single`. Random draws (solver index, guidance scale)
+are read from our distiller and handed to the reference.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from simpletuner.helpers.models.common import PredictionTypes
+
+import lcm_plugin.simpletuner.distiller as distiller_module
+from lcm_plugin import tiny_sdxl
+from lcm_plugin.config import LcmConfig
+from lcm_plugin.simpletuner.distiller import LcmDistiller
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class FakeSdxlModel:
+    """The parts of SimpleTuner's SDXL model object the trainer and DistillationBase touch."""
+
+    def __init__(self, unet: UNet2DConditionModel, prediction_type: str):
+        self.unet = unet
+        self.PREDICTION_TYPE = PredictionTypes.from_str(prediction_type)
+        self.config = SimpleNamespace(lora_type="standard")
+
+    def get_trained_component(self):
+        return self.unet
+
+    def model_predict(self, prepared_batch):
+        # Same call as simpletuner.helpers.models.sdxl.model.SDXL._model_predict_single.
+        prediction = self.unet(
+            prepared_batch["noisy_latents"],
+            prepared_batch["timesteps"],
+            prepared_batch["encoder_hidden_states"],
+            prepared_batch["add_text_embeds"],
+            added_cond_kwargs=prepared_batch["added_cond_kwargs"],
+            return_dict=False,
+        )[0]
+        return {"model_prediction": prediction}
+
+
+def tiny_lora_unet(dtype: torch.dtype) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_sdxl.unet_config())
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    # PEFT starts lora_B at zero (student == teacher); make the adapters matter so that a target computed
+    # with the teacher instead of the student cannot pass.
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    return unet.to(dtype)
+
+
+def noise_scheduler(prediction_type: str) -> DDPMScheduler:
+    return DDPMScheduler.from_config({**tiny_sdxl.SDXL_SCHEDULER_CONFIG, "prediction_type": prediction_type})
+
+
+def sdxl_batch(batch_size: int, dtype: torch.dtype, seed: int) -> dict:
+    """What SimpleTuner's ModelFoundation.prepare_batch hands the distiller for SDXL."""
+    generator = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(batch_size, tiny_sdxl.POOLED_DIM, generator=generator, dtype=dtype)
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]], dtype=dtype).repeat(batch_size, 1)
+    return {
+        "latents": torch.randn(batch_size, 4, 8, 8, generator=generator, dtype=dtype),
+        "noise": torch.randn(batch_size, 4, 8, 8, generator=generator, dtype=dtype),
+        "encoder_hidden_states": torch.randn(
+            batch_size, tiny_sdxl.MAX_TOKENS, 2 * tiny_sdxl.TEXT_HIDDEN_SIZE, generator=generator, dtype=dtype
+        ),
+        "add_text_embeds": pooled,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+    }
+
+
+# ---- reference: diffusers' train_lcm_distill_lora_sdxl.py, one step, draws given -------------------------------
+
+
+def extract_into_tensor(a, t, x_shape):
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def reference_scalings(timestep, timestep_scaling, sigma_data=0.5):
+    scaled = timestep_scaling * timestep
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+
+def reference_predicted_origin(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
+    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return (sample - sigmas * model_output) / alphas
+    if prediction_type == "v_prediction":
+        return alphas * sample - sigmas * model_output
+    raise ValueError(prediction_type)
+
+
+def reference_predicted_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    sigmas = extract_into_tensor(sigmas, timesteps, sample.shape)
+    alphas = extract_into_tensor(alphas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alphas * model_output + sigmas * sample
+    raise ValueError(prediction_type)
+
+
+def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig):
+    """diffusers' step with `index` (solver index) and `w` (diffusers' guidance, [B]) given; returns the loss."""
+    latents, noise = batch["latents"], batch["noise"]
+    prompt_embeds = batch["encoder_hidden_states"]
+    encoded_text = dict(batch["added_cond_kwargs"])
+    prediction_type = scheduler.config.prediction_type
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    alpha_schedule = torch.sqrt(scheduler.alphas_cumprod)
+    sigma_schedule = torch.sqrt(1 - scheduler.alphas_cumprod)
+    # DDIMSolver
+    alpha_cumprods = scheduler.alphas_cumprod.numpy()
+    step_ratio = num_train_timesteps // cfg.num_ddim_timesteps
+    ddim_timesteps = (np.arange(1, cfg.num_ddim_timesteps + 1) * step_ratio).round().astype(np.int64) - 1
+    ddim_alpha_cumprods_prev = torch.from_numpy(
+        np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_timesteps[:-1]].tolist())
+    )
+    ddim_timesteps = torch.from_numpy(ddim_timesteps).long()
+
+    topk = num_train_timesteps // cfg.num_ddim_timesteps
+    start_timesteps = ddim_timesteps[index]
+    timesteps = start_timesteps - topk
+    timesteps = torch.where(timesteps < 0, torch.zeros_like(timesteps), timesteps)
+    c_skip_start, c_out_start = [
+        x.reshape(-1, 1, 1, 1) for x in reference_scalings(start_timesteps, cfg.timestep_scaling_factor)
+    ]
+    c_skip, c_out = [x.reshape(-1, 1, 1, 1) for x in reference_scalings(timesteps, cfg.timestep_scaling_factor)]
+    noisy_model_input = scheduler.add_noise(latents, noise, start_timesteps)
+    w = w.reshape(-1, 1, 1, 1).to(dtype=latents.dtype)
+
+    noise_pred = unet(
+        noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
+    ).sample
+    pred_x_0 = reference_predicted_origin(
+        noise_pred, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+    )
+    model_pred = c_skip_start * noisy_model_input + c_out_start * pred_x_0
+
+    with torch.no_grad():
+        unet.disable_adapters()
+        cond_teacher_output = unet(
+            noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
+        ).sample
+        cond_pred_x0 = reference_predicted_origin(
+            cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+        )
+        cond_pred_noise = reference_predicted_noise(
+            cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+        )
+        uncond_added_conditions = {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}
+        uncond_teacher_output = unet(
+            noisy_model_input,
+            start_timesteps,
+            encoder_hidden_states=torch.zeros_like(prompt_embeds),
+            added_cond_kwargs=uncond_added_conditions,
+        ).sample
+        uncond_pred_x0 = reference_predicted_origin(
+            uncond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+        )
+        uncond_pred_noise = reference_predicted_noise(
+            uncond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+        )
+        pred_x0 = cond_pred_x0 + w * (cond_pred_x0 - uncond_pred_x0)
+        pred_noise = cond_pred_noise + w * (cond_pred_noise - uncond_pred_noise)
+        alpha_cumprod_prev = extract_into_tensor(ddim_alpha_cumprods_prev, index, pred_x0.shape).to(latents.dtype)
+        x_prev = alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
+        unet.enable_adapters()
+
+        target_noise_pred = unet(
+            x_prev, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
+        ).sample
+        pred_x_0 = reference_predicted_origin(
+            target_noise_pred, timesteps, x_prev, prediction_type, alpha_schedule, sigma_schedule
+        )
+        target = c_skip * x_prev + c_out * pred_x_0
+
+    if cfg.loss_type == "l2":
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    else:
+        loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + cfg.huber_c**2) - cfg.huber_c)
+    loss.backward()
+    return loss
+
+
+# ---- our step ----------------------------------------------------------------------------------------------------
+
+
+def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch):
+    """Trainer order: distiller.prepare_batch, model.model_predict, distiller.compute_distill_loss, backward.
+
+    Returns (loss, logs, solver index [B], diffusers' w [B]) so the reference can replay the same draws.
+    """
+    drawn = {}
+
+    def recording_guidance_scale(*args, **kwargs):
+        drawn["guidance_scale"] = distiller_module_sample_guidance_scale(*args, **kwargs)
+        return drawn["guidance_scale"]
+
+    distiller_module_sample_guidance_scale = distiller_module.sample_guidance_scale
+    monkeypatch.setattr(distiller_module, "sample_guidance_scale", recording_guidance_scale)
+    model = FakeSdxlModel(unet, scheduler.config.prediction_type)
+    distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
+    prepared = distiller.prepare_batch(batch, model, {"global_step": 0})
+    loss, logs = distiller.compute_distill_loss(prepared, model.model_predict(prepared), torch.tensor(0.0))
+    loss.backward()
+    skip_k = scheduler.config.num_train_timesteps // cfg.num_ddim_timesteps
+    index = (prepared["timesteps"] + 1) // skip_k - 1
+    # SimpleTuner's CFG scale s is diffusers' w + 1.
+    return loss, logs, index, drawn["guidance_scale"] - 1.0
+
+
+def lora_grads(unet) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in unet.named_parameters() if "lora_" in name}
+
+
+def run_both(prediction_type, loss_type, batch_size, dtype, monkeypatch, **lcm_settings):
+    cfg = LcmConfig(loss_type=loss_type, **lcm_settings)
+    scheduler = noise_scheduler(prediction_type)
+    ours_unet, reference_unet = tiny_lora_unet(dtype), tiny_lora_unet(dtype)
+    torch.manual_seed(1234)
+    loss, logs, index, w = our_step(ours_unet, scheduler, sdxl_batch(batch_size, dtype, seed=7), cfg, monkeypatch)
+    reference_loss = reference_step(reference_unet, scheduler, sdxl_batch(batch_size, dtype, seed=7), index, w, cfg)
+    return loss, logs, reference_loss, lora_grads(ours_unet), lora_grads(reference_unet)
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "loss_type", "batch_size"),
+    [("epsilon", "l2", 3), ("epsilon", "huber", 2), ("v_prediction", "l2", 1)],
+)
+def test_loss_and_lora_grads_match_diffusers_step(prediction_type, loss_type, batch_size, monkeypatch):
+    loss, logs, reference_loss, grads, reference_grads = run_both(
+        prediction_type, loss_type, batch_size, torch.float64, monkeypatch, num_ddim_timesteps=50
+    )
+    assert loss.dtype == torch.float32 and reference_loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    assert logs == {"lcm_loss": pytest.approx(reference_loss.item(), abs=1e-5)}
+    assert grads.keys() == reference_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_parity_holds_in_float32_with_fixed_guidance(monkeypatch):
+    # Fixed guidance (w_min == w_max, LCM-LoRA's omega = 7.5 is s = 8.5) and a coarse solver grid, float32.
+    loss, _, reference_loss, grads, reference_grads = run_both(
+        "epsilon", "l2", 2, torch.float32, monkeypatch, w_min=8.5, w_max=8.5, num_ddim_timesteps=10
+    )
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_prepared_batch_keeps_latent_dtype_and_device(monkeypatch):
+    del monkeypatch
+    cfg = LcmConfig()
+    scheduler = noise_scheduler("epsilon")
+    unet = tiny_lora_unet(torch.bfloat16)
+    model = FakeSdxlModel(unet, "epsilon")
+    distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
+    for batch_size in (3, 1):  # aspect buckets change the batch size between steps
+        prepared = distiller.prepare_batch(sdxl_batch(batch_size, torch.bfloat16, seed=batch_size), model, {})
+        for key in ("noisy_latents", "lcm_target"):
+            assert prepared[key].dtype == torch.bfloat16, key
+            assert prepared[key].shape == (batch_size, 4, 8, 8), key
+        assert prepared["timesteps"].dtype == torch.int64
+        loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), torch.tensor(0.0))
+        assert torch.isfinite(loss)
