@@ -19,6 +19,15 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _require_schedule_like(schedule: DDIMSkipSchedule, x: torch.Tensor) -> None:
+    """Tables in another dtype would silently promote every result (upstream's float64 x_prev leak)."""
+    if schedule.alpha.dtype != x.dtype or schedule.alpha.device != x.device:
+        raise ValueError(
+            f"schedule tables are {schedule.alpha.dtype} on {schedule.alpha.device} but the latents are {x.dtype} "
+            f"on {x.device}; pass schedule.to(latents.device, latents.dtype)"
+        )
+
+
 @dataclass(frozen=True)
 class ConsistencyTargets:
     """What the student step needs. Tensors [B, C, H, W] unless noted; `target` carries no grad."""
@@ -48,6 +57,7 @@ def consistency_targets(
     latents, noise: [B, C, H, W] clean latents x0 and eps ~ N(0, I); guidance_scale: [B] CFG scales s.
     `schedule` must already be in the latents' dtype and device (DDIMSkipSchedule.to).
     """
+    _require_schedule_like(schedule, latents)
     with torch.no_grad():
         # 1. forward diffusion to t_n_plus_k (Alg. 1: x_{t_{n+k}} ~ N(alpha x, sigma^2 I))
         alpha_start, sigma_start = schedule.alpha_sigma(t_n_plus_k, latents.ndim)
@@ -86,6 +96,7 @@ def student_consistency_output(
     timestep_scaling: float,
 ) -> torch.Tensor:
     """f_theta(x_t, t_n_plus_k) from the student's raw output at (x_t, t_n_plus_k); keeps the graph."""
+    _require_schedule_like(schedule, x_t)
     alpha_start, sigma_start = schedule.alpha_sigma(t_n_plus_k, x_t.ndim)
     x0_hat, _ = x0_and_eps_from_model_output(model_output, x_t, alpha_start, sigma_start, prediction_type)
     return consistency_function(x_t, x0_hat, t_n_plus_k, timestep_scaling=timestep_scaling)
