@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# SDXL's (and SD 1.x/2.x's) DDPM schedule length; pass another with
+# `LcmConfig.model_validate(block, context={"num_train_timesteps": T})`.
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 class LcmConfig(BaseModel):
@@ -61,8 +65,21 @@ class LcmConfig(BaseModel):
         examples=[0.95],
     )
 
-    @model_validator(mode="after")
-    def _guidance_range_is_ordered(self) -> LcmConfig:
-        if self.w_min > self.w_max:
-            raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
-        return self
+    @field_validator("num_ddim_timesteps")
+    @classmethod
+    def _solver_grid_fits_the_schedule(cls, num_ddim_timesteps: int, info: ValidationInfo) -> int:
+        num_train_timesteps = (info.context or {}).get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
+        if num_ddim_timesteps > num_train_timesteps:
+            raise ValueError(
+                f"must be at most num_train_timesteps ({num_train_timesteps}): the solver skips "
+                f"num_train_timesteps // num_ddim_timesteps steps, which would be 0"
+            )
+        return num_ddim_timesteps
+
+    @field_validator("w_max")
+    @classmethod
+    def _guidance_range_is_ordered(cls, w_max: float, info: ValidationInfo) -> float:
+        w_min = info.data.get("w_min")
+        if w_min is not None and w_min > w_max:
+            raise ValueError(f"w_min ({w_min}) must be <= w_max ({w_max})")
+        return w_max
