@@ -1,0 +1,78 @@
+"""The stock `simpletuner train` (no wrapper: the plugin arrives through the .pth hook) trains an LCM-LoRA.
+
+SimpleTuner's train.py can exit 0 after a failure, so the run is judged by its output files: the metrics log
+(report_to "simpletuner" writes output/training_metrics.jsonl) and the LoRA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+STEPS = 3
+
+
+def run_stock_trainer(run_dir: Path, env: dict[str, str]) -> str:
+    simpletuner = Path(env["PATH"].split(":", 1)[0]) / "simpletuner"
+    result = subprocess.run(
+        [str(simpletuner), "train"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=540
+    )
+    return result.stdout + result.stderr
+
+
+def lcm_losses(metrics_file: Path) -> dict[int, float]:
+    losses = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if "lcm_loss" in record["metrics"]:
+            losses[record["step"]] = record["metrics"]["lcm_loss"]
+    return losses
+
+
+def sample(pipeline, seed: int = 3) -> np.ndarray:
+    return pipeline(
+        "red circle",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
+
+
+def test_stock_simpletuner_train_writes_a_loadable_lcm_lora(lcm_training_dir, tiny_sdxl_dir, trainer_env):
+    log = run_stock_trainer(lcm_training_dir, trainer_env)
+    output = lcm_training_dir / "output"
+    tail = log[-4000:]
+
+    # The hook replaced upstream's distiller inside the training interpreter.
+    assert "now uses lcm_plugin.simpletuner.distiller.LcmDistiller" in log, tail
+    # >= 3 optimisation steps, each logging a finite LCM loss.
+    metrics_file = output / "training_metrics.jsonl"
+    assert metrics_file.is_file(), tail
+    losses = lcm_losses(metrics_file)
+    assert len(losses) >= STEPS, (losses, tail)
+    assert all(math.isfinite(loss) and loss >= 0 for loss in losses.values()), losses
+    assert (output / LORA_FILE).is_file(), tail
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    base = sample(pipeline)
+    pipeline.load_lora_weights(str(output), weight_name=LORA_FILE)
+    assert pipeline.unet.peft_config, "no LoRA adapter was loaded into the UNet"
+    with_lora = sample(pipeline)
+    pipeline.unload_lora_weights()
+    unloaded = sample(pipeline)
+
+    assert np.abs(with_lora - base).max() > 1e-4
+    # The change comes from the adapter alone: removing it restores the teacher's output.
+    np.testing.assert_allclose(unloaded, base, atol=1e-6)
