@@ -1,0 +1,183 @@
+"""lcm_plugin.simpletuner.install: what it patches, that it undoes it, and how it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from simpletuner.helpers.distillation.factory import DistillationMethod, DistillerFactory
+from simpletuner.helpers.distillation.registry import DistillationRegistry
+from simpletuner.helpers.models.common import PredictionTypes
+
+from lcm_plugin import tiny_sdxl
+from lcm_plugin.simpletuner import install as installer
+from lcm_plugin.simpletuner.distiller import LcmDistiller
+
+LCM_BLOCK = {"num_ddim_timesteps": 25, "w_min": 2.0, "w_max": 9.0, "loss_type": "huber", "huber_c": 0.01,
+             "timestep_scaling_factor": 10.0}
+
+
+@pytest.fixture(scope="module")
+def pristine():
+    """SimpleTuner's own surfaces, captured with the plugin uninstalled (importing the trainer arms the .pth hook)."""
+    installer.install()
+    installer.uninstall()
+    from simpletuner.helpers.training.trainer import Trainer
+
+    originals = {
+        "create": DistillerFactory.__dict__["_create_lcm_distiller"],
+        "method_config": DistillerFactory.__dict__["_method_config"],
+        "init_data_backend": Trainer.__dict__["init_data_backend"],
+        "registered": DistillationRegistry.get("lcm"),
+        "pin_memory": torch.Tensor.pin_memory,
+    }
+    yield originals
+    installer.uninstall()
+
+
+@pytest.fixture
+def installed(pristine):
+    installer.install()
+    yield pristine
+    installer.uninstall()
+
+
+def fake_sdxl_model(prediction_type: PredictionTypes = PredictionTypes.EPSILON):
+    return SimpleNamespace(PREDICTION_TYPE=prediction_type, config=SimpleNamespace(lora_type="standard"))
+
+
+def create(distillation_config, *, model=None, model_type="lora"):
+    return DistillerFactory.create_distiller(
+        "lcm",
+        teacher_model=model or fake_sdxl_model(),
+        noise_scheduler=DDPMScheduler.from_config(tiny_sdxl.SDXL_SCHEDULER_CONFIG),
+        config={"distillation_config": distillation_config, "train_text_encoder": False},
+        model_type=model_type,
+        prediction_type="epsilon",
+    )
+
+
+def current_surfaces():
+    from simpletuner.helpers.training.trainer import Trainer
+
+    return {
+        "create": DistillerFactory.__dict__["_create_lcm_distiller"],
+        "method_config": DistillerFactory.__dict__["_method_config"],
+        "init_data_backend": Trainer.__dict__["init_data_backend"],
+        "registered": DistillationRegistry.get("lcm"),
+        "pin_memory": torch.Tensor.pin_memory,
+    }
+
+
+def test_install_and_uninstall_are_idempotent(pristine):
+    installer.install()
+    first = current_surfaces()
+    installer.install()
+    assert current_surfaces() == first
+    assert first["registered"] is LcmDistiller
+    assert first["create"] is not pristine["create"]
+    assert first["init_data_backend"] is not pristine["init_data_backend"]
+    installer.uninstall()
+    installer.uninstall()
+    assert current_surfaces() == pristine
+    assert pristine["registered"].__module__ == "simpletuner.helpers.distillation.lcm"
+
+
+def test_missing_import_path_exists_only_while_installed(installed):
+    from simpletuner.helpers.distillation.lcm.distiller import LCMDistiller
+
+    assert LCMDistiller is LcmDistiller
+    installer.uninstall()
+    with pytest.raises(ImportError):
+        from simpletuner.helpers.distillation.lcm.distiller import LCMDistiller  # noqa: F401,F811
+
+
+def test_factory_creates_our_distiller_from_the_lcm_block(installed):
+    distiller = create({"lcm": LCM_BLOCK})
+    assert isinstance(distiller, LcmDistiller)
+    assert distiller.lcm_config.model_dump() == {**LCM_BLOCK, "ema_decay": 0.95}
+    assert distiller.schedule.skip_k == 1000 // 25
+    scheduler = distiller.get_scheduler()
+    assert type(scheduler).__name__ == "LCMScheduler" and scheduler.config.timestep_scaling == 10.0
+
+
+def test_string_form_of_distillation_config(installed, pristine):
+    as_string = json.dumps({"lcm": LCM_BLOCK})
+    # SimpleTuner itself drops the string form (its _method_config returns {} for a non-dict) ...
+    assert pristine["method_config"].__func__(DistillationMethod.LCM, {"distillation_config": as_string}) == {}
+    # ... with the plugin it reads the same block as the dict form.
+    assert create(as_string).lcm_config == create({"lcm": LCM_BLOCK}).lcm_config
+    with pytest.raises(ValueError, match=r"distillation_config: expected a JSON object"):
+        create("{lcm: oops")
+
+
+def test_bad_lcm_settings_name_the_key_and_what_is_valid(installed):
+    with pytest.raises(ValueError) as error:
+        create({"lcm": {"w_min": 0.5, "num_ddim_steps": 50}})
+    message = str(error.value)
+    assert "distillation_config.lcm.w_min" in message and "0.5" in message
+    assert "distillation_config.lcm.num_ddim_steps" in message and "valid keys: num_ddim_timesteps" in message
+
+
+def test_unsupported_models_are_refused_clearly(installed):
+    with pytest.raises(ValueError, match="flow-matching models are not supported yet"):
+        create({"lcm": LCM_BLOCK}, model=fake_sdxl_model(PredictionTypes.FLOW_MATCHING))
+    with pytest.raises(ValueError, match="model_type 'full'"):
+        DistillerFactory._create_lcm_distiller(
+            teacher_model=fake_sdxl_model(),
+            noise_scheduler=DDPMScheduler.from_config(tiny_sdxl.SDXL_SCHEDULER_CONFIG),
+            distill_config=LCM_BLOCK,
+            model_type="full",
+            prediction_type="epsilon",
+            student_model=fake_sdxl_model(),
+        )
+
+
+def test_trainer_validates_lcm_settings_before_loading_data_or_model(installed):
+    from simpletuner.helpers.training.trainer import Trainer
+
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(distillation_method="lcm", distillation_config={"lcm": {"loss_type": "l1"}},
+                               model_type="lora", model_family="sdxl"),
+        model=fake_sdxl_model(),
+    )
+    # The original init_data_backend would fail on this fake trainer; ours must stop earlier, with our message.
+    with pytest.raises(ValueError, match=r"distillation_config\.lcm\.loss_type"):
+        Trainer.init_data_backend(trainer)
+
+
+def test_missing_surface_fails_with_its_name_and_changes_nothing(pristine, monkeypatch):
+    monkeypatch.delattr(DistillerFactory, "_create_lcm_distiller")
+    with pytest.raises(installer.SimpleTunerSurfaceError) as error:
+        installer.install()
+    assert "DistillerFactory._create_lcm_distiller is missing" in str(error.value)
+    assert "SIMPLETUNER_LCM_DISABLE=1" in str(error.value)
+    assert not installer.is_installed()
+    assert DistillationRegistry.get("lcm") is pristine["registered"]
+
+
+def test_pin_memory_is_a_no_op_only_without_an_accelerator(installed):
+    tensor = torch.zeros(2)
+    if installer._has_accelerator(torch):
+        assert torch.Tensor.pin_memory is installed["pin_memory"]
+    else:
+        assert tensor.pin_memory() is tensor
+
+
+@pytest.mark.parametrize(("disable", "armed"), [(None, True), ("1", False)])
+def test_pth_hook_arms_without_importing_torch_and_honours_opt_out(disable, armed):
+    env = {key: value for key, value in os.environ.items() if key != "SIMPLETUNER_LCM_DISABLE"}
+    if disable is not None:
+        env["SIMPLETUNER_LCM_DISABLE"] = disable
+    probe = (
+        "import sys; print('torch' in sys.modules, "
+        "any(type(f).__name__ == '_TrainerFinder' for f in sys.meta_path))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", str(armed)]
