@@ -34,6 +34,7 @@ def build_catalogue() -> dict[str, Any]:
     import simpletuner
     from simpletuner.helpers.configuration import cli_utils
     from simpletuner.helpers.configuration.cmd_args import get_argument_parser
+    from simpletuner.helpers.training.optimizer_param import optimizer_choices
     from simpletuner.helpers.training.reporting import REPORT_TO_CHOICES
     from simpletuner.simpletuner_sdk.server.services.field_registry.registry import field_registry
     from simpletuner.simpletuner_sdk.server.services.field_registry.types import FieldType
@@ -45,7 +46,8 @@ def build_catalogue() -> dict[str, Any]:
             continue
         field = field_registry.get_field(action.dest)
         kind = _kind(action, field, FieldType)
-        choices = list(REPORT_TO_CHOICES) if kind == "report_to" else action.choices
+        # The parser leaves these open; SimpleTuner checks them later against these tables.
+        choices = {"report_to": REPORT_TO_CHOICES, "optimizer": optimizer_choices}.get(action.dest, action.choices)
         entry = {
             "kind": kind,
             "choices": _json_safe(list(choices)) if choices else None,

@@ -9,13 +9,14 @@ resolution, resolution_type, image-size and caption settings when they leave the
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lcm_plugin.config.problems import Problem, did_you_mean, pointer
 
-DatasetKind = Literal["image", "video", "audio", "conditioning", "eval", "caption", "grounding"]
+# grounding is injected by SimpleTuner itself; create_backend_config refuses it in a user's file.
+DatasetKind = Literal["image", "video", "audio", "conditioning", "eval", "caption"]
 StorageType = Literal["local", "aws", "csv", "huggingface", "webshart", "memory"]
 CropAspect = Literal["square", "preserve", "random", "closest"]
 CropStyle = Literal["random", "corner", "center", "centre", "face"]
@@ -127,11 +128,15 @@ class MediaEntry(_Entry):
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy instanceprompt.")
     prepend_instance_prompt: bool = Field(False, description="Prefix every caption with instance_prompt.")
     only_instance_prompt: bool = Field(False, description="Use instance_prompt as the only caption.")
-    caption_file_extensions: list[str] | None = Field(None, description="Caption file extensions for textfile.")
+    caption_file_extensions: list[Annotated[str, Field(pattern=r"[^.\s]")]] | None = Field(
+        None, min_length=1, description="Caption file extensions for textfile, e.g. [\"txt\", \"caption\"]."
+    )
     caption_shuffle: dict[str, Any] | None = Field(None, description="{split_on, count, position_start, seed}.")
     probability: float = Field(1.0, ge=0, description="Relative sampling weight.")
     repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
-    train_batch_size: int | None = Field(None, ge=1, description="Batch size of this dataset.")
+    train_batch_size: Annotated[int, Field(strict=True, ge=1)] | Annotated[str, Field(pattern=r"^[1-9][0-9]*$")] | None = (
+        Field(None, description="Batch size of this dataset (a positive integer).")
+    )
     timestep_sampling_offset: float = Field(0.0, description="Shift of sampled timesteps for this dataset.")
     start_epoch: int = Field(1, ge=0, description="First epoch this dataset is sampled.")
     start_step: int = Field(0, ge=0, description="First step this dataset is sampled.")
@@ -364,8 +369,8 @@ def _size_problems(entry: dict, where, file: str, defaults: dict) -> list[Proble
     resolution_type = entry.get("resolution_type", defaults.get("resolution_type"))
     sizes = {key: entry.get(key, defaults.get(key)) for key in ("maximum_image_size", "target_downsample_size")}
     if resolution_type == "pixel_area":
-        # SimpleTuner converts pixel edges (> 10) to megapixels, then treats them as area.
-        sizes = {key: (value * value / 1e6 if _number(value) and value > 10 else value) for key, value in sizes.items()}
+        # SimpleTuner 4.10's init_backend_config checks the raw values against the 'area' limit (< 20)
+        # after switching resolution_type to 'area', so pixel edges are refused there.
         resolution_type = "area"
     if sizes["maximum_image_size"] and not sizes["target_downsample_size"]:
         problems.append(
@@ -378,8 +383,8 @@ def _size_problems(entry: dict, where, file: str, defaults: dict) -> list[Proble
             continue
         at = where(key) if key in entry else where()
         if resolution_type == "area" and value >= 20 and not os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE"):
-            problems.append(Problem(file, at, f"{key} {value} is in megapixels with resolution_type 'area' and must be < 20 "
-                                    "(pixels entered by mistake?)"))
+            problems.append(Problem(file, at, f"{key} {value}: SimpleTuner reads it as megapixels here "
+                                    "(resolution_type 'area' or 'pixel_area') and needs < 20 (pixels entered by mistake?)"))
         elif resolution_type == "pixel" and value < 512 and not deepfloyd:
             problems.append(Problem(file, at, f"{key} {value} is in pixels with resolution_type 'pixel' and must be >= 512 "
                                     "(megapixels entered by mistake?)"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,6 +132,7 @@ def check_training_config(config: Any, file: str, config_dir: Path | None = None
             problems.append(Problem(file, "", f"missing required key {name!r} ({entry['help']})"))
     flagged = {problem.pointer for problem in problems}
     problems += _typed_problems(config, seen, file, flagged)
+    problems += _relation_problems(config, seen, file, flagged, config_dir or Path("."))
     problems += _lcm_block_problems(config.get(seen.get("distillation_config", "")), seen, file, config_dir, config)
     return problems
 
@@ -209,6 +211,53 @@ def _typed_problems(config: dict, seen: dict[str, str], file: str, flagged: set[
             if where not in flagged and pointer(key) not in flagged:
                 problems.append(Problem(file, where, _pydantic_message(issue)))
     return problems
+
+
+def _relation_problems(config: dict, seen: dict[str, str], file: str, flagged: set[str], config_dir: Path) -> list[Problem]:
+    """Rules across keys that SimpleTuner's parse_cmdline_args enforces after parsing (4.10)."""
+    defaults = load_catalogue()["keys"]
+
+    def value(name: str) -> Any:
+        raw = config.get(seen[name]) if name in seen else None
+        raw = defaults[name]["default"] if raw is None else raw
+        kind = defaults[name]["kind"]
+        return _parse_scalar(kind, raw) if kind in ("integer", "number") and raw is not None else raw
+
+    def at(*names: str) -> str:
+        return next((pointer(seen[name]) for name in names if name in seen), "")
+
+    problems = []
+    if (value("max_train_steps") or 0) > 0 and (value("num_train_epochs") or 0) > 0:
+        problems.append(Problem(file, at("num_train_epochs", "max_train_steps"), "max_train_steps is set, so "
+                                "num_train_epochs must be 0 (SimpleTuner's default is 1): add \"num_train_epochs\": 0"))
+    maximum, target, resolution_type = value("maximum_image_size"), value("target_downsample_size"), value("resolution_type")
+    if maximum is not None and not target:
+        problems.append(Problem(file, at("maximum_image_size"), "maximum_image_size requires target_downsample_size"))
+    for name, size in (("maximum_image_size", maximum), ("target_downsample_size", target)):
+        if size is None or at(name) in flagged:
+            continue
+        if resolution_type == "area" and size > 5 and not os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE"):
+            problems.append(Problem(file, at(name), f"{size} megapixels with resolution_type 'area': must be <= 5 "
+                                    "(pixels entered by mistake?)"))
+        elif resolution_type == "pixel" and size < 512:
+            problems.append(Problem(file, at(name), f"{size} pixels with resolution_type 'pixel': must be >= 512 "
+                                    "(megapixels entered by mistake?)"))
+    if (value("metadata_update_interval") or 60) < 60:
+        problems.append(Problem(file, at("metadata_update_interval"), "must be at least 60 (seconds)"))
+    if (value("optimizer_beta1") is None) != (value("optimizer_beta2") is None):
+        problems.append(Problem(file, at("optimizer_beta1", "optimizer_beta2"), "set both optimizer_beta1 and optimizer_beta2, or neither"))
+    portion = value("timestep_bias_portion")
+    if portion is not None and not 0.0 <= portion <= 1.0:
+        problems.append(Problem(file, at("timestep_bias_portion"), "must be between 0 and 1"))
+    if value("quantization_config") is not None and value("model_type") != "lora":
+        problems.append(Problem(file, at("quantization_config"), "quantization_config needs model_type 'lora'"))
+    if str(value("lora_type") or "").lower() == "lycoris":
+        lycoris = Path(str(value("lycoris_config") or "")).expanduser()
+        places = [lycoris] if lycoris.is_absolute() else [config_dir / lycoris, config_dir.parent / lycoris]
+        if not value("lycoris_config") or not any(place.is_file() for place in places):
+            problems.append(Problem(file, at("lycoris_config", "lora_type"), f"lora_type 'lycoris' needs a lycoris_config "
+                                    f"JSON file; {str(lycoris)!r} not found (looked in {config_dir} and its parent)"))
+    return [problem for problem in problems if problem.pointer not in flagged]
 
 
 def _pydantic_message(issue: dict) -> str:

@@ -1,0 +1,203 @@
+"""Oracle: SimpleTuner's own validators judge the same inputs as ours. Where SimpleTuner rejects, we reject.
+
+Dataset entries go through SimpleTuner's `create_backend_config(...).validate(args)` and
+`factory.init_backend_config`, the checks every entry meets at training start; config.json goes through
+SimpleTuner's JSON-to-argv mapping and its argument parser.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import json
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import pytest
+
+from lcm_plugin.config.databackend import check_entry
+from lcm_plugin.config.run import inherited_settings
+from lcm_plugin.config.training import check_training_config
+
+SEED = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
+
+BASE_ENTRIES = [
+    {"id": "images", "type": "local", "instance_data_dir": "/data/images", "caption_strategy": "textfile"},
+    {"id": "video", "type": "local", "dataset_type": "video", "instance_data_dir": "/data/video", "video": {"num_frames": 16}},
+    {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
+    {"id": "latents", "type": "local", "dataset_type": "image_embeds", "cache_dir": "cache/latents"},
+    {"id": "distill", "type": "local", "dataset_type": "distillation_cache", "cache_dir": "cache/distill"},
+    json.loads((SEED / "multidatabackend.json").read_text())[0],
+]
+# One key changed at a time, to values SimpleTuner takes and values it refuses.
+MUTATIONS = {
+    "crop_aspect": ["square", "preserve", "random", "closest", "squar", None],
+    "crop_aspect_buckets": [[1.0, 0.75], [{"aspect_bucket": 1.0, "weight": 1.0}], ["wide"], []],
+    "crop_style": ["center", "centre", "corner", "face", "random", "middle"],
+    "resolution_type": ["pixel", "area", "pixel_area", "megapixel"],
+    "maximum_image_size": [1.0, 4.0, 25.0, 256, 2048],
+    "target_downsample_size": [1.0, 25.0, 256, 1024],
+    "caption_strategy": ["textfile", "filename", "parquet", "huggingface", "webshart", "instanceprompt"],
+    "metadata_backend": ["discovery", "json", "parquet", "huggingface"],
+    "dataset_type": ["image", "conditioning", "eval", "caption", "text_embeds", "imag", "grounding"],
+    "type": ["local", "huggingface", "webshart", "csv"],
+    "train_batch_size": [1, 0, -2, "3", "x", True],
+    "caption_filter_list": [["bad"]],
+    "disable_vae_cache": [True],
+    "data_generator": [{"resolutions": ["1024x1024"]}],
+    "caption_file_extensions": [["txt"], [], "txt"],
+    "caption_shuffle": [{"split_on": "comma"}, {"split_on": "tab"}, {"count": 0}, {"position_start": -1}, "yes"],
+    "video": [{"num_frames": 16, "min_frames": 8}, {"num_frames": 0}, {"num_frames": "16"}],
+    "id": ["", "ok"],
+}
+
+
+def _corpus():
+    for base, (key, values) in itertools.product(BASE_ENTRIES, MUTATIONS.items()):
+        for value in values:
+            entry = copy.deepcopy(base)
+            if value is None:
+                entry.pop(key, None)
+            else:
+                entry[key] = value
+            yield entry
+    # Combinations that only fail together.
+    yield {"id": "a", "instance_data_dir": "/d", "resolution_type": "area", "maximum_image_size": 2.0}
+    yield {"id": "a", "instance_data_dir": "/d", "resolution_type": "pixel", "maximum_image_size": 2048, "target_downsample_size": 300}
+    yield {"id": "a", "instance_data_dir": "/d", "resolution_type": "pixel_area", "resolution": 1024, "maximum_image_size": 5000, "target_downsample_size": 1024}
+    yield {"id": "a", "type": "huggingface", "dataset_name": "x/y", "metadata_backend": "json"}
+    yield {"id": "a", "type": "huggingface", "dataset_name": "x/y", "caption_strategy": "textfile"}
+    yield {"id": "a", "type": "webshart", "webshart": {"caption_key": ""}}
+    yield {"id": "a", "dataset_type": "caption", "type": "csv"}
+
+
+CORPUS = list(_corpus())
+
+
+def _simpletuner_rejects(entry: dict, args: dict) -> str | None:
+    """SimpleTuner's message when its entry validators refuse `entry`, else None."""
+    from simpletuner.helpers.data_backend.config import create_backend_config
+    from simpletuner.helpers.data_backend.factory import init_backend_config
+
+    try:
+        create_backend_config(copy.deepcopy(entry), args).validate(args)
+        init_backend_config(copy.deepcopy(entry), args, None)
+    except (ValueError, TypeError, KeyError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def test_every_entry_simpletuner_rejects_we_reject():
+    args = dict(inherited_settings({}), model_family="sdxl")
+    rejected_by_both, missed = 0, []
+    for entry in CORPUS:
+        verdict = _simpletuner_rejects(entry, args)
+        ours = [p for p in check_entry(entry, 0, "multidatabackend.json", args) if p.severity == "error"]
+        if verdict and not ours:
+            missed.append((entry, verdict))
+        rejected_by_both += bool(verdict and ours)
+    assert not missed, "SimpleTuner rejects, we accept:\n" + "\n".join(f"{e} -> {v}" for e, v in missed)
+    # The corpus must exercise rejection, or this test proves nothing.
+    assert rejected_by_both >= 30
+
+
+def test_seed_entries_accepted_by_simpletuner_and_us():
+    args = dict(inherited_settings({}), model_family="sdxl")
+    for index, entry in enumerate(json.loads((SEED / "multidatabackend.json").read_text())):
+        assert _simpletuner_rejects(entry, args) is None
+        assert not [p for p in check_entry(entry, index, "m.json", args) if p.severity == "error"]
+
+
+def _simpletuner_parses(config: dict) -> str | None:
+    """SimpleTuner's error for config.json (JSON-to-argv mapping, parser, post-parse rules), else None."""
+    from simpletuner.helpers.configuration.cmd_args import parse_cmdline_args
+    from simpletuner.helpers.configuration.json_file import normalize_args
+
+    try:
+        with redirect_stderr(io.StringIO()) as stderr:
+            parse_cmdline_args(input_args=normalize_args(config), exit_on_error=True)
+    except SystemExit:
+        return stderr.getvalue().strip().splitlines()[-1]
+    except Exception as error:  # ValueError mostly; some checks crash with TypeError
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"
+    return None
+
+
+# Deliberately stricter than SimpleTuner: argparse accepts unambiguous prefixes ("learning_rat") and a key
+# given twice (with and without "--", last wins); both are typos or accidents we report.
+# An object for a key SimpleTuner does not JSON-encode is silently dropped by it.
+STRICTER = [{"learning_rat": 1e-4}, {"--learning_rate": 1e-4}, {"quantization_config": {"a": 1}}]
+CONFIG_MUTATIONS = [
+    {},
+    {"--learning_rate": 1e-4, "learning_rate": None},
+    {"resolution": 1024.0},
+    {"resolution": "1024"},
+    {"lora_rank": "sixty-four"},
+    {"gradient_checkpointing": 2},
+    {"gradient_checkpointing": "yes"},
+    {"model_family": "SDXL"},
+    {"model_family": "sdxxl"},
+    {"lr_scheduler": "cosine_with_warmup"},
+    {"lr_scheduler": "cosine_with_restart"},
+    {"mixed_precision": "fp32"},
+    {"report_to": "wandb,tensorboard"},
+    {"report_to": "mlflow"},
+    {"optimizer": "adamw"},
+    {"aspect_bucket_rounding": 64},
+    {"aspect_bucket_rounding": 2},
+    {"validation_guidance": None},
+    {"validation_steps": 100},
+    {"num_train_epochs": 3},
+    {"metadata_update_interval": 30},
+    {"optimizer_beta1": 0.9},
+    {"optimizer_beta1": 0.9, "optimizer_beta2": 0.99},
+    {"timestep_bias_portion": 1.5},
+    {"resolution_type": "area", "maximum_image_size": 1024, "target_downsample_size": 1024},
+    {"resolution_type": "pixel", "maximum_image_size": 256, "target_downsample_size": 1024},
+    {"maximum_image_size": 2048, "target_downsample_size": None},
+    {"lora_type": "lycoris"},
+    {"quantization_config": '{"a": 1}', "model_type": "full"},
+]
+
+
+@pytest.mark.parametrize("change", CONFIG_MUTATIONS, ids=lambda change: json.dumps(change))
+def test_config_simpletuner_rejects_we_reject(change):
+    config = json.loads((SEED / "config.json").read_text())
+    # The three values SimpleTuner 4.10 refuses in the seed, fixed, so each mutation is judged alone.
+    config.update(aspect_bucket_rounding=2, minimum_image_size=0, maximum_image_size=1024, target_downsample_size=1024)
+    config.update(data_backend_config="config/multidatabackend.json", num_train_epochs=0)
+    config.update(change)
+    config = {key: value for key, value in config.items() if value is not None}
+    verdict = _simpletuner_parses(config)
+    ours = [p for p in check_training_config(config, "config.json") if p.severity == "error"]
+    if verdict:
+        assert ours, f"SimpleTuner rejects ({verdict}), we accept"
+    else:
+        assert not ours, f"SimpleTuner accepts, we reject: {ours}"
+
+
+@pytest.mark.parametrize("change", STRICTER, ids=lambda change: json.dumps(change))
+def test_config_stricter_than_simpletuner_on_purpose(change):
+    config = json.loads((SEED / "config.json").read_text())
+    config.update(aspect_bucket_rounding=2, minimum_image_size=0, maximum_image_size=1024, target_downsample_size=1024)
+    config.update(data_backend_config="config/multidatabackend.json", num_train_epochs=0, **change)
+    assert _simpletuner_parses(config) is None
+    assert [p for p in check_training_config(config, "config.json") if p.severity == "error"]
+
+
+def test_seed_config_is_rejected_by_simpletuner_where_we_reject_it():
+    """The quickstart's config.json fails SimpleTuner 4.10 at exactly the keys we flag; fixed, both accept it."""
+    config = json.loads((SEED / "config.json").read_text())
+    config["data_backend_config"] = "config/multidatabackend.json"
+    ours = {p.pointer[1:] for p in check_training_config(config, "config.json") if p.severity == "error"}
+    assert ours == {"aspect_bucket_rounding", "minimum_image_size", "maximum_image_size", "max_train_steps"}
+    fixes = {"aspect_bucket_rounding": 2, "minimum_image_size": 0, "maximum_image_size": 1024, "max_train_steps": 10000}
+    while ours:
+        verdict = _simpletuner_parses(config) or ""
+        key = next(key for key in ours if key in verdict or (key == "max_train_steps" and "max_train_steps" in verdict))
+        ours.remove(key)
+        config.update({key: fixes[key]} if key != "max_train_steps" else {"num_train_epochs": 0})
+        if key == "maximum_image_size":
+            config["target_downsample_size"] = 1024
+    assert _simpletuner_parses(config) is None
