@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from lcm_plugin.config.problems import Problem, did_you_mean, pointer
 
@@ -56,8 +56,9 @@ class _Entry(BaseModel):
     schema_uri: str | None = Field(None, alias="$schema", description="JSON Schema, for editors; ignored by SimpleTuner.")
     id: str = Field(min_length=1, description="Unique name of this dataset; caches and bucket files carry it.")
     type: StorageType = Field("local", description="Where the data lives.")
-    disabled: bool = Field(False, description="Skip this entry.")
-    disable: bool = Field(False, description="Same as disabled (older spelling).")
+    # SimpleTuner tests these by truth value: the string "false" would disable the entry.
+    disabled: StrictBool = Field(False, description="Skip this entry (true or false).")
+    disable: StrictBool = Field(False, description="Same as disabled (older spelling).")
     compress_cache: bool | None = Field(None, description="gzip the cache files (default: config.json's compress_disk_cache).")
     cache_dir: str | None = Field(None, description="Cache folder of this entry.")
     preserve_data_backend_cache: bool = Field(False, description="Keep the cache between runs.")
@@ -83,7 +84,8 @@ class TextEmbedsEntry(_Entry):
     """dataset_type text_embeds: where the text encoder outputs are cached."""
 
     dataset_type: Literal["text_embeds"] = Field(description="Text-embedding cache.")
-    default: bool = Field(False, description="The text cache datasets use unless they name one in text_embeds.")
+    # SimpleTuner checks `default is True`: "yes" or 1 would silently not be the default.
+    default: StrictBool = Field(False, description="The text cache datasets use unless they name one in text_embeds.")
     caption_filter_list: list[str] | str | None = Field(None, description="Strings or regexes removed from captions.")
     text_cache_ondemand: bool = Field(False, description="Encode captions during training instead of up front.")
     text_cache_disable: bool = Field(False, description="Never write text embeddings to disk.")
@@ -246,35 +248,57 @@ def check_entry(entry: Any, index: int, file: str, defaults: dict) -> list[Probl
 
 
 def _model_problems(entry: dict, model: type[_Entry], where, file: str) -> list[Problem]:
-    problems = []
     try:
         model.model_validate(entry)
     except ValidationError as error:
+        by_place: dict[tuple, list[dict]] = {}
+        # Shorter paths first, so a union member's deeper complaint joins its value's problem.
+        for issue in sorted(error.errors(), key=lambda issue: len(_input_path(entry, issue["loc"]))):
+            path = _input_path(entry, issue["loc"])
+            place = next((known for known in by_place if known and path[: len(known)] == known), path)
+            by_place.setdefault(place, []).append(issue)
+        return [_problem(entry, model, where, file, place, issues) for place, issues in by_place.items()]
+    return []
+
+
+def _input_path(entry: dict, loc: tuple) -> tuple:
+    """`loc` without pydantic's union-member tags ('float', 'constrained-int'): only steps into the input."""
+    path, node = [], entry
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif not path and isinstance(part, str):
+            node = None  # a missing or extra top-level key
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _problem(entry: dict, model: type[_Entry], where, file: str, place: tuple, issues: list[dict]) -> Problem:
+    """One problem per place; a value that fits no member of a union lists each member's complaint."""
+    key = str(place[0]) if place else ""
+    issue = issues[0]
+    if issue["type"] == "extra_forbidden":
         own_keys = {field.alias or name for name, field in model.model_fields.items()}
-        kind = entry.get("dataset_type", "image")
-        for issue in error.errors():
-            loc = issue["loc"]
-            key = str(loc[0]) if loc else ""
-            if issue["type"] == "extra_forbidden":
-                if key in REMOVED_KEYS:
-                    message = f"{key!r} was removed from SimpleTuner; use {REMOVED_KEYS[key]!r}"
-                elif key == "caption_filter_list":
-                    message = "caption_filter_list is only read by text_embeds datasets"
-                elif key in _ALL_ENTRY_KEYS:
-                    message = f"{key!r} is not read for dataset_type {kind!r}"
-                else:
-                    message = "unknown key" + did_you_mean(key, own_keys)
-                problems.append(Problem(file, where(key), message))
-            elif issue["type"] == "missing":
-                problems.append(Problem(file, where(*loc[:-1]), f"missing required key {key!r}"))
-            elif issue["type"] == "literal_error":
-                problems.append(
-                    Problem(file, where(*loc), f"{issue['input']!r} is not one of {issue['ctx']['expected']}"
-                            + did_you_mean(str(issue["input"]), _literal_choices(model, key)))
-                )
-            else:
-                problems.append(Problem(file, where(*loc), f"{issue['msg']} (got {issue['input']!r})"))
-    return problems
+        if key in REMOVED_KEYS:
+            message = f"{key!r} was removed from SimpleTuner; use {REMOVED_KEYS[key]!r}"
+        elif key == "caption_filter_list":
+            message = "caption_filter_list is only read by text_embeds datasets"
+        elif key in _ALL_ENTRY_KEYS:
+            message = f"{key!r} is not read for dataset_type {entry.get('dataset_type', 'image')!r}"
+        else:
+            message = "unknown key" + did_you_mean(key, own_keys)
+        return Problem(file, where(key), message)
+    if issue["type"] == "missing":
+        return Problem(file, where(*place[:-1]), f"missing required key {key!r}")
+    if issue["type"] == "literal_error":
+        return Problem(file, where(*place), f"{issue['input']!r} is not one of {issue['ctx']['expected']}"
+                       + did_you_mean(str(issue["input"]), _literal_choices(model, key)))
+    reasons = "; or ".join(dict.fromkeys(i["msg"].removeprefix("Value error, ") for i in issues))
+    return Problem(file, where(*place), f"{reasons} (got {issue['input']!r})")
 
 
 def _literal_choices(model: type[_Entry], key: str) -> list[str]:
@@ -298,12 +322,15 @@ def _type_problems(entry: dict, model: type[_Entry], where, file: str) -> list[P
                 continue  # also the instance_data_dir fallback for any type
             if key in model.model_fields or key == "source":
                 problems.append(Problem(file, where(key), f"{key!r} is only read when type is {other!r}"))
-    for key in TYPE_REQUIRED.get(storage, ()):
-        if key not in entry and not (storage == "huggingface" and key in (entry.get("huggingface") or {})):
-            problems.append(Problem(file, where(), f"type {storage!r} requires {key!r}"))
     if storage == "csv" and model is not MediaEntry:
-        problems.append(Problem(file, where("type"), f"a {entry['dataset_type']} dataset cannot use a csv backend"))
-    if storage == "csv" and model is MediaEntry:
+        return problems + [Problem(file, where("type"), f"a {entry['dataset_type']} dataset cannot use a csv backend")]
+    missing = [
+        key for key in TYPE_REQUIRED.get(storage, ())
+        if key not in entry and not (storage == "huggingface" and key in (entry.get("huggingface") or {}))
+    ]
+    if missing:
+        problems.append(Problem(file, where(), f"type {storage!r} requires {', '.join(map(repr, missing))}"))
+    if storage == "csv":
         if entry.get("caption_strategy") != "csv":
             problems.append(Problem(file, where("caption_strategy"), "a csv backend requires caption_strategy 'csv'"))
         if entry.get("dataset_type") == "caption":
@@ -448,7 +475,8 @@ def check_backends(entries: Any, file: str, defaults: dict | None = None) -> lis
         return [Problem(file, "", "no datasets: add at least one image dataset and one text_embeds dataset")]
     problems = [problem for index, entry in enumerate(entries) for problem in check_entry(entry, index, file, defaults)]
     valid = [(index, entry) for index, entry in enumerate(entries) if isinstance(entry, dict) and entry_model(entry)]
-    return problems + _cross_entry_problems(valid, file)
+    # Rules across entries need every entry's type: with one unreadable, they would report noise.
+    return problems + (_cross_entry_problems(valid, file) if len(valid) == len(entries) else [])
 
 
 def _cross_entry_problems(entries: list[tuple[int, dict]], file: str) -> list[Problem]:

@@ -18,7 +18,7 @@ MIN_PLAUSIBLE_PIXELS = 64
 
 def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
     """Warnings for a config.json whose distillation_method is 'lcm' (nothing otherwise)."""
-    keys = {canonical_key(key): key for key in config}
+    keys = {canonical_key(key): key for key, raw in config.items() if raw is not None}
     catalogue = load_catalogue()["keys"]
 
     def value(name: str) -> Any:

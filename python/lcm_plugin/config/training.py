@@ -154,12 +154,12 @@ def _value_problem(name: str, value: Any, entry: dict) -> str | None:
         if isinstance(value, bool) or str(value).strip().lower() in _BOOL_STRINGS or kind == "boolean_or_string":
             return None
         return f"expected true or false, got {value!r}"
-    if isinstance(value, bool):
-        return f"expected a {kind}, got {str(value).lower()}"
-    parsed = _parse_scalar(kind, value)
     meaning = f" ({_first_sentence(entry['help'])})" if entry["help"] else ""
+    expected = {"integer": "an integer", "number": "a number"}.get(kind, "a string")
+    if isinstance(value, bool):
+        return f"expected {expected}, got {str(value).lower()}{meaning}"
+    parsed = _parse_scalar(kind, value)
     if parsed is None:
-        expected = {"integer": "an integer", "number": "a number"}.get(kind, "a string")
         return f"expected {expected}, got {value!r}{meaning}"
     if choices and _normalise_choice(name, parsed) not in choices:
         if kind != "string":  # a near-miss between numbers means nothing: say what the key is for instead
