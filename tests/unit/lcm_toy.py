@@ -80,7 +80,7 @@ class GaussianMixtureTeacher:
         return self.means[component] + self.stds[component, None] * noise
 
     def epsilon(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """E[eps | x_t] for x_t [B, D] at integer timesteps t [B]; class-conditional, or unconditional if labels is None."""
+        """E[eps | x_t] for x_t [B, D] at integer timesteps t [B]; class-conditional, unconditional if labels is None."""
         x = x_t.to(torch.float64)
         alpha_bar = self.alphas_cumprod[t][:, None]  # [B, 1]
         alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
@@ -94,7 +94,7 @@ class GaussianMixtureTeacher:
         return (responsibility[:, :, None] * eps_k).sum(1).to(x_t.dtype)
 
     def guided_epsilon(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float):
-        """uncond + s (cond - uncond)."""
+        """uncond + s (cond - uncond), written out here so the reference samplers do not use lcm_plugin."""
         cond, uncond = self.epsilon(x_t, t, labels), self.epsilon(x_t, t, None)
         return uncond + guidance_scale * (cond - uncond)
 
