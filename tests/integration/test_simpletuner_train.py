@@ -76,3 +76,18 @@ def test_stock_simpletuner_train_writes_a_loadable_lcm_lora(lcm_training_dir, ti
     assert np.abs(with_lora - base).max() > 1e-4
     # The change comes from the adapter alone: removing it restores the teacher's output.
     np.testing.assert_allclose(unloaded, base, atol=1e-6)
+
+
+def test_explicit_entry_trains_with_the_hook_disabled(lcm_training_dir, trainer_env):
+    # SIMPLETUNER_LCM_DISABLE=1 keeps the .pth hook away; `simpletuner-lcm train` installs the plugin itself.
+    trainer_env["SIMPLETUNER_LCM_DISABLE"] = "1"
+    entry = Path(trainer_env["PATH"].split(":", 1)[0]) / "simpletuner-lcm"
+    result = subprocess.run(
+        [str(entry), "train", "config"], cwd=lcm_training_dir, env=trainer_env, capture_output=True, text=True,
+        timeout=540,
+    )
+    output = lcm_training_dir / "output"
+    tail = (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == 0, tail
+    assert len(lcm_losses(output / "training_metrics.jsonl")) >= STEPS, tail
+    assert (output / LORA_FILE).is_file(), tail
