@@ -217,7 +217,8 @@ impl Bucketer {
         self.resolution_map.entry(resolution.to_bits()).or_default().insert(aspect_key, size);
     }
 
-    /// Buckets one image of oriented size (W, H); `None` when it is below `minimum_image_size`.
+    /// Buckets one image of oriented size (W, H); `None` when SimpleTuner drops it: below `minimum_image_size`,
+    /// or an aspect ratio that rounds to 0 (SimpleTuner's discovery raises `ZeroDivisionError` and skips it).
     pub fn assign(&mut self, width: i64, height: i64) -> Result<Option<Sample>> {
         if width <= 0 || height <= 0 {
             return Err(CacheError::config("original_size", format!("invalid image dimensions ({width}, {height})")));
@@ -225,7 +226,7 @@ impl Bucketer {
         if !self.meets_resolution_requirements(width, height) {
             return Ok(None);
         }
-        Ok(Some(self.prepare((width, height))))
+        Ok(self.prepare((width, height)))
     }
 
     /// `MetadataBackend.meets_resolution_requirements` for image metadata.
@@ -251,16 +252,16 @@ impl Bucketer {
     }
 
     /// `TrainingSample.prepare()` for an image known only by its size.
-    fn prepare(&mut self, original: (i64, i64)) -> Sample {
+    fn prepare(&mut self, original: (i64, i64)) -> Option<Sample> {
         let cfg = self.config.clone();
         let (target_area, pixel_resolution) = cfg.target_area_and_pixel_resolution();
         let (target, intermediary, mut aspect, mut crop_coordinates) =
-            self.calculate_target_size(original, pixel_resolution);
+            self.calculate_target_size(original, pixel_resolution)?;
         let resize_size;
         if cfg.crop {
             // TrainingSample.crop(): optional downsample, else resize to the intermediary size, then crop.
             let current = if self.should_resize_before_crop(original, target, target_area, pixel_resolution) {
-                self.target_downsample_size(original, target)
+                self.target_downsample_size(original, target)?
             } else {
                 intermediary
             };
@@ -276,7 +277,7 @@ impl Bucketer {
         if cfg.crop && cfg.crop_aspect == CropAspect::Square {
             aspect = 1.0;
         }
-        Sample {
+        Some(Sample {
             bucket: py_float_repr(aspect),
             aspect_ratio: aspect,
             original_size: original,
@@ -284,25 +285,26 @@ impl Bucketer {
             target_size: target,
             crop_coordinates,
             resize_size,
-        }
+        })
     }
 
     /// `TrainingSample.calculate_target_size` → (target, intermediary, aspect, crop coordinates it resets).
-    fn calculate_target_size(&mut self, original: (i64, i64), pixel_resolution: i64) -> ((i64, i64), (i64, i64), f64, (i64, i64)) {
+    #[allow(clippy::type_complexity)]
+    fn calculate_target_size(&mut self, original: (i64, i64), pixel_resolution: i64) -> Option<((i64, i64), (i64, i64), f64, (i64, i64))> {
         let cfg = self.config.clone();
         let mut aspect = self.aspect_of(original);
         let square = (pixel_resolution, pixel_resolution);
         if cfg.crop && cfg.crop_aspect == CropAspect::Square {
-            let (_, mut intermediary, _) = self.new_size(1.0, cfg.resolution, original);
+            let (_, mut intermediary, _) = self.new_size(1.0, cfg.resolution, original)?;
             if intermediary.0 < pixel_resolution {
                 intermediary = square; // correct_intermediary_square_size
             }
-            return (square, intermediary, 1.0, (0, 0));
+            return Some((square, intermediary, 1.0, (0, 0)));
         }
         if cfg.crop && matches!(cfg.crop_aspect, CropAspect::Random | CropAspect::Closest) {
             aspect = self.select_aspect(aspect);
         }
-        let (mut target, mut intermediary, _) = self.new_size(aspect, cfg.resolution, original);
+        let (mut target, mut intermediary, _) = self.new_size(aspect, cfg.resolution, original)?;
         aspect = self.aspect_of(target);
         if aspect == 1.0 && intermediary.0 < pixel_resolution {
             intermediary = square; // correct_intermediary_square_size
@@ -310,7 +312,7 @@ impl Bucketer {
         if aspect == 1.0 {
             target = square;
         }
-        (target, intermediary, aspect, (0, 0))
+        Some((target, intermediary, aspect, (0, 0)))
     }
 
     /// `TrainingSample._select_random_aspect` for `closest` and `random`.
@@ -326,11 +328,15 @@ impl Bucketer {
         }
     }
 
-    /// `resize_helpers[resolution_type]`: (target, intermediary, adjusted aspect).
-    fn new_size(&mut self, aspect: f64, resolution: f64, original: (i64, i64)) -> ((i64, i64), (i64, i64), f64) {
+    /// `resize_helpers[resolution_type]`: (target, intermediary, adjusted aspect); `None` where SimpleTuner
+    /// divides by a zero aspect ratio.
+    #[allow(clippy::type_complexity)]
+    fn new_size(&mut self, aspect: f64, resolution: f64, original: (i64, i64)) -> Option<((i64, i64), (i64, i64), f64)> {
         match self.config.resolution_type {
-            ResolutionType::Pixel => self.new_size_by_pixel_edge(aspect, resolution as i64, original),
-            ResolutionType::Area => self.new_size_by_pixel_area(aspect, resolution, original),
+            ResolutionType::Pixel if aspect == 0.0 && original.0 < original.1 => None,
+            ResolutionType::Pixel => Some(self.new_size_by_pixel_edge(aspect, resolution as i64, original)),
+            ResolutionType::Area if aspect == 0.0 => None,
+            ResolutionType::Area => Some(self.new_size_by_pixel_area(aspect, resolution, original)),
         }
     }
 
@@ -419,10 +425,13 @@ impl Bucketer {
     }
 
     /// `TrainingSample._calculate_target_downsample_size`.
-    fn target_downsample_size(&mut self, original: (i64, i64), target: (i64, i64)) -> (i64, i64) {
+    fn target_downsample_size(&mut self, original: (i64, i64), target: (i64, i64)) -> Option<(i64, i64)> {
         let tds = self.config.target_downsample_size.unwrap_or_default();
         let aspect = self.aspect_of(original);
-        let (_, mut size, _) = self.new_size(aspect, tds, original);
+        let (_, mut size, _) = self.new_size(aspect, tds, original)?;
+        if (size.0 < target.0 && size.0 == 0) || (size.0 >= target.0 && size.1 < target.1 && size.1 == 0) {
+            return None; // SimpleTuner divides by the zero edge
+        }
         if size.0 < target.0 {
             let scale = target.0 as f64 / size.0 as f64;
             size = (target.0, (size.1 as f64 * scale) as i64);
@@ -430,7 +439,7 @@ impl Bucketer {
             let scale = target.1 as f64 / size.1 as f64;
             size = ((size.0 as f64 * scale) as i64, target.1);
         }
-        size
+        Some(size)
     }
 
     /// `crop_handlers[crop_style].crop` on a (W, H) image → (top, left).
