@@ -1,0 +1,147 @@
+"""`simpletuner-lcm validate`: file discovery, one line per problem, exit codes, never a traceback."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcm_plugin.cli import main
+from lcm_plugin.config import format_problems, validate_files, validate_run
+
+SEED = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
+# The quickstart's config.json with the four changes SimpleTuner 4.10 needs (see the oracle test).
+FIXES = {"aspect_bucket_rounding": 2, "minimum_image_size": 0, "maximum_image_size": 1024,
+         "target_downsample_size": 1024, "num_train_epochs": 0, "data_backend_config": "config/multidatabackend.json"}
+
+
+def _project(tmp_path, config_changes=None, backends=None, data_dir=True):
+    """tmp/config/{config.json,multidatabackend.json}, as SimpleTuner lays them out."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    config = json.loads((SEED / "config.json").read_text())
+    config.update(config_changes or {})
+    config = {key: value for key, value in config.items() if value is not None}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    entries = backends if backends is not None else json.loads((SEED / "multidatabackend.json").read_text())
+    if data_dir:
+        (folder / "images").mkdir()
+        for entry in entries:
+            if "instance_data_dir" in entry:
+                entry["instance_data_dir"] = "images"
+    (folder / "multidatabackend.json").write_text(json.dumps(entries, indent=2))
+    return folder
+
+
+def _run(capsys, *paths):
+    code = main(["validate", *map(str, paths)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def test_seed_files_report_exactly_what_simpletuner_refuses_and_the_lcm_warnings(tmp_path, capsys):
+    shutil.copytree(SEED, tmp_path / "config")
+    code, lines, err = _run(capsys, tmp_path)
+    config = tmp_path / "config" / "config.json"
+    backends = tmp_path / "config" / "multidatabackend.json"
+    assert code == 1 and "5 error(s), 3 warning(s)" in err
+    assert [line.split(": ")[1] for line in lines] == [
+        "/aspect_bucket_rounding", "/minimum_image_size", "/maximum_image_size", "/max_train_steps", "/",
+        "/", "/validation_negative_prompt", "/0/instance_data_dir",
+    ]
+    assert lines[4].startswith(f"{config}: /: no data_backend_config")
+    assert lines[5] == (f"{config}: /: warning: caption_dropout_probability = 0.1 (SimpleTuner's default): SimpleTuner "
+                        "zeroes SDXL time_ids of the dropped samples, so the teacher sees no size conditioning for them; "
+                        "set 0 for LCM (the distiller makes its own unconditional branch)")
+    assert lines[7] == f"{backends}: /0/instance_data_dir: warning: folder '/path/to/your/dataset' does not exist here"
+
+
+def test_fixed_seed_validates_with_the_warnings_it_deserves(tmp_path, capsys):
+    folder = _project(tmp_path, FIXES, data_dir=False)
+    code, lines, err = _run(capsys, folder / "config.json")
+    assert code == 0 and "0 error(s), 3 warning(s)" in err
+    assert all(": warning: " in line for line in lines)
+
+
+def test_clean_lcm_project_has_nothing_to_say(tmp_path, capsys):
+    folder = _project(tmp_path, {**FIXES, "caption_dropout_probability": 0.0, "validation_negative_prompt": None})
+    assert _run(capsys, tmp_path) == (0, [], "OK: 0 error(s), 0 warning(s)\n")
+    assert _run(capsys, folder / "config.json", folder / "multidatabackend.json")[0] == 0
+
+
+def test_backend_file_alone(tmp_path, capsys):
+    folder = _project(tmp_path, FIXES, backends=[{"id": "a", "instance_data_dir": "images", "crop_aspect": "random"}])
+    code, lines, _ = _run(capsys, folder / "multidatabackend.json")
+    assert code == 1
+    assert lines[0] == f"{folder / 'multidatabackend.json'}: /0/crop_aspect: crop_aspect 'random' requires crop_aspect_buckets (a list of aspect ratios, or of {{aspect_bucket, weight}})"
+
+
+def test_every_problem_at_once_across_both_files(tmp_path, capsys):
+    folder = _project(tmp_path, {**FIXES, "learning_rat": 1e-4, "validation_guidance": 7.5},
+                      backends=[{"id": "a", "instance_data_dir": "images", "crop_stlye": "center"}])
+    code, lines, _ = _run(capsys, folder)
+    assert code == 1
+    assert any(line.endswith("/learning_rat: unknown key (did you mean 'learning_rate'?)") for line in lines)
+    assert any(line.endswith("/0/crop_stlye: unknown key (did you mean 'crop_style'?)") for line in lines)
+    assert any("/validation_guidance: warning: 7.5 washes an LCM student out" in line for line in lines)
+
+
+def test_invalid_json_is_reported_with_line_and_column(tmp_path, capsys):
+    folder = _project(tmp_path, FIXES)
+    (folder / "multidatabackend.json").write_text('[\n  {"id": "a",\n   "crop": tru}\n]')
+    code, lines, _ = _run(capsys, folder)
+    assert code == 1
+    assert f"{folder / 'multidatabackend.json'}: /: invalid JSON at line 3, column 12: Expecting value" in lines
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, capsys, monkeypatch):
+    folder = _project(tmp_path, {**FIXES, "caption_dropout_probability": 0.0, "validation_negative_prompt": None,
+                                 "data_backend_config": "multidatabackend.json"})
+    monkeypatch.chdir("/")
+    assert _run(capsys, folder)[0:2] == (0, [])
+    (folder / "images").rmdir()
+    code, lines, _ = _run(capsys, folder)
+    assert code == 0 and lines == [f"{folder / 'multidatabackend.json'}: /0/instance_data_dir: warning: folder "
+                                   f"'{folder / 'images'}' does not exist here"]
+
+
+def test_named_backend_file_that_does_not_exist(tmp_path, capsys):
+    folder = _project(tmp_path, {**FIXES, "data_backend_config": "nope.json"})
+    code, lines, _ = _run(capsys, folder)
+    assert code == 1 and any("/data_backend_config: no such file: 'nope.json'" in line for line in lines)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"text"'])
+def test_hostile_inputs_give_one_line_not_a_traceback(tmp_path, capsys, content):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    code, lines, err = _run(capsys, path)
+    assert code == 1 and "Traceback" not in err and len(lines) >= 1
+    assert all(line.startswith(str(path)) for line in lines)
+
+
+def test_missing_paths_and_too_many_arguments(tmp_path, capsys):
+    assert _run(capsys, tmp_path)[0] == 1  # a folder without config.json
+    assert _run(capsys, tmp_path / "absent.json")[0] == 1
+    assert _run(capsys, "a", "b", "c")[0] == 2
+
+
+def test_in_process_validation_renders_like_the_cli(tmp_path, capsys):
+    folder = _project(tmp_path, {**FIXES, "lora_rank": 0})
+    config = json.loads((folder / "config.json").read_text())
+    problems = validate_run(config, folder / "config.json")
+    assert problems == validate_files(folder / "config.json")
+    _, lines, _ = _run(capsys, folder)
+    assert format_problems(problems).splitlines() == lines
+
+
+def test_validate_does_not_import_torch_or_simpletuner(tmp_path):
+    folder = _project(tmp_path, FIXES)
+    code = (
+        "import sys; from lcm_plugin.cli import main; rc = main(['validate', %r]); "
+        "assert 'torch' not in sys.modules and 'simpletuner' not in sys.modules, 'heavy import'; sys.exit(rc)"
+    ) % str(folder)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
