@@ -201,3 +201,45 @@ def test_seed_config_is_rejected_by_simpletuner_where_we_reject_it():
         if key == "maximum_image_size":
             config["target_downsample_size"] = 1024
     assert _simpletuner_parses(config) is None
+
+
+# Keys SimpleTuner's data-backend code reads from an entry that a user never writes: runtime objects and
+# bookkeeping the factory stores on the same dicts, or keys read from nested blocks under the same name.
+RUNTIME_KEYS = {
+    "config", "data_backend", "sampler", "train_dataloader", "vaecache", "text_embed_cache", "bucket_report",
+    "metadata_backend_instance", "_i2v_autoconditioning_attached", "_s2v_audio_autoinjected", "auto_generated",
+    "text_backend", "distillation_cache", "grounding", "grounding_data", "conditioning_image_embed_cache",
+    "image_embed_cache", "instance_data_root", "cache_file_suffix", "metadata_clone_source_id",
+    # `source` is also the name of args (controlnet) and of webshart records (captions) in that code.
+    "controlnet", "captions",
+}
+
+
+def _keys_simpletuner_reads_from_entries() -> set[str]:
+    """`backend.get("k")` / `backend["k"]` / `backend_dict...` in SimpleTuner's data-backend sources (AST scan)."""
+    import ast as python_ast
+
+    import simpletuner
+
+    root = Path(simpletuner.__file__).parent / "helpers" / "data_backend"
+    keys = set()
+    for source in root.rglob("*.py"):
+        for node in python_ast.walk(python_ast.parse(source.read_text())):
+            if isinstance(node, python_ast.Call) and isinstance(node.func, python_ast.Attribute):
+                owner, args = node.func.value, node.args
+                if node.func.attr == "get" and args and isinstance(args[0], python_ast.Constant):
+                    if isinstance(owner, python_ast.Name) and owner.id in ("backend", "backend_dict", "source"):
+                        keys.add(args[0].value)
+            if isinstance(node, python_ast.Subscript) and isinstance(node.value, python_ast.Name):
+                if node.value.id in ("backend", "backend_dict") and isinstance(node.slice, python_ast.Constant):
+                    keys.add(node.slice.value)
+    return {key for key in keys if isinstance(key, str)}
+
+
+def test_every_entry_key_simpletuner_reads_is_known_to_our_models():
+    from lcm_plugin.config.databackend import ENTRY_MODELS
+
+    ours = {field.alias or name for model in ENTRY_MODELS.values() for name, field in model.model_fields.items()}
+    read = _keys_simpletuner_reads_from_entries()
+    assert len(read) > 60  # the scan found SimpleTuner's reads
+    assert sorted(read - ours - RUNTIME_KEYS) == []

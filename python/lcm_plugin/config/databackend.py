@@ -83,6 +83,7 @@ class _Entry(BaseModel):
 class TextEmbedsEntry(_Entry):
     """dataset_type text_embeds: where the text encoder outputs are cached."""
 
+    text_encoder_batch_size: int | None = Field(None, ge=1, description="Captions encoded per text-encoder call.")
     dataset_type: Literal["text_embeds"] = Field(description="Text-embedding cache.")
     # SimpleTuner checks `default is True`: "yes" or 1 would silently not be the default.
     default: StrictBool = Field(False, description="The text cache datasets use unless they name one in text_embeds.")
@@ -172,6 +173,28 @@ class MediaEntry(_Entry):
     data_generator: dict[str, Any] | None = Field(None, description="Caption datasets only: generate images.")
     s2v_datasets: list[str] | str | None = None
     slider_strength: float | None = None
+    vae_batch_size: int | None = Field(None, ge=1, description="Images per VAE call when caching latents.")
+    image_processing_batch_size: int | None = Field(None, ge=1, description="Images per preprocessing batch.")
+    conditioning_image_embed_batch_size: int | None = Field(None, ge=1)
+    cache_dir_conditioning_image_embeds: str | None = None
+    delete_nsfw_images: bool = Field(False, description="Delete images flagged as NSFW.")
+    disable_multiline_split: bool = Field(False, description="Keep a multi-line caption file as one caption.")
+    shuffle: bool = Field(True, description="Caption datasets: shuffle the captions.")
+    # audio datasets: flat aliases of the `audio` block (factory._prepare_audio_settings)
+    audio_min_duration_seconds: float | None = None
+    audio_max_duration_seconds: float | None = None
+    audio_channels: int | None = None
+    audio_bucket_strategy: str | None = None
+    audio_duration_interval: float | None = None
+    audio_duration_interval_seconds: float | None = None
+    audio_bucket_interval: float | None = None
+    audio_truncation_mode: Literal["beginning", "end", "random"] | None = None
+    truncation_mode: Literal["beginning", "end", "random"] | None = None
+    lyrics_extension: str | None = None
+    lyrics_suffix: str | None = None
+    lyrics_filename_format: str | None = None
+    audio_only: bool | None = None
+    target_resolution: int | None = None
     # type-specific keys (validated against `type`)
     csv_file: str | None = None
     csv_cache_dir: str | None = None
