@@ -103,3 +103,15 @@ def test_legacy_keys_are_warnings():
 def test_a_list_is_not_a_config():
     (problem,) = check_training_config([], "c.json")
     assert "expected a JSON object" in problem.message
+
+
+def test_optimizer_table_of_a_running_simpletuner_wins_over_the_catalogue(monkeypatch):
+    # In a training process SimpleTuner's table lists optimizers of optional packages installed there.
+    import sys
+    import types
+
+    table = types.ModuleType("simpletuner.helpers.training.optimizer_param")
+    table.optimizer_choices = {"bnb-lion8bit": {}}
+    monkeypatch.setitem(sys.modules, table.__name__, table)
+    assert _errors({"optimizer": "bnb-lion8bit"}) == []
+    assert [p.pointer for p in _errors({})] == ["/optimizer"]

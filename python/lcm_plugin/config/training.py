@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,11 +162,21 @@ def _value_problem(name: str, value: Any, entry: dict) -> str | None:
     parsed = _parse_scalar(kind, value)
     if parsed is None:
         return f"expected {expected}, got {value!r}{meaning}"
+    choices = _live_choices(name) or choices
     if choices and _normalise_choice(name, parsed) not in choices:
         if kind != "string":  # a near-miss between numbers means nothing: say what the key is for instead
             return f"{value!r} is not one of {choices}{meaning}"
         return f"{value!r} is not one of {choices}" + did_you_mean(str(value), choices)
     return None
+
+
+def _live_choices(name: str) -> list | None:
+    """Inside a training process SimpleTuner's optimizer table is loaded: it lists the optimizers of the
+    optional packages installed there (bitsandbytes, torchao, ...), which the catalogue may lack."""
+    table = sys.modules.get("simpletuner.helpers.training.optimizer_param")
+    if name != "optimizer" or table is None:
+        return None
+    return sorted(getattr(table, "optimizer_choices", {})) or None
 
 
 def _first_sentence(text: str, limit: int = 100) -> str:
