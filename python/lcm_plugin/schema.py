@@ -60,7 +60,9 @@ def config_schema(catalogue: dict[str, Any]) -> dict[str, Any]:
         properties[f"--{name}"] = {"$ref": f"#/properties/{name}"}
     for name in catalogue["legacy_keys"]:
         properties[name] = {"description": "Legacy key: SimpleTuner translates or ignores it.", "deprecated": True}
-    required = [name for name, entry in catalogue["keys"].items() if entry["required"] and name != "data_backend_config"]
+    required = [
+        name for name, entry in catalogue["keys"].items() if entry["required"] and name != "data_backend_config"
+    ]
     schema = {
         "type": "object",
         "description": f"SimpleTuner {catalogue['simpletuner_version']} config.json, checked by simpletuner-lcm.",
@@ -176,5 +178,3 @@ def check() -> list[str]:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             stale.append(str(path.relative_to(REPO_ROOT)))
     return stale
-
-

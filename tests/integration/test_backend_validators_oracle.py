@@ -24,7 +24,13 @@ SEED = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
 
 BASE_ENTRIES = [
     {"id": "images", "type": "local", "instance_data_dir": "/data/images", "caption_strategy": "textfile"},
-    {"id": "video", "type": "local", "dataset_type": "video", "instance_data_dir": "/data/video", "video": {"num_frames": 16}},
+    {
+        "id": "video",
+        "type": "local",
+        "dataset_type": "video",
+        "instance_data_dir": "/data/video",
+        "video": {"num_frames": 16},
+    },
     {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
     {"id": "latents", "type": "local", "dataset_type": "image_embeds", "cache_dir": "cache/latents"},
     {"id": "distill", "type": "local", "dataset_type": "distillation_cache", "cache_dir": "cache/distill"},
@@ -64,8 +70,21 @@ def _corpus():
             yield entry
     # Combinations that only fail together.
     yield {"id": "a", "instance_data_dir": "/d", "resolution_type": "area", "maximum_image_size": 2.0}
-    yield {"id": "a", "instance_data_dir": "/d", "resolution_type": "pixel", "maximum_image_size": 2048, "target_downsample_size": 300}
-    yield {"id": "a", "instance_data_dir": "/d", "resolution_type": "pixel_area", "resolution": 1024, "maximum_image_size": 5000, "target_downsample_size": 1024}
+    yield {
+        "id": "a",
+        "instance_data_dir": "/d",
+        "resolution_type": "pixel",
+        "maximum_image_size": 2048,
+        "target_downsample_size": 300,
+    }
+    yield {
+        "id": "a",
+        "instance_data_dir": "/d",
+        "resolution_type": "pixel_area",
+        "resolution": 1024,
+        "maximum_image_size": 5000,
+        "target_downsample_size": 1024,
+    }
     yield {"id": "a", "type": "huggingface", "dataset_name": "x/y", "metadata_backend": "json"}
     yield {"id": "a", "type": "huggingface", "dataset_name": "x/y", "caption_strategy": "textfile"}
     yield {"id": "a", "type": "webshart", "webshart": {"caption_key": ""}}
@@ -206,12 +225,29 @@ def test_seed_config_is_rejected_by_simpletuner_where_we_reject_it():
 # Keys SimpleTuner's data-backend code reads from an entry that a user never writes: runtime objects and
 # bookkeeping the factory stores on the same dicts, or keys read from nested blocks under the same name.
 RUNTIME_KEYS = {
-    "config", "data_backend", "sampler", "train_dataloader", "vaecache", "text_embed_cache", "bucket_report",
-    "metadata_backend_instance", "_i2v_autoconditioning_attached", "_s2v_audio_autoinjected", "auto_generated",
-    "text_backend", "distillation_cache", "grounding", "grounding_data", "conditioning_image_embed_cache",
-    "image_embed_cache", "instance_data_root", "cache_file_suffix", "metadata_clone_source_id",
+    "config",
+    "data_backend",
+    "sampler",
+    "train_dataloader",
+    "vaecache",
+    "text_embed_cache",
+    "bucket_report",
+    "metadata_backend_instance",
+    "_i2v_autoconditioning_attached",
+    "_s2v_audio_autoinjected",
+    "auto_generated",
+    "text_backend",
+    "distillation_cache",
+    "grounding",
+    "grounding_data",
+    "conditioning_image_embed_cache",
+    "image_embed_cache",
+    "instance_data_root",
+    "cache_file_suffix",
+    "metadata_clone_source_id",
     # `source` is also the name of args (controlnet) and of webshart records (captions) in that code.
-    "controlnet", "captions",
+    "controlnet",
+    "captions",
 }
 
 

@@ -38,9 +38,21 @@ def with_image(**change):
         (with_image(crop_style="middle"), "/0/crop_style", "is not one of"),
         (with_image(crop_aspect_buckets=["wide"]), "/0/crop_aspect_buckets/0", ""),
         (with_image(maximum_image_size=2.0), "/0/maximum_image_size", "requires target_downsample_size"),
-        (with_image(resolution_type="area", maximum_image_size=25, target_downsample_size=1), "/0/maximum_image_size", "< 20"),
-        (with_image(resolution_type="pixel", maximum_image_size=2048, target_downsample_size=256), "/0/target_downsample_size", ">= 512"),
-        (with_image(resolution_type="pixel_area", maximum_image_size=2048, target_downsample_size=1), "/0/maximum_image_size", "< 20"),
+        (
+            with_image(resolution_type="area", maximum_image_size=25, target_downsample_size=1),
+            "/0/maximum_image_size",
+            "< 20",
+        ),
+        (
+            with_image(resolution_type="pixel", maximum_image_size=2048, target_downsample_size=256),
+            "/0/target_downsample_size",
+            ">= 512",
+        ),
+        (
+            with_image(resolution_type="pixel_area", maximum_image_size=2048, target_downsample_size=1),
+            "/0/maximum_image_size",
+            "< 20",
+        ),
         (with_image(resolution_type="megapixel"), "/0/resolution_type", "is not one of"),
         (with_image(instance_data_dir=None), "/0", "requires 'instance_data_dir'"),
         (with_image(instance_data_dirr="/x"), "/0/instance_data_dirr", "did you mean 'instance_data_dir'?"),
@@ -50,32 +62,64 @@ def with_image(**change):
         (with_image(disable_vae_cache=True), "/0/disable_vae_cache", "use 'vae_cache_disable'"),
         (with_image(default=True), "/0/default", "not read for dataset_type 'image'"),
         (with_image(aws_bucket_name="b"), "/0/aws_bucket_name", "only read when type is 'aws'"),
-        (with_image(data_generator={"resolutions": ["1024x1024"]}), "/0/data_generator", "only valid for dataset_type 'caption'"),
+        (
+            with_image(data_generator={"resolutions": ["1024x1024"]}),
+            "/0/data_generator",
+            "only valid for dataset_type 'caption'",
+        ),
         (with_image(train_batch_size=0), "/0/train_batch_size", ""),
         (with_image(train_batch_size=True), "/0/train_batch_size", ""),
         (with_image(caption_file_extensions=[]), "/0/caption_file_extensions", ""),
-        (with_image(caption_shuffle={"split_on": "tab"}), "/0/caption_shuffle/split_on", "'comma', 'space' or 'period'"),
+        (
+            with_image(caption_shuffle={"split_on": "tab"}),
+            "/0/caption_shuffle/split_on",
+            "'comma', 'space' or 'period'",
+        ),
         (with_image(start_epoch=1, end_epoch=0), "/0/end_epoch", "must be >= start_epoch"),
-        ([{**IMAGES, "start_step": 5, "end_step": 2}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT], "/0/end_step", "must be >= start_step"),
+        (
+            [{**IMAGES, "start_step": 5, "end_step": 2}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT],
+            "/0/end_step",
+            "must be >= start_step",
+        ),
         (with_image(start_epoch=3), "", "available at the start of training"),
         (with_image(id=""), "/0/id", ""),
         (with_image(dataset_type="imgae"), "/0/dataset_type", "did you mean 'image'?"),
-        (with_image(dataset_type="video", video={"num_frames": 16, "min_frames": 8}), "/0/video/min_frames", ">= video.num_frames"),
+        (
+            with_image(dataset_type="video", video={"num_frames": 16, "min_frames": 8}),
+            "/0/video/min_frames",
+            ">= video.num_frames",
+        ),
         (with_image(type="csv", caption_strategy="csv"), "/0", "requires 'csv_file'"),
-        (with_image(type="csv", csv_file="f", csv_cache_dir="c", csv_caption_column="c", csv_url_column="u"), "/0/caption_strategy", "requires caption_strategy 'csv'"),
+        (
+            with_image(type="csv", csv_file="f", csv_cache_dir="c", csv_caption_column="c", csv_url_column="u"),
+            "/0/caption_strategy",
+            "requires caption_strategy 'csv'",
+        ),
         (with_image(type="aws", aws_bucket_name="b"), "/0", "requires 'aws_region_name'"),
         (with_image(type="huggingface", instance_data_dir=None), "/0", "requires 'dataset_name'"),
-        (with_image(type="huggingface", dataset_name="a/b", metadata_backend="json"), "/0/metadata_backend", "needs metadata_backend 'huggingface'"),
+        (
+            with_image(type="huggingface", dataset_name="a/b", metadata_backend="json"),
+            "/0/metadata_backend",
+            "needs metadata_backend 'huggingface'",
+        ),
         (with_image(type="webshart", instance_data_dir=None), "/0", "requires 'source'"),
         (with_image(type="s3"), "/0/type", "is not one of"),
         ([IMAGES, {**TEXT, "type": "csv"}], "/1/type", "cannot use a csv backend"),
         ([IMAGES, {**IMAGES, "cache_dir_vae": "v2"}, TEXT], "/1/id", "already used by entry 0"),
-        ([{**IMAGES, "disabled": "false"}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT], "/0/disabled", "valid boolean"),
+        (
+            [{**IMAGES, "disabled": "false"}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT],
+            "/0/disabled",
+            "valid boolean",
+        ),
         ([IMAGES, {**IMAGES, "id": "b"}, TEXT], "/1/cache_dir_vae", "each dataset needs its own"),
         ([{**IMAGES, "cache_dir_vae": "cache/text/"}, TEXT], "/0/cache_dir_vae", "also a text_embeds cache_dir"),
         ([IMAGES, TEXT, {**TEXT, "id": "text2", "cache_dir": "c2"}], "/2/default", "only one text_embeds dataset"),
         ([{**IMAGES, "text_embeds": "txt"}, TEXT], "/0/text_embeds", "did you mean 'text'?"),
-        ([{**IMAGES, "conditioning_data": "edges"}, TEXT], "/0/conditioning_data", "no enabled dataset with id 'edges'"),
+        (
+            [{**IMAGES, "conditioning_data": "edges"}, TEXT],
+            "/0/conditioning_data",
+            "no enabled dataset with id 'edges'",
+        ),
         ([TEXT], "", "no enabled image, video or audio dataset"),
         ([], "", "no datasets"),
         ([IMAGES, TEXT, "oops"], "/2", "expected an object"),
@@ -106,7 +150,9 @@ def test_disabled_entries_do_not_clash():
 
 
 def test_default_text_embeds_rules_are_warnings_when_simpletuner_recovers():
-    problems = check_backends([IMAGES, {**TEXT, "default": False}, {**TEXT, "id": "t2", "default": False}], "m.json", {})
+    problems = check_backends(
+        [IMAGES, {**TEXT, "default": False}, {**TEXT, "id": "t2", "default": False}], "m.json", {}
+    )
     assert [(p.pointer, p.severity) for p in problems] == [("/1", "warning")]
     problems = check_backends([IMAGES], "m.json", {})
     assert [(p.pointer, p.severity) for p in problems] == [("", "warning")]

@@ -4,8 +4,14 @@ import pytest
 
 from lcm_plugin.config.pitfalls import lcm_pitfalls
 
-LCM = {"model_family": "sdxl", "model_type": "lora", "distillation_method": "lcm", "validation_guidance": 0.0,
-       "validation_num_inference_steps": 4, "caption_dropout_probability": 0.0}
+LCM = {
+    "model_family": "sdxl",
+    "model_type": "lora",
+    "distillation_method": "lcm",
+    "validation_guidance": 0.0,
+    "validation_num_inference_steps": 4,
+    "caption_dropout_probability": 0.0,
+}
 
 
 def _warnings(change):
@@ -24,7 +30,11 @@ def test_sound_lcm_config_has_no_warnings():
         ({"validation_guidance": 7.5}, "/validation_guidance", "washes an LCM student out"),
         ({"validation_num_inference_steps": 30}, "/validation_num_inference_steps", "1-8 steps"),
         ({"caption_dropout_probability": 0.1}, "/caption_dropout_probability", "zeroes SDXL time_ids"),
-        ({"validation_negative_prompt": "blurry"}, "/validation_negative_prompt", "only acts when validation_guidance > 1"),
+        (
+            {"validation_negative_prompt": "blurry"},
+            "/validation_negative_prompt",
+            "only acts when validation_guidance > 1",
+        ),
         ({"model_type": "full"}, "/model_type", "not supported"),
         ({"resolution_type": "pixel", "minimum_image_size": 1}, "/minimum_image_size", "reads as pixels"),
     ],

@@ -53,8 +53,16 @@ def test_catalogue_records_simpletuner_version_and_its_keys():
         ({"max_train_steps": 100}, "/max_train_steps", "num_train_epochs must be 0"),
         ({"num_train_epochs": 2, "max_train_steps": 100}, "/num_train_epochs", "num_train_epochs must be 0"),
         ({"maximum_image_size": 2048}, "/maximum_image_size", "requires target_downsample_size"),
-        ({"resolution_type": "pixel", "maximum_image_size": 300, "target_downsample_size": 1024}, "/maximum_image_size", ">= 512"),
-        ({"resolution_type": "area", "maximum_image_size": 2, "target_downsample_size": 1024}, "/target_downsample_size", "<= 5"),
+        (
+            {"resolution_type": "pixel", "maximum_image_size": 300, "target_downsample_size": 1024},
+            "/maximum_image_size",
+            ">= 512",
+        ),
+        (
+            {"resolution_type": "area", "maximum_image_size": 2, "target_downsample_size": 1024},
+            "/target_downsample_size",
+            "<= 5",
+        ),
         ({"metadata_update_interval": 10}, "/metadata_update_interval", "at least 60"),
         ({"optimizer_beta1": 0.9}, "/optimizer_beta1", "set both"),
         ({"timestep_bias_portion": 2}, "/timestep_bias_portion", "between 0 and 1"),

@@ -8,8 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "tests" / "fixtures" / "seed"
-SCHEMAS = {name: json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text())
-           for name in ("config", "multidatabackend", "lcm_config")}
+SCHEMAS = {
+    name: json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text())
+    for name in ("config", "multidatabackend", "lcm_config")
+}
 
 
 def _validator(name):
@@ -54,12 +56,33 @@ def test_seed_lcm_block_validates_against_the_block_schema():
 @pytest.mark.parametrize(
     ("name", "document", "path"),
     [
-        ("config", {"model_family": "sdxl", "model_type": "lora", "output_dir": "o", "optimizer": "adamw_bf16",
-                    "learning_rat": 1}, "$"),
-        ("config", {"--model_family": "sdxxl", "model_type": "lora", "output_dir": "o", "optimizer": "adamw_bf16"},
-         "$['--model_family']"),
-        ("config", {"model_family": "sdxl", "model_type": "lora", "output_dir": "o", "optimizer": "adamw_bf16",
-                    "distillation_config": {"lcm": {"w_mn": 1}}}, "$.distillation_config"),
+        (
+            "config",
+            {
+                "model_family": "sdxl",
+                "model_type": "lora",
+                "output_dir": "o",
+                "optimizer": "adamw_bf16",
+                "learning_rat": 1,
+            },
+            "$",
+        ),
+        (
+            "config",
+            {"--model_family": "sdxxl", "model_type": "lora", "output_dir": "o", "optimizer": "adamw_bf16"},
+            "$['--model_family']",
+        ),
+        (
+            "config",
+            {
+                "model_family": "sdxl",
+                "model_type": "lora",
+                "output_dir": "o",
+                "optimizer": "adamw_bf16",
+                "distillation_config": {"lcm": {"w_mn": 1}},
+            },
+            "$.distillation_config",
+        ),
         ("config", {"model_family": "sdxl", "output_dir": "o", "optimizer": "adamw_bf16"}, "$"),
         ("lcm_config", {"loss_type": "l1"}, "$.loss_type"),
         ("multidatabackend", [{"id": "a", "crop_stlye": "center"}], "$[0]"),
@@ -72,8 +95,13 @@ def test_schemas_reject_what_validate_rejects(name, document, path):
 
 
 def test_schema_key_and_dashed_keys_are_accepted():
-    config = {"$schema": "../schemas/config.schema.json", "--model_family": "sdxl", "model_type": "lora",
-              "output_dir": "o", "optimizer": "adamw_bf16"}
+    config = {
+        "$schema": "../schemas/config.schema.json",
+        "--model_family": "sdxl",
+        "model_type": "lora",
+        "output_dir": "o",
+        "optimizer": "adamw_bf16",
+    }
     assert _error_paths("config", config) == []
     assert _error_paths("multidatabackend", [{"$schema": "x", "id": "a", "instance_data_dir": "d"}]) == []
 

@@ -21,6 +21,8 @@ def test_schema_check_fails_on_a_stale_file(tmp_path, monkeypatch):
     monkeypatch.setattr(schema, "CATALOGUE_PATH", tmp_path / "simpletuner_keys.json")
     (stale / "lcm_config.schema.json").write_text("{}\n")
     assert sorted(schema.check()) == [
-        "schemas/config.schema.json", "schemas/lcm_config.schema.json", "schemas/multidatabackend.schema.json",
+        "schemas/config.schema.json",
+        "schemas/lcm_config.schema.json",
+        "schemas/multidatabackend.schema.json",
         "simpletuner_keys.json",
     ]

@@ -13,8 +13,14 @@ from lcm_plugin.config import format_problems, validate_files, validate_run
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
 # The quickstart's config.json with the four changes SimpleTuner 4.10 needs (see the oracle test).
-FIXES = {"aspect_bucket_rounding": 2, "minimum_image_size": 0, "maximum_image_size": 1024,
-         "target_downsample_size": 1024, "num_train_epochs": 0, "data_backend_config": "config/multidatabackend.json"}
+FIXES = {
+    "aspect_bucket_rounding": 2,
+    "minimum_image_size": 0,
+    "maximum_image_size": 1024,
+    "target_downsample_size": 1024,
+    "num_train_epochs": 0,
+    "data_backend_config": "config/multidatabackend.json",
+}
 
 
 def _project(tmp_path, config_changes=None, backends=None, data_dir=True):
@@ -48,13 +54,21 @@ def test_seed_files_report_exactly_what_simpletuner_refuses_and_the_lcm_warnings
     backends = tmp_path / "config" / "multidatabackend.json"
     assert code == 1 and "5 error(s), 3 warning(s)" in err
     assert [line.split(": ")[1] for line in lines] == [
-        "/aspect_bucket_rounding", "/minimum_image_size", "/maximum_image_size", "/max_train_steps", "/",
-        "/", "/validation_negative_prompt", "/0/instance_data_dir",
+        "/aspect_bucket_rounding",
+        "/minimum_image_size",
+        "/maximum_image_size",
+        "/max_train_steps",
+        "/",
+        "/",
+        "/validation_negative_prompt",
+        "/0/instance_data_dir",
     ]
     assert lines[4].startswith(f"{config}: /: no data_backend_config")
-    assert lines[5] == (f"{config}: /: warning: caption_dropout_probability = 0.1 (SimpleTuner's default): SimpleTuner "
-                        "zeroes SDXL time_ids of the dropped samples, so the teacher sees no size conditioning for them; "
-                        "set 0 for LCM (the distiller makes its own unconditional branch)")
+    assert lines[5] == (
+        f"{config}: /: warning: caption_dropout_probability = 0.1 (SimpleTuner's default): SimpleTuner "
+        "zeroes SDXL time_ids of the dropped samples, so the teacher sees no size conditioning for them; "
+        "set 0 for LCM (the distiller makes its own unconditional branch)"
+    )
     assert lines[7] == f"{backends}: /0/instance_data_dir: warning: folder '/path/to/your/dataset' does not exist here"
 
 
@@ -75,12 +89,18 @@ def test_backend_file_alone(tmp_path, capsys):
     folder = _project(tmp_path, FIXES, backends=[{"id": "a", "instance_data_dir": "images", "crop_aspect": "random"}])
     code, lines, _ = _run(capsys, folder / "multidatabackend.json")
     assert code == 1
-    assert lines[0] == f"{folder / 'multidatabackend.json'}: /0/crop_aspect: crop_aspect 'random' requires crop_aspect_buckets (a list of aspect ratios, or of {{aspect_bucket, weight}})"
+    assert lines[0] == (
+        f"{folder / 'multidatabackend.json'}: /0/crop_aspect: crop_aspect 'random' requires crop_aspect_buckets "
+        "(a list of aspect ratios, or of {aspect_bucket, weight})"
+    )
 
 
 def test_every_problem_at_once_across_both_files(tmp_path, capsys):
-    folder = _project(tmp_path, {**FIXES, "learning_rat": 1e-4, "validation_guidance": 7.5},
-                      backends=[{"id": "a", "instance_data_dir": "images", "crop_stlye": "center"}])
+    folder = _project(
+        tmp_path,
+        {**FIXES, "learning_rat": 1e-4, "validation_guidance": 7.5},
+        backends=[{"id": "a", "instance_data_dir": "images", "crop_stlye": "center"}],
+    )
     code, lines, _ = _run(capsys, folder)
     assert code == 1
     assert any(line.endswith("/learning_rat: unknown key (did you mean 'learning_rate'?)") for line in lines)
@@ -97,14 +117,23 @@ def test_invalid_json_is_reported_with_line_and_column(tmp_path, capsys):
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path, capsys, monkeypatch):
-    folder = _project(tmp_path, {**FIXES, "caption_dropout_probability": 0.0, "validation_negative_prompt": None,
-                                 "data_backend_config": "multidatabackend.json"})
+    folder = _project(
+        tmp_path,
+        {
+            **FIXES,
+            "caption_dropout_probability": 0.0,
+            "validation_negative_prompt": None,
+            "data_backend_config": "multidatabackend.json",
+        },
+    )
     monkeypatch.chdir("/")
     assert _run(capsys, folder)[0:2] == (0, [])
     (folder / "images").rmdir()
     code, lines, _ = _run(capsys, folder)
-    assert code == 0 and lines == [f"{folder / 'multidatabackend.json'}: /0/instance_data_dir: warning: folder "
-                                   f"'{folder / 'images'}' does not exist here"]
+    assert code == 0 and lines == [
+        f"{folder / 'multidatabackend.json'}: /0/instance_data_dir: warning: folder "
+        f"'{folder / 'images'}' does not exist here"
+    ]
 
 
 def test_named_backend_file_that_does_not_exist(tmp_path, capsys):

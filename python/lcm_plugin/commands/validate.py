@@ -43,8 +43,11 @@ def run(args) -> int:
     if problems:
         print(format_problems(problems))
     errors = has_errors(problems)
-    print(f"{'FAILED' if errors else 'OK'}: {sum(p.severity == 'error' for p in problems)} error(s), "
-          f"{sum(p.severity == 'warning' for p in problems)} warning(s)", file=sys.stderr)
+    print(
+        f"{'FAILED' if errors else 'OK'}: {sum(p.severity == 'error' for p in problems)} error(s), "
+        f"{sum(p.severity == 'warning' for p in problems)} warning(s)",
+        file=sys.stderr,
+    )
     return 1 if errors else 0
 
 

@@ -8,4 +8,12 @@ from lcm_plugin.config.lcm import LcmConfig
 from lcm_plugin.config.problems import Problem, format_problems, has_errors
 from lcm_plugin.config.run import validate_backend_file, validate_files, validate_run
 
-__all__ = ["LcmConfig", "Problem", "format_problems", "has_errors", "validate_backend_file", "validate_files", "validate_run"]
+__all__ = [
+    "LcmConfig",
+    "Problem",
+    "format_problems",
+    "has_errors",
+    "validate_backend_file",
+    "validate_files",
+    "validate_run",
+]

@@ -19,7 +19,13 @@ from typing import Any
 CATALOGUE_FILE = "simpletuner_keys.json"
 
 # SimpleTuner JSON-serialises dicts and lists for these keys before parsing (cli_utils.mapping_to_cli_args).
-_JSON_KEYS = {"webhook_config", "deepspeed_config", "distillation_config", "publishing_config", "peft_lora_target_modules"}
+_JSON_KEYS = {
+    "webhook_config",
+    "deepspeed_config",
+    "distillation_config",
+    "publishing_config",
+    "peft_lora_target_modules",
+}
 
 
 @functools.cache

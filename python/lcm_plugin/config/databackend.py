@@ -27,18 +27,52 @@ MetadataBackend = Literal["discovery", "json", "parquet", "huggingface", "websha
 # Keys read only for one storage `type` (SimpleTuner ignores them elsewhere).
 TYPE_KEYS: dict[str, set[str]] = {
     "aws": {
-        "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id", "aws_secret_access_key",
-        "aws_session_token", "aws_max_pool_connections", "aws_data_prefix", "aws",
+        "aws_bucket_name",
+        "aws_region_name",
+        "aws_endpoint_url",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "aws_max_pool_connections",
+        "aws_data_prefix",
+        "aws",
     },
-    "csv": {"csv_file", "csv_cache_dir", "csv_caption_column", "csv_url_column", "csv_hash_filenames", "csv_shorten_filenames"},
+    "csv": {
+        "csv_file",
+        "csv_cache_dir",
+        "csv_caption_column",
+        "csv_url_column",
+        "csv_hash_filenames",
+        "csv_shorten_filenames",
+    },
     "huggingface": {
-        "huggingface", "dataset_name", "dataset_config", "data_files", "split", "revision", "image_column",
-        "video_column", "audio_column", "streaming", "num_proc", "auto_load", "split_composite_images",
+        "huggingface",
+        "dataset_name",
+        "dataset_config",
+        "data_files",
+        "split",
+        "revision",
+        "image_column",
+        "video_column",
+        "audio_column",
+        "streaming",
+        "num_proc",
+        "auto_load",
+        "split_composite_images",
         "composite_image_column",
     },
     "webshart": {
-        "webshart", "source", "metadata", "hf_token", "subfolder", "shard_cache_gb", "parallel_downloads",
-        "buffer_size", "max_file_size", "webshart_optimize_captions", "webshart_optimise_captions",
+        "webshart",
+        "source",
+        "metadata",
+        "hf_token",
+        "subfolder",
+        "shard_cache_gb",
+        "parallel_downloads",
+        "buffer_size",
+        "max_file_size",
+        "webshart_optimize_captions",
+        "webshart_optimise_captions",
     },
     "memory": {"memory_filesystem_path", "memory_filesystem_size", "memory_filesystem_sudo"},
 }
@@ -53,13 +87,17 @@ TYPE_REQUIRED: dict[str, tuple[str, ...]] = {
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    schema_uri: str | None = Field(None, alias="$schema", description="JSON Schema, for editors; ignored by SimpleTuner.")
+    schema_uri: str | None = Field(
+        None, alias="$schema", description="JSON Schema, for editors; ignored by SimpleTuner."
+    )
     id: str = Field(min_length=1, description="Unique name of this dataset; caches and bucket files carry it.")
     type: StorageType = Field("local", description="Where the data lives.")
     # SimpleTuner tests these by truth value: the string "false" would disable the entry.
     disabled: StrictBool = Field(False, description="Skip this entry (true or false).")
     disable: StrictBool = Field(False, description="Same as disabled (older spelling).")
-    compress_cache: bool | None = Field(None, description="gzip the cache files (default: config.json's compress_disk_cache).")
+    compress_cache: bool | None = Field(
+        None, description="gzip the cache files (default: config.json's compress_disk_cache)."
+    )
     cache_dir: str | None = Field(None, description="Cache folder of this entry.")
     preserve_data_backend_cache: bool = Field(False, description="Keep the cache between runs.")
     write_batch_size: int | None = Field(None, ge=1, description="Cache files written per batch.")
@@ -112,7 +150,9 @@ class MediaEntry(_Entry):
     instance_data_dir: str | list[str] | None = Field(None, description="Folder of the samples (type local).")
     instance_data_root: str | None = Field(None, description="Older spelling of instance_data_dir.")
     crop: bool = Field(False, description="Crop samples to the bucket instead of resizing the whole image.")
-    crop_aspect: CropAspect = Field("square", description="Aspect of the crop; random/closest need crop_aspect_buckets.")
+    crop_aspect: CropAspect = Field(
+        "square", description="Aspect of the crop; random/closest need crop_aspect_buckets."
+    )
     crop_aspect_buckets: list[float | dict[str, float]] | None = Field(
         None, description="Aspect ratios (or {aspect_bucket, weight}) for crop_aspect random/closest."
     )
@@ -120,26 +160,30 @@ class MediaEntry(_Entry):
     resolution: float | None = Field(None, gt=0, description="Target size (default: config.json's resolution).")
     resolution_type: ResolutionType | None = Field(None, description="Units of resolution and the size limits.")
     minimum_image_size: float | None = Field(None, ge=0, description="Skip smaller samples (resolution_type units).")
-    maximum_image_size: float | None = Field(None, gt=0, description="Downsample larger samples; needs target_downsample_size.")
+    maximum_image_size: float | None = Field(
+        None, gt=0, description="Downsample larger samples; needs target_downsample_size."
+    )
     target_downsample_size: float | None = Field(None, gt=0, description="Size samples above maximum_image_size go to.")
     minimum_aspect_ratio: float | None = Field(None, gt=0, description="Skip samples narrower than this.")
     maximum_aspect_ratio: float | None = Field(None, gt=0, description="Skip samples wider than this.")
     max_num_samples: int | None = Field(None, ge=1, description="Use at most this many samples.")
     caption_strategy: CaptionStrategy | None = Field(None, description="Where captions come from.")
-    metadata_backend: MetadataBackend | None = Field(None, description="How sample sizes are recorded (default discovery).")
+    metadata_backend: MetadataBackend | None = Field(
+        None, description="How sample sizes are recorded (default discovery)."
+    )
     cache_dir_vae: str | None = Field(None, description="VAE latent cache folder; unique per dataset.")
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy instanceprompt.")
     prepend_instance_prompt: bool = Field(False, description="Prefix every caption with instance_prompt.")
     only_instance_prompt: bool = Field(False, description="Use instance_prompt as the only caption.")
     caption_file_extensions: list[Annotated[str, Field(pattern=r"[^.\s]")]] | None = Field(
-        None, min_length=1, description="Caption file extensions for textfile, e.g. [\"txt\", \"caption\"]."
+        None, min_length=1, description='Caption file extensions for textfile, e.g. ["txt", "caption"].'
     )
     caption_shuffle: dict[str, Any] | None = Field(None, description="{split_on, count, position_start, seed}.")
     probability: float = Field(1.0, ge=0, description="Relative sampling weight.")
     repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
-    train_batch_size: Annotated[int, Field(strict=True, ge=1)] | Annotated[str, Field(pattern=r"^[1-9][0-9]*$")] | None = (
-        Field(None, description="Batch size of this dataset (a positive integer).")
-    )
+    train_batch_size: (
+        Annotated[int, Field(strict=True, ge=1)] | Annotated[str, Field(pattern=r"^[1-9][0-9]*$")] | None
+    ) = Field(None, description="Batch size of this dataset (a positive integer).")
     timestep_sampling_offset: float = Field(0.0, description="Shift of sampled timesteps for this dataset.")
     start_epoch: int = Field(1, ge=0, description="First epoch this dataset is sampled.")
     start_step: int = Field(0, ge=0, description="First step this dataset is sampled.")
@@ -151,8 +195,12 @@ class MediaEntry(_Entry):
     vae_cache_clear_each_epoch: bool | None = Field(None, description="Re-encode latents every epoch.")
     vae_cache_ondemand: bool = Field(False, description="Encode latents during training.")
     vae_cache_disable: bool = Field(False, description="Never write latents to disk.")
-    vae_cache_scan_behaviour: Literal["recreate", "sync"] | None = Field(None, description="What to do with stale latents.")
-    skip_file_discovery: str | None = Field(None, description="Space-separated phases to skip: vae aspect text metadata.")
+    vae_cache_scan_behaviour: Literal["recreate", "sync"] | None = Field(
+        None, description="What to do with stale latents."
+    )
+    skip_file_discovery: str | None = Field(
+        None, description="Space-separated phases to skip: vae aspect text metadata."
+    )
     scan_for_errors: bool = Field(False, description="Check every cached latent at start-up.")
     delete_problematic_images: bool = Field(False, description="Delete images that fail to load.")
     delete_unwanted_images: bool = Field(False, description="Delete images below the size limits.")
@@ -318,8 +366,12 @@ def _problem(entry: dict, model: type[_Entry], where, file: str, place: tuple, i
     if issue["type"] == "missing":
         return Problem(file, where(*place[:-1]), f"missing required key {key!r}")
     if issue["type"] == "literal_error":
-        return Problem(file, where(*place), f"{issue['input']!r} is not one of {issue['ctx']['expected']}"
-                       + did_you_mean(str(issue["input"]), _literal_choices(model, key)))
+        return Problem(
+            file,
+            where(*place),
+            f"{issue['input']!r} is not one of {issue['ctx']['expected']}"
+            + did_you_mean(str(issue["input"]), _literal_choices(model, key)),
+        )
     reasons = "; or ".join(dict.fromkeys(i["msg"].removeprefix("Value error, ") for i in issues))
     return Problem(file, where(*place), f"{reasons} (got {issue['input']!r})")
 
@@ -343,12 +395,13 @@ def _type_problems(entry: dict, model: type[_Entry], where, file: str) -> list[P
         for key in sorted(keys & entry.keys()):
             if key == "aws_data_prefix" and model is MediaEntry:
                 continue  # also the instance_data_dir fallback for any type
-            if key in model.model_fields or key == "source":
+            if key in model.model_fields:
                 problems.append(Problem(file, where(key), f"{key!r} is only read when type is {other!r}"))
     if storage == "csv" and model is not MediaEntry:
         return problems + [Problem(file, where("type"), f"a {entry['dataset_type']} dataset cannot use a csv backend")]
     missing = [
-        key for key in TYPE_REQUIRED.get(storage, ())
+        key
+        for key in TYPE_REQUIRED.get(storage, ())
         if key not in entry and not (storage == "huggingface" and key in (entry.get("huggingface") or {}))
     ]
     if missing:
@@ -378,35 +431,63 @@ def _media_problems(entry: dict, where, file: str, defaults: dict) -> list[Probl
         buckets = entry.get("crop_aspect_buckets")
         if crop_aspect in ("random", "closest") and (not buckets or not isinstance(buckets, list)):
             problems.append(
-                Problem(file, where("crop_aspect"), f"crop_aspect {crop_aspect!r} requires crop_aspect_buckets "
-                        "(a list of aspect ratios, or of {aspect_bucket, weight})")
+                Problem(
+                    file,
+                    where("crop_aspect"),
+                    f"crop_aspect {crop_aspect!r} requires crop_aspect_buckets "
+                    "(a list of aspect ratios, or of {aspect_bucket, weight})",
+                )
             )
         problems += _size_problems(entry, where, file, defaults)
     caption_strategy = inherit("caption_strategy")
     metadata_backend = entry.get("metadata_backend") or "discovery"
     if caption_strategy == "parquet" and metadata_backend in ("json", "discovery") and storage != "huggingface":
         problems.append(
-            Problem(file, where("caption_strategy"), f"caption_strategy 'parquet' needs metadata_backend 'parquet' "
-                    f"(got {metadata_backend!r})")
+            Problem(
+                file,
+                where("caption_strategy"),
+                f"caption_strategy 'parquet' needs metadata_backend 'parquet' " f"(got {metadata_backend!r})",
+            )
         )
     for strategy in ("huggingface", "webshart"):
         if caption_strategy == strategy and storage != strategy:
-            problems.append(Problem(file, where("caption_strategy"), f"caption_strategy {strategy!r} needs type {strategy!r}"))
+            problems.append(
+                Problem(file, where("caption_strategy"), f"caption_strategy {strategy!r} needs type {strategy!r}")
+            )
     for strategy in ("huggingface", "webshart"):
         if storage != strategy:
             continue
         if entry.get("metadata_backend") not in (None, strategy):
-            problems.append(Problem(file, where("metadata_backend"), f"type {strategy!r} needs metadata_backend {strategy!r}"))
+            problems.append(
+                Problem(file, where("metadata_backend"), f"type {strategy!r} needs metadata_backend {strategy!r}")
+            )
         if entry.get("caption_strategy") not in (None, strategy, "instanceprompt"):
             problems.append(
-                Problem(file, where("caption_strategy"), f"type {strategy!r} needs caption_strategy {strategy!r} or 'instanceprompt'")
+                Problem(
+                    file,
+                    where("caption_strategy"),
+                    f"type {strategy!r} needs caption_strategy {strategy!r} or 'instanceprompt'",
+                )
             )
     if entry.get("metadata_backend") == "filesystem":
-        problems.append(Problem(file, where("metadata_backend"), "'filesystem' is deprecated; SimpleTuner uses 'discovery'", "warning"))
+        problems.append(
+            Problem(
+                file, where("metadata_backend"), "'filesystem' is deprecated; SimpleTuner uses 'discovery'", "warning"
+            )
+        )
     if entry.get("data_generator") is not None and kind != "caption":
-        problems.append(Problem(file, where("data_generator"), "data_generator is only valid for dataset_type 'caption'"))
-    if defaults.get("controlnet") is True and kind == "image" and entry.get("conditioning_data") is None and entry.get("conditioning") is None:
-        problems.append(Problem(file, where(), "ControlNet training needs 'conditioning_data' or 'conditioning' on image datasets"))
+        problems.append(
+            Problem(file, where("data_generator"), "data_generator is only valid for dataset_type 'caption'")
+        )
+    if (
+        defaults.get("controlnet") is True
+        and kind == "image"
+        and entry.get("conditioning_data") is None
+        and entry.get("conditioning") is None
+    ):
+        problems.append(
+            Problem(file, where(), "ControlNet training needs 'conditioning_data' or 'conditioning' on image datasets")
+        )
     problems += _schedule_problems(entry, where, file)
     problems += _video_problems(entry, where, file)
     problems += _caption_shuffle_problems(entry, where, file)
@@ -424,8 +505,11 @@ def _size_problems(entry: dict, where, file: str, defaults: dict) -> list[Proble
         resolution_type = "area"
     if sizes["maximum_image_size"] and not sizes["target_downsample_size"]:
         problems.append(
-            Problem(file, where("maximum_image_size"), "maximum_image_size requires target_downsample_size "
-                    "(the size oversized images are downsampled to)")
+            Problem(
+                file,
+                where("maximum_image_size"),
+                "maximum_image_size requires target_downsample_size " "(the size oversized images are downsampled to)",
+            )
         )
     deepfloyd = "deepfloyd" in str(defaults.get("model_type") or "")
     for key, value in sizes.items():
@@ -433,11 +517,23 @@ def _size_problems(entry: dict, where, file: str, defaults: dict) -> list[Proble
             continue
         at = where(key) if key in entry else where()
         if resolution_type == "area" and value >= 20 and not os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE"):
-            problems.append(Problem(file, at, f"{key} {value}: SimpleTuner reads it as megapixels here "
-                                    "(resolution_type 'area' or 'pixel_area') and needs < 20 (pixels entered by mistake?)"))
+            problems.append(
+                Problem(
+                    file,
+                    at,
+                    f"{key} {value}: SimpleTuner reads it as megapixels here "
+                    "(resolution_type 'area' or 'pixel_area') and needs < 20 (pixels entered by mistake?)",
+                )
+            )
         elif resolution_type == "pixel" and value < 512 and not deepfloyd:
-            problems.append(Problem(file, at, f"{key} {value} is in pixels with resolution_type 'pixel' and must be >= 512 "
-                                    "(megapixels entered by mistake?)"))
+            problems.append(
+                Problem(
+                    file,
+                    at,
+                    f"{key} {value} is in pixels with resolution_type 'pixel' and must be >= 512 "
+                    "(megapixels entered by mistake?)",
+                )
+            )
     return problems
 
 
@@ -450,7 +546,9 @@ def _schedule_problems(entry: dict, where, file: str) -> list[Problem]:
     start_epoch, start_step = entry.get("start_epoch", 1), entry.get("start_step", 0)
     end_epoch, end_step = entry.get("end_epoch"), entry.get("end_step")
     if all(_number(v) for v in (start_epoch, end_epoch)) and end_epoch < start_epoch:
-        problems.append(Problem(file, where("end_epoch"), f"end_epoch ({end_epoch}) must be >= start_epoch ({start_epoch})"))
+        problems.append(
+            Problem(file, where("end_epoch"), f"end_epoch ({end_epoch}) must be >= start_epoch ({start_epoch})")
+        )
     if all(_number(v) for v in (start_step, end_step)) and start_step > 0 and end_step < start_step:
         problems.append(Problem(file, where("end_step"), f"end_step ({end_step}) must be >= start_step ({start_step})"))
     return problems
@@ -511,7 +609,13 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str) -> list[Pr
     for index, entry in enabled:
         backend_id = entry.get("id")
         if isinstance(backend_id, str) and backend_id in first_with_id:
-            problems.append(Problem(file, pointer(index, "id"), f"id {backend_id!r} is already used by entry {first_with_id[backend_id]}"))
+            problems.append(
+                Problem(
+                    file,
+                    pointer(index, "id"),
+                    f"id {backend_id!r} is already used by entry {first_with_id[backend_id]}",
+                )
+            )
         elif isinstance(backend_id, str):
             first_with_id[backend_id] = index
     ids_by_kind: dict[str, set] = {}
@@ -528,37 +632,78 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str) -> list[Pr
             continue
         key = os.path.normpath(str(cache_dir))
         if key in vae_dirs:
-            problems.append(Problem(file, pointer(index, "cache_dir_vae"), f"{cache_dir!r} is also entry {vae_dirs[key]}'s cache_dir_vae: each dataset needs its own"))
+            problems.append(
+                Problem(
+                    file,
+                    pointer(index, "cache_dir_vae"),
+                    f"{cache_dir!r} is also entry {vae_dirs[key]}'s cache_dir_vae: each dataset needs its own",
+                )
+            )
         else:
             vae_dirs[key] = index
         if key in text_dirs:
-            problems.append(Problem(file, pointer(index, "cache_dir_vae"), f"{cache_dir!r} is also a text_embeds cache_dir"))
+            problems.append(
+                Problem(file, pointer(index, "cache_dir_vae"), f"{cache_dir!r} is also a text_embeds cache_dir")
+            )
 
     defaults = [(i, e) for i, e in text if e.get("default") is True]
     for index, _ in defaults[1:]:
-        problems.append(Problem(file, pointer(index, "default"), f"only one text_embeds dataset can be the default (entry {defaults[0][0]} already is)"))
+        problems.append(
+            Problem(
+                file,
+                pointer(index, "default"),
+                f"only one text_embeds dataset can be the default (entry {defaults[0][0]} already is)",
+            )
+        )
     if len(text) > 1 and not defaults:
-        problems.append(Problem(file, pointer(text[0][0]), "several text_embeds datasets and none has \"default\": true; SimpleTuner picks this one", "warning"))
+        problems.append(
+            Problem(
+                file,
+                pointer(text[0][0]),
+                'several text_embeds datasets and none has "default": true; SimpleTuner picks this one',
+                "warning",
+            )
+        )
     if not text:
-        problems.append(Problem(file, "", "no text_embeds dataset: SimpleTuner creates one under output_dir", "warning"))
+        problems.append(
+            Problem(file, "", "no text_embeds dataset: SimpleTuner creates one under output_dir", "warning")
+        )
 
-    references = (("text_embeds", "text_embeds"), ("image_embeds", "image_embeds"), ("conditioning_image_embeds", "conditioning_image_embeds"))
+    references = (
+        ("text_embeds", "text_embeds"),
+        ("image_embeds", "image_embeds"),
+        ("conditioning_image_embeds", "conditioning_image_embeds"),
+    )
     for index, entry in media:
         for key, kind in references:
             wanted = entry.get(key)
             if isinstance(wanted, str) and wanted not in ids_by_kind.get(kind, set()):
                 known = sorted(str(i) for i in ids_by_kind.get(kind, set()))
-                problems.append(Problem(file, pointer(index, key), f"no enabled {kind} dataset with id {wanted!r}" + did_you_mean(wanted, known)))
+                problems.append(
+                    Problem(
+                        file,
+                        pointer(index, key),
+                        f"no enabled {kind} dataset with id {wanted!r}" + did_you_mean(wanted, known),
+                    )
+                )
         linked = entry.get("conditioning_data")
         for wanted in [linked] if isinstance(linked, str) else linked or []:
             if wanted not in first_with_id:
-                problems.append(Problem(file, pointer(index, "conditioning_data"), f"no enabled dataset with id {wanted!r}" + did_you_mean(str(wanted), first_with_id)))
+                problems.append(
+                    Problem(
+                        file,
+                        pointer(index, "conditioning_data"),
+                        f"no enabled dataset with id {wanted!r}" + did_you_mean(str(wanted), first_with_id),
+                    )
+                )
 
     training = [(i, e) for i, e in media if kind_of(e) in ("image", "video", "audio", "conditioning")]
     if not training:
         problems.append(Problem(file, "", "no enabled image, video or audio dataset to train on"))
     elif not any(_starts_at_once(entry) for _, entry in training):
-        problems.append(Problem(file, "", "no dataset is available at the start of training (start_epoch <= 1 and start_step <= 1)"))
+        problems.append(
+            Problem(file, "", "no dataset is available at the start of training (start_epoch <= 1 and start_step <= 1)")
+        )
     return problems
 
 

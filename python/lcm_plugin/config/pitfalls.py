@@ -41,28 +41,55 @@ def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
     warnings = []
     guidance = _number(value("validation_guidance"))
     if guidance is not None and guidance > MAX_LCM_VALIDATION_GUIDANCE:
-        warnings.append(warn("validation_guidance", "{value}{source} washes an LCM student out: it has guidance "
-                             f"distilled in; validate at 0-{MAX_LCM_VALIDATION_GUIDANCE:g}"))
+        warnings.append(
+            warn(
+                "validation_guidance",
+                "{value}{source} washes an LCM student out: it has guidance "
+                f"distilled in; validate at 0-{MAX_LCM_VALIDATION_GUIDANCE:g}",
+            )
+        )
     steps = _number(value("validation_num_inference_steps"))
     if steps is not None and steps > MAX_LCM_VALIDATION_STEPS:
-        warnings.append(warn("validation_num_inference_steps", "{value}{source} steps: an LCM student is meant for "
-                             f"1-{MAX_LCM_VALIDATION_STEPS} steps, so validation would not show what distillation bought"))
+        warnings.append(
+            warn(
+                "validation_num_inference_steps",
+                "{value}{source} steps: an LCM student is meant for "
+                f"1-{MAX_LCM_VALIDATION_STEPS} steps, so validation would not show what distillation bought",
+            )
+        )
     dropout = _number(value("caption_dropout_probability"))
     if dropout and str(value("model_family")).lower() == "sdxl":
-        warnings.append(warn("caption_dropout_probability", "{value}{source}: SimpleTuner zeroes SDXL time_ids of the "
-                             "dropped samples, so the teacher sees no size conditioning for them; set 0 for LCM "
-                             "(the distiller makes its own unconditional branch)"))
+        warnings.append(
+            warn(
+                "caption_dropout_probability",
+                "{value}{source}: SimpleTuner zeroes SDXL time_ids of the "
+                "dropped samples, so the teacher sees no size conditioning for them; set 0 for LCM "
+                "(the distiller makes its own unconditional branch)",
+            )
+        )
     if "validation_negative_prompt" in keys and guidance is not None and guidance <= 1:
-        warnings.append(warn("validation_negative_prompt", "ignored: a negative prompt only acts when "
-                             "validation_guidance > 1, and LCM validates without guidance"))
+        warnings.append(
+            warn(
+                "validation_negative_prompt",
+                "ignored: a negative prompt only acts when "
+                "validation_guidance > 1, and LCM validates without guidance",
+            )
+        )
     if str(value("model_type")) == "full":
-        warnings.append(warn("model_type", "'full' LCM distillation is not supported by simpletuner-lcm yet; use 'lora'"))
+        warnings.append(
+            warn("model_type", "'full' LCM distillation is not supported by simpletuner-lcm yet; use 'lora'")
+        )
     if str(value("resolution_type")) == "pixel":
         for name in ("minimum_image_size", "maximum_image_size", "target_downsample_size"):
             size = _number(value(name)) if name in keys else None
             if size is not None and 0 < size < MIN_PLAUSIBLE_PIXELS:
-                warnings.append(warn(name, "{value} reads as pixels with resolution_type 'pixel' (megapixels intended? "
-                                     "they are for resolution_type 'area')"))
+                warnings.append(
+                    warn(
+                        name,
+                        "{value} reads as pixels with resolution_type 'pixel' (megapixels intended? "
+                        "they are for resolution_type 'area')",
+                    )
+                )
     return warnings
 
 

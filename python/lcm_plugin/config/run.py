@@ -18,8 +18,17 @@ from lcm_plugin.config.training import canonical_key, check_training_config
 BACKEND_FILE = "multidatabackend.json"
 CONFIG_FILE = "config.json"
 # config.json values that dataset entries inherit when they leave them out (SimpleTuner's args).
-INHERITED = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size", "target_downsample_size",
-             "caption_strategy", "model_type", "controlnet", "train_batch_size")
+INHERITED = (
+    "resolution",
+    "resolution_type",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+    "caption_strategy",
+    "model_type",
+    "controlnet",
+    "train_batch_size",
+)
 
 
 def read_json(path: Path) -> tuple[Any, list[Problem]]:
@@ -54,16 +63,29 @@ def find_backend_file(config: dict, config_path: Path) -> tuple[Path | None, lis
         for candidate in candidates:
             if candidate.is_file():
                 return candidate, []
-        return None, [Problem(str(config_path), pointer(keys["data_backend_config"]), f"no such file: {named!r} "
-                              f"(looked in {', '.join(str(c.parent) for c in candidates)})")]
+        return None, [
+            Problem(
+                str(config_path),
+                pointer(keys["data_backend_config"]),
+                f"no such file: {named!r} " f"(looked in {', '.join(str(c.parent) for c in candidates)})",
+            )
+        ]
     for candidate in (folder / BACKEND_FILE, folder / "config" / BACKEND_FILE):
         if candidate.is_file():
             # Training usually starts in the folder above config/: name the file as seen from there.
             relative = candidate.relative_to(folder.parent if folder.name == "config" else folder)
-            return candidate, [Problem(str(config_path), "", f"no data_backend_config: SimpleTuner's argument parser "
-                                       f"requires it; add \"data_backend_config\": \"{relative.as_posix()}\" (the path "
-                                       f"as seen from where training starts; found {candidate})")]
-    return None, [Problem(str(config_path), "", "no data_backend_config, and no multidatabackend.json beside config.json")]
+            return candidate, [
+                Problem(
+                    str(config_path),
+                    "",
+                    f"no data_backend_config: SimpleTuner's argument parser "
+                    f'requires it; add "data_backend_config": "{relative.as_posix()}" (the path '
+                    f"as seen from where training starts; found {candidate})",
+                )
+            ]
+    return None, [
+        Problem(str(config_path), "", "no data_backend_config, and no multidatabackend.json beside config.json")
+    ]
 
 
 def validate_run(config: Any, config_path: str | Path, backend_path: str | Path | None = None) -> list[Problem]:
@@ -100,7 +122,9 @@ def _run_problems(config: Any, config_path: Path, backend_path: str | Path | Non
 
 def without_shadowed_warnings(problems: list[Problem]) -> list[Problem]:
     """Drop warnings at a place that already has an error: the error is what to fix."""
-    errors = {(problem.file, problem.pointer) for problem in problems if problem.severity == "error" and problem.pointer}
+    errors = {
+        (problem.file, problem.pointer) for problem in problems if problem.severity == "error" and problem.pointer
+    }
     return [p for p in problems if p.severity == "error" or (p.file, p.pointer) not in errors]
 
 
@@ -147,5 +171,7 @@ def missing_data_dirs(entries: Any, file: str, base: Path) -> list[Problem]:
             path = Path(folder).expanduser()
             path = path if path.is_absolute() else base / path
             if not path.is_dir():
-                problems.append(Problem(file, pointer(index, key), f"folder {str(path)!r} does not exist here", "warning"))
+                problems.append(
+                    Problem(file, pointer(index, key), f"folder {str(path)!r} does not exist here", "warning")
+                )
     return problems

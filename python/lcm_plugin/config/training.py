@@ -43,7 +43,7 @@ class TrainingConfig(BaseModel):
     )
     distillation_config: dict[str, Any] | str | None = Field(
         None,
-        description="Settings of the distillation method: {\"lcm\": {...}} (see the lcm block schema), the block "
+        description='Settings of the distillation method: {"lcm": {...}} (see the lcm block schema), the block '
         "itself, or SimpleTuner's string form (a JSON/Python literal, or the path of a JSON file).",
         examples=[{"lcm": {"num_ddim_timesteps": 50, "w_min": 1.0, "w_max": 12.0, "loss_type": "l2"}}],
     )
@@ -71,7 +71,9 @@ class TrainingConfig(BaseModel):
         None, description="How resolution and the image-size limits are read."
     )
     minimum_image_size: int | None = Field(None, ge=0, description="Skip smaller images (resolution_type units).")
-    maximum_image_size: int | None = Field(None, gt=0, description="Downsample larger images; needs target_downsample_size.")
+    maximum_image_size: int | None = Field(
+        None, gt=0, description="Downsample larger images; needs target_downsample_size."
+    )
     target_downsample_size: int | None = Field(None, gt=0, description="Size images above maximum_image_size go to.")
     caption_dropout_probability: float | None = Field(
         None,
@@ -144,7 +146,9 @@ def _value_problem(name: str, value: Any, entry: dict) -> str | None:
     if value is None:
         return None  # SimpleTuner skips null values
     if kind == "json":
-        return None if isinstance(value, (dict, list, str)) else f"expected an object, a list or a string, got {value!r}"
+        return (
+            None if isinstance(value, (dict, list, str)) else f"expected an object, a list or a string, got {value!r}"
+        )
     if kind == "report_to":
         items = value if isinstance(value, list) else str(value).split(",")
         bad = [item for item in (str(i).strip() for i in items) if item and item not in choices]
@@ -208,7 +212,9 @@ def _normalise_choice(name: str, value: Any) -> Any:
 
 def _typed_problems(config: dict, seen: dict[str, str], file: str, flagged: set[str]) -> list[Problem]:
     """Ranges of the LCM-governing keys (TrainingConfig), at the keys' own pointers."""
-    typed = {name: config[key] for name, key in seen.items() if name in TrainingConfig.model_fields or key == SCHEMA_KEY}
+    typed = {
+        name: config[key] for name, key in seen.items() if name in TrainingConfig.model_fields or key == SCHEMA_KEY
+    }
     typed = {name: value for name, value in typed.items() if value is not None}
     problems = []
     try:
@@ -224,7 +230,9 @@ def _typed_problems(config: dict, seen: dict[str, str], file: str, flagged: set[
     return problems
 
 
-def _relation_problems(config: dict, seen: dict[str, str], file: str, flagged: set[str], config_dir: Path) -> list[Problem]:
+def _relation_problems(
+    config: dict, seen: dict[str, str], file: str, flagged: set[str], config_dir: Path
+) -> list[Problem]:
     """Rules across keys that SimpleTuner's parse_cmdline_args enforces after parsing (4.10)."""
     defaults = load_catalogue()["keys"]
 
@@ -239,24 +247,50 @@ def _relation_problems(config: dict, seen: dict[str, str], file: str, flagged: s
 
     problems = []
     if (value("max_train_steps") or 0) > 0 and (value("num_train_epochs") or 0) > 0:
-        problems.append(Problem(file, at("num_train_epochs", "max_train_steps"), "max_train_steps is set, so "
-                                "num_train_epochs must be 0 (SimpleTuner's default is 1): add \"num_train_epochs\": 0"))
-    maximum, target, resolution_type = value("maximum_image_size"), value("target_downsample_size"), value("resolution_type")
+        problems.append(
+            Problem(
+                file,
+                at("num_train_epochs", "max_train_steps"),
+                "max_train_steps is set, so "
+                'num_train_epochs must be 0 (SimpleTuner\'s default is 1): add "num_train_epochs": 0',
+            )
+        )
+    maximum, target, resolution_type = (
+        value("maximum_image_size"),
+        value("target_downsample_size"),
+        value("resolution_type"),
+    )
     if maximum is not None and not target:
         problems.append(Problem(file, at("maximum_image_size"), "maximum_image_size requires target_downsample_size"))
     for name, size in (("maximum_image_size", maximum), ("target_downsample_size", target)):
         if size is None or at(name) in flagged:
             continue
         if resolution_type == "area" and size > 5 and not os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE"):
-            problems.append(Problem(file, at(name), f"{size} megapixels with resolution_type 'area': must be <= 5 "
-                                    "(pixels entered by mistake?)"))
+            problems.append(
+                Problem(
+                    file,
+                    at(name),
+                    f"{size} megapixels with resolution_type 'area': must be <= 5 " "(pixels entered by mistake?)",
+                )
+            )
         elif resolution_type == "pixel" and size < 512:
-            problems.append(Problem(file, at(name), f"{size} pixels with resolution_type 'pixel': must be >= 512 "
-                                    "(megapixels entered by mistake?)"))
+            problems.append(
+                Problem(
+                    file,
+                    at(name),
+                    f"{size} pixels with resolution_type 'pixel': must be >= 512 " "(megapixels entered by mistake?)",
+                )
+            )
     if (value("metadata_update_interval") or 60) < 60:
         problems.append(Problem(file, at("metadata_update_interval"), "must be at least 60 (seconds)"))
     if (value("optimizer_beta1") is None) != (value("optimizer_beta2") is None):
-        problems.append(Problem(file, at("optimizer_beta1", "optimizer_beta2"), "set both optimizer_beta1 and optimizer_beta2, or neither"))
+        problems.append(
+            Problem(
+                file,
+                at("optimizer_beta1", "optimizer_beta2"),
+                "set both optimizer_beta1 and optimizer_beta2, or neither",
+            )
+        )
     portion = value("timestep_bias_portion")
     if portion is not None and not 0.0 <= portion <= 1.0:
         problems.append(Problem(file, at("timestep_bias_portion"), "must be between 0 and 1"))
@@ -266,8 +300,14 @@ def _relation_problems(config: dict, seen: dict[str, str], file: str, flagged: s
         lycoris = Path(str(value("lycoris_config") or "")).expanduser()
         places = [lycoris] if lycoris.is_absolute() else [config_dir / lycoris, config_dir.parent / lycoris]
         if not value("lycoris_config") or not any(place.is_file() for place in places):
-            problems.append(Problem(file, at("lycoris_config", "lora_type"), f"lora_type 'lycoris' needs a lycoris_config "
-                                    f"JSON file; {str(lycoris)!r} not found (looked in {config_dir} and its parent)"))
+            problems.append(
+                Problem(
+                    file,
+                    at("lycoris_config", "lora_type"),
+                    f"lora_type 'lycoris' needs a lycoris_config "
+                    f"JSON file; {str(lycoris)!r} not found (looked in {config_dir} and its parent)",
+                )
+            )
     return [problem for problem in problems if problem.pointer not in flagged]
 
 
@@ -322,9 +362,7 @@ def _lcm_block_problems(raw: Any, seen: dict, file: str, config_dir: Path | None
         return []
     key = seen.get("distillation_config", "distillation_config")
     if raw is None:
-        return [
-            Problem(file, pointer(key), "not set: the LCM distiller uses its defaults", severity="warning")
-        ]
+        return [Problem(file, pointer(key), "not set: the LCM distiller uses its defaults", severity="warning")]
     parsed = parse_distillation_config(raw, config_dir)
     if isinstance(parsed, str):
         return [Problem(file, pointer(key), parsed)]
