@@ -10,6 +10,7 @@ are read from our distiller and handed to the reference.
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,8 +118,14 @@ def reference_predicted_noise(model_output, timesteps, sample, prediction_type, 
     raise ValueError(prediction_type)
 
 
-def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig):
-    """diffusers' step with `index` (solver index) and `w` (diffusers' guidance, [B]) given; returns the loss."""
+def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_unet=None, target_unet=None):
+    """diffusers' step with `index` (solver index) and `w` (diffusers' guidance, [B]) given; returns the loss.
+
+    LoRA script: teacher = `unet` with adapters disabled, target = `unet`. Full-model script
+    (train_lcm_distill_sdxl_wds.py, without its guidance embedding): separate `teacher_unet` and `target_unet`.
+    """
+    teacher_unet = unet if teacher_unet is None else teacher_unet
+    target_unet = unet if target_unet is None else target_unet
     latents, noise = batch["latents"], batch["noise"]
     prompt_embeds = batch["encoder_hidden_states"]
     encoded_text = dict(batch["added_cond_kwargs"])
@@ -155,8 +162,9 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig):
     model_pred = c_skip_start * noisy_model_input + c_out_start * pred_x_0
 
     with torch.no_grad():
-        unet.disable_adapters()
-        cond_teacher_output = unet(
+        if teacher_unet is unet:
+            unet.disable_adapters()
+        cond_teacher_output = teacher_unet(
             noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
         ).sample
         cond_pred_x0 = reference_predicted_origin(
@@ -166,7 +174,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig):
             cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
         )
         uncond_added_conditions = {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}
-        uncond_teacher_output = unet(
+        uncond_teacher_output = teacher_unet(
             noisy_model_input,
             start_timesteps,
             encoder_hidden_states=torch.zeros_like(prompt_embeds),
@@ -182,9 +190,10 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig):
         pred_noise = cond_pred_noise + w * (cond_pred_noise - uncond_pred_noise)
         alpha_cumprod_prev = extract_into_tensor(ddim_alpha_cumprods_prev, index, pred_x0.shape).to(latents.dtype)
         x_prev = alpha_cumprod_prev.sqrt() * pred_x0 + (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
-        unet.enable_adapters()
+        if teacher_unet is unet:
+            unet.enable_adapters()
 
-        target_noise_pred = unet(
+        target_noise_pred = target_unet(
             x_prev, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
         ).sample
         pred_x_0 = reference_predicted_origin(
@@ -203,7 +212,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig):
 # ---- our step ----------------------------------------------------------------------------------------------------
 
 
-def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch):
+def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch, distiller=None):
     """Trainer order: distiller.prepare_batch, model.model_predict, distiller.compute_distill_loss, backward.
 
     Returns (loss, logs, solver index [B], diffusers' w [B]) so the reference can replay the same draws.
@@ -217,7 +226,7 @@ def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch):
     distiller_module_sample_guidance_scale = distiller_module.sample_guidance_scale
     monkeypatch.setattr(distiller_module, "sample_guidance_scale", recording_guidance_scale)
     model = FakeSdxlModel(unet, scheduler.config.prediction_type)
-    distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
+    distiller = distiller or LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
     prepared = distiller.prepare_batch(batch, model, {"global_step": 0})
     loss, logs = distiller.compute_distill_loss(prepared, model.model_predict(prepared), torch.tensor(0.0))
     loss.backward()
@@ -283,3 +292,71 @@ def test_prepared_batch_keeps_latent_dtype_and_device(monkeypatch):
         assert prepared["timesteps"].dtype == torch.int64
         loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), torch.tensor(0.0))
         assert torch.isfinite(loss)
+
+
+# ---- full model: frozen teacher copy, EMA target network -----------------------------------------------------------
+
+
+def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return module
+
+
+def full_model_distiller(cfg: LcmConfig, prediction_type: str = "epsilon"):
+    torch.manual_seed(0)
+    student = UNet2DConditionModel(**tiny_sdxl.unet_config()).to(torch.float64)
+    model = FakeSdxlModel(student, prediction_type)
+    distiller = LcmDistiller(model, noise_scheduler=noise_scheduler(prediction_type), config=cfg, full_model=True)
+    return model, distiller
+
+
+def test_full_model_step_matches_diffusers_step_with_teacher_and_target_networks(monkeypatch):
+    cfg = LcmConfig()
+    model, distiller = full_model_distiller(cfg)
+    # Three different networks, as after some training: student moved, target lagging, teacher pretrained.
+    perturbed(model.unet, seed=1)
+    perturbed(distiller.target_unet, seed=2)
+    reference_unets = [copy.deepcopy(m) for m in (model.unet, distiller.teacher_unet, distiller.target_unet)]
+    torch.manual_seed(1234)
+    loss, _, index, w = our_step(
+        model.unet, distiller.noise_scheduler, sdxl_batch(2, torch.float64, seed=7), cfg, monkeypatch, distiller
+    )
+    student, teacher, target = reference_unets
+    reference_loss = reference_step(
+        student, distiller.noise_scheduler, sdxl_batch(2, torch.float64, seed=7), index, w, cfg,
+        teacher_unet=teacher, target_unet=target,
+    )
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    for (name, ours), theirs in zip(model.unet.named_parameters(), student.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-5, msg=name)
+    assert all(p.grad is None for p in distiller.teacher_unet.parameters())
+    assert all(p.grad is None for p in distiller.target_unet.parameters())
+
+
+def test_target_network_follows_the_student_by_ema_and_the_teacher_stays_frozen():
+    cfg = LcmConfig(ema_decay=0.9)
+    model, distiller = full_model_distiller(cfg)
+    teacher_before = [p.clone() for p in distiller.teacher_unet.parameters()]
+    target_before = [p.clone() for p in distiller.target_unet.parameters()]
+    perturbed(model.unet, seed=3)  # an optimizer step
+    distiller.post_training_step(model, step=1)
+    for before, after, student in zip(target_before, distiller.target_unet.parameters(), model.unet.parameters()):
+        torch.testing.assert_close(after, 0.9 * before + 0.1 * student.detach(), rtol=0, atol=1e-12)
+    for before, after in zip(teacher_before, distiller.teacher_unet.parameters()):
+        assert torch.equal(before, after)
+
+
+def test_target_network_is_saved_and_restored_with_checkpoints(tmp_path):
+    model, distiller = full_model_distiller(LcmConfig())
+    perturbed(distiller.target_unet, seed=4)
+    saved = {name: p.clone() for name, p in distiller.target_unet.named_parameters()}
+    distiller.on_save_checkpoint(10, str(tmp_path))
+    perturbed(distiller.target_unet, seed=5)
+    _, resumed = full_model_distiller(LcmConfig())
+    resumed.on_load_checkpoint(str(tmp_path))
+    for name, parameter in resumed.target_unet.named_parameters():
+        assert torch.equal(parameter, saved[name]), name
+    del model

@@ -107,6 +107,17 @@ def test_factory_creates_our_distiller_from_the_lcm_block(installed):
     assert type(scheduler).__name__ == "LCMScheduler" and scheduler.config.timestep_scaling == 10.0
 
 
+def test_factory_gives_full_models_a_frozen_teacher_and_a_target_network(installed):
+    unet = torch.nn.Linear(2, 2)
+    model = fake_sdxl_model()
+    model.get_trained_component = lambda: unet
+    distiller = create({"lcm": LCM_BLOCK}, model=model, model_type="full")
+    for copy in (distiller.teacher_unet, distiller.target_unet):
+        assert copy is not unet and torch.equal(copy.weight, unet.weight)
+        assert not any(p.requires_grad for p in copy.parameters())
+    assert create({"lcm": LCM_BLOCK}).teacher_unet is None  # LoRA: the teacher is the UNet, adapters off
+
+
 def test_string_form_of_distillation_config(installed, pristine):
     as_string = json.dumps({"lcm": LCM_BLOCK})
     # SimpleTuner itself drops the string form (its _method_config returns {} for a non-dict) ...
@@ -128,15 +139,8 @@ def test_bad_lcm_settings_name_the_key_and_what_is_valid(installed):
 def test_unsupported_models_are_refused_clearly(installed):
     with pytest.raises(ValueError, match="flow-matching models are not supported yet"):
         create({"lcm": LCM_BLOCK}, model=fake_sdxl_model(PredictionTypes.FLOW_MATCHING))
-    with pytest.raises(ValueError, match="model_type 'full'"):
-        DistillerFactory._create_lcm_distiller(
-            teacher_model=fake_sdxl_model(),
-            noise_scheduler=DDPMScheduler.from_config(tiny_sdxl.SDXL_SCHEDULER_CONFIG),
-            distill_config=LCM_BLOCK,
-            model_type="full",
-            prediction_type="epsilon",
-            student_model=fake_sdxl_model(),
-        )
+    with pytest.raises(ValueError, match="model_type 'embedding' is not supported"):
+        create({"lcm": LCM_BLOCK}, model_type="embedding")
 
 
 def test_trainer_validates_lcm_settings_before_loading_data_or_model(installed):

@@ -11,11 +11,22 @@ Batch keys read (SimpleTuner's `ModelFoundation.prepare_batch` output):
     latents [B, C, H, W], noise [B, C, H, W], encoder_hidden_states [B, L, D],
     added_cond_kwargs {"text_embeds": [B, P], "time_ids": [B, 6]}
 Batch keys written: noisy_latents (x_t), timesteps (t_n_plus_k), lcm_target (f_target(x_t_n, t_n)).
+
+Full-model distillation (model_type "full") follows diffusers' `train_lcm_distill_sdxl_wds.py` in its networks:
+a frozen copy of the pretrained UNet is the teacher and a separate target network tracks the student by EMA
+(`ema_decay`, updated once per optimizer step, saved with every checkpoint). Deliberate deviation: no
+guidance-scale embedding (`timestep_cond`), because SimpleTuner's own student forward cannot pass one; the
+student learns the guidance range w_min..w_max averaged, as LCM-LoRA does.
 """
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from simpletuner.helpers.distillation.common import DistillationBase
 
 from lcm_plugin.config import LcmConfig
@@ -28,16 +39,34 @@ from lcm_plugin.lcm import (
 )
 
 LCM_TARGET_KEY = "lcm_target"
+TARGET_CHECKPOINT_FILE = "lcm_target_unet.safetensors"
+
+
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A gradient-free copy with the same weights, dtype and device."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * student, parameter by parameter (diffusers' `update_ema`)."""
+    target_params = list(target.parameters())
+    student_params = [p.detach().to(target_params[0].dtype) for p in student.parameters()]
+    torch._foreach_lerp_(target_params, student_params, 1.0 - decay)
 
 
 class LcmDistiller(DistillationBase):
-    """LCM-LoRA: teacher = the UNet with adapters disabled, student and target = the UNet with adapters on.
+    """LCM distillation of SimpleTuner's trained UNet.
 
-    teacher_model: SimpleTuner's model object (ImageModelFoundation); its trained component is the
-        PEFT-wrapped UNet. noise_scheduler: the DDPM-family training scheduler (alphas_cumprod, config).
+    LoRA (full_model False): teacher = the UNet with adapters disabled, student and target = the UNet with
+        adapters on (LCM-LoRA). Full model: teacher = frozen copy of the pretrained UNet, target = EMA copy.
+    teacher_model: SimpleTuner's model object (ImageModelFoundation); its trained component is the UNet
+        (PEFT-wrapped for LoRA). noise_scheduler: the DDPM-family training scheduler (alphas_cumprod, config).
     """
 
-    def __init__(self, teacher_model, student_model=None, *, noise_scheduler, config: LcmConfig):
+    def __init__(
+        self, teacher_model, student_model=None, *, noise_scheduler, config: LcmConfig, full_model: bool = False
+    ):
         super().__init__(teacher_model, student_model, config.model_dump())
         if self.is_flow_matching:
             raise ValueError(
@@ -45,11 +74,8 @@ class LcmDistiller(DistillationBase):
                 f"(model prediction type {teacher_model.PREDICTION_TYPE.value!r}); use an epsilon or "
                 "v_prediction model such as SDXL."
             )
-        if not self.low_rank_distillation:
-            raise ValueError(
-                "distillation_method 'lcm': full-model distillation (model_type 'full') is not supported yet by "
-                "simpletuner-lcm; set model_type to 'lora'."
-            )
+        if student_model is not None:
+            raise ValueError("LcmDistiller trains SimpleTuner's own model: pass no separate student_model")
         self.lcm_config = config
         self.noise_scheduler = noise_scheduler
         self.prediction_type = noise_scheduler.config.prediction_type
@@ -58,12 +84,29 @@ class LcmDistiller(DistillationBase):
             noise_scheduler.alphas_cumprod, config.num_ddim_timesteps
         )
         self._schedules: dict[tuple[torch.device, torch.dtype], DDIMSkipSchedule] = {}
+        # Built here, before SimpleTuner resumes a checkpoint into the student: the teacher stays pretrained.
+        self.teacher_unet = self.target_unet = None
+        if full_model:
+            unet = teacher_model.get_trained_component()
+            self.teacher_unet, self.target_unet = frozen_copy(unet), frozen_copy(unet)
 
     def _schedule_like(self, latents: torch.Tensor) -> DDIMSkipSchedule:
         key = (latents.device, latents.dtype)
         if key not in self._schedules:
             self._schedules[key] = self.schedule.to(latents.device, latents.dtype)
         return self._schedules[key]
+
+    @contextmanager
+    def _teacher(self):
+        """The teacher network: the frozen copy, or (LoRA) the student with its adapters disabled."""
+        if self.teacher_unet is not None:
+            yield self.teacher_unet
+            return
+        self.toggle_adapter(enable=False)
+        try:
+            yield self.teacher_model.get_trained_component()
+        finally:
+            self.toggle_adapter(enable=True)
 
     def prepare_batch(self, batch, model=None, state=None):
         """Replace the trainer's noisy input with LCM's x_t at t_n_plus_k and attach the consistency target."""
@@ -74,16 +117,14 @@ class LcmDistiller(DistillationBase):
         guidance_scale = sample_guidance_scale(
             latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max
         )
-        unet = self.teacher_model.get_trained_component()
         prompt_embeds = batch["encoder_hidden_states"]
         added_cond_kwargs = batch["added_cond_kwargs"]
 
         def teacher(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # cond and uncond in one call; uncond = zero prompt and pooled embeds, same time_ids (diffusers' SDXL).
             uncond_kwargs = {**added_cond_kwargs, "text_embeds": torch.zeros_like(added_cond_kwargs["text_embeds"])}
-            self.toggle_adapter(enable=False)
-            try:
-                output = unet(
+            with self._teacher() as teacher_unet:
+                output = teacher_unet(
                     torch.cat([x_t, x_t]),
                     torch.cat([t, t]),
                     encoder_hidden_states=torch.cat([prompt_embeds, torch.zeros_like(prompt_embeds)]),
@@ -92,14 +133,14 @@ class LcmDistiller(DistillationBase):
                     },
                     return_dict=False,
                 )[0]
-            finally:
-                self.toggle_adapter(enable=True)
             cond_output, uncond_output = output.chunk(2)
             return cond_output, uncond_output
 
+        target_unet = self.target_unet if self.target_unet is not None else self.teacher_model.get_trained_component()
+
         def target_model(x_t_n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            # LCM-LoRA: the target network is the student itself, adapters on (not the teacher).
-            return unet(
+            # The target network: LCM-LoRA's student itself (adapters on) or the EMA copy; never the teacher.
+            return target_unet(
                 x_t_n, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False
             )[0]
 
@@ -140,6 +181,31 @@ class LcmDistiller(DistillationBase):
             huber_c=self.lcm_config.huber_c,
         )
         return loss, {"lcm_loss": loss.detach().item()}
+
+    def post_training_step(self, model, step):
+        """Once per optimizer step (full model): move the target network towards the student by EMA."""
+        del model, step
+        if self.target_unet is not None:
+            ema_update(self.target_unet, self.teacher_model.get_trained_component(), self.lcm_config.ema_decay)
+
+    def on_save_checkpoint(self, step, ckpt_dir):
+        """Full model: the target network is training state; the teacher is the pretrained model, not saved."""
+        del step
+        accelerator = getattr(self.teacher_model, "accelerator", None)
+        if self.target_unet is not None and getattr(accelerator, "is_main_process", True):
+            state = {name: tensor.contiguous() for name, tensor in self.target_unet.state_dict().items()}
+            save_file(state, str(Path(ckpt_dir) / TARGET_CHECKPOINT_FILE))
+
+    def on_load_checkpoint(self, ckpt_dir):
+        if self.target_unet is None:
+            return
+        path = Path(ckpt_dir) / TARGET_CHECKPOINT_FILE
+        if path.is_file():
+            self.target_unet.load_state_dict(load_file(str(path), device=str(next(self.target_unet.parameters()).device)))
+            return
+        # A checkpoint from before LCM training: start the target from the resumed student, as at step 0.
+        self.logger.warning("%s has no %s; the LCM target network restarts from the student.", ckpt_dir, path.name)
+        self.target_unet.load_state_dict(self.teacher_model.get_trained_component().state_dict())
 
     def get_scheduler(self, *_):
         """Validation sampler: LCMScheduler on the training schedule, with the trained boundary scaling."""

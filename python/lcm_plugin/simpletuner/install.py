@@ -33,6 +33,7 @@ logger = logging.getLogger("simpletuner-lcm")
 
 TESTED_SIMPLETUNER_VERSIONS = ("4.10.1",)
 METHOD = "lcm"
+SUPPORTED_MODEL_TYPES = ("lora", "full")
 ALIAS_MODULE = "simpletuner.helpers.distillation.lcm.distiller"
 
 # Originals saved by install() and put back by uninstall(); None while not installed.
@@ -105,25 +106,22 @@ def validate_before_model_load(trainer) -> None:
     # here (CONFIG_PATH / config.data_backend_config name the files), once it exists.
     if str(getattr(config, "distillation_method", None) or "").lower() != METHOD:
         return
-    lcm_config_from_block(lcm_block(config.distillation_config))
+    lcm_config_from_block(lcm_block(getattr(config, "distillation_config", None)))
     prediction_type = getattr(trainer.model, "PREDICTION_TYPE", None)
     if prediction_type is not None and prediction_type.is_flow_prediction:
         raise ValueError(
             "distillation_method 'lcm': flow-matching models are not supported yet by simpletuner-lcm "
             f"(model_family {config.model_family!r} predicts {prediction_type.value!r})."
         )
-    if config.model_type != "lora":
-        raise ValueError(
-            f"distillation_method 'lcm': model_type {config.model_type!r} is not supported yet by simpletuner-lcm; "
-            "set model_type to 'lora'."
-        )
+    _check_model_type(config.model_type)
 
 
 def _create_lcm_distiller(
     teacher_model, noise_scheduler, distill_config, model_type, prediction_type, student_model=None
 ):
     """Replacement for DistillerFactory._create_lcm_distiller (same keyword signature)."""
-    del model_type, prediction_type  # LcmDistiller reads both from the model and refuses what it cannot do
+    del prediction_type  # LcmDistiller reads it from the model and refuses flow matching
+    _check_model_type(model_type)
     from lcm_plugin.simpletuner.distiller import LcmDistiller
 
     return LcmDistiller(
@@ -131,7 +129,16 @@ def _create_lcm_distiller(
         student_model,
         noise_scheduler=noise_scheduler,
         config=lcm_config_from_block(distill_config),
+        full_model=model_type == "full",
     )
+
+
+def _check_model_type(model_type) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"distillation_method 'lcm': model_type {model_type!r} is not supported by simpletuner-lcm; "
+            f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
 
 
 def _method_config_accepting_strings(original):
