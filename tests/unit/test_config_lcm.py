@@ -95,3 +95,15 @@ def test_string_form_may_name_a_json_file_next_to_the_config(tmp_path):
     }
     problems = [p for p in check_training_config(config, "c.json", tmp_path) if "distillation_config" in p.pointer]
     assert len(problems) == 1 and "did you mean 'w_min'?" in problems[0].message
+
+
+def test_lcm_without_a_block_warns_that_defaults_apply():
+    config = {
+        "model_family": "sdxl",
+        "model_type": "lora",
+        "output_dir": "o",
+        "optimizer": "adamw_bf16",
+        "distillation_method": "lcm",
+    }
+    (problem,) = check_training_config(config, "config.json")
+    assert (problem.pointer, problem.severity) == ("", "warning") and "LcmConfig's defaults" in problem.message

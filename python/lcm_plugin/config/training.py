@@ -362,7 +362,9 @@ def _lcm_block_problems(raw: Any, seen: dict, file: str, config_dir: Path | None
         return []
     key = seen.get("distillation_config", "distillation_config")
     if raw is None:
-        return [Problem(file, pointer(key), "not set: the LCM distiller uses its defaults", severity="warning")]
+        where = pointer(key) if key in config else ""
+        message = "distillation_config is not set: the LCM distiller uses LcmConfig's defaults"
+        return [Problem(file, where, message, severity="warning")]
     parsed = parse_distillation_config(raw, config_dir)
     if isinstance(parsed, str):
         return [Problem(file, pointer(key), parsed)]
