@@ -75,10 +75,6 @@ def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
                 "validation_guidance > 1, and LCM validates without guidance",
             )
         )
-    if str(value("model_type")) == "full":
-        warnings.append(
-            warn("model_type", "'full' LCM distillation is not supported by simpletuner-lcm yet; use 'lora'")
-        )
     if str(value("resolution_type")) == "pixel":
         for name in ("minimum_image_size", "maximum_image_size", "target_downsample_size"):
             size = _number(value(name)) if name in keys else None

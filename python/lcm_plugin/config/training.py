@@ -49,7 +49,9 @@ class TrainingConfig(BaseModel):
     )
     model_family: str | None = Field(None, description="Model architecture to train.", examples=["sdxl"])
     model_type: Literal["full", "lora"] | None = Field(
-        None, description="'lora' distils an LCM-LoRA (teacher = the base model with adapters off)."
+        None,
+        description="'lora' distils an LCM-LoRA (teacher = the base model with adapters off); 'full' trains every "
+        "weight against an EMA target network (distillation_config.lcm.ema_decay).",
     )
     output_dir: str | None = Field(None, description="Folder for checkpoints, the LoRA and logs.")
     data_backend_config: str | None = Field(
