@@ -1,4 +1,4 @@
-"""`LcmDistiller`: LCM-LoRA distillation inside SimpleTuner's trainer (glue only; the math is lcm_plugin.lcm).
+"""`LcmDistiller`: LCM distillation (LoRA or full model) in SimpleTuner's trainer; glue, the math is lcm_plugin.lcm.
 
 Per training step SimpleTuner calls, in order:
     prepare_batch(batch, model, state)       -> we noise the latents, run teacher + target, store the target
@@ -201,7 +201,8 @@ class LcmDistiller(DistillationBase):
             return
         path = Path(ckpt_dir) / TARGET_CHECKPOINT_FILE
         if path.is_file():
-            self.target_unet.load_state_dict(load_file(str(path), device=str(next(self.target_unet.parameters()).device)))
+            device = next(self.target_unet.parameters()).device
+            self.target_unet.load_state_dict(load_file(str(path), device=str(device)))
             return
         # A checkpoint from before LCM training: start the target from the resumed student, as at step 0.
         self.logger.warning("%s has no %s; the LCM target network restarts from the student.", ckpt_dir, path.name)
