@@ -109,7 +109,7 @@ impl BucketConfig {
 
     /// Checks the combinations SimpleTuner would reject during a run.
     pub fn validate(&self) -> Result<()> {
-        if !(self.resolution > 0.0) {
+        if self.resolution.is_nan() || self.resolution <= 0.0 {
             return Err(CacheError::config("resolution", "must be a positive number"));
         }
         if self.resolution_type == ResolutionType::Pixel && self.resolution.fract() != 0.0 {
@@ -465,7 +465,7 @@ impl Bucketer {
 fn closest(buckets: impl Iterator<Item = f64>, aspect: f64) -> f64 {
     let mut best: Option<f64> = None;
     for b in buckets {
-        if best.is_none_or(|x| (b - aspect).abs() < (x - aspect).abs()) {
+        if best.map_or(true, |x| (b - aspect).abs() < (x - aspect).abs()) {
             best = Some(b);
         }
     }

@@ -43,7 +43,11 @@ pub fn decode_batch(sources: &[Source<'_>], geometry: &[Geometry], target: (u32,
     let results: Vec<Result<()>> = pixels
         .par_chunks_mut(frame.max(1))
         .zip(sources.par_iter().zip(geometry.par_iter()))
-        .map(|(out, (src, geo))| decode_source(src, *geo, target, max_pixels, out))
+        .map(|(out, (src, geo))| {
+            // A panic inside a third-party decoder becomes this file's error instead of tearing down the batch.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_source(src, *geo, target, max_pixels, out)))
+                .unwrap_or_else(|_| Err(CacheError::decode(src.path(), "decoder panicked")))
+        })
         .collect();
     let (mut ok, mut errors) = (Vec::new(), Vec::new());
     for (i, r) in results.into_iter().enumerate() {
@@ -60,6 +64,15 @@ pub fn decode_batch(sources: &[Source<'_>], geometry: &[Geometry], target: (u32,
     }
     pixels.truncate(ok.len() * frame);
     Batch { pixels, ok, errors }
+}
+
+impl Source<'_> {
+    /// The path naming this source in messages.
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Path(p) | Source::Bytes(p, _) => p,
+        }
+    }
 }
 
 fn decode_source(src: &Source<'_>, geo: Geometry, target: (u32, u32), max_pixels: u64, out: &mut [u8]) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Header-only size scan: width and height after EXIF orientation, without decoding pixels.
 use crate::error::{CacheError, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ pub enum Format {
     Png,
     /// WebP (lossy, lossless or extended).
     Webp,
-    /// GIF or BMP, read by the `image` crate.
+    /// GIF or BMP.
     Other,
 }
 
@@ -48,14 +49,14 @@ const FIRST_READ: usize = 16 * 1024;
 /// Reads the header of the image file at `path`.
 pub fn read_header(path: &Path) -> Result<Header> {
     let mut file = File::open(path).map_err(|e| CacheError::io(path, e))?;
-    let mut head = Head { file: &mut file, buf: Vec::with_capacity(FIRST_READ), eof: false };
+    let mut head = Head { file: Some(&mut file), buf: Cow::Owned(Vec::with_capacity(FIRST_READ)), eof: false };
     head.fill(FIRST_READ).map_err(|e| CacheError::io(path, e))?;
     parse_header(path, &mut head)
 }
 
 /// Reads the header of an in-memory image (`path` only names it in errors).
 pub fn header_from_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
-    let mut head = Head { file: &mut std::io::empty(), buf: bytes.to_vec(), eof: true };
+    let mut head = Head { file: None, buf: Cow::Borrowed(bytes), eof: true };
     parse_header(path, &mut head)
 }
 
@@ -69,37 +70,53 @@ fn parse_header(path: &Path, head: &mut Head<'_>) -> Result<Header> {
         png_header(head).map_err(io)?.ok_or_else(|| malformed("png ihdr missing or truncated"))
     } else if magic.len() == 12 && &magic[0..4] == b"RIFF" && &magic[8..12] == b"WEBP" {
         webp_header(head).map_err(io)?.ok_or_else(|| malformed("webp image chunk missing or truncated"))
-    } else if magic.starts_with(b"GIF8") || magic.starts_with(b"BM") {
-        let bytes = head.all().map_err(io)?;
-        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(io)?;
-        let (width, height) = reader.into_dimensions().map_err(|e| CacheError::decode(path, e))?;
-        Ok(Header { width, height, orientation: 1, format: Format::Other })
+    } else if magic.starts_with(b"GIF8") && magic.len() >= 10 {
+        // Logical screen descriptor.
+        let (width, height) = (u32::from(u16::from_le_bytes([magic[6], magic[7]])), u32::from(u16::from_le_bytes([magic[8], magic[9]])));
+        sized(width, height, Format::Other).ok_or_else(|| malformed("gif with an empty screen"))
+    } else if magic.starts_with(b"BM") {
+        // BITMAPINFOHEADER: signed width/height at 18/22 (negative height = top-down rows).
+        let d = head.get(18, 8).map_err(io)?.ok_or_else(|| malformed("bmp info header truncated"))?;
+        let (w, h) = (i32::from_le_bytes([d[0], d[1], d[2], d[3]]), i32::from_le_bytes([d[4], d[5], d[6], d[7]]));
+        sized(w.unsigned_abs(), h.unsigned_abs(), Format::Other).ok_or_else(|| malformed("bmp with an empty size"))
     } else {
         Err(CacheError::UnknownFormat { path: path.to_path_buf() })
     }
 }
 
-/// Scans many files in parallel; one result per path, in order.
-pub fn scan_sizes(paths: &[PathBuf]) -> Vec<Result<(u32, u32)>> {
-    paths.par_iter().map(|p| read_header(p).map(|h| h.oriented_size())).collect()
+fn sized(width: u32, height: u32, format: Format) -> Option<Header> {
+    (width > 0 && height > 0).then_some(Header { width, height, orientation: 1, format })
 }
 
-/// A growing prefix of a file, read on demand.
+/// Scans many files in parallel; one result per path, in order.
+pub fn scan_sizes(paths: &[PathBuf]) -> Vec<Result<(u32, u32)>> {
+    paths
+        .par_iter()
+        .map(|p| {
+            std::panic::catch_unwind(|| read_header(p).map(|h| h.oriented_size()))
+                .unwrap_or_else(|_| Err(CacheError::decode(p, "header parser panicked")))
+        })
+        .collect()
+}
+
+/// A growing prefix of a file read on demand, or a whole in-memory image.
 struct Head<'a> {
-    file: &'a mut dyn Read,
-    buf: Vec<u8>,
+    file: Option<&'a mut dyn Read>,
+    buf: Cow<'a, [u8]>,
     eof: bool,
 }
 
 impl Head<'_> {
+    /// Reads until `want` bytes are buffered or the file ends; grows in steps of at most 1 MiB, so a bogus
+    /// length in a header costs no more memory than the file has.
     fn fill(&mut self, want: usize) -> std::io::Result<()> {
-        while self.buf.len() < want && !self.eof {
-            let start = self.buf.len();
-            self.buf.resize(want.max(start + 4096), 0);
-            let n = self.file.read(&mut self.buf[start..])?;
-            self.buf.truncate(start + n);
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
+        let buf = self.buf.to_mut();
+        while buf.len() < want && !self.eof {
+            let start = buf.len();
+            buf.resize(start + (want - start).clamp(4096, 1 << 20), 0);
+            let n = file.read(&mut buf[start..])?;
+            buf.truncate(start + n);
             self.eof = n == 0;
         }
         Ok(())
@@ -114,10 +131,6 @@ impl Head<'_> {
         Ok(self.buf.get(offset..end))
     }
 
-    fn all(&mut self) -> std::io::Result<Vec<u8>> {
-        self.fill(usize::MAX)?;
-        Ok(std::mem::take(&mut self.buf))
-    }
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -333,6 +346,27 @@ mod tests {
         let bytes = &jpeg_with(None, 300, 200)[..6];
         let err = header_from_bytes(Path::new("t.jpg"), bytes).unwrap_err();
         assert!(err.to_string().contains("`t.jpg`"), "{err}");
+    }
+
+    #[test]
+    fn huge_chunk_lengths_do_not_allocate() {
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\x05\0\0\0\x07\x08\x02\0\0\0\0\0\0\0".to_vec();
+        png.extend([0xFF, 0xFF, 0xFF, 0xF0]);
+        png.extend(b"eXIf");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.png");
+        std::fs::write(&path, &png).unwrap();
+        let h = read_header(&path).unwrap();
+        assert_eq!((h.width, h.height, h.orientation), (5, 7, 1));
+    }
+
+    #[test]
+    fn gif_header_is_read() {
+        let gif = b"GIF89a\x03\0\x02\0\0\0\0;";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gif");
+        std::fs::write(&path, gif).unwrap();
+        assert_eq!(read_header(&path).unwrap().oriented_size(), (3, 2));
     }
 
     #[test]
