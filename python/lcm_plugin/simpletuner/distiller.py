@@ -85,6 +85,7 @@ class LcmDistiller(DistillationBase):
         )
         self._schedules: dict[tuple[torch.device, torch.dtype], DDIMSkipSchedule] = {}
         # Built here, before SimpleTuner resumes a checkpoint into the student: the teacher stays pretrained.
+        self._lora_layers = None  # PEFT layers of the trained UNet, found on first use (LoRA only)
         self.teacher_unet = self.target_unet = None
         if full_model:
             unet = teacher_model.get_trained_component()
@@ -95,6 +96,20 @@ class LcmDistiller(DistillationBase):
         if key not in self._schedules:
             self._schedules[key] = self.schedule.to(latents.device, latents.dtype)
         return self._schedules[key]
+
+    def toggle_adapter(self, enable=False):
+        """DistillationBase.toggle_adapter, but PEFT's LoRA layers are found once, not by a walk over every module
+        of the UNet twice per step (what `disable_lora()` / `enable_lora()` do); the per-layer switch is the same."""
+        if self.teacher_model.config.lora_type.lower() == "lycoris":
+            return super().toggle_adapter(enable)
+        if self._lora_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            unet = self.teacher_model.get_trained_component()
+            self._lora_layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+        for layer in self._lora_layers:
+            layer.enable_adapters(enable)
+        return None
 
     @contextmanager
     def _teacher(self):
