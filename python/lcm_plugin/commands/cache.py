@@ -1,12 +1,106 @@
-"""`simpletuner-lcm cache` (not implemented yet)."""
+"""`simpletuner-lcm cache build CONFIG_DIR [--format simpletuner]` and `simpletuner-lcm cache verify DIR`."""
 
-HELP = "cache (not implemented yet)"
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HELP = "build a run's latent and text-embedding caches before training (resumable, multi-process), or verify one"
 
 
 def add_arguments(parser) -> None:
-    del parser
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="encode every image and caption of the run's datasets into the memory-mapped cache",
+        description="Reads config.json and multidatabackend.json, buckets every image as SimpleTuner does, "
+        "VAE-encodes per bucket batch and caches text embeddings. Safe to kill and rerun; under "
+        "`accelerate launch --num_processes N -m lcm_plugin.cli cache build ...` the ranks share the work.",
+    )
+    build.add_argument("config_dir", type=Path, metavar="CONFIG_DIR", help="a run folder (config.json in it or in config/) or a config.json")
+    build.add_argument(
+        "--format",
+        choices=("lcm", "simpletuner"),
+        default="lcm",
+        help="simpletuner: also write SimpleTuner's own per-image cache files and bucket metadata, so the stock "
+        "trainer skips its caching (default: lcm, the memory-mapped cache only)",
+    )
+    build.add_argument(
+        "--shard-mb", type=float, default=256.0, help="seal a cache shard every this many MB (default 256)"
+    )
+    build.add_argument("--threads", type=int, default=None, help="decode threads (default: all cores)")
+    verify = actions.add_parser("verify", help="check every shard of a cache (size, CRC-32, header) and count entries")
+    verify.add_argument(
+        "path", type=Path, metavar="DIR", help="a cache folder (holding index.*.json) or a run folder / config.json"
+    )
 
 
 def run(args) -> int:
-    del args
-    raise SystemExit("simpletuner-lcm cache: not implemented yet")
+    return _build(args) if args.action == "build" else _verify(args)
+
+
+def _build(args) -> int:
+    from lcm_plugin.cache import LatentCacheError
+    from lcm_plugin.cache_build import BuildError, BuildOptions, build
+    from lcm_plugin.cache_build.build import print_report, rank_and_world
+
+    if args.shard_mb <= 0:
+        print("simpletuner-lcm cache build: --shard-mb must be > 0", file=sys.stderr)
+        return 2
+    options = BuildOptions(
+        config_dir=args.config_dir,
+        simpletuner_format=args.format == "simpletuner",
+        shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+        threads=args.threads,
+    )
+    rank, _ = rank_and_world()
+    try:
+        report = build(options, log=lambda line: print(line, file=sys.stderr))
+    except (BuildError, LatentCacheError, OSError) as error:
+        print(f"simpletuner-lcm cache build: {error}", file=sys.stderr)
+        return 1
+    for path, reason in report.failed:
+        print(f"simpletuner-lcm cache build: skipped {path}: {reason}", file=sys.stderr)
+    print_report(report, rank)
+    return 0
+
+
+def cache_folders(path: Path) -> list[Path]:
+    """`path` itself when it holds a cache index, else the lcm caches of the run whose config `path` names."""
+    from lcm_plugin.cache_build.build import LCM_DIR
+    from lcm_plugin.cache_build.plan import datasets_of, read_run
+
+    if path.is_dir() and any(path.glob("index.*.json")):
+        return [path]
+    settings, entries = read_run(path)
+    datasets = datasets_of(settings, entries)
+    return sorted({d.vae_cache_dir / LCM_DIR for d in datasets} | {d.text_cache_dir / LCM_DIR for d in datasets})
+
+
+def _verify(args) -> int:
+    from lcm_plugin.cache import LatentCacheError, LatentCacheReader, verify
+    from lcm_plugin.cache_build import BuildError
+
+    try:
+        folders = cache_folders(args.path)
+    except BuildError as error:
+        print(f"simpletuner-lcm cache verify: {error}", file=sys.stderr)
+        return 1
+    bad = 0
+    for folder in folders:
+        if not folder.is_dir():
+            print(f"{folder}: missing (run simpletuner-lcm cache build)")
+            bad += 1
+            continue
+        try:
+            problems = verify(folder)
+            entries = len(LatentCacheReader(folder, verify=False))
+        except (LatentCacheError, OSError) as error:
+            print(f"{folder}: {error}")
+            bad += 1
+            continue
+        for shard, reason in problems:
+            print(f"{shard}: {reason}")
+        bad += len(problems)
+        print(f"{folder}: {'FAILED' if problems else 'OK'}: {entries} entries, {len(problems)} bad shard(s)")
+    return 1 if bad else 0

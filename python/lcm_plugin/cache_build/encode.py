@@ -1,0 +1,91 @@
+"""Torch side of a cache build: the run's SDXL VAE and text encoders, and the encodings SimpleTuner caches.
+
+VAE latents follow SimpleTuner 4.10's VAECache.encode_images for SDXL: pixels through the model's transforms
+(ToTensor, Normalize(0.5, 0.5)) in the VAE dtype, `vae.encode(...).latent_dist.sample()` (a sample, not the
+mode), then VaeLatentScalingMixin.scale_vae_latents_for_cache: `(z - shift_factor) * scaling_factor`, or
+`z * scaling_factor` when the VAE has no shift. Text follows SDXL._encode_prompts: each CLIP's penultimate
+hidden state, concatenated, and the pooled (projected) output of the last encoder.
+
+One deliberate difference: the noise of each latent sample comes from a generator seeded by (seed, image key),
+not from the global RNG, so a latent does not depend on batch order, rank count, or a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_TOKENS = 77  # SDXL._encode_prompts pads and truncates to 77 tokens
+
+
+def load_vae(vae_path: str, dtype: str):
+    """AutoencoderKL from `vae_path`'s `vae` subfolder, else its root (SimpleTuner's load_vae fallback)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae", torch_dtype=DTYPES[dtype])
+    except (OSError, ValueError):
+        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=DTYPES[dtype])
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoders(model_path: str, dtype: str) -> tuple[list, list]:
+    """SDXL's two tokenizers and text encoders (CLIP-L, then CLIP-G with projection) from `model_path`."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(model_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
+    encoders = [
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=DTYPES[dtype]),
+        CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", dtype=DTYPES[dtype]),
+    ]
+    return tokenizers, [encoder.eval().requires_grad_(False) for encoder in encoders]
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """Seed of the latent-sampling noise of image `key`: 63 bits of sha256("{seed}:{key}")."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
+
+
+def pixel_values(images: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> [N, 3, H, W] in [-1, 1]: torchvision ToTensor then Normalize([0.5], [0.5])."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32).div(255.0)
+    return pixels.sub(0.5).div(0.5).to(dtype)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, keys: list[str], seed: int) -> torch.Tensor:
+    """Scaled latent samples [N, 4, H/8, W/8] in the VAE dtype of uint8 images [N, H, W, 3] named `keys`."""
+    posterior = vae.encode(pixel_values(images, vae.dtype)).latent_dist
+    noise = torch.stack(
+        [
+            torch.randn(
+                posterior.mean.shape[1:],
+                generator=torch.Generator().manual_seed(sample_seed(seed, key)),
+                dtype=posterior.parameters.dtype,
+            )
+            for key in keys
+        ]
+    )
+    # DiagonalGaussianDistribution.sample with per-image noise.
+    latents = posterior.mean + posterior.std * noise.to(posterior.mean.device)
+    shift_factor = getattr(vae.config, "shift_factor", None)
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_prompts(tokenizers: list, encoders: list, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds [N, 77, D1+D2], pooled_prompt_embeds [N, P]) of `prompts`, in the encoders' dtype."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids = tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        ).input_ids
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output[0]  # the projected pooled output of CLIP-G is the one SDXL keeps
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled

@@ -1,0 +1,286 @@
+"""What a cache build does, decided before any model loads: the datasets of a run, their images, captions,
+buckets, and the fixed list of VAE batches every process agrees on.
+
+Pure Python plus the Rust header scan and bucketer; no torch. The plan is a function of the files on disk and
+the two config files only, so every rank (and every rerun after a kill) derives the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcm_plugin.config import format_problems, has_errors, validate_files
+from lcm_plugin.config.catalogue import load_catalogue
+from lcm_plugin.config.databackend import is_enabled
+from lcm_plugin.config.problems import pointer
+from lcm_plugin.config.run import find_backend_file, find_config, inherited_settings, read_json
+from lcm_plugin.config.training import canonical_key
+
+# SimpleTuner's image extensions that the Rust decoder reads (helpers/training image_file_extensions, minus
+# formats it cannot decode).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# Entry keys the bucketer reads; the rest of an entry does not change geometry.
+BUCKET_KEYS = (
+    "resolution",
+    "resolution_type",
+    "crop",
+    "crop_aspect",
+    "crop_aspect_buckets",
+    "crop_style",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+)
+CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
+
+
+class BuildError(Exception):
+    """A problem with the user's input that stops the build; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The config.json values a cache build needs (SimpleTuner's defaults where a key is absent)."""
+
+    config_path: Path
+    backend_path: Path
+    root: Path  # where training starts: relative paths in the files resolve against it
+    model_family: str
+    model_path: str
+    vae_path: str
+    vae_dtype: str  # "bf16" or "fp32", as SimpleTuner casts the VAE on an accelerator
+    vae_batch_size: int
+    text_dtype: str  # "bf16", "fp16" or "fp32": SimpleTuner's weight_dtype from mixed_precision
+    compress_disk_cache: bool
+    seed: int
+    aspect_bucket_alignment: int
+    aspect_bucket_rounding: int
+    inherited: dict
+
+
+@dataclass
+class ImageItem:
+    """One image: `key` (its path relative to the data folder, '/'-separated) names it in every cache."""
+
+    path: Path
+    key: str
+    captions: tuple[str, ...] = ()
+    sample: dict | None = None  # the bucketer's answer: bucket, sizes, crop_coordinates, ...
+
+
+@dataclass
+class Dataset:
+    """An enabled local image dataset of multidatabackend.json and the caches it fills."""
+
+    id: str
+    index: int  # position in multidatabackend.json, for error pointers
+    data_dir: Path
+    vae_cache_dir: Path
+    text_cache_dir: Path
+    bucket_config: dict
+    caption_strategy: str
+    instance_prompt: str | None
+    prepend_instance_prompt: bool
+    compress_vae: bool  # gzip SimpleTuner-format files, as its local backend would (compress_cache)
+    compress_text: bool
+    images: list[ImageItem] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable or too small
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Images of one bucket encoded together; the same on every rank and every rerun."""
+
+    dataset: str
+    bucket: str
+    items: tuple[ImageItem, ...]
+
+
+def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
+    """Validated config.json and multidatabackend.json of `config_dir` (a folder, or a config.json)."""
+    config_path = config_dir if config_dir.is_file() else find_config(config_dir)
+    if config_path is None:
+        raise BuildError(f"no config.json in {config_dir} or {config_dir / 'config'}")
+    problems = validate_files(config_path)
+    if has_errors(problems):
+        errors = [problem for problem in problems if problem.severity == "error"]
+        raise BuildError("the config has errors (simpletuner-lcm validate shows them all):\n" + format_problems(errors))
+    config, _ = read_json(config_path)
+    config = {canonical_key(key): value for key, value in config.items() if value is not None}
+    backend_path, _ = find_backend_file(config, config_path)
+    entries, _ = read_json(backend_path)
+    catalogue = load_catalogue()["keys"]
+
+    def setting(name: str) -> Any:
+        return config.get(name, catalogue.get(name, {}).get("default"))
+
+    vae_dtype = str(setting("vae_dtype") or "default").lower()
+    if vae_dtype == "fp16":
+        raise BuildError(f"{config_path}: /vae_dtype: fp16 is not supported for SDXL's VAE (SimpleTuner refuses it)")
+    root = config_path.parent.parent if config_path.parent.name == "config" else config_path.parent
+    settings = RunSettings(
+        config_path=config_path,
+        backend_path=backend_path,
+        root=root,
+        model_family=str(setting("model_family")),
+        model_path=str(setting("pretrained_model_name_or_path")),
+        vae_path=str(setting("pretrained_vae_model_name_or_path") or setting("pretrained_model_name_or_path")),
+        vae_dtype="fp32" if vae_dtype == "fp32" else "bf16",
+        vae_batch_size=int(setting("vae_batch_size") or 4),
+        text_dtype={"bf16": "bf16", "fp16": "fp16"}.get(str(setting("mixed_precision")), "fp32"),
+        compress_disk_cache=bool(setting("compress_disk_cache")),
+        seed=int(setting("seed") or 0),
+        aspect_bucket_alignment=int(setting("aspect_bucket_alignment") or 64),
+        aspect_bucket_rounding=int(setting("aspect_bucket_rounding") or 2),
+        inherited=inherited_settings(config) | {"output_dir": setting("output_dir")},
+    )
+    if settings.model_family != "sdxl":
+        raise BuildError(f"{config_path}: /model_family: cache build supports sdxl (got {settings.model_family!r})")
+    return settings, entries
+
+
+def resolve(path: str, root: Path) -> Path:
+    """A path from the config files, as the trainer started in `root` sees it (absolute)."""
+    resolved = Path(os.path.expanduser(path))
+    return resolved if resolved.is_absolute() else (root / resolved).absolute()
+
+
+def datasets_of(settings: RunSettings, entries: list[dict]) -> list[Dataset]:
+    """The enabled image datasets, with their text cache (the entry's `text_embeds`, else the default one)."""
+    file = str(settings.backend_path)
+    text_entries = {
+        e["id"]: (i, e) for i, e in enumerate(entries) if e.get("dataset_type") == "text_embeds" and is_enabled(e)
+    }
+    default_text = next((e for _, e in text_entries.values() if e.get("default") is True), None)
+    if default_text is None and len(text_entries) == 1:
+        default_text = next(iter(text_entries.values()))[1]
+    datasets = []
+    for index, entry in enumerate(entries):
+        if not is_enabled(entry) or entry.get("dataset_type", "image") != "image":
+            continue
+        if entry.get("type", "local") != "local":
+            raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local datasets only")
+        data_dir = entry.get("instance_data_dir") or entry.get("instance_data_root")
+        if not isinstance(data_dir, str):
+            raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: give one folder (a string)")
+        data_dir = resolve(data_dir, settings.root)
+        if not data_dir.is_dir():
+            raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: folder {str(data_dir)!r} does not exist")
+        text_entry = text_entries.get(entry["text_embeds"], (0, None))[1] if "text_embeds" in entry else default_text
+        if text_entry is None or not text_entry.get("cache_dir"):
+            raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
+        strategy = entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename"
+        if strategy not in CAPTION_STRATEGIES:
+            raise BuildError(
+                f"{file}: {pointer(index, 'caption_strategy')}: cache build reads captions with "
+                f"{', '.join(CAPTION_STRATEGIES)} (got {strategy!r})"
+            )
+        if strategy == "instanceprompt" and not entry.get("instance_prompt"):
+            raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
+        vae_cache = entry.get("cache_dir_vae") or os.path.join(
+            str(settings.inherited["output_dir"]), "cache", "vae", settings.model_family, entry["id"]
+        )
+        datasets.append(
+            Dataset(
+                id=entry["id"],
+                index=index,
+                data_dir=data_dir,
+                vae_cache_dir=resolve(vae_cache, settings.root),
+                text_cache_dir=resolve(text_entry["cache_dir"], settings.root),
+                bucket_config=bucket_config(entry, settings),
+                caption_strategy=strategy,
+                instance_prompt=entry.get("instance_prompt"),
+                prepend_instance_prompt=bool(entry.get("prepend_instance_prompt", False)),
+                compress_vae=_compressed(entry, settings),
+                compress_text=_compressed(text_entry, settings),
+            )
+        )
+    if not datasets:
+        raise BuildError(f"{file}: /: no enabled local image dataset to cache")
+    return datasets
+
+
+def _compressed(entry: dict, settings: RunSettings) -> bool:
+    """SimpleTuner's rule: the entry's compress_cache, else config.json's compress_disk_cache."""
+    value = entry.get("compress_cache")
+    return settings.compress_disk_cache if value is None else bool(value)
+
+
+def bucket_config(entry: dict, settings: RunSettings) -> dict:
+    """The entry's geometry keys, config.json's where the entry leaves them out, plus the global bucket knobs."""
+    merged = {key: entry.get(key, settings.inherited.get(key)) for key in BUCKET_KEYS}
+    merged = {key: value for key, value in merged.items() if value is not None}
+    merged["aspect_bucket_alignment"] = settings.aspect_bucket_alignment
+    merged["aspect_bucket_rounding"] = settings.aspect_bucket_rounding
+    return merged
+
+
+def list_images(data_dir: Path) -> list[Path]:
+    """Image files under `data_dir` (recursively, like SimpleTuner's local backend), sorted for a stable plan."""
+    found = []
+    for folder, dirs, files in os.walk(data_dir, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder) / name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
+    """The caption(s) SimpleTuner's PromptHandler reads for `path` (every line of a textfile is one), stripped."""
+    if dataset.caption_strategy == "instanceprompt":
+        return (dataset.instance_prompt.strip(),)
+    if dataset.caption_strategy == "filename":
+        captions = [path.stem.replace("_", " ")]
+    else:
+        text_file = path.with_suffix(".txt")
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise BuildError(f"{text_file}: caption file unreadable ({error}); caption_strategy is textfile") from None
+        captions = [line for line in text.split("\n") if line] if "\n" in text else [text]
+    if dataset.prepend_instance_prompt and dataset.instance_prompt:
+        captions = [f"{dataset.instance_prompt} {caption}" for caption in captions]
+    return tuple(caption.strip() for caption in captions)
+
+
+def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dataset:
+    """Fill `dataset.images` (header scan, captions, bucket of each image) and `dataset.skipped`."""
+    from lcm_plugin.cache import Bucketer, scan_sizes
+
+    paths = list_images(dataset.data_dir)
+    sizes, errors = scan_sizes([str(p) for p in paths], threads=threads)
+    dataset.skipped += [(paths[i], message) for i, message in errors]
+    readable = [(path, size) for path, size in zip(paths, sizes) if size is not None]
+    samples = Bucketer(dataset.bucket_config, seed=seed).assign([size for _, size in readable])
+    for (path, _), sample in zip(readable, samples):
+        if sample is None:
+            dataset.skipped.append((path, "below minimum_image_size"))
+            continue
+        key = path.relative_to(dataset.data_dir).as_posix()
+        dataset.images.append(ImageItem(path=path, key=key, captions=captions_of(path, dataset), sample=sample))
+    return dataset
+
+
+def vae_batches(datasets: list[Dataset], batch_size: int) -> list[Batch]:
+    """Each dataset's images grouped by bucket (in scan order) and cut into batches of `batch_size`."""
+    batches = []
+    for dataset in datasets:
+        by_bucket: dict[str, list[ImageItem]] = {}
+        for item in dataset.images:
+            by_bucket.setdefault(item.sample["bucket"], []).append(item)
+        for bucket, items in by_bucket.items():
+            for start in range(0, len(items), batch_size):
+                batches.append(Batch(dataset.id, bucket, tuple(items[start : start + batch_size])))
+    return batches
+
+
+def unique_captions(datasets: list[Dataset]) -> dict[Path, list[str]]:
+    """Every text cache folder and the captions (first appearance order, plus "" for caption dropout) it holds."""
+    per_cache: dict[Path, dict[str, None]] = {}
+    for dataset in datasets:
+        captions = per_cache.setdefault(dataset.text_cache_dir, {"": None})
+        for item in dataset.images:
+            captions.update(dict.fromkeys(item.captions))
+    return {folder: list(captions) for folder, captions in per_cache.items()}

@@ -1,0 +1,86 @@
+"""SimpleTuner 4.10's own cache files, written so that the stock trainer finds everything cached.
+
+- VAE cache (VAECache.generate_vae_cache_filename, hash_filenames always on): one `torch.save` file per image,
+  `<cache_dir_vae>/<subfolders>/<sha256(file stem)>.pt`, the subfolders being the image's folder below
+  instance_data_dir; a single tensor [4, H/8, W/8] in the VAE dtype.
+- Text cache (TextEmbeddingCache.create_hash for SDXL: keyed by caption, no namespace or context):
+  `<cache_dir>/<md5(caption)>-sdxl.pt` = {"prompt_embeds": [1, 77, D], "pooled_prompt_embeds": [P]}.
+- Both gzip-compressed when the dataset's compress_cache (else config.json's compress_disk_cache) is on, as
+  LocalDataBackend.torch_save does.
+- Bucket metadata (DiscoveryMetadataBackend.save_cache / save_image_metadata), in instance_data_dir:
+  `aspect_ratio_bucket_indices_<id>.json` = {"config": {}, "aspect_ratio_bucket_indices": {bucket: [paths]}}
+  and `aspect_ratio_bucket_metadata_<id>.json` = {path: {original_size, crop_coordinates, target_size,
+  intermediary_size, aspect_ratio}}. An empty "config" skips SimpleTuner's comparison with a previous dataset
+  config; the trainer writes its own on its next save.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lcm_plugin.cache_build.plan import Dataset, ImageItem
+
+
+def vae_cache_path(dataset: Dataset, item: ImageItem) -> Path:
+    """Where SimpleTuner's VAECache looks for the latent of `item`."""
+    name = hashlib.sha256(item.path.stem.encode()).hexdigest() + ".pt"
+    return dataset.vae_cache_dir / item.path.parent.relative_to(dataset.data_dir) / name
+
+
+def text_cache_path(folder: Path, caption: str, model_family: str = "sdxl") -> Path:
+    """Where SimpleTuner's TextEmbeddingCache looks for the embeddings of `caption`."""
+    return folder / f"{hashlib.md5(caption.encode()).hexdigest()}-{model_family}.pt"
+
+
+def save_torch(path: Path, value, compress: bool) -> None:
+    """`torch.save` (gzipped when `compress`) to a temp file, fsync, rename: a kill never leaves half a file."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    data = gzip.compress(buffer.getvalue()) if compress else buffer.getvalue()
+    write_atomic(path, data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+
+
+def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
+    """(bucket index, image metadata) file paths of `dataset`, in its instance_data_dir."""
+    folder = dataset.data_dir
+    return (
+        folder / f"aspect_ratio_bucket_indices_{dataset.id}.json",
+        folder / f"aspect_ratio_bucket_metadata_{dataset.id}.json",
+    )
+
+
+def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> None:
+    """SimpleTuner's discovery results for `items` (the images that were encoded)."""
+    indices: dict[str, list[str]] = {}
+    metadata = {}
+    for item in items:
+        sample = item.sample
+        path = str(item.path)
+        indices.setdefault(sample["bucket"], []).append(path)
+        metadata[path] = {
+            "original_size": list(sample["original_size"]),
+            "crop_coordinates": list(sample["crop_coordinates"]),
+            "target_size": list(sample["target_size"]),
+            "intermediary_size": list(sample["intermediary_size"]),
+            "aspect_ratio": sample["aspect_ratio"],
+        }
+    index_file, metadata_file = bucket_files(dataset)
+    write_atomic(index_file, json.dumps({"config": {}, "aspect_ratio_bucket_indices": indices}).encode())
+    write_atomic(metadata_file, json.dumps(metadata).encode())
