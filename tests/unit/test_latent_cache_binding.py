@@ -136,3 +136,33 @@ def test_decode_releases_the_gil():
     worker.join()
     # With the GIL held for the whole call, this loop could not run until the call returned.
     assert spins > 10_000
+
+
+def test_forked_child_can_still_scan_and_gather(tmp_path):
+    """DataLoader workers fork after the parent used the thread pool; the child must not hang."""
+    import multiprocessing
+
+    from lcm_plugin.cache import LatentCacheReader, LatentCacheWriter
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (9, 4)).save(image)
+    with LatentCacheWriter(tmp_path / "cache") as writer:
+        for i in range(4):
+            writer.put(str(i), np.full(8, i, np.float32))
+    assert scan_sizes([str(image)] * 8)[0][0] == (9, 4)  # parent uses the global pool
+    LatentCacheReader(tmp_path / "cache").gather(["0", "1"])
+
+    def child(queue):
+        sizes, _ = scan_sizes([str(image)] * 8)
+        batch = LatentCacheReader(tmp_path / "cache").gather(["3", "2"])
+        queue.put((sizes[0], batch[:, 0].tolist()))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("forked child hung in the data path")
+    assert queue.get(timeout=5) == ((9, 4), [3.0, 2.0])

@@ -446,7 +446,11 @@ impl CacheReader {
         if let Some((k, s)) = keys.iter().zip(&sources).find(|(_, s)| s.len() != len || len * keys.len() != out.len()) {
             return Err(CacheError::config("keys", format!("key `{k}` has {} bytes, the batch slot has {len}", s.len())));
         }
-        out.par_chunks_mut(len.max(1)).zip(sources.par_iter()).for_each(|(o, s)| o.copy_from_slice(s));
+        if crate::global_pool_usable() {
+            out.par_chunks_mut(len.max(1)).zip(sources.par_iter()).for_each(|(o, s)| o.copy_from_slice(s));
+        } else {
+            out.chunks_mut(len.max(1)).zip(&sources).for_each(|(o, s)| o.copy_from_slice(s));
+        }
         Ok(())
     }
 }

@@ -127,5 +127,5 @@ use pyo3::types::IntoPyDict;
 #[pyfunction(name = "verify")]
 #[pyo3(signature = (directory, repair=false))]
 pub fn verify_py(py: Python<'_>, directory: PathBuf, repair: bool) -> PyResult<Vec<(PathBuf, String)>> {
-    py.allow_threads(|| store::verify(&directory, repair)).py()
+    py.allow_threads(|| latent_cache::with_threads(None, || store::verify(&directory, repair))).py()?.py()
 }
