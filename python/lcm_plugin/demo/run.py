@@ -1,0 +1,200 @@
+"""Orchestration of `simpletuner-lcm demo`: dataset -> config -> stock SimpleTuner run -> grid and table.
+
+Output folder layout (everything regenerated on each run):
+    data/           generated shapes with .txt captions (SimpleTuner writes bucket metadata here)
+    config/         config.json and multidatabackend.json derived from the seed
+    cache/          SimpleTuner's VAE and text-embed caches
+    output/         SimpleTuner's output_dir: pytorch_lora_weights.safetensors, training_metrics.jsonl
+    simpletuner.log the trainer's full stdout and stderr
+    grid.png        the comparison grid; metrics.txt the table printed at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcm_plugin.demo import config, shapes
+
+TEACHER_DIR = config.ASSETS / "teacher"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DATASET_SIZE = 512
+DATASET_SEED = 1
+# Tuned so the whole demo fits 10 minutes on 2 CPU cores (SimpleTuner start-up is about a minute).
+DEFAULT_TRAINING = config.DemoTraining(
+    max_train_steps=500, learning_rate=1e-3, lora_rank=32, train_batch_size=8, image_size=shapes.IMAGE_SIZE
+)
+METRIC_SAMPLES = 192  # 16 per prompt: enough for a 48-dimensional Gaussian fit
+NOISE_SEED = 0
+GENERATED = ("data", "config", "cache", "output", "simpletuner.log", "grid.png", "metrics.txt")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sampler of the grid and table."""
+
+    label: str
+    model: str  # "teacher" or "student"
+    steps: int
+
+
+ROWS = (
+    Row("teacher DDIM 50 steps", "teacher", 50),
+    Row("teacher DDIM 1 step", "teacher", 1),
+    Row("teacher DDIM 2 steps", "teacher", 2),
+    Row("teacher DDIM 4 steps", "teacher", 4),
+    Row("student LCM 1 step", "student", 1),
+    Row("student LCM 2 steps", "student", 2),
+    Row("student LCM 4 steps", "student", 4),
+)
+
+
+def prepare(output: Path, training: config.DemoTraining) -> Path:
+    """Fresh dataset and config in `output`; returns the run folder (= `output`)."""
+    output.mkdir(parents=True, exist_ok=True)
+    for name in GENERATED:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    shapes.write_dataset(output / "data", DATASET_SIZE, DATASET_SEED)
+    config.write_run_folder(output, training, teacher_dir=TEACHER_DIR, data_dir=output / "data")
+    return output
+
+
+def trainer_env() -> dict[str, str]:
+    """The CPU environment of NOTES.md for SimpleTuner's launcher, this interpreter's tools first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def _completed_steps(metrics_file: Path) -> int:
+    if not metrics_file.is_file():
+        return 0
+    steps = 0
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+        if "lcm_loss" in record.get("metrics", {}):
+            steps = max(steps, record["step"])
+    return steps
+
+
+def train(run_dir: Path, max_train_steps: int) -> Path:
+    """Run the stock `simpletuner train` in `run_dir` with a progress bar; return the LoRA file.
+
+    Success is judged by the LoRA file, not the exit code (SimpleTuner can exit 0 after a failure).
+    """
+    from tqdm import tqdm
+
+    simpletuner = Path(sys.executable).parent / "simpletuner"
+    log_path = run_dir / "simpletuner.log"
+    metrics_file = run_dir / "output" / "training_metrics.jsonl"
+    with open(log_path, "w") as log, tqdm(total=max_train_steps, desc="LCM-LoRA training (SimpleTuner starting)",
+                                          unit="step", dynamic_ncols=True) as bar:
+        process = subprocess.Popen([str(simpletuner), "train"], cwd=run_dir, env=trainer_env(),
+                                   stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            time.sleep(1.0)
+            done = _completed_steps(metrics_file)
+            if done:
+                bar.set_description("LCM-LoRA training")
+            bar.update(done - bar.n)
+        bar.update(_completed_steps(metrics_file) - bar.n)
+    lora = run_dir / "output" / LORA_FILE
+    if not lora.is_file():
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"SimpleTuner wrote no {LORA_FILE} (exit code {process.returncode}); "
+                           f"full log: {log_path}\n--- last lines ---\n{tail}")
+    return lora
+
+
+def teacher_guidance_scale(lcm_block: dict) -> float:
+    """The CFG scale the teacher rows use: the mean of U[w_min, w_max].
+
+    A LoRA student has no guidance input, so it distils the teacher ODE averaged over the sampled
+    scales; CFG is linear in s, so that average is the ODE at the mean scale.
+    """
+    return (float(lcm_block["w_min"]) + float(lcm_block["w_max"])) / 2.0
+
+
+def evaluate(run_dir: Path, *, samples: int = METRIC_SAMPLES, log=print) -> tuple[list, str]:
+    """Sample every row, write grid.png and metrics.txt; return rows of (label, FD, endpoint or None) and the table text."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from lcm_plugin.demo import grid, metrics, sampling
+
+    # LCMScheduler.from_config warns about SDXL's PNDM-only keys; nothing to act on.
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    run_config = json.loads((run_dir / "config" / "config.json").read_text())
+    lcm_block = run_config["distillation_config"]["lcm"]
+    guidance_scale = teacher_guidance_scale(lcm_block)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(run_config["pretrained_model_name_or_path"])
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = [shapes.PROMPTS[i % len(shapes.PROMPTS)] for i in range(samples)]
+    cond = sampling.encode(pipeline, prompts, shapes.IMAGE_SIZE)
+    noise = torch.randn(samples, 4, shapes.IMAGE_SIZE // 8, shapes.IMAGE_SIZE // 8,
+                        generator=torch.Generator().manual_seed(NOISE_SEED))
+    scheduler_config = pipeline.scheduler.config
+    images = {}
+    for row in ROWS:
+        started = time.monotonic()
+        if row.model == "student" and not getattr(pipeline.unet, "peft_config", None):
+            pipeline.load_lora_weights(str(run_dir / "output"), weight_name=LORA_FILE)
+        if row.model == "teacher":
+            latents = sampling.sample_ddim(pipeline.unet, scheduler_config, noise, cond, steps=row.steps,
+                                           guidance_scale=guidance_scale)
+        else:
+            latents = sampling.sample_lcm(pipeline.unet, scheduler_config, noise, cond, steps=row.steps,
+                                          num_ddim_timesteps=int(lcm_block["num_ddim_timesteps"]),
+                                          timestep_scaling=float(lcm_block["timestep_scaling_factor"]),
+                                          generator=torch.Generator().manual_seed(NOISE_SEED + 1))
+        images[row] = sampling.decode(pipeline.vae, latents).numpy()
+        log(f"sampled {samples} x {row.label} in {time.monotonic() - started:.0f}s")
+
+    reference = images[ROWS[0]]
+    reference_features = metrics.thumbnail_features(reference)
+    table = []
+    for row in ROWS:
+        fd = metrics.frechet_distance(metrics.thumbnail_features(images[row]), reference_features)
+        # Multi-step LCM adds fresh noise between steps: its samples have no paired endpoint.
+        deterministic = row.model == "teacher" or row.steps == 1
+        endpoint = metrics.endpoint_distance(images[row], reference) if deterministic and row is not ROWS[0] else None
+        table.append((row.label, fd, endpoint))
+
+    columns = len(shapes.PROMPTS)
+    grid.write_grid(run_dir / "grid.png", [(row.label, images[row][:columns]) for row in ROWS],
+                    [p.removeprefix("a ") for p in prompts[:columns]])
+    text = format_table(table, samples=samples, guidance_scale=guidance_scale)
+    (run_dir / "metrics.txt").write_text(text + "\n")
+    return table, text
+
+
+def format_table(table, *, samples: int, guidance_scale: float) -> str:
+    lines = [
+        f"Against the teacher's DDIM 50-step samples (CFG scale {guidance_scale:g}), {samples} samples, same noise:",
+        f"{'sampler':<24}{'FD (4x4 RGB)':>14}{'to 50-step endpoint':>22}",
+    ]
+    for label, fd, endpoint in table:
+        endpoint_text = "-" if endpoint is None else f"{endpoint:.1f}"
+        lines.append(f"{label:<24}{fd:>14.1f}{endpoint_text:>22}")
+    lines.append("FD: Frechet distance of 4x4-thumbnail colour features (0-255 scale); lower is closer.")
+    lines.append("Endpoint: mean RMS pixel distance (0-255) to the same noise's 50-step image; deterministic rows only.")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Batched sampling with the demo's tiny SDXL: teacher DDIM with classifier-free guidance, student LCM.
+
+All samplers take the same initial noise and conditioning, so rows of the grid and of the metric
+table differ only by the sampler and the model. Latents are [B, 4, 8, 8]; images uint8 [B, 64, 64, 3].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """SDXL conditioning for B samples: prompt_embeds [B, 77, D], pooled [B, P], time_ids [B, 6]."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+
+    def unconditional(self) -> Conditioning:
+        # SDXL's empty-prompt convention (force_zeros_for_empty_prompt), also LCM's uncond: zeros, same time_ids.
+        return Conditioning(torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled), self.time_ids)
+
+
+@torch.no_grad()
+def encode(pipeline, prompts: list[str], image_size: int) -> Conditioning:
+    """Conditioning for `prompts` as the SDXL pipeline computes it, time_ids for an uncropped square image."""
+    prompt_embeds, _, pooled, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=prompt_embeds.dtype)
+    return Conditioning(prompt_embeds, pooled, time_ids.expand(len(prompts), -1))
+
+
+def _unet(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    return unet(
+        latents,
+        t,
+        encoder_hidden_states=cond.prompt_embeds,
+        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids},
+    ).sample
+
+
+def _guided_eps(unet, latents, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+    """uncond + s * (cond - uncond) (SimpleTuner's and diffusers' CFG scale s); one UNet call for both."""
+    if guidance_scale == 1.0:
+        return _unet(unet, latents, t, cond)
+    both = Conditioning(*(torch.cat([u, c]) for u, c in zip(
+        (cond.unconditional().prompt_embeds, cond.unconditional().pooled, cond.time_ids),
+        (cond.prompt_embeds, cond.pooled, cond.time_ids),
+    )))
+    eps_uncond, eps_cond = _unet(unet, torch.cat([latents, latents]), t, both).chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_ddim(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditioning, *, steps: int,
+                guidance_scale: float) -> torch.Tensor:
+    """Teacher DDIM (eta 0) from `noise` [B, 4, h, w] in `steps` steps with "trailing" spacing.
+
+    Trailing spacing starts at t = 999 for any step count; SDXL's default "leading" would start
+    DDIM-1 at t = 1 and make the few-step teacher look absurdly bad (an unfair baseline).
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = _guided_eps(unet, latents, t, cond, guidance_scale)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def sample_lcm(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditioning, *, steps: int,
+               num_ddim_timesteps: int, timestep_scaling: float, generator: torch.Generator) -> torch.Tensor:
+    """Student LCM sampling (no guidance: it was distilled into the student) in `steps` steps.
+
+    LCMScheduler's grid is the training solver's (`original_inference_steps` = num_ddim_timesteps);
+    between steps it adds fresh noise drawn from `generator`.
+    """
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(
+        scheduler_config, original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling
+    )
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        latents = scheduler.step(_unet(unet, latents, t, cond), t, latents, generator=generator).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Latents [B, 4, h, w] (scaled) -> uint8 images [B, 8h, 8w, 3]."""
+    images = [
+        vae.decode(chunk / vae.config.scaling_factor).sample for chunk in latents.split(batch_size)
+    ]
+    pixels = (torch.cat(images).clamp(-1, 1) + 1) * 127.5
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1)
