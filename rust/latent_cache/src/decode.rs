@@ -257,3 +257,63 @@ pub fn decode_paths(paths: &[PathBuf], geometry: &[Geometry], target: (u32, u32)
     let sources: Vec<Source<'_>> = paths.iter().map(|p| Source::Path(p)).collect();
     decode_batch(&sources, geometry, target, max_pixels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb(pixel(x, y)));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn flat_image_stays_flat_and_crop_pads_black() {
+        let data = png(40, 20, |_, _| [10, 200, 30]);
+        let geo = Geometry { resize: (20, 10), crop: (2, 12) };
+        let mut out = vec![1u8; 10 * 10 * 3];
+        decode_into(Path::new("flat.png"), &data, geo, (10, 10), DEFAULT_MAX_PIXELS, &mut out).unwrap();
+        let px = |x: usize, y: usize| &out[(y * 10 + x) * 3..(y * 10 + x) * 3 + 3];
+        assert_eq!(px(0, 0), [10, 200, 30]);
+        assert_eq!(px(7, 7), [10, 200, 30]);
+        assert_eq!(px(8, 0), [0, 0, 0]); // right of the resized image (left 12 + 8 = 20)
+        assert_eq!(px(0, 8), [0, 0, 0]); // below it (top 2 + 8 = 10)
+    }
+
+    #[test]
+    fn batch_keeps_order_and_reports_failures() {
+        let a = png(8, 8, |_, _| [1, 2, 3]);
+        let b = png(8, 8, |_, _| [7, 8, 9]);
+        let names = [Path::new("a.png"), Path::new("bad.png"), Path::new("b.png")];
+        let bad = b"nope".to_vec();
+        let sources = [Source::Bytes(names[0], &a), Source::Bytes(names[1], &bad), Source::Bytes(names[2], &b)];
+        let geo = [Geometry { resize: (8, 8), crop: (0, 0) }; 3];
+        let batch = decode_batch(&sources, &geo, (4, 4), DEFAULT_MAX_PIXELS);
+        assert_eq!(batch.ok, vec![0, 2]);
+        assert_eq!(batch.pixels.len(), 2 * 4 * 4 * 3);
+        assert_eq!(&batch.pixels[..3], [1, 2, 3]);
+        assert_eq!(&batch.pixels[48..51], [7, 8, 9]);
+        assert_eq!(batch.errors.len(), 1);
+        assert!(batch.errors[0].1.to_string().contains("`bad.png`"));
+    }
+
+    #[test]
+    fn pixel_limit_refuses_before_decoding() {
+        let data = png(100, 100, |_, _| [0, 0, 0]);
+        let err = decode_into(Path::new("big.png"), &data, Geometry { resize: (4, 4), crop: (0, 0) }, (4, 4), 9_999, &mut [0; 48]);
+        assert!(matches!(err, Err(CacheError::TooManyPixels { width: 100, height: 100, .. })));
+    }
+
+    #[test]
+    fn orientation_six_rotates_clockwise() {
+        // 2x1 image [A B] with orientation 6 displays as a 1x2 column [A; B].
+        let img = Rgb { width: 2, height: 1, data: vec![1, 1, 1, 2, 2, 2] };
+        let out = orient(img, 6);
+        assert_eq!((out.width, out.height, out.data), (1, 2, vec![1, 1, 1, 2, 2, 2]));
+        let img = Rgb { width: 2, height: 1, data: vec![1, 1, 1, 2, 2, 2] };
+        let out = orient(img, 8);
+        assert_eq!((out.width, out.height, out.data), (1, 2, vec![2, 2, 2, 1, 1, 1]));
+    }
+}
