@@ -73,6 +73,8 @@ def write_lcm_training_dir(root: Path, model_dir: Path, *, max_train_steps: int)
     ]
     (config_dir / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
     config = {
+        # Editor hint (docs/config.md); SimpleTuner's parser refuses it, the plugin drops it before parsing.
+        "$schema": "../../schemas/config.schema.json",
         "model_type": "lora",
         "model_family": "sdxl",
         "output_dir": str(root / "output"),

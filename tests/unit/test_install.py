@@ -156,6 +156,43 @@ def test_trainer_validates_lcm_settings_before_loading_data_or_model(installed):
         Trainer.init_data_backend(trainer)
 
 
+
+def test_trainer_runs_validate_on_the_config_files_before_loading(installed, tmp_path, monkeypatch):
+    from simpletuner.helpers.training.trainer import Trainer
+
+    from lcm_plugin.config import format_problems, validate_files
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({
+        "model_family": "sdxl", "model_type": "lora", "pretrained_model_name_or_path": "x", "output_dir": "out",
+        "data_backend_config": "multidatabackend.json", "max_train_steps": 3, "num_train_epochs": 0,
+        "aspect_bucket_rounding": 64, "distillation_method": "lcm", "distillation_config": {"lcm": LCM_BLOCK},
+    }))
+    (tmp_path / "multidatabackend.json").write_text("[]")
+    monkeypatch.setenv("CONFIG_PATH", str(config_path))
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(distillation_method="lcm", distillation_config={"lcm": LCM_BLOCK}, model_type="lora",
+                               model_family="sdxl", data_backend_config=str(tmp_path / "multidatabackend.json")),
+        model=fake_sdxl_model(),
+    )
+    expected = format_problems(p for p in validate_files(config_path, tmp_path / "multidatabackend.json")
+                               if p.severity == "error")
+    assert "/aspect_bucket_rounding" in expected
+    with pytest.raises(ValueError) as raised:
+        Trainer.init_data_backend(trainer)
+    for line in expected.splitlines():
+        assert line in str(raised.value)
+
+
+def test_schema_key_is_dropped_before_simpletuner_parses_config_json(installed):
+    from simpletuner.helpers.configuration import json_file
+
+    arguments = json_file.mapping_to_cli_args({"$schema": "../schemas/config.schema.json", "learning_rate": 0.5})
+    assert not any("$schema" in argument for argument in arguments)
+    assert any("learning_rate" in argument for argument in arguments)
+    installer.uninstall()
+    assert any("$schema" in argument for argument in json_file.mapping_to_cli_args({"$schema": "x"}))
+
 def test_missing_surface_fails_with_its_name_and_changes_nothing(pristine, monkeypatch):
     monkeypatch.delattr(DistillerFactory, "_create_lcm_distiller")
     with pytest.raises(installer.SimpleTunerSurfaceError) as error:

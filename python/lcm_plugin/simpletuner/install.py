@@ -10,10 +10,13 @@ What install() changes, and why:
    entry on purpose (its class computes the target with the teacher and crashes on SDXL), and log it.
    Upstream's module registers itself on import, so it is imported first and cannot overwrite us later.
 4. `simpletuner.helpers.distillation.lcm.distiller` becomes importable (exposes `LCMDistiller`).
-5. `Trainer.init_data_backend` first validates the LCM setup, so a bad config fails before data
-   caching and model loading, not minutes later at distiller creation.
+5. `Trainer.init_data_backend` first runs `simpletuner-lcm validate`'s checks on config.json and
+   multidatabackend.json (LCM runs only), so a bad config fails before data caching and model loading,
+   not minutes later at distiller creation.
 6. On hosts without an accelerator, `torch.Tensor.pin_memory` becomes a no-op: SimpleTuner's collate
    pins every latent and torch raises "Found no NVIDIA driver" there.
+7. `json_file.mapping_to_cli_args` drops the `$schema` key (editor autocompletion, see docs/config.md),
+   which SimpleTuner's argument parser would refuse.
 """
 
 from __future__ import annotations
@@ -102,10 +105,9 @@ def _hint(problem: dict) -> str:
 def validate_before_model_load(trainer) -> None:
     """Checks run by the patched `Trainer.init_data_backend`, before data caching and model loading."""
     config = trainer.config
-    # CONFIG VALIDATION SEAM: call lcm_plugin.config's validator for config.json and multidatabackend.json
-    # here (CONFIG_PATH / config.data_backend_config name the files), once it exists.
     if str(getattr(config, "distillation_method", None) or "").lower() != METHOD:
         return
+    _validate_config_files(getattr(config, "data_backend_config", None))
     lcm_config_from_block(lcm_block(getattr(config, "distillation_config", None)))
     prediction_type = getattr(trainer.model, "PREDICTION_TYPE", None)
     if prediction_type is not None and prediction_type.is_flow_prediction:
@@ -114,6 +116,42 @@ def validate_before_model_load(trainer) -> None:
             f"(model_family {config.model_family!r} predicts {prediction_type.value!r})."
         )
     _check_model_type(config.model_type)
+
+
+def _validate_config_files(backend_path) -> None:
+    """`simpletuner-lcm validate`'s checks on the running config.json and multidatabackend.json.
+
+    Warnings are logged; errors stop the run with the same lines the CLI prints. Only JSON configs are
+    checked (SimpleTuner's env/toml backends have no file our validator reads).
+    """
+    import os
+
+    from simpletuner.helpers.configuration import json_file
+
+    from lcm_plugin.config import format_problems, has_errors, validate_files
+
+    env = os.environ.get("SIMPLETUNER_ENVIRONMENT", os.environ.get("SIMPLETUNER_ENV", os.environ.get("ENV")))
+    config_path = next((path for path in json_file._candidate_json_paths(env) if path.is_file()), None)
+    if config_path is None:
+        logger.info("simpletuner-lcm: no config.json found (env or toml config?); skipping file validation.")
+        return
+    problems = validate_files(config_path, backend_path)
+    if has_errors(problems):
+        raise ValueError("simpletuner-lcm validate found errors:\n" + format_problems(problems))
+    for line in format_problems(problems).splitlines():
+        logger.warning("simpletuner-lcm validate: %s", line)
+
+
+def _mapping_without_schema_key(original):
+    """json_file.mapping_to_cli_args minus `$schema`, the editor hint SimpleTuner's parser would refuse."""
+
+    @functools.wraps(original)
+    def mapping_to_cli_args(mapping, *args, **kwargs):
+        if isinstance(mapping, dict):
+            mapping = {key: value for key, value in mapping.items() if key.lstrip("-") != "$schema"}
+        return original(mapping, *args, **kwargs)
+
+    return mapping_to_cli_args
 
 
 def _create_lcm_distiller(
@@ -228,6 +266,7 @@ def install() -> None:
     trainer_cls = _require(_import_surface("simpletuner.helpers.training.trainer"), "Trainer",
                            "simpletuner.helpers.training.trainer")
     dataset_types = _import_surface("simpletuner.helpers.data_backend.dataset_types")
+    json_file = _import_surface("simpletuner.helpers.configuration.json_file")
     if _saved is not None:  # importing the trainer fired lcm_plugin._hook, which has just installed
         return
     for owner, names, where in (
@@ -237,6 +276,7 @@ def install() -> None:
         (base, ("toggle_adapter", "prepare_batch", "compute_distill_loss", "get_scheduler",
                 "_init_scheduler_configs"), "DistillationBase"),
         (trainer_cls, ("init_data_backend",), "Trainer"),
+        (json_file, ("mapping_to_cli_args", "_candidate_json_paths"), "simpletuner.helpers.configuration.json_file"),
         (_require(dataset_types, "DatasetType", "simpletuner.helpers.data_backend.dataset_types"), ("IMAGE",),
          "DatasetType"),
     ):
@@ -253,11 +293,13 @@ def install() -> None:
         "metadata": registry.get_metadata(METHOD),
         "alias_attr": upstream_lcm.__dict__.get("distiller"),
         "pin_memory": None,
+        "mapping_to_cli_args": json_file.mapping_to_cli_args,
     }
 
     factory._create_lcm_distiller = staticmethod(_create_lcm_distiller)
     factory._method_config = _method_config_accepting_strings(saved["method_config"].__func__)
     trainer_cls.init_data_backend = _validating_init_data_backend(saved["init_data_backend"])
+    json_file.mapping_to_cli_args = _mapping_without_schema_key(saved["mapping_to_cli_args"])
     registry.register(
         METHOD,
         LcmDistiller,
@@ -289,9 +331,11 @@ def uninstall() -> None:
     from simpletuner.helpers.distillation import lcm as upstream_lcm
     from simpletuner.helpers.distillation.factory import DistillerFactory
     from simpletuner.helpers.distillation.registry import DistillationRegistry
+    from simpletuner.helpers.configuration import json_file
     from simpletuner.helpers.training.trainer import Trainer
 
     saved, _saved = _saved, None
+    json_file.mapping_to_cli_args = saved["mapping_to_cli_args"]
     DistillerFactory._create_lcm_distiller = saved["create"]
     DistillerFactory._method_config = saved["method_config"]
     Trainer.init_data_backend = saved["init_data_backend"]
