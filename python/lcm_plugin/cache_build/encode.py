@@ -13,12 +13,20 @@ not from the global RNG, so a latent does not depend on batch order, rank count,
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_TOKENS = 77  # SDXL._encode_prompts pads and truncates to 77 tokens
+
+
+def device() -> torch.device:
+    """This rank's accelerator (LOCAL_RANK under accelerate/torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def load_vae(vae_path: str, dtype: str):
@@ -29,7 +37,7 @@ def load_vae(vae_path: str, dtype: str):
         vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae", torch_dtype=DTYPES[dtype])
     except (OSError, ValueError):
         vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=DTYPES[dtype])
-    return vae.eval().requires_grad_(False)
+    return vae.to(device()).eval().requires_grad_(False)
 
 
 def load_text_encoders(model_path: str, dtype: str) -> tuple[list, list]:
@@ -41,7 +49,7 @@ def load_text_encoders(model_path: str, dtype: str) -> tuple[list, list]:
         CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=DTYPES[dtype]),
         CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", dtype=DTYPES[dtype]),
     ]
-    return tokenizers, [encoder.eval().requires_grad_(False) for encoder in encoders]
+    return tokenizers, [encoder.to(device()).eval().requires_grad_(False) for encoder in encoders]
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -57,8 +65,8 @@ def pixel_values(images: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, keys: list[str], seed: int) -> torch.Tensor:
-    """Scaled latent samples [N, 4, H/8, W/8] in the VAE dtype of uint8 images [N, H, W, 3] named `keys`."""
-    posterior = vae.encode(pixel_values(images, vae.dtype)).latent_dist
+    """Scaled latent samples [N, 4, H/8, W/8] (CPU, VAE dtype) of uint8 images [N, H, W, 3] named `keys`."""
+    posterior = vae.encode(pixel_values(images, vae.dtype).to(vae.device)).latent_dist
     noise = torch.stack(
         [
             torch.randn(
@@ -74,18 +82,18 @@ def encode_latents(vae, images: np.ndarray, keys: list[str], seed: int) -> torch
     shift_factor = getattr(vae.config, "shift_factor", None)
     if shift_factor is not None:
         latents = latents - shift_factor
-    return latents * vae.config.scaling_factor
+    return (latents * vae.config.scaling_factor).cpu()
 
 
 @torch.no_grad()
 def encode_prompts(tokenizers: list, encoders: list, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [N, 77, D1+D2], pooled_prompt_embeds [N, P]) of `prompts`, in the encoders' dtype."""
+    """(prompt_embeds [N, 77, D1+D2], pooled_prompt_embeds [N, P]) of `prompts`, on the CPU in the encoders' dtype."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, encoders):
         ids = tokenizer(
             prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
         ).input_ids
-        output = encoder(ids, output_hidden_states=True)
+        output = encoder(ids.to(encoder.device), output_hidden_states=True)
         pooled = output[0]  # the projected pooled output of CLIP-G is the one SDXL keeps
         hidden.append(output.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
+    return torch.cat(hidden, dim=-1).cpu(), pooled.cpu()

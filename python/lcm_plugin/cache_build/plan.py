@@ -228,7 +228,8 @@ def list_images(data_dir: Path) -> list[Path]:
 
 
 def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
-    """The caption(s) SimpleTuner's PromptHandler reads for `path` (every line of a textfile is one), stripped."""
+    """The caption(s) SimpleTuner's PromptHandler reads for `path` (every line of a textfile is one), stripped.
+    Raises BuildError naming the caption file when it cannot be read."""
     if dataset.caption_strategy == "instanceprompt":
         return (dataset.instance_prompt.strip(),)
     if dataset.caption_strategy == "filename":
@@ -238,7 +239,8 @@ def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
         try:
             text = text_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise BuildError(f"{text_file}: caption file unreadable ({error}); caption_strategy is textfile") from None
+            reason = "missing" if isinstance(error, FileNotFoundError) else f"unreadable ({error})"
+            raise BuildError(f"caption file {text_file} {reason} (caption_strategy textfile)") from None
         captions = [line for line in text.split("\n") if line] if "\n" in text else [text]
     if dataset.prepend_instance_prompt and dataset.instance_prompt:
         captions = [f"{dataset.instance_prompt} {caption}" for caption in captions]
@@ -258,8 +260,13 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dat
         if sample is None:
             dataset.skipped.append((path, "below minimum_image_size"))
             continue
+        try:
+            captions = captions_of(path, dataset)
+        except BuildError as error:
+            dataset.skipped.append((path, str(error)))
+            continue
         key = path.relative_to(dataset.data_dir).as_posix()
-        dataset.images.append(ImageItem(path=path, key=key, captions=captions_of(path, dataset), sample=sample))
+        dataset.images.append(ImageItem(path=path, key=key, captions=captions, sample=sample))
     return dataset
 
 
