@@ -138,6 +138,7 @@ def test_decode_releases_the_gil():
     assert spins > 10_000
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 def test_forked_child_can_still_scan_and_gather(tmp_path):
     """DataLoader workers fork after the parent used the thread pool; the child must not hang."""
     import multiprocessing
