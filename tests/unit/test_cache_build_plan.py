@@ -1,0 +1,127 @@
+"""cache build inputs: config reading, clear errors naming file and key, captions, batches, time_ids (no torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcm_plugin.cache_build.build import time_ids
+from lcm_plugin.cache_build.plan import BuildError, ImageItem, captions_of, datasets_of, read_run, vae_batches
+
+
+def write_config(root: Path, backends: list, **config) -> Path:
+    (root / "config").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "config" / "multidatabackend.json").write_text(json.dumps(backends))
+    base = {
+        "model_type": "lora",
+        "model_family": "sdxl",
+        "output_dir": "output",
+        "pretrained_model_name_or_path": "/models/sdxl",
+        "data_backend_config": "config/multidatabackend.json",
+        "optimizer": "torch-adamw",
+        "max_train_steps": 1,
+        "num_train_epochs": 0,
+    }
+    (root / "config" / "config.json").write_text(json.dumps(base | config))
+    return root
+
+
+IMAGES = {"id": "photos", "type": "local", "instance_data_dir": "data", "caption_strategy": "textfile"}
+TEXT = {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"}
+
+
+def test_settings_follow_simpletuner_defaults_and_paths_resolve_from_the_run_folder(tmp_path):
+    root = write_config(tmp_path, [IMAGES, TEXT])
+    settings, entries = read_run(root)
+    assert settings.root == root and settings.vae_dtype == "bf16" and settings.text_dtype == "bf16"
+    assert settings.vae_batch_size == 4 and settings.aspect_bucket_alignment == 64
+    assert settings.vae_path == "madebyollin/sdxl-vae-fp16-fix"  # SimpleTuner's default SDXL VAE
+    (dataset,) = datasets_of(settings, entries)
+    assert dataset.data_dir == root / "data" and dataset.text_cache_dir == root / "cache" / "text"
+    assert dataset.vae_cache_dir == root / "output" / "cache" / "vae" / "sdxl" / "photos"  # SimpleTuner's default
+    assert dataset.compress_vae and dataset.compress_text  # compress_disk_cache defaults to true
+    assert dataset.bucket_config["resolution_type"] == "pixel_area"  # inherited from config.json's default
+
+
+def test_vae_dtype_fp32_is_kept_and_mixed_precision_no_gives_fp32_text(tmp_path):
+    settings, _ = read_run(write_config(tmp_path, [IMAGES, TEXT], vae_dtype="fp32", mixed_precision="no"))
+    assert settings.vae_dtype == "fp32" and settings.text_dtype == "fp32"
+
+
+@pytest.mark.parametrize(
+    "backends, config, expected",
+    [
+        ([IMAGES | {"type": "aws"}, TEXT], {}, "multidatabackend.json: "),
+        ([IMAGES | {"instance_data_dir": "nowhere"}, TEXT], {}, "/0/instance_data_dir: folder"),
+        ([IMAGES | {"caption_strategy": "parquet", "metadata_backend": "parquet"}, TEXT], {}, "/0/"),
+        ([IMAGES], {}, "no text_embeds dataset with a cache_dir for 'photos'"),
+        ([IMAGES, TEXT], {"vae_dtype": "fp16"}, "/vae_dtype: fp16"),
+        ([IMAGES, TEXT], {"learning_rat": 1}, "/learning_rat: unknown key"),
+        ([TEXT], {}, "no enabled image"),
+    ],
+)
+def test_bad_input_is_refused_with_the_file_and_key(tmp_path, backends, config, expected):
+    root = write_config(tmp_path, backends, **config)
+    with pytest.raises(BuildError, match=None) as error:
+        settings, entries = read_run(root)
+        datasets_of(settings, entries)
+    assert expected in str(error.value)
+    assert str(root / "config") in str(error.value)
+
+
+def test_cli_prints_one_clear_line_and_no_traceback(tmp_path):
+    root = write_config(tmp_path, [IMAGES | {"instance_data_dir": "nowhere"}, TEXT])
+    result = subprocess.run(
+        [sys.executable, "-m", "lcm_plugin.cli", "cache", "build", str(root)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("simpletuner-lcm cache build: ") and "instance_data_dir" in result.stderr
+    verify = subprocess.run(
+        [sys.executable, "-m", "lcm_plugin.cli", "cache", "verify", str(tmp_path / "missing")],
+        capture_output=True, text=True,
+    )
+    assert verify.returncode == 1 and "Traceback" not in verify.stderr and "no config.json" in verify.stderr
+
+
+def test_textfile_captions_split_lines_like_simpletuner(tmp_path):
+    from simpletuner.helpers.data_backend.local import LocalDataBackend
+    from simpletuner.helpers.prompts import PromptHandler
+
+    root = write_config(tmp_path, [IMAGES | {"prepend_instance_prompt": True, "instance_prompt": "sks"}, TEXT])
+    (root / "data" / "a.png").write_bytes(b"")
+    (root / "data" / "a.txt").write_text("a red circle\n\n on white \n")
+    settings, entries = read_run(root)
+    (dataset,) = datasets_of(settings, entries)
+    expected = PromptHandler.prepare_instance_prompt_from_textfile(
+        str(root / "data" / "a.png"), use_captions=True, prepend_instance_prompt=True,
+        data_backend=LocalDataBackend(accelerator=None, id="photos"), instance_prompt="sks",
+    )
+    assert captions_of(root / "data" / "a.png", dataset) == tuple(c.strip() for c in expected)
+    with pytest.raises(BuildError, match="caption file .*b.txt missing"):
+        captions_of(root / "data" / "b.png", dataset)
+
+
+def test_batches_hold_one_bucket_and_every_image_once():
+    def item(i: int, bucket: str) -> ImageItem:
+        return ImageItem(path=Path(f"{i}.png"), key=f"{i}.png", sample={"bucket": bucket})
+
+    class Dataset:
+        id = "d"
+        images = [item(i, "1.0" if i % 3 else "0.75") for i in range(11)]
+
+    batches = vae_batches([Dataset], batch_size=3)
+    assert all(len({it.sample["bucket"] for it in b.items}) == 1 and len(b.items) <= 3 for b in batches)
+    assert sorted(it.key for b in batches for it in b.items) == sorted(it.key for it in Dataset.images)
+
+
+def test_time_ids_are_sdxl_order():
+    # diffusers' StableDiffusionXLPipeline._get_add_time_ids: original_size + crops_coords_top_left + target_size,
+    # each (height, width); our samples hold sizes as (width, height).
+    sample = {"original_size": (300, 200), "crop_coordinates": (5, 7), "target_size": (192, 128)}
+    assert time_ids(sample) == [200, 300, 5, 7, 128, 192]
