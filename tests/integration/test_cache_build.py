@@ -328,7 +328,7 @@ def test_two_processes_share_the_work_and_encode_each_image_once(tmp_path, model
     ]
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    encoded = [int(n) for n in re.findall(r"cache build \(rank \d\): (\d+) image\(s\) encoded", result.stderr)]
+    encoded = [int(n) for n in re.findall(r"cache build \(rank \d\): (\d+) image\(s\) encoded \(", result.stderr)]
     assert len(encoded) == 2 and all(n > 0 for n in encoded) and sum(encoded) == len(good_keys(run)), encoded
     for folder in (run / "cache/vae/toy" / LCM_DIR, run / "cache/text" / LCM_DIR):
         assert sorted(p.name for p in folder.glob("index.*.json")) == ["index.rank0.json", "index.rank1.json"]

@@ -56,7 +56,8 @@ class BuildReport:
     reused: int = 0  # images of this rank found already cached
     captions: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole build, model loading included
+    encode_seconds: float = 0.0  # decode + VAE encode + write of the images
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -167,6 +168,8 @@ def _open_writer(folder: Path, rank: int, shard_bytes: int):
 def _encode_images(
     batches: list[Batch], datasets: list[Dataset], settings: RunSettings, options: BuildOptions, rank: int, report
 ) -> None:
+    import time
+
     import torch
     from tqdm import tqdm
 
@@ -187,6 +190,7 @@ def _encode_images(
         return
     vae = _load(load_vae, settings.vae_path, settings.vae_dtype, what="VAE")
     bar = tqdm(total=sum(len(b.items) for b in todo), unit="img", desc=f"latents (rank {rank})", disable=rank != 0)
+    start = time.perf_counter()
     for batch in todo:
         dataset, writer = by_id[batch.dataset], writers[batch.dataset]
         target = batch.items[0].sample["target_size"]
@@ -215,6 +219,7 @@ def _encode_images(
     bar.close()
     for writer in writers.values():
         writer.commit()
+    report.encode_seconds = time.perf_counter() - start
 
 
 def _encode_captions(
@@ -291,10 +296,10 @@ def _write_manifest(dataset: Dataset, items: list) -> None:
 
 
 def print_report(report: BuildReport, rank: int, file=sys.stderr) -> None:
-    rate = report.encoded / report.seconds if report.seconds else 0.0
+    rate = report.encoded / report.encode_seconds if report.encode_seconds else 0.0
     print(
-        f"cache build (rank {rank}): {report.encoded} image(s) encoded, {report.reused} already cached, "
-        f"{report.captions} caption(s) encoded, {len(report.failed)} file(s) skipped "
-        f"in {report.seconds:.1f} s ({rate:.1f} images/s)",
+        f"cache build (rank {rank}): {report.encoded} image(s) encoded ({rate:.1f} images/s), {report.reused} "
+        f"already cached, {report.captions} caption(s) encoded, {len(report.failed)} file(s) skipped; "
+        f"{report.seconds:.1f} s in all",
         file=file,
     )
