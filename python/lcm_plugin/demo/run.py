@@ -103,18 +103,25 @@ def train(run_dir: Path, max_train_steps: int) -> Path:
     simpletuner = Path(sys.executable).parent / "simpletuner"
     log_path = run_dir / "simpletuner.log"
     metrics_file = run_dir / "output" / "training_metrics.jsonl"
-    with open(log_path, "w") as log, tqdm(total=max_train_steps, desc="LCM-LoRA training (SimpleTuner starting)",
-                                          unit="step", dynamic_ncols=True) as bar:
+    with open(log_path, "w") as log:
         process = subprocess.Popen([str(simpletuner), "train"], cwd=run_dir, env=trainer_env(),
                                    stdout=log, stderr=subprocess.STDOUT)
-        while process.poll() is None:
-            time.sleep(1.0)
-            done, loss = _progress(metrics_file)
-            if done > bar.n:
-                bar.set_description("LCM-LoRA training", refresh=False)
-                bar.set_postfix(lcm_loss=f"{loss:.2e}", refresh=False)
-                bar.update(done - bar.n)
-        bar.update(max(_progress(metrics_file)[0] - bar.n, 0))
+        # Two bars: start-up (model load, VAE and text-embed caches) has no step count; a single bar would
+        # fold it into the per-step rate and estimate hours.
+        with tqdm(desc="SimpleTuner start-up (loading, caching latents and text embeds)", bar_format="{desc}: {elapsed}") as bar:
+            while process.poll() is None and _progress(metrics_file)[0] == 0:
+                time.sleep(1.0)
+                bar.refresh()
+        with tqdm(total=max_train_steps, desc="LCM-LoRA training", unit="step", dynamic_ncols=True) as bar:
+            while True:
+                finished = process.poll() is not None
+                done, loss = _progress(metrics_file)
+                if done > bar.n:
+                    bar.set_postfix(lcm_loss=f"{loss:.2e}", refresh=False)
+                    bar.update(done - bar.n)
+                if finished:
+                    break
+                time.sleep(1.0)
     lora = run_dir / "output" / LORA_FILE
     if not lora.is_file():
         tail = log_path.read_text(errors="replace")[-3000:]
