@@ -277,7 +277,7 @@ def test_parity_holds_in_float32_with_fixed_guidance(monkeypatch):
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_prepared_batch_keeps_latent_dtype_and_device(monkeypatch):
+def test_half_precision_latents_get_float32_arithmetic_and_keep_their_device(monkeypatch):
     del monkeypatch
     cfg = LcmConfig()
     scheduler = noise_scheduler("epsilon")
@@ -286,9 +286,12 @@ def test_prepared_batch_keeps_latent_dtype_and_device(monkeypatch):
     distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
     for batch_size in (3, 1):  # aspect buckets change the batch size between steps
         prepared = distiller.prepare_batch(sdxl_batch(batch_size, torch.bfloat16, seed=batch_size), model, {})
-        for key in ("noisy_latents", "lcm_target"):
-            assert prepared[key].dtype == torch.bfloat16, key
+        # The student's input keeps the latents' dtype; the LCM arithmetic runs in float32, as diffusers' does.
+        expected = {"noisy_latents": torch.bfloat16, "lcm_x_t": torch.float32, "lcm_target": torch.float32}
+        for key, dtype in expected.items():
+            assert prepared[key].dtype == dtype, key
             assert prepared[key].shape == (batch_size, 4, 8, 8), key
+        assert torch.equal(prepared["noisy_latents"], prepared["lcm_x_t"].to(torch.bfloat16))
         assert prepared["timesteps"].dtype == torch.int64
         loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), torch.tensor(0.0))
         assert torch.isfinite(loss)
