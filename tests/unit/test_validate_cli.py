@@ -33,7 +33,7 @@ def _project(tmp_path, config_changes=None, backends=None, data_dir=True):
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     entries = backends if backends is not None else json.loads((SEED / "multidatabackend.json").read_text())
     if data_dir:
-        (folder / "images").mkdir()
+        (tmp_path / "images").mkdir()  # relative data paths resolve where training starts: above config/
         for entry in entries:
             if "instance_data_dir" in entry:
                 entry["instance_data_dir"] = "images"
@@ -116,7 +116,7 @@ def test_invalid_json_is_reported_with_line_and_column(tmp_path, capsys):
     assert f"{folder / 'multidatabackend.json'}: /: invalid JSON at line 3, column 12: Expecting value" in lines
 
 
-def test_relative_paths_resolve_against_the_config_folder(tmp_path, capsys, monkeypatch):
+def test_relative_paths_resolve_where_training_starts_not_in_the_current_directory(tmp_path, capsys, monkeypatch):
     folder = _project(
         tmp_path,
         {
@@ -128,11 +128,11 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, capsys, monk
     )
     monkeypatch.chdir("/")
     assert _run(capsys, folder)[0:2] == (0, [])
-    (folder / "images").rmdir()
+    (tmp_path / "images").rmdir()
     code, lines, _ = _run(capsys, folder)
     assert code == 0 and lines == [
         f"{folder / 'multidatabackend.json'}: /0/instance_data_dir: warning: folder "
-        f"'{folder / 'images'}' does not exist here"
+        f"'{tmp_path / 'images'}' does not exist here"
     ]
 
 

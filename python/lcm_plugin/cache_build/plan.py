@@ -16,7 +16,7 @@ from lcm_plugin.config import format_problems, has_errors, validate_files
 from lcm_plugin.config.catalogue import load_catalogue
 from lcm_plugin.config.databackend import is_enabled
 from lcm_plugin.config.problems import pointer
-from lcm_plugin.config.run import find_backend_file, find_config, inherited_settings, read_json
+from lcm_plugin.config.run import find_backend_file, find_config, inherited_settings, read_json, run_root
 from lcm_plugin.config.training import canonical_key
 
 # SimpleTuner's image extensions that the Rust decoder reads (helpers/training image_file_extensions, minus
@@ -120,7 +120,7 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
     vae_dtype = str(setting("vae_dtype") or "default").lower()
     if vae_dtype == "fp16":
         raise BuildError(f"{config_path}: /vae_dtype: fp16 is not supported for SDXL's VAE (SimpleTuner refuses it)")
-    root = config_path.parent.parent if config_path.parent.name == "config" else config_path.parent
+    root = run_root(config_path)
     settings = RunSettings(
         config_path=config_path,
         backend_path=backend_path,

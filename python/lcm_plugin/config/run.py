@@ -43,6 +43,13 @@ def read_json(path: Path) -> tuple[Any, list[Problem]]:
         return None, [Problem(str(path), "", f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}")]
 
 
+def run_root(config_path: Path) -> Path:
+    """The folder training starts in, against which SimpleTuner resolves relative paths: the parent of
+    `config/` for the usual `config/config.json` layout, else config.json's own folder."""
+    folder = config_path.parent
+    return folder.parent if folder.name == "config" else folder
+
+
 def find_config(folder: Path) -> Path | None:
     """config.json in `folder` or in `folder`/config, as SimpleTuner looks for it."""
     for candidate in (folder / CONFIG_FILE, folder / "config" / CONFIG_FILE):
@@ -73,7 +80,7 @@ def find_backend_file(config: dict, config_path: Path) -> tuple[Path | None, lis
     for candidate in (folder / BACKEND_FILE, folder / "config" / BACKEND_FILE):
         if candidate.is_file():
             # Training usually starts in the folder above config/: name the file as seen from there.
-            relative = candidate.relative_to(folder.parent if folder.name == "config" else folder)
+            relative = candidate.relative_to(run_root(config_path))
             return candidate, [
                 Problem(
                     str(config_path),
@@ -92,7 +99,7 @@ def validate_run(config: Any, config_path: str | Path, backend_path: str | Path 
     """Every problem of a run, errors and warnings, before anything heavy loads.
 
     config: config.json as parsed (a dict of SimpleTuner options; `--` prefixes allowed).
-    config_path: where config.json lives; relative paths inside resolve against its folder.
+    config_path: where config.json lives; relative data paths resolve against `run_root(config_path)`.
     backend_path: multidatabackend.json; None finds it as SimpleTuner does (data_backend_config, else beside).
     Render with `format_problems(problems)`; any `severity == "error"` means the run must not start.
     """
@@ -116,7 +123,7 @@ def _run_problems(config: Any, config_path: Path, backend_path: str | Path | Non
     if unreadable:
         return problems + unreadable
     problems += check_backends(entries, str(backend_path), inherited_settings(config))
-    problems += missing_data_dirs(entries, str(backend_path), config_path.parent)
+    problems += missing_data_dirs(entries, str(backend_path), run_root(config_path))
     return problems
 
 
