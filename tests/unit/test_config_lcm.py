@@ -45,15 +45,12 @@ def test_equal_guidance_bounds_fix_the_scale():
     assert LcmConfig(w_min=8.5, w_max=8.5).w_max == 8.5
 
 
+LCM_RUN = {"model_family": "sdxl", "model_type": "lora", "output_dir": "o", "optimizer": "adamw_bf16",
+           "distillation_method": "lcm"}
+
+
 def _lcm_problems(block):
-    config = {
-        "model_family": "sdxl",
-        "model_type": "lora",
-        "output_dir": "o",
-        "optimizer": "adamw_bf16",
-        "distillation_method": "lcm",
-        "distillation_config": block,
-    }
+    config = {**LCM_RUN, "distillation_config": block}
     return [p for p in check_training_config(config, "config.json") if "/distillation_config" in p.pointer]
 
 
@@ -85,25 +82,11 @@ def test_string_form_is_parsed_and_errors_point_at_the_key():
 
 def test_string_form_may_name_a_json_file_next_to_the_config(tmp_path):
     (tmp_path / "lcm.json").write_text('{"lcm": {"w_mn": 1}}')
-    config = {
-        "model_family": "sdxl",
-        "model_type": "lora",
-        "output_dir": "o",
-        "optimizer": "adamw_bf16",
-        "distillation_method": "lcm",
-        "distillation_config": "lcm.json",
-    }
+    config = {**LCM_RUN, "distillation_config": "lcm.json"}
     problems = [p for p in check_training_config(config, "c.json", tmp_path) if "distillation_config" in p.pointer]
     assert len(problems) == 1 and "did you mean 'w_min'?" in problems[0].message
 
 
 def test_lcm_without_a_block_warns_that_defaults_apply():
-    config = {
-        "model_family": "sdxl",
-        "model_type": "lora",
-        "output_dir": "o",
-        "optimizer": "adamw_bf16",
-        "distillation_method": "lcm",
-    }
-    (problem,) = check_training_config(config, "config.json")
+    (problem,) = check_training_config(dict(LCM_RUN), "config.json")
     assert (problem.pointer, problem.severity) == ("", "warning") and "LcmConfig's defaults" in problem.message
