@@ -30,13 +30,15 @@ def add_arguments(parser) -> None:
 
 def find_config_json(config_dir: Path) -> Path:
     """config.json in `config_dir` or `config_dir/config`, SimpleTuner's own search order."""
-    for candidate in (config_dir / "config.json", config_dir / "config" / "config.json"):
-        if candidate.is_file():
-            return candidate
-    raise SystemExit(
-        f"simpletuner-lcm train: no config.json in {config_dir} or {config_dir / 'config'} "
-        "(write SimpleTuner's config.json there, e.g. from ../shared/seed/config.json)"
-    )
+    from lcm_plugin.config.run import find_config
+
+    found = find_config(config_dir)
+    if found is None:
+        raise SystemExit(
+            f"simpletuner-lcm train: no config.json in {config_dir} or {config_dir / 'config'} "
+            "(SimpleTuner's config.json with \"distillation_method\": \"lcm\"; check it with simpletuner-lcm validate)"
+        )
+    return found
 
 
 def run(args) -> int:
