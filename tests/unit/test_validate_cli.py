@@ -63,6 +63,7 @@ def test_seed_files_report_exactly_what_simpletuner_refuses_and_the_lcm_warnings
         "/validation_negative_prompt",
         "/0/instance_data_dir",
     ]
+    assert lines[0].endswith('64 is a valid aspect_bucket_alignment (did you mean "aspect_bucket_alignment": 64?)')
     assert lines[4].startswith(f"{config}: /: no data_backend_config")
     assert lines[5] == (
         f"{config}: /: warning: caption_dropout_probability = 0.1 (SimpleTuner's default): SimpleTuner "

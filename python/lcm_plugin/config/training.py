@@ -171,9 +171,20 @@ def _value_problem(name: str, value: Any, entry: dict) -> str | None:
     choices = _live_choices(name) or choices
     if choices and _normalise_choice(name, parsed) not in choices:
         if kind != "string":  # a near-miss between numbers means nothing: say what the key is for instead
-            return f"{value!r} is not one of {choices}{meaning}"
+            return f"{value!r} is not one of {choices}{meaning}" + _value_of_sibling_key(name, value)
         return f"{value!r} is not one of {choices}" + did_you_mean(str(value), choices)
     return None
+
+
+# Keys whose values users put under each other (the SDXL LCM quickstart writes aspect_bucket_rounding: 64).
+SIBLING_KEYS = {"aspect_bucket_rounding": "aspect_bucket_alignment"}
+
+
+def _value_of_sibling_key(name: str, value: Any) -> str:
+    sibling = SIBLING_KEYS.get(name)
+    if sibling is None or str(value) not in (load_catalogue()["keys"][sibling]["choices"] or ()):
+        return ""
+    return f"; {value!r} is a valid {sibling} (did you mean \"{sibling}\": {value}?)"
 
 
 def _live_choices(name: str) -> list | None:
