@@ -151,10 +151,12 @@ def test_forked_child_can_still_scan_and_gather(tmp_path):
         for i in range(4):
             writer.put(str(i), np.full(8, i, np.float32))
     assert scan_sizes([str(image)] * 8)[0][0] == (9, 4)  # parent uses the global pool
+    assert scan_sizes([str(image)] * 8, threads=2)[0][0] == (9, 4)  # and the kept pool for an explicit count
     LatentCacheReader(tmp_path / "cache").gather(["0", "1"])
 
     def child(queue):
         sizes, _ = scan_sizes([str(image)] * 8)
+        assert scan_sizes([str(image)] * 8, threads=2)[0] == sizes
         batch = LatentCacheReader(tmp_path / "cache").gather(["3", "2"])
         queue.put((sizes[0], batch[:, 0].tolist()))
 
