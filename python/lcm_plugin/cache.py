@@ -105,6 +105,15 @@ def _to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == "BF16" else tensor
 
 
+def _check_out(shape: tuple, dtype: Any, contiguous: bool, want_shape: tuple, want_dtype: Any) -> None:
+    """Raises ValueError naming what a gather `out` buffer has and needs."""
+    if tuple(shape) != tuple(want_shape) or dtype != want_dtype or not contiguous:
+        raise ValueError(
+            f"gather: `out` must be a C-contiguous CPU buffer of shape {tuple(want_shape)} and dtype {want_dtype}, "
+            f"got shape {tuple(shape)}, dtype {dtype}, contiguous {contiguous}"
+        )
+
+
 class LatentCacheWriter:
     """Appends tensors to a cache directory; shards are sealed atomically every `shard_bytes`.
 
@@ -173,17 +182,35 @@ class LatentCacheReader:
         """`get` as a torch tensor sharing the mapped memory (read-only by contract)."""
         return _to_torch(self.get(key), self._reader.locate(key)[3])
 
-    def gather(self, keys: Sequence[str]) -> np.ndarray:
-        """One contiguous `[N, *shape]` copy of same-shaped tensors, copied in parallel without the GIL."""
+    def gather(self, keys: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
+        """One contiguous `[N, *shape]` copy of same-shaped tensors, copied in parallel without the GIL.
+
+        `out`: a C-contiguous `[N, *shape]` array of the stored dtype to fill instead of allocating one; a loader
+        that reuses its batch buffer skips the page faults of fresh memory. Returns the filled array.
+        """
         if not keys:
             raise ValueError("gather needs at least one key")
         _, _, _, dtype, shape = self._reader.locate(keys[0])
-        raw = self._reader.gather(list(keys))
-        return raw.view(_SAFETENSORS_TO_NUMPY[dtype]).reshape(len(keys), *shape)
+        np_dtype = np.dtype(_SAFETENSORS_TO_NUMPY[dtype])
+        if out is None:
+            return self._reader.gather(list(keys)).view(np_dtype).reshape(len(keys), *shape)
+        _check_out(out.shape, out.dtype, out.flags.c_contiguous, (len(keys), *shape), np_dtype)
+        self._reader.gather(list(keys), out.reshape(-1).view(np.uint8))
+        return out
 
-    def gather_torch(self, keys: Sequence[str]) -> torch.Tensor:
-        """`gather` as a torch tensor (owns its memory)."""
-        return _to_torch(self.gather(keys), self._reader.locate(keys[0])[3])
+    def gather_torch(self, keys: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
+        """`gather` as a torch tensor (owns its memory); `out` is a contiguous CPU tensor to fill, as in `gather`."""
+        if out is None:
+            return _to_torch(self.gather(keys), self._reader.locate(keys[0])[3])
+        import torch
+
+        if not keys:
+            raise ValueError("gather needs at least one key")
+        _, _, _, dtype, shape = self._reader.locate(keys[0])
+        torch_dtype = _to_torch(np.empty(0, _SAFETENSORS_TO_NUMPY[dtype]), dtype).dtype
+        _check_out(tuple(out.shape), out.dtype, out.is_contiguous() and out.device.type == "cpu", (len(keys), *shape), torch_dtype)
+        self._reader.gather(list(keys), out.view(-1).view(torch.uint8).numpy())
+        return out
 
     def close(self) -> None:
         """Drops this object's references; views handed out stay valid (they keep the map alive)."""

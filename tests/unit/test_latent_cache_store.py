@@ -69,6 +69,26 @@ def test_gather_stacks_in_key_order(tmp_path):
     assert reader.gather_torch(keys).dtype == torch.float16
 
 
+def test_gather_into_a_reused_buffer(tmp_path):
+    arrays = [np.full((2, 3), i, np.float32) for i in range(5)]
+    tensors = [torch.full((4,), i + 0.5, dtype=torch.bfloat16) for i in range(5)]
+    with LatentCacheWriter(tmp_path) as writer:
+        for i in range(5):
+            writer.put(f"a{i}", arrays[i])
+            writer.put(f"t{i}", tensors[i])
+    reader = LatentCacheReader(tmp_path)
+    out = np.full((2, 2, 3), -1, np.float32)
+    for keys in (["a4", "a1"], ["a0", "a3"]):
+        assert reader.gather(keys, out=out) is out
+        assert np.array_equal(out, np.stack([arrays[int(k[1])] for k in keys]))
+    out_t = torch.zeros(2, 4, dtype=torch.bfloat16)
+    assert reader.gather_torch(["t3", "t2"], out=out_t) is out_t
+    assert torch.equal(out_t, torch.stack([tensors[3], tensors[2]]))
+    for bad in (np.empty((3, 2, 3), np.float32), np.empty((2, 2, 3), np.float64), np.empty((2, 3, 2), np.float32).transpose(0, 2, 1)):
+        with pytest.raises(ValueError, match="`out` must be a C-contiguous CPU buffer of shape \\(2, 2, 3\\)"):
+            reader.gather(["a0", "a1"], out=bad)
+
+
 def test_corrupt_shard_is_reported_never_served_and_rebuilt(tmp_path):
     with LatentCacheWriter(tmp_path, writer="rank0", shard_bytes=1) as writer:
         writer.put("x", np.ones(16, np.float32))

@@ -446,7 +446,8 @@ impl CacheReader {
         if let Some((k, s)) = keys.iter().zip(&sources).find(|(_, s)| s.len() != len || len * keys.len() != out.len()) {
             return Err(CacheError::config("keys", format!("key `{k}` has {} bytes, the batch slot has {len}", s.len())));
         }
-        if crate::global_pool_usable() {
+        // One worker would only add a hand-off to another thread: copy on the caller's.
+        if crate::global_pool_usable() && rayon::current_num_threads() > 1 {
             out.par_chunks_mut(len.max(1)).zip(sources.par_iter()).for_each(|(o, s)| o.copy_from_slice(s));
         } else {
             out.chunks_mut(len.max(1)).zip(&sources).for_each(|(o, s)| o.copy_from_slice(s));

@@ -2,7 +2,8 @@
 use crate::errors::IntoPy;
 use latent_cache::store::{self, CacheReader, CacheWriter, Dtype};
 use numpy::ndarray::ArrayView1;
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,20 +104,38 @@ impl PyCacheReader {
         Ok(array)
     }
 
-    /// Copies the tensors of `keys` (all the same byte size) into one new `uint8 [N, nbytes]` array,
-    /// in parallel without the GIL.
-    fn gather<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    /// Copies the tensors of `keys` (all the same byte size) into `out` (a writable C-contiguous `uint8` array of
+    /// exactly N × nbytes bytes, e.g. a reused batch buffer) or, without it, into a new `uint8 [N, nbytes]` array;
+    /// in parallel without the GIL. Returns the array written.
+    #[pyo3(signature = (keys, out=None))]
+    fn gather<'py>(&self, py: Python<'py>, keys: Vec<String>, out: Option<Bound<'py, PyArrayDyn<u8>>>) -> PyResult<Bound<'py, PyAny>> {
         let inner = &self.inner;
         let len = match keys.first() {
             Some(k) => py.allow_threads(|| inner.locate(k).map(|e| e.len)).py()?,
             None => 0,
         };
-        let mut out = vec![0u8; len * keys.len()];
-        py.allow_threads(|| inner.gather(&keys, &mut out)).py()?;
-        let n = keys.len();
-        let array = PyArray1::from_vec(py, out).reshape([n, len])?;
-        debug_assert_eq!(array.shape(), [n, len]);
-        Ok(array)
+        let out = match out {
+            Some(array) => {
+                if array.len() != len * keys.len() {
+                    return Err(PyValueError::new_err(format!(
+                        "gather: `out` has {} bytes, {} keys of {len} bytes need {}",
+                        array.len(),
+                        keys.len(),
+                        len * keys.len()
+                    )));
+                }
+                array.into_any()
+            }
+            // Uninitialised: every byte is written below (or the array is dropped with the error).
+            None => unsafe { PyArray2::<u8>::new(py, [keys.len(), len], false) }.into_any(),
+        };
+        {
+            let array = out.downcast::<PyArrayDyn<u8>>()?;
+            let mut view = array.try_readwrite().map_err(|e| PyValueError::new_err(format!("gather: `out` is not writable: {e}")))?;
+            let bytes = view.as_slice_mut().map_err(|e| PyValueError::new_err(format!("gather: `out` must be C-contiguous: {e}")))?;
+            py.allow_threads(|| inner.gather(&keys, bytes)).py()?;
+        }
+        Ok(out)
     }
 }
 
