@@ -105,6 +105,8 @@ def test_factory_creates_our_distiller_from_the_lcm_block(installed):
     assert distiller.schedule.skip_k == 1000 // 25
     scheduler = distiller.get_scheduler()
     assert type(scheduler).__name__ == "LCMScheduler" and scheduler.config.timestep_scaling == 10.0
+    # Its skipping grid is the training solver's (LCMScheduler's own default is 50).
+    assert scheduler.config.original_inference_steps == LCM_BLOCK["num_ddim_timesteps"] == 25
 
 
 def test_factory_gives_full_models_a_frozen_teacher_and_a_target_network(installed):

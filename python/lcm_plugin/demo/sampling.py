@@ -80,11 +80,9 @@ def sample_lcm(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditio
     LCMScheduler's grid is the training solver's (`original_inference_steps` = num_ddim_timesteps);
     between steps it adds fresh noise drawn from `generator`.
     """
-    from diffusers import LCMScheduler
+    from lcm_plugin.inference import lcm_scheduler
 
-    scheduler = LCMScheduler.from_config(
-        scheduler_config, original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling
-    )
+    scheduler = lcm_scheduler(scheduler_config, num_ddim_timesteps=num_ddim_timesteps, timestep_scaling=timestep_scaling)
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:

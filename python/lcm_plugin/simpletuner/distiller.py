@@ -238,9 +238,11 @@ class LcmDistiller(DistillationBase):
         self.target_unet.load_state_dict(self.teacher_model.get_trained_component().state_dict())
 
     def get_scheduler(self, *_):
-        """Validation sampler: LCMScheduler on the training schedule, with the trained boundary scaling."""
-        from diffusers import LCMScheduler
+        """Validation sampler: LCMScheduler on the training solver's grid, with the trained boundary scaling."""
+        from lcm_plugin.inference import lcm_scheduler
 
-        return LCMScheduler.from_config(
-            self.noise_scheduler.config, timestep_scaling=self.lcm_config.timestep_scaling_factor
+        return lcm_scheduler(
+            self.noise_scheduler.config,
+            num_ddim_timesteps=self.lcm_config.num_ddim_timesteps,
+            timestep_scaling=self.lcm_config.timestep_scaling_factor,
         )
