@@ -14,13 +14,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import warnings
+
     from lcm_plugin import schema  # imports SimpleTuner when building the catalogue
 
-    if args.write:
-        for path in schema.write():
-            print(f"wrote {path}")
-        return 0
-    stale = schema.check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SimpleTuner's import-time notices (flash_attn, triton, autocast)
+        if args.write:
+            for path in schema.write():
+                print(f"wrote {path}")
+            return 0
+        stale = schema.check()
     for path in stale:
         print(f"{path}: out of date; run `simpletuner-lcm schema --write`", file=sys.stderr)
+    if not stale:
+        print("schemas/ and the SimpleTuner key catalogue are up to date")
     return 1 if stale else 0
