@@ -5,7 +5,8 @@ What install() changes, and why:
    `distillation_config.lcm` block (validated as `LcmConfig`). Upstream's imports
    `simpletuner.helpers.distillation.lcm.distiller`, a module that has never existed.
 2. `DistillerFactory._method_config` accepts SimpleTuner's string form of `distillation_config`
-   (a JSON string, as SimpleTuner 3.x passes it) for the "lcm" method; upstream returns {} for it.
+   (a JSON or Python-literal string, or a JSON file path, read as `validate` reads it) for the "lcm"
+   method; upstream returns {} for it.
 3. `DistillationRegistry` entry "lcm" -> `LcmDistiller`. Collision policy: we replace upstream's
    entry on purpose (its class computes the target with the teacher and crashes on SDXL), and log it.
    Upstream's module registers itself on import, so it is imported first and cannot overwrite us later.
@@ -22,7 +23,6 @@ What install() changes, and why:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 import types
@@ -31,6 +31,7 @@ from importlib.metadata import version
 from pydantic import ValidationError
 
 from lcm_plugin.config import LcmConfig
+from lcm_plugin.config import training as config_training
 
 logger = logging.getLogger("simpletuner-lcm")
 
@@ -52,28 +53,19 @@ def is_installed() -> bool:
 
 
 def parse_distillation_config(raw) -> dict:
-    """`distillation_config` as a dict: a dict as is, a JSON string parsed, None as {}."""
+    """`distillation_config` as a dict, read exactly as `simpletuner-lcm validate` reads it (a dict, a JSON or
+    Python-literal string, or a JSON file path relative to where training starts); None or "" is {}."""
     if raw is None or raw == "":
         return {}
-    if isinstance(raw, dict):
-        return raw
-    if isinstance(raw, str):
-        try:
-            parsed = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"distillation_config: expected a JSON object such as '{{\"lcm\": {{\"w_min\": 4.0}}}}', "
-                f"could not parse {raw!r}: {error}"
-            ) from None
-        if isinstance(parsed, dict):
-            return parsed
-    raise ValueError(f"distillation_config: expected a JSON object, got {type(raw).__name__} {raw!r}")
+    parsed = config_training.parse_distillation_config(raw, None)
+    if isinstance(parsed, str):
+        raise ValueError(f"distillation_config: expected a JSON object; {parsed}")
+    return parsed
 
 
 def lcm_block(distillation_config) -> dict:
     """The "lcm" block, as SimpleTuner selects it: `distillation_config["lcm"]`, or the whole config if absent."""
-    configured = parse_distillation_config(distillation_config)
-    block = configured.get(METHOD, configured)
+    block, _ = config_training.lcm_block_of(parse_distillation_config(distillation_config))
     if not isinstance(block, dict):
         raise ValueError(f"distillation_config.{METHOD}: expected a JSON object, got {block!r}")
     return block
