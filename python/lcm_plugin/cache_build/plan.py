@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from lcm_plugin.config import format_problems, has_errors, validate_files
-from lcm_plugin.config.catalogue import load_catalogue
+from lcm_plugin.config import format_problems, has_errors, validate_run
 from lcm_plugin.config.databackend import is_enabled
 from lcm_plugin.config.problems import pointer
 from lcm_plugin.config.run import find_backend_file, find_config, inherited_settings, read_json, run_root
-from lcm_plugin.config.training import canonical_key
+from lcm_plugin.config.training import effective_settings
 
 # SimpleTuner's image extensions that the Rust decoder reads (helpers/training image_file_extensions, minus
 # formats it cannot decode).
@@ -76,7 +74,6 @@ class Dataset:
     """An enabled local image dataset of multidatabackend.json and the caches it fills."""
 
     id: str
-    index: int  # position in multidatabackend.json, for error pointers
     data_dir: Path
     vae_cache_dir: Path
     text_cache_dir: Path
@@ -104,18 +101,14 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
     config_path = config_dir if config_dir.is_file() else find_config(config_dir)
     if config_path is None:
         raise BuildError(f"no config.json in {config_dir} or {config_dir / 'config'}")
-    problems = validate_files(config_path)
+    raw_config, unreadable = read_json(config_path)
+    problems = unreadable or validate_run(raw_config, config_path)
     if has_errors(problems):
         errors = [problem for problem in problems if problem.severity == "error"]
         raise BuildError("the config has errors (simpletuner-lcm validate shows them all):\n" + format_problems(errors))
-    config, _ = read_json(config_path)
-    config = {canonical_key(key): value for key, value in config.items() if value is not None}
-    backend_path, _ = find_backend_file(config, config_path)
+    backend_path, _ = find_backend_file(raw_config, config_path)
     entries, _ = read_json(backend_path)
-    catalogue = load_catalogue()["keys"]
-
-    def setting(name: str) -> Any:
-        return config.get(name, catalogue.get(name, {}).get("default"))
+    setting = effective_settings(raw_config).get
 
     vae_dtype = str(setting("vae_dtype") or "default").lower()
     if vae_dtype == "fp16":
@@ -135,7 +128,7 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
         seed=int(setting("seed") or 0),
         aspect_bucket_alignment=int(setting("aspect_bucket_alignment") or 64),
         aspect_bucket_rounding=int(setting("aspect_bucket_rounding") or 2),
-        inherited=inherited_settings(config) | {"output_dir": setting("output_dir")},
+        inherited=inherited_settings(raw_config) | {"output_dir": setting("output_dir")},
     )
     if settings.model_family != "sdxl":
         raise BuildError(f"{config_path}: /model_family: cache build supports sdxl (got {settings.model_family!r})")
@@ -152,11 +145,11 @@ def datasets_of(settings: RunSettings, entries: list[dict]) -> list[Dataset]:
     """The enabled image datasets, with their text cache (the entry's `text_embeds`, else the default one)."""
     file = str(settings.backend_path)
     text_entries = {
-        e["id"]: (i, e) for i, e in enumerate(entries) if e.get("dataset_type") == "text_embeds" and is_enabled(e)
+        e["id"]: e for e in entries if e.get("dataset_type") == "text_embeds" and is_enabled(e)
     }
-    default_text = next((e for _, e in text_entries.values() if e.get("default") is True), None)
+    default_text = next((e for e in text_entries.values() if e.get("default") is True), None)
     if default_text is None and len(text_entries) == 1:
-        default_text = next(iter(text_entries.values()))[1]
+        default_text = next(iter(text_entries.values()))
     datasets = []
     for index, entry in enumerate(entries):
         if not is_enabled(entry) or entry.get("dataset_type", "image") != "image":
@@ -169,7 +162,7 @@ def datasets_of(settings: RunSettings, entries: list[dict]) -> list[Dataset]:
         data_dir = resolve(data_dir, settings.root)
         if not data_dir.is_dir():
             raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: folder {str(data_dir)!r} does not exist")
-        text_entry = text_entries.get(entry["text_embeds"], (0, None))[1] if "text_embeds" in entry else default_text
+        text_entry = text_entries.get(entry["text_embeds"]) if "text_embeds" in entry else default_text
         if text_entry is None or not text_entry.get("cache_dir"):
             raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
         strategy = entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename"
@@ -186,7 +179,6 @@ def datasets_of(settings: RunSettings, entries: list[dict]) -> list[Dataset]:
         datasets.append(
             Dataset(
                 id=entry["id"],
-                index=index,
                 data_dir=data_dir,
                 vae_cache_dir=resolve(vae_cache, settings.root),
                 text_cache_dir=resolve(text_entry["cache_dir"], settings.root),

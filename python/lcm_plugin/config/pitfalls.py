@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lcm_plugin.config.catalogue import load_catalogue
 from lcm_plugin.config.problems import Problem, pointer
-from lcm_plugin.config.training import canonical_key
+from lcm_plugin.config.training import canonical_key, effective_settings
 
 # LCM samples with guidance distilled in: the LCM-LoRA report uses 0-2; more over-saturates and burns.
 MAX_LCM_VALIDATION_GUIDANCE = 2.0
@@ -19,11 +18,7 @@ MIN_PLAUSIBLE_PIXELS = 64
 def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
     """Warnings for a config.json whose distillation_method is 'lcm' (nothing otherwise)."""
     keys = {canonical_key(key): key for key, raw in config.items() if raw is not None}
-    catalogue = load_catalogue()["keys"]
-
-    def value(name: str) -> Any:
-        """The user's value, else SimpleTuner's default (what the run will use)."""
-        return config[keys[name]] if name in keys and config[keys[name]] is not None else catalogue[name]["default"]
+    value = effective_settings(config).__getitem__
 
     def at(name: str) -> str:
         return pointer(keys[name]) if name in keys else ""

@@ -9,11 +9,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lcm_plugin.config.catalogue import load_catalogue
 from lcm_plugin.config.databackend import check_backends, entry_model, is_enabled
 from lcm_plugin.config.pitfalls import lcm_pitfalls
 from lcm_plugin.config.problems import Problem, pointer
-from lcm_plugin.config.training import canonical_key, check_training_config
+from lcm_plugin.config.training import canonical_key, check_training_config, effective_settings
 
 BACKEND_FILE = "multidatabackend.json"
 CONFIG_FILE = "config.json"
@@ -137,9 +136,8 @@ def without_shadowed_warnings(problems: list[Problem]) -> list[Problem]:
 
 def inherited_settings(config: dict) -> dict:
     """config.json values (else SimpleTuner defaults) that dataset entries fall back to."""
-    catalogue = load_catalogue()["keys"]
-    given = {canonical_key(key): value for key, value in config.items() if value is not None}
-    return {name: given.get(name, catalogue.get(name, {}).get("default")) for name in INHERITED}
+    settings = effective_settings(config)
+    return {name: settings.get(name) for name in INHERITED}
 
 
 def validate_files(config_path: str | Path, backend_path: str | Path | None = None) -> list[Problem]:

@@ -105,6 +105,12 @@ def canonical_key(key: str) -> str:
     return key[2:] if key.startswith("--") else key
 
 
+def effective_settings(config: dict) -> dict[str, Any]:
+    """What a run uses: config.json's values by canonical key (nulls skipped), else SimpleTuner's defaults."""
+    defaults = {name: entry["default"] for name, entry in load_catalogue()["keys"].items()}
+    return defaults | {canonical_key(key): value for key, value in config.items() if value is not None}
+
+
 def check_training_config(config: Any, file: str, config_dir: Path | None = None) -> list[Problem]:
     """Every problem of a parsed config.json. `config_dir` resolves a distillation_config file path."""
     if not isinstance(config, dict):
