@@ -172,15 +172,19 @@ class LatentCacheReader:
 
     def get(self, key: str) -> np.ndarray:
         """Zero-copy, read-only view of `key` (BF16 comes as uint16 bits; use `get_torch`)."""
+        return self._view(key)[0]
+
+    def get_torch(self, key: str) -> torch.Tensor:
+        """`get` as a torch tensor sharing the mapped memory (read-only by contract)."""
+        return _to_torch(*self._view(key))
+
+    def _view(self, key: str) -> tuple[np.ndarray, str]:
+        """(zero-copy view of `key`, its safetensors dtype name), from one lookup."""
         shard, offset, nbytes, dtype, shape = self._reader.locate(key)
         data = self._shards.get(shard)
         if data is None:
             data = self._shards[shard] = self._reader.shard_array(shard)
-        return data[offset : offset + nbytes].view(_SAFETENSORS_TO_NUMPY[dtype]).reshape(shape)
-
-    def get_torch(self, key: str) -> torch.Tensor:
-        """`get` as a torch tensor sharing the mapped memory (read-only by contract)."""
-        return _to_torch(self.get(key), self._reader.locate(key)[3])
+        return data[offset : offset + nbytes].view(_SAFETENSORS_TO_NUMPY[dtype]).reshape(shape), dtype
 
     def gather(self, keys: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
         """One contiguous `[N, *shape]` copy of same-shaped tensors, copied in parallel without the GIL.
@@ -200,13 +204,13 @@ class LatentCacheReader:
 
     def gather_torch(self, keys: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
         """`gather` as a torch tensor (owns its memory); `out` is a contiguous CPU tensor to fill, as in `gather`."""
-        if out is None:
-            return _to_torch(self.gather(keys), self._reader.locate(keys[0])[3])
-        import torch
-
         if not keys:
             raise ValueError("gather needs at least one key")
         _, _, _, dtype, shape = self._reader.locate(keys[0])
+        if out is None:
+            return _to_torch(self.gather(keys), dtype)
+        import torch
+
         torch_dtype = _to_torch(np.empty(0, _SAFETENSORS_TO_NUMPY[dtype]), dtype).dtype
         _check_out(tuple(out.shape), out.dtype, out.is_contiguous() and out.device.type == "cpu", (len(keys), *shape), torch_dtype)
         self._reader.gather(list(keys), out.view(-1).view(torch.uint8).numpy())

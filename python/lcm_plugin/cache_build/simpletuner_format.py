@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lcm_plugin.cache_build.build import text_key
 from lcm_plugin.cache_build.plan import Dataset, ImageItem
 
 
@@ -34,9 +35,9 @@ def vae_cache_path(dataset: Dataset, item: ImageItem) -> Path:
     return dataset.vae_cache_dir / item.path.parent.relative_to(dataset.data_dir) / name
 
 
-def text_cache_path(folder: Path, caption: str, model_family: str = "sdxl") -> Path:
-    """Where SimpleTuner's TextEmbeddingCache looks for the embeddings of `caption`."""
-    return folder / f"{hashlib.md5(caption.encode()).hexdigest()}-{model_family}.pt"
+def text_cache_path(folder: Path, caption: str) -> Path:
+    """Where SimpleTuner's TextEmbeddingCache looks for the SDXL embeddings of `caption`."""
+    return folder / f"{text_key(caption)}-sdxl.pt"
 
 
 def save_torch(path: Path, value, compress: bool) -> None:
