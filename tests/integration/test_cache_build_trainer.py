@@ -45,6 +45,7 @@ def test_stock_trainer_reuses_the_simpletuner_format_cache(tmp_path, tiny_sdxl_d
     after = cache_files(run)
     assert after.keys() == before.keys(), log[-4000:]
     assert {p: v for p, v in after.items() if p != dropout_file} == {p: v for p, v in before.items() if p != dropout_file}
+    assert after[dropout_file] != before[dropout_file], "SimpleTuner did not rewrite the dropout embedding"
     theirs = loader.torch_load(str(dropout_file))
     for name in ("prompt_embeds", "pooled_prompt_embeds"):
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-5)

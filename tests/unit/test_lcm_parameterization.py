@@ -6,15 +6,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from lcm_plugin.lcm import PREDICTION_TYPES, DDIMSkipSchedule, x0_and_eps_from_model_output
+from lcm_plugin.lcm import PREDICTION_TYPES, x0_and_eps_from_model_output
 from lcm_toy import SDXL_SCHEDULE
 
 TIMESTEPS = [0, 19, 259, 500, 979, 999]
-
-
-@pytest.fixture(scope="module")
-def schedule() -> DDIMSkipSchedule:
-    return DDIMSkipSchedule.from_alphas_cumprod(DDPMScheduler.from_config(SDXL_SCHEDULE).alphas_cumprod, 50)
 
 
 def _draw(*shape, seed=0, dtype=torch.float64):

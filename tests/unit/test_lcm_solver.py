@@ -6,13 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from lcm_plugin.lcm import DDIMSkipSchedule, ddim_step
+from lcm_plugin.lcm import ddim_step
 from lcm_toy import SDXL_SCHEDULE
-
-
-@pytest.fixture(scope="module")
-def schedule() -> DDIMSkipSchedule:
-    return DDIMSkipSchedule.from_alphas_cumprod(DDPMScheduler.from_config(SDXL_SCHEDULE).alphas_cumprod, 50)
 
 
 def test_exact_estimates_land_on_the_forward_noised_sample(schedule):

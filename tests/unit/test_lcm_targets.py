@@ -9,18 +9,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from lcm_plugin.lcm import (
     PREDICTION_TYPES,
-    DDIMSkipSchedule,
     consistency_targets,
     student_consistency_output,
 )
 from lcm_toy import SDXL_SCHEDULE
 
 SCALING = 10.0
-
-
-@pytest.fixture(scope="module")
-def schedule() -> DDIMSkipSchedule:
-    return DDIMSkipSchedule.from_alphas_cumprod(DDPMScheduler.from_config(SDXL_SCHEDULE).alphas_cumprod, 50)
 
 
 def teacher(x, t):
