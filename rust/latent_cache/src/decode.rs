@@ -4,7 +4,7 @@ use crate::scan::{header_from_bytes, Format, Header};
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use rayon::prelude::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Pillow's `DecompressionBombError` threshold (2 × `Image.MAX_IMAGE_PIXELS`).
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
@@ -250,12 +250,6 @@ fn resize_crop(path: &Path, rgb: &Rgb, geo: Geometry, target: (u32, u32), out: &
         out[start..start + row].copy_from_slice(line);
     }
     Ok(())
-}
-
-/// Convenience for callers with paths: `decode_batch` over files.
-pub fn decode_paths(paths: &[PathBuf], geometry: &[Geometry], target: (u32, u32), max_pixels: u64) -> Batch {
-    let sources: Vec<Source<'_>> = paths.iter().map(|p| Source::Path(p)).collect();
-    decode_batch(&sources, geometry, target, max_pixels)
 }
 
 #[cfg(test)]

@@ -401,8 +401,16 @@ impl CacheReader {
         self.shards.iter().map(|s| s.path.clone()).collect()
     }
 
+    /// Number of shards; shard numbers run from 0 to this, exclusive.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     fn check(&self, shard: usize) -> Result<&Shard> {
-        let s = &self.shards[shard];
+        let s = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| CacheError::config("shard", format!("shard {shard} out of range (the cache has {})", self.shards.len())))?;
         let bad = |reason: String| CacheError::CorruptShard { path: s.path.clone(), reason };
         if let Some(e) = &s.open_error {
             return Err(bad(e.clone()));
@@ -432,8 +440,9 @@ impl CacheReader {
 
     /// Bytes of `key`.
     pub fn get(&self, key: &str) -> Result<&[u8]> {
-        let e = self.locate(key)?;
-        Ok(&self.shard_data(e.shard)?[e.offset..e.offset + e.len])
+        let e = self.entries.get(key).ok_or_else(|| CacheError::KeyNotFound { key: key.into() })?;
+        let map = self.check(e.shard)?.map.as_deref().expect("mapped when no open error");
+        Ok(&map[e.offset..e.offset + e.len])
     }
 
     /// Copies the tensors of `keys` (all of one byte size) into `out`, in parallel.

@@ -90,7 +90,7 @@ impl PyCacheReader {
     fn shard_array<'py>(slf: &Bound<'py, Self>, shard: usize) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let py = slf.py();
         let reader = &slf.get().inner;
-        if shard >= reader.shard_paths().len() {
+        if shard >= reader.shard_count() {
             return Err(pyo3::exceptions::PyIndexError::new_err(format!("shard {shard} out of range")));
         }
         let data = py.allow_threads(|| reader.shard_data(shard).map(|d| (d.as_ptr() as usize, d.len()))).py()?;
