@@ -188,7 +188,8 @@ pub struct Sample {
 /// Stateful bucketer: SimpleTuner's area-mode aspect→resolution memo and the Python RNG live across images,
 /// so images must be fed in discovery order.
 pub struct Bucketer {
-    config: BucketConfig,
+    // Shared so the per-image methods can read it while `self` (the rng, the memo) is borrowed mutably.
+    config: std::sync::Arc<BucketConfig>,
     rng: PyRandom,
     /// `StateTracker.aspect_resolution_map`: resolution (f64 bits) → str(aspect) → (W, H).
     resolution_map: HashMap<u64, HashMap<String, (i64, i64)>>,
@@ -198,7 +199,7 @@ impl Bucketer {
     /// Validates `config`; `seed` plays the role of `random.seed(seed)` before discovery.
     pub fn new(config: BucketConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        Ok(Bucketer { config, rng: PyRandom::new(seed), resolution_map: HashMap::new() })
+        Ok(Bucketer { config: std::sync::Arc::new(config), rng: PyRandom::new(seed), resolution_map: HashMap::new() })
     }
 
     /// The area-mode memo, as (resolution, aspect key, (W, H)) triples.
@@ -253,7 +254,7 @@ impl Bucketer {
 
     /// `TrainingSample.prepare()` for an image known only by its size.
     fn prepare(&mut self, original: (i64, i64)) -> Option<Sample> {
-        let cfg = self.config.clone();
+        let cfg = std::sync::Arc::clone(&self.config);
         let (target_area, pixel_resolution) = cfg.target_area_and_pixel_resolution();
         let (target, intermediary, mut aspect, mut crop_coordinates) =
             self.calculate_target_size(original, pixel_resolution)?;
@@ -291,7 +292,7 @@ impl Bucketer {
     /// `TrainingSample.calculate_target_size` → (target, intermediary, aspect, crop coordinates it resets).
     #[allow(clippy::type_complexity)]
     fn calculate_target_size(&mut self, original: (i64, i64), pixel_resolution: i64) -> Option<((i64, i64), (i64, i64), f64, (i64, i64))> {
-        let cfg = self.config.clone();
+        let cfg = std::sync::Arc::clone(&self.config);
         let mut aspect = self.aspect_of(original);
         let square = (pixel_resolution, pixel_resolution);
         if cfg.crop && cfg.crop_aspect == CropAspect::Square {
