@@ -9,6 +9,8 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.extension-built
+# The start-up hook: wheel data that `maturin develop` copies into site-packages.
+HOOK_FILES := $(addprefix packaging/wheel-data/purelib/simpletuner_lcm_hook,.pth .py)
 RUST_SOURCES := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null)
 
 export HF_HUB_OFFLINE := 1
@@ -35,7 +37,7 @@ $(DEPS_STAMP): $(PY) requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-$(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) packaging/wheel-data/purelib/simpletuner_lcm_hook.pth
+$(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) $(HOOK_FILES)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
 	touch $@
 
@@ -48,6 +50,7 @@ py-test: develop
 bench: develop
 	$(PY) bench/step.py
 	$(PY) bench/data.py
+	$(PY) bench/hook_startup.py
 
 clean:
 	rm -rf target $(BUILD_STAMP)

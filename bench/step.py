@@ -32,7 +32,7 @@ def load_parity_module():
 
 
 def sized_batch(parity, batch_size: int, latent_size: int) -> dict:
-    batch = parity.sdxl_batch(batch_size, torch.float32, seed=0)
+    batch = parity.family_batch(batch_size, torch.float32, seed=0)
     generator = torch.Generator().manual_seed(1)
     for key in ("latents", "noise"):
         batch[key] = torch.randn(batch_size, 4, latent_size, latent_size, generator=generator)
@@ -55,7 +55,7 @@ def main() -> None:
     cfg = LcmConfig()
     scheduler = parity.noise_scheduler("epsilon")
     unet = parity.tiny_lora_unet(torch.float32)
-    model = parity.FakeSdxlModel(unet, "epsilon")
+    model = parity.FakeUnetModel(unet, "epsilon")
     distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
     batch = sized_batch(parity, args.batch_size, args.latent_size)
 

@@ -3,13 +3,18 @@ bucketing, batch decode, and the sharded memory-mapped latent cache. See docs/da
 
 Tensors are stored with their safetensors dtype names; numpy arrays and torch tensors (bf16 included) go in,
 read-only zero-copy numpy views (or torch tensors over them) come out.
+
+Integrity and safety (docs/cache-build.md "Integrity and safety"): `check_cache` (cheap or full check, repair
+that deletes only this cache's proven-bad shards, orphan report and removal on request) and `verify` (its
+full-check shorthand); a writer name is locked while written (`WriterLockedError`); `get_torch` tensors are
+private copy-on-write memory; nothing is served from a shard changed on disk since the reader opened it.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +35,13 @@ from lcm_plugin._latent_cache import (
     ImageTooLargeError,
     LatentCacheError,
     MissingKeyError,
+    WriterLockedError,
     decode_batch,
     decode_batch_bytes,
     read_header,
     scan_sizes,
 )
+from lcm_plugin._latent_cache import check as _check
 from lcm_plugin._latent_cache import verify as _verify
 
 if TYPE_CHECKING:
@@ -46,6 +53,7 @@ __all__ = [
     "BucketConfigError",
     "Bucketer",
     "CacheFormatError",
+    "CacheReport",
     "CacheIOError",
     "CorruptShardError",
     "DuplicateKeyError",
@@ -55,6 +63,9 @@ __all__ = [
     "LatentCacheReader",
     "LatentCacheWriter",
     "MissingKeyError",
+    "ShardProblem",
+    "WriterLockedError",
+    "check_cache",
     "decode_batch",
     "decode_batch_bytes",
     "read_header",
@@ -96,12 +107,11 @@ def _as_bytes(value: Any) -> tuple[str, list[int], np.ndarray]:
 
 
 def _to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """Tensor sharing `array`'s memory, which must be writable (private or owned): torch tensors have no read-only
+    mode, so an in-place op on a tensor over the shared read-only map would crash the process."""
     import torch
 
-    with warnings.catch_warnings():
-        # Views over the read-only memory map: torch warns that writing to them is undefined, which we never do.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(array)
+    tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if dtype == "BF16" else tensor
 
 
@@ -117,8 +127,10 @@ def _check_out(shape: tuple, dtype: Any, contiguous: bool, want_shape: tuple, wa
 class LatentCacheWriter:
     """Appends tensors to a cache directory; shards are sealed atomically every `shard_bytes`.
 
-    Use one `writer` name per process (e.g. `rank{N}`); `key in writer` tells whether any writer of the
-    directory already committed the key (resumable builds). Leaving the `with` block commits.
+    Use one `writer` name per process (e.g. `rank{N}`): the name is locked (flock) until `close`, and a second
+    writer of the same name on the same directory, in any process, raises `WriterLockedError`. `key in writer`
+    tells whether any writer of the directory already committed the key (resumable builds). Leaving the `with`
+    block closes (commits, compacts the index journal, releases the lock).
     """
 
     def __init__(self, directory: str | os.PathLike, writer: str = "rank0", shard_bytes: int = 256 << 20):
@@ -131,8 +143,12 @@ class LatentCacheWriter:
         self._writer.put(key, dtype, shape, data)
 
     def commit(self) -> None:
-        """Seals what is pending into a shard (temp file, fsync, rename) and commits the index."""
+        """Seals what is pending into a shard (temp file, fsync, rename) and appends it to the index journal."""
         self._writer.commit()
+
+    def close(self) -> None:
+        """Commits, compacts the index journal into `index.<writer>.json` and releases the writer lock; idempotent."""
+        self._writer.close()
 
     def __contains__(self, key: str) -> bool:
         return key in self._writer
@@ -145,15 +161,17 @@ class LatentCacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.commit()
+        self.close()
 
 
 class LatentCacheReader:
     """Random access by key over every writer's shards, memory-mapped.
 
-    `get` returns a read-only numpy view into the map (no copy); `gather` copies a batch into one new array.
-    With `verify` (default), a shard's size and CRC-32 are checked on its first use; a failing shard raises
-    `CorruptShardError` and is never served.
+    `get` returns a read-only numpy view into the shared map (no copy); `get_torch` a tensor over a private
+    copy-on-write map of the key (no copy until written); `gather` copies a batch into one new array. Every call
+    first checks that the shard file is the one opened (size, mtime, ctime, inode): a shard truncated, rewritten
+    or replaced since raises `CorruptShardError` instead of serving it. With `verify` (default), a shard's
+    CRC-32 is also checked on its first use; a failing shard is never served.
     """
 
     def __init__(self, directory: str | os.PathLike, verify: bool = True):
@@ -175,8 +193,10 @@ class LatentCacheReader:
         return self._view(key)[0]
 
     def get_torch(self, key: str) -> torch.Tensor:
-        """`get` as a torch tensor sharing the mapped memory (read-only by contract)."""
-        return _to_torch(*self._view(key))
+        """`key` as a torch tensor over a private copy-on-write mapping of its bytes: zero-copy until written, and
+        in-place ops (`t.mul_(s)`) change neither the file nor what any later call returns."""
+        data, dtype, shape = self._reader.private_array(key)
+        return _to_torch(data.view(_SAFETENSORS_TO_NUMPY[dtype]).reshape(shape), dtype)
 
     def _view(self, key: str) -> tuple[np.ndarray, str]:
         """(zero-copy view of `key`, its safetensors dtype name), from one lookup."""
@@ -187,7 +207,8 @@ class LatentCacheReader:
         return data[offset : offset + nbytes].view(_SAFETENSORS_TO_NUMPY[dtype]).reshape(shape), dtype
 
     def gather(self, keys: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
-        """One contiguous `[N, *shape]` copy of same-shaped tensors, copied in parallel without the GIL.
+        """One contiguous `[N, *shape]` copy of tensors of one dtype and shape (checked for every key: a mismatch
+        raises `ValueError` naming both keys), read in parallel without the GIL.
 
         `out`: a C-contiguous `[N, *shape]` array of the stored dtype to fill instead of allocating one; a loader
         that reuses its batch buffer skips the page faults of fresh memory. Returns the filled array.
@@ -227,7 +248,57 @@ class LatentCacheReader:
         self.close()
 
 
+@dataclass(frozen=True)
+class ShardProblem:
+    """One shard that failed its check. `kind`: "corrupt" (missing, size, CRC, header: proven bad), "unreadable"
+    (permission denied, I/O error, ...: may be transient), "foreign" (an index entry naming a file this cache never
+    writes: bad name, path outside the folder, symlink, not a regular file). `action`: "reported" (no repair),
+    "deleted" (file removed, entry dropped), "dropped" (entry dropped, file not touched), "kept" (unreadable, or
+    the writer is held by a running process)."""
+
+    path: Path
+    kind: str
+    reason: str
+    action: str
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What `check_cache` found. Orphans (shard and temp files no index lists, e.g. after a kill) are not
+    problems: they never hide or corrupt an entry."""
+
+    problems: list[ShardProblem] = field(default_factory=list)
+    orphans: list[Path] = field(default_factory=list)
+    removed_orphans: list[Path] = field(default_factory=list)
+    shards: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_cache(
+    directory: str | os.PathLike, *, full: bool = True, repair: bool = False, remove_orphans: bool = False
+) -> CacheReport:
+    """Checks every shard of a cache folder: name (a shard name of its index's writer, so inside the folder),
+    regular file, size, safetensors header, CRC-32.
+
+    `full=False` is the cheap resume check: the CRC is read only for shards whose mtime differs from the one
+    recorded at commit (a same-size rewrite that restores the mtime is then missed; `full=True` reads every
+    byte, streaming, with memory bounded per thread whatever the shard size).
+    `repair`: for each writer no running process holds, corrupt shards are deleted and dropped from the index,
+    foreign entries dropped (their files never touched), unreadable shards kept; shards that passed with a stale
+    mtime get it recorded. `remove_orphans`: orphaned shards and temp files of such writers are deleted.
+    """
+    problems, orphans, removed, shards = _check(str(directory), full, repair, remove_orphans)
+    return CacheReport(
+        problems=[ShardProblem(Path(p), kind, reason, action) for p, kind, reason, action in problems],
+        orphans=[Path(p) for p in orphans],
+        removed_orphans=[Path(p) for p in removed],
+        shards=shards,
+    )
+
+
 def verify(directory: str | os.PathLike, repair: bool = False) -> list[tuple[Path, str]]:
-    """(shard path, reason) for every shard failing its presence/size/CRC/header check. `repair` deletes them and
-    drops them from their index, so a rebuild re-encodes their keys."""
+    """(shard path, reason) for every shard failing a full `check_cache`; `repair` as there."""
     return [(Path(p), reason) for p, reason in _verify(str(directory), repair)]

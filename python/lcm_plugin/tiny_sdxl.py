@@ -51,11 +51,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = (), *, pad_token: str = _SPECIAL_TOKENS[1]) -> Path:
     """Write a CLIP BPE tokenizer (vocab.json, merges.txt, configs) that transformers 4 and 5 load.
 
     The vocabulary is the 256 byte symbols, their end-of-word forms, the special tokens, and whole
-    `words` built by left-to-right merges, so those words are single tokens.
+    `words` built by left-to-right merges, so those words are single tokens. pad_token: OpenAI's CLIP
+    pads with <|endoftext|>, OpenCLIP's (SD 2.x) with "!".
     """
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = list(_bytes_to_unicode().values())
@@ -72,30 +73,37 @@ def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     vocab_index = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
     merges = list(dict.fromkeys(merges))
     (folder / "vocab.json").write_text(json.dumps(vocab_index))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges))
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": _SPECIAL_TOKENS[0], "eos_token": _SPECIAL_TOKENS[1],
-                    "unk_token": _SPECIAL_TOKENS[1], "pad_token": _SPECIAL_TOKENS[1]})
+                    "unk_token": _SPECIAL_TOKENS[1], "pad_token": pad_token})
     )
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS,
                     "bos_token": _SPECIAL_TOKENS[0], "eos_token": _SPECIAL_TOKENS[1],
-                    "unk_token": _SPECIAL_TOKENS[1], "pad_token": _SPECIAL_TOKENS[1],
+                    "unk_token": _SPECIAL_TOKENS[1], "pad_token": pad_token,
                     "do_lower_case": True})
     )
     return folder
 
 
+# The tiny UNet's layout, shared by every family (tiny_sd.py too): 8x8 latents, two levels, one attention level.
+TINY_UNET_LAYOUT = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
+
+
 def unet_config(*, time_cond_proj_dim: int | None = None) -> dict:
     """UNet2DConditionModel config with SDXL's conditioning (text_time added embeddings)."""
     return dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 1),
         use_linear_projection=True,
@@ -104,20 +112,18 @@ def unet_config(*, time_cond_proj_dim: int | None = None) -> dict:
         addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
         # SDXL's add-embedding input: 6 time ids, each embedded to ADDITION_TIME_EMBED_DIM, + pooled text.
         projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + POOLED_DIM,
-        norm_num_groups=8,
         time_cond_proj_dim=time_cond_proj_dim,
     )
 
 
-def build_components(seed: int = 0, *, vocabulary: tuple[str, ...] = (), tokenizer_dir: Path):
-    """Randomly initialised components of a tiny SDXL pipeline, deterministic in `seed`."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def clip_text_config(tokenizer, *, hidden_act: str = "gelu"):
+    """CLIPTextConfig of the tiny text encoders (hidden TEXT_HIDDEN_SIZE, projection POOLED_DIM, 77 positions).
 
-    write_clip_tokenizer(tokenizer_dir, vocabulary)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    text_config = CLIPTextConfig(
+    hidden_act: "quick_gelu" as OpenAI's CLIP-L (SD 1.x), "gelu" as OpenCLIP's encoders (SD 2.x, SDXL).
+    """
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN_SIZE,
         intermediate_size=64,
@@ -128,22 +134,40 @@ def build_components(seed: int = 0, *, vocabulary: tuple[str, ...] = (), tokeniz
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_act="gelu",
+        hidden_act=hidden_act,
     )
+
+
+def tiny_vae():
+    """A 4-block AutoencoderKL (latents 1/8 of the image, 4 channels), as every SD family's VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def build_components(seed: int = 0, *, vocabulary: tuple[str, ...] = (), tokenizer_dir: Path):
+    """Randomly initialised components of a tiny SDXL pipeline, deterministic in `seed`."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_clip_tokenizer(tokenizer_dir, vocabulary)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    text_config = clip_text_config(tokenizer)
     torch.manual_seed(seed)
     components = {
         "unet": UNet2DConditionModel(**unet_config()),
-        "vae": AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        ),
+        "vae": tiny_vae(),
         "text_encoder": CLIPTextModel(text_config),
         "text_encoder_2": CLIPTextModelWithProjection(text_config),
         "tokenizer": tokenizer,
@@ -159,9 +183,14 @@ def save_tiny_sdxl(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] =
 
     folder = Path(folder)
     components = build_components(seed, vocabulary=vocabulary, tokenizer_dir=folder / "tokenizer")
-    pipeline = StableDiffusionXLPipeline(**components)
+    return save_pipeline(StableDiffusionXLPipeline(**components), folder, vocabulary)
+
+
+def save_pipeline(pipeline, folder: Path, vocabulary: tuple[str, ...], **tokenizer_options) -> Path:
+    """pipeline.save_pretrained(folder), plus the BPE files of each CLIP tokenizer: transformers 5 saves only
+    tokenizer.json, and 4.x loaders (SimpleTuner's among them) want vocab.json/merges.txt too."""
     pipeline.save_pretrained(str(folder))
-    # transformers 5 saves only tokenizer.json; 4.x loaders (and SimpleTuner's) want the BPE files too.
     for name in ("tokenizer", "tokenizer_2"):
-        write_clip_tokenizer(folder / name, vocabulary)
+        if getattr(pipeline, name, None) is not None:
+            write_clip_tokenizer(folder / name, vocabulary, **tokenizer_options)
     return folder

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lcm_plugin.tiny_sd import save_tiny_sd1, save_tiny_sd2_v
 from lcm_plugin.tiny_sdxl import save_tiny_sdxl
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
@@ -21,6 +22,18 @@ IMAGE_SIZE = 64  # the tiny VAE makes 8x8 latents from it
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A loadable diffusers SDXL folder (random weights, ~5 MB); never changed by the tests."""
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"), seed=0, vocabulary=VOCABULARY)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory) -> Path:
+    """A loadable diffusers SD 1.x folder (epsilon prediction, random weights); never changed by the tests."""
+    return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1"), seed=0, vocabulary=VOCABULARY)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_v_dir(tmp_path_factory) -> Path:
+    """A loadable diffusers SD 2.x-style folder (v-prediction, OpenCLIP-style text encoder); never changed."""
+    return save_tiny_sd2_v(tmp_path_factory.mktemp("tiny-sd2-v"), seed=0, vocabulary=VOCABULARY)
 
 
 def write_shapes_dataset(folder: Path) -> Path:

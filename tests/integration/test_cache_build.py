@@ -21,9 +21,18 @@ import pytest
 import torch
 from PIL import Image
 
+from cache_snapshot import listed_keys
 from lcm_plugin.cache import LatentCacheReader, decode_batch, verify
 from lcm_plugin.cache_build import BuildOptions, build
-from lcm_plugin.cache_build.build import LCM_DIR, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, text_key
+from lcm_plugin.cache_build.build import (
+    LCM_DIR,
+    POOLED_PROMPT_EMBEDS,
+    PROMPT_EMBEDS,
+    PT_RECORD,
+    TIME_IDS,
+    text_entry,
+)
+from lcm_plugin.cache_build.fingerprint import digest
 from lcm_plugin.cache_build.encode import sample_seed
 
 BIN = Path(sys.executable).parent
@@ -121,9 +130,18 @@ def build_command(run: Path) -> list[str]:
 
 
 def lcm_keys(folder: Path) -> list[str]:
-    """Every key of every index in `folder` (a key listed twice would show twice)."""
-    return [key for index in folder.glob("index.*.json") for shard in json.loads(index.read_text())["shards"]
-            for key in shard["keys"]]
+    """Every entry key the indexes of `folder` list (a key listed twice shows twice), without the records of
+    SimpleTuner-format files (their names hold file stats, which differ between two builds)."""
+    return [key for key in listed_keys(folder) if PT_RECORD not in key]
+
+
+def manifest_of(run: Path) -> dict:
+    return json.loads((run / "cache/vae/toy" / LCM_DIR / "manifest.json").read_text())
+
+
+def latent_keys(run: Path) -> dict[str, str]:
+    """image key -> latent key in the store, from the manifest."""
+    return {entry["image"]: entry["key"] for entry in manifest_of(run)["images"]}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +172,9 @@ def test_every_image_is_cached_once_and_broken_files_are_reported(reference):
     keys = lcm_keys(run / "cache/vae/toy" / LCM_DIR)
     expected = good_keys(run)
     assert len(expected) == GOOD + 5
-    assert sorted(keys) == sorted(expected + [k + TIME_IDS for k in expected])
+    stored = latent_keys(run)
+    assert sorted(stored) == expected and all(stored[k].startswith(k + "@") for k in expected)
+    assert sorted(keys) == sorted(list(stored.values()) + [k + TIME_IDS for k in stored.values()])
     reasons = {Path(path).name: reason for path, reason in report.failed}
     assert set(reasons) == set(BROKEN)
     assert all(Path(name).stem in reasons[name] for name in BROKEN), reasons  # each message names its file
@@ -171,11 +191,11 @@ def test_latents_are_simpletuner_scaled_vae_samples(reference, model_dir):
     run, _ = reference
     vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.bfloat16)  # vae_dtype default
     transform = SDXL.get_transforms(object.__new__(SDXL))
-    manifest = json.loads((run / "cache/vae/toy" / LCM_DIR / "manifest.json").read_text())
+    manifest = manifest_of(run)
     metadata = json.loads((run / "data/aspect_ratio_bucket_metadata_toy.json").read_text())
     reader = LatentCacheReader(run / "cache/vae/toy" / LCM_DIR)
     for entry in manifest["images"][::4]:
-        path = run / "data" / entry["key"]
+        path = run / "data" / entry["image"]
         meta = metadata[str(path)]
         pixels, ok, _ = decode_batch([str(path)], [tuple(meta["intermediary_size"])],
                                      [tuple(meta["crop_coordinates"])], tuple(meta["target_size"]))
@@ -184,7 +204,7 @@ def test_latents_are_simpletuner_scaled_vae_samples(reference, model_dir):
         with torch.no_grad():
             posterior = vae.encode(sample).latent_dist
         noise = torch.randn(posterior.mean.shape[1:], dtype=torch.bfloat16,
-                            generator=torch.Generator().manual_seed(sample_seed(3, entry["key"])))
+                            generator=torch.Generator().manual_seed(sample_seed(3, entry["image"])))
         expected = VaeLatentScalingMixin().scale_vae_latents_for_cache(posterior.mean + posterior.std * noise, vae)[0]
         got = reader.get_torch(entry["key"])
         w, h = meta["target_size"]
@@ -210,13 +230,14 @@ def test_simpletuner_vae_files_have_its_names_and_hold_the_cached_latents(refere
     oracle.cache_dir = str(run / "cache/vae/toy")
     backend = LocalDataBackend(accelerator=None, id="toy", compress_cache=True)  # compress_disk_cache default
     reader = LatentCacheReader(run / "cache/vae/toy" / LCM_DIR)
+    stored = latent_keys(run)
     expected_files = set()
     for key in good_keys(run):
         filename, _ = oracle.generate_vae_cache_filename(str(run / "data" / key))
         expected_files.add(Path(filename))
-        stored = backend.torch_load(filename)
-        assert stored.dtype == torch.bfloat16 and stored.shape[0] == 4 and stored.ndim == 3
-        assert torch.equal(stored, reader.get_torch(key))
+        stored_file = backend.torch_load(filename)
+        assert stored_file.dtype == torch.bfloat16 and stored_file.shape[0] == 4 and stored_file.ndim == 3
+        assert torch.equal(stored_file, reader.get_torch(stored[key]))
     assert set((run / "cache/vae/toy").rglob("*.pt")) == expected_files
     assert any(p.parent.name == "sub" for p in expected_files)
 
@@ -254,7 +275,7 @@ def test_simpletuner_text_files_have_its_names_and_its_encoding(reference, model
         for name in stored:
             assert stored[name].shape == expected[name].shape and stored[name].dtype == torch.float32  # no mixed precision
             torch.testing.assert_close(stored[name], expected[name], atol=1e-5, rtol=1e-5)
-        key = text_key(caption)
+        key = text_entry(caption, digest(manifest_of(run)["text_fingerprint"]))
         assert torch.equal(reader.get_torch(key + PROMPT_EMBEDS), stored["prompt_embeds"][0])
         assert torch.equal(reader.get_torch(key + POOLED_PROMPT_EMBEDS), stored["pooled_prompt_embeds"])
     assert set((run / "cache/text").glob("*.pt")) == files
@@ -297,17 +318,20 @@ def test_killed_build_resumes_without_redoing_committed_shards(tmp_path, model_d
     assert verify(latents_dir) == [] and verify(run / "cache/text" / LCM_DIR) == []
     check = subprocess.run([str(BIN / "simpletuner-lcm"), "cache", "verify", str(run)], env=cli_env(),
                            capture_output=True, text=True, timeout=120)
-    assert check.returncode == 0 and check.stdout.count(": OK:") == 2, check.stdout + check.stderr
+    assert check.returncode == 0 and check.stdout.count(": OK:") == 3, check.stdout + check.stderr  # 2 stores + the run
     assert_same_latents(run, reference[0])
 
 
 def assert_same_latents(run: Path, reference_run: Path) -> None:
-    """Latents and SimpleTuner files of `run` equal those of the uninterrupted reference build."""
+    """Latents and SimpleTuner files of `run` equal those of the uninterrupted reference build, image by image
+    (the keys differ: each holds its image file's modification time)."""
     ours = LatentCacheReader(run / "cache/vae/toy" / LCM_DIR)
     theirs = LatentCacheReader(reference_run / "cache/vae/toy" / LCM_DIR)
-    assert sorted(ours.keys()) == sorted(theirs.keys())
-    for key in theirs.keys():
-        assert torch.equal(ours.get_torch(key), theirs.get_torch(key)), key
+    our_keys, their_keys = latent_keys(run), latent_keys(reference_run)
+    assert sorted(our_keys) == sorted(their_keys)
+    assert len(lcm_keys(run / "cache/vae/toy" / LCM_DIR)) == 2 * len(our_keys)
+    for image, key in their_keys.items():
+        assert torch.equal(ours.get_torch(our_keys[image]), theirs.get_torch(key)), image
     files = sorted(p.relative_to(reference_run) for p in (reference_run / "cache").rglob("*.pt"))
     assert files == sorted(p.relative_to(run) for p in (run / "cache").rglob("*.pt"))
 

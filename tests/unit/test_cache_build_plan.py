@@ -61,7 +61,7 @@ def test_vae_dtype_fp32_is_kept_and_mixed_precision_no_gives_fp32_text(tmp_path)
         ([IMAGES | {"caption_strategy": "parquet", "metadata_backend": "parquet"}, TEXT], {}, "/0/"),
         ([IMAGES], {}, "no text_embeds dataset with a cache_dir for 'photos'"),
         ([IMAGES, TEXT], {"vae_dtype": "fp16"}, "/vae_dtype: fp16"),
-        ([IMAGES, TEXT], {"learning_rat": 1}, "/learning_rat: unknown key"),
+        ([IMAGES, TEXT], {"no_such_option": 1}, "/no_such_option: unknown key"),
         ([TEXT], {}, "no enabled image"),
     ],
 )

@@ -49,19 +49,22 @@ def with_image(**change):
             ">= 512",
         ),
         (
-            with_image(resolution_type="pixel_area", maximum_image_size=2048, target_downsample_size=1),
+            with_image(resolution_type="pixel_area", maximum_image_size=5000, target_downsample_size=1024),
             "/0/maximum_image_size",
-            "< 20",
+            "5000 px is 25 megapixels; SimpleTuner needs < 20",
+        ),
+        (
+            with_image(resolution_type="pixel_area", resolution=1024.0),
+            "/0/resolution",
+            "needs an integer pixel edge",
         ),
         (with_image(resolution_type="megapixel"), "/0/resolution_type", "is not one of"),
         (with_image(instance_data_dir=None), "/0", "requires 'instance_data_dir'"),
-        (with_image(instance_data_dirr="/x"), "/0/instance_data_dirr", "did you mean 'instance_data_dir'?"),
         (with_image(caption_strategy="parquet"), "/0/caption_strategy", "needs metadata_backend 'parquet'"),
         (with_image(caption_strategy="huggingface"), "/0/caption_strategy", "needs type 'huggingface'"),
-        (with_image(caption_filter_list=["x"]), "/0/caption_filter_list", "only read by text_embeds"),
         (with_image(disable_vae_cache=True), "/0/disable_vae_cache", "use 'vae_cache_disable'"),
-        (with_image(default=True), "/0/default", "not read for dataset_type 'image'"),
-        (with_image(aws_bucket_name="b"), "/0/aws_bucket_name", "only read when type is 'aws'"),
+        (with_image(caption_filter_list=["x"]), "/0/caption_filter_list", "only valid for text_embeds"),
+        ([IMAGES, {**TEXT, "data_generator": {}}], "/1/data_generator", "only valid for dataset_type 'caption'"),
         (
             with_image(data_generator={"resolutions": ["1024x1024"]}),
             "/0/data_generator",
@@ -106,12 +109,12 @@ def with_image(**change):
         (with_image(type="s3"), "/0/type", "is not one of"),
         ([IMAGES, {**TEXT, "type": "csv"}], "/1/type", "cannot use a csv backend"),
         ([IMAGES, {**IMAGES, "cache_dir_vae": "v2"}, TEXT], "/1/id", "already used by entry 0"),
-        (
-            [{**IMAGES, "disabled": "false"}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT],
-            "/0/disabled",
-            "valid boolean",
-        ),
         ([IMAGES, {**IMAGES, "id": "b"}, TEXT], "/1/cache_dir_vae", "each dataset needs its own"),
+        (
+            [IMAGES, {**IMAGES, "id": "b", "cache_dir_vae": "./cache/../cache/vae/images/"}, TEXT],
+            "/1/cache_dir_vae",
+            "each dataset needs its own",
+        ),
         ([{**IMAGES, "cache_dir_vae": "cache/text/"}, TEXT], "/0/cache_dir_vae", "also a text_embeds cache_dir"),
         ([IMAGES, TEXT, {**TEXT, "id": "text2", "cache_dir": "c2"}], "/2/default", "only one text_embeds dataset"),
         ([{**IMAGES, "text_embeds": "txt"}, TEXT], "/0/text_embeds", "did you mean 'text'?"),
@@ -120,7 +123,7 @@ def with_image(**change):
             "/0/conditioning_data",
             "no enabled dataset with id 'edges'",
         ),
-        ([TEXT], "", "no enabled image, video or audio dataset"),
+        ([TEXT], "", "no enabled image, video, audio or caption dataset"),
         ([], "", "no datasets"),
         ([IMAGES, TEXT, "oops"], "/2", "expected an object"),
         (with_image(crop_aspect_buckets=[1.0, {"aspect_bucket": "wide"}]), "/0/crop_aspect_buckets/1", "valid number"),
@@ -132,6 +135,48 @@ def test_each_rule_fails_with_its_pointer(entries, pointer, fragment):
     problems = _errors(copy.deepcopy(entries))
     assert [p.pointer for p in problems] == [pointer], problems
     assert fragment in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("entries", "pointer", "fragment"),
+    [
+        (with_image(instance_data_dirr="/x"), "/0/instance_data_dirr", "did you mean 'instance_data_dir'?"),
+        (with_image(default=True), "/0/default", "not read for dataset_type 'image'"),
+        (with_image(aws_bucket_name="b"), "/0/aws_bucket_name", "only read when type is 'aws'"),
+        # SimpleTuner tests `disabled` by truth value: the string "false" skips the entry.
+        (
+            [{**IMAGES, "disabled": "false"}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT],
+            "/0/disabled",
+            "valid boolean",
+        ),
+        (
+            [{**IMAGES, "disabled": True, "crop_aspect": "random"}, {**IMAGES, "id": "b", "cache_dir_vae": "v2"}, TEXT],
+            "/0/crop_aspect",
+            "requires crop_aspect_buckets",
+        ),
+    ],
+)
+def test_what_simpletuner_ignores_is_a_warning(entries, pointer, fragment):
+    problems = check_backends(copy.deepcopy(entries), "m.json", inherited_settings({}))
+    assert [(p.pointer, p.severity) for p in problems] == [(pointer, "warning")], problems
+    assert fragment in problems[0].message
+
+
+def test_cache_folders_are_compared_where_training_starts(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "cache")
+    entries = [{**IMAGES, "cache_dir_vae": "cache/vae"}, {**IMAGES, "id": "b", "cache_dir_vae": "link/vae"}, TEXT]
+    problems = [p for p in check_backends(entries, "m.json", inherited_settings({}), tmp_path) if p.severity == "error"]
+    assert [p.pointer for p in problems] == ["/1/cache_dir_vae"]
+
+
+def test_pixel_area_sizes_inherited_from_config_json_are_not_converted():
+    # The trainer converts an entry's own pixel_area sizes, but reads inherited ones as megapixels.
+    defaults = {"resolution_type": "pixel_area", "maximum_image_size": 1024, "target_downsample_size": 1024}
+    assert _errors([{**IMAGES, "maximum_image_size": 1024, "target_downsample_size": 1024}, TEXT], defaults) == []
+    problems = _errors([IMAGES, TEXT], defaults)
+    assert [p.pointer for p in problems] == ["/0", "/0"]
+    assert "not ones inherited from config.json" in problems[0].message
 
 
 def test_entries_inherit_size_limits_from_config_json():

@@ -90,3 +90,16 @@ def test_string_form_may_name_a_json_file_next_to_the_config(tmp_path):
 def test_lcm_without_a_block_warns_that_defaults_apply():
     (problem,) = check_training_config(dict(LCM_RUN), "config.json")
     assert (problem.pointer, problem.severity) == ("", "warning") and "LcmConfig's defaults" in problem.message
+
+
+def test_string_form_file_opens_from_where_training_starts(tmp_path):
+    # SimpleTuner opens it from its working directory: the folder above config/.
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "lcm.json").write_text('{"lcm": {"w_mn": 1}}')
+    for named, found in (("config/lcm.json", True), ("lcm.json", False)):
+        config = {**LCM_RUN, "distillation_config": named}
+        problems = [
+            p for p in check_training_config(config, "c.json", tmp_path / "config") if "distillation_config" in p.pointer
+        ]
+        assert len(problems) == 1
+        assert ("did you mean 'w_min'?" in problems[0].message) == found, problems

@@ -35,8 +35,19 @@ def test_catalogue_records_simpletuner_version_and_its_keys():
 @pytest.mark.parametrize(
     ("change", "pointer", "fragment"),
     [
-        ({"learning_rat": 1e-4}, "/learning_rat", "did you mean 'learning_rate'?"),
         ({"--lora_rnk": 8}, "/--lora_rnk", "did you mean 'lora_rank'?"),
+        ({"lora": 8}, "/lora", "ambiguous: SimpleTuner's parser cannot tell"),
+        ({"resolution": "true"}, "/resolution", "expected an integer, got true"),
+        ({"lora_rank": [4, "x"]}, "/lora_rank", "expected an integer, got 'x'"),
+        ({"skip_file_discovery": True}, "/skip_file_discovery", "expected a string, got true"),
+        ({"report_to": "wandb,none"}, "/report_to", "'none' cannot be combined"),
+        ({"gradient_accumulation_steps": 0}, "/gradient_accumulation_steps", "greater than or equal to 1"),
+        ({"validation_guidance_skip_layers": "[7, 8]"}, "/validation_guidance_skip_layers", "only supported for"),
+        (
+            {"model_family": "sd3", "validation_guidance_skip_layers": [7, "8, 9"]},
+            "/validation_guidance_skip_layers",
+            "write it as a string",
+        ),
         ({"resolution": 1024.5}, "/resolution", "expected an integer"),
         ({"resolution": True}, "/resolution", "expected an integer, got true"),
         ({"learning_rate": "fast"}, "/learning_rate", "expected a number"),
@@ -45,11 +56,7 @@ def test_catalogue_records_simpletuner_version_and_its_keys():
         ({"mixed_precision": "fp32"}, "/mixed_precision", "is not one of"),
         ({"report_to": "wandbb"}, "/report_to", "did you mean 'wandb'?"),
         ({"report_to": ["wandb", "nope"]}, "/report_to", "'nope' is not a tracker"),
-        ({"lora_rank": {"a": 1}}, "/lora_rank", "expected a single integer value"),
         ({"lora_rank": 0}, "/lora_rank", "greater than or equal to 1"),
-        ({"caption_dropout_probability": 1.5}, "/caption_dropout_probability", "less than or equal to 1"),
-        ({"validation_num_inference_steps": 0}, "/validation_num_inference_steps", "greater than or equal to 1"),
-        ({"learning_rate": 0}, "/learning_rate", "greater than 0"),
         ({"max_train_steps": 100}, "/max_train_steps", "num_train_epochs must be 0"),
         ({"num_train_epochs": 2, "max_train_steps": 100}, "/num_train_epochs", "num_train_epochs must be 0"),
         ({"maximum_image_size": 2048}, "/maximum_image_size", "requires target_downsample_size"),
@@ -67,7 +74,6 @@ def test_catalogue_records_simpletuner_version_and_its_keys():
         ({"optimizer_beta1": 0.9}, "/optimizer_beta1", "set both"),
         ({"timestep_bias_portion": 2}, "/timestep_bias_portion", "between 0 and 1"),
         ({"lora_type": "lycoris", "lycoris_config": "missing.json"}, "/lycoris_config", "not found"),
-        ({"learning_rate": 1e-4, "--learning_rate": 2e-4}, "/--learning_rate", "duplicates 'learning_rate'"),
     ],
 )
 def test_each_rule_fails_with_its_pointer(change, pointer, fragment):
@@ -96,11 +102,48 @@ def test_missing_required_keys_are_named():
         {"report_to": ["wandb", "tensorboard"]},
         {"validation_steps": 100},
         {"$schema": "../schemas/config.schema.json"},
+        # SimpleTuner's JSON-to-argv mapping: false -> --key=false, "false" and "" dropped, lists -> last item.
+        {"skip_file_discovery": False},
+        {"skip_file_discovery": "false"},
+        {"lora_rank": "false"},
+        {"lora_rank": ""},
+        {"model_family": "sd3", "validation_guidance_skip_layers": [7, 8, 9]},
+        {"model_family": "sd3", "validation_guidance_skip_layers": "[7, 8, 9]"},
+        {"unknown_but_dropped": None},
+        {"disable_multiline_split": True},
         {"distillation_config": {"lcm": {"w_min": 2.0}}, "distillation_method": "lcm"},
     ],
 )
 def test_forms_simpletuner_accepts_are_accepted(change):
     assert _errors(change) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "pointer", "fragment"),
+    [
+        ({"learning_rat": 1e-4}, "/learning_rat", "reads this abbreviation as 'learning_rate'"),
+        ({"lora_rank": {"a": 1}}, "/lora_rank", "drops an object here"),
+        ({"caption_dropout_probability": 1.5}, "/caption_dropout_probability", "less than or equal to 1"),
+        ({"validation_num_inference_steps": 0}, "/validation_num_inference_steps", "greater than or equal to 1"),
+        ({"learning_rate": 0}, "/learning_rate", "greater than 0"),
+        ({"learning_rate": 1e-4, "--learning_rate": 2e-4}, "/--learning_rate", "duplicates 'learning_rate'"),
+        ({"learning_rte": "false"}, "/learning_rte", "SimpleTuner drops it because its value is \"false\""),
+        ({"disable_multiline_split": True}, "/disable_multiline_split", "a dataset setting"),
+    ],
+)
+def test_what_simpletuner_runs_with_is_a_warning(change, pointer, fragment):
+    problems = check_training_config({**BASE, **change}, "config.json")
+    assert [(p.pointer, p.severity) for p in problems] == [(pointer, "warning")], problems
+    assert fragment in problems[0].message
+
+
+def test_env_placeholders_and_example_paths_are_resolved_first(monkeypatch):
+    monkeypatch.setenv("LCM_TEST_RANK", "16")
+    assert _errors({"lora_rank": "{env:LCM_TEST_RANK}"}) == []
+    monkeypatch.setenv("LCM_TEST_RANK", "sixteen")
+    assert [p.pointer for p in _errors({"lora_rank": "{env:LCM_TEST_RANK}"})] == ["/lora_rank"]
+    shipped = {"lora_type": "lycoris", "lycoris_config": "config/examples/lycoris_config.json"}
+    assert _errors(shipped) == []
 
 
 def test_legacy_keys_are_warnings():

@@ -1,11 +1,15 @@
-"""LcmDistiller's step equals diffusers' train_lcm_distill_lora_sdxl.py step (re-implemented below).
+"""LcmDistiller's step equals diffusers' LCM distillation step (re-implemented below), for every UNet family.
 
-The reference follows the diffusers script line by line: DDIMSolver tables from numpy, DDPMScheduler.add_noise,
-separate cond / uncond teacher calls with adapters disabled, diffusers' guidance `cond + w (cond - uncond)` on x0
-and eps, the target from the student with adapters enabled under no_grad. Our side runs the real
-DistillationBase subclass through a minimal fake of SimpleTuner's SDXL model object, whose model_predict makes
-the same UNet call as SimpleTuner's SDXL `_model_predict_single`. Random draws (solver index, guidance scale)
-are read from our distiller and handed to the reference.
+The reference follows diffusers' train_lcm_distill_lora_sdxl.py (SDXL) and train_lcm_distill_lora_sd.py (SD 1.x,
+SD 2.x: no added conditions, the uncond branch is the zero prompt alone) line by line: DDIMSolver tables from
+numpy, DDPMScheduler.add_noise, separate cond / uncond teacher calls with adapters disabled, diffusers' guidance
+`cond + w (cond - uncond)` on x0 and eps, the target from the student with adapters enabled under no_grad. Our
+side runs the real DistillationBase subclass through a minimal fake of SimpleTuner's model object, whose
+model_predict makes the same UNet call as SimpleTuner's SDXL or SD 1.x `_model_predict_single`. Random draws
+(solver index, guidance scale) are read from our distiller and handed to the reference.
+
+Families: "sdxl" (tiny_sdxl, epsilon or v), "sd1" (tiny_sd, epsilon), "sd2_v" (tiny_sd, v-prediction, SD 2.x's
+attention layout and scheduler).
 """
 
 from __future__ import annotations
@@ -22,18 +26,27 @@ from peft import LoraConfig
 from simpletuner.helpers.models.common import PredictionTypes
 
 import lcm_plugin.simpletuner.distiller as distiller_module
-from lcm_plugin import tiny_sdxl
+from lcm_plugin import tiny_sd, tiny_sdxl
 from lcm_plugin.config import LcmConfig
 from lcm_plugin.simpletuner.distiller import LcmDistiller
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-class FakeSdxlModel:
-    """The parts of SimpleTuner's SDXL model object the trainer and DistillationBase touch."""
+def is_sdxl(family: str) -> bool:
+    return family == "sdxl"
 
-    def __init__(self, unet: UNet2DConditionModel, prediction_type: str):
+
+def unet_config(family: str) -> dict:
+    return tiny_sdxl.unet_config() if is_sdxl(family) else tiny_sd.unet_config(family)
+
+
+class FakeUnetModel:
+    """The parts of SimpleTuner's SDXL / SD 1.x model object the trainer and DistillationBase touch."""
+
+    def __init__(self, unet: UNet2DConditionModel, prediction_type: str, family: str = "sdxl"):
         self.unet = unet
+        self.family = family
         self.PREDICTION_TYPE = PredictionTypes.from_str(prediction_type)
         self.config = SimpleNamespace(lora_type="standard")
 
@@ -41,21 +54,31 @@ class FakeSdxlModel:
         return self.unet
 
     def model_predict(self, prepared_batch):
-        # Same call as simpletuner.helpers.models.sdxl.model.SDXL._model_predict_single.
-        prediction = self.unet(
-            prepared_batch["noisy_latents"],
-            prepared_batch["timesteps"],
-            prepared_batch["encoder_hidden_states"],
-            prepared_batch["add_text_embeds"],
-            added_cond_kwargs=prepared_batch["added_cond_kwargs"],
-            return_dict=False,
-        )[0]
+        if is_sdxl(self.family):
+            # Same call as simpletuner.helpers.models.sdxl.model.SDXL._model_predict_single.
+            prediction = self.unet(
+                prepared_batch["noisy_latents"],
+                prepared_batch["timesteps"],
+                prepared_batch["encoder_hidden_states"],
+                prepared_batch["add_text_embeds"],
+                added_cond_kwargs=prepared_batch["added_cond_kwargs"],
+                return_dict=False,
+            )[0]
+        else:
+            # Same call as simpletuner.helpers.models.sd1x.model.StableDiffusion1._model_predict_single.
+            prediction = self.unet(
+                prepared_batch["noisy_latents"],
+                prepared_batch["timesteps"],
+                prepared_batch["encoder_hidden_states"],
+                cross_attention_kwargs=None,
+                return_dict=False,
+            )[0]
         return {"model_prediction": prediction}
 
 
-def tiny_lora_unet(dtype: torch.dtype) -> UNet2DConditionModel:
+def tiny_lora_unet(dtype: torch.dtype, family: str = "sdxl") -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**tiny_sdxl.unet_config())
+    unet = UNet2DConditionModel(**unet_config(family))
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     # PEFT starts lora_B at zero (student == teacher); make the adapters matter so that a target computed
     # with the teacher instead of the student cannot pass.
@@ -66,24 +89,37 @@ def tiny_lora_unet(dtype: torch.dtype) -> UNet2DConditionModel:
     return unet.to(dtype)
 
 
-def noise_scheduler(prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler.from_config({**tiny_sdxl.SDXL_SCHEDULER_CONFIG, "prediction_type": prediction_type})
+# The family's training schedule (SimpleTuner loads a DDPMScheduler from the checkpoint's scheduler config).
+SCHEDULER_CONFIGS = {
+    "sdxl": tiny_sdxl.SDXL_SCHEDULER_CONFIG,
+    "sd1": tiny_sd.SD1_SCHEDULER_CONFIG,
+    "sd2_v": tiny_sd.SD2_V_SCHEDULER_CONFIG,
+}
 
 
-def sdxl_batch(batch_size: int, dtype: torch.dtype, seed: int) -> dict:
-    """What SimpleTuner's ModelFoundation.prepare_batch hands the distiller for SDXL."""
+def noise_scheduler(prediction_type: str, family: str = "sdxl") -> DDPMScheduler:
+    return DDPMScheduler.from_config({**SCHEDULER_CONFIGS[family], "prediction_type": prediction_type})
+
+
+def family_batch(batch_size: int, dtype: torch.dtype, seed: int, family: str = "sdxl") -> dict:
+    """What SimpleTuner's ModelFoundation.prepare_batch hands the distiller: SDXL's pooled embedding and time_ids,
+    or (SD 1.x/2.x) an empty added_cond_kwargs."""
     generator = torch.Generator().manual_seed(seed)
-    pooled = torch.randn(batch_size, tiny_sdxl.POOLED_DIM, generator=generator, dtype=dtype)
+    sdxl = is_sdxl(family)
+    pooled = torch.randn(batch_size, tiny_sdxl.POOLED_DIM, generator=generator, dtype=dtype) if sdxl else None
     time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]], dtype=dtype).repeat(batch_size, 1)
-    return {
+    batch = {
         "latents": torch.randn(batch_size, 4, 8, 8, generator=generator, dtype=dtype),
         "noise": torch.randn(batch_size, 4, 8, 8, generator=generator, dtype=dtype),
         "encoder_hidden_states": torch.randn(
-            batch_size, tiny_sdxl.MAX_TOKENS, 2 * tiny_sdxl.TEXT_HIDDEN_SIZE, generator=generator, dtype=dtype
+            batch_size, tiny_sdxl.MAX_TOKENS, unet_config(family)["cross_attention_dim"], generator=generator,
+            dtype=dtype,
         ),
-        "add_text_embeds": pooled,
-        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids} if sdxl else {},
     }
+    if sdxl:
+        batch["add_text_embeds"] = pooled
+    return batch
 
 
 # ---- reference: diffusers' train_lcm_distill_lora_sdxl.py, one step, draws given -------------------------------
@@ -129,6 +165,12 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
     latents, noise = batch["latents"], batch["noise"]
     prompt_embeds = batch["encoder_hidden_states"]
     encoded_text = dict(batch["added_cond_kwargs"])
+    # The SD 1.x/2.x script passes no added_cond_kwargs at all; SDXL's uncond zeroes the pooled embedding.
+    cond_kwargs = {"added_cond_kwargs": encoded_text} if encoded_text else {}
+    uncond_kwargs = (
+        {"added_cond_kwargs": {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}}
+        if encoded_text else {}
+    )
     prediction_type = scheduler.config.prediction_type
     num_train_timesteps = scheduler.config.num_train_timesteps
     alpha_schedule = torch.sqrt(scheduler.alphas_cumprod)
@@ -153,9 +195,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
     noisy_model_input = scheduler.add_noise(latents, noise, start_timesteps)
     w = w.reshape(-1, 1, 1, 1).to(dtype=latents.dtype)
 
-    noise_pred = unet(
-        noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
-    ).sample
+    noise_pred = unet(noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, **cond_kwargs).sample
     pred_x_0 = reference_predicted_origin(
         noise_pred, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
     )
@@ -165,7 +205,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
         if teacher_unet is unet:
             unet.disable_adapters()
         cond_teacher_output = teacher_unet(
-            noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
+            noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds, **cond_kwargs
         ).sample
         cond_pred_x0 = reference_predicted_origin(
             cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
@@ -173,12 +213,8 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
         cond_pred_noise = reference_predicted_noise(
             cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
         )
-        uncond_added_conditions = {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}
         uncond_teacher_output = teacher_unet(
-            noisy_model_input,
-            start_timesteps,
-            encoder_hidden_states=torch.zeros_like(prompt_embeds),
-            added_cond_kwargs=uncond_added_conditions,
+            noisy_model_input, start_timesteps, encoder_hidden_states=torch.zeros_like(prompt_embeds), **uncond_kwargs
         ).sample
         uncond_pred_x0 = reference_predicted_origin(
             uncond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
@@ -193,9 +229,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
         if teacher_unet is unet:
             unet.enable_adapters()
 
-        target_noise_pred = target_unet(
-            x_prev, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text
-        ).sample
+        target_noise_pred = target_unet(x_prev, timesteps, encoder_hidden_states=prompt_embeds, **cond_kwargs).sample
         pred_x_0 = reference_predicted_origin(
             target_noise_pred, timesteps, x_prev, prediction_type, alpha_schedule, sigma_schedule
         )
@@ -212,7 +246,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
 # ---- our step ----------------------------------------------------------------------------------------------------
 
 
-def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch, distiller=None):
+def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch, distiller=None, family: str = "sdxl"):
     """Trainer order: distiller.prepare_batch, model.model_predict, distiller.compute_distill_loss, backward.
 
     Returns (loss, logs, solver index [B], diffusers' w [B]) so the reference can replay the same draws.
@@ -225,7 +259,7 @@ def our_step(unet, scheduler, batch, cfg: LcmConfig, monkeypatch, distiller=None
 
     distiller_module_sample_guidance_scale = distiller_module.sample_guidance_scale
     monkeypatch.setattr(distiller_module, "sample_guidance_scale", recording_guidance_scale)
-    model = FakeSdxlModel(unet, scheduler.config.prediction_type)
+    model = distiller.teacher_model if distiller else FakeUnetModel(unet, scheduler.config.prediction_type, family)
     distiller = distiller or LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
     prepared = distiller.prepare_batch(batch, model, {"global_step": 0})
     loss, logs = distiller.compute_distill_loss(prepared, model.model_predict(prepared), torch.tensor(0.0))
@@ -240,23 +274,35 @@ def lora_grads(unet) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in unet.named_parameters() if "lora_" in name}
 
 
-def run_both(prediction_type, loss_type, batch_size, dtype, monkeypatch, **lcm_settings):
+def run_both(prediction_type, loss_type, batch_size, dtype, monkeypatch, family="sdxl", **lcm_settings):
     cfg = LcmConfig(loss_type=loss_type, **lcm_settings)
-    scheduler = noise_scheduler(prediction_type)
-    ours_unet, reference_unet = tiny_lora_unet(dtype), tiny_lora_unet(dtype)
+    scheduler = noise_scheduler(prediction_type, family)
+    ours_unet, reference_unet = tiny_lora_unet(dtype, family), tiny_lora_unet(dtype, family)
     torch.manual_seed(1234)
-    loss, logs, index, w = our_step(ours_unet, scheduler, sdxl_batch(batch_size, dtype, seed=7), cfg, monkeypatch)
-    reference_loss = reference_step(reference_unet, scheduler, sdxl_batch(batch_size, dtype, seed=7), index, w, cfg)
+    loss, logs, index, w = our_step(
+        ours_unet, scheduler, family_batch(batch_size, dtype, 7, family), cfg, monkeypatch, family=family
+    )
+    reference_loss = reference_step(
+        reference_unet, scheduler, family_batch(batch_size, dtype, 7, family), index, w, cfg
+    )
     return loss, logs, reference_loss, lora_grads(ours_unet), lora_grads(reference_unet)
 
 
 @pytest.mark.parametrize(
-    ("prediction_type", "loss_type", "batch_size"),
-    [("epsilon", "l2", 3), ("epsilon", "huber", 2), ("v_prediction", "l2", 1)],
+    ("family", "prediction_type", "loss_type", "batch_size"),
+    [
+        ("sdxl", "epsilon", "l2", 3),
+        ("sdxl", "epsilon", "huber", 2),
+        ("sdxl", "v_prediction", "l2", 1),
+        ("sd1", "epsilon", "l2", 2),
+        ("sd1", "epsilon", "huber", 1),
+        ("sd2_v", "v_prediction", "l2", 2),
+        ("sd2_v", "v_prediction", "huber", 1),
+    ],
 )
-def test_loss_and_lora_grads_match_diffusers_step(prediction_type, loss_type, batch_size, monkeypatch):
+def test_loss_and_lora_grads_match_diffusers_step(family, prediction_type, loss_type, batch_size, monkeypatch):
     loss, logs, reference_loss, grads, reference_grads = run_both(
-        prediction_type, loss_type, batch_size, torch.float64, monkeypatch, num_ddim_timesteps=50
+        prediction_type, loss_type, batch_size, torch.float64, monkeypatch, family, num_ddim_timesteps=50
     )
     assert loss.dtype == torch.float32 and reference_loss.dtype == torch.float32
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
@@ -282,10 +328,10 @@ def test_half_precision_latents_get_float32_arithmetic_and_keep_their_device(mon
     cfg = LcmConfig()
     scheduler = noise_scheduler("epsilon")
     unet = tiny_lora_unet(torch.bfloat16)
-    model = FakeSdxlModel(unet, "epsilon")
+    model = FakeUnetModel(unet, "epsilon")
     distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
     for batch_size in (3, 1):  # aspect buckets change the batch size between steps
-        prepared = distiller.prepare_batch(sdxl_batch(batch_size, torch.bfloat16, seed=batch_size), model, {})
+        prepared = distiller.prepare_batch(family_batch(batch_size, torch.bfloat16, seed=batch_size), model, {})
         # The student's input keeps the latents' dtype; the LCM arithmetic runs in float32, as diffusers' does.
         expected = {"noisy_latents": torch.bfloat16, "lcm_x_t": torch.float32, "lcm_target": torch.float32}
         for key, dtype in expected.items():
@@ -308,28 +354,33 @@ def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.
     return module
 
 
-def full_model_distiller(cfg: LcmConfig, prediction_type: str = "epsilon"):
+def full_model_distiller(cfg: LcmConfig, prediction_type: str = "epsilon", family: str = "sdxl"):
     torch.manual_seed(0)
-    student = UNet2DConditionModel(**tiny_sdxl.unet_config()).to(torch.float64)
-    model = FakeSdxlModel(student, prediction_type)
-    distiller = LcmDistiller(model, noise_scheduler=noise_scheduler(prediction_type), config=cfg, full_model=True)
+    student = UNet2DConditionModel(**unet_config(family)).to(torch.float64)
+    model = FakeUnetModel(student, prediction_type, family)
+    distiller = LcmDistiller(
+        model, noise_scheduler=noise_scheduler(prediction_type, family), config=cfg, full_model=True
+    )
     return model, distiller
 
 
-def test_full_model_step_matches_diffusers_step_with_teacher_and_target_networks(monkeypatch):
+@pytest.mark.parametrize(
+    ("family", "prediction_type"), [("sdxl", "epsilon"), ("sd1", "epsilon"), ("sd2_v", "v_prediction")]
+)
+def test_full_model_step_matches_diffusers_step_with_teacher_and_target_networks(family, prediction_type, monkeypatch):
     cfg = LcmConfig()
-    model, distiller = full_model_distiller(cfg)
+    model, distiller = full_model_distiller(cfg, prediction_type, family)
     # Three different networks, as after some training: student moved, target lagging, teacher pretrained.
     perturbed(model.unet, seed=1)
     perturbed(distiller.target_unet, seed=2)
     reference_unets = [copy.deepcopy(m) for m in (model.unet, distiller.teacher_unet, distiller.target_unet)]
     torch.manual_seed(1234)
     loss, _, index, w = our_step(
-        model.unet, distiller.noise_scheduler, sdxl_batch(2, torch.float64, seed=7), cfg, monkeypatch, distiller
+        model.unet, distiller.noise_scheduler, family_batch(2, torch.float64, 7, family), cfg, monkeypatch, distiller
     )
     student, teacher, target = reference_unets
     reference_loss = reference_step(
-        student, distiller.noise_scheduler, sdxl_batch(2, torch.float64, seed=7), index, w, cfg,
+        student, distiller.noise_scheduler, family_batch(2, torch.float64, 7, family), index, w, cfg,
         teacher_unet=teacher, target_unet=target,
     )
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)

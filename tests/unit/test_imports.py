@@ -1,7 +1,7 @@
 """Dependency direction, checked in fresh interpreters (this process has imported everything already).
 
 config <- lcm <- simpletuner adapter <- cli: the pure math never reaches for the host or the CLI, and
-`import lcm_plugin` (run at every interpreter start-up by the post-import hook's .pth) stays cheap.
+`import lcm_plugin` stays cheap (the start-up hook's cost is tests/unit/test_hook.py's business).
 """
 
 from __future__ import annotations

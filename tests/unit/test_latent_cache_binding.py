@@ -28,7 +28,7 @@ def test_exceptions_subclass_the_base_and_live_in_an_importable_module():
     import importlib
 
     for name in ("ImageDecodeError", "ImageTooLargeError", "BucketConfigError", "CacheFormatError",
-                 "CorruptShardError", "MissingKeyError", "DuplicateKeyError", "CacheIOError"):
+                 "CorruptShardError", "MissingKeyError", "DuplicateKeyError", "CacheIOError", "WriterLockedError"):
         cls = getattr(_latent_cache, name)
         assert issubclass(cls, LatentCacheError) and name.endswith("Error")
         assert getattr(importlib.import_module(cls.__module__), name) is cls

@@ -73,6 +73,24 @@ def test_seed_files_report_exactly_what_simpletuner_refuses_and_the_lcm_warnings
     assert lines[7] == f"{backends}: /0/instance_data_dir: warning: folder '/path/to/your/dataset' does not exist here"
 
 
+@pytest.mark.parametrize("argument", ["config", "config/", "config/config.json", "."])
+def test_paths_relative_to_the_current_directory(tmp_path, capsys, monkeypatch, argument):
+    # What a user types in their run folder: the suggested data_backend_config is named from that folder.
+    shutil.copytree(SEED, tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    code, lines, err = _run(capsys, argument)
+    assert code == 1 and "5 error(s), 3 warning(s)" in err, (lines, err)
+    assert any('add "data_backend_config": "config/multidatabackend.json"' in line for line in lines), lines
+
+
+def test_named_backend_hint_with_a_relative_config_path(tmp_path, capsys, monkeypatch):
+    _project(tmp_path, {**FIXES, "data_backend_config": "multidatabackend.json"})
+    monkeypatch.chdir(tmp_path)
+    code, lines, _ = _run(capsys, "config")
+    assert code == 1
+    assert any(line.endswith('write "config/multidatabackend.json"') for line in lines), lines
+
+
 def test_fixed_seed_validates_with_the_warnings_it_deserves(tmp_path, capsys):
     folder = _project(tmp_path, FIXES, data_dir=False)
     code, lines, err = _run(capsys, folder / "config.json")
@@ -99,13 +117,13 @@ def test_backend_file_alone(tmp_path, capsys):
 def test_every_problem_at_once_across_both_files(tmp_path, capsys):
     folder = _project(
         tmp_path,
-        {**FIXES, "learning_rat": 1e-4, "validation_guidance": 7.5},
+        {**FIXES, "learnig_rate": 1e-4, "validation_guidance": 7.5},
         backends=[{"id": "a", "instance_data_dir": "images", "crop_stlye": "center"}],
     )
     code, lines, _ = _run(capsys, folder)
     assert code == 1
-    assert any(line.endswith("/learning_rat: unknown key (did you mean 'learning_rate'?)") for line in lines)
-    assert any(line.endswith("/0/crop_stlye: unknown key (did you mean 'crop_style'?)") for line in lines)
+    assert any(line.endswith("/learnig_rate: unknown key (did you mean 'learning_rate'?)") for line in lines)
+    assert any("/0/crop_stlye: warning: unknown key (did you mean 'crop_style'?)" in line for line in lines)
     assert any("/validation_guidance: warning: 7.5 washes an LCM student out" in line for line in lines)
 
 
@@ -124,7 +142,7 @@ def test_relative_paths_resolve_where_training_starts_not_in_the_current_directo
             **FIXES,
             "caption_dropout_probability": 0.0,
             "validation_negative_prompt": None,
-            "data_backend_config": "multidatabackend.json",
+            "data_backend_config": "config/multidatabackend.json",
         },
     )
     monkeypatch.chdir("/")
@@ -140,7 +158,23 @@ def test_relative_paths_resolve_where_training_starts_not_in_the_current_directo
 def test_named_backend_file_that_does_not_exist(tmp_path, capsys):
     folder = _project(tmp_path, {**FIXES, "data_backend_config": "nope.json"})
     code, lines, _ = _run(capsys, folder)
-    assert code == 1 and any("/data_backend_config: no such file: 'nope.json'" in line for line in lines)
+    assert code == 1 and any(f"/data_backend_config: no such file: {tmp_path / 'nope.json'}" in line for line in lines)
+
+
+def test_backend_file_named_from_the_config_folder_is_not_where_simpletuner_opens_it(tmp_path, capsys):
+    # SimpleTuner opens data_backend_config from where training starts (above config/), not beside config.json.
+    folder = _project(tmp_path, {**FIXES, "data_backend_config": "multidatabackend.json"})
+    code, lines, _ = _run(capsys, folder)
+    assert code == 1
+    hint = f'found {folder / "multidatabackend.json"}: write "config/multidatabackend.json"'
+    assert any(line.endswith(hint) for line in lines)
+
+
+def test_shipped_example_paths_resolve_as_simpletuner_resolves_them(tmp_path, capsys):
+    shipped = "config/examples/multidatabackend-small-dreambooth-512px.json"
+    folder = _project(tmp_path, {**FIXES, "data_backend_config": shipped})
+    code, lines, _ = _run(capsys, folder)
+    assert code == 0 and not any("/data_backend_config" in line for line in lines)
 
 
 @pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"text"'])

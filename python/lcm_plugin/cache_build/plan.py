@@ -7,7 +7,9 @@ the two config files only, so every rank (and every rerun after a kill) derives 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,9 @@ class ImageItem:
     key: str
     captions: tuple[str, ...] = ()
     sample: dict | None = None  # the bucketer's answer: bucket, sizes, crop_coordinates, ...
+    file_id: tuple[int, int] = (0, 0)  # (size, mtime_ns) of the file when scanned
+    cache_key: str = ""  # its latent's key in the store, `<key>@<recipe digest>` (set by the build)
+    recipe: dict | None = None  # what the latent is a function of (fingerprint.latent_recipe)
 
 
 @dataclass
@@ -83,8 +88,12 @@ class Dataset:
     prepend_instance_prompt: bool
     compress_vae: bool  # gzip SimpleTuner-format files, as its local backend would (compress_cache)
     compress_text: bool
+    # SimpleTuner's bucket filters (MetadataBackend._enforce_min/max_aspect_ratio); None = off.
+    minimum_aspect_ratio: float | None = None
+    maximum_aspect_ratio: float | None = None
     images: list[ImageItem] = field(default_factory=list)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable or too small
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable
+    excluded: list[tuple[Path, str]] = field(default_factory=list)  # (file, which filter), as SimpleTuner filters
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,8 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
     problems = unreadable or validate_run(raw_config, config_path)
     if has_errors(problems):
         errors = [problem for problem in problems if problem.severity == "error"]
+        if len(errors) == 1:  # its line names the file and key
+            raise BuildError(format_problems(errors))
         raise BuildError("the config has errors (simpletuner-lcm validate shows them all):\n" + format_problems(errors))
     backend_path, _ = find_backend_file(raw_config, config_path)
     entries, _ = read_json(backend_path)
@@ -122,17 +133,33 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
         model_path=str(setting("pretrained_model_name_or_path")),
         vae_path=str(setting("pretrained_vae_model_name_or_path") or setting("pretrained_model_name_or_path")),
         vae_dtype="fp32" if vae_dtype == "fp32" else "bf16",
-        vae_batch_size=int(setting("vae_batch_size") or 4),
+        vae_batch_size=_integer(config_path, "vae_batch_size", setting("vae_batch_size"), 4, 1),
         text_dtype={"bf16": "bf16", "fp16": "fp16"}.get(str(setting("mixed_precision")), "fp32"),
         compress_disk_cache=bool(setting("compress_disk_cache")),
-        seed=int(setting("seed") or 0),
-        aspect_bucket_alignment=int(setting("aspect_bucket_alignment") or 64),
-        aspect_bucket_rounding=int(setting("aspect_bucket_rounding") or 2),
+        # SimpleTuner seeds numpy with it (accelerate's set_seed): numpy takes 0 to 2**32 - 1.
+        seed=_integer(config_path, "seed", setting("seed"), 0, 0, 2**32 - 1),
+        aspect_bucket_alignment=_integer(
+            config_path, "aspect_bucket_alignment", setting("aspect_bucket_alignment"), 64, 1
+        ),
+        aspect_bucket_rounding=_integer(config_path, "aspect_bucket_rounding", setting("aspect_bucket_rounding"), 2, 0),
         inherited=inherited_settings(raw_config) | {"output_dir": setting("output_dir")},
     )
     if settings.model_family != "sdxl":
         raise BuildError(f"{config_path}: /model_family: cache build supports sdxl (got {settings.model_family!r})")
     return settings, entries
+
+
+def _integer(file: Path, name: str, value, default: int, minimum: int, maximum: int | None = None) -> int:
+    """config.json's integer `name` (a number or its string, as SimpleTuner's argument parser takes it), checked
+    against [minimum, maximum]; `default` when absent. Raises BuildError naming the file and key."""
+    if value is None:
+        return default
+    text = str(value).strip()
+    number = int(text) if not isinstance(value, bool) and re.fullmatch(r"-?[0-9]+", text) else None
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        valid = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise BuildError(f"{file}: /{name}: {value!r} is not valid; give an integer {valid}")
+    return number
 
 
 def resolve(path: str, root: Path) -> Path:
@@ -188,11 +215,27 @@ def datasets_of(settings: RunSettings, entries: list[dict]) -> list[Dataset]:
                 prepend_instance_prompt=bool(entry.get("prepend_instance_prompt", False)),
                 compress_vae=_compressed(entry, settings),
                 compress_text=_compressed(text_entry, settings),
+                minimum_aspect_ratio=_aspect_limit(entry, "minimum_aspect_ratio", file, index),
+                maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
             )
         )
     if not datasets:
         raise BuildError(f"{file}: /: no enabled local image dataset to cache")
     return datasets
+
+
+def _aspect_limit(entry: dict, name: str, file: str, index: int) -> float | None:
+    """SimpleTuner's reading of an aspect-ratio filter: `float(value) if value else None`, 0 meaning off."""
+    value = entry.get(name)
+    if not value:
+        return None
+    try:
+        limit = float(value)
+    except (TypeError, ValueError):
+        limit = math.nan
+    if isinstance(value, bool) or not math.isfinite(limit) or limit < 0:
+        raise BuildError(f"{file}: {pointer(index, name)}: {value!r} is not valid; give a positive number (W/H)")
+    return limit or None
 
 
 def _compressed(entry: dict, settings: RunSettings) -> bool:
@@ -216,7 +259,23 @@ def list_images(data_dir: Path) -> list[Path]:
     for folder, dirs, files in os.walk(data_dir, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [Path(folder) / name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    for path in found:
+        if not _is_utf8(path.relative_to(data_dir).as_posix()):
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise BuildError(
+                f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and "
+                "caption file names need UTF-8)"
+            )
     return sorted(found)
+
+
+def _is_utf8(name: str) -> bool:
+    """False for names Python decoded with surrogate escapes (bytes that are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
@@ -240,7 +299,8 @@ def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
 
 
 def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dataset:
-    """Fill `dataset.images` (header scan, captions, bucket of each image) and `dataset.skipped`."""
+    """Fill `dataset.images` (header scan, captions, bucket of each image), `dataset.skipped` (unreadable) and
+    `dataset.excluded` (left out by minimum_image_size or the aspect-ratio filters, as SimpleTuner does)."""
     from lcm_plugin.cache import Bucketer, scan_sizes
 
     paths = list_images(dataset.data_dir)
@@ -250,16 +310,35 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dat
     samples = Bucketer(dataset.bucket_config, seed=seed).assign([size for _, size in readable])
     for (path, _), sample in zip(readable, samples):
         if sample is None:
-            dataset.skipped.append((path, "below minimum_image_size"))
+            dataset.excluded.append((path, "below minimum_image_size"))
+            continue
+        excluded = aspect_filter(dataset, sample["bucket"])
+        if excluded:
+            dataset.excluded.append((path, excluded))
             continue
         try:
             captions = captions_of(path, dataset)
+            stat = path.stat()
         except BuildError as error:
             dataset.skipped.append((path, str(error)))
             continue
+        except OSError as error:
+            dataset.skipped.append((path, f"cannot read {path}: {error.strerror or error}"))
+            continue
         key = path.relative_to(dataset.data_dir).as_posix()
-        dataset.images.append(ImageItem(path=path, key=key, captions=captions, sample=sample))
+        item = ImageItem(path=path, key=key, captions=captions, sample=sample, file_id=(stat.st_size, stat.st_mtime_ns))
+        dataset.images.append(item)
     return dataset
+
+
+def aspect_filter(dataset: Dataset, bucket: str) -> str | None:
+    """Which aspect-ratio filter drops `bucket`, if any: SimpleTuner removes whole buckets whose key (W/H,
+    rounded) is below minimum_aspect_ratio or above maximum_aspect_ratio."""
+    if dataset.minimum_aspect_ratio is not None and float(bucket) < dataset.minimum_aspect_ratio:
+        return f"bucket below minimum_aspect_ratio {dataset.minimum_aspect_ratio:g}"
+    if dataset.maximum_aspect_ratio is not None and float(bucket) > dataset.maximum_aspect_ratio:
+        return f"bucket above maximum_aspect_ratio {dataset.maximum_aspect_ratio:g}"
+    return None
 
 
 def vae_batches(datasets: list[Dataset], batch_size: int) -> list[Batch]:

@@ -29,10 +29,10 @@ from lcm_plugin.cache_build.build import text_key
 from lcm_plugin.cache_build.plan import Dataset, ImageItem
 
 
-def vae_cache_path(dataset: Dataset, item: ImageItem) -> Path:
-    """Where SimpleTuner's VAECache looks for the latent of `item`."""
-    name = hashlib.sha256(item.path.stem.encode()).hexdigest() + ".pt"
-    return dataset.vae_cache_dir / item.path.parent.relative_to(dataset.data_dir) / name
+def vae_cache_path(dataset: Dataset, image: Path) -> Path:
+    """Where SimpleTuner's VAECache looks for the latent of the image file `image` (inside the dataset folder)."""
+    name = hashlib.sha256(image.stem.encode()).hexdigest() + ".pt"
+    return dataset.vae_cache_dir / image.parent.relative_to(dataset.data_dir) / name
 
 
 def text_cache_path(folder: Path, caption: str) -> Path:
@@ -44,7 +44,7 @@ def save_torch(path: Path, value, compress: bool) -> None:
     """`torch.save` (gzipped when `compress`) to a temp file, fsync, rename: a kill never leaves half a file."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    data = gzip.compress(buffer.getvalue()) if compress else buffer.getvalue()
+    data = gzip.compress(buffer.getvalue(), mtime=0) if compress else buffer.getvalue()  # no time in the header
     write_atomic(path, data)
 
 
@@ -67,8 +67,8 @@ def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
     )
 
 
-def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> None:
-    """SimpleTuner's discovery results for `items` (the images that were encoded)."""
+def bucket_metadata(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """SimpleTuner's discovery results for `items`: (bucket -> image paths, image path -> metadata)."""
     indices: dict[str, list[str]] = {}
     metadata = {}
     for item in items:
@@ -82,6 +82,15 @@ def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> None:
             "intermediary_size": list(sample["intermediary_size"]),
             "aspect_ratio": sample["aspect_ratio"],
         }
+    return indices, metadata
+
+
+def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> None:
+    """SimpleTuner's bucket files for `items` (the images that were encoded)."""
+    from lcm_plugin.cache_build.faults import fault_point
+
+    indices, metadata = bucket_metadata(items)
     index_file, metadata_file = bucket_files(dataset)
     write_atomic(index_file, json.dumps({"config": {}, "aspect_ratio_bucket_indices": indices}).encode())
+    fault_point("buckets")
     write_atomic(metadata_file, json.dumps(metadata).encode())

@@ -47,7 +47,8 @@ def run(args) -> int:
         print(f"simpletuner-lcm demo: {error}", file=sys.stderr)
         return 1
     log(f"LoRA written: {lora}")
-    log("sampling teacher (DDIM, trailing spacing) and student (LCMScheduler) with the same prompts and noise")
+    log("sampling the teacher (DDIM, trailing spacing) and the student (LCMScheduler) on fresh noise, "
+        "scored against an independent teacher DDIM-50 reference (docs/quality.md)")
     _, table = demo.evaluate(output, log=log)
     print(table)
     log(f"done: grid {output / 'grid.png'}, table {output / 'metrics.txt'}")

@@ -5,8 +5,11 @@
 needs neither torch nor SimpleTuner, and the catalogue follows the SimpleTuner version it was built from.
 
 Entry shape, per key (no `--`): kind (boolean | integer | number | string | json | report_to |
-boolean_or_string), choices (list or null), default, required, help, section, and `alias_of` for
-alternative option strings.
+boolean_or_string), choices (list or null), default, required, help, section, bare_flag (a bare `--key`,
+which config.json's `true` becomes, is accepted), and `alias_of` for alternative option strings.
+Top level: `legacy_keys` (translated or ignored by the JSON-to-argv mapping), `dataset_fields` (registry
+fields without an option: the mapping drops them) and `allow_empty` (options that receive "" instead of
+being dropped).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 CATALOGUE_FILE = "simpletuner_keys.json"
 
 # SimpleTuner JSON-serialises dicts and lists for these keys before parsing (cli_utils.mapping_to_cli_args).
-_JSON_KEYS = {
+JSON_KEYS = {
     "webhook_config",
     "deepspeed_config",
     "distillation_config",
@@ -61,15 +64,19 @@ def build_catalogue() -> dict[str, Any]:
             "required": bool(action.required),
             "help": " ".join((action.help or "").split()),
             "section": getattr(field, "section", None),
+            "bare_flag": action.nargs == "?",
         }
         keys[names[0]] = entry
         for alias in names[1:]:
             keys[alias] = {**entry, "alias_of": names[0]}
     legacy = sorted(name for name in cli_utils._LEGACY_ARG_HANDLERS if name not in keys)
+    fields = list(field_registry._fields.values())
     return {
         "simpletuner_version": simpletuner.__version__,
         "keys": dict(sorted(keys.items())),
         "legacy_keys": legacy,
+        "dataset_fields": sorted(field.name for field in fields if getattr(field, "arg_name", "") is None),
+        "allow_empty": sorted(field.name for field in fields if getattr(field, "allow_empty", False)),
     }
 
 
@@ -81,7 +88,7 @@ def _kind(action, field, field_type_enum) -> str:
         return "boolean_or_string"
     if name == "_parse_bool_flag":
         return "boolean"
-    if action.dest in _JSON_KEYS or getattr(field, "field_type", None) == field_type_enum.TEXT_JSON:
+    if action.dest in JSON_KEYS or getattr(field, "field_type", None) == field_type_enum.TEXT_JSON:
         return "json"
     return {"int": "integer", "float": "number"}.get(name, "string")
 

@@ -9,7 +9,10 @@ resolution, resolution_type, image-size and caption settings when they leave the
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
+
+from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -76,10 +79,10 @@ TYPE_KEYS: dict[str, set[str]] = {
     },
     "memory": {"memory_filesystem_path", "memory_filesystem_size", "memory_filesystem_sudo"},
 }
-# Required keys per storage type (SimpleTuner's check_csv_config / check_aws_config / check_huggingface_config).
+# Required keys per storage type (SimpleTuner's CSV builder, check_aws_config, check_huggingface_config).
 TYPE_REQUIRED: dict[str, tuple[str, ...]] = {
     "aws": ("aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id", "aws_secret_access_key"),
-    "csv": ("csv_file", "csv_cache_dir", "csv_caption_column", "csv_url_column"),
+    "csv": ("csv_file", "csv_cache_dir", "csv_caption_column"),  # csv_url_column defaults to "url"
     "huggingface": ("dataset_name",),
 }
 
@@ -172,6 +175,9 @@ class MediaEntry(_Entry):
         None, description="How sample sizes are recorded (default discovery)."
     )
     cache_dir_vae: str | None = Field(None, description="VAE latent cache folder; unique per dataset.")
+    cache_file_suffix: str | None = Field(
+        None, description="Suffix of this dataset's bucket and metadata files (default: its id)."
+    )
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy instanceprompt.")
     prepend_instance_prompt: bool = Field(False, description="Prefix every caption with instance_prompt.")
     only_instance_prompt: bool = Field(False, description="Use instance_prompt as the only caption.")
@@ -312,6 +318,8 @@ def check_entry(entry: Any, index: int, file: str, defaults: dict) -> list[Probl
         value = str(entry.get("dataset_type"))
         return [Problem(file, where("dataset_type"), f"{value!r} is not one of {kinds}" + did_you_mean(value, kinds))]
     problems = _model_problems(entry, model, where, file)
+    if any(problem.severity == "error" for problem in problems):
+        return problems  # the rules below read typed values: fix these first
     problems += _type_problems(entry, model, where, file)
     if model is MediaEntry:
         problems += _media_problems(entry, where, file, defaults)
@@ -354,15 +362,18 @@ def _problem(entry: dict, model: type[_Entry], where, file: str, place: tuple, i
     issue = issues[0]
     if issue["type"] == "extra_forbidden":
         own_keys = {field.alias or name for name, field in model.model_fields.items()}
+        # SimpleTuner reads entries with .get: a key it does not read is ignored, except the few it refuses.
         if key in REMOVED_KEYS:
-            message = f"{key!r} was removed from SimpleTuner; use {REMOVED_KEYS[key]!r}"
-        elif key == "caption_filter_list":
-            message = "caption_filter_list is only read by text_embeds datasets"
-        elif key in _ALL_ENTRY_KEYS:
+            return Problem(file, where(key), f"{key!r} was removed from SimpleTuner; use {REMOVED_KEYS[key]!r}")
+        if key == "caption_filter_list":
+            return Problem(file, where(key), "caption_filter_list is only valid for text_embeds datasets")
+        if key == "data_generator":
+            return Problem(file, where(key), "data_generator is only valid for dataset_type 'caption'")
+        if key in _ALL_ENTRY_KEYS:
             message = f"{key!r} is not read for dataset_type {entry.get('dataset_type', 'image')!r}"
         else:
             message = "unknown key" + did_you_mean(key, own_keys)
-        return Problem(file, where(key), message)
+        return Problem(file, where(key), message + ": SimpleTuner ignores it", "warning")
     if issue["type"] == "missing":
         return Problem(file, where(*place[:-1]), f"missing required key {key!r}")
     if issue["type"] == "literal_error":
@@ -396,7 +407,9 @@ def _type_problems(entry: dict, model: type[_Entry], where, file: str) -> list[P
             if key == "aws_data_prefix" and model is MediaEntry:
                 continue  # also the instance_data_dir fallback for any type
             if key in model.model_fields:
-                problems.append(Problem(file, where(key), f"{key!r} is only read when type is {other!r}"))
+                problems.append(
+                    Problem(file, where(key), f"{key!r} is only read when type is {other!r}: ignored here", "warning")
+                )
     if storage == "csv" and model is not MediaEntry:
         return problems + [Problem(file, where("type"), f"a {entry['dataset_type']} dataset cannot use a csv backend")]
     missing = [
@@ -489,48 +502,72 @@ def _media_problems(entry: dict, where, file: str, defaults: dict) -> list[Probl
             Problem(file, where(), "ControlNet training needs 'conditioning_data' or 'conditioning' on image datasets")
         )
     problems += _schedule_problems(entry, where, file)
-    problems += _video_problems(entry, where, file)
+    problems += _video_problems(entry, where, file, defaults)
     problems += _caption_shuffle_problems(entry, where, file)
     return problems
 
 
 def _size_problems(entry: dict, where, file: str, defaults: dict) -> list[Problem]:
-    """maximum_image_size needs target_downsample_size; both in the units of resolution_type."""
+    """maximum_image_size needs target_downsample_size; both in the units of resolution_type.
+
+    Follows the trainer (SimpleTuner 4.10.1 `FactoryRegistry._handle_resolution_conversion`, then
+    `init_backend_config`): with resolution_type 'pixel_area' the entry's own resolution must be an integer
+    edge, its own sizes are converted from pixel edges to megapixels (edge * edge / 1e6) and the entry is
+    checked as 'area'; sizes inherited from config.json are checked as written.
+    """
     problems = []
     resolution_type = entry.get("resolution_type", defaults.get("resolution_type"))
     sizes = {key: entry.get(key, defaults.get(key)) for key in ("maximum_image_size", "target_downsample_size")}
     if resolution_type == "pixel_area":
-        # SimpleTuner 4.10's init_backend_config checks the raw values against the 'area' limit (< 20)
-        # after switching resolution_type to 'area', so pixel edges are refused there.
+        edge = entry.get("resolution", defaults.get("resolution"))
+        if not (type(edge) is int or (isinstance(edge, str) and edge.isdigit()) or "resolution" not in entry):
+            problems.append(
+                Problem(
+                    file,
+                    where("resolution"),
+                    f"resolution_type 'pixel_area' needs an integer pixel edge such as 1024, got {edge!r}",
+                )
+            )
+        for key in sizes:
+            if key in entry and _number(entry[key]) and entry[key] > 0:
+                sizes[key] = entry[key] * entry[key] / 1_000_000
         resolution_type = "area"
     if sizes["maximum_image_size"] and not sizes["target_downsample_size"]:
         problems.append(
             Problem(
                 file,
                 where("maximum_image_size"),
-                "maximum_image_size requires target_downsample_size " "(the size oversized images are downsampled to)",
+                "maximum_image_size requires target_downsample_size (the size oversized images are downsampled to)",
             )
         )
     deepfloyd = "deepfloyd" in str(defaults.get("model_type") or "")
+    override = os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE")
     for key, value in sizes.items():
         if not _number(value) or not value:
             continue
+        written = entry.get(key, defaults.get(key))
         at = where(key) if key in entry else where()
-        if resolution_type == "area" and value >= 20 and not os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE"):
-            problems.append(
-                Problem(
-                    file,
-                    at,
-                    f"{key} {value}: SimpleTuner reads it as megapixels here "
-                    "(resolution_type 'area' or 'pixel_area') and needs < 20 (pixels entered by mistake?)",
+        source = "" if key in entry else " (from config.json)"
+        if resolution_type == "area" and value >= 20 and not override:
+            if key in entry and entry.get("resolution_type", defaults.get("resolution_type")) == "pixel_area":
+                reason = f"{written} px is {value:g} megapixels; SimpleTuner needs < 20"
+            elif entry.get("resolution_type", defaults.get("resolution_type")) == "pixel_area":
+                reason = (
+                    "SimpleTuner converts pixel_area sizes written in the dataset entry, not ones inherited from "
+                    "config.json: set it in this entry, or in megapixels (< 20)"
                 )
-            )
+            else:
+                reason = (
+                    "SimpleTuner reads it as megapixels with resolution_type 'area' and needs < 20 "
+                    "(pixels entered by mistake?)"
+                )
+            problems.append(Problem(file, at, f"{key} {written}{source}: {reason}"))
         elif resolution_type == "pixel" and value < 512 and not deepfloyd:
             problems.append(
                 Problem(
                     file,
                     at,
-                    f"{key} {value} is in pixels with resolution_type 'pixel' and must be >= 512 "
+                    f"{key} {value}{source} is in pixels with resolution_type 'pixel' and must be >= 512 "
                     "(megapixels entered by mistake?)",
                 )
             )
@@ -554,14 +591,42 @@ def _schedule_problems(entry: dict, where, file: str) -> list[Problem]:
     return problems
 
 
-def _video_problems(entry: dict, where, file: str) -> list[Problem]:
+# Frame rates video model families set before datasets load, when config.json sets no framerate (4.10.1).
+MODEL_FRAMERATES = {
+    "wan": 15,
+    "wan_s2v": 15,
+    "sanavideo": 16,
+    "kandinsky5_video": 24,
+    "minimaxh3": 24,
+    "ltxvideo": 25,
+    "ltxvideo2": 25,
+    "infinitetalk": 25,
+}
+# Seconds of video SimpleTuner takes as num_frames when a video dataset sets none.
+DEFAULT_VIDEO_SECONDS = 5
+
+
+def _video_problems(entry: dict, where, file: str, defaults: dict) -> list[Problem]:
     video = entry.get("video")
     if entry.get("dataset_type") != "video" or not isinstance(video, dict):
         return []
     num_frames = video.get("num_frames")
-    min_frames = video.get("min_frames", num_frames)
     if num_frames is None:
+        framerate = _float(defaults.get("framerate")) or MODEL_FRAMERATES.get(str(defaults.get("model_family")), 30)
+        if "min_frames" not in video:
+            return []
+        default_frames = framerate * DEFAULT_VIDEO_SECONDS
+        if isinstance(video["min_frames"], int) and video["min_frames"] < default_frames:
+            return [
+                Problem(
+                    file,
+                    where("video", "min_frames"),
+                    f"must be >= video.num_frames, which is unset and defaults to {default_frames:g} "
+                    f"({DEFAULT_VIDEO_SECONDS} s at {framerate:g} fps): set video.num_frames",
+                )
+            ]
         return []
+    min_frames = video.get("min_frames", num_frames)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (num_frames, min_frames)):
         return [Problem(file, where("video"), "video.num_frames and video.min_frames must be integers")]
     if min(num_frames, min_frames) < 1:
@@ -569,6 +634,13 @@ def _video_problems(entry: dict, where, file: str) -> list[Problem]:
     if min_frames < num_frames:
         return [Problem(file, where("video", "min_frames"), f"must be >= video.num_frames ({num_frames})")]
     return []
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _caption_shuffle_problems(entry: dict, where, file: str) -> list[Problem]:
@@ -587,20 +659,35 @@ def _caption_shuffle_problems(entry: dict, where, file: str) -> list[Problem]:
     return problems
 
 
-def check_backends(entries: Any, file: str, defaults: dict | None = None) -> list[Problem]:
-    """Every problem of a parsed multidatabackend.json: per entry, then the rules across entries."""
+def check_backends(entries: Any, file: str, defaults: dict | None = None, base: Path | None = None) -> list[Problem]:
+    """Every problem of a parsed multidatabackend.json: per entry, then the rules across entries.
+
+    `base`: the folder training starts in, against which relative cache folders resolve (default: here).
+    """
     defaults = defaults or {}
     if not isinstance(entries, list):
         return [Problem(file, "", f"expected a JSON list of datasets, got {type(entries).__name__}")]
     if not entries:
         return [Problem(file, "", "no datasets: add at least one image dataset and one text_embeds dataset")]
-    problems = [problem for index, entry in enumerate(entries) for problem in check_entry(entry, index, file, defaults)]
+    problems = []
+    for index, entry in enumerate(entries):
+        found = check_entry(entry, index, file, defaults)
+        if isinstance(entry, dict) and not is_enabled(entry):
+            # SimpleTuner skips a disabled entry before reading anything else in it.
+            found = [replace(problem, severity="warning") for problem in found]
+        problems += found
     valid = [(index, entry) for index, entry in enumerate(entries) if isinstance(entry, dict) and entry_model(entry)]
     # Rules across entries need every entry's type: with one unreadable, they would report noise.
-    return problems + (_cross_entry_problems(valid, file) if len(valid) == len(entries) else [])
+    return problems + (_cross_entry_problems(valid, file, base or Path(".")) if len(valid) == len(entries) else [])
 
 
-def _cross_entry_problems(entries: list[tuple[int, dict]], file: str) -> list[Problem]:
+def _folder(path: Any, base: Path) -> str:
+    """A cache folder as the filesystem sees it: `~` expanded, relative to `base`, `..` and links resolved."""
+    folder = Path(str(path)).expanduser()
+    return str((folder if folder.is_absolute() else base / folder).resolve())
+
+
+def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path) -> list[Problem]:
     problems: list[Problem] = []
     enabled = [(index, entry) for index, entry in entries if is_enabled(entry)]
     kind_of = lambda entry: str(entry.get("dataset_type", "image"))  # noqa: E731
@@ -620,17 +707,20 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str) -> list[Pr
             first_with_id[backend_id] = index
     ids_by_kind: dict[str, set] = {}
     for _, entry in enabled:
-        ids_by_kind.setdefault(kind_of(entry), set()).add(entry.get("id"))
+        if isinstance(entry.get("id"), str):  # a non-string id is reported on its entry
+            ids_by_kind.setdefault(kind_of(entry), set()).add(entry["id"])
 
     media = [(i, e) for i, e in enabled if entry_model(e) is MediaEntry]
     text = [(i, e) for i, e in enabled if kind_of(e) == "text_embeds"]
     vae_dirs: dict[str, int] = {}
-    text_dirs = {os.path.normpath(str(e["cache_dir"])) for _, e in text if e.get("cache_dir")}
+    # Two spellings of one folder ("cache/vae", "./cache/vae") pass SimpleTuner's string comparison, yet both
+    # datasets then write latents named after the image file into that folder.
+    text_dirs = {_folder(e["cache_dir"], base) for _, e in text if e.get("cache_dir")}
     for index, entry in media:
         cache_dir = entry.get("cache_dir_vae")
         if not cache_dir or kind_of(entry) in ("caption",):
             continue
-        key = os.path.normpath(str(cache_dir))
+        key = _folder(cache_dir, base)
         if key in vae_dirs:
             problems.append(
                 Problem(
@@ -697,9 +787,10 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str) -> list[Pr
                     )
                 )
 
-    training = [(i, e) for i, e in media if kind_of(e) in ("image", "video", "audio", "conditioning")]
+    # Caption datasets train on their own (assistant LoRAs) or generate images (data_generator).
+    training = [(i, e) for i, e in media if kind_of(e) in ("image", "video", "audio", "conditioning", "caption")]
     if not training:
-        problems.append(Problem(file, "", "no enabled image, video or audio dataset to train on"))
+        problems.append(Problem(file, "", "no enabled image, video, audio or caption dataset to train on"))
     elif not any(_starts_at_once(entry) for _, entry in training):
         problems.append(
             Problem(file, "", "no dataset is available at the start of training (start_epoch <= 1 and start_step <= 1)")

@@ -33,7 +33,7 @@ def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
         if "distillation_config" in keys and "lcm" in str(config[keys["distillation_config"]]):
             return [warn("distillation_config", "an lcm block is ignored unless distillation_method is 'lcm'")]
         return []
-    warnings = []
+    warnings = sd2x_family_refused(config, file)
     guidance = _number(value("validation_guidance"))
     if guidance is not None and guidance > MAX_LCM_VALIDATION_GUIDANCE:
         warnings.append(
@@ -82,6 +82,19 @@ def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
                     )
                 )
     return warnings
+
+
+def sd2x_family_refused(config: dict, file: str) -> list[Problem]:
+    """SimpleTuner 4.10.1 registers `sd2x` (StableDiffusion2) only after its argument parser has fixed the
+    model_family choices, so the parser refuses it; name the family that trains an SD 2.x checkpoint instead.
+
+    At the document root: a warning at /model_family would hide behind the parser's own error there."""
+    key = next((key for key in config if canonical_key(key) == "model_family"), None)
+    if key is None or str(config[key]).strip().lower() != "sd2x":
+        return []
+    return [Problem(file, "", "model_family 'sd2x': SimpleTuner 4.10.1's parser refuses it; for an SD 2.x checkpoint "
+                    "use model_family 'sd1x' with prediction_type 'v_prediction' (768-v models; 'epsilon' for -base)",
+                    severity="warning")]
 
 
 def _number(raw: Any) -> float | None:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lcm_plugin.config.argv import preprocess_value, training_folder
 from lcm_plugin.config.databackend import check_backends, entry_model, is_enabled
 from lcm_plugin.config.pitfalls import lcm_pitfalls
 from lcm_plugin.config.problems import Problem, pointer
@@ -27,6 +28,8 @@ INHERITED = (
     "model_type",
     "controlnet",
     "train_batch_size",
+    "framerate",
+    "model_family",
 )
 
 
@@ -43,10 +46,20 @@ def read_json(path: Path) -> tuple[Any, list[Problem]]:
 
 
 def run_root(config_path: Path) -> Path:
-    """The folder training starts in, against which SimpleTuner resolves relative paths: the parent of
-    `config/` for the usual `config/config.json` layout, else config.json's own folder."""
-    folder = config_path.parent
-    return folder.parent if folder.name == "config" else folder
+    """The folder training starts in, against which SimpleTuner resolves relative paths: the parent of the
+    nearest `config/` folder holding config.json (`config/config.json`, `config/<env>/config.json`), else
+    config.json's own folder."""
+    return training_folder(Path(config_path).parent)
+
+
+def as_seen_from_run_root(path: Path, config_path: Path) -> str:
+    """`path` as config.json should name it: relative to where training starts when it lies below, else absolute.
+    Both sides are made absolute first: config_path may be relative to the current directory."""
+    absolute = Path(path).absolute()
+    try:
+        return absolute.relative_to(run_root(Path(config_path).absolute())).as_posix()
+    except ValueError:
+        return absolute.as_posix()
 
 
 def find_config(folder: Path) -> Path | None:
@@ -61,31 +74,37 @@ def find_backend_file(config: dict, config_path: Path) -> tuple[Path | None, lis
     """multidatabackend.json: config.json's data_backend_config, else beside config.json or in config/."""
     keys = {canonical_key(key): key for key in config} if isinstance(config, dict) else {}
     named = config.get(keys["data_backend_config"]) if "data_backend_config" in keys else None
+    named = preprocess_value(named) if isinstance(named, str) else named
     folder = config_path.parent
     if isinstance(named, str) and named.strip():
-        # SimpleTuner resolves it against its working directory, usually the config folder's parent.
-        path = Path(named).expanduser()
-        candidates = [path] if path.is_absolute() else [folder / path, folder.parent / path, Path.cwd() / path]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate, []
+        # SimpleTuner opens it as given, relative to the folder training starts in.
+        path = Path(named.strip()).expanduser()
+        found = path if path.is_absolute() else run_root(config_path) / path
+        if found.is_file():
+            return found, []
+        beside = folder / path.name
+        hint = (
+            f'; found {beside}: write "{as_seen_from_run_root(beside, config_path)}"'
+            if not path.is_absolute() and beside.is_file()
+            else ""
+        )
         return None, [
             Problem(
                 str(config_path),
                 pointer(keys["data_backend_config"]),
-                f"no such file: {named!r} " f"(looked in {', '.join(str(c.parent) for c in candidates)})",
+                f"no such file: {found} (SimpleTuner opens {named!r} from where training starts, "
+                f"{run_root(config_path)}){hint}",
             )
         ]
     for candidate in (folder / BACKEND_FILE, folder / "config" / BACKEND_FILE):
         if candidate.is_file():
             # Training usually starts in the folder above config/: name the file as seen from there.
-            relative = candidate.relative_to(run_root(config_path))
             return candidate, [
                 Problem(
                     str(config_path),
                     "",
                     f"no data_backend_config: SimpleTuner's argument parser "
-                    f'requires it; add "data_backend_config": "{relative.as_posix()}" (the path '
+                    f'requires it; add "data_backend_config": "{as_seen_from_run_root(candidate, config_path)}" (the path '
                     f"as seen from where training starts; found {candidate})",
                 )
             ]
@@ -121,7 +140,7 @@ def _run_problems(config: Any, config_path: Path, backend_path: str | Path | Non
     entries, unreadable = read_json(backend_path)
     if unreadable:
         return problems + unreadable
-    problems += check_backends(entries, str(backend_path), inherited_settings(config))
+    problems += check_backends(entries, str(backend_path), inherited_settings(config), run_root(config_path))
     problems += missing_data_dirs(entries, str(backend_path), run_root(config_path))
     return problems
 
@@ -153,8 +172,9 @@ def validate_backend_file(backend_path: str | Path) -> list[Problem]:
     entries, unreadable = read_json(Path(backend_path))
     if unreadable:
         return unreadable
-    return check_backends(entries, str(backend_path), inherited_settings({})) + missing_data_dirs(
-        entries, str(backend_path), Path(backend_path).parent
+    base = run_root(Path(backend_path))
+    return check_backends(entries, str(backend_path), inherited_settings({}), base) + missing_data_dirs(
+        entries, str(backend_path), base
     )
 
 

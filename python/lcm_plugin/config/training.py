@@ -16,12 +16,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lcm_plugin.config.argv import (
+    Dropped,
+    Passed,
+    map_config,
+    parse_text,
+    prefix_matches,
+    preprocess_value,
+    resolve_option,
+    training_folder,
+)
 from lcm_plugin.config.catalogue import load_catalogue
 from lcm_plugin.config.lcm import LcmConfig
 from lcm_plugin.config.problems import Problem, did_you_mean, pointer
 
 SCHEMA_KEY = "$schema"
-_BOOL_STRINGS = {"1", "true", "yes", "y", "on", "0", "false", "no", "n", "off"}
+# What the LCM distiller trains (the same tuple the SimpleTuner adapter enforces at distiller creation).
+SUPPORTED_MODEL_TYPES = ("lora", "full")
 
 
 class TrainingConfig(BaseModel):
@@ -101,84 +112,143 @@ class TrainingConfig(BaseModel):
 
 
 def canonical_key(key: str) -> str:
-    """SimpleTuner's key without the optional `--` prefix."""
-    return key[2:] if key.startswith("--") else key
+    """SimpleTuner's key without its `--` prefix (its JSON-to-argv mapping strips every leading dash)."""
+    return key.lstrip("-")
 
 
 def effective_settings(config: dict) -> dict[str, Any]:
-    """What a run uses: config.json's values by canonical key (nulls skipped), else SimpleTuner's defaults."""
-    defaults = {name: entry["default"] for name, entry in load_catalogue()["keys"].items()}
-    return defaults | {canonical_key(key): value for key, value in config.items() if value is not None}
+    """What a run uses, by option name: the value SimpleTuner's parser ends up with for each key config.json
+    passes (after its JSON-to-argv mapping: dropped values, last list item, `{env:...}`, config/examples
+    paths), else SimpleTuner's default. Values the parser would refuse are left at the default."""
+    known = load_catalogue()["keys"]
+    settings = {name: entry["default"] for name, entry in known.items()}
+    passed, _ = map_config({key: value for key, value in config.items() if key != SCHEMA_KEY})
+    for item in passed:
+        entry = known.get(item.option)
+        if entry is None:
+            continue
+        ok, value = parse_text(entry, item.texts[-1])
+        if ok:
+            settings[entry.get("alias_of", item.option)] = _normalise_choice(item.option, value)
+    return settings
 
 
 def check_training_config(config: Any, file: str, config_dir: Path | None = None) -> list[Problem]:
-    """Every problem of a parsed config.json. `config_dir` resolves a distillation_config file path."""
+    """Every problem of a parsed config.json. `config_dir` resolves a distillation_config file path.
+
+    Errors are what SimpleTuner's JSON-to-argv mapping, argument parser and post-parse rules refuse (or what
+    crashes later), and an invalid lcm block; what SimpleTuner silently drops or ignores is a warning.
+    """
     if not isinstance(config, dict):
         return [Problem(file, "", f"expected a JSON object of SimpleTuner options, got {type(config).__name__}")]
-    catalogue = load_catalogue()
-    known = catalogue["keys"]
-    problems: list[Problem] = []
-    seen: dict[str, str] = {}
-    for key, value in config.items():
-        name = canonical_key(key)
-        if name in seen:
-            problems.append(Problem(file, pointer(key), f"duplicates {seen[name]!r} (with and without '--')"))
+    known = load_catalogue()["keys"]
+    passed, dropped = map_config({key: value for key, value in config.items() if key != SCHEMA_KEY})
+    problems = [_dropped_problem(item, file) for item in dropped]
+    problems = [problem for problem in problems if problem is not None]
+    landed: dict[str, str] = {}
+    for item in passed:
+        problems += _passed_problems(item, file, known)
+        option = known[item.option].get("alias_of", item.option) if item.option in known else None
+        if option is None:
             continue
-        seen[name] = key
-        if key == SCHEMA_KEY:
-            continue
-        if name in catalogue["legacy_keys"]:
+        if option in landed:
             problems.append(
-                Problem(file, pointer(key), "legacy key: SimpleTuner translates or ignores it", severity="warning")
+                Problem(
+                    file,
+                    pointer(item.key),
+                    f"duplicates {landed[option]!r}: both set {option!r}, SimpleTuner keeps this later one",
+                    "warning",
+                )
             )
-            continue
-        if name not in known:
-            problems.append(Problem(file, pointer(key), "unknown key" + did_you_mean(name, known)))
-            continue
-        message = _value_problem(name, value, known[name])
-        if message:
-            problems.append(Problem(file, pointer(key), message))
+        landed[option] = item.key
     for name, entry in known.items():
-        if entry["required"] and name not in seen and name != "data_backend_config":
+        if entry["required"] and name not in landed and name != "data_backend_config" and "alias_of" not in entry:
             problems.append(Problem(file, "", f"missing required key {name!r} ({entry['help']})"))
-    flagged = {problem.pointer for problem in problems}
-    problems += _typed_problems(config, seen, file, flagged)
-    problems += _relation_problems(config, seen, file, flagged, config_dir or Path("."))
-    problems += _lcm_block_problems(config.get(seen.get("distillation_config", "")), seen, file, config_dir, config)
+    flagged = {problem.pointer for problem in problems if problem.severity == "error"}
+    settings = effective_settings(config)
+    problems += _typed_problems(settings, landed, file, flagged)
+    problems += _relation_problems(settings, landed, file, flagged, config_dir or Path("."))
+    problems += _lcm_block_problems(settings, landed, file, config_dir, config)
     return problems
 
 
-def _value_problem(name: str, value: Any, entry: dict) -> str | None:
-    """Why SimpleTuner's argument parser would reject `value` for `name`, or None."""
-    kind, choices = entry["kind"], entry["choices"]
-    if value is None:
-        return None  # SimpleTuner skips null values
-    if kind == "json":
-        return (
-            None if isinstance(value, (dict, list, str)) else f"expected an object, a list or a string, got {value!r}"
+def _dropped_problem(item: Dropped, file: str) -> Problem | None:
+    """A warning for what SimpleTuner drops that the user probably meant to set."""
+    name = canonical_key(item.key)
+    known = load_catalogue()["keys"]
+    if item.reason == "legacy":
+        return Problem(file, pointer(item.key), "legacy key: SimpleTuner translates or ignores it", "warning")
+    if item.reason == "dataset_field":
+        return Problem(
+            file, pointer(item.key), "a dataset setting: SimpleTuner ignores it in config.json; set it in "
+            "multidatabackend.json", "warning"
         )
-    if kind == "report_to":
-        items = value if isinstance(value, list) else str(value).split(",")
-        bad = [item for item in (str(i).strip() for i in items) if item and item not in choices]
-        return f"{bad[0]!r} is not a tracker; choose from {choices}" + did_you_mean(bad[0], choices) if bad else None
-    if isinstance(value, (dict, list)):
-        return f"expected a single {kind} value, got {type(value).__name__} (SimpleTuner would drop or mangle it)"
-    if kind in ("boolean", "boolean_or_string"):
-        if isinstance(value, bool) or str(value).strip().lower() in _BOOL_STRINGS or kind == "boolean_or_string":
-            return None
-        return f"expected true or false, got {value!r}"
+    if item.reason == "object":
+        return Problem(
+            file, pointer(item.key), "SimpleTuner drops an object here (it takes a single value)", "warning"
+        )
+    if name not in known and resolve_option(name) is None:
+        why = {"null": "null", "false": '"false"', "empty": "empty"}[item.reason]
+        return Problem(
+            file,
+            pointer(item.key),
+            f"unknown key{did_you_mean(name, known)}; SimpleTuner drops it because its value is {why}",
+            "warning",
+        )
+    return None
+
+
+def _passed_problems(item: Passed, file: str, known: dict) -> list[Problem]:
+    name = canonical_key(item.key)
+    where = pointer(item.key)
+    if item.option not in known:
+        matches = prefix_matches(name)
+        if len(matches) > 1:
+            return [Problem(file, where, f"ambiguous: SimpleTuner's parser cannot tell {', '.join(matches[:4])} apart")]
+        return [Problem(file, where, "unknown key" + did_you_mean(name, known))]
+    problems = []
+    if name not in known and name not in load_catalogue()["legacy_keys"]:
+        problems.append(
+            Problem(
+                file,
+                where,
+                f"SimpleTuner's parser reads this abbreviation as {item.option!r}: write the full name",
+                "warning",
+            )
+        )
+    message = _value_problem(item.option, item.texts, known[item.option])
+    if message:
+        problems.append(Problem(file, where, message))
+    return problems
+
+
+def _value_problem(name: str, texts: tuple[str | None, ...], entry: dict) -> str | None:
+    """Why SimpleTuner's argument parser would refuse what config.json passes for `name`, or None."""
+    kind, choices = entry["kind"], entry["choices"]
     meaning = f" ({_first_sentence(entry['help'])})" if entry["help"] else ""
-    expected = {"integer": "an integer", "number": "a number"}.get(kind, "a string")
-    if isinstance(value, bool):
-        return f"expected {expected}, got {str(value).lower()}{meaning}"
-    parsed = _parse_scalar(kind, value)
-    if parsed is None:
-        return f"expected {expected}, got {value!r}{meaning}"
-    choices = _live_choices(name) or choices
-    if choices and _normalise_choice(name, parsed) not in choices:
-        if kind != "string":  # a near-miss between numbers means nothing: say what the key is for instead
-            return f"{value!r} is not one of {choices}{meaning}" + _value_of_sibling_key(name, value)
-        return f"{value!r} is not one of {choices}" + did_you_mean(str(value), choices)
+    expected = {
+        "integer": "an integer",
+        "number": "a number",
+        "boolean": "true or false",
+        "report_to": "a tracker name",
+    }.get(kind, "a string")
+    for text in texts:
+        shown = "true" if text is None else repr(text)
+        ok, value = parse_text(entry, text)
+        if not ok:
+            return f"expected {expected}, got {shown}" + (meaning if kind in ("integer", "number", "string") else "")
+        if kind == "report_to":
+            bad = [token for token in value if token not in choices]
+            if bad:
+                return f"{bad[0]!r} is not a tracker; choose from {choices}" + did_you_mean(bad[0], choices)
+            if "none" in value and len(value) > 1:
+                return "'none' cannot be combined with other trackers"
+            continue
+        live = _live_choices(name) or choices
+        if live and kind not in ("boolean", "boolean_or_string") and _normalise_choice(name, value) not in live:
+            if kind != "string":  # a near-miss between numbers means nothing: say what the key is for instead
+                return f"{value!r} is not one of {live}{meaning}" + _value_of_sibling_key(name, value)
+            return f"{value!r} is not one of {live}" + did_you_mean(str(value), live)
     return None
 
 
@@ -188,7 +258,7 @@ SIBLING_KEYS = {"aspect_bucket_rounding": "aspect_bucket_alignment"}
 
 def _value_of_sibling_key(name: str, value: Any) -> str:
     sibling = SIBLING_KEYS.get(name)
-    if sibling is None or str(value) not in (load_catalogue()["keys"][sibling]["choices"] or ()):
+    if sibling is None or str(value) not in [str(c) for c in load_catalogue()["keys"][sibling]["choices"] or ()]:
         return ""
     return f"; {value!r} is a valid {sibling} (did you mean \"{sibling}\": {value}?)"
 
@@ -207,34 +277,25 @@ def _first_sentence(text: str, limit: int = 100) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
 
 
-def _parse_scalar(kind: str, value: Any) -> Any:
-    """The value as SimpleTuner's argparse type sees `str(value)`, or None when it would raise."""
-    text = str(value).strip()
-    try:
-        if kind == "integer":
-            return int(text)
-        if kind == "number":
-            return float(text)
-    except ValueError:
-        return None
-    return text
-
-
 def _normalise_choice(name: str, value: Any) -> Any:
-    # SimpleTuner lower-cases model_family and maps the lr_scheduler alias before argparse sees them.
-    if name == "model_family":
-        return str(value).lower()
-    if name == "lr_scheduler" and str(value).strip().lower() == "cosine_with_warmup":
+    # parse_cmdline_args lower-cases model_family and maps the lr_scheduler alias before argparse sees them.
+    if name == "model_family" and isinstance(value, str):
+        return value.strip().lower()
+    if name == "lr_scheduler" and isinstance(value, str) and value.strip().lower() == "cosine_with_warmup":
         return "cosine"
     return value
 
 
-def _typed_problems(config: dict, seen: dict[str, str], file: str, flagged: set[str]) -> list[Problem]:
-    """Ranges of the LCM-governing keys (TrainingConfig), at the keys' own pointers."""
+# TrainingConfig ranges whose violation crashes SimpleTuner (PEFT refuses rank 0, the bucket sampler a batch of
+# 0); the other ranges flag likely mistakes SimpleTuner runs with, so they are warnings.
+CRASHING_RANGES = {"lora_rank", "train_batch_size", "gradient_accumulation_steps"}
+
+
+def _typed_problems(settings: dict, landed: dict[str, str], file: str, flagged: set[str]) -> list[Problem]:
+    """Ranges of the LCM-governing keys (TrainingConfig), on the values SimpleTuner parsed, at the keys' pointers."""
     typed = {
-        name: config[key] for name, key in seen.items() if name in TrainingConfig.model_fields or key == SCHEMA_KEY
+        name: settings[name] for name in landed if name in TrainingConfig.model_fields and settings[name] is not None
     }
-    typed = {name: value for name, value in typed.items() if value is not None}
     problems = []
     try:
         TrainingConfig.model_validate(typed)
@@ -242,27 +303,27 @@ def _typed_problems(config: dict, seen: dict[str, str], file: str, flagged: set[
         for issue in error.errors():
             if issue["type"] == "missing":
                 continue  # required keys are reported from SimpleTuner's catalogue
-            key = seen.get(str(issue["loc"][0]), str(issue["loc"][0]))
-            where = pointer(key, *issue["loc"][1:])
-            if where not in flagged and pointer(key) not in flagged:
-                problems.append(Problem(file, where, _pydantic_message(issue)))
+            name = str(issue["loc"][0])
+            where = pointer(landed.get(name, name), *issue["loc"][1:])
+            if where in flagged or pointer(landed.get(name, name)) in flagged:
+                continue
+            severity = "error" if name in CRASHING_RANGES else "warning"
+            problems.append(Problem(file, where, _pydantic_message(issue), severity))
     return problems
 
 
-def _relation_problems(
-    config: dict, seen: dict[str, str], file: str, flagged: set[str], config_dir: Path
-) -> list[Problem]:
-    """Rules across keys that SimpleTuner's parse_cmdline_args enforces after parsing (4.10)."""
-    defaults = load_catalogue()["keys"]
+# validation_guidance_skip_layers: the model families parse_cmdline_args allows it for (4.10.1).
+SKIP_LAYER_GUIDANCE_FAMILIES = ("sd3", "wan", "wan_s2v", "zlab_i1", "moss_image")
 
-    def value(name: str) -> Any:
-        raw = config.get(seen[name]) if name in seen else None
-        raw = defaults[name]["default"] if raw is None else raw
-        kind = defaults[name]["kind"]
-        return _parse_scalar(kind, raw) if kind in ("integer", "number") and raw is not None else raw
+
+def _relation_problems(
+    settings: dict, landed: dict[str, str], file: str, flagged: set[str], config_dir: Path
+) -> list[Problem]:
+    """Rules across keys that SimpleTuner's parse_cmdline_args enforces after parsing (4.10.1)."""
+    value = settings.get
 
     def at(*names: str) -> str:
-        return next((pointer(seen[name]) for name in names if name in seen), "")
+        return next((pointer(landed[name]) for name in names if name in landed), "")
 
     problems = []
     if (value("max_train_steps") or 0) > 0 and (value("num_train_epochs") or 0) > 0:
@@ -281,15 +342,16 @@ def _relation_problems(
     )
     if maximum is not None and not target:
         problems.append(Problem(file, at("maximum_image_size"), "maximum_image_size requires target_downsample_size"))
+    override = os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE")
     for name, size in (("maximum_image_size", maximum), ("target_downsample_size", target)):
         if size is None or at(name) in flagged:
             continue
-        if resolution_type == "area" and size > 5 and not os.environ.get("SIMPLETUNER_MAXIMUM_IMAGE_SIZE_OVERRIDE"):
+        if resolution_type == "area" and size > 5 and not override:
             problems.append(
                 Problem(
                     file,
                     at(name),
-                    f"{size} megapixels with resolution_type 'area': must be <= 5 " "(pixels entered by mistake?)",
+                    f"{size} megapixels with resolution_type 'area': must be <= 5 (pixels entered by mistake?)",
                 )
             )
         elif resolution_type == "pixel" and size < 512:
@@ -297,11 +359,18 @@ def _relation_problems(
                 Problem(
                     file,
                     at(name),
-                    f"{size} pixels with resolution_type 'pixel': must be >= 512 " "(megapixels entered by mistake?)",
+                    f"{size} pixels with resolution_type 'pixel': must be >= 512 (megapixels entered by mistake?)",
                 )
             )
     if (value("metadata_update_interval") or 60) < 60:
         problems.append(Problem(file, at("metadata_update_interval"), "must be at least 60 (seconds)"))
+    if (value("gradient_accumulation_steps") or 1) < 1:
+        problems.append(Problem(file, at("gradient_accumulation_steps"), "must be at least 1"))
+    for name in ("validate_after_step", "validate_after_epoch"):
+        if (value(name) or 0) < 0:
+            problems.append(Problem(file, at(name), "must be >= 0"))
+    if value("validation_num_video_frames") is not None and value("validation_num_video_frames") < 1:
+        problems.append(Problem(file, at("validation_num_video_frames"), "must be at least 1"))
     if (value("optimizer_beta1") is None) != (value("optimizer_beta2") is None):
         problems.append(
             Problem(
@@ -315,6 +384,41 @@ def _relation_problems(
         problems.append(Problem(file, at("timestep_bias_portion"), "must be between 0 and 1"))
     if value("quantization_config") is not None and value("model_type") != "lora":
         problems.append(Problem(file, at("quantization_config"), "quantization_config needs model_type 'lora'"))
+    skip_layers = value("validation_guidance_skip_layers")
+    if skip_layers is not None and at("validation_guidance_skip_layers") not in flagged:
+        if value("model_family") not in SKIP_LAYER_GUIDANCE_FAMILIES:
+            problems.append(
+                Problem(
+                    file,
+                    at("validation_guidance_skip_layers"),
+                    f"skip-layer guidance is only supported for {', '.join(SKIP_LAYER_GUIDANCE_FAMILIES)} "
+                    f"(model_family is {value('model_family')!r})",
+                )
+            )
+        elif not _is_json(skip_layers):
+            problems.append(
+                Problem(
+                    file,
+                    at("validation_guidance_skip_layers"),
+                    f"SimpleTuner reads {skip_layers!r} as JSON and cannot (a list becomes its last item: "
+                    'write it as a string, e.g. "[7, 8, 9]")',
+                )
+            )
+    for name in ("webhook_config", "publishing_config"):
+        text = str(value(name) or "").strip()
+        if not text or text == "None" or text.startswith(("{", "[")) or at(name) in flagged:
+            continue  # JSON forms are parsed by SimpleTuner; a dict in config.json arrives JSON-encoded
+        path = Path(text).expanduser()
+        found = path if path.is_absolute() else training_folder(config_dir) / path
+        if not found.is_file():
+            problems.append(
+                Problem(
+                    file,
+                    at(name),
+                    f"no such file: {found} (SimpleTuner opens {text!r} from where training starts, "
+                    f"{training_folder(config_dir)})",
+                )
+            )
     if str(value("lora_type") or "").lower() == "lycoris":
         lycoris = Path(str(value("lycoris_config") or "")).expanduser()
         places = [lycoris] if lycoris.is_absolute() else [config_dir / lycoris, config_dir.parent / lycoris]
@@ -328,6 +432,14 @@ def _relation_problems(
                 )
             )
     return [problem for problem in problems if problem.pointer not in flagged]
+
+
+def _is_json(text: Any) -> bool:
+    try:
+        json.loads(str(text))
+    except ValueError:
+        return False
+    return True
 
 
 def _pydantic_message(issue: dict) -> str:
@@ -375,24 +487,36 @@ def lcm_block_of(distillation_config: dict) -> tuple[Any, tuple[str, ...]]:
     return distillation_config, ()
 
 
-def _lcm_block_problems(raw: Any, seen: dict, file: str, config_dir: Path | None, config: dict) -> list[Problem]:
-    method = config.get(seen.get("distillation_method", ""))
-    if str(method or "").lower() != "lcm":
+def _lcm_block_problems(
+    settings: dict, landed: dict[str, str], file: str, config_dir: Path | None, config: dict
+) -> list[Problem]:
+    if str(settings.get("distillation_method") or "").lower() != "lcm":
         return []
-    key = seen.get("distillation_config", "distillation_config")
+    problems = []
+    if settings.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        problems.append(
+            Problem(
+                file,
+                pointer(landed["model_type"]) if "model_type" in landed else "",
+                f"distillation_method 'lcm' trains model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))}, "
+                f"not {settings.get('model_type')!r}",
+            )
+        )
+    key = landed.get("distillation_config", "distillation_config")
+    raw = config.get(key)
     if raw is None:
         where = pointer(key) if key in config else ""
         message = "distillation_config is not set: the LCM distiller uses LcmConfig's defaults"
-        return [Problem(file, where, message, severity="warning")]
-    parsed = parse_distillation_config(raw, config_dir)
+        return problems + [Problem(file, where, message, severity="warning")]
+    # A file path opens from where training starts, after SimpleTuner's config/examples and {env:...} handling.
+    parsed = parse_distillation_config(preprocess_value(raw), training_folder(config_dir) if config_dir else None)
     if isinstance(parsed, str):
-        return [Problem(file, pointer(key), parsed)]
+        return problems + [Problem(file, pointer(key), parsed)]
     block, inner = lcm_block_of(parsed)
     # A string form has no JSON pointer inside it: point at the key itself.
     base = (key, *inner) if isinstance(raw, dict) else (key,)
     if not isinstance(block, dict):
-        return [Problem(file, pointer(*base), f"expected an object of LCM settings, got {block!r}")]
-    problems = []
+        return problems + [Problem(file, pointer(*base), f"expected an object of LCM settings, got {block!r}")]
     try:
         LcmConfig.model_validate(block)
     except ValidationError as error:

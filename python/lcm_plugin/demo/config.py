@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lcm_plugin.demo import shapes
+
 ASSETS = Path(__file__).parent / "assets"
 SEED_CONFIG = ASSETS / "seed_config.json"
 SEED_BACKENDS = ASSETS / "seed_multidatabackend.json"
@@ -71,6 +73,10 @@ def derive_config(seed: dict, training: DemoTraining, *, teacher_dir: Path, outp
         validation_disable=True,
         report_to="simpletuner",
         checkpoint_step_interval=training.max_train_steps + 1,
+        # Not for validation (off) but for the inference code of the model card the run writes in output/:
+        # a prompt and size of this teacher. "WxH", because SimpleTuner reads a bare number under 128 as megapixels.
+        validation_prompt=shapes.prompt("red", "circle"),
+        validation_resolution=f"{training.image_size}x{training.image_size}",
         checkpoints_total_limit=1,
         push_to_hub=False,
     )

@@ -9,7 +9,7 @@ deliberate difference in execution: the teacher's cond and uncond predictions co
 
 Batch keys read (SimpleTuner's `ModelFoundation.prepare_batch` output):
     latents [B, C, H, W], noise [B, C, H, W], encoder_hidden_states [B, L, D],
-    added_cond_kwargs {"text_embeds": [B, P], "time_ids": [B, 6]}
+    added_cond_kwargs: SDXL {"text_embeds": [B, P], "time_ids": [B, 6]}; SD 1.x/2.x {} (or None)
 Batch keys written: noisy_latents (x_t, the student's input), timesteps (t_n_plus_k), lcm_x_t and lcm_target
 (x_t and f_target(x_t_n, t_n) in the arithmetic dtype, for the loss).
 
@@ -47,6 +47,8 @@ from lcm_plugin.lcm import (
 LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
 TARGET_CHECKPOINT_FILE = "lcm_target_unet.safetensors"
+# added_cond_kwargs entries that carry the prompt: zeroed for the unconditional branch.
+POOLED_TEXT_KEYS = ("text_embeds",)
 
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -60,6 +62,14 @@ def ema_update(target: torch.nn.Module, student: torch.nn.Module, decay: float) 
     target_params = list(target.parameters())
     student_params = [p.detach().to(target_params[0].dtype) for p in student.parameters()]
     torch._foreach_lerp_(target_params, student_params, 1.0 - decay)
+
+
+def unconditional_added_cond_kwargs(added_cond_kwargs: dict) -> dict:
+    """The teacher's unconditional extra inputs: a zero pooled text embedding where the family has one (SDXL's
+    `text_embeds`), every other entry (SDXL's `time_ids`) unchanged; SD 1.x/2.x have none (diffusers' LCM scripts)."""
+    return {
+        key: torch.zeros_like(value) if key in POOLED_TEXT_KEYS else value for key, value in added_cond_kwargs.items()
+    }
 
 
 class LcmDistiller(DistillationBase):
@@ -142,11 +152,11 @@ class LcmDistiller(DistillationBase):
             latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max
         )
         prompt_embeds = batch["encoder_hidden_states"]
-        added_cond_kwargs = batch["added_cond_kwargs"]
+        added_cond_kwargs = batch.get("added_cond_kwargs") or {}
 
         def teacher(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # cond and uncond in one call; uncond = zero prompt and pooled embeds, same time_ids (diffusers' SDXL).
-            uncond_kwargs = {**added_cond_kwargs, "text_embeds": torch.zeros_like(added_cond_kwargs["text_embeds"])}
+            # cond and uncond in one call; uncond = zero prompt embeds (+ zero pooled embeds, same time_ids on SDXL).
+            uncond_kwargs = unconditional_added_cond_kwargs(added_cond_kwargs)
             with self._teacher() as teacher_unet:
                 output = teacher_unet(
                     torch.cat([x_t, x_t]).to(unet_dtype),

@@ -18,12 +18,35 @@ What install() changes, and why:
    pins every latent and torch raises "Found no NVIDIA driver" there.
 7. `json_file.mapping_to_cli_args` drops the `$schema` key (editor autocompletion, see docs/config.md),
    which SimpleTuner's argument parser would refuse.
+
+Run outputs (LCM runs only; `_run_output_surfaces` / `_patch_run_outputs` / `_restore_run_outputs`; the content is
+`lcm_plugin.outputs`), so that what a run hands the user samples as validation did:
+R1. `publishing.metadata.code_example` -> the model card's inference section uses `LCMScheduler` with the trained
+    settings, 4 steps, guidance 0, no negative prompt, shows LoRA fusing and (lora_format comfyui) the ComfyUI
+    sampler. Upstream's keeps the base scheduler, which samples an LCM non-LCM.
+R2. `publishing.huggingface.save_model_card` (what `HubManager.upload_model` calls before pushing) -> first, a
+    full-model run's saved pipeline (output_dir/pipeline) gets validation's LCMScheduler in place of the
+    base model's scheduler, and its UNet is recorded as diffusers' UNet2DConditionModel (SimpleTuner names its
+    own subclass, which plain diffusers cannot load); then the card's tags gain `lcm` (and `lcm-lora`).
+R3. `ModelFoundation.save_lora_weights` -> every LoRA file SimpleTuner writes (final, checkpoints, EMA) records the
+    LCM settings, the LCMScheduler config and the plugin version in its safetensors metadata.
+
+Model families (every run, LCM or not; `_family_surfaces` / `_patch_families` / `_restore_families`):
+F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
+    without a safety checker when the caller passes neither `safety_checker` nor `feature_extractor`: their
+    `__init__` then receives `safety_checker=None, feature_extractor=None, requires_safety_checker=False`.
+    Upstream's `_load_pipeline(load_base_model=False)` (text-embedding caching) constructs them from loaded
+    components and passes neither, so every `model_family: sd1x` run stops with a TypeError before training.
+    `from_pretrained` is unchanged (it sees the original signature). Skipped for a class whose `__init__` no
+    longer requires the two arguments.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import sys
 import types
 from importlib.metadata import version
@@ -113,25 +136,42 @@ def validate_before_model_load(trainer) -> None:
 def _validate_config_files(backend_path) -> None:
     """`simpletuner-lcm validate`'s checks on the running config.json and multidatabackend.json.
 
-    Warnings are logged; errors stop the run with the same lines the CLI prints. Only JSON configs are
-    checked (SimpleTuner's env/toml backends have no file our validator reads).
+    Warnings are logged; errors (what SimpleTuner would refuse or crash on, an invalid lcm block) stop the
+    run with the same lines the CLI prints. An exception inside these checks is a bug of ours: it is logged
+    and the run goes on, since SimpleTuner accepted the config. Only JSON configs are checked (SimpleTuner's
+    env/toml backends have no file our validator reads).
     """
+    from lcm_plugin.config import format_problems, has_errors
+
+    try:
+        problems = _config_file_problems(backend_path)
+    except Exception as error:  # noqa: BLE001 - any failure of our checks must not stop a run SimpleTuner accepted
+        logger.warning(
+            "simpletuner-lcm validate could not check the config files (%s: %s); training goes on without it.",
+            type(error).__name__,
+            error,
+        )
+        return
+    if has_errors(problems):
+        raise ValueError("simpletuner-lcm validate found errors:\n" + format_problems(problems))
+    for line in format_problems(problems).splitlines():
+        logger.warning("simpletuner-lcm validate: %s", line)
+
+
+def _config_file_problems(backend_path) -> list:
+    """validate_files on the config.json this run read (found as SimpleTuner finds it), or [] without one."""
     import os
 
     from simpletuner.helpers.configuration import json_file
 
-    from lcm_plugin.config import format_problems, has_errors, validate_files
+    from lcm_plugin.config import validate_files
 
     env = os.environ.get("SIMPLETUNER_ENVIRONMENT", os.environ.get("SIMPLETUNER_ENV", os.environ.get("ENV")))
     config_path = next((path for path in json_file._candidate_json_paths(env) if path.is_file()), None)
     if config_path is None:
         logger.info("simpletuner-lcm: no config.json found (env or toml config?); skipping file validation.")
-        return
-    problems = validate_files(config_path, backend_path)
-    if has_errors(problems):
-        raise ValueError("simpletuner-lcm validate found errors:\n" + format_problems(problems))
-    for line in format_problems(problems).splitlines():
-        logger.warning("simpletuner-lcm validate: %s", line)
+        return []
+    return validate_files(config_path, backend_path)
 
 
 def _mapping_without_schema_key(original):
@@ -233,6 +273,235 @@ def _has_accelerator(torch) -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
+# --- Run outputs (R1-R3 in the module docstring) ------------------------------------------------------------------
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default, what SimpleTuner writes
+
+
+def _is_lcm_run(config) -> bool:
+    method = getattr(config, "distillation_method", None)
+    return str(getattr(method, "value", method) or "").lower() == METHOD
+
+
+def _run_lcm_config(config) -> LcmConfig:
+    return lcm_config_from_block(lcm_block(getattr(config, "distillation_config", None)))
+
+
+def _validation_scheduler_config(model) -> dict:
+    """The LCMScheduler config `LcmDistiller.get_scheduler()` gives validation: the same function and inputs
+    (SimpleTuner's training noise schedule, which the trainer hands the distiller, and the run's LCM block)."""
+    from lcm_plugin import outputs
+
+    return outputs.lcm_scheduler_config(model.noise_schedule.config, _run_lcm_config(model.config))
+
+
+def _base_scheduler_config(model) -> dict | None:
+    """The base model's own scheduler config (what the card's `pipeline.scheduler.config` will be), None if it
+    cannot be read here (the card then spells out every scheduler setting)."""
+    from diffusers import LCMScheduler
+
+    try:
+        return LCMScheduler.load_config(model._model_config_path(), subfolder="scheduler")
+    except (OSError, ValueError) as error:
+        logger.info("simpletuner-lcm: base scheduler config unreadable (%s); the card lists every setting.", error)
+        return None
+
+
+def _lcm_code_example(original):
+    """R1: the card's inference section for LCM runs."""
+
+    @functools.wraps(original)
+    def code_example(args, repo_id=None, model=None, base_model=None):
+        lora = "lora" in args.model_type
+        # LyCORIS adapters load through lycoris, not diffusers: upstream's card code stays (not covered here).
+        lycoris = lora and str(getattr(args, "lora_type", "")).lower() == "lycoris"
+        if not _is_lcm_run(args) or model is None or lycoris:
+            return original(args, repo_id, model=model, base_model=base_model)
+        from lcm_plugin import outputs
+
+        published = repo_id if args.push_to_hub and repo_id else None
+        base = getattr(args, "model_card_base_model", None) or args.pretrained_model_name_or_path
+        # A full model's saved pipeline carries its scheduler (R2); a LoRA's card rebuilds it on the base model's.
+        overrides = (
+            outputs.scheduler_overrides(_validation_scheduler_config(model), _base_scheduler_config(model))
+            if lora else {}
+        )
+        width, height = outputs.first_resolution(args.validation_resolution)
+        settings = outputs.CardSettings(
+            model_id=base if lora else published or os.path.join(args.output_dir, "pipeline"),
+            base_model_id=None if lora or args.save_text_encoder else base,
+            adapter_id=(published or args.output_dir) if lora else None,
+            lcm=_run_lcm_config(args),
+            scheduler_overrides=overrides,
+            prompt=args.validation_prompt or outputs.DEFAULT_PROMPT,
+            seed=args.validation_seed or args.seed or 42,
+            width=width,
+            height=height,
+            comfyui_lora=lora and str(getattr(args, "lora_format", "") or "").lower() == "comfyui",
+        )
+        return outputs.inference_section(settings)
+
+    return code_example
+
+
+def _lcm_save_model_card(original):
+    """R2: LCM scheduler in a saved full-model pipeline before the card is written and pushed; LCM tags after."""
+
+    @functools.wraps(original)
+    def save_model_card(model, *args, repo_folder=None, **kwargs):
+        config = getattr(model, "config", None)
+        if not _is_lcm_run(config) or repo_folder is None:
+            return original(model, *args, repo_folder=repo_folder, **kwargs)
+        from pathlib import Path
+
+        from lcm_plugin import outputs
+
+        lora = "lora" in config.model_type
+        pipeline_dir = Path(repo_folder)
+        if not lora and (pipeline_dir / "model_index.json").is_file():
+            outputs.write_pipeline_scheduler(pipeline_dir, _validation_scheduler_config(model))
+            if _plain_unet_under_simpletuner_name(pipeline_dir):
+                outputs.name_diffusers_unet(pipeline_dir)
+        result = original(model, *args, repo_folder=repo_folder, **kwargs)
+        card = Path(repo_folder) / "README.md"
+        card.write_text(outputs.add_card_tags(card.read_text(), outputs.LORA_TAGS if lora else outputs.FULL_MODEL_TAGS))
+        return result
+
+    return save_model_card
+
+
+def _plain_unet_under_simpletuner_name(pipeline_dir) -> bool:
+    """SimpleTuner saves SDXL's UNet as its `FlowMapUNet2DConditionModel`, which plain diffusers cannot import;
+    with flow-map time conditioning off (no `deltatime_type` in its config) it is diffusers' UNet2DConditionModel
+    with the same weights and config keys."""
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    unet_config = pipeline_dir / "unet" / "config.json"
+    return (
+        str((index.get("unet") or [""])[0]).startswith("simpletuner.")
+        and unet_config.is_file()
+        and json.loads(unet_config.read_text()).get("deltatime_type") is None
+    )
+
+
+def _lcm_save_lora_weights(original):
+    """R3: the LCM settings in the metadata of every LoRA file SimpleTuner writes."""
+
+    @functools.wraps(original)
+    def save_lora_weights(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if _is_lcm_run(self.config):
+            from pathlib import Path
+
+            from lcm_plugin import __version__, outputs
+
+            save_directory = args[0] if args else kwargs["save_directory"]
+            path = Path(save_directory) / (kwargs.get("weight_name") or LORA_WEIGHT_NAME)
+            if path.is_file():  # diffusers writes nothing on a non-main process
+                metadata = outputs.lora_metadata(
+                    _run_lcm_config(self.config), _validation_scheduler_config(self), plugin_version=__version__
+                )
+                outputs.add_safetensors_metadata(path, metadata)
+        return result
+
+    return save_lora_weights
+
+
+def _run_output_surfaces() -> dict:
+    """The SimpleTuner objects R1-R3 patch, checked (install() calls this before it changes anything)."""
+    metadata = _import_surface("simpletuner.helpers.publishing.metadata")
+    huggingface = _import_surface("simpletuner.helpers.publishing.huggingface")
+    model_foundation = _require(_import_surface("simpletuner.helpers.models.common"), "ModelFoundation",
+                                "simpletuner.helpers.models.common")
+    _require(metadata, "code_example", "simpletuner.helpers.publishing.metadata")
+    _require(huggingface, "save_model_card", "simpletuner.helpers.publishing.huggingface")
+    _require(_require(huggingface, "HubManager", "simpletuner.helpers.publishing.huggingface"), "upload_model",
+             "HubManager")
+    for name in ("save_lora_weights", "_model_config_path"):
+        _require(model_foundation, name, "ModelFoundation")
+    return {"metadata": metadata, "huggingface": huggingface, "model_foundation": model_foundation}
+
+
+def _patch_run_outputs(surfaces: dict, saved: dict) -> None:
+    saved["run_outputs"] = {
+        "code_example": surfaces["metadata"].code_example,
+        "save_model_card": surfaces["huggingface"].save_model_card,
+        "save_lora_weights": surfaces["model_foundation"].__dict__["save_lora_weights"],
+    }
+    surfaces["metadata"].code_example = _lcm_code_example(surfaces["metadata"].code_example)
+    surfaces["huggingface"].save_model_card = _lcm_save_model_card(surfaces["huggingface"].save_model_card)
+    surfaces["model_foundation"].save_lora_weights = _lcm_save_lora_weights(
+        surfaces["model_foundation"].save_lora_weights
+    )
+
+
+def _restore_run_outputs(saved: dict) -> None:
+    from simpletuner.helpers.models.common import ModelFoundation
+    from simpletuner.helpers.publishing import huggingface, metadata
+
+    originals = saved["run_outputs"]
+    metadata.code_example = originals["code_example"]
+    huggingface.save_model_card = originals["save_model_card"]
+    ModelFoundation.save_lora_weights = originals["save_lora_weights"]
+
+
+# --- end of run outputs ---------------------------------------------------------------------------------------------
+
+
+# --- model families (F1) --------------------------------------------------------------------------------------------
+
+SD1X_MODEL_MODULE = "simpletuner.helpers.models.sd1x.model"
+# What diffusers' own SD pipelines are given for a model folder without a safety checker.
+_NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _requires_safety_components(pipeline_class) -> bool:
+    import inspect
+
+    parameters = inspect.signature(pipeline_class.__init__).parameters
+    return all(
+        name in parameters and parameters[name].default is inspect.Parameter.empty
+        for name in ("safety_checker", "feature_extractor")
+    )
+
+
+def _family_surfaces() -> dict:
+    """The SimpleTuner objects F1 patches, checked (install() calls this before it changes anything)."""
+    sd1x = _require(_import_surface(SD1X_MODEL_MODULE), "StableDiffusion1", SD1X_MODEL_MODULE)
+    pipeline_classes = _require(sd1x, "PIPELINE_CLASSES", "StableDiffusion1")
+    return {"sd1x_pipelines": [cls for cls in dict.fromkeys(pipeline_classes.values())
+                               if _requires_safety_components(cls)]}
+
+
+def _init_without_safety_checker(original):
+    """F1: `__init__` that supplies _NO_SAFETY_CHECKER when neither safety component is passed."""
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)  # keeps the original signature visible to diffusers' from_pretrained
+    def __init__(self, *args, **kwargs):
+        passed = signature.bind_partial(self, *args, **kwargs).arguments
+        if "safety_checker" not in passed and "feature_extractor" not in passed:
+            kwargs = {**_NO_SAFETY_CHECKER, **kwargs}
+        original(self, *args, **kwargs)
+
+    return __init__
+
+
+def _patch_families(surfaces: dict, saved: dict) -> None:
+    saved["families"] = {cls: cls.__dict__["__init__"] for cls in surfaces["sd1x_pipelines"]}
+    for cls, original in saved["families"].items():
+        cls.__init__ = _init_without_safety_checker(original)
+
+
+def _restore_families(saved: dict) -> None:
+    for cls, original in saved["families"].items():
+        cls.__init__ = original
+
+
+# --- end of model families ------------------------------------------------------------------------------------------
+
+
 def install() -> None:
     """Patch SimpleTuner so that `distillation_method: lcm` trains our LcmDistiller. Safe to call twice."""
     global _saved
@@ -259,7 +528,7 @@ def install() -> None:
                            "simpletuner.helpers.training.trainer")
     dataset_types = _import_surface("simpletuner.helpers.data_backend.dataset_types")
     json_file = _import_surface("simpletuner.helpers.configuration.json_file")
-    if _saved is not None:  # importing the trainer fired lcm_plugin._hook, which has just installed
+    if _saved is not None:  # importing the trainer fired the start-up hook (simpletuner_lcm_hook), which installed
         return
     for owner, names, where in (
         (factory, ("_create_lcm_distiller", "_method_config"), "DistillerFactory"),
@@ -274,6 +543,8 @@ def install() -> None:
     ):
         for name in names:
             _require(owner, name, where)
+    run_outputs = _run_output_surfaces()
+    families = _family_surfaces()
 
     from lcm_plugin.simpletuner.distiller import LcmDistiller
 
@@ -311,6 +582,8 @@ def install() -> None:
     if not _has_accelerator(torch):
         saved["pin_memory"] = torch.Tensor.pin_memory
         torch.Tensor.pin_memory = _unpinned
+    _patch_run_outputs(run_outputs, saved)
+    _patch_families(families, saved)
     _saved = saved
 
 
@@ -344,3 +617,5 @@ def uninstall() -> None:
         upstream_lcm.distiller = saved["alias_attr"]
     if saved["pin_memory"] is not None:
         torch.Tensor.pin_memory = saved["pin_memory"]
+    _restore_run_outputs(saved)
+    _restore_families(saved)

@@ -67,6 +67,18 @@ pub enum CacheError {
         /// The key.
         key: String,
     },
+    /// The keys of one `gather` differ in dtype or shape.
+    BatchMismatch {
+        /// What differs, naming both keys.
+        reason: String,
+    },
+    /// Another process (or another open writer) writes to the cache under the same writer name.
+    WriterBusy {
+        /// Cache directory.
+        dir: PathBuf,
+        /// Writer name.
+        writer: String,
+    },
 }
 
 impl CacheError {
@@ -112,6 +124,14 @@ impl fmt::Display for CacheError {
             }
             CacheError::KeyNotFound { key } => write!(f, "key `{key}` is not in the cache"),
             CacheError::DuplicateKey { key } => write!(f, "key `{key}` was already written"),
+            CacheError::BatchMismatch { reason } => write!(f, "gather: {reason}"),
+            CacheError::WriterBusy { dir, writer } => write!(
+                f,
+                "cache `{}` is already being written as writer `{writer}` (`{}` is locked by another process or writer); \
+                 give each process its own writer name (e.g. its RANK)",
+                dir.display(),
+                crate::store::lock_path(dir, writer).display()
+            ),
         }
     }
 }

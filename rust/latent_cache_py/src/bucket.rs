@@ -1,5 +1,5 @@
 //! Bucketing binding: a SimpleTuner dataset config dict in, one dict per image out.
-use crate::errors::{BucketConfigError, IntoPy};
+use crate::errors::{guarded, BucketConfigError, IntoPy};
 use latent_cache::bucket::{AspectBuckets, BucketConfig, Bucketer, CropAspect, CropStyle, ResolutionType, Sample};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt};
@@ -129,7 +129,7 @@ impl PyBucketer {
     /// One dict (or `None` for an image below `minimum_image_size`) per (W, H).
     fn assign<'py>(&mut self, py: Python<'py>, sizes: Vec<(i64, i64)>) -> PyResult<Vec<Option<Bound<'py, PyDict>>>> {
         let inner = &mut self.inner;
-        let samples = py.allow_threads(|| sizes.iter().map(|&(w, h)| inner.assign(w, h)).collect::<latent_cache::Result<Vec<_>>>()).py()?;
+        let samples = py.allow_threads(|| guarded(|| sizes.iter().map(|&(w, h)| inner.assign(w, h)).collect::<latent_cache::Result<Vec<_>>>()))?;
         samples.iter().map(|s| s.as_ref().map(|s| sample_dict(py, s)).transpose()).collect()
     }
 

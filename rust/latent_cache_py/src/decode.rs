@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use std::path::{Path, PathBuf};
 
-use crate::errors::{BucketConfigError, IntoPy};
+use crate::errors::{guarded, BucketConfigError};
 
 type Out<'py> = (Bound<'py, PyAny>, Vec<usize>, Vec<(usize, String)>);
 
@@ -42,11 +42,10 @@ pub fn decode_batch_py<'py>(
 ) -> PyResult<Out<'py>> {
     let geo = geometry(paths.len(), &resize_sizes, &crops)?;
     let batch = py
-        .allow_threads(|| {
+        .allow_threads(|| guarded(|| {
             let sources: Vec<Source<'_>> = paths.iter().map(|p| Source::Path(p)).collect();
             latent_cache::with_threads(threads, || decode_batch(&sources, &geo, target_size, max_pixels))
-        })
-        .py()?;
+        }))?;
     to_python(py, batch, target_size)
 }
 
@@ -70,10 +69,9 @@ pub fn decode_batch_bytes_py<'py>(
         return Err(BucketConfigError::new_err("invalid setting `names`: need one per image"));
     }
     let batch = py
-        .allow_threads(|| {
+        .allow_threads(|| guarded(|| {
             let sources: Vec<Source<'_>> = names.iter().zip(&blobs).map(|(n, b)| Source::Bytes(Path::new(n), b)).collect();
             latent_cache::with_threads(threads, || decode_batch(&sources, &geo, target_size, max_pixels))
-        })
-        .py()?;
+        }))?;
     to_python(py, batch, target_size)
 }

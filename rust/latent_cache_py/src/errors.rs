@@ -1,7 +1,7 @@
 //! Python exceptions of the binding and the one `CacheError -> PyErr` mapping.
 use latent_cache::CacheError;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyFileNotFoundError};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 
 create_exception!(lcm_plugin._latent_cache, LatentCacheError, PyException, "Base class of every data-path error.");
@@ -13,8 +13,15 @@ create_exception!(lcm_plugin._latent_cache, CorruptShardError, LatentCacheError,
 create_exception!(lcm_plugin._latent_cache, MissingKeyError, LatentCacheError, "A key is not in the cache.");
 create_exception!(lcm_plugin._latent_cache, DuplicateKeyError, LatentCacheError, "A key was written twice.");
 create_exception!(lcm_plugin._latent_cache, CacheIOError, LatentCacheError, "An OS-level read or write failed.");
+create_exception!(
+    lcm_plugin._latent_cache,
+    WriterLockedError,
+    LatentCacheError,
+    "Another process (or open writer) writes to the cache under the same writer name."
+);
 
-/// Maps a core error to its Python exception; a missing file becomes `FileNotFoundError`.
+/// Maps a core error to its Python exception; a missing file becomes `FileNotFoundError`, a mixed `gather` batch
+/// `ValueError` (as a wrong `out` buffer does).
 pub fn to_py(err: CacheError) -> PyErr {
     let msg = err.to_string();
     match err {
@@ -27,6 +34,19 @@ pub fn to_py(err: CacheError) -> PyErr {
         CacheError::CorruptShard { .. } => CorruptShardError::new_err(msg),
         CacheError::KeyNotFound { .. } => MissingKeyError::new_err(msg),
         CacheError::DuplicateKey { .. } => DuplicateKeyError::new_err(msg),
+        CacheError::WriterBusy { .. } => WriterLockedError::new_err(msg),
+        CacheError::BatchMismatch { .. } => PyValueError::new_err(msg),
+    }
+}
+
+/// Runs `f`, turning a Rust panic (a bug) into `LatentCacheError` instead of letting it reach Python.
+pub fn guarded<T>(f: impl FnOnce() -> latent_cache::Result<T>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.py(),
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            Err(LatentCacheError::new_err(format!("internal error in the latent cache (please report it): {}", what.unwrap_or_default())))
+        }
     }
 }
 
@@ -54,5 +74,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MissingKeyError", py.get_type::<MissingKeyError>())?;
     m.add("DuplicateKeyError", py.get_type::<DuplicateKeyError>())?;
     m.add("CacheIOError", py.get_type::<CacheIOError>())?;
+    m.add("WriterLockedError", py.get_type::<WriterLockedError>())?;
     Ok(())
 }

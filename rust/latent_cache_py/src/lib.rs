@@ -18,7 +18,7 @@ mod _latent_cache {
     #[pymodule_export]
     use crate::decode::{decode_batch_bytes_py, decode_batch_py};
     #[pymodule_export]
-    use crate::cache::{verify_py, PyCacheReader, PyCacheWriter};
+    use crate::cache::{check_py, verify_py, PyCacheReader, PyCacheWriter};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,5 +1,5 @@
 //! Header scan bindings.
-use crate::errors::IntoPy;
+use crate::errors::guarded;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
@@ -10,7 +10,7 @@ type Errors = Vec<(usize, String)>;
 #[pyfunction(name = "scan_sizes")]
 #[pyo3(signature = (paths, threads=None))]
 pub fn scan_sizes_py(py: Python<'_>, paths: Vec<PathBuf>, threads: Option<usize>) -> PyResult<(Sizes, Errors)> {
-    let results = py.allow_threads(|| latent_cache::with_threads(threads, || latent_cache::scan::scan_sizes(&paths))).py()?;
+    let results = py.allow_threads(|| guarded(|| latent_cache::with_threads(threads, || latent_cache::scan::scan_sizes(&paths))))?;
     let mut sizes = Vec::with_capacity(results.len());
     let mut errors = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
@@ -28,7 +28,7 @@ pub fn scan_sizes_py(py: Python<'_>, paths: Vec<PathBuf>, threads: Option<usize>
 /// (width, height, orientation, format) of one file as stored; raises on failure.
 #[pyfunction(name = "read_header")]
 pub fn read_header_py(py: Python<'_>, path: PathBuf) -> PyResult<(u32, u32, u16, &'static str)> {
-    let h = py.allow_threads(|| latent_cache::scan::read_header(&path)).py()?;
+    let h = py.allow_threads(|| guarded(|| latent_cache::scan::read_header(&path)))?;
     let format = match h.format {
         latent_cache::scan::Format::Jpeg => "jpeg",
         latent_cache::scan::Format::Png => "png",

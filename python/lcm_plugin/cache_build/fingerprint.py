@@ -1,0 +1,186 @@
+"""What determines a cache entry, recorded so that a cache never serves what the current config would not produce.
+
+Two levels:
+- a **fingerprint** per cache: for latents the recipe format, the store format, the VAE's identity (a hash of
+  its config and weight files), `vae_dtype`, `scaling_factor`/`shift_factor` and `seed`; for text embeddings the
+  recipe format, the text encoders' and tokenizers' identity and their dtype. It is written in manifest.json
+  and compared at build and at read (`simpletuner-lcm cache verify`).
+- a **recipe** per latent: the fingerprint's digest plus what the bucketer decided for that image (original,
+  resize and target sizes, crop coordinates) and the image file's identity (size, modification time). Its
+  digest is part of the entry's key in the store (`<image key>@<digest>`), and a caption's embeddings are
+  stored under `<md5(caption)>@<text fingerprint digest>`. A changed setting therefore changes the key: the
+  store is append-only, and a key can only ever hold what its recipe produces. A rebuild finds which keys are
+  missing and encodes exactly those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+# Bump when the pixels or the encoding change for the same inputs (decode, resize, normalisation, sampling).
+RECIPE_VERSION = 1
+# Files a diffusers / transformers `from_pretrained` without `variant` reads: configs, tokenizer files and the
+# plain (not `.fp16.`) weights, sharded or not.
+_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+_CHUNK = 1 << 24
+
+
+def digest(value) -> str:
+    """16 hex digits (64 bits) of sha256 over the canonical JSON of `value`."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+class IdentityError(Exception):
+    """A model folder or hub id whose files cannot be found or read."""
+
+
+def _hash_folder(folder: Path, weights: bool) -> str:
+    """sha256 over (name, bytes) of the files a loader reads in `folder`."""
+    names = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and (p.suffix in (".json", ".txt", ".model") or (weights and _WEIGHTS.match(p.name)))
+    )
+    if "config.json" not in names and weights:
+        raise IdentityError(f"{folder}: no config.json")
+    hasher = hashlib.sha256()
+    for name in names:
+        hasher.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as file:
+            while chunk := file.read(_CHUNK):
+                hasher.update(chunk)
+        hasher.update(b"\0")
+    return hasher.hexdigest()
+
+
+def _snapshot(repo: str, subfolders: tuple[str, ...]) -> Path:
+    """The local snapshot folder of hub model `repo` holding `subfolders` (downloaded if allowed and missing)."""
+    from huggingface_hub import snapshot_download
+
+    try:  # configs only: the identity of a hub model is its revision
+        patterns = [f"{sub}/*.json" if sub else "*.json" for sub in subfolders]
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as error:  # every hub failure (offline, unknown repo, network) means: cannot identify it
+        raise IdentityError(f"{repo!r}: not a local folder, and the hub says: {str(error).splitlines()[0]}") from None
+
+
+def model_identity(path: str, subfolders: tuple[str, ...]) -> str:
+    """Identity of the model parts at `path` (a folder, or a hub id): a hash of the files `from_pretrained` reads
+    in each subfolder ("" = the folder itself; a missing subfolder is skipped), or, for a hub id, its revision."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        snapshot = _snapshot(path, subfolders)
+        return f"{path}@{snapshot.name}"
+    parts = []
+    for sub in subfolders:
+        where = folder / sub if sub else folder
+        if where.is_dir():
+            try:
+                parts.append(f"{sub}:{_hash_folder(where, weights=not sub.startswith('tokenizer'))}")
+            except OSError as error:
+                raise IdentityError(f"{where}: {error.strerror or error}") from None
+    if not parts:
+        raise IdentityError(f"{folder}: none of {', '.join(s or '.' for s in subfolders)} is a folder")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def vae_folder(vae_path: str) -> str:
+    """The subfolder `load_vae` reads: `vae` when it exists, else the folder itself (SimpleTuner's fallback)."""
+    folder = Path(vae_path).expanduser()
+    if folder.is_dir():
+        return "vae" if (folder / "vae" / "config.json").is_file() else ""
+    return "vae"
+
+
+def vae_config(vae_path: str) -> dict:
+    """The VAE's config.json (local folder or cached hub snapshot)."""
+    folder = Path(vae_path).expanduser()
+    if not folder.is_dir():
+        folder = _snapshot(vae_path, ("vae", ""))  # SimpleTuner's default SDXL VAE keeps its config at the root
+    sub = vae_folder(str(folder))
+    try:
+        return json.loads(((folder / sub) if sub else folder).joinpath("config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise IdentityError(f"{folder}: unreadable VAE config.json ({error})") from None
+
+
+def latent_fingerprint(vae_path: str, vae_dtype: str, seed: int) -> dict:
+    """Everything shared by all latents of a cache that determines their values."""
+    from lcm_plugin.cache import FORMAT_VERSION
+
+    config = vae_config(vae_path)
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "store_format_version": FORMAT_VERSION,
+        "vae": model_identity(vae_path, (vae_folder(vae_path),)),
+        "vae_dtype": vae_dtype,
+        "scaling_factor": config.get("scaling_factor", 0.18215),  # diffusers' AutoencoderKL default
+        "shift_factor": config.get("shift_factor"),
+        "seed": seed,
+    }
+
+
+def latent_geometry(vae_path: str, vae_dtype: str) -> tuple[int, int, str]:
+    """(latent channels, pixel-to-latent factor, stored dtype) of the VAE: the shape every latent must have."""
+    config = vae_config(vae_path)
+    factor = 2 ** (len(config.get("block_out_channels", (64,))) - 1)
+    return int(config.get("latent_channels", 4)), factor, "F32" if vae_dtype == "fp32" else "BF16"
+
+
+def text_fingerprint(model_path: str, text_dtype: str) -> dict:
+    """Everything shared by all text embeddings of a cache that determines their values (the caption is the key)."""
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "text_encoders": model_identity(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
+        "text_dtype": text_dtype,
+    }
+
+
+def latent_recipe(fingerprint_digest: str, sample: dict, file_id: tuple[int, int]) -> dict:
+    """What one latent is a function of: the cache fingerprint, the bucketer's geometry and the image file."""
+    return {
+        "fingerprint": fingerprint_digest,
+        "file": list(file_id),
+        "original_size": list(sample["original_size"]),
+        "intermediary_size": list(sample["intermediary_size"]),
+        "crop_coordinates": list(sample["crop_coordinates"]),
+        "target_size": list(sample["target_size"]),
+    }
+
+
+# Recipe and fingerprint fields, as a rebuild names them when they changed.
+_WHY = {
+    "recipe_version": "the cache recipe version changed (a newer simpletuner-lcm encodes differently)",
+    "store_format_version": "the cache store format changed",
+    "vae": "the VAE changed (its config or weights)",
+    "vae_dtype": "vae_dtype changed",
+    "scaling_factor": "the VAE scaling_factor changed",
+    "shift_factor": "the VAE shift_factor changed",
+    "seed": "seed changed",
+    "text_encoders": "the text encoders or tokenizers changed",
+    "text_dtype": "the text encoder dtype (mixed_precision) changed",
+    "file": "the image file changed (size or modification time)",
+    "original_size": "the image size changed",
+    "target_size": "the target size changed (resolution settings)",
+    "intermediary_size": "the resize size changed (resolution settings)",
+    "crop_coordinates": "the crop changed (crop settings or seed)",
+}
+
+
+_SHOWN = ("recipe_version", "store_format_version", "vae_dtype", "scaling_factor", "shift_factor", "seed", "text_dtype")
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """Human reasons for the fields that differ between two fingerprints or recipes, with old -> new values for
+    the cache-wide settings (per-image values would make one reason per image)."""
+    reasons = []
+    for name in _WHY:
+        if name in old or name in new:
+            before, after = old.get(name), new.get(name)
+            if before != after:
+                shown = name in _SHOWN
+                reasons.append(_WHY[name] + (f": {before} -> {after}" if shown else ""))
+    return reasons

@@ -1,0 +1,273 @@
+"""What an LCM run hands the user: the sampler saved with a full model, the settings recorded in a LoRA file, and
+the model card's inference section and tags.
+
+Pure logic and file writes, no SimpleTuner import: `lcm_plugin.simpletuner.install` calls these from
+SimpleTuner's save and model-card code (its "Run outputs" section). Every sampler setting comes from
+`lcm_plugin.inference.lcm_scheduler`, the function validation samples with, so what a user runs is what
+validation showed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcm_plugin.config import LcmConfig
+
+METADATA_PREFIX = "lcm."
+# Safetensors metadata key holding the full LCMScheduler config (JSON): `LCMScheduler.from_config(json.loads(...))`.
+METADATA_SCHEDULER_KEY = METADATA_PREFIX + "scheduler_config"
+METADATA_VERSION_KEY = METADATA_PREFIX + "plugin_version"
+LORA_TAGS = ("lcm", "lcm-lora")
+FULL_MODEL_TAGS = ("lcm",)
+CARD_STEPS = 4
+# ComfyUI's "lcm" model sampling hard-codes LCM's defaults: a 50-step original grid and timestep scaling 10.
+COMFYUI_ORIGINAL_STEPS = 50
+COMFYUI_TIMESTEP_SCALING = 10.0
+DEFAULT_RESOLUTION = 1024
+DEFAULT_PROMPT = "An astronaut is riding a horse through the jungles of Thailand."
+
+
+def lcm_scheduler_config(training_scheduler_config, lcm: LcmConfig) -> dict:
+    """The LCMScheduler config validation samples with (as scheduler_config.json holds it, `_class_name` included).
+
+    training_scheduler_config: SimpleTuner's training noise scheduler config (its betas and prediction type).
+    """
+    from lcm_plugin.inference import lcm_scheduler
+
+    scheduler = lcm_scheduler(
+        training_scheduler_config,
+        num_ddim_timesteps=lcm.num_ddim_timesteps,
+        timestep_scaling=lcm.timestep_scaling_factor,
+    )
+    return json.loads(scheduler.to_json_string())
+
+
+def scheduler_settings(scheduler_config: dict) -> dict:
+    """The settings LCMScheduler takes, out of a config that may also carry other schedulers' keys (SDXL's
+    config passes `use_karras_sigmas` and the like through; LCMScheduler ignores them)."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    return {key: value for key, value in scheduler_config.items() if key in accepted and key != "self"}
+
+
+def scheduler_overrides(scheduler_config: dict, base_scheduler_config: dict | None) -> dict:
+    """Keyword arguments so that `LCMScheduler.from_config(base_scheduler_config, **overrides)` equals
+    `scheduler_config`: `original_inference_steps` and `timestep_scaling` always (a wrong value silently moves the
+    timesteps), plus every setting the base model's config would get wrong. With no base config known, every
+    setting is spelled out."""
+    from diffusers import LCMScheduler
+
+    settings = scheduler_settings(scheduler_config)
+    overrides = {key: settings[key] for key in ("original_inference_steps", "timestep_scaling")}
+    if base_scheduler_config is None:
+        return {**overrides, **settings}
+    from_base = scheduler_settings(json.loads(LCMScheduler.from_config(dict(base_scheduler_config)).to_json_string()))
+    overrides.update({key: value for key, value in settings.items() if from_base.get(key) != value})
+    return overrides
+
+
+def lora_metadata(lcm: LcmConfig, scheduler_config: dict, *, plugin_version: str) -> dict[str, str]:
+    """Safetensors metadata recording how the LoRA was distilled and how to sample it (string values, JSON-encoded)."""
+    metadata = {METADATA_PREFIX + key: json.dumps(value) for key, value in lcm.model_dump().items()}
+    metadata[METADATA_SCHEDULER_KEY] = json.dumps(scheduler_config, sort_keys=True)
+    metadata[METADATA_VERSION_KEY] = plugin_version
+    return metadata
+
+
+def lcm_settings_from_metadata(metadata: dict[str, str]) -> tuple[LcmConfig, dict]:
+    """Read back what `lora_metadata` wrote: the LCM settings and the LCMScheduler config."""
+    fields = {
+        key.removeprefix(METADATA_PREFIX): json.loads(value)
+        for key, value in metadata.items()
+        if key.startswith(METADATA_PREFIX) and key.removeprefix(METADATA_PREFIX) in LcmConfig.model_fields
+    }
+    return LcmConfig.model_validate(fields), json.loads(metadata[METADATA_SCHEDULER_KEY])
+
+
+def add_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Merge `metadata` into a safetensors file's header (existing keys kept unless overwritten), atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        merged = {**(handle.metadata() or {}), **metadata}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=merged)
+    os.replace(partial, path)
+
+
+def write_pipeline_scheduler(pipeline_dir: Path, scheduler_config: dict) -> None:
+    """Make a saved diffusers pipeline folder sample with LCMScheduler(`scheduler_config`): the scheduler's
+    config file and model_index.json's scheduler entry, which `DiffusionPipeline.from_pretrained` reads."""
+    from diffusers import LCMScheduler
+
+    pipeline_dir = Path(pipeline_dir)
+    index_file = pipeline_dir / "model_index.json"
+    index = json.loads(index_file.read_text())
+    LCMScheduler.from_config(scheduler_config).save_pretrained(str(pipeline_dir / "scheduler"))
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def name_diffusers_unet(pipeline_dir: Path) -> None:
+    """Record diffusers' `UNet2DConditionModel` as the class of a saved pipeline's UNet (model_index.json and
+    unet/config.json), so plain diffusers loads it. For a subclass saved under its own name that has the same
+    weights and config keys; the caller decides that."""
+    pipeline_dir = Path(pipeline_dir)
+    index_file, config_file = pipeline_dir / "model_index.json", pipeline_dir / "unet" / "config.json"
+    index, config = json.loads(index_file.read_text()), json.loads(config_file.read_text())
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    config["_class_name"] = "UNet2DConditionModel"
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def add_card_tags(card: str, tags: tuple[str, ...]) -> str:
+    """`card` (a README.md with YAML front matter holding a `tags:` list) with `tags` added once each."""
+    match = re.match(r"---\n(.*?\n)---\n", card, flags=re.DOTALL)
+    tags_line = re.search(r"^tags:\n", match.group(1), flags=re.MULTILINE) if match else None
+    if tags_line is None:
+        raise ValueError("model card: no YAML front matter with a `tags:` list")
+    present = set(re.findall(r"^  - (.+)$", match.group(1), flags=re.MULTILINE))
+    added = "".join(f"  - {tag}\n" for tag in tags if tag not in present)
+    insert_at = match.start(1) + tags_line.end()
+    return card[:insert_at] + added + card[insert_at:]
+
+
+def first_resolution(value) -> tuple[int, int]:
+    """(width, height) of SimpleTuner's `validation_resolution` ("1024", "1024x768", "1024,768x1024", 1024):
+    the first entry; 1024 square when unset, as SimpleTuner's own card does."""
+    if value in (None, ""):
+        return DEFAULT_RESOLUTION, DEFAULT_RESOLUTION
+    first = str(value).split(",")[0].strip()
+    width, _, height = first.partition("x")
+    return int(float(width)), int(float(height or width))
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    """What the card's inference section needs from the run.
+
+    model_id: the base model (LoRA) or the saved pipeline (full model), a hub id or a local path.
+    adapter_id: where the LoRA is (hub repo or output folder); None for a full model.
+    base_model_id: full model saved without text encoders (SimpleTuner's default): the base model they come from.
+    scheduler_overrides: LoRA only, from `scheduler_overrides` (the pipeline of a full model carries its scheduler).
+    """
+
+    model_id: str
+    adapter_id: str | None
+    lcm: LcmConfig
+    scheduler_overrides: dict
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    comfyui_lora: bool = False
+    base_model_id: str | None = None
+
+
+def _python_literal(value) -> str:
+    return repr(value) if not isinstance(value, str) else json.dumps(value)
+
+
+def inference_snippet(settings: CardSettings) -> str:
+    """The Python code block of the card: LCM sampling at 4 steps, no guidance, no negative prompt."""
+    lora = settings.adapter_id is not None
+    components = not lora and settings.base_model_id is not None
+    imports = ("AutoencoderKL, DiffusionPipeline, LCMScheduler, UNet2DConditionModel" if components
+               else "DiffusionPipeline, LCMScheduler" if lora else "DiffusionPipeline")
+    lines = ["import torch", f"from diffusers import {imports}", "", f"model_id = {_python_literal(settings.model_id)}"]
+    if lora:
+        lines.append(f"adapter_id = {_python_literal(settings.adapter_id)}")
+    if components:
+        lines.append(f"base_model_id = {_python_literal(settings.base_model_id)}")
+    lines += [
+        "device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'",
+        "dtype = torch.bfloat16 if device == 'cuda' else torch.float32",
+    ]
+    if components:
+        lines += [
+            "# The run saved the distilled UNet, its VAE and its LCMScheduler; the text encoders are the base model's.",
+            "pipeline = DiffusionPipeline.from_pretrained(",
+            "    base_model_id,",
+            '    unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype),',
+            '    vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype),',
+            '    scheduler=LCMScheduler.from_pretrained(model_id, subfolder="scheduler"),',
+            "    torch_dtype=dtype,",
+            ")",
+        ]
+    else:
+        lines.append("pipeline = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)")
+    if lora:
+        lines += [
+            "# Sample with LCM on the grid the LoRA was trained on; another scheduler, or another",
+            "# original_inference_steps, gives non-LCM or shifted-timestep samples.",
+            "pipeline.scheduler = LCMScheduler.from_config(",
+            "    pipeline.scheduler.config,",
+            *(f"    {key}={_python_literal(value)}," for key, value in settings.scheduler_overrides.items()),
+            ")",
+            "pipeline.load_lora_weights(adapter_id)",
+            "# Optional: merge the LoRA into the UNet (same images, no LoRA cost per step).",
+            "pipeline.fuse_lora()",
+        ]
+    elif not components:
+        lines.append("# The saved pipeline's scheduler is the LCMScheduler the model was distilled for.")
+    lines += [
+        "pipeline.to(device)",
+        "",
+        f"prompt = {_python_literal(settings.prompt)}",
+        "image = pipeline(",
+        "    prompt=prompt,",
+        f"    num_inference_steps={CARD_STEPS},  # 1 to 8 steps work",
+        "    guidance_scale=0.0,  # guidance is distilled in; no CFG, so a negative prompt would have no effect",
+        f"    generator=torch.Generator(device=device).manual_seed({settings.seed}),",
+        f"    width={settings.width},",
+        f"    height={settings.height},",
+        ").images[0]",
+        'image.save("output.png")',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def inference_section(settings: CardSettings) -> str:
+    """The card's text under "## Inference": how to sample the distilled model correctly."""
+    lcm = settings.lcm
+    kind = "an LCM-LoRA" if settings.adapter_id is not None else "a latent consistency model (LCM)"
+    text = (
+        f"This is {kind} distilled with simpletuner-lcm (num_ddim_timesteps={lcm.num_ddim_timesteps}, "
+        f"timestep_scaling_factor={lcm.timestep_scaling_factor:g}, teacher guidance scale "
+        f"{lcm.w_min:g}-{lcm.w_max:g}). Sample it with diffusers' `LCMScheduler` on the training grid "
+        f"(`original_inference_steps={lcm.num_ddim_timesteps}`), {CARD_STEPS} steps (1 to 8 work; more are not "
+        "better), guidance scale 0 and no negative prompt.\n\n"
+        f"```python\n{inference_snippet(settings)}```\n"
+    )
+    if settings.comfyui_lora:
+        text += "\n" + comfyui_note(lcm)
+    return text
+
+
+def comfyui_note(lcm: LcmConfig) -> str:
+    """How to sample the ComfyUI-format LoRA in ComfyUI."""
+    text = (
+        "### ComfyUI\n\n"
+        "This file uses ComfyUI's LoRA key names. Load the base checkpoint, apply this file with *Load LoRA*, add "
+        "*ModelSamplingDiscrete* with sampling `lcm`, and in *KSampler* pick sampler **`lcm`**, scheduler "
+        f"`sgm_uniform`, {CARD_STEPS} steps (1 to 8 work) and cfg 1.0 (ComfyUI's \"no guidance\"); leave the "
+        "negative prompt empty.\n"
+    )
+    if (lcm.num_ddim_timesteps, lcm.timestep_scaling_factor) != (COMFYUI_ORIGINAL_STEPS, COMFYUI_TIMESTEP_SCALING):
+        text += (
+            f"\nComfyUI's `lcm` sampling assumes a {COMFYUI_ORIGINAL_STEPS}-step grid and timestep scaling "
+            f"{COMFYUI_TIMESTEP_SCALING:g}; this LoRA was trained with {lcm.num_ddim_timesteps} and "
+            f"{lcm.timestep_scaling_factor:g}, so ComfyUI samples it slightly off. The diffusers code above is exact.\n"
+        )
+    return text

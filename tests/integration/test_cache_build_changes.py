@@ -1,0 +1,208 @@
+"""A cache never serves what the current config would not produce: build, change one setting, build again, and
+the result equals a fresh build with the new setting, bit for bit (store entries, manifest, SimpleTuner-format
+files and bucket metadata). Before the rebuild, `check_run` (what `cache verify RUN` prints) names the change.
+
+The issue's repro: a build at resolution 128 then 64 reported "0 image(s) encoded, 10 already cached" and kept
+the 128-px latents.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache_snapshot import assert_checks_pass, snapshot, store
+from lcm_plugin.cache_build import BuildOptions, build
+from lcm_plugin.cache_build.build import LCM_DIR, check_run
+
+WORDS = ("red", "blue", "circle", "square", "photo")
+SIZES = ((160, 128), (128, 160), (128, 128))
+
+
+def write_run(root: Path, model_dir: Path) -> Path:
+    """Six images in three buckets at pixel resolution 128, textfile captions, the tiny SDXL."""
+    rng = np.random.default_rng(3)
+    (root / "data").mkdir(parents=True)
+    for i in range(6):
+        w, h = SIZES[i % 3]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "data" / f"img{i}.png")
+        (root / "data" / f"img{i}.txt").write_text(f"{WORDS[i % 2]} {WORDS[2 + i % 2]}")
+    (root / "config").mkdir()
+    backends = [
+        {"id": "toy", "type": "local", "instance_data_dir": "data", "crop": False, "resolution": 128,
+         "resolution_type": "pixel", "minimum_image_size": 32, "cache_dir_vae": "cache/vae/toy",
+         "caption_strategy": "textfile"},
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
+    ]
+    (root / "config" / "multidatabackend.json").write_text(json.dumps(backends))
+    config = {
+        "model_type": "lora", "model_family": "sdxl", "output_dir": "output",
+        "pretrained_model_name_or_path": str(model_dir), "pretrained_vae_model_name_or_path": str(model_dir / "vae"),
+        "data_backend_config": "config/multidatabackend.json", "resolution": 128, "resolution_type": "pixel",
+        "optimizer": "torch-adamw", "mixed_precision": "no", "vae_batch_size": 2, "max_train_steps": 1,
+        "num_train_epochs": 0, "seed": 3,
+    }
+    (root / "config" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+def resolution_64(run: Path) -> None:
+    edit_json(run / "config/multidatabackend.json", lambda b: b[0].update(resolution=64))
+    edit_json(run / "config/config.json", lambda c: c.update(resolution=64))
+
+
+def center_crop(run: Path) -> None:
+    # At 128 px every image lands in the square bucket, cropped at random; now cropped in the centre.
+    edit_json(run / "config/multidatabackend.json", lambda b: b[0].update(crop=True, crop_style="center"))
+
+
+def other_vae(run: Path) -> None:
+    from lcm_plugin.tiny_sdxl import tiny_vae
+
+    torch.manual_seed(1)
+    tiny_vae().save_pretrained(run / "model" / "vae")
+
+
+def vae_fp32(run: Path) -> None:
+    edit_json(run / "config/config.json", lambda c: c.update(vae_dtype="fp32"))
+
+
+def seed_4(run: Path) -> None:
+    edit_json(run / "config/config.json", lambda c: c.update(seed=4))
+
+
+def new_caption(run: Path) -> None:
+    for i in (1, 3, 5):  # every "blue square": that caption goes, "square photo" comes
+        (run / "data" / f"img{i}.txt").write_text("square photo")
+
+
+def redrawn_image(run: Path) -> None:
+    Image.new("RGB", SIZES[0], (9, 9, 9)).save(run / "data" / "img0.png")
+
+
+CHANGES = {
+    # change, what the rebuild says (one line per reason, with its count)
+    "resolution": (resolution_64, ["toy: 6 latent(s) to encode: the target size changed (resolution settings)"]),
+    "crop": (center_crop, ["toy: 4 latent(s) to encode: the crop changed (crop settings or seed)"]),
+    "vae": (other_vae, ["toy: 6 latent(s) to encode: the VAE changed (its config or weights)"]),
+    "vae_dtype": (vae_fp32, ["toy: 6 latent(s) to encode: vae_dtype changed: bf16 -> fp32"]),
+    "seed": (seed_4, ["toy: 6 latent(s) to encode: seed changed: 3 -> 4"]),
+    "caption": (new_caption, ["1 caption(s) to encode: new caption(s)", "removed 1 SimpleTuner text file(s)"]),
+    "image file": (redrawn_image, ["toy: 1 latent(s) to encode: the image file changed"]),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from lcm_plugin.tiny_sdxl import save_tiny_sdxl
+
+    torch.set_num_threads(1)
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"), seed=0, vocabulary=WORDS)
+
+
+def fresh_copy(run: Path, where: Path) -> Path:
+    """The run's inputs without anything a build wrote (image files keep their mtimes: copy2)."""
+    ignored = shutil.ignore_patterns("cache", "output", "aspect_ratio_bucket_*.json")
+    return Path(shutil.copytree(run, where, ignore=ignored))
+
+
+@pytest.mark.parametrize("setting", list(CHANGES))
+def test_rebuild_after_a_change_equals_a_fresh_build(tmp_path, model_dir, setting):
+    change, said = CHANGES[setting]
+    run = write_run(tmp_path / "run", tmp_path / "run" / "model")
+    shutil.copytree(model_dir, run / "model")
+    options = BuildOptions(run, simpletuner_format=True, shard_bytes=4096)
+    assert build(options, log=print).encoded == 6
+    before = latent_keys(run)
+
+    change(run)
+    assert check_run(run), "the changed config went unnoticed at read"
+    lines: list[str] = []
+    rebuilt = build(options, log=lines.append)
+    for expected in said:
+        assert any(expected in line for line in lines), (expected, lines)
+
+    fresh = fresh_copy(run, tmp_path / "fresh")
+    build(BuildOptions(fresh, simpletuner_format=True, shard_bytes=4096), log=print)
+    after = latent_keys(fresh)
+    # Exactly the images whose latent differs under the new setting were encoded again.
+    assert rebuilt.encoded == len([image for image in after if before.get(image) != after[image]])
+    for folder in (run, fresh):
+        assert_checks_pass(folder)
+    ours, theirs = snapshot(run), snapshot(fresh)
+    assert ours["manifest"] == theirs["manifest"]
+    assert ours["files"] == theirs["files"]
+    for part in ("latents", "text"):
+        assert {key: ours[part][key] for key in theirs[part]} == theirs[part], part
+        # Entries the fresh build lacks are the old setting's, under other keys: nothing references them.
+        unused = {key.split("#")[0].split("/")[0] for key in set(ours[part]) - set(theirs[part])}
+        assert not [key for key in unused if key in ours["manifest"]]
+
+    # --prune drops them: then the stores too hold exactly the fresh build's entries.
+    assert build(BuildOptions(run, simpletuner_format=True, shard_bytes=4096, prune=True), log=print).encoded == 0
+    assert_checks_pass(run)
+    assert snapshot(run) == theirs
+
+
+def test_a_prune_killed_between_its_renames_is_completed_by_the_next_build(tmp_path, model_dir):
+    run = write_run(tmp_path / "run", model_dir)
+    build(BuildOptions(run), log=print)
+    folder = run / "cache/vae/toy" / LCM_DIR
+    expected = store(folder)
+    folder.rename(folder.with_name(LCM_DIR + ".pruned-away"))  # the kill fell after the first rename
+    (folder.with_name(LCM_DIR + ".pruning")).mkdir()  # with a copy half written
+    assert build(BuildOptions(run), log=print).encoded == 0
+    assert store(folder) == expected and check_run(run) == []
+    assert sorted(p.name for p in folder.parent.iterdir()) == [LCM_DIR]
+
+
+def latent_keys(run: Path) -> dict[str, str]:
+    manifest = json.loads((run / "cache/vae/toy" / LCM_DIR / "manifest.json").read_text())
+    return {entry["image"]: entry["key"] for entry in manifest["images"]}
+
+
+def test_verify_names_a_changed_resolution_and_exits_1(tmp_path, model_dir):
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run", model_dir)
+    build(BuildOptions(run), log=print)
+    resolution_64(run)
+    verify = [str(Path(sys.executable).parent / "simpletuner-lcm"), "cache", "verify", str(run)]
+    result = subprocess.run(verify, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{run / 'cache/vae/toy' / LCM_DIR}: 6 image(s) stale: the target size changed" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("forged", ["shape", "time_ids"])
+def test_an_entry_that_disagrees_with_the_plan_stops_the_build(tmp_path, model_dir, capsys, forged):
+    """Entries are checked per key against the plan: a store holding, under the plan's key, a latent of another
+    shape or other time_ids was not written by this build, and is never served."""
+    from lcm_plugin.cache import LatentCacheWriter
+    from lcm_plugin.cache_build.build import TIME_IDS, plan_run
+    from lcm_plugin.cli import main
+
+    run = write_run(tmp_path / "run", model_dir)
+    _, (dataset,), _ = plan_run(run, None)
+    item = dataset.images[0]
+    shape = (4, 16, 16) if forged == "time_ids" else (4, 8, 8)  # the plan: 128 px -> 16x16 latents
+    with LatentCacheWriter(run / "cache/vae/toy" / LCM_DIR, writer="forger") as writer:
+        writer.put(item.cache_key, torch.zeros(shape, dtype=torch.bfloat16))
+        writer.put(item.cache_key + TIME_IDS, torch.tensor([1, 2, 3, 4, 5, 6]))
+    assert main(["cache", "build", str(run)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    said = "the plan needs BF16 (4, 16, 16)" if forged == "shape" else "has time_ids [1, 2, 3, 4, 5, 6], the plan"
+    assert len(lines) == 1 and repr(item.cache_key) in lines[0] and said in lines[0], lines

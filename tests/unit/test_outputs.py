@@ -1,0 +1,229 @@
+"""lcm_plugin.outputs: the sampler a run ships, the LoRA metadata, the model card's text.
+
+References are diffusers' own schedulers (DDPMScheduler's betas, LCMScheduler built from a config) and the
+solver grid computed by hand; the card's code is parsed with `ast`, not compared with an earlier output.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+import torch
+
+from lcm_plugin import outputs
+from lcm_plugin.config import LcmConfig
+from lcm_plugin.tiny_sdxl import SDXL_SCHEDULER_CONFIG
+
+LCM = LcmConfig(num_ddim_timesteps=25, timestep_scaling_factor=7.5, w_min=2.0, w_max=9.0)
+
+
+def lcm_settings(scheduler) -> dict:
+    """An LCMScheduler's effective settings: the arguments its constructor takes, as it stored them."""
+    import inspect
+
+    return {name: scheduler.config[name] for name in inspect.signature(type(scheduler).__init__).parameters
+            if name != "self"}
+
+
+def training_scheduler_config(**changes) -> dict:
+    """SimpleTuner's training schedule: DDPMScheduler from the base model's scheduler config (plus its overrides)."""
+    from diffusers import DDPMScheduler
+
+    return dict(DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG, **changes).config)
+
+
+@pytest.mark.parametrize("changes", [{}, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}])
+def test_scheduler_config_is_lcm_on_the_solver_grid_with_the_training_betas(changes):
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    config = outputs.lcm_scheduler_config(training_scheduler_config(**changes), LCM)
+    assert config["_class_name"] == "LCMScheduler"
+    assert config["original_inference_steps"] == 25 and config["timestep_scaling"] == 7.5
+    scheduler = LCMScheduler.from_config(config)
+    training = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG, **changes)
+    torch.testing.assert_close(scheduler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
+    assert scheduler.config.prediction_type == training.config.prediction_type
+    # Every sampling timestep is a point of the training solver's grid: (k * 1000 // 25) - 1.
+    skip = 1000 // LCM.num_ddim_timesteps
+    for steps in (1, 2, 4, 8):
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps.tolist()
+        assert timesteps[0] == 999 and len(timesteps) == steps
+        assert all((t + 1) % skip == 0 for t in timesteps), timesteps
+
+
+@pytest.mark.parametrize("base", [SDXL_SCHEDULER_CONFIG, None])
+@pytest.mark.parametrize("changes", [{}, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}])
+def test_overrides_on_the_base_scheduler_rebuild_the_validation_scheduler(base, changes):
+    from diffusers import LCMScheduler
+
+    config = outputs.lcm_scheduler_config(training_scheduler_config(**changes), LCM)
+    overrides = outputs.scheduler_overrides(config, base)
+    rebuilt = LCMScheduler.from_config(dict(base or {}), **overrides)
+    assert lcm_settings(rebuilt) == lcm_settings(LCMScheduler.from_config(config))
+    assert overrides["original_inference_steps"] == 25 and overrides["timestep_scaling"] == 7.5
+    if base is not None:
+        assert set(overrides) == {"original_inference_steps", "timestep_scaling", *changes}
+
+
+def test_overrides_name_the_grid_even_when_it_is_lcm_schedulers_default():
+    config = outputs.lcm_scheduler_config(training_scheduler_config(), LcmConfig())
+    overrides = outputs.scheduler_overrides(config, SDXL_SCHEDULER_CONFIG)
+    assert overrides == {"original_inference_steps": 50, "timestep_scaling": 10.0}
+
+
+def test_lora_metadata_round_trips_through_a_safetensors_file(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    tensors = {"unet.down.lora_A.weight": torch.randn(4, 8), "unet.down.lora_B.weight": torch.randn(8, 4)}
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": "{}"})
+    scheduler_config = outputs.lcm_scheduler_config(training_scheduler_config(), LCM)
+
+    outputs.add_safetensors_metadata(path, outputs.lora_metadata(LCM, scheduler_config, plugin_version="1.2.3"))
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt" and metadata["lora_adapter_metadata"] == "{}"
+    assert metadata["lcm.plugin_version"] == "1.2.3"
+    assert metadata["lcm.num_ddim_timesteps"] == "25" and metadata["lcm.timestep_scaling_factor"] == "7.5"
+    settings, scheduler = outputs.lcm_settings_from_metadata(metadata)
+    assert settings == LCM
+    assert scheduler == scheduler_config
+    reloaded = load_file(str(path))
+    assert reloaded.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert torch.equal(reloaded[key], tensor)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_pipeline_folder_loads_with_the_lcm_scheduler(tmp_path):
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    from lcm_plugin.tiny_sdxl import save_tiny_sdxl
+
+    folder = save_tiny_sdxl(tmp_path / "pipeline", seed=0, vocabulary=("red", "circle"))
+    scheduler_config = outputs.lcm_scheduler_config(training_scheduler_config(), LCM)
+    outputs.write_pipeline_scheduler(folder, scheduler_config)
+    outputs.name_diffusers_unet(folder)
+
+    pipeline = DiffusionPipeline.from_pretrained(str(folder))
+    assert isinstance(pipeline.scheduler, LCMScheduler)
+    assert type(pipeline.unet).__name__ == "UNet2DConditionModel"
+    assert lcm_settings(pipeline.scheduler) == lcm_settings(LCMScheduler.from_config(scheduler_config))
+
+
+CARD = """---
+license: creativeml-openrail-m
+base_model: "stabilityai/stable-diffusion-xl-base-1.0"
+tags:
+  - sdxl
+  - lora
+pipeline_tag: text-to-image
+---
+
+# a card
+tags:
+  - not front matter
+"""
+
+
+def test_card_tags_go_into_the_front_matter_once():
+    card = outputs.add_card_tags(CARD, outputs.LORA_TAGS)
+    front_matter = card.split("---\n")[1]
+    assert front_matter.count("  - lcm\n") == 1 and front_matter.count("  - lcm-lora\n") == 1
+    assert front_matter.index("  - lcm\n") < front_matter.index("pipeline_tag")
+    assert card.endswith("# a card\ntags:\n  - not front matter\n")
+    assert outputs.add_card_tags(card, outputs.LORA_TAGS) == card
+
+
+def test_card_without_front_matter_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="no YAML front matter with a `tags:` list"):
+        outputs.add_card_tags("# just a title\n", outputs.FULL_MODEL_TAGS)
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("64", (64, 64)), ("1024x768", (1024, 768)), ("768x1024,1024", (768, 1024)),
+                        (512, (512, 512)), (None, (1024, 1024)), ("", (1024, 1024))]
+)
+def test_first_validation_resolution(value, expected):
+    assert outputs.first_resolution(value) == expected
+
+
+def card_settings(**changes) -> outputs.CardSettings:
+    settings = dict(
+        model_id="stabilityai/stable-diffusion-xl-base-1.0",
+        adapter_id="someone/lcm-lora",
+        lcm=LCM,
+        scheduler_overrides={"original_inference_steps": 25, "timestep_scaling": 7.5},
+        prompt='a "red" circle',
+        seed=7,
+        width=64,
+        height=48,
+    )
+    settings.update(changes)
+    return outputs.CardSettings(**settings)
+
+
+def pipeline_calls(code: str) -> dict[str, ast.Call]:
+    """The snippet's calls by dotted name (`LCMScheduler.from_config`, `pipeline`, ...)."""
+    calls = {}
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call):
+            calls[ast.unparse(node.func)] = node
+    return calls
+
+
+def keywords(call: ast.Call) -> dict:
+    return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords
+            if isinstance(keyword.value, ast.Constant)}
+
+
+def test_lora_snippet_samples_lcm_at_four_steps_without_guidance_or_negative_prompt():
+    code = outputs.inference_snippet(card_settings())
+    calls = pipeline_calls(code)
+    assert keywords(calls["LCMScheduler.from_config"]) == {"original_inference_steps": 25, "timestep_scaling": 7.5}
+    assert keywords(calls["pipeline"]) == {"num_inference_steps": 4, "guidance_scale": 0.0, "width": 64, "height": 48}
+    assert "negative_prompt" not in code
+    assert "pipeline.load_lora_weights" in calls and "pipeline.fuse_lora" in calls
+    # The scheduler is set before the LoRA loads and the pipeline samples; the prompt survives its quotes.
+    assert code.index("LCMScheduler.from_config") < code.index("load_lora_weights") < code.index("image = pipeline(")
+    namespace = {}
+    exec(compile(ast.Module([s for s in ast.parse(code).body if ast.unparse(s).startswith(("prompt", "model_id",
+                                                                                         "adapter_id"))], []),
+                 "<card>", "exec"), namespace)
+    assert namespace["prompt"] == 'a "red" circle' and namespace["adapter_id"] == "someone/lcm-lora"
+
+
+def test_full_model_snippet_uses_the_saved_pipeline_scheduler():
+    code = outputs.inference_snippet(card_settings(model_id="out/pipeline", adapter_id=None, scheduler_overrides={}))
+    calls = pipeline_calls(code)
+    assert "LCMScheduler.from_config" not in calls and "pipeline.load_lora_weights" not in calls
+    assert ast.unparse(calls["DiffusionPipeline.from_pretrained"].args[0]) == "model_id"
+    assert keywords(calls["pipeline"])["guidance_scale"] == 0.0
+
+
+def test_full_model_without_text_encoders_takes_them_from_the_base_model():
+    code = outputs.inference_snippet(card_settings(model_id="out/pipeline", adapter_id=None, scheduler_overrides={},
+                                                   base_model_id="base/sdxl"))
+    calls = pipeline_calls(code)
+    load = calls["DiffusionPipeline.from_pretrained"]
+    assert ast.unparse(load.args[0]) == "base_model_id"
+    assert {keyword.arg for keyword in load.keywords} == {"unet", "vae", "scheduler", "torch_dtype"}
+    scheduler_call = ast.unparse(calls["LCMScheduler.from_pretrained"])
+    assert scheduler_call == "LCMScheduler.from_pretrained(model_id, subfolder='scheduler')"
+    assert 'base_model_id = "base/sdxl"' in code and keywords(calls["pipeline"])["guidance_scale"] == 0.0
+
+
+def test_section_states_the_trained_settings_and_comfyui_sampler_only_for_comfyui_files():
+    plain = outputs.inference_section(card_settings())
+    assert "original_inference_steps=25" in plain and "1 to 8" in plain and "ComfyUI" not in plain
+    comfy = outputs.inference_section(card_settings(comfyui_lora=True))
+    assert "sampler **`lcm`**" in comfy
+    # Non-default grid: ComfyUI's hard-coded LCM sampling does not match it, and the card says so.
+    assert "samples it slightly off" in comfy
+    default_grid = outputs.inference_section(card_settings(lcm=LcmConfig(), comfyui_lora=True))
+    assert "sampler **`lcm`**" in default_grid and "slightly off" not in default_grid
