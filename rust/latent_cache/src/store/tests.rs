@@ -9,6 +9,15 @@ fn put_f32(w: &mut CacheWriter, key: &str, values: &[f32]) {
     w.put(key, Dtype::F32, vec![values.len()], f32_bytes(values)).unwrap();
 }
 
+/// An open writer whose every put seals a shard (1-byte limit): `keys[i]`, holding `[i + 1.0]`, alone in shard i.
+fn one_entry_shards(dir: &Path, writer: &str, keys: &[&str]) -> CacheWriter {
+    let mut w = CacheWriter::open(dir, writer, 1).unwrap();
+    for (i, key) in keys.iter().enumerate() {
+        put_f32(&mut w, key, &[i as f32 + 1.0]);
+    }
+    w
+}
+
 fn write_index(dir: &Path, writer: &str, records: &[ShardRecord]) {
     let index = Index { format: FORMAT_NAME.into(), format_version: FORMAT_VERSION, writer: writer.into(), shards: records.to_vec() };
     fs::write(dir.join(format!("index.{writer}.json")), serde_json::to_vec(&index).unwrap()).unwrap();
@@ -87,10 +96,7 @@ fn corrupt_shard_is_reported_never_served_and_repaired() {
 #[test]
 fn missing_shard_is_dropped_from_its_index() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = CacheWriter::open(dir.path(), "w", 1).unwrap();
-    put_f32(&mut w, "x", &[1.0]);
-    put_f32(&mut w, "y", &[2.0]);
-    w.close().unwrap();
+    one_entry_shards(dir.path(), "w", &["x", "y"]).close().unwrap();
     fs::remove_file(dir.path().join("w-00001.safetensors")).unwrap();
     let report = check(dir.path(), CheckOptions { full: false, repair: true, remove_orphans: false }).unwrap();
     assert_eq!(report.problems.len(), 1);
@@ -143,9 +149,7 @@ fn repair_never_touches_files_outside_the_cache() {
     assert!(dir.join("w-00003.safetensors").is_dir());
     assert!(read_index(&dir, "w").unwrap().shards.is_empty());
     // The next shard of `w` takes a fresh number instead of writing over the link or the folder.
-    let mut w = CacheWriter::open(&dir, "w", 1).unwrap();
-    put_f32(&mut w, "a", &[1.0]);
-    w.close().unwrap();
+    one_entry_shards(&dir, "w", &["a"]).close().unwrap();
     assert_eq!(fs::read(&victim).unwrap(), b"precious user data");
     assert_eq!(read_index(&dir, "w").unwrap().shards[0].file, "w-00000.safetensors");
 }
@@ -153,9 +157,7 @@ fn repair_never_touches_files_outside_the_cache() {
 #[test]
 fn a_shard_name_of_another_writer_is_foreign() {
     let dir = tempfile::tempdir().unwrap();
-    let mut v = CacheWriter::open(dir.path(), "v", 1).unwrap();
-    put_f32(&mut v, "x", &[1.0]);
-    v.close().unwrap();
+    one_entry_shards(dir.path(), "v", &["x"]).close().unwrap();
     let theirs = read_index(dir.path(), "v").unwrap().shards[0].clone();
     write_index(dir.path(), "w", &[ShardRecord { crc32: theirs.crc32 ^ 1, ..theirs }]);
     let report = check(dir.path(), CheckOptions { full: true, repair: true, remove_orphans: false }).unwrap();
@@ -168,9 +170,7 @@ fn a_shard_name_of_another_writer_is_foreign() {
 #[test]
 fn orphans_are_reported_and_removed_only_on_request() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = CacheWriter::open(dir.path(), "w", 1).unwrap();
-    put_f32(&mut w, "x", &[1.0]);
-    w.close().unwrap();
+    one_entry_shards(dir.path(), "w", &["x"]).close().unwrap();
     let ours = ["w-00007.safetensors", "w-00008.safetensors.tmp", "index.w.json.tmp", "rank3-00000.safetensors", "w-00009.tmp"];
     let not_ours = ["notes.txt", "other.safetensors", "w-1.safetensors", "model.tmp"];
     for name in ours.iter().chain(&not_ours) {
@@ -200,8 +200,7 @@ fn orphans_are_reported_and_removed_only_on_request() {
 #[test]
 fn repair_leaves_a_live_writers_shards_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = CacheWriter::open(dir.path(), "w", 1).unwrap();
-    put_f32(&mut w, "x", &[1.0]);
+    let mut w = one_entry_shards(dir.path(), "w", &["x"]);
     let shard = dir.path().join("w-00000.safetensors");
     let mut bytes = fs::read(&shard).unwrap();
     let last = bytes.len() - 1;
@@ -239,10 +238,7 @@ fn commits_append_to_a_journal_and_close_compacts_it() {
 #[test]
 fn a_torn_journal_line_loses_only_its_shard() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = CacheWriter::open(dir.path(), "w", 1).unwrap();
-    put_f32(&mut w, "a", &[1.0]);
-    put_f32(&mut w, "b", &[2.0]);
-    drop(w); // as a kill would: no compaction
+    drop(one_entry_shards(dir.path(), "w", &["a", "b"])); // as a kill would: no compaction
     let journal = dir.path().join("index.w.journal");
     let text = fs::read_to_string(&journal).unwrap();
     let cut = text.trim_end().rfind('\n').unwrap() + 20;
