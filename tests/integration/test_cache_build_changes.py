@@ -12,44 +12,23 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import cache_snapshot
 from cache_snapshot import assert_checks_pass, snapshot, store
 from lcm_plugin.cache_build import BuildOptions, build
 from lcm_plugin.cache_build.build import LCM_DIR, check_run
 
 WORDS = ("red", "blue", "circle", "square", "photo")
-SIZES = ((160, 128), (128, 160), (128, 128))
+SIZES = ((192, 128), (128, 160), (128, 128))
 
 
 def write_run(root: Path, model_dir: Path) -> Path:
-    """Six images in three buckets at pixel resolution 128, textfile captions, the tiny SDXL."""
-    rng = np.random.default_rng(3)
-    (root / "data").mkdir(parents=True)
-    for i in range(6):
-        w, h = SIZES[i % 3]
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "data" / f"img{i}.png")
-        (root / "data" / f"img{i}.txt").write_text(f"{WORDS[i % 2]} {WORDS[2 + i % 2]}")
-    (root / "config").mkdir()
-    backends = [
-        {"id": "toy", "type": "local", "instance_data_dir": "data", "crop": False, "resolution": 128,
-         "resolution_type": "pixel", "minimum_image_size": 32, "cache_dir_vae": "cache/vae/toy",
-         "caption_strategy": "textfile"},
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
-    ]
-    (root / "config" / "multidatabackend.json").write_text(json.dumps(backends))
-    config = {
-        "model_type": "lora", "model_family": "sdxl", "output_dir": "output",
-        "pretrained_model_name_or_path": str(model_dir), "pretrained_vae_model_name_or_path": str(model_dir / "vae"),
-        "data_backend_config": "config/multidatabackend.json", "resolution": 128, "resolution_type": "pixel",
-        "optimizer": "torch-adamw", "mixed_precision": "no", "vae_batch_size": 2, "max_train_steps": 1,
-        "num_train_epochs": 0, "seed": 3,
-    }
-    (root / "config" / "config.json").write_text(json.dumps(config))
-    return root
+    """Six photo-like JPEGs in three aspect ratios at pixel resolution 128, textfile captions, the tiny SDXL."""
+    images = [(f"img{i}", SIZES[i % 3], f"{WORDS[i % 2]} {WORDS[2 + i % 2]}") for i in range(6)]
+    return cache_snapshot.write_run(root, model_dir, images, resolution=128, seed=3)
 
 
 def edit_json(path: Path, change) -> None:
@@ -64,7 +43,8 @@ def resolution_64(run: Path) -> None:
 
 
 def center_crop(run: Path) -> None:
-    # At 128 px every image lands in the square bucket, cropped at random; now cropped in the centre.
+    # At 128 px the 3:2 images keep their shape and the 4:5 ones are cropped to a square at random; now every
+    # non-square image is cropped to a square in the centre.
     edit_json(run / "config/multidatabackend.json", lambda b: b[0].update(crop=True, crop_style="center"))
 
 
@@ -89,7 +69,7 @@ def new_caption(run: Path) -> None:
 
 
 def redrawn_image(run: Path) -> None:
-    Image.new("RGB", SIZES[0], (9, 9, 9)).save(run / "data" / "img0.png")
+    Image.new("RGB", SIZES[0], (9, 9, 9)).save(run / "data" / "img0.jpg", quality=90)
 
 
 CHANGES = {
@@ -197,8 +177,8 @@ def test_an_entry_that_disagrees_with_the_plan_stops_the_build(tmp_path, model_d
 
     run = write_run(tmp_path / "run", model_dir)
     _, (dataset,), _ = plan_run(run, None)
-    item = dataset.images[0]
-    shape = (4, 16, 16) if forged == "time_ids" else (4, 8, 8)  # the plan: 128 px -> 16x16 latents
+    item = next(image for image in dataset.images if tuple(image.sample["target_size"]) == (128, 128))
+    shape = (4, 16, 16) if forged == "time_ids" else (4, 8, 8)  # the plan: 128x128 px -> 16x16 latents
     with LatentCacheWriter(run / "cache/vae/toy" / LCM_DIR, writer="forger") as writer:
         writer.put(item.cache_key, torch.zeros(shape, dtype=torch.bfloat16))
         writer.put(item.cache_key + TIME_IDS, torch.tensor([1, 2, 3, 4, 5, 6]))

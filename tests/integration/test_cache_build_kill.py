@@ -16,7 +16,6 @@ about a second. `LCM_KILL_CAMPAIGN=<kills>` sets the number of kills (default 50
 from __future__ import annotations
 
 import faulthandler
-import json
 import multiprocessing
 import os
 import random
@@ -28,11 +27,10 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import cache_snapshot
 from cache_snapshot import assert_checks_pass, snapshot
 from lcm_plugin.cache_build import BuildOptions, build, faults
 
@@ -43,39 +41,16 @@ HANG_SECONDS = 120
 POINTS = ("encoded", "put", "pt", "commit", "manifest", "buckets")
 
 
-def write_template(root: Path) -> Path:
-    """A run folder: 9 images at 64 px in three buckets (two share a caption), one file that is no image."""
-    rng = np.random.default_rng(11)
-    data = root / "data"
-    (data / "sub").mkdir(parents=True)
-    sizes = ((80, 64), (64, 80), (64, 64))
-    for i in range(9):
-        w, h = sizes[i % 3]
-        name = f"sub/img{i}.png" if i == 4 else f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / name)
-        (data / name).with_suffix(".txt").write_text(f"{WORDS[i % 2]} {WORDS[2 + i % 3 % 2]}")
-    (data / "junk.png").write_bytes(b"not an image")
-    (data / "junk.txt").write_text("photo")
-    (root / "config").mkdir()
-    backends = [
-        {"id": "toy", "type": "local", "instance_data_dir": "data", "crop": False, "resolution": 64,
-         "resolution_type": "pixel", "minimum_image_size": 32, "cache_dir_vae": "cache/vae/toy",
-         "caption_strategy": "textfile"},
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
-    ]
-    (root / "config" / "multidatabackend.json").write_text(json.dumps(backends))
+def write_run(root: Path, model_dir: Path) -> Path:
+    """A run folder: 9 photo-like JPEGs at 64 px in three aspect ratios (two share a caption), one file that is
+    no image."""
+    sizes = ((80, 64), (64, 88), (64, 64))
+    images = [(f"sub/img{i}" if i == 4 else f"img{i}", sizes[i % 3], f"{WORDS[i % 2]} {WORDS[2 + i % 3 % 2]}")
+              for i in range(9)]
+    cache_snapshot.write_run(root, model_dir, images, resolution=64, seed=5)
+    (root / "data" / "junk.png").write_bytes(b"not an image")
+    (root / "data" / "junk.txt").write_text("photo")
     return root
-
-
-def write_config(root: Path, model_dir: Path) -> None:
-    config = {
-        "model_type": "lora", "model_family": "sdxl", "output_dir": "output",
-        "pretrained_model_name_or_path": str(model_dir), "pretrained_vae_model_name_or_path": str(model_dir / "vae"),
-        "data_backend_config": "config/multidatabackend.json", "resolution": 64, "resolution_type": "pixel",
-        "optimizer": "torch-adamw", "mixed_precision": "no", "vae_batch_size": 2, "max_train_steps": 1,
-        "num_train_epochs": 0, "seed": 5,
-    }
-    (root / "config" / "config.json").write_text(json.dumps(config))
 
 
 def options(run: Path) -> BuildOptions:
@@ -164,8 +139,7 @@ def campaign(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("kill")
     model = save_tiny_sdxl(root / "model", seed=0, vocabulary=WORDS)
-    template = write_template(root / "template")
-    write_config(template, model)
+    template = write_run(root / "template", model)
     reference = root / "reference"
     shutil.copytree(template, reference)  # copy2: the image files keep their mtimes, part of each recipe
     hits = reference_build(reference)
