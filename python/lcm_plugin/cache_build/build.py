@@ -6,10 +6,15 @@ Order of work (every rank derives the same plan; rank r takes batches r, r + N, 
 2. rank 0 verifies existing caches and drops failing shards, compares the stores with the plan (logs what is
    to encode and why, checks the shape and time_ids of every cached entry), and removes SimpleTuner-format
    files of ours that the plan no longer produces; all ranks wait;
-3. VAE batches: decode/resize/crop in Rust, encode in torch, put latents + SDXL time_ids in the mmap cache;
+3. VAE batches: decode/resize/crop in Rust (the next batch decodes on a helper thread while the VAE encodes this
+   one), encode in torch, put latents + SDXL time_ids in the mmap cache;
 4. captions: encode with both CLIP encoders, put prompt_embeds + pooled_prompt_embeds;
 5. ranks exchange the images that failed; rank 0 writes each dataset's manifest (and, with --format
    simpletuner, SimpleTuner's bucket metadata).
+
+`build` runs it all for `simpletuner-lcm cache build` (models loaded from the run's paths, ranks over gloo);
+`build_planned` runs steps 2-5 for a caller that planned itself and brings its own models and process group
+(`simpletuner train`, lcm_plugin.trainer_cache).
 
 Resumable: a shard is committed atomically, and a batch with any latent missing is re-encoded whole (the same
 images, so the same latents) while only its missing keys are written. A kill at any point loses at most the
@@ -68,6 +73,7 @@ class BuildReport:
     reused: int = 0  # images of this rank found already cached
     captions: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    failed_on_any_rank: dict[str, str] = field(default_factory=dict)  # file -> reason, gathered from every rank
     seconds: float = 0.0  # the whole build, model loading included
     encode_seconds: float = 0.0  # decode + VAE encode + write of the images
 
@@ -184,6 +190,32 @@ class _Group:
             dist.destroy_process_group()
 
 
+class FileModels:
+    """The VAE and text encoders loaded from the run's model paths (once, when first needed)."""
+
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
+        self._vae = None
+        self._text = None
+
+    def vae(self):
+        if self._vae is None:
+            from lcm_plugin.cache_build.encode import load_vae
+
+            self._vae = _load(load_vae, self.settings.vae_path, self.settings.vae_dtype, what="VAE")
+        return self._vae
+
+    def text_encoders(self) -> tuple[list, list]:
+        """(tokenizers, text encoders)."""
+        if self._text is None:
+            from lcm_plugin.cache_build.encode import load_text_encoders
+
+            self._text = _load(
+                load_text_encoders, self.settings.model_path, self.settings.text_dtype, what="text encoders"
+            )
+        return self._text
+
+
 def build(options: BuildOptions, log=print) -> BuildReport:
     """Run the whole build on this rank. Raises BuildError for bad input (config, model, unwritable cache)."""
     import time
@@ -193,37 +225,52 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     if options.prune and world > 1:
         raise BuildError("--prune rewrites the stores: run it in one process, not under a multi-process launcher")
     settings, datasets, prints = plan_run(options.config_dir, options.threads)
-    report = BuildReport()
     group = _Group(world)
     try:
-        if rank == 0:  # every rank scans; one reports
-            for dataset in datasets:
-                report.failed += [(str(path), reason) for path, reason in dataset.skipped]
-                for reason, count in Counter(reason for _, reason in dataset.excluded).items():
-                    log(f"cache build: {dataset.id}: {count} image(s) left out, as SimpleTuner does: {reason}")
-            _repair(datasets, log)
-            for line in compare_with_caches(datasets, prints, options.simpletuner_format, cleanup=True):
-                log(line)
-        group.barrier()
-        batches = vae_batches(datasets, settings.vae_batch_size)
-        _encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, log)
-        _encode_captions(datasets, settings, prints, options, rank, world, report)
-        failed = dict(group.gather(report.failed))
-        if rank == 0:
-            for dataset in datasets:
-                encoded = [item for item in dataset.images if str(item.path) not in failed]
-                fault_point("manifest")
-                write_manifest(dataset, encoded, prints, failed)
-                if options.simpletuner_format:
-                    from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
-
-                    write_bucket_metadata(dataset, encoded)
-            if options.prune:
-                prune_stores(datasets, prints, options.shard_bytes, log)
-        group.barrier()
+        report = build_planned(
+            settings, datasets, prints, options, rank=rank, world=world, group=group, models=FileModels(settings),
+            write_bucket_files=options.simpletuner_format, log=log,
+        )
+        if rank == 0 and options.prune:
+            prune_stores(datasets, prints, options.shard_bytes, log)
     finally:
         group.close()
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def build_planned(
+    settings: RunSettings, datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, *, rank: int,
+    world: int, group, models, write_bucket_files: bool, log,
+) -> BuildReport:
+    """Steps 2-5 of the module docstring for planned, keyed `datasets`. `group` synchronises the ranks (`barrier`,
+    `gather`); `models` gives the VAE and the text encoders (`vae()`, `text_encoders()`), asked only when something
+    is to be encoded. Every rank returns with the manifests written (`report.failed_on_any_rank` lists what failed)."""
+    report = BuildReport()
+    if rank == 0:  # every rank scans; one reports
+        for dataset in datasets:
+            report.failed += [(str(path), reason) for path, reason in dataset.skipped]
+            for reason, count in Counter(reason for _, reason in dataset.excluded).items():
+                log(f"cache build: {dataset.id}: {count} image(s) left out, as SimpleTuner does: {reason}")
+        _repair(datasets, log)
+        for line in compare_with_caches(datasets, prints, options.simpletuner_format, cleanup=True):
+            log(line)
+    group.barrier()
+    batches = vae_batches(datasets, settings.vae_batch_size)
+    _encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, models)
+    _encode_captions(datasets, prints, options, rank, world, report, models)
+    failed = dict(group.gather(report.failed))
+    report.failed_on_any_rank = failed
+    if rank == 0:
+        for dataset in datasets:
+            encoded = [item for item in dataset.images if str(item.path) not in failed]
+            fault_point("manifest")
+            write_manifest(dataset, encoded, prints, failed)
+            if write_bucket_files:
+                from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
+
+                write_bucket_metadata(dataset, encoded)
+    group.barrier()
     return report
 
 
@@ -524,17 +571,31 @@ def _pt_done(writer, key: str, path: Path) -> bool:
     return record is not None and record in writer
 
 
+def _decode(batch: Batch, threads: int | None):
+    """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch."""
+    from lcm_plugin.cache import decode_batch
+
+    return decode_batch(
+        [str(item.path) for item in batch.items],
+        [item.sample["resize_size"] for item in batch.items],
+        [item.sample["crop_coordinates"] for item in batch.items],
+        batch.items[0].sample["target_size"],
+        threads=threads,
+    )
+
+
 def _encode_images(
     batches: list[Batch], datasets: list[Dataset], settings: RunSettings, prints: Fingerprints,
-    options: BuildOptions, rank: int, report: BuildReport, log,
+    options: BuildOptions, rank: int, report: BuildReport, models,
 ) -> None:
+    """Decodes batch i + 1 on a helper thread (the Rust decode releases the GIL) while the VAE encodes batch i."""
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
     from tqdm import tqdm
 
-    from lcm_plugin.cache import decode_batch
-    from lcm_plugin.cache_build.encode import encode_latents, load_vae, vae_memory_problem
+    from lcm_plugin.cache_build.encode import vae_memory_problem
 
     by_id = {d.id: d for d in datasets}
     writers = {d.id: _open_writer(d.vae_cache_dir / LCM_DIR, rank, options.shard_bytes) for d in datasets}
@@ -558,66 +619,38 @@ def _encode_images(
     work = [(batch, *todo(batch)) for batch in batches]
     work = [(batch, missing, incomplete) for batch, missing, incomplete in work if missing or incomplete]
     report.reused += sum(len(b.items) for b in batches) - sum(len(missing) for _, missing, _ in work)
-    vae = None
+    vae = models.vae() if any(missing for _, missing, _ in work) else None
+    # Why each batch with something to encode cannot be (None: it can), decided before anything is decoded.
+    problems = [vae_memory_problem(vae, batch.items[0].sample["target_size"]) if missing else None
+                for batch, missing, _ in work]
     bar = tqdm(total=sum(len(b.items) for b, _, _ in work), unit="img", desc=f"latents (rank {rank})",
                disable=rank != 0 or not work)
     start = time.perf_counter()
-    for batch, missing, incomplete in work:
-        dataset, writer = by_id[batch.dataset], writers[batch.dataset]
-        for item in incomplete:
-            if item.cache_key + TIME_IDS not in writer:
-                _put(writer, item.cache_key + TIME_IDS, torch.tensor(time_ids(item.sample), dtype=torch.int64))
-            path = _latent_file(dataset, item.cache_key)
-            if options.simpletuner_format and not _pt_done(writer, item.cache_key, path):
-                if batch.dataset not in readers:
-                    readers[batch.dataset] = _open_reader(dataset.vae_cache_dir / LCM_DIR)
-                latent = readers[batch.dataset].get_torch(item.cache_key).clone()
-                _write_pt(writer, item.cache_key, path, latent, dataset.compress_vae)
-        if missing:
-            if vae is None:
-                vae = _load(load_vae, settings.vae_path, settings.vae_dtype, what="VAE")
-            target = batch.items[0].sample["target_size"]
-            problem = vae_memory_problem(vae, target)
-            if problem:
-                report.failed += [(str(item.path), problem) for item in missing]
-                bar.update(len(batch.items))
-                continue
-            pixels, ok, errors = decode_batch(
-                [str(item.path) for item in batch.items],
-                [item.sample["resize_size"] for item in batch.items],
-                [item.sample["crop_coordinates"] for item in batch.items],
-                target,
-                threads=options.threads,
-            )
-            report.failed += [(str(batch.items[i].path), message) for i, message in errors]
-            if ok:
-                items = [batch.items[i] for i in ok]
-                try:
-                    latents = encode_latents(vae, pixels, [item.key for item in items], settings.seed)
-                except (torch.OutOfMemoryError, RuntimeError) as error:
-                    if not isinstance(error, torch.OutOfMemoryError) and "allocate" not in str(error):
-                        raise
-                    w, h = target
-                    report.failed += [
-                        (str(item.path), f"the VAE ran out of memory on its {w}x{h} target (batch of {len(items)}); "
-                         "leave such images out with minimum_aspect_ratio / maximum_aspect_ratio or "
-                         "minimum_image_size, or lower vae_batch_size")
-                        for item in items if item.cache_key not in writer
-                    ]
-                    bar.update(len(batch.items))
-                    continue
-                fault_point("encoded")
-                for item, latent in zip(items, latents):
-                    if item.cache_key not in writer:
-                        _put(writer, item.cache_key, latent)
-                        report.encoded += 1
-                    if item.cache_key + TIME_IDS not in writer:
-                        _put(writer, item.cache_key + TIME_IDS, torch.tensor(time_ids(item.sample), dtype=torch.int64))
-                    path = _latent_file(dataset, item.cache_key)
-                    if options.simpletuner_format and not _pt_done(writer, item.cache_key, path):
-                        value = latent.clone(memory_format=torch.contiguous_format)  # the VAE's may be channels-last
-                        _write_pt(writer, item.cache_key, path, value, dataset.compress_vae)
-        bar.update(len(batch.items))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder:
+        decoding = {}
+
+        def decode_ahead(index: int) -> None:
+            if index < len(work) and work[index][1] and problems[index] is None:
+                decoding[index] = decoder.submit(_decode, work[index][0], options.threads)
+
+        decode_ahead(0)
+        for index, (batch, missing, incomplete) in enumerate(work):
+            decode_ahead(index + 1)
+            dataset, writer = by_id[batch.dataset], writers[batch.dataset]
+            for item in incomplete:
+                if item.cache_key + TIME_IDS not in writer:
+                    _put(writer, item.cache_key + TIME_IDS, torch.tensor(time_ids(item.sample), dtype=torch.int64))
+                path = _latent_file(dataset, item.cache_key)
+                if options.simpletuner_format and not _pt_done(writer, item.cache_key, path):
+                    if batch.dataset not in readers:
+                        readers[batch.dataset] = _open_reader(dataset.vae_cache_dir / LCM_DIR)
+                    latent = readers[batch.dataset].get_torch(item.cache_key).clone()
+                    _write_pt(writer, item.cache_key, path, latent, dataset.compress_vae)
+            if problems[index]:
+                report.failed += [(str(item.path), problems[index]) for item in missing]
+            elif missing:
+                _encode_decoded(decoding.pop(index).result(), batch, dataset, writer, vae, settings, options, report)
+            bar.update(len(batch.items))
     bar.close()
     for writer in writers.values():
         fault_point("commit")
@@ -626,16 +659,54 @@ def _encode_images(
         report.encode_seconds = time.perf_counter() - start
 
 
+def _encode_decoded(decoded, batch: Batch, dataset: Dataset, writer, vae, settings: RunSettings,
+                    options: BuildOptions, report: BuildReport) -> None:
+    """VAE-encodes one decoded batch and puts what the store lacks (latent, time_ids, SimpleTuner file)."""
+    import torch
+
+    from lcm_plugin.cache_build.encode import encode_latents
+
+    pixels, ok, errors = decoded
+    report.failed += [(str(batch.items[i].path), message) for i, message in errors]
+    if not ok:
+        return
+    items = [batch.items[i] for i in ok]
+    try:
+        latents = encode_latents(vae, pixels, [item.key for item in items], settings.seed)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "allocate" not in str(error):
+            raise
+        w, h = batch.items[0].sample["target_size"]
+        report.failed += [
+            (str(item.path), f"the VAE ran out of memory on its {w}x{h} target (batch of {len(items)}); "
+             "leave such images out with minimum_aspect_ratio / maximum_aspect_ratio or "
+             "minimum_image_size, or lower vae_batch_size")
+            for item in items if item.cache_key not in writer
+        ]
+        return
+    fault_point("encoded")
+    for item, latent in zip(items, latents):
+        if item.cache_key not in writer:
+            _put(writer, item.cache_key, latent)
+            report.encoded += 1
+        if item.cache_key + TIME_IDS not in writer:
+            _put(writer, item.cache_key + TIME_IDS, torch.tensor(time_ids(item.sample), dtype=torch.int64))
+        path = _latent_file(dataset, item.cache_key)
+        if options.simpletuner_format and not _pt_done(writer, item.cache_key, path):
+            value = latent.clone(memory_format=torch.contiguous_format)  # the VAE's may be channels-last
+            _write_pt(writer, item.cache_key, path, value, dataset.compress_vae)
+
+
 def _encode_captions(
-    datasets: list[Dataset], settings: RunSettings, prints: Fingerprints, options: BuildOptions, rank: int,
-    world: int, report: BuildReport,
+    datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, rank: int, world: int,
+    report: BuildReport, models,
 ) -> None:
     """Captions in fixed chunks of TEXT_BATCH (rank r takes chunks r, r + N, ...). A chunk with any caption missing
     is encoded whole, as latents are: an encoder's output bits can depend on the batch it ran in, and the same
     chunk gives the same embeddings after a kill, whatever the number of processes."""
     from tqdm import tqdm
 
-    from lcm_plugin.cache_build.encode import encode_prompts, load_text_encoders
+    from lcm_plugin.cache_build.encode import encode_prompts
     from lcm_plugin.cache_build.simpletuner_format import text_cache_path
 
     compress = {d.text_cache_dir: d.compress_text for d in datasets}
@@ -661,7 +732,7 @@ def _encode_captions(
             }
             _write_pt(writer, key, text_cache_path(folder, caption), value, compress[folder])
     if any(chunks for _, _, chunks, _ in work):
-        tokenizers, encoders = _load(load_text_encoders, settings.model_path, settings.text_dtype, what="text encoders")
+        tokenizers, encoders = models.text_encoders()
         bar = tqdm(total=sum(len(c) for _, _, chunks, _ in work for c in chunks), unit="caption",
                    desc=f"text (rank {rank})", disable=rank != 0)
         for folder, writer, chunks, _ in work:

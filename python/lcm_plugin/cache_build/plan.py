@@ -111,7 +111,7 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
     if config_path is None:
         raise BuildError(f"no config.json in {config_dir} or {config_dir / 'config'}")
     raw_config, unreadable = read_json(config_path)
-    problems = unreadable or validate_run(raw_config, config_path)
+    problems = unreadable or validate_run(raw_config, config_path, cache_build=True)
     if has_errors(problems):
         errors = [problem for problem in problems if problem.severity == "error"]
         if len(errors) == 1:  # its line names the file and key
@@ -164,64 +164,78 @@ def _integer(file: Path, name: str, value, default: int, minimum: int, maximum: 
 
 def resolve(path: str, root: Path) -> Path:
     """A path from the config files, as the trainer started in `root` sees it (absolute)."""
-    resolved = Path(os.path.expanduser(path))
-    return resolved if resolved.is_absolute() else (root / resolved).absolute()
+    # os.path.abspath, as SimpleTuner's local backend names the files it lists (so image paths compare equal).
+    return Path(os.path.abspath(root / os.path.expanduser(path)))
+
+
+def text_embed_entries(entries: list[dict]) -> tuple[dict[str, dict], dict | None]:
+    """The enabled text_embeds entries by id, and the default one (marked `default`, else the only one)."""
+    text_entries = {e["id"]: e for e in entries if e.get("dataset_type") == "text_embeds" and is_enabled(e)}
+    default_text = next((e for e in text_entries.values() if e.get("default") is True), None)
+    if default_text is None and len(text_entries) == 1:
+        default_text = next(iter(text_entries.values()))
+    return text_entries, default_text
+
+
+def is_image_dataset(entry: dict) -> bool:
+    return is_enabled(entry) and entry.get("dataset_type", "image") == "image"
 
 
 def datasets_of(settings: RunSettings, entries: list[dict]) -> list[Dataset]:
     """The enabled image datasets, with their text cache (the entry's `text_embeds`, else the default one)."""
-    file = str(settings.backend_path)
-    text_entries = {
-        e["id"]: e for e in entries if e.get("dataset_type") == "text_embeds" and is_enabled(e)
-    }
-    default_text = next((e for e in text_entries.values() if e.get("default") is True), None)
-    if default_text is None and len(text_entries) == 1:
-        default_text = next(iter(text_entries.values()))
-    datasets = []
-    for index, entry in enumerate(entries):
-        if not is_enabled(entry) or entry.get("dataset_type", "image") != "image":
-            continue
-        if entry.get("type", "local") != "local":
-            raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local datasets only")
-        data_dir = entry.get("instance_data_dir") or entry.get("instance_data_root")
-        if not isinstance(data_dir, str):
-            raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: give one folder (a string)")
-        data_dir = resolve(data_dir, settings.root)
-        if not data_dir.is_dir():
-            raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: folder {str(data_dir)!r} does not exist")
-        text_entry = text_entries.get(entry["text_embeds"]) if "text_embeds" in entry else default_text
-        if text_entry is None or not text_entry.get("cache_dir"):
-            raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
-        strategy = entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename"
-        if strategy not in CAPTION_STRATEGIES:
-            raise BuildError(
-                f"{file}: {pointer(index, 'caption_strategy')}: cache build reads captions with "
-                f"{', '.join(CAPTION_STRATEGIES)} (got {strategy!r})"
-            )
-        if strategy == "instanceprompt" and not entry.get("instance_prompt"):
-            raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
-        vae_cache = entry.get("cache_dir_vae") or os.path.join(
-            str(settings.inherited["output_dir"]), "cache", "vae", settings.model_family, entry["id"]
-        )
-        datasets.append(
-            Dataset(
-                id=entry["id"],
-                data_dir=data_dir,
-                vae_cache_dir=resolve(vae_cache, settings.root),
-                text_cache_dir=resolve(text_entry["cache_dir"], settings.root),
-                bucket_config=bucket_config(entry, settings),
-                caption_strategy=strategy,
-                instance_prompt=entry.get("instance_prompt"),
-                prepend_instance_prompt=bool(entry.get("prepend_instance_prompt", False)),
-                compress_vae=_compressed(entry, settings),
-                compress_text=_compressed(text_entry, settings),
-                minimum_aspect_ratio=_aspect_limit(entry, "minimum_aspect_ratio", file, index),
-                maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
-            )
-        )
+    text_entries = text_embed_entries(entries)
+    datasets = [
+        dataset_of(settings, entry, index, text_entries)
+        for index, entry in enumerate(entries)
+        if is_image_dataset(entry)
+    ]
     if not datasets:
-        raise BuildError(f"{file}: /: no enabled local image dataset to cache")
+        raise BuildError(f"{settings.backend_path}: /: no enabled local image dataset to cache")
     return datasets
+
+
+def dataset_of(
+    settings: RunSettings, entry: dict, index: int, text_entries: tuple[dict[str, dict], dict | None]
+) -> Dataset:
+    """The image dataset of multidatabackend.json entry number `index`; BuildError naming the key it cannot take."""
+    file = str(settings.backend_path)
+    by_id, default_text = text_entries
+    if entry.get("type", "local") != "local":
+        raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local datasets only")
+    data_dir = entry.get("instance_data_dir") or entry.get("instance_data_root")
+    if not isinstance(data_dir, str):
+        raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: give one folder (a string)")
+    data_dir = resolve(data_dir, settings.root)
+    if not data_dir.is_dir():
+        raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: folder {str(data_dir)!r} does not exist")
+    text_entry = by_id.get(entry["text_embeds"]) if "text_embeds" in entry else default_text
+    if text_entry is None or not text_entry.get("cache_dir"):
+        raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
+    strategy = entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename"
+    if strategy not in CAPTION_STRATEGIES:
+        raise BuildError(
+            f"{file}: {pointer(index, 'caption_strategy')}: cache build reads captions with "
+            f"{', '.join(CAPTION_STRATEGIES)} (got {strategy!r})"
+        )
+    if strategy == "instanceprompt" and not entry.get("instance_prompt"):
+        raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
+    vae_cache = entry.get("cache_dir_vae") or os.path.join(
+        str(settings.inherited["output_dir"]), "cache", "vae", settings.model_family, entry["id"]
+    )
+    return Dataset(
+        id=entry["id"],
+        data_dir=data_dir,
+        vae_cache_dir=resolve(vae_cache, settings.root),
+        text_cache_dir=resolve(text_entry["cache_dir"], settings.root),
+        bucket_config=bucket_config(entry, settings),
+        caption_strategy=strategy,
+        instance_prompt=entry.get("instance_prompt"),
+        prepend_instance_prompt=bool(entry.get("prepend_instance_prompt", False)),
+        compress_vae=_compressed(entry, settings),
+        compress_text=_compressed(text_entry, settings),
+        minimum_aspect_ratio=_aspect_limit(entry, "minimum_aspect_ratio", file, index),
+        maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
+    )
 
 
 def _aspect_limit(entry: dict, name: str, file: str, index: int) -> float | None:

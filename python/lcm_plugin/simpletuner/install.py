@@ -31,6 +31,21 @@ R2. `publishing.huggingface.save_model_card` (what `HubManager.upload_model` cal
 R3. `ModelFoundation.save_lora_weights` -> every LoRA file SimpleTuner writes (final, checkpoints, EMA) records the
     LCM settings, the LCMScheduler config and the plugin version in its safetensors metadata.
 
+Data path (every run the switch selects; `_data_path_surfaces` / `_patch_data_path` / `_restore_data_path`; the logic is
+`lcm_plugin.trainer_cache`, docs/data-path.md "Inside `simpletuner train`"). Covered datasets only; every method
+falls through to SimpleTuner's own for the rest, and for any image or caption the shards do not hold:
+D1. `training.trainer.configure_multi_databackend` (the trainer's call, after its VAE and text encoders are loaded
+    and before any data backend is configured) first builds the memory-mapped caches with those models and writes
+    SimpleTuner's bucket metadata (`trainer_cache.prepare`).
+D2. `VAECache.discover_unprocessed_files` leaves out the images the shards hold, so `process_buckets` encodes
+    nothing for them (it still runs, with its bucket shuffle).
+D3. `training.collate.compute_latents` gathers a batch's latents from the shards in one parallel copy (pinned as
+    `fetch_latent` pins); `VAECache.retrieve_from_cache` reads one. collate_fn's NaN/Inf and shape checks, caption
+    dropout, time_ids and the sampler are SimpleTuner's, unchanged.
+D4. `TextEmbeddingCache.load_from_cache` reads a caption's embeddings from the shards (then the model's own
+    `unpack_text_embeddings_from_cache`); `compute_embeddings_for_prompts` (start-up caching) and
+    `encode_dropout_caption` skip what the shards hold, so no per-file `.pt` is written or read for them.
+
 Model families (every run, LCM or not; `_family_surfaces` / `_patch_families` / `_restore_families`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
     without a safety checker when the caller passes neither `safety_checker` nor `feature_extractor`: their
@@ -160,14 +175,9 @@ def _validate_config_files(backend_path) -> None:
 
 def _config_file_problems(backend_path) -> list:
     """validate_files on the config.json this run read (found as SimpleTuner finds it), or [] without one."""
-    import os
-
-    from simpletuner.helpers.configuration import json_file
-
     from lcm_plugin.config import validate_files
 
-    env = os.environ.get("SIMPLETUNER_ENVIRONMENT", os.environ.get("SIMPLETUNER_ENV", os.environ.get("ENV")))
-    config_path = next((path for path in json_file._candidate_json_paths(env) if path.is_file()), None)
+    config_path = _running_config_path()
     if config_path is None:
         logger.info("simpletuner-lcm: no config.json found (env or toml config?); skipping file validation.")
         return []
@@ -271,6 +281,213 @@ def _has_accelerator(torch) -> bool:
     if accelerator is not None:
         return accelerator.is_available()
     return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+# --- data path (D1-D4 in the module docstring) ----------------------------------------------------------------------
+
+
+def _running_config_path():
+    """The config.json this training process read (found as SimpleTuner finds it), or None (env/toml configs)."""
+    from simpletuner.helpers.configuration import json_file
+
+    env = os.environ.get("SIMPLETUNER_ENVIRONMENT", os.environ.get("SIMPLETUNER_ENV", os.environ.get("ENV")))
+    return next((path for path in json_file._candidate_json_paths(env) if path.is_file()), None)
+
+
+def _data_path_surfaces() -> dict:
+    """The SimpleTuner objects D1-D4 patch, checked (install() calls this before it changes anything)."""
+    trainer_module = _import_surface("simpletuner.helpers.training.trainer")
+    _require(trainer_module, "configure_multi_databackend", "simpletuner.helpers.training.trainer")
+    collate = _import_surface("simpletuner.helpers.training.collate")
+    _require(collate, "compute_latents", "simpletuner.helpers.training.collate")
+    vae_cache = _require(_import_surface("simpletuner.helpers.caching.vae"), "VAECache",
+                         "simpletuner.helpers.caching.vae")
+    for name in ("discover_unprocessed_files", "retrieve_from_cache"):
+        _require(vae_cache, name, "VAECache")
+    text_cache = _require(_import_surface("simpletuner.helpers.caching.text_embeds"), "TextEmbeddingCache",
+                          "simpletuner.helpers.caching.text_embeds")
+    for name in ("load_from_cache", "compute_embeddings_for_prompts", "encode_dropout_caption",
+                 "hash_prompt_with_path", "_normalize_prompt_records"):
+        _require(text_cache, name, "TextEmbeddingCache")
+    return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache}
+
+
+def _building_configure(original):
+    """D1."""
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def configure_multi_databackend(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        _prepare_data_path(bound["args"], bound["accelerator"], bound["text_encoders"], bound["tokenizers"],
+                           bound["model"])
+        return original(*args, **kwargs)
+
+    return configure_multi_databackend
+
+
+def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) -> None:
+    from lcm_plugin import trainer_cache
+
+    models = trainer_cache.TrainerModels(getattr(model, "vae", None), list(tokenizers or []),
+                                         list(text_encoders or []))
+    try:
+        trainer_cache.prepare(
+            _running_config_path(), config, lcm_run=_is_lcm_run(config), models=models,
+            group=trainer_cache.AcceleratorGroup(accelerator), rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
+    except trainer_cache.DataPathSwitchError:
+        raise
+    except Exception as error:  # noqa: BLE001 - SimpleTuner's own path can still train this run
+        trainer_cache.reset()
+        logger.warning("simpletuner-lcm data path: every dataset uses SimpleTuner's own caching: the build failed "
+                       "(%s: %s)", type(error).__name__, error, exc_info=logger.isEnabledFor(logging.DEBUG))
+
+
+def _discover_unserved(original):
+    """D2."""
+
+    @functools.wraps(original)
+    def discover_unprocessed_files(self, *args, **kwargs):
+        from lcm_plugin import trainer_cache
+
+        unprocessed = original(self, *args, **kwargs)
+        served = trainer_cache.cached_images(self.id)
+        if served is None:
+            return unprocessed
+        self.local_unprocessed_files = [path for path in unprocessed if os.path.abspath(path) not in served]
+        return self.local_unprocessed_files
+
+    return discover_unprocessed_files
+
+
+def _served_retrieve(original):
+    """D3, one latent."""
+
+    @functools.wraps(original)
+    def retrieve_from_cache(self, filepath):
+        from lcm_plugin import trainer_cache
+
+        latent = trainer_cache.latent(self.id, filepath)
+        return original(self, filepath) if latent is None else latent
+
+    return retrieve_from_cache
+
+
+def _gathered_latents(original):
+    """D3, a batch: what `fetch_latent` returns per image, from one gather."""
+
+    @functools.wraps(original)
+    def compute_latents(filepaths, data_backend_id, model):
+        import torch
+
+        from lcm_plugin import trainer_cache
+
+        batch = trainer_cache.gather_latents(data_backend_id, list(filepaths))
+        if batch is None:
+            return original(filepaths, data_backend_id, model)
+        if not torch.backends.mps.is_available():
+            batch = batch.pin_memory()
+        return list(batch.unbind(0))
+
+    return compute_latents
+
+
+def _served_text_load(original):
+    """D4, reads."""
+
+    @functools.wraps(original)
+    def load_from_cache(self, filename):
+        from lcm_plugin import trainer_cache
+
+        embeddings = trainer_cache.text_embeddings(self.cache_dir, filename)
+        if embeddings is None:
+            return original(self, filename)
+        return embeddings if self.model is None else self.model.unpack_text_embeddings_from_cache(embeddings)
+
+    return load_from_cache
+
+
+def _unserved_prompts_only(original):
+    """D4, start-up caching: only the prompts the shards do not hold are encoded (and written) by SimpleTuner."""
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def compute_embeddings_for_prompts(self, *args, **kwargs):
+        from lcm_plugin import trainer_cache
+
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["return_concat"] or trainer_cache.text_cache(self.cache_dir) is None:
+            return original(self, *args, **kwargs)
+        records = self._normalize_prompt_records(bound.arguments["all_prompts"])
+        unserved = [record for record in records
+                    if not trainer_cache.has_text_embeddings(self.cache_dir, self.hash_prompt_with_path(record))]
+        if not unserved:
+            return None
+        bound.arguments["all_prompts"] = unserved
+        return original(*bound.args, **bound.kwargs)
+
+    return compute_embeddings_for_prompts
+
+
+def _dropout_unless_served(original):
+    """D4, the caption-dropout embedding: SimpleTuner encodes and writes it at every start."""
+
+    @functools.wraps(original)
+    def encode_dropout_caption(self, *args, **kwargs):
+        from lcm_plugin import trainer_cache
+
+        dropout_file = self.hash_prompt_with_path({"prompt": "", "key": "", "metadata": {}})
+        if self._requires_path_based_keys or not trainer_cache.has_text_embeddings(self.cache_dir, dropout_file):
+            return original(self, *args, **kwargs)
+        return None
+
+    return encode_dropout_caption
+
+
+_DATA_PATH_METHODS = (
+    ("vae_cache", "discover_unprocessed_files", _discover_unserved),
+    ("vae_cache", "retrieve_from_cache", _served_retrieve),
+    ("text_cache", "load_from_cache", _served_text_load),
+    ("text_cache", "compute_embeddings_for_prompts", _unserved_prompts_only),
+    ("text_cache", "encode_dropout_caption", _dropout_unless_served),
+)
+
+
+def _patch_data_path(surfaces: dict, saved: dict) -> None:
+    trainer_module, collate = surfaces["trainer_module"], surfaces["collate"]
+    saved["data_path"] = {
+        "configure_multi_databackend": trainer_module.configure_multi_databackend,
+        "compute_latents": collate.compute_latents,
+        "methods": [(surfaces[owner], name, surfaces[owner].__dict__[name]) for owner, name, _ in _DATA_PATH_METHODS],
+    }
+    trainer_module.configure_multi_databackend = _building_configure(trainer_module.configure_multi_databackend)
+    collate.compute_latents = _gathered_latents(collate.compute_latents)
+    for owner, name, wrap in _DATA_PATH_METHODS:
+        setattr(surfaces[owner], name, wrap(surfaces[owner].__dict__[name]))
+
+
+def _restore_data_path(saved: dict) -> None:
+    from simpletuner.helpers.training import collate
+    from simpletuner.helpers.training import trainer as trainer_module
+
+    from lcm_plugin import trainer_cache
+
+    originals = saved["data_path"]
+    trainer_module.configure_multi_databackend = originals["configure_multi_databackend"]
+    collate.compute_latents = originals["compute_latents"]
+    for cls, name, original in originals["methods"]:
+        setattr(cls, name, original)
+    trainer_cache.reset()
+
+
+# --- end of data path -----------------------------------------------------------------------------------------------
 
 
 # --- Run outputs (R1-R3 in the module docstring) ------------------------------------------------------------------
@@ -543,6 +760,7 @@ def install() -> None:
     ):
         for name in names:
             _require(owner, name, where)
+    data_path = _data_path_surfaces()
     run_outputs = _run_output_surfaces()
     families = _family_surfaces()
 
@@ -582,6 +800,7 @@ def install() -> None:
     if not _has_accelerator(torch):
         saved["pin_memory"] = torch.Tensor.pin_memory
         torch.Tensor.pin_memory = _unpinned
+    _patch_data_path(data_path, saved)
     _patch_run_outputs(run_outputs, saved)
     _patch_families(families, saved)
     _saved = saved
@@ -617,5 +836,6 @@ def uninstall() -> None:
         upstream_lcm.distiller = saved["alias_attr"]
     if saved["pin_memory"] is not None:
         torch.Tensor.pin_memory = saved["pin_memory"]
+    _restore_data_path(saved)
     _restore_run_outputs(saved)
     _restore_families(saved)

@@ -1,0 +1,344 @@
+"""The Rust data path inside `simpletuner train`: the trainer builds the memory-mapped caches itself, before
+SimpleTuner's own VAE and text caching, and reads latents and text embeddings from them (docs/data-path.md,
+"Inside `simpletuner train`").
+
+The SimpleTuner side (which methods are replaced, and when they are called) lives in
+`lcm_plugin.simpletuner.install`; this module holds the logic and imports no SimpleTuner module. Its state is
+one `Coverage` per training process: the datasets and text caches it serves, set by `prepare` and read by the
+patched cache methods.
+
+Switch: environment variable `SIMPLETUNER_LCM_DATA_PATH`: unset or empty = this path for LCM runs
+(`distillation_method: lcm`) and SimpleTuner's own for the rest; `rust` = this path for every run it covers;
+`simpletuner` = SimpleTuner's own path for every run.
+
+A dataset this path does not cover goes to SimpleTuner's own path, with one log line naming it and why; so does
+every image or caption missing from the shards (an image the build could not decode, a caption SimpleTuner
+builds differently): nothing here stops a run that SimpleTuner would train.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+logger = logging.getLogger("simpletuner-lcm")
+
+SWITCH = "SIMPLETUNER_LCM_DATA_PATH"
+RUST, SIMPLETUNER = "rust", "simpletuner"
+# Model families whose latents and text embeddings the build produces as SimpleTuner does.
+FAMILIES = ("sdxl",)
+# Entries that describe caches or captions, not training samples: never logged as fallbacks.
+NOT_SAMPLES = ("text_embeds", "image_embeds", "conditioning_image_embeds", "distillation_cache", "caption")
+# skip_file_discovery words that ask SimpleTuner not to (re)build a cache or the buckets: honoured by its own path.
+SKIPPED_DISCOVERY = ("vae", "aspect", "text", "metadata")
+TEXT_FILE_SUFFIX = "-sdxl.pt"  # SimpleTuner's SDXL text cache file: <md5(caption)>-sdxl.pt
+
+
+class DataPathSwitchError(ValueError):
+    """SIMPLETUNER_LCM_DATA_PATH holds a value that is not a mode."""
+
+
+def data_path_mode(value: str | None, lcm_run: bool) -> str:
+    """RUST or SIMPLETUNER for a run, from the switch's value and whether the run distils with LCM."""
+    chosen = (value or "").strip().lower()
+    if chosen not in ("", RUST, SIMPLETUNER):
+        raise DataPathSwitchError(
+            f"{SWITCH}={value!r} is not valid; use {RUST!r} (the plugin's memory-mapped caches), "
+            f"{SIMPLETUNER!r} (SimpleTuner's own caching) or leave it unset ({RUST} for LCM runs)"
+        )
+    if chosen:
+        return chosen
+    return RUST if lcm_run else SIMPLETUNER
+
+
+@dataclass
+class DatasetCache:
+    """A covered dataset: its latent store and the key of every image it holds, by SimpleTuner's image path."""
+
+    id: str
+    reader: object  # LatentCacheReader over <cache_dir_vae>/lcm
+    keys: dict[str, str]  # os.path.abspath(image) -> store key
+
+    def key_of(self, image_path: str) -> str | None:
+        return self.keys.get(os.path.abspath(image_path))
+
+
+@dataclass
+class TextCache:
+    """A covered text cache folder: its store and the text fingerprint digest that names its entries."""
+
+    reader: object  # LatentCacheReader over <cache_dir>/lcm
+    digest: str
+
+    def entry_of(self, file_name: str) -> str | None:
+        """Store key prefix of SimpleTuner's text cache file `file_name` (<md5>-sdxl.pt), if the store holds it."""
+        base = os.path.basename(file_name)
+        if not base.endswith(TEXT_FILE_SUFFIX):
+            return None
+        from lcm_plugin.cache_build.build import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS
+
+        key = f"{base[: -len(TEXT_FILE_SUFFIX)]}@{self.digest}"
+        if key + PROMPT_EMBEDS in self.reader and key + POOLED_PROMPT_EMBEDS in self.reader:
+            return key
+        return None
+
+
+@dataclass
+class Coverage:
+    """What this training process serves from the shards."""
+
+    datasets: dict[str, DatasetCache] = field(default_factory=dict)
+    texts: dict[str, TextCache] = field(default_factory=dict)  # os.path.abspath(text cache folder) -> store
+
+
+_coverage = Coverage()
+
+
+def coverage() -> Coverage:
+    return _coverage
+
+
+def reset() -> None:
+    """Serve nothing (SimpleTuner's own path everywhere) until the next `prepare`."""
+    global _coverage
+    _coverage = Coverage()
+
+
+@dataclass
+class TrainerModels:
+    """The trainer's own VAE and text encoders (already on its device), handed to the build."""
+
+    vae_model: object
+    tokenizers: list
+    encoders: list
+
+    def vae(self):
+        return self.vae_model
+
+    def text_encoders(self) -> tuple[list, list]:
+        return self.tokenizers, self.encoders
+
+
+class AcceleratorGroup:
+    """The build's rank synchronisation over the trainer's own process group (accelerate's)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def gather(self, value: list) -> list:
+        if self.accelerator.num_processes == 1:
+            return list(value)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(value)))
+
+
+def dtype_name(dtype) -> str | None:
+    """The cache's name of a torch dtype ("bf16", "fp16", "fp32"), None for others."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+
+
+def uncovered_reason(entry: dict, args) -> str | None:
+    """Why a dataset entry goes to SimpleTuner's own path, judged from its settings and the run's; None if covered.
+    (Entries the build cannot read at all, e.g. non-local ones, are refused later with the build's own message.)"""
+    dataset_type = entry.get("dataset_type", "image")
+    if dataset_type != "image":
+        return f"dataset_type {dataset_type!r} (the path covers still images)"
+    if entry.get("type", "local") != "local":
+        return f"type {entry.get('type')!r} (the path reads local folders)"
+    if entry.get("conditioning_type") or entry.get("conditioning_data") or getattr(args, "controlnet", False):
+        return "conditioning datasets and datasets linked to one are not covered"
+    if entry.get("crop_style") == "face" or (getattr(args, "crop_style", None) == "face" and "crop_style" not in entry):
+        return "crop_style 'face' (face detection is SimpleTuner's)"
+    for name in ("vae_cache_ondemand", "vae_cache_disable"):
+        if entry.get(name) or (entry.get(name) is None and getattr(args, name, False)):
+            return f"{name} (latents are encoded during training)"
+    skipped = f"{getattr(args, 'skip_file_discovery', '') or ''} {entry.get('skip_file_discovery', '') or ''}"
+    words = [word for word in SKIPPED_DISCOVERY if word in skipped]
+    if words:
+        return f"skip_file_discovery {', '.join(words)}"
+    if entry.get("metadata_backend", "discovery") != "discovery":
+        return f"metadata_backend {entry.get('metadata_backend')!r} (the path scans image headers)"
+    if entry.get("scan_for_errors"):
+        return "scan_for_errors (it checks SimpleTuner's per-file cache)"
+    if entry.get("caption_filter_list"):
+        return "caption_filter_list (SimpleTuner encodes filtered captions)"
+    if getattr(args, "enable_nsfw_check", False):
+        return "enable_nsfw_check (SimpleTuner's classifier filters the images)"
+    return None
+
+
+def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerModels, group, rank: int, world: int,
+            threads: int | None = None, log=logger.info) -> Coverage:
+    """Build the caches of every covered dataset of the run (all ranks call it, with the same files), write
+    SimpleTuner's bucket metadata for them, and serve them from now on. Returns what is served."""
+    reset()
+    mode = data_path_mode(os.environ.get(SWITCH), lcm_run)
+    if mode == SIMPLETUNER:
+        if os.environ.get(SWITCH):
+            log(f"simpletuner-lcm data path: every dataset uses SimpleTuner's own caching ({SWITCH}={SIMPLETUNER})")
+        return _coverage
+    planned = _plan(config_path, args, models, rank, log)
+    if planned is None:
+        return _coverage
+    settings, datasets, prints = planned
+    from lcm_plugin.cache_build.build import BuildOptions, build_planned
+
+    options = BuildOptions(config_dir=settings.config_path, threads=threads)
+    report = build_planned(settings, datasets, prints, options, rank=rank, world=world, group=group, models=models,
+                           write_bucket_files=True, log=lambda line: log(f"simpletuner-lcm data path: {line}"))
+    if rank == 0 and report.failed_on_any_rank:
+        log(f"simpletuner-lcm data path: {len(report.failed_on_any_rank)} image(s) not in the shards; SimpleTuner's "
+            "own path takes them (first: " + "; ".join(f"{path}: {why}" for path, why in
+                                                         list(report.failed_on_any_rank.items())[:3]) + ")")
+    _serve(datasets, prints, report.failed_on_any_rank)
+    if rank == 0:
+        log(f"simpletuner-lcm data path: datasets {', '.join(repr(d.id) for d in datasets)} read latents and text "
+            f"embeddings from the memory-mapped caches ({report.encoded} image(s) encoded here, {report.reused} "
+            "already cached)")
+    return _coverage
+
+
+def _plan(config_path, args, models: TrainerModels, rank: int, log):
+    """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once)."""
+    from lcm_plugin.cache import BucketConfigError
+    from lcm_plugin.cache_build.build import fingerprints, name_entries
+    from lcm_plugin.cache_build.plan import (
+        BuildError,
+        dataset_of,
+        read_run,
+        scan_dataset,
+        text_embed_entries,
+    )
+    from lcm_plugin.config.databackend import is_enabled
+
+    def fall_back(what: str, reason: str) -> None:
+        if rank == 0:
+            log(f"simpletuner-lcm data path: {what} uses SimpleTuner's own caching: {reason}")
+
+    family = str(getattr(args, "model_family", "") or "")
+    if family not in FAMILIES:
+        fall_back("every dataset", f"model_family {family!r} (covered: {', '.join(FAMILIES)})")
+        return None
+    if config_path is None:
+        fall_back("every dataset", "no config.json found (the path reads the run's JSON config files)")
+        return None
+    vae_dtype, text_dtype = dtype_name(models.vae_model.dtype), dtype_name(models.encoders[0].dtype)
+    if vae_dtype not in ("bf16", "fp32"):
+        fall_back("every dataset", f"the VAE runs in {models.vae_model.dtype} (covered: bf16, fp32)")
+        return None
+    try:
+        settings, entries = read_run(Path(config_path))
+    except BuildError as error:
+        fall_back("every dataset", str(error))
+        return None
+    # The trainer's models decide the dtypes: the fingerprint records what the entries really are.
+    settings = replace(settings, vae_dtype=vae_dtype, text_dtype=text_dtype)
+    text_entries = text_embed_entries(entries)
+    datasets = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not is_enabled(entry) or entry.get("dataset_type") in NOT_SAMPLES:
+            continue
+        name = f"dataset {entry.get('id')!r}"
+        reason = uncovered_reason(entry, args)
+        text_entry = text_entries[0].get(entry["text_embeds"]) if "text_embeds" in entry else text_entries[1]
+        if reason is None and text_entry is not None and text_entry.get("type", "local") != "local":
+            reason = f"its text_embeds dataset {text_entry.get('id')!r} is not local"
+        if reason is not None:
+            fall_back(name, reason)
+            continue
+        try:
+            dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, None)
+        except (BuildError, BucketConfigError) as error:
+            fall_back(name, str(error))
+            continue
+        if not dataset.images:
+            fall_back(name, "no image could be read and bucketed")
+            continue
+        datasets.append(dataset)
+    if not datasets:
+        return None
+    try:
+        prints = fingerprints(settings)
+    except BuildError as error:
+        fall_back("every dataset", str(error))
+        return None
+    name_entries(datasets, prints)
+    return settings, datasets, prints
+
+
+def _serve(datasets, prints, failed: dict[str, str]) -> None:
+    from lcm_plugin.cache import LatentCacheReader
+    from lcm_plugin.cache_build.build import LCM_DIR
+
+    for dataset in datasets:
+        # The build just checked every shard (rank 0, before encoding): no second CRC pass on first use.
+        reader = LatentCacheReader(dataset.vae_cache_dir / LCM_DIR, verify=False)
+        keys = {
+            os.path.abspath(item.path): item.cache_key
+            for item in dataset.images
+            if str(item.path) not in failed and item.cache_key in reader
+        }
+        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys)
+        folder = os.path.abspath(dataset.text_cache_dir)
+        if folder not in _coverage.texts:
+            _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
+                                                prints.text_digest)
+
+
+# --- reads, called by the patched SimpleTuner methods ---------------------------------------------------------------
+
+
+def cached_images(dataset_id: str) -> set[str] | None:
+    """Absolute paths of the images of a covered dataset held in the shards; None for a dataset not covered."""
+    dataset = _coverage.datasets.get(dataset_id)
+    return None if dataset is None else set(dataset.keys)
+
+
+def latent(dataset_id: str, image_path: str):
+    """The cached latent of one image (a tensor SimpleTuner may change in place), or None when not served."""
+    dataset = _coverage.datasets.get(dataset_id)
+    key = dataset.key_of(image_path) if dataset else None
+    return None if key is None else dataset.reader.get_torch(key)
+
+
+def gather_latents(dataset_id: str, image_paths: list[str]):
+    """One [N, C, H, W] tensor of the latents of a batch (one parallel copy), or None unless every image is served."""
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or not image_paths:
+        return None
+    keys = [dataset.key_of(path) for path in image_paths]
+    if None in keys:
+        return None
+    return dataset.reader.gather_torch(keys)
+
+
+def text_cache(cache_dir: str) -> TextCache | None:
+    return _coverage.texts.get(os.path.abspath(cache_dir))
+
+
+def has_text_embeddings(cache_dir: str, file_name: str) -> bool:
+    store = text_cache(cache_dir)
+    return store is not None and store.entry_of(file_name) is not None
+
+
+def text_embeddings(cache_dir: str, file_name: str) -> dict | None:
+    """What SimpleTuner's SDXL text cache file `file_name` would hold ({"prompt_embeds": [1, 77, D],
+    "pooled_prompt_embeds": [P]}), from the store; None when the store does not hold it."""
+    from lcm_plugin.cache_build.build import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS
+
+    store = text_cache(cache_dir)
+    key = store.entry_of(file_name) if store else None
+    if key is None:
+        return None
+    return {
+        "prompt_embeds": store.reader.get_torch(key + PROMPT_EMBEDS)[None],
+        "pooled_prompt_embeds": store.reader.get_torch(key + POOLED_PROMPT_EMBEDS),
+    }
