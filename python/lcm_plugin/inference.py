@@ -1,6 +1,12 @@
-"""The sampler for a distilled student: diffusers' LCMScheduler on the grid the student was trained on."""
+"""The sampler for a distilled student: LCMScheduler (LCM) or TCDScheduler (TCD, PCM) on the training grid."""
 
 from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lcm_plugin.config import LcmConfig
 
 
 def lcm_scheduler(scheduler_config, *, num_ddim_timesteps: int, timestep_scaling: float):
@@ -13,4 +19,48 @@ def lcm_scheduler(scheduler_config, *, num_ddim_timesteps: int, timestep_scaling
 
     return LCMScheduler.from_config(
         scheduler_config, original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling
+    )
+
+
+@functools.cache
+def _fixed_gamma_tcd_scheduler_class():
+    from diffusers import TCDScheduler
+
+    class FixedGammaTCDScheduler(TCDScheduler):
+        """TCDScheduler whose steps use the instance's `gamma`; its step takes no `eta`."""
+
+        gamma = 0.3  # TCD's default
+
+        def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            return super().step(
+                model_output, timestep, sample, eta=self.gamma, generator=generator, return_dict=return_dict
+            )
+
+    return FixedGammaTCDScheduler
+
+
+def tcd_scheduler(scheduler_config, *, num_ddim_timesteps: int, gamma: float):
+    """TCDScheduler on the training solver's grid whose every step uses `gamma` (TCD's strategic stochastic
+    sampling; 0 = deterministic, PCM's sampler).
+
+    diffusers' TCDScheduler takes gamma as `step(eta=...)`, and Stable Diffusion pipelines always pass their own
+    `eta` argument (default 0.0) to a scheduler whose step accepts one; SimpleTuner's validation never sets it.
+    The returned scheduler's step has no `eta` parameter, so the pipeline passes none and `gamma` holds.
+    """
+    scheduler = _fixed_gamma_tcd_scheduler_class().from_config(
+        scheduler_config, original_inference_steps=num_ddim_timesteps
+    )
+    scheduler.gamma = gamma
+    return scheduler
+
+
+def variant_scheduler(scheduler_config, lcm: LcmConfig):
+    """The validation sampler of `lcm.variant`: LCMScheduler (lcm), TCDScheduler at tcd_gamma (tcd), or
+    TCDScheduler at gamma 0 (pcm: deterministic jumps, from phase top to phase edge at pcm_phases steps)."""
+    if lcm.variant == "tcd":
+        return tcd_scheduler(scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps, gamma=lcm.tcd_gamma)
+    if lcm.variant == "pcm":
+        return tcd_scheduler(scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps, gamma=0.0)
+    return lcm_scheduler(
+        scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps, timestep_scaling=lcm.timestep_scaling_factor
     )

@@ -8,7 +8,7 @@ import torch
 from diffusers import TCDScheduler
 
 from lcm_plugin.lcm import ddim_step, x0_and_eps_from_model_output
-from lcm_plugin.lcm.pcm import phase_edge_below, phase_edges, phased_consistency_target
+from lcm_plugin.lcm.pcm import phase_edge_below, phase_edges, phased_consistency_function
 from lcm_toy import SDXL_SCHEDULE
 
 
@@ -64,7 +64,7 @@ def test_target_is_the_deterministic_jump_to_the_edge(schedule, prediction_type)
     alpha_t_n, sigma_t_n = schedule.alpha_sigma(torch.tensor([t_n]), 4)
     x0_target, eps_target = x0_and_eps_from_model_output(target_output, x_t_n, alpha_t_n, sigma_t_n, prediction_type)
     alpha_edge, sigma_edge = schedule.alpha_sigma(torch.tensor([edge]), 4)
-    target = phased_consistency_target(x_t_n, x0_target, eps_target, t_n=torch.tensor([t_n]), edge=torch.tensor([edge]),
+    target = phased_consistency_function(x_t_n, x0_target, eps_target, t=torch.tensor([t_n]), edge=torch.tensor([edge]),
                                        alpha_edge=alpha_edge, sigma_edge=sigma_edge)
 
     # TCDScheduler with gamma = 0 evaluates its (first-order) trajectory function at s = t_prev exactly.
@@ -84,7 +84,7 @@ def test_target_at_the_edge_is_the_teacher_point_itself(schedule):
     t_n = torch.tensor([239, 259])
     edge = phase_edge_below(t_n, phase_edges(num_ddim_timesteps=50, phases=4, skip_k=20))
     alpha_edge, sigma_edge = schedule.to("cpu", torch.float32).alpha_sigma(edge, 4)
-    target = phased_consistency_target(x_t_n, x0_target, eps_target, t_n=t_n, edge=edge,
+    target = phased_consistency_function(x_t_n, x0_target, eps_target, t=t_n, edge=edge,
                                        alpha_edge=alpha_edge, sigma_edge=sigma_edge)
     torch.testing.assert_close(target[0], x_t_n[0], rtol=0, atol=0)
     torch.testing.assert_close(target[1], ddim_step(x0_target[1], eps_target[1], alpha_edge[1], sigma_edge[1]),

@@ -60,9 +60,42 @@ class LcmConfig(BaseModel):
         0.95,
         ge=0.0,
         lt=1.0,
-        description="Full-model distillation only: EMA decay of the target network (diffusers' default 0.95). "
-        "LoRA distillation uses the student itself as the target, as LCM-LoRA does.",
+        description="EMA decay of the target network, updated after every optimizer step (diffusers' default "
+        "0.95): always used by full-model distillation, and by LoRA distillation when lora_target_ema is true.",
         examples=[0.95],
+    )
+    lora_target_ema: bool = Field(
+        False,
+        description="LoRA distillation only: evaluate the consistency target with an EMA copy of the LoRA weights "
+        "(decay ema_decay, saved with every checkpoint; diffusers PR #6537) instead of the student's own weights "
+        "under no_grad, which is LCM-LoRA's reference behaviour (false). Full-model distillation always has an "
+        "EMA target network.",
+    )
+    variant: Literal["lcm", "tcd", "pcm"] = Field(
+        "lcm",
+        description="Consistency objective. 'lcm': LCM, the student maps x_t to x_0 (boundary scalings c_skip, "
+        "c_out); validation samples with LCMScheduler. 'tcd': Trajectory Consistency Distillation (Zheng et al. "
+        "2024, arXiv 2402.19159): the student maps x_t to a random earlier solver timestep s <= t_n with the "
+        "semi-linear consistency function; validation samples with TCDScheduler at gamma tcd_gamma. 'pcm': "
+        "Phased Consistency Models (Wang et al. 2024, arXiv 2405.18407): the solver grid is cut into pcm_phases "
+        "phases and the student maps x_t to its phase's lower edge; validation samples deterministically "
+        "(TCDScheduler, gamma 0), exactly on the phase edges when validation_num_inference_steps = pcm_phases.",
+    )
+    tcd_gamma: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="variant 'tcd' only: gamma of TCDScheduler's strategic stochastic sampling for validation "
+        "(TCD's default 0.3; 0 is deterministic, 1 re-noises fully like LCMScheduler). Training does not use it.",
+        examples=[0.3],
+    )
+    pcm_phases: int = Field(
+        2,
+        ge=1,
+        description="variant 'pcm' only: number of phases k (PCM's multiphase). A k-step deterministic sampler "
+        "visits exactly the phase edges. Must divide num_ddim_timesteps, so that the phase edges are the timesteps "
+        "LCMScheduler/TCDScheduler/DDIM (trailing) choose for k steps.",
+        examples=[2],
     )
 
     @field_validator("num_ddim_timesteps")
@@ -75,6 +108,19 @@ class LcmConfig(BaseModel):
                 f"num_train_timesteps // num_ddim_timesteps steps, which would be 0"
             )
         return num_ddim_timesteps
+
+    @field_validator("pcm_phases")
+    @classmethod
+    def _phases_split_the_solver_grid(cls, pcm_phases: int, info: ValidationInfo) -> int:
+        num_ddim_timesteps = info.data.get("num_ddim_timesteps")
+        if info.data.get("variant") == "pcm" and num_ddim_timesteps and num_ddim_timesteps % pcm_phases:
+            divisors = [d for d in range(1, num_ddim_timesteps + 1) if num_ddim_timesteps % d == 0]
+            raise ValueError(
+                f"must divide num_ddim_timesteps ({num_ddim_timesteps}) so that the phase edges are the timesteps a "
+                f"{pcm_phases}-step sampler visits; use one of {divisors}, or a num_ddim_timesteps that "
+                f"{pcm_phases} divides"
+            )
+        return pcm_phases
 
     @field_validator("w_max")
     @classmethod

@@ -15,6 +15,7 @@ Glossary (one spelling per symbol):
     c_skip, c_out      boundary-condition scalings of the consistency function f(x, t)
     sigma_data         0.5, as in the LCM paper and diffusers
     timestep_scaling   multiplies t inside c_skip/c_out (diffusers' timestep_scaling_factor)
+    t_end              where the consistency function maps to: 0 (LCM), t_m <= t_n (TCD), a phase edge (PCM)
 """
 
 from lcm_plugin.lcm.boundary import consistency_function, scalings_for_boundary_conditions
@@ -24,16 +25,20 @@ from lcm_plugin.lcm.parameterization import PREDICTION_TYPES, x0_and_eps_from_mo
 from lcm_plugin.lcm.schedules import DDIMSkipSchedule
 from lcm_plugin.lcm.solver import ddim_step
 from lcm_plugin.lcm.targets import ConsistencyTargets, consistency_targets, student_consistency_output
+from lcm_plugin.lcm.variants import VARIANTS, consistency_output, end_timesteps
 
 __all__ = [
     "PREDICTION_TYPES",
+    "VARIANTS",
     "ConsistencyTargets",
     "DDIMSkipSchedule",
     "apply_guidance",
     "consistency_function",
     "consistency_loss",
+    "consistency_output",
     "consistency_targets",
     "ddim_step",
+    "end_timesteps",
     "sample_guidance_scale",
     "scalings_for_boundary_conditions",
     "student_consistency_output",

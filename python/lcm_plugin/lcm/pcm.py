@@ -10,6 +10,8 @@ not towards x_0. A k-step sampler then visits exactly the phase edges, and every
 - Student and target map to that edge with the DDIM step (first-order solver) of their own estimates:
   student from (x_{t_{n+k}}, t_{n+k}), target from (x_hat_{t_n}, t_n). When t_n is the edge itself, the
   target is x_hat_{t_n} unchanged: the boundary condition (the reference's c_skip = 1 there).
+- Sampling: with phases dividing the solver grid, LCMScheduler / TCDScheduler / trailing DDIM at k steps
+  visit exactly the phase tops and edges; TCDScheduler at gamma 0 (deterministic) is the reference's sampler.
 """
 
 from __future__ import annotations
@@ -36,20 +38,21 @@ def phase_edge_below(t_n: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return edges[below]
 
 
-def phased_consistency_target(
-    x_t_n: torch.Tensor,
-    x0_target: torch.Tensor,
-    eps_target: torch.Tensor,
+def phased_consistency_function(
+    x_t: torch.Tensor,
+    x0_hat: torch.Tensor,
+    eps_hat: torch.Tensor,
     *,
-    t_n: torch.Tensor,
+    t: torch.Tensor,
     edge: torch.Tensor,
     alpha_edge: torch.Tensor,
     sigma_edge: torch.Tensor,
 ) -> torch.Tensor:
-    """The target network's estimate of the trajectory point at the phase edge, from (x_hat_{t_n}, t_n).
+    """A network's estimate of the trajectory point at its phase's edge, from its estimates at (x_t, t).
 
-    x_t_n, x0_target, eps_target: [B, C, H, W]; t_n, edge: [B]; alpha_edge, sigma_edge: [B, 1, 1, 1] at `edge`.
-    The student's side is ddim_step(x0_hat, eps_hat, alpha_edge, sigma_edge) from its own estimates.
+    x_t, x0_hat, eps_hat: [B, C, H, W]; t, edge: [B]; alpha_edge, sigma_edge: [B, 1, 1, 1] at `edge`.
+    Student: (x_{t_{n+k}}, t_{n+k}), never on an edge, so always the DDIM jump (the reference's online
+    c_skip = 0). Target: (x_hat_{t_n}, t_n), which returns x_hat_{t_n} itself when t_n is the edge.
     """
-    at_edge = (t_n == edge).reshape((-1,) + (1,) * (x_t_n.ndim - 1))
-    return torch.where(at_edge, x_t_n, ddim_step(x0_target, eps_target, alpha_edge, sigma_edge))
+    at_edge = (t == edge).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return torch.where(at_edge, x_t, ddim_step(x0_hat, eps_hat, alpha_edge, sigma_edge))

@@ -1,4 +1,7 @@
-"""LCM Algorithm 1 for one batch, with the networks injected as callables (no adapters, no I/O)."""
+"""LCM Algorithm 1 for one batch, with the networks injected as callables (no adapters, no I/O).
+
+The consistency function is the variant's (variants.py): LCM's by default, TCD's or PCM's towards `t_end`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lcm_plugin.lcm.boundary import consistency_function
 from lcm_plugin.lcm.guidance import apply_guidance
 from lcm_plugin.lcm.parameterization import x0_and_eps_from_model_output
 from lcm_plugin.lcm.schedules import DDIMSkipSchedule
 from lcm_plugin.lcm.solver import ddim_step
+from lcm_plugin.lcm.variants import consistency_output
 
 # (x, t) -> (cond_output, uncond_output): the teacher's two predictions, ideally from one batched call.
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -36,7 +39,8 @@ class ConsistencyTargets:
     t_n_plus_k: torch.Tensor  # [B] start timesteps
     t_n: torch.Tensor  # [B] end timesteps
     x_t_n: torch.Tensor  # one guided DDIM step from x_t
-    target: torch.Tensor  # f_target(x_t_n, t_n)
+    t_end: torch.Tensor  # [B] where both consistency functions map to (LCM: 0)
+    target: torch.Tensor  # f_target(x_t_n, t_n) towards t_end
 
 
 def consistency_targets(
@@ -51,11 +55,14 @@ def consistency_targets(
     timestep_scaling: float,
     teacher: TeacherFn,
     target_model: TargetFn,
+    variant: str = "lcm",
+    t_end: torch.Tensor | None = None,
 ) -> ConsistencyTargets:
     """Noise the latents, take one guided teacher DDIM step, evaluate the target network there.
 
     latents, noise: [B, C, H, W] clean latents x0 and eps ~ N(0, I); guidance_scale: [B] CFG scales s.
     `schedule` must already be in the latents' dtype and device (DDIMSkipSchedule.to).
+    variant, t_end: the consistency function and where it maps to (variants.end_timesteps; LCM: None = 0).
     """
     _require_schedule_like(schedule, latents)
     with torch.no_grad():
@@ -78,12 +85,14 @@ def consistency_targets(
         alpha_end, sigma_end = schedule.alpha_sigma(t_n, latents.ndim)
         x_t_n = ddim_step(x0_hat, eps_hat, alpha_end, sigma_end)
 
-        # 5. target consistency output f_target(x_t_n, t_n)
-        target_output = target_model(x_t_n, t_n)
-        x0_target, _ = x0_and_eps_from_model_output(target_output, x_t_n, alpha_end, sigma_end, prediction_type)
-        target = consistency_function(x_t_n, x0_target, t_n, timestep_scaling=timestep_scaling)
+        # 5. target consistency output f_target(x_t_n, t_n) (towards t_end)
+        t_end = torch.zeros_like(t_n) if t_end is None else t_end
+        target = consistency_output(
+            variant, target_model(x_t_n, t_n), x_t=x_t_n, t=t_n, t_end=t_end, schedule=schedule,
+            prediction_type=prediction_type, timestep_scaling=timestep_scaling,
+        )
 
-    return ConsistencyTargets(x_t=x_t, t_n_plus_k=t_n_plus_k, t_n=t_n, x_t_n=x_t_n, target=target)
+    return ConsistencyTargets(x_t=x_t, t_n_plus_k=t_n_plus_k, t_n=t_n, x_t_n=x_t_n, t_end=t_end, target=target)
 
 
 def student_consistency_output(
@@ -94,9 +103,13 @@ def student_consistency_output(
     schedule: DDIMSkipSchedule,
     prediction_type: str,
     timestep_scaling: float,
+    variant: str = "lcm",
+    t_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """f_theta(x_t, t_n_plus_k) from the student's raw output at (x_t, t_n_plus_k); keeps the graph."""
+    """f_theta(x_t, t_n_plus_k) (towards t_end) from the student's raw output at (x_t, t_n_plus_k); keeps the graph."""
     _require_schedule_like(schedule, x_t)
-    alpha_start, sigma_start = schedule.alpha_sigma(t_n_plus_k, x_t.ndim)
-    x0_hat, _ = x0_and_eps_from_model_output(model_output, x_t, alpha_start, sigma_start, prediction_type)
-    return consistency_function(x_t, x0_hat, t_n_plus_k, timestep_scaling=timestep_scaling)
+    return consistency_output(
+        variant, model_output, x_t=x_t, t=t_n_plus_k,
+        t_end=torch.zeros_like(t_n_plus_k) if t_end is None else t_end, schedule=schedule,
+        prediction_type=prediction_type, timestep_scaling=timestep_scaling,
+    )

@@ -11,7 +11,14 @@ Batch keys read (SimpleTuner's `ModelFoundation.prepare_batch` output):
     latents [B, C, H, W], noise [B, C, H, W], encoder_hidden_states [B, L, D],
     added_cond_kwargs: SDXL {"text_embeds": [B, P], "time_ids": [B, 6]}; SD 1.x/2.x {} (or None)
 Batch keys written: noisy_latents (x_t, the student's input), timesteps (t_n_plus_k), lcm_x_t and lcm_target
-(x_t and f_target(x_t_n, t_n) in the arithmetic dtype, for the loss).
+(x_t and f_target(x_t_n, t_n) in the arithmetic dtype, for the loss), lcm_t_end (where both consistency
+functions map to: 0 for LCM, t_m for TCD, the phase edge for PCM).
+
+Variants (`lcm.variant`, math in lcm_plugin.lcm.variants): TCD and PCM change only t_end and the consistency
+function; the draw, the teacher step, the target network and the loss are LCM's. TCD follows Zheng et al. 2024
+(arXiv 2402.19159, its semi-linear f and t_m uniform below t_n); PCM follows the reference
+G-U-N/Phased-Consistency-Model `train_pcm_lora_sd15.py` (`ddim_style_multiphase_pred`, its online/target
+boundary scalings), with the noise estimate derived per prediction type rather than read as epsilon.
 
 Arithmetic dtype: the LCM arithmetic runs in the latents' dtype promoted to at least float32, as in diffusers'
 script (whose float32 alpha/sigma tables promote bf16 model outputs); UNet inputs keep the latents' dtype, and
@@ -22,7 +29,15 @@ Full-model distillation (model_type "full") follows diffusers' `train_lcm_distil
 a frozen copy of the pretrained UNet is the teacher and a separate target network tracks the student by EMA
 (`ema_decay`, updated once per optimizer step, saved with every checkpoint). Deliberate deviation: no
 guidance-scale embedding (`timestep_cond`), because SimpleTuner's own student forward cannot pass one; the
-student learns the guidance range w_min..w_max averaged, as LCM-LoRA does.
+student learns the guidance range w_min..w_max averaged, as LCM-LoRA does. The reason: the guidance embedding
+w is drawn per sample inside prepare_batch, but the student's forward is SimpleTuner's own
+`model_predict` (SDXL / SD 1.x `_model_predict_single`), which calls the UNet with a fixed argument list and no
+`timestep_cond`; the UNet would also need `time_cond_proj_dim`, which the pretrained SDXL / SD configs lack, so
+the full model would have to be rebuilt with a new, randomly initialised layer before SimpleTuner loads it.
+
+LoRA with `lora_target_ema` (diffusers PR #6537, `--use_target_model`): the target is the UNet with an EMA copy
+of the LoRA weights, updated once per optimizer step with `ema_decay` and saved with every checkpoint. The EMA
+weights are copied into the adapters for the target's one forward call and copied back before the student's.
 """
 
 from __future__ import annotations
@@ -40,13 +55,16 @@ from lcm_plugin.lcm import (
     DDIMSkipSchedule,
     consistency_loss,
     consistency_targets,
+    end_timesteps,
     sample_guidance_scale,
     student_consistency_output,
 )
 
 LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
+LCM_T_END_KEY = "lcm_t_end"
 TARGET_CHECKPOINT_FILE = "lcm_target_unet.safetensors"
+TARGET_LORA_CHECKPOINT_FILE = "lcm_target_lora.safetensors"
 # added_cond_kwargs entries that carry the prompt: zeroed for the unconditional branch.
 POOLED_TEXT_KEYS = ("text_embeds",)
 
@@ -59,9 +77,13 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * student, parameter by parameter (diffusers' `update_ema`)."""
-    target_params = list(target.parameters())
-    student_params = [p.detach().to(target_params[0].dtype) for p in student.parameters()]
-    torch._foreach_lerp_(target_params, student_params, 1.0 - decay)
+    ema_update_tensors(list(target.parameters()), list(student.parameters()), decay)
+
+
+@torch.no_grad()
+def ema_update_tensors(targets: list[torch.Tensor], sources: list[torch.Tensor], decay: float) -> None:
+    """targets[i] <- decay * targets[i] + (1 - decay) * sources[i], in the targets' dtype."""
+    torch._foreach_lerp_(targets, [p.detach().to(t.dtype) for t, p in zip(targets, sources)], 1.0 - decay)
 
 
 def unconditional_added_cond_kwargs(added_cond_kwargs: dict) -> dict:
@@ -107,6 +129,10 @@ class LcmDistiller(DistillationBase):
         if full_model:
             unet = teacher_model.get_trained_component()
             self.teacher_unet, self.target_unet = frozen_copy(unet), frozen_copy(unet)
+        # LoRA EMA target: parameter name -> EMA weight (float32 at least), from the student on first use so that
+        # a resumed student (or a checkpoint's saved EMA, on_load_checkpoint) is what it starts from.
+        self.use_lora_target_ema = config.lora_target_ema and not full_model
+        self.target_lora: dict[str, torch.Tensor] | None = None
 
     def _schedule_for(self, device: torch.device, dtype: torch.dtype) -> DDIMSkipSchedule:
         key = (device, dtype)
@@ -173,14 +199,16 @@ class LcmDistiller(DistillationBase):
         target_unet = self.target_unet if self.target_unet is not None else self.teacher_model.get_trained_component()
 
         def target_model(x_t_n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            # The target network: LCM-LoRA's student itself (adapters on) or the EMA copy; never the teacher.
-            return target_unet(
-                x_t_n.to(unet_dtype),
-                t,
-                encoder_hidden_states=prompt_embeds,
-                added_cond_kwargs=added_cond_kwargs,
-                return_dict=False,
-            )[0].to(arithmetic_dtype)
+            # The target network: LCM-LoRA's student itself (adapters on), with its EMA LoRA weights when
+            # lora_target_ema is set, or the full model's EMA copy; never the teacher.
+            with self._target_lora_weights():
+                return target_unet(
+                    x_t_n.to(unet_dtype),
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0].to(arithmetic_dtype)
 
         targets = consistency_targets(
             latents=latents.to(arithmetic_dtype),
@@ -193,11 +221,16 @@ class LcmDistiller(DistillationBase):
             timestep_scaling=self.lcm_config.timestep_scaling_factor,
             teacher=teacher,
             target_model=target_model,
+            variant=self.lcm_config.variant,
+            t_end=end_timesteps(
+                self.lcm_config.variant, t_n, schedule=schedule, pcm_phases=self.lcm_config.pcm_phases
+            ),
         )
         # The trainer's own student forward reads these two keys.
         batch["noisy_latents"] = targets.x_t.to(unet_dtype)
         batch["timesteps"] = targets.t_n_plus_k
         batch[LCM_X_T_KEY] = targets.x_t
+        batch[LCM_T_END_KEY] = targets.t_end
         batch[LCM_TARGET_KEY] = targets.target
         return batch
 
@@ -212,6 +245,8 @@ class LcmDistiller(DistillationBase):
             schedule=self._schedule_for(x_t.device, x_t.dtype),
             prediction_type=self.prediction_type,
             timestep_scaling=self.lcm_config.timestep_scaling_factor,
+            variant=self.lcm_config.variant,
+            t_end=prepared_batch[LCM_T_END_KEY],
         )
         loss = consistency_loss(
             prediction,
@@ -221,24 +256,77 @@ class LcmDistiller(DistillationBase):
         )
         return loss, {"lcm_loss": loss.detach().item()}
 
+    def _trainable_lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The adapter weights the optimizer trains (PEFT LoRA layers of the UNet), by parameter name."""
+        unet = self.teacher_model.get_trained_component()
+        parameters = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+        if not parameters:
+            raise ValueError(
+                "distillation_config.lcm.lora_target_ema: the trained UNet has no trainable adapter weights "
+                f"(lora_type {self.teacher_model.config.lora_type!r}); it supports PEFT LoRA (lora_type "
+                "'standard'). Set lora_target_ema to false."
+            )
+        return parameters
+
+    def _ema_lora_weights(self) -> dict[str, torch.Tensor]:
+        if self.target_lora is None:
+            self.target_lora = {
+                name: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone()
+                for name, p in self._trainable_lora_parameters().items()
+            }
+        return self.target_lora
+
+    @contextmanager
+    def _target_lora_weights(self):
+        """The student's adapters hold the EMA LoRA weights inside (lora_target_ema), their own weights after."""
+        if not self.use_lora_target_ema:
+            yield
+            return
+        ema = self._ema_lora_weights()
+        parameters = self._trainable_lora_parameters()
+        with torch.no_grad():
+            student = {name: p.detach().clone() for name, p in parameters.items()}
+            for name, p in parameters.items():
+                p.copy_(ema[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in parameters.items():
+                    p.copy_(student[name])
+
     def post_training_step(self, model, step):
-        """Once per optimizer step (full model): move the target network towards the student by EMA."""
+        """Once per optimizer step: move the target network (full model, or the LoRA EMA) towards the student."""
         del model, step
         if self.target_unet is not None:
             ema_update(self.target_unet, self.teacher_model.get_trained_component(), self.lcm_config.ema_decay)
+        if self.use_lora_target_ema:
+            ema = self._ema_lora_weights()
+            parameters = self._trainable_lora_parameters()
+            ema_update_tensors([ema[name] for name in parameters], list(parameters.values()), self.lcm_config.ema_decay)
 
     def on_save_checkpoint(self, step, ckpt_dir):
-        """Full model: the target network is training state; the teacher is the pretrained model, not saved."""
+        """The target network is training state (full model: the EMA UNet; LoRA: the EMA adapter weights); the
+        teacher is the pretrained model, not saved."""
         del step
         accelerator = getattr(self.teacher_model, "accelerator", None)
-        if self.target_unet is not None and getattr(accelerator, "is_main_process", True):
+        if not getattr(accelerator, "is_main_process", True):
+            return
+        if self.target_unet is not None:
             state = {name: tensor.contiguous() for name, tensor in self.target_unet.state_dict().items()}
             save_file(state, str(Path(ckpt_dir) / TARGET_CHECKPOINT_FILE))
+        if self.use_lora_target_ema:
+            state = {name: tensor.contiguous() for name, tensor in self._ema_lora_weights().items()}
+            save_file(state, str(Path(ckpt_dir) / TARGET_LORA_CHECKPOINT_FILE))
 
     def on_load_checkpoint(self, ckpt_dir):
-        if self.target_unet is None:
-            return
-        path = Path(ckpt_dir) / TARGET_CHECKPOINT_FILE
+        if self.target_unet is not None:
+            self._load_target_unet(Path(ckpt_dir))
+        if self.use_lora_target_ema:
+            self._load_target_lora(Path(ckpt_dir))
+
+    def _load_target_unet(self, ckpt_dir: Path) -> None:
+        path = ckpt_dir / TARGET_CHECKPOINT_FILE
         if path.is_file():
             device = next(self.target_unet.parameters()).device
             self.target_unet.load_state_dict(load_file(str(path), device=str(device)))
@@ -247,12 +335,26 @@ class LcmDistiller(DistillationBase):
         self.logger.warning("%s has no %s; the LCM target network restarts from the student.", ckpt_dir, path.name)
         self.target_unet.load_state_dict(self.teacher_model.get_trained_component().state_dict())
 
-    def get_scheduler(self, *_):
-        """Validation sampler: LCMScheduler on the training solver's grid, with the trained boundary scaling."""
-        from lcm_plugin.inference import lcm_scheduler
+    def _load_target_lora(self, ckpt_dir: Path) -> None:
+        path = ckpt_dir / TARGET_LORA_CHECKPOINT_FILE
+        parameters = self._trainable_lora_parameters()
+        if not path.is_file():
+            self.logger.warning("%s has no %s; the LCM target LoRA restarts from the student.", ckpt_dir, path.name)
+            self.target_lora = None
+            return
+        device = str(next(iter(parameters.values())).device)
+        saved = load_file(str(path), device=device)
+        if saved.keys() != parameters.keys():
+            missing, unexpected = sorted(parameters.keys() - saved.keys()), sorted(saved.keys() - parameters.keys())
+            raise ValueError(
+                f"{path}: its EMA LoRA weights do not match the trained adapters (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); resume with the LoRA settings (lora_rank, targets) of the run that saved it."
+            )
+        self.target_lora = saved
 
-        return lcm_scheduler(
-            self.noise_scheduler.config,
-            num_ddim_timesteps=self.lcm_config.num_ddim_timesteps,
-            timestep_scaling=self.lcm_config.timestep_scaling_factor,
-        )
+    def get_scheduler(self, *_):
+        """Validation sampler for the variant: LCMScheduler (lcm), TCDScheduler at tcd_gamma (tcd) or at gamma 0
+        (pcm), all on the training solver's grid."""
+        from lcm_plugin.inference import variant_scheduler
+
+        return variant_scheduler(self.noise_scheduler.config, self.lcm_config)
