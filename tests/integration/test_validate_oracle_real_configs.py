@@ -271,6 +271,14 @@ def _generated_runs():
         config = dict(base_config)
         config[key_a], config[key_b] = value_a, value_b
         yield f"{key_a}={value_a!r} {key_b}={value_b!r}", config, BASE_ENTRIES
+    # two datasets sharing one latent folder, in two spellings: SimpleTuner trains it, so validate only warns.
+    for spelling in ("cache/vae/shared", "./cache/../cache/vae/shared/"):
+        entries = [
+            BASE_ENTRIES[0] | {"cache_dir_vae": "cache/vae/shared"},
+            BASE_ENTRIES[0] | {"id": "more", "cache_dir_vae": spelling},
+            BASE_ENTRIES[1],
+        ]
+        yield f"cache_dir_vae {spelling!r} shared by two datasets", base_config, entries
     for value in SPELLINGS:
         yield f"validation_guidance_skip_layers={value!r} sd3", base_config | {
             "model_family": "sd3",

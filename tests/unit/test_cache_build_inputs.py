@@ -12,6 +12,7 @@ from PIL import Image
 
 from lcm_plugin.cache_build.plan import datasets_of, read_run, scan_dataset
 from lcm_plugin.cli import main
+from lcm_plugin.config import validate_files
 from test_cache_build_plan import IMAGES, TEXT, write_config
 
 
@@ -36,6 +37,21 @@ def test_bad_integers_in_config_json_give_one_line(tmp_path, capsys, config, exp
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f"simpletuner-lcm cache build: {root / 'config' / 'config.json'}: ")
     assert expected in lines[0]
+
+
+def test_a_latent_folder_shared_by_two_datasets_warns_in_validate_and_stops_the_build(tmp_path, capsys):
+    shared = {"cache_dir_vae": "cache/vae"}
+    root = write_config(tmp_path, [IMAGES | shared, IMAGES | shared | {"id": "more"}, TEXT])
+    config_path = root / "config" / "config.json"
+    # SimpleTuner 4.10.1 trains this run: validate and the training gate only warn.
+    problems = validate_files(config_path)
+    assert [(p.pointer, p.severity) for p in problems] == [("/1/cache_dir_vae", "warning")], problems
+    assert "'photos' (entry 0) and 'more' (entry 1)" in problems[0].message
+    code, lines = run_cli(capsys, "build", str(root))
+    assert code == 1 and lines == [
+        f"simpletuner-lcm cache build: {root / 'config' / 'multidatabackend.json'}: /1/cache_dir_vae: 'cache/vae' is "
+        "the cache_dir_vae of both 'photos' (entry 0) and 'more' (entry 1): cache build needs one per dataset"
+    ]
 
 
 def test_seed_range_is_the_one_simpletuner_seeds_numpy_with():

@@ -659,10 +659,13 @@ def _caption_shuffle_problems(entry: dict, where, file: str) -> list[Problem]:
     return problems
 
 
-def check_backends(entries: Any, file: str, defaults: dict | None = None, base: Path | None = None) -> list[Problem]:
+def check_backends(
+    entries: Any, file: str, defaults: dict | None = None, base: Path | None = None, cache_build: bool = False
+) -> list[Problem]:
     """Every problem of a parsed multidatabackend.json: per entry, then the rules across entries.
 
     `base`: the folder training starts in, against which relative cache folders resolve (default: here).
+    `cache_build`: judge for `simpletuner-lcm cache build`, whose writers need one latent folder per dataset.
     """
     defaults = defaults or {}
     if not isinstance(entries, list):
@@ -678,7 +681,9 @@ def check_backends(entries: Any, file: str, defaults: dict | None = None, base: 
         problems += found
     valid = [(index, entry) for index, entry in enumerate(entries) if isinstance(entry, dict) and entry_model(entry)]
     # Rules across entries need every entry's type: with one unreadable, they would report noise.
-    return problems + (_cross_entry_problems(valid, file, base or Path(".")) if len(valid) == len(entries) else [])
+    if len(valid) < len(entries):
+        return problems
+    return problems + _cross_entry_problems(valid, file, base or Path("."), cache_build)
 
 
 def _folder(path: Any, base: Path) -> str:
@@ -687,7 +692,7 @@ def _folder(path: Any, base: Path) -> str:
     return str((folder if folder.is_absolute() else base / folder).resolve())
 
 
-def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path) -> list[Problem]:
+def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path, cache_build: bool) -> list[Problem]:
     problems: list[Problem] = []
     enabled = [(index, entry) for index, entry in entries if is_enabled(entry)]
     kind_of = lambda entry: str(entry.get("dataset_type", "image"))  # noqa: E731
@@ -711,10 +716,10 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path
             ids_by_kind.setdefault(kind_of(entry), set()).add(entry["id"])
 
     media = [(i, e) for i, e in enabled if entry_model(e) is MediaEntry]
+    entries_by_index = dict(media)
     text = [(i, e) for i, e in enabled if kind_of(e) == "text_embeds"]
     vae_dirs: dict[str, int] = {}
-    # Two spellings of one folder ("cache/vae", "./cache/vae") pass SimpleTuner's string comparison, yet both
-    # datasets then write latents named after the image file into that folder.
+    # Folders compare resolved: "cache/vae" and "./cache/vae/" are one folder to both writers.
     text_dirs = {_folder(e["cache_dir"], base) for _, e in text if e.get("cache_dir")}
     for index, entry in media:
         cache_dir = entry.get("cache_dir_vae")
@@ -722,13 +727,8 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path
             continue
         key = _folder(cache_dir, base)
         if key in vae_dirs:
-            problems.append(
-                Problem(
-                    file,
-                    pointer(index, "cache_dir_vae"),
-                    f"{cache_dir!r} is also entry {vae_dirs[key]}'s cache_dir_vae: each dataset needs its own",
-                )
-            )
+            first = vae_dirs[key]
+            problems.append(_shared_vae_cache(file, (first, entries_by_index[first]), (index, entry), cache_build))
         else:
             vae_dirs[key] = index
         if key in text_dirs:
@@ -796,6 +796,25 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path
             Problem(file, "", "no dataset is available at the start of training (start_epoch <= 1 and start_step <= 1)")
         )
     return problems
+
+
+def _shared_vae_cache(file: str, first: tuple[int, dict], second: tuple[int, dict], cache_build: bool) -> Problem:
+    """Two datasets with one latent folder. SimpleTuner 4.10.1 trains this (its factory never compares the
+    folders), but it names a latent after the image's path below its dataset folder: an image with the same
+    relative name in both datasets gets one cache file, and one dataset trains on the other's latents. The
+    cache build's writers (one store and manifest per folder) would overwrite each other, so it refuses."""
+    (first_index, first_entry), (index, entry) = first, second
+    where = pointer(index, "cache_dir_vae")
+    both = f"{first_entry.get('id')!r} (entry {first_index}) and {entry.get('id')!r} (entry {index})"
+    if cache_build:
+        message = f"{entry['cache_dir_vae']!r} is the cache_dir_vae of both {both}: cache build needs one per dataset"
+        return Problem(file, where, message)
+    message = (
+        f"{entry['cache_dir_vae']!r} is the cache_dir_vae of both {both}: an image at the same path below its "
+        "dataset folder in both gets one latent file, so one dataset trains on the other's latents; give each "
+        "dataset its own"
+    )
+    return Problem(file, where, message, "warning")
 
 
 def _starts_at_once(entry: dict) -> bool:

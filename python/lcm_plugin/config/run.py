@@ -113,18 +113,21 @@ def find_backend_file(config: dict, config_path: Path) -> tuple[Path | None, lis
     ]
 
 
-def validate_run(config: Any, config_path: str | Path, backend_path: str | Path | None = None) -> list[Problem]:
+def validate_run(
+    config: Any, config_path: str | Path, backend_path: str | Path | None = None, cache_build: bool = False
+) -> list[Problem]:
     """Every problem of a run, errors and warnings, before anything heavy loads.
 
     config: config.json as parsed (a dict of SimpleTuner options; `--` prefixes allowed).
     config_path: where config.json lives; relative data paths resolve against `run_root(config_path)`.
     backend_path: multidatabackend.json; None finds it as SimpleTuner does (data_backend_config, else beside).
+    cache_build: judge for `simpletuner-lcm cache build`, which needs one cache_dir_vae per dataset.
     Render with `format_problems(problems)`; any `severity == "error"` means the run must not start.
     """
-    return without_shadowed_warnings(_run_problems(config, Path(config_path), backend_path))
+    return without_shadowed_warnings(_run_problems(config, Path(config_path), backend_path, cache_build))
 
 
-def _run_problems(config: Any, config_path: Path, backend_path: str | Path | None) -> list[Problem]:
+def _run_problems(config: Any, config_path: Path, backend_path: str | Path | None, cache_build: bool) -> list[Problem]:
     file = str(config_path)
     problems = check_training_config(config, file, config_path.parent)
     if not isinstance(config, dict):
@@ -140,7 +143,9 @@ def _run_problems(config: Any, config_path: Path, backend_path: str | Path | Non
     entries, unreadable = read_json(backend_path)
     if unreadable:
         return problems + unreadable
-    problems += check_backends(entries, str(backend_path), inherited_settings(config), run_root(config_path))
+    problems += check_backends(
+        entries, str(backend_path), inherited_settings(config), run_root(config_path), cache_build
+    )
     problems += missing_data_dirs(entries, str(backend_path), run_root(config_path))
     return problems
 
