@@ -13,6 +13,7 @@ from simpletuner.helpers.distillation.registry import DistillationRegistry
 from simpletuner.helpers.models.common import PredictionTypes
 
 from lcm_plugin import tiny_sdxl
+from lcm_plugin.config import LcmConfig
 from lcm_plugin.simpletuner import install as installer
 from lcm_plugin.simpletuner.distiller import LcmDistiller
 
@@ -98,7 +99,8 @@ def test_missing_import_path_exists_only_while_installed(installed):
 def test_factory_creates_our_distiller_from_the_lcm_block(installed):
     distiller = create({"lcm": LCM_BLOCK})
     assert isinstance(distiller, LcmDistiller)
-    assert distiller.lcm_config.model_dump() == {**LCM_BLOCK, "ema_decay": 0.95}
+    # The block's values; every setting it leaves out keeps its default.
+    assert distiller.lcm_config.model_dump() == {**LcmConfig().model_dump(), **LCM_BLOCK}
     assert distiller.schedule.skip_k == 1000 // 25
     scheduler = distiller.get_scheduler()
     assert type(scheduler).__name__ == "LCMScheduler" and scheduler.config.timestep_scaling == 10.0

@@ -4,11 +4,52 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 
 # SDXL's (and SD 1.x/2.x's) DDPM schedule length; pass another with
 # `LcmConfig.model_validate(block, context={"num_train_timesteps": T})`.
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+class QualityCheckConfig(BaseModel):
+    """The quality check run at each validation of an LCM run (docs/quality.md, "During training")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True,
+        description="Measure the student against the teacher at each validation and log lcm_quality/... to the "
+        "trackers (training_metrics.jsonl with report_to 'simpletuner'), with a comparison grid beside the "
+        "validation images. Runs only when SimpleTuner's validation runs.",
+    )
+    steps: list[PositiveInt] = Field(
+        [1, 2, 4, 8],
+        min_length=1,
+        description="Step counts at which the student (the distiller's validation scheduler) and the teacher "
+        "(DDIM, trailing spacing) are sampled. Each must be at most num_ddim_timesteps.",
+        examples=[[1, 2, 4, 8]],
+    )
+    samples: int = Field(
+        48,
+        ge=4,
+        description="Samples per sampler, cycling through the validation prompts. 48 separates the demo teacher's "
+        "DDIM 1, 2 and 4 steps from its 50 steps (docs/quality.md); fewer widen the floor's range.",
+        examples=[48],
+    )
+    reference_steps: int = Field(
+        50,
+        ge=1,
+        description="DDIM steps of the reference sampler (the teacher's many-step samples) and of the floor. "
+        "The teacher's sets are sampled once per run, at the first validation, then reused.",
+        examples=[50],
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_are_distinct(cls, steps: list[int]) -> list[int]:
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"step counts must be distinct, got {steps}")
+        return sorted(steps)
 
 
 class LcmConfig(BaseModel):
@@ -97,6 +138,25 @@ class LcmConfig(BaseModel):
         "LCMScheduler/TCDScheduler/DDIM (trailing) choose for k steps.",
         examples=[2],
     )
+
+    quality_check: QualityCheckConfig = Field(
+        default_factory=QualityCheckConfig,
+        validate_default=True,  # the default steps are checked against num_ddim_timesteps too
+        description="Student-vs-teacher quality measured at each validation (Fréchet distance with its floor "
+        "and interval); {\"enabled\": false} turns it off.",
+    )
+
+    @field_validator("quality_check")
+    @classmethod
+    def _quality_steps_fit_the_solver_grid(cls, quality_check: QualityCheckConfig, info: ValidationInfo):
+        num_ddim_timesteps = info.data.get("num_ddim_timesteps")
+        too_many = [steps for steps in quality_check.steps if num_ddim_timesteps and steps > num_ddim_timesteps]
+        if too_many:
+            raise ValueError(
+                f"steps {too_many} exceed num_ddim_timesteps ({num_ddim_timesteps}): the student's scheduler "
+                "samples on the training solver's grid of that many steps"
+            )
+        return quality_check
 
     @field_validator("num_ddim_timesteps")
     @classmethod

@@ -54,6 +54,14 @@ F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDif
     components and passes neither, so every `model_family: sd1x` run stops with a TypeError before training.
     `from_pretrained` is unchanged (it sees the original signature). Skipped for a class whose `__init__` no
     longer requires the two arguments.
+
+Quality check (LCM runs with `lcm.quality_check.enabled`; `_quality_check_surfaces` / `_patch_quality_check` /
+`_restore_quality_check`; the logic is `lcm_plugin.quality_check`):
+Q1. `Validation.finalize_validation` (called once per validation, on the processes that ran it, while the pipeline
+    still exists) first samples the student and teacher on the validation prompts' cached embeddings
+    (`Validation._prepare_validation_work_items`, `_gather_prompt_embeds`), logs `lcm_quality/...` with
+    `accelerator.log` and saves/logs a comparison grid with `validation_images.save_validation_image` /
+    `log_images_to_trackers`, at `StateTracker.get_global_step()`. SimpleTuner has no per-validation metric hook.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ import logging
 import os
 import sys
 import types
+import weakref
 from importlib.metadata import version
 
 from pydantic import ValidationError
@@ -719,6 +728,119 @@ def _restore_families(saved: dict) -> None:
 # --- end of model families ------------------------------------------------------------------------------------------
 
 
+# --- quality check (Q1) ---------------------------------------------------------------------------------------------
+
+# One lcm_plugin.quality_check.QualityCheck per Validation object (one per run): it keeps the teacher's sets.
+_quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+UNCONDITIONAL_SHORTNAME = "unconditional"  # validation.prepare_validation_prompt_list's empty-prompt entry
+
+
+def _quality_check_surfaces() -> dict:
+    """The SimpleTuner objects Q1 uses or patches, checked (install() calls this before it changes anything)."""
+    validation_module = "simpletuner.helpers.training.validation"
+    validation = _require(_import_surface(validation_module), "Validation", validation_module)
+    for name in ("finalize_validation", "_prepare_validation_work_items", "_gather_prompt_embeds"):
+        _require(validation, name, "Validation")
+    images_module = "simpletuner.helpers.training.validation_images"
+    images = _import_surface(images_module)
+    for name in ("save_validation_image", "log_images_to_trackers"):
+        _require(images, name, images_module)
+    state_module = "simpletuner.helpers.training.state_tracker"
+    state_tracker = _require(_import_surface(state_module), "StateTracker", state_module)
+    _require(state_tracker, "get_global_step", "StateTracker")
+    return {"validation": validation, "images": images, "state_tracker": state_tracker}
+
+
+def _finalize_with_quality_check(original, surfaces: dict):
+    """Q1: `Validation.finalize_validation` first runs the LCM quality check, while validation's pipeline (with the
+    trained weights on the inference device) still exists; then SimpleTuner's own clean-up."""
+
+    @functools.wraps(original)
+    def finalize_validation(self, validation_type):
+        try:
+            _run_quality_check(self, surfaces)
+        except Exception as error:  # noqa: BLE001 - a failed measurement must not end a long training run
+            logger.error("simpletuner-lcm: the LCM quality check failed (%s: %s); training goes on without it.",
+                         type(error).__name__, error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return original(self, validation_type)
+
+    return finalize_validation
+
+
+def _run_quality_check(validation, surfaces: dict) -> None:
+    from lcm_plugin import quality_check
+    from lcm_plugin.simpletuner.distiller import LcmDistiller
+
+    config = validation.config
+    pipeline = getattr(validation.model, "pipeline", None)
+    if not (_is_lcm_run(config) and isinstance(validation.distiller, LcmDistiller) and pipeline is not None):
+        return
+    if not getattr(validation.accelerator, "is_main_process", True):
+        return
+    settings = validation.distiller.lcm_config
+    if not settings.quality_check.enabled:
+        return
+    # The user's text prompts; SimpleTuner's added empty-prompt sample ("unconditional") is not one of them.
+    items = [item for item in validation._prepare_validation_work_items(
+        (validation.validation_prompt_metadata or {}).get("validation_prompts"))
+        if item.conditioning is None and item.shortname != UNCONDITIONAL_SHORTNAME]
+    if not items:
+        logger.info("simpletuner-lcm: no text-only validation prompt; the LCM quality check is skipped.")
+        return
+    check = _quality_checks.get(validation)
+    if check is None:
+        check = _quality_checks[validation] = quality_check.QualityCheck(settings.quality_check)
+    per_prompt = [
+        validation._gather_prompt_embeds(item.prompt, item.shortname, None, cache_shortname=item.shortname)
+        for item in items
+    ]
+    if any(embeds is None for embeds in per_prompt):
+        logger.warning("simpletuner-lcm: a validation prompt has no cached text embedding; quality check skipped.")
+        return
+    width, height = validation.validation_resolutions[0]
+    distiller = validation.distiller
+    sample = quality_check.pipeline_sampler(
+        pipeline,
+        conditioning=quality_check.cycled_conditioning(per_prompt, settings.quality_check.samples),
+        width=width,
+        height=height,
+        teacher_unet=distiller._teacher,
+        student_scheduler=distiller.get_scheduler,
+        training_scheduler_config=distiller.noise_scheduler.config,
+        # A student without a guidance input distils the teacher averaged over U[w_min, w_max]: CFG is linear in
+        # the scale, so that is the teacher at the mean scale (as in the demo).
+        guidance_scale=(settings.w_min + settings.w_max) / 2.0,
+    )
+    step = surfaces["state_tracker"].get_global_step()
+    report = check.run(sample, step=step)
+    for line in report.summary.splitlines():
+        logger.info("simpletuner-lcm: %s", line)
+    validation.accelerator.log(report.metrics, step=step)
+    label = "lcm_quality_grid"
+    images = surfaces["images"]
+    path = images.save_validation_image(
+        report.grid, validation.save_dir, f"step_{step}_{label}", config, label=label, index=0,
+        resolution=f"{width}x{height}",
+    )
+    logger.info("simpletuner-lcm: LCM quality grid (rows: sampler, columns: sample) saved to %s", path)
+    images.log_images_to_trackers(validation.accelerator, {label: [report.grid]}, [(width, height)], config)
+
+
+def _patch_quality_check(surfaces: dict, saved: dict) -> None:
+    validation = surfaces["validation"]
+    saved["finalize_validation"] = validation.__dict__["finalize_validation"]
+    validation.finalize_validation = _finalize_with_quality_check(saved["finalize_validation"], surfaces)
+
+
+def _restore_quality_check(saved: dict) -> None:
+    from simpletuner.helpers.training.validation import Validation
+
+    Validation.finalize_validation = saved["finalize_validation"]
+
+
+# --- end of quality check -------------------------------------------------------------------------------------------
+
+
 def install() -> None:
     """Patch SimpleTuner so that `distillation_method: lcm` trains our LcmDistiller. Safe to call twice."""
     global _saved
@@ -763,6 +885,7 @@ def install() -> None:
     data_path = _data_path_surfaces()
     run_outputs = _run_output_surfaces()
     families = _family_surfaces()
+    quality_check = _quality_check_surfaces()
 
     from lcm_plugin.simpletuner.distiller import LcmDistiller
 
@@ -803,6 +926,7 @@ def install() -> None:
     _patch_data_path(data_path, saved)
     _patch_run_outputs(run_outputs, saved)
     _patch_families(families, saved)
+    _patch_quality_check(quality_check, saved)
     _saved = saved
 
 
@@ -839,3 +963,4 @@ def uninstall() -> None:
     _restore_data_path(saved)
     _restore_run_outputs(saved)
     _restore_families(saved)
+    _restore_quality_check(saved)
