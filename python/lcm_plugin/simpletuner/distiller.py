@@ -29,11 +29,10 @@ Full-model distillation (model_type "full") follows diffusers' `train_lcm_distil
 a frozen copy of the pretrained UNet is the teacher and a separate target network tracks the student by EMA
 (`ema_decay`, updated once per optimizer step, saved with every checkpoint). Deliberate deviation: no
 guidance-scale embedding (`timestep_cond`), because SimpleTuner's own student forward cannot pass one; the
-student learns the guidance range w_min..w_max averaged, as LCM-LoRA does. The reason: the guidance embedding
-w is drawn per sample inside prepare_batch, but the student's forward is SimpleTuner's own
-`model_predict` (SDXL / SD 1.x `_model_predict_single`), which calls the UNet with a fixed argument list and no
-`timestep_cond`; the UNet would also need `time_cond_proj_dim`, which the pretrained SDXL / SD configs lack, so
-the full model would have to be rebuilt with a new, randomly initialised layer before SimpleTuner loads it.
+student learns the guidance range w_min..w_max averaged, as LCM-LoRA does. The reason (docs/config.md, "No
+guidance-scale embedding"): SimpleTuner's `_model_predict_single` (SDXL, SD 1.x) calls the UNet with a fixed
+argument list whose only per-batch extra is FlowMap's `r_timestep`, and the pretrained UNet has no
+`time_cond_proj_dim` layer to receive w, so it would have to be rebuilt before SimpleTuner loads it.
 
 LoRA with `lora_target_ema` (diffusers PR #6537, `--use_target_model`): the target is the UNet with an EMA copy
 of the LoRA weights, updated once per optimizer step with `ema_decay` and saved with every checkpoint. The EMA
