@@ -193,7 +193,9 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
 
     options = BuildOptions(config_dir=settings.config_path, threads=threads)
     report = build_planned(settings, datasets, prints, options, rank=rank, world=world, group=group, models=models,
-                           write_bucket_files=True, log=lambda line: log(f"simpletuner-lcm data path: {line}"))
+                           # SimpleTuner-format files are neither read nor written here: a trainer leaves them alone
+                           write_bucket_files=True, remove_stale_files=False,
+                           log=lambda line: log(f"simpletuner-lcm data path: {line}"))
     if rank == 0 and report.failed_on_any_rank:
         log(f"simpletuner-lcm data path: {len(report.failed_on_any_rank)} image(s) not in the shards; SimpleTuner's "
             "own path takes them (first: " + "; ".join(f"{path}: {why}" for path, why in

@@ -36,6 +36,7 @@ def test_stock_trainer_reuses_the_simpletuner_format_cache(tmp_path, tiny_sdxl_d
     loader = LocalDataBackend(accelerator=None, id="text", compress_cache=True)  # compress_disk_cache default
     ours = loader.torch_load(str(dropout_file))
 
+    trainer_env["SIMPLETUNER_LCM_DATA_PATH"] = "simpletuner"  # SimpleTuner's own caching reads these files
     result = subprocess.run(
         [str(bin_dir / "simpletuner"), "train"], cwd=run, env=trainer_env, capture_output=True, text=True, timeout=540
     )

@@ -229,7 +229,7 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     try:
         report = build_planned(
             settings, datasets, prints, options, rank=rank, world=world, group=group, models=FileModels(settings),
-            write_bucket_files=options.simpletuner_format, log=log,
+            write_bucket_files=options.simpletuner_format, remove_stale_files=True, log=log,
         )
         if rank == 0 and options.prune:
             prune_stores(datasets, prints, options.shard_bytes, log)
@@ -241,11 +241,12 @@ def build(options: BuildOptions, log=print) -> BuildReport:
 
 def build_planned(
     settings: RunSettings, datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, *, rank: int,
-    world: int, group, models, write_bucket_files: bool, log,
+    world: int, group, models, write_bucket_files: bool, remove_stale_files: bool, log,
 ) -> BuildReport:
     """Steps 2-5 of the module docstring for planned, keyed `datasets`. `group` synchronises the ranks (`barrier`,
     `gather`); `models` gives the VAE and the text encoders (`vae()`, `text_encoders()`), asked only when something
-    is to be encoded. Every rank returns with the manifests written (`report.failed_on_any_rank` lists what failed)."""
+    is to be encoded; `remove_stale_files`: `compare_with_caches`' cleanup of SimpleTuner-format files. Every rank
+    returns with the manifests written (`report.failed_on_any_rank` lists what failed)."""
     report = BuildReport()
     if rank == 0:  # every rank scans; one reports
         for dataset in datasets:
@@ -253,7 +254,7 @@ def build_planned(
             for reason, count in Counter(reason for _, reason in dataset.excluded).items():
                 log(f"cache build: {dataset.id}: {count} image(s) left out, as SimpleTuner does: {reason}")
         _repair(datasets, log)
-        for line in compare_with_caches(datasets, prints, options.simpletuner_format, cleanup=True):
+        for line in compare_with_caches(datasets, prints, options.simpletuner_format, cleanup=remove_stale_files):
             log(line)
     group.barrier()
     batches = vae_batches(datasets, settings.vae_batch_size)
