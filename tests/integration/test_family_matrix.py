@@ -10,7 +10,8 @@ DDIM step lands on the target's input at t_n, the target (LoRA: adapters on; ful
 no_grad with the prompt, and the student gets x_t with grad. Then the weights load into the family's diffusers
 pipeline and change its output.
 
-The LoRA row runs by default; the full-model row too with FULL_ROW_ENV=1 (README, "Model families").
+The teacher's recorded outputs are checked against the untouched base UNet loaded from the model folder, run on
+the same inputs; for full-model runs the student's output at the last step must differ from it (trained weights).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def write_run(root: Path, model_dir: Path, family: Family, model_type: str) -> P
 
 def check_lcm_step(record: dict, model_dir: Path, family: Family, model_type: str) -> None:
     """The recorded last training step is LCM's step (module docstring), against diffusers' schedulers."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
     lora = model_type == "lora"
     calls = record["calls"]
@@ -99,6 +100,8 @@ def check_lcm_step(record: dict, model_dir: Path, family: Family, model_type: st
         torch.testing.assert_close(teacher["added_cond_kwargs"]["time_ids"], torch.cat([added["time_ids"]] * 2))
     else:
         assert not added and not teacher["added_cond_kwargs"]
+    base_unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet").eval()
+    torch.testing.assert_close(teacher["output"], base_unet_output(base_unet, teacher), atol=1e-5, rtol=1e-5)
 
     # One guided DDIM step (eta 0) from the teacher's outputs, in SimpleTuner's CFG convention.
     cond, uncond = teacher["output"].double().chunk(2)
@@ -124,7 +127,21 @@ def check_lcm_step(record: dict, model_dir: Path, family: Family, model_type: st
     assert student["adapters_enabled"] is (True if lora else None)
     assert torch.equal(student["timestep"], t_start)
     torch.testing.assert_close(student["sample"], x_t, atol=1e-5, rtol=1e-5)
+    if not lora:  # two optimizer steps moved the student away from the base weights the teacher keeps
+        moved = (student["output"] - base_unet_output(base_unet, student)).abs().max()
+        assert moved > 1e-3, f"the student's output is the base UNet's (max difference {moved})"
     assert math.isfinite(record["loss"])
+
+
+def base_unet_output(base_unet, call: dict) -> torch.Tensor:
+    """The untouched base UNet's prediction for one recorded UNet call's inputs."""
+    with torch.no_grad():
+        return base_unet(
+            call["sample"],
+            call["timestep"],
+            encoder_hidden_states=call["encoder_hidden_states"],
+            added_cond_kwargs=call["added_cond_kwargs"] or None,
+        ).sample
 
 
 def trained_pipeline_changes_output(output: Path, model_dir: Path, family: Family, model_type: str) -> None:
