@@ -54,13 +54,20 @@ def test_a_latent_folder_shared_by_two_datasets_warns_in_validate_and_stops_the_
     ]
 
 
-def test_seed_range_is_the_one_simpletuner_seeds_numpy_with():
+def test_seed_range_is_the_one_simpletuner_seeds_numpy_with(tmp_path, capsys):
     import numpy as np
 
-    np.random.seed(2**32 - 1)  # SimpleTuner's set_seed seeds numpy: its bounds are the valid seeds
-    for outside in (-1, 2**32):
+    # SimpleTuner's set_seed seeds numpy: the build takes exactly the seeds numpy takes.
+    settings, _ = read_run(write_config(tmp_path / "largest", [IMAGES, TEXT], seed=2**32 - 1))
+    assert settings.seed == 2**32 - 1
+    np.random.seed(settings.seed)
+    for outside in (2**32, -1):
         with pytest.raises(ValueError):
             np.random.seed(outside)
+        root = write_config(tmp_path / str(outside), [IMAGES, TEXT], seed=outside)
+        code, lines = run_cli(capsys, "build", str(root))
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].endswith(f"/seed: {outside} is not valid; give an integer from 0 to {2**32 - 1}"), lines
 
 
 @pytest.mark.parametrize(
