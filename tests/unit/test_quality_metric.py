@@ -93,6 +93,27 @@ def test_features_by_hand():
     assert quality.image_features(np.zeros((2, 64, 64, 3), np.uint8)).shape == (2, 32)
 
 
+def test_thumbnail_features_are_the_cell_means_of_a_random_image():
+    # A random, non-square image with non-square cells: a swapped row/column or channel order changes values.
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 12, 8, 3), dtype=np.uint8)
+    features = quality.thumbnail_features(images, 4)
+    assert features.shape == (3, 4 * 4 * 3)
+    by_hand = [
+        images[n, row * 3 : row * 3 + 3, column * 2 : column * 2 + 2, channel].astype(np.float64).mean()
+        for n in range(3)
+        for row in range(4)
+        for column in range(4)
+        for channel in range(3)
+    ]
+    np.testing.assert_allclose(features.ravel(), by_hand, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("height, width", [(10, 8), (8, 10), (6, 6)])
+def test_thumbnail_features_refuse_sizes_off_the_grid(height, width):
+    with pytest.raises(ValueError, match=f"image size {height}x{width} is not a multiple of the 4x4 feature grid"):
+        quality.thumbnail_features(np.zeros((1, height, width, 3), np.uint8), 4)
+
+
 def _shapes(seed: int, n: int = SAMPLES) -> np.ndarray:
     return shapes.sample_images(n, seed)[0]
 
