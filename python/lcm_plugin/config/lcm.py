@@ -189,3 +189,15 @@ class LcmConfig(BaseModel):
         if w_min is not None and w_min > w_max:
             raise ValueError(f"w_min ({w_min}) must be <= w_max ({w_max})")
         return w_max
+
+
+def settings_at(loc: tuple) -> list[str]:
+    """The keys valid where a validation error's `loc` points (its last part is the offending key): LcmConfig's,
+    or a nested block's such as quality_check's."""
+    model = LcmConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return list(model.model_fields)

@@ -27,7 +27,7 @@ from lcm_plugin.config.argv import (
     training_folder,
 )
 from lcm_plugin.config.catalogue import load_catalogue
-from lcm_plugin.config.lcm import LcmConfig
+from lcm_plugin.config.lcm import LcmConfig, settings_at
 from lcm_plugin.config.problems import Problem, did_you_mean, pointer
 
 SCHEMA_KEY = "$schema"
@@ -522,9 +522,10 @@ def _lcm_block_problems(
     except ValidationError as error:
         for issue in error.errors():
             where = pointer(*base, *issue["loc"]) if isinstance(raw, dict) else pointer(*base)
-            name = str(issue["loc"][0]) if issue["loc"] else ""
+            name = ".".join(map(str, issue["loc"]))
             if issue["type"] == "extra_forbidden":
-                message = f"unknown LCM setting {name!r}" + did_you_mean(name, LcmConfig.model_fields)
+                key = str(issue["loc"][-1])
+                message = f"unknown LCM setting {name!r}" + did_you_mean(key, settings_at(issue["loc"]))
             else:
                 message = (f"{name}: " if not isinstance(raw, dict) else "") + _pydantic_message(issue)
             problems.append(Problem(file, where, message))

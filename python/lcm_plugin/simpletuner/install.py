@@ -78,6 +78,7 @@ from importlib.metadata import version
 from pydantic import ValidationError
 
 from lcm_plugin.config import LcmConfig
+from lcm_plugin.config.lcm import settings_at
 from lcm_plugin.config import training as config_training
 
 logger = logging.getLogger("simpletuner-lcm")
@@ -135,7 +136,7 @@ def lcm_config_from_block(block: dict) -> LcmConfig:
 
 def _hint(problem: dict) -> str:
     if problem["type"] == "extra_forbidden":
-        return f" (valid keys: {', '.join(LcmConfig.model_fields)})"
+        return f" (valid keys: {', '.join(settings_at(problem['loc']))})"
     if problem["loc"] and problem["type"] != "missing":
         return f" (got {problem['input']!r})"
     return ""
