@@ -1,0 +1,243 @@
+"""Which consistency variant gets closest to the teacher's many-step samples? (issue 10, item 4; docs/quality.md)
+
+On the demo's teacher (lcm_plugin/demo/assets/teacher) and data (its generated shapes dataset), trains an LCM-LoRA
+student per variant and training seed, then prints one table: lcm_plugin.quality's FD to the teacher's DDIM-50
+samples at 1, 2, 4 and 8 steps, with each value's interval and the floor (the DDIM-50 sampler against itself),
+beside the teacher's own DDIM at those step counts. Not a test: a measurement.
+
+Training runs in this process with the plugin's LcmDistiller (the same prepare_batch / compute_distill_loss /
+post_training_step the trainer calls, exact to diffusers' step: tests/unit/test_distiller_parity.py and
+test_distiller_variants.py) and the demo's settings (LoRA rank 32, AdamW lr 1e-3 with 10 % warm-up, batch 8,
+the seed config's lcm block), skipping SimpleTuner's start-up. Latents are the VAE posterior's samples, as
+SimpleTuner caches them.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py            # the full table
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py --quick    # a smoke run of every row
+
+One torch thread by default (OMP_NUM_THREADS): on a busy 2-core machine two threads spin against each other and
+a forward of the demo UNet takes 5 s instead of 0.1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+
+from lcm_plugin import quality
+from lcm_plugin.demo import config as demo_config
+from lcm_plugin.demo import shapes
+
+STEP_COUNTS = (1, 2, 4, 8)
+REFERENCE_NOISE_SEED, EVALUATION_NOISE_SEED = 100, 200
+DATASET_SIZE, DATASET_SEED = 512, 1  # the demo's dataset
+LORA_RANK, LEARNING_RATE, BATCH_SIZE = 32, 1e-3, 8  # the demo's training (lcm_plugin.demo.run.DEFAULT_TRAINING)
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # SimpleTuner's default for lora_type standard on SDXL
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    lcm: dict = field(default_factory=dict)  # overrides of the seed config's lcm block
+
+
+VARIANTS = (
+    Variant("LCM"),
+    Variant("LCM + EMA target", {"lora_target_ema": True}),
+    Variant("TCD", {"variant": "tcd"}),
+    Variant("PCM (2 phases)", {"variant": "pcm", "pcm_phases": 2}),
+)
+
+
+class BenchModel:
+    """The parts of SimpleTuner's SDXL model object LcmDistiller and DistillationBase use."""
+
+    def __init__(self, unet, prediction_type: str):
+        from simpletuner.helpers.models.common import PredictionTypes
+
+        self.unet = unet
+        self.PREDICTION_TYPE = PredictionTypes.from_str(prediction_type)
+        self.config = SimpleNamespace(lora_type="standard")
+
+    def get_trained_component(self):
+        return self.unet
+
+    def model_predict(self, batch):
+        # SimpleTuner's SDXL._model_predict_single call.
+        prediction = self.unet(batch["noisy_latents"], batch["timesteps"], batch["encoder_hidden_states"],
+                               added_cond_kwargs=batch["added_cond_kwargs"], return_dict=False)[0]
+        return {"model_prediction": prediction}
+
+
+def encode_dataset(pipeline):
+    """The demo dataset as SimpleTuner caches it: VAE posterior samples times the scaling factor, text embeds."""
+    import torch
+
+    from lcm_plugin.demo import sampling
+
+    images, captions = shapes.sample_images(DATASET_SIZE, DATASET_SEED)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    generator = torch.Generator().manual_seed(DATASET_SEED)
+    with torch.no_grad():
+        latents = torch.cat([
+            pipeline.vae.encode(chunk).latent_dist.sample(generator) for chunk in pixels.split(128)
+        ]) * pipeline.vae.config.scaling_factor
+    return latents, sampling.encode(pipeline, captions, shapes.IMAGE_SIZE)
+
+
+def train_student(pipeline, latents, cond, lcm_block: dict, *, steps: int, seed: int, log):
+    """A LoRA student trained for `steps` optimizer steps by LcmDistiller; returns (unet, LcmConfig, s/step)."""
+    import torch
+    from peft import LoraConfig
+
+    from lcm_plugin.config import LcmConfig
+    from lcm_plugin.simpletuner.distiller import LcmDistiller
+
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(pipeline.unet)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.01)
+    warmup = max(steps // 10, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    lcm = LcmConfig.model_validate(lcm_block)
+    model = BenchModel(unet, pipeline.scheduler.config.prediction_type)
+    from diffusers import DDPMScheduler
+
+    distiller = LcmDistiller(model, noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config), config=lcm)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.monotonic()
+    for step in range(steps):
+        index = torch.randint(0, len(latents), (BATCH_SIZE,), generator=generator)
+        batch = {
+            "latents": latents[index],
+            "noise": torch.randn(latents[index].shape, generator=generator),
+            "encoder_hidden_states": cond.prompt_embeds[index],
+            "added_cond_kwargs": {"text_embeds": cond.pooled[index], "time_ids": cond.time_ids[index]},
+        }
+        prepared = distiller.prepare_batch(batch, model, {"global_step": step})
+        loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        distiller.post_training_step(model, step)
+        if (step + 1) % max(steps // 4, 1) == 0:
+            log(f"    step {step + 1}/{steps}: lcm_loss {loss.item():.3e}")
+    unet.requires_grad_(False)
+    return unet, distiller, (time.monotonic() - started) / steps
+
+
+def sample_student(unet, distiller, noise, cond, *, steps: int, seed: int):
+    """The variant's own validation sampler (LcmDistiller.get_scheduler), no guidance (it is distilled in)."""
+    import torch
+
+    from lcm_plugin.demo import sampling
+
+    scheduler = distiller.get_scheduler()
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    latents = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            output = sampling._unet(unet, latents, t, cond)
+            latents = scheduler.step(output, t, latents, generator=generator).prev_sample
+    return latents
+
+
+def cell(comparison) -> str:
+    mark = " " if comparison.above_floor else "*"
+    return f"{comparison.fd.value:7.1f} [{comparison.fd.low:6.1f},{comparison.fd.high:6.1f}]{mark}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 steps, one seed, 48 samples: checks every row runs")
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per student (the demo trains 400)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    parser.add_argument("--samples", type=int, default=144, help="samples per row (the demo's metric count)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.samples = 60, [0], 48
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from lcm_plugin.demo import sampling
+    from lcm_plugin.demo.run import teacher_guidance_scale
+
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    wall_started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - wall_started:6.0f}s] {message}", flush=True)
+
+    seed_lcm = json.loads(demo_config.SEED_CONFIG.read_text())["distillation_config"]["lcm"]
+    guidance_scale = teacher_guidance_scale(seed_lcm)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(demo_config.ASSETS / "teacher"))
+    pipeline.set_progress_bar_config(disable=True)
+    latents, train_cond = encode_dataset(pipeline)
+    prompts = [shapes.PROMPTS[i % len(shapes.PROMPTS)] for i in range(args.samples)]
+    cond = sampling.encode(pipeline, prompts, shapes.IMAGE_SIZE)
+    size = shapes.IMAGE_SIZE // 8
+
+    def noise(seed: int):
+        return torch.randn(args.samples, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+    def teacher(seed: int, steps: int) -> np.ndarray:
+        sampled = sampling.sample_ddim(pipeline.unet, pipeline.scheduler.config, noise(seed), cond, steps=steps,
+                                       guidance_scale=guidance_scale)
+        return quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
+
+    reference = teacher(REFERENCE_NOISE_SEED, 50)
+    floor = teacher(EVALUATION_NOISE_SEED, 50)
+    rows = {f"teacher DDIM {steps}": teacher(EVALUATION_NOISE_SEED, steps) for steps in STEP_COUNTS}
+    log(f"teacher sets sampled ({args.samples} samples each, CFG scale {guidance_scale:g})")
+
+    timings = {}
+    for variant in VARIANTS:
+        for seed in args.seeds:
+            log(f"training {variant.label}, seed {seed}, {args.steps} steps")
+            unet, distiller, seconds_per_step = train_student(
+                pipeline, latents, train_cond, {**seed_lcm, **variant.lcm}, steps=args.steps, seed=seed, log=log
+            )
+            timings[f"{variant.label} (seed {seed})"] = seconds_per_step
+            for steps in STEP_COUNTS:
+                sampled = sample_student(unet, distiller, noise(EVALUATION_NOISE_SEED), cond, steps=steps,
+                                         seed=EVALUATION_NOISE_SEED + 1)
+                rows[f"{variant.label} (seed {seed}) {steps}"] = quality.image_features(
+                    sampling.decode(pipeline.vae, sampled).numpy()
+                )
+    comparisons = quality.compare_to_reference(reference, floor, rows)
+    floor_estimate = next(iter(comparisons.values())).floor
+
+    labels = ["teacher DDIM"] + [f"{v.label} (seed {s})" for v in VARIANTS for s in args.seeds]
+    header = f"{'sampler':<30}" + "".join(f"{f'{steps} step' + ('s' if steps > 1 else ''):^26}" for steps in STEP_COUNTS)
+    lines = [
+        f"FD to the teacher's DDIM-50 samples (CFG {guidance_scale:g}, reference noise seed {REFERENCE_NOISE_SEED}); "
+        f"{args.samples} samples per cell, every cell on noise seed {EVALUATION_NOISE_SEED}.",
+        f"Floor (DDIM-50 on the cells' noise): {floor_estimate.value:.1f}, a sampler matching the teacher scores in "
+        f"[{floor_estimate.low:.1f}, {floor_estimate.high:.1f}]. * = within the floor's range.",
+        f"Students: {args.steps} LoRA steps per training seed; cells: FD [95% bootstrap interval].",
+        header,
+    ]
+    for label in labels:
+        lines.append(f"{label:<30}" + "".join(f"{cell(comparisons[f'{label} {steps}']):>26}" for steps in STEP_COUNTS))
+    lines.append("Training s/step: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    lines.append(f"Wall time: {time.monotonic() - wall_started:.0f}s")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
