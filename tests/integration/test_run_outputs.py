@@ -11,6 +11,7 @@ scheduler folder), started from the same noise and generator as the pipeline und
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -96,6 +97,14 @@ def assert_is_the_trained_lcm_scheduler(scheduler, model_dir: Path) -> None:
     assert scheduler.config.timestep_scaling == LCM_BLOCK["timestep_scaling_factor"]
     assert scheduler.config.prediction_type == training.config.prediction_type
     torch.testing.assert_close(scheduler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
+    # diffusers' LCMScheduler.set_timesteps by hand: the solver grid k*i - 1 (k = 1000 // 25 = 40, i = 1..25),
+    # descending 999, 959, ..., 39; n steps take the entries at floor(j * 25 / n), j = 0..n-1.
+    assert LCM_BLOCK["num_ddim_timesteps"] == 25 and training.config.num_train_timesteps == 1000
+    expected = {1: [999], 2: [999, 519], 4: [999, 759, 519, 279]}  # 2 steps: index 12; 4 steps: 6, 12, 18
+    sampler = copy.deepcopy(scheduler)
+    for steps, timesteps in expected.items():
+        sampler.set_timesteps(steps)
+        assert sampler.timesteps.tolist() == timesteps, (steps, sampler.timesteps)
 
 
 def reference_image(pipeline, model_dir: Path, *, seed: int, steps: int) -> np.ndarray:
