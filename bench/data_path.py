@@ -33,6 +33,7 @@ for _var in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import hashlib
 import io
+import json
 import random
 import tempfile
 import time
@@ -53,6 +54,7 @@ BACKEND_ID = "bench"
 TARGET_DECODE_PSNR_DB = 40.0
 TARGET_LOADER_RATIO = 20.0
 TARGET_JPEG_DECODE_SLOWDOWN = 1.10
+CAPTION_WORDS = ("photo", "red", "blue", "street", "tree", "sky", "house", "dog")
 ASPECTS = [(1216, 832), (832, 1216), (1024, 1024), (1344, 768), (896, 1152)]
 
 
@@ -358,6 +360,118 @@ def part_bc(quick: bool) -> None:
             print(f"  {name:26} {files:7d} files {size / 1e6:9.1f} MB")
 
 
+# ---------------------------------------------------------------- (a) time to the first step
+
+
+def write_run(root: Path, model_dir: Path, sizes: list[tuple[int, int]], resolution: int, fmt: str) -> Path:
+    """A CPU LCM-LoRA run folder (1 step, batch 1) over generated photo-like images with textfile captions."""
+    data = root / "data"
+    data.mkdir(parents=True)
+    words = list(CAPTION_WORDS)
+    for i, (width, height) in enumerate(sizes):
+        (data / f"{i:06d}.{fmt.lower().replace('jpeg', 'jpg')}").write_bytes(encode(photo(width, height, seed=i), fmt))
+        (data / f"{i:06d}.txt").write_text(" ".join(words[(i + k) % len(words)] for k in range(3)) + f" {i}")
+    (root / "config").mkdir()
+    backends = [
+        {
+            "id": "photos",
+            "type": "local",
+            "instance_data_dir": str(data),
+            "crop": True,
+            "crop_style": "center",
+            "crop_aspect": "preserve",
+            "resolution": resolution,
+            "resolution_type": "pixel_area",
+            "minimum_image_size": resolution // 2,
+            "cache_dir_vae": str(root / "cache" / "vae"),
+            "caption_strategy": "textfile",
+            "metadata_backend": "discovery",
+            "repeats": 0,
+        },
+        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": str(root / "cache" / "text")},
+    ]
+    (root / "config" / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
+    config = {
+        "model_type": "lora",
+        "model_family": "sdxl",
+        "output_dir": str(root / "output"),
+        "pretrained_model_name_or_path": str(model_dir),
+        "pretrained_vae_model_name_or_path": str(model_dir / "vae"),
+        "data_backend_config": str(root / "config" / "multidatabackend.json"),
+        "distillation_method": "lcm",
+        "distillation_config": {"lcm": {"num_ddim_timesteps": 50}},
+        "resolution": resolution,
+        "resolution_type": "pixel_area",
+        "max_train_steps": 1,
+        "num_train_epochs": 0,
+        "train_batch_size": 1,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "mixed_precision": "no",
+        "lora_rank": 4,
+        "optimizer": "torch-adamw",
+        "seed": 42,
+        "validation_disable": True,
+        "report_to": "simpletuner",  # writes output/training_metrics.jsonl
+        "checkpoint_step_interval": 10_000,
+    }
+    (root / "config" / "config.json").write_text(json.dumps(config, indent=2))
+    return root
+
+
+def train_once(run: Path, data_path: str) -> float:
+    """Wall seconds of a 1-step `simpletuner train` (start-up, data preparation, first step, exit)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no", SIMPLETUNER_LCM_DATA_PATH=data_path)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    start = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "simpletuner"), "train"], cwd=run, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    # SimpleTuner can exit 0 after a failed run: judge it by the step it logged.
+    metrics = run / "output" / "training_metrics.jsonl"
+    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if result.returncode != 0 or not any(steps):
+        raise SystemExit(f"simpletuner train ({data_path}) in {run} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    return seconds
+
+
+def part_a(quick: bool) -> None:
+    """Data preparation = a run's time minus that of the same run over 2 images (start-up and model load, which
+    both paths share, cancel). Cold: no cache; warm: the second run on the same folder."""
+    from lcm_plugin.tiny_sdxl import save_tiny_sdxl
+
+    photos = 40 if quick else 300
+    small = 1000 if quick else 20000
+    datasets = [
+        (f"{photos} photo JPEGs ~1 MP at 512 px", [ASPECTS[i % len(ASPECTS)] for i in range(photos)], 512, "JPEG"),
+        (f"{small} small PNGs (96x64, 64x96, 80x80) at 64 px", [((96, 64), (64, 96), (80, 80))[i % 3] for i in range(small)], 64, "PNG"),
+    ]
+    print(f"\n(a) 1-step `simpletuner train`, tiny SDXL, CPU; data preparation = run - the same run on 2 images; load {load_average()}")
+    print(f"    stock = SIMPLETUNER_LCM_DATA_PATH=simpletuner (SimpleTuner's own caching and .pt reads), plugin = the default")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_sdxl(Path(tmp) / "model", seed=0, vocabulary=CAPTION_WORDS)
+        paths = ("simpletuner", "rust")
+        startup = {p: train_once(write_run(Path(tmp) / f"base-{p}", model, ASPECTS[:2], 512, "JPEG"), p) for p in paths}
+        for n, (label, sizes, resolution, fmt) in enumerate(datasets):
+            prep = {}
+            for path in paths:  # each path gets its own fresh folder (SimpleTuner writes metadata into it)
+                run = write_run(Path(tmp) / f"{n}-{path}", model, sizes, resolution, fmt)
+                cold = train_once(run, path)
+                warm = train_once(run, path)
+                prep[path] = (cold - startup[path], warm - startup[path], startup[path])
+            (st_cold, st_warm, st_start), (our_cold, our_warm, our_start) = prep["simpletuner"], prep["rust"]
+            print(f"  {label}")
+            print(f"    stock : start-up {st_start:6.1f} s   data prep cold {st_cold:7.1f} s   warm {st_warm:6.1f} s")
+            print(f"    plugin: start-up {our_start:6.1f} s   data prep cold {our_cold:7.1f} s   warm {our_warm:6.1f} s")
+            print(
+                f"    ratio cold {st_cold / max(our_cold, 1e-3):5.1f}x (target >= 2x)   warm {st_warm / max(our_warm, 1e-3):5.1f}x (target >= 5x)"
+                "   (a warm prep near 0 s is within the start-up noise)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
@@ -367,6 +481,8 @@ def main() -> None:
     print(f"load average at start: {load_average()}; cores: {os.cpu_count()}; command: OMP_NUM_THREADS=1 .venv/bin/python bench/data_path.py --parts {args.parts}{' --quick' if args.quick else ''}")
     if "d" in parts:
         part_d(args.quick)
+    if "a" in parts:
+        part_a(args.quick)
     if parts & {"b", "c"}:
         part_bc(args.quick)
     print(f"\nload average at end: {load_average()}")

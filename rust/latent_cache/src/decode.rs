@@ -5,6 +5,7 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use rayon::prelude::*;
 use std::path::Path;
+use zune_core::bytestream::{ZByteIoError, ZSeekFrom};
 
 /// Pillow's `DecompressionBombError` threshold (2 × `Image.MAX_IMAGE_PIXELS`).
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
@@ -150,7 +151,7 @@ fn decode_jpeg(path: &Path, bytes: &[u8], header: &Header) -> Result<Rgb> {
         .set_max_width(header.width as usize)
         .set_max_height(header.height as usize)
         .set_strict_mode(false);
-    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(SliceReader::new(bytes), options);
     let fail = |e: zune_jpeg::errors::DecodeErrors| CacheError::decode(path, format!("{e:?}"));
     decoder.decode_headers().map_err(fail)?;
     let info = decoder.info().ok_or_else(|| CacheError::decode(path, "no frame header"))?;
@@ -191,6 +192,105 @@ fn decode_jpeg_scaled(path: &Path, bytes: &[u8], wanted: (u32, u32)) -> Result<R
         return Err(CacheError::decode(path, "truncated pixel data"));
     }
     Ok(Rgb { width, height, data })
+}
+
+/// zune-jpeg's input over a byte slice.
+///
+/// zune-core's own `ZCursor` reaches zune-jpeg through its blanket `BufRead + Seek` implementation, so each
+/// 4-byte refill of the entropy decoder becomes an `io::Read::read` with a runtime-length `memcpy` call; here the
+/// fixed-size reads inline to plain loads (about a quarter less time per JPEG). The semantics are that path's:
+/// a read past the end fails (or, for a single byte, yields 0) and leaves the position where it was.
+struct SliceReader<'a> {
+    data: &'a [u8],
+    position: usize,
+}
+
+impl<'a> SliceReader<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self { data, position: 0 }
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.data.get(self.position..).unwrap_or(&[])
+    }
+}
+
+impl zune_core::bytestream::ZByteReaderTrait for SliceReader<'_> {
+    #[inline(always)]
+    fn read_byte_no_error(&mut self) -> u8 {
+        match self.data.get(self.position) {
+            Some(&byte) => {
+                self.position += 1;
+                byte
+            }
+            None => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn read_exact_bytes(&mut self, buf: &mut [u8]) -> std::result::Result<(), ZByteIoError> {
+        self.peek_exact_bytes(buf)?;
+        self.position += buf.len();
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn read_bytes(&mut self, buf: &mut [u8]) -> std::result::Result<usize, ZByteIoError> {
+        let count = self.peek_bytes(buf)?;
+        self.position += count;
+        Ok(count)
+    }
+
+    #[inline(always)]
+    fn peek_bytes(&mut self, buf: &mut [u8]) -> std::result::Result<usize, ZByteIoError> {
+        let rest = self.rest();
+        let count = rest.len().min(buf.len());
+        buf[..count].copy_from_slice(&rest[..count]);
+        Ok(count)
+    }
+
+    #[inline(always)]
+    fn peek_exact_bytes(&mut self, buf: &mut [u8]) -> std::result::Result<(), ZByteIoError> {
+        let rest = self.rest();
+        match rest.get(..buf.len()) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(ZByteIoError::NotEnoughBytes(rest.len(), buf.len())),
+        }
+    }
+
+    fn z_seek(&mut self, from: ZSeekFrom) -> std::result::Result<u64, ZByteIoError> {
+        let (base, offset) = match from {
+            ZSeekFrom::Start(n) => {
+                self.position = usize::try_from(n).map_err(ZByteIoError::from)?;
+                return Ok(n);
+            }
+            ZSeekFrom::End(n) => (self.data.len(), n),
+            ZSeekFrom::Current(n) => (self.position, n),
+        };
+        let offset = isize::try_from(offset).map_err(ZByteIoError::from)?;
+        self.position = base.checked_add_signed(offset).ok_or(ZByteIoError::SeekError("negative seek"))?;
+        Ok(self.position as u64)
+    }
+
+    #[inline(always)]
+    fn is_eof(&mut self) -> std::result::Result<bool, ZByteIoError> {
+        Ok(self.position >= self.data.len())
+    }
+
+    #[inline(always)]
+    fn z_position(&mut self) -> std::result::Result<u64, ZByteIoError> {
+        Ok(self.position as u64)
+    }
+
+    fn read_remaining(&mut self, sink: &mut Vec<u8>) -> std::result::Result<usize, ZByteIoError> {
+        let rest = self.rest();
+        sink.extend_from_slice(rest);
+        self.position += rest.len();
+        Ok(rest.len())
+    }
 }
 
 /// Adobe-style (inverted) CMYK as stored by jpeg-decoder, to RGB.
@@ -298,6 +398,68 @@ mod tests {
         let data = png(100, 100, |_, _| [0, 0, 0]);
         let err = decode_into(Path::new("big.png"), &data, Geometry { resize: (4, 4), crop: (0, 0) }, (4, 4), 9_999, &mut [0; 48]);
         assert!(matches!(err, Err(CacheError::TooManyPixels { width: 100, height: 100, .. })));
+    }
+
+    #[derive(Debug, Clone)]
+    enum ReaderOp {
+        Byte,
+        Exact(usize),
+        Bytes(usize),
+        Peek(usize),
+        PeekExact(usize),
+        Seek(ZSeekFrom),
+        Eof,
+        Remaining,
+    }
+
+    fn reader_op() -> impl proptest::strategy::Strategy<Value = ReaderOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(ReaderOp::Byte),
+            (0usize..12).prop_map(ReaderOp::Exact),
+            (0usize..12).prop_map(ReaderOp::Bytes),
+            (0usize..12).prop_map(ReaderOp::Peek),
+            (0usize..12).prop_map(ReaderOp::PeekExact),
+            (0u64..40).prop_map(|n| ReaderOp::Seek(ZSeekFrom::Start(n))),
+            (-40i64..40).prop_map(|n| ReaderOp::Seek(ZSeekFrom::Current(n))),
+            (-40i64..10).prop_map(|n| ReaderOp::Seek(ZSeekFrom::End(n))),
+            Just(ReaderOp::Eof),
+            Just(ReaderOp::Remaining),
+        ]
+    }
+
+    /// What one reader answers to `op`, and where it stands afterwards.
+    fn apply(reader: &mut impl zune_core::bytestream::ZByteReaderTrait, op: &ReaderOp) -> (String, Option<u64>) {
+        let mut buf = [0u8; 12];
+        let answer = match *op {
+            ReaderOp::Byte => format!("{}", reader.read_byte_no_error()),
+            ReaderOp::Exact(n) => format!("{:?}", reader.read_exact_bytes(&mut buf[..n]).map(|()| buf[..n].to_vec()).is_ok()),
+            ReaderOp::Bytes(n) => format!("{:?}", reader.read_bytes(&mut buf[..n]).ok().map(|k| buf[..k].to_vec())),
+            ReaderOp::Peek(n) => format!("{:?}", reader.peek_bytes(&mut buf[..n]).ok().map(|k| buf[..k].to_vec())),
+            ReaderOp::PeekExact(n) => format!("{:?}", reader.peek_exact_bytes(&mut buf[..n]).ok().map(|()| buf[..n].to_vec())),
+            ReaderOp::Seek(from) => format!("{:?}", reader.z_seek(from).ok()),
+            ReaderOp::Eof => format!("{:?}", reader.is_eof().ok()),
+            ReaderOp::Remaining => {
+                let mut sink = Vec::new();
+                format!("{:?}", reader.read_remaining(&mut sink).ok().map(|k| (k, sink)))
+            }
+        };
+        (answer, reader.z_position().ok())
+    }
+
+    proptest::proptest! {
+        /// The slice reader answers every call exactly as zune-core's own cursor does (the reference path).
+        #[test]
+        fn slice_reader_behaves_like_zune_cursor(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+            ops in proptest::collection::vec(reader_op(), 0..40),
+        ) {
+            let mut ours = SliceReader::new(&data);
+            let mut reference = zune_core::bytestream::ZCursor::new(&data[..]);
+            for op in &ops {
+                proptest::prop_assert_eq!(apply(&mut ours, op), apply(&mut reference, op), "after {:?}", op);
+            }
+        }
     }
 
     #[test]
