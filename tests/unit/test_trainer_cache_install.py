@@ -1,0 +1,179 @@
+"""The data-path patches of lcm_plugin.simpletuner.install (D1-D4) on SimpleTuner's real classes: installed and
+undone, served reads replace SimpleTuner's, everything not served goes to SimpleTuner's own method unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lcm_plugin import trainer_cache
+from lcm_plugin.cache import LatentCacheReader, LatentCacheWriter
+from lcm_plugin.simpletuner import install as installer
+
+
+def simpletuner_surfaces():
+    from simpletuner.helpers.caching.text_embeds import TextEmbeddingCache
+    from simpletuner.helpers.caching.vae import VAECache
+    from simpletuner.helpers.training import collate
+    from simpletuner.helpers.training import trainer as trainer_module
+
+    return {
+        "configure": (trainer_module, "configure_multi_databackend"),
+        "compute_latents": (collate, "compute_latents"),
+        "discover": (VAECache, "discover_unprocessed_files"),
+        "retrieve": (VAECache, "retrieve_from_cache"),
+        "load_text": (TextEmbeddingCache, "load_from_cache"),
+        "compute_prompts": (TextEmbeddingCache, "compute_embeddings_for_prompts"),
+        "dropout": (TextEmbeddingCache, "encode_dropout_caption"),
+    }
+
+
+def current() -> dict:
+    return {name: vars(owner)[attr] for name, (owner, attr) in simpletuner_surfaces().items()}
+
+
+@pytest.fixture(scope="module")
+def pristine():
+    installer.install()  # importing the trainer may fire the .pth hook; start from a known state
+    installer.uninstall()
+    yield current()
+    installer.uninstall()
+
+
+@pytest.fixture
+def installed(pristine):
+    installer.install()
+    yield pristine
+    installer.uninstall()
+    trainer_cache.reset()
+
+
+def test_every_surface_is_patched_and_restored(pristine):
+    installer.install()
+    patched = current()
+    assert all(patched[name] is not pristine[name] for name in pristine)
+    assert all(patched[name].__wrapped__ is pristine[name] for name in pristine)
+    installer.install()
+    assert current() == patched  # idempotent
+    installer.uninstall()
+    assert current() == pristine
+
+
+@pytest.fixture
+def served(installed, tmp_path):
+    """Dataset "photos" (one image, a.png, served) and text cache folder `text` holding "red circle"."""
+    latent = torch.randn(4, 8, 8).to(torch.bfloat16)
+    with LatentCacheWriter(tmp_path / "vae-store") as writer:
+        writer.put("a.png@d", latent)
+    md5 = hashlib.md5(b"red circle").hexdigest()
+    embeds, pooled = torch.randn(77, 16), torch.randn(8)
+    with LatentCacheWriter(tmp_path / "text-store") as writer:
+        writer.put(f"{md5}@t/prompt_embeds", embeds)
+        writer.put(f"{md5}@t/pooled_prompt_embeds", pooled)
+    coverage = trainer_cache.coverage()
+    image = os.path.abspath(tmp_path / "data" / "a.png")
+    coverage.datasets["photos"] = trainer_cache.DatasetCache("photos", LatentCacheReader(tmp_path / "vae-store"),
+                                                            {image: "a.png@d"})
+    text_dir = str(tmp_path / "text")
+    coverage.texts[os.path.abspath(text_dir)] = trainer_cache.TextCache(LatentCacheReader(tmp_path / "text-store"),
+                                                                        "t")
+    return SimpleNamespace(image=image, latent=latent, md5=md5, embeds=embeds, pooled=pooled, text_dir=text_dir,
+                           tmp=tmp_path)
+
+
+def vae_cache(dataset_id: str):
+    """A VAECache without its constructor: only what the patched methods read."""
+    from simpletuner.helpers.caching.vae import VAECache
+
+    cache = object.__new__(VAECache)
+    cache.id = dataset_id
+    return cache
+
+
+def text_cache(cache_dir: str):
+    from simpletuner.helpers.caching.text_embeds import TextEmbeddingCache
+    from simpletuner.helpers.models.common import TextEmbedCacheKey
+
+    cache = object.__new__(TextEmbeddingCache)
+    cache.cache_dir = cache_dir
+    cache.model_type = "sdxl"
+    cache.key_type = TextEmbedCacheKey.CAPTION
+    cache._requires_path_based_keys = False
+    cache.model = SimpleNamespace(unpack_text_embeddings_from_cache=lambda value: {**value, "unpacked": True})
+    cache.batch_write_thread = SimpleNamespace(is_alive=lambda: False)  # read by its __del__
+    return cache
+
+
+def test_latents_are_gathered_from_the_shards_and_the_rest_goes_to_simpletuner(served, monkeypatch):
+    from simpletuner.helpers.training import collate
+
+    batch = collate.compute_latents([served.image, served.image], "photos", None)
+    assert len(batch) == 2 and all(torch.equal(latent, served.latent) for latent in batch)
+    assert torch.equal(vae_cache("photos").retrieve_from_cache(served.image), served.latent)
+
+    calls = []
+    monkeypatch.setattr(type(vae_cache("x")), "encode_images",
+                        lambda self, images, paths: calls.append(paths) or ["from simpletuner"])
+    assert vae_cache("photos").retrieve_from_cache(str(served.tmp / "data" / "new.png")) == "from simpletuner"
+    assert vae_cache("other").retrieve_from_cache(served.image) == "from simpletuner"
+    assert calls == [[str(served.tmp / "data" / "new.png")], [served.image]]
+
+
+def test_discovery_leaves_out_the_images_the_shards_hold(served):
+    new = str(served.tmp / "data" / "new.png")
+    fake_original = lambda self: [served.image, new]  # noqa: E731 - what SimpleTuner would list without .pt files
+    patched = installer._discover_unserved(fake_original)
+    covered = vae_cache("photos")
+    assert patched(covered) == [new] and covered.local_unprocessed_files == [new]
+    assert patched(vae_cache("other")) == [served.image, new]
+
+
+def test_text_embeddings_are_read_from_the_shards_as_simpletuners_file_holds_them(served):
+    cache = text_cache(served.text_dir)
+    value = cache.load_from_cache(os.path.join(served.text_dir, f"{served.md5}-sdxl.pt"))
+    assert value["unpacked"] and torch.equal(value["prompt_embeds"], served.embeds[None])
+    assert torch.equal(value["pooled_prompt_embeds"], served.pooled)
+
+    loaded = []
+    cache.data_backend = SimpleNamespace(torch_load=lambda name: loaded.append(name) or {"prompt_embeds": "pt"})
+    other = os.path.join(served.text_dir, f"{hashlib.md5(b'blue').hexdigest()}-sdxl.pt")
+    assert cache.load_from_cache(other)["prompt_embeds"] == "pt" and loaded == [other]
+
+
+def test_start_up_caching_encodes_only_captions_the_shards_lack(served):
+    seen = []
+
+    def original(self, all_prompts, return_concat=True, is_validation=False, load_from_cache=True,
+                 is_negative_prompt=False, progress_callback=None, split_between_processes=True):
+        seen.append(([record["prompt"] for record in all_prompts], return_concat))
+        return "encoded"
+
+    patched = installer._unserved_prompts_only(original)
+    cache = text_cache(served.text_dir)
+    records = [{"prompt": caption, "key": caption, "metadata": {}} for caption in ("red circle", "blue square")]
+    assert patched(cache, records, return_concat=False, load_from_cache=False) == "encoded"
+    assert seen == [(["blue square"], False)]
+    assert patched(cache, records[:1], return_concat=False) is None and len(seen) == 1  # nothing left to encode
+    assert patched(cache, records, return_concat=True) == "encoded"  # reads go through load_from_cache
+    assert seen[-1] == (["red circle", "blue square"], True)
+    assert patched(text_cache(str(served.tmp / "elsewhere")), records, return_concat=False) == "encoded"
+
+
+def test_the_dropout_caption_is_encoded_only_when_the_shards_lack_it(served, tmp_path):
+    calls = []
+    patched = installer._dropout_unless_served(lambda self: calls.append(self.cache_dir))
+    with LatentCacheWriter(tmp_path / "store-with-dropout") as writer:
+        empty = hashlib.md5(b"").hexdigest()
+        writer.put(f"{empty}@t/prompt_embeds", torch.zeros(77, 16))
+        writer.put(f"{empty}@t/pooled_prompt_embeds", torch.zeros(8))
+    with_dropout = str(tmp_path / "text-with-dropout")
+    trainer_cache.coverage().texts[os.path.abspath(with_dropout)] = trainer_cache.TextCache(
+        LatentCacheReader(tmp_path / "store-with-dropout"), "t")
+    patched(text_cache(with_dropout))
+    assert calls == []
+    patched(text_cache(served.text_dir))  # served, but without "": SimpleTuner encodes it
+    assert calls == [served.text_dir]
