@@ -798,7 +798,8 @@ def _run_quality_check(validation, surfaces: dict) -> None:
     if any(embeds is None for embeds in per_prompt):
         logger.warning("simpletuner-lcm: a validation prompt has no cached text embedding; quality check skipped.")
         return
-    width, height = validation.validation_resolutions[0]
+    # Rounded to a multiple of 16 as validate_prompt rounds its pipeline size.
+    width, height = (max(16 * round(value / 16), 16) for value in validation.validation_resolutions[0])
     distiller = validation.distiller
     sample = quality_check.pipeline_sampler(
         pipeline,
