@@ -147,8 +147,10 @@ def test_env_placeholders_and_example_paths_are_resolved_first(monkeypatch):
 
 
 def test_legacy_keys_are_warnings():
-    (problem,) = check_training_config({**BASE, "vae_cache_preprocess": False}, "c.json")
+    (problem,) = check_training_config({**BASE, "vae_cache_preprocess": True}, "c.json")  # dropped
     assert problem.severity == "warning" and problem.pointer == "/vae_cache_preprocess"
+    # false is translated to a bare --vae_cache_ondemand, as save_total_limit is to checkpoints_total_limit
+    assert check_training_config({**BASE, "vae_cache_preprocess": False, "save_total_limit": 2}, "c.json") == []
 
 
 def test_a_list_is_not_a_config():

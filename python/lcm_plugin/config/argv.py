@@ -32,10 +32,13 @@ BOOL_TRUE_STRINGS = {"1", "true", "yes", "y", "on"}
 BOOL_FALSE_STRINGS = {"0", "false", "no", "n", "off"}
 EXAMPLES_PREFIX = "config/examples/"
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
-# The legacy key (cli_utils._LEGACY_ARG_HANDLERS, not an option) SimpleTuner forwards to a current option; the
-# others are dropped (vae_cache_preprocess: false becomes a bare --vae_cache_ondemand, which cannot fail).
-# validation_steps and checkpointing_steps have handlers too, but are also option aliases: the same result.
-LEGACY_FORWARDS = {"save_total_limit": "checkpoints_total_limit"}
+# Keys cli_utils._LEGACY_ARG_HANDLERS forwards to a current option as `--option=<value>` (the value formatted as
+# is, never as a flag); the handlers of validation_steps and checkpointing_steps strip a string first. These
+# run before the generic mapping: validation_steps and checkpointing_steps are also option aliases, yet `true`
+# reaches the parser as `=True`, not as a bare flag. vae_cache_preprocess becomes a bare --vae_cache_ondemand
+# when falsey; the other legacy keys are dropped.
+STRIPPING_FORWARDS = {"validation_steps": "validation_step_interval", "checkpointing_steps": "checkpoint_step_interval"}
+LEGACY_FORWARDS = {"save_total_limit": "checkpoints_total_limit", **STRIPPING_FORWARDS}
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,12 @@ def map_config(config: dict) -> tuple[list[Passed], list[Dropped]]:
             dropped.append(Dropped(key, "dataset_field"))
             continue
         value = preprocess_value(raw)
-        if name in catalogue["legacy_keys"]:
-            forward = LEGACY_FORWARDS.get(name)
-            text = value.strip() if isinstance(value, str) else value
-            if forward is None or text in (None, ""):
+        if name in catalogue["legacy_keys"] or name in LEGACY_FORWARDS:
+            forwarded = _legacy_forward(name, value)
+            if forwarded is None:
                 dropped.append(Dropped(key, "legacy"))
             else:
-                passed.append(Passed(key, forward, (str(text),)))
+                passed.append(Passed(key, *forwarded))
             continue
         texts = _texts(name, value, keys.get(name))
         if isinstance(texts, str):
@@ -135,6 +137,30 @@ def map_config(config: dict) -> tuple[list[Passed], list[Dropped]]:
         else:
             dropped.append(Dropped(key, "empty"))
     return passed, dropped
+
+
+def _legacy_forward(name: str, value: Any) -> tuple[str, tuple[str | None]] | None:
+    """(option, texts) a legacy handler of cli_utils passes for key `name`, or None when it drops the key."""
+    if name == "vae_cache_preprocess":
+        return None if _simpletuner_truthy(value) else ("vae_cache_ondemand", (None,))
+    if name not in LEGACY_FORWARDS or value is None or value == "":
+        return None
+    if name in STRIPPING_FORWARDS and isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+    return LEGACY_FORWARDS[name], (f"{value}",)
+
+
+def _simpletuner_truthy(value: Any) -> bool:
+    """cli_utils._is_truthy."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("", "0", "false", "no", "off", "none"):
+            return False
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+    return bool(value)
 
 
 def _texts(name: str, value: Any, entry: dict | None) -> list[str | None] | str:
