@@ -182,7 +182,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     reset()
     mode = data_path_mode(os.environ.get(SWITCH), lcm_run)
     if mode == SIMPLETUNER:
-        if os.environ.get(SWITCH):
+        if os.environ.get(SWITCH) and rank == 0:
             log(f"simpletuner-lcm data path: every dataset uses SimpleTuner's own caching ({SWITCH}={SIMPLETUNER})")
         return _coverage
     planned = _plan(config_path, args, models, rank, log)
