@@ -68,6 +68,16 @@ def new_caption(run: Path) -> None:
         (run / "data" / f"img{i}.txt").write_text("square photo")
 
 
+def vae_scaling_factor(run: Path) -> None:
+    # Only the scaling factor: the VAE's weights and every other config key stay.
+    edit_json(run / "model" / "vae" / "config.json", lambda c: c.update(scaling_factor=0.5))
+
+
+def captions_from_file_names(run: Path) -> None:
+    # The caption source changes, not the caption files: "img0" ... "img5" replace the two textfile captions.
+    edit_json(run / "config/multidatabackend.json", lambda b: b[0].update(caption_strategy="filename"))
+
+
 def redrawn_image(run: Path) -> None:
     Image.new("RGB", SIZES[0], (9, 9, 9)).save(run / "data" / "img0.jpg", quality=90)
 
@@ -77,9 +87,14 @@ CHANGES = {
     "resolution": (resolution_64, ["toy: 6 latent(s) to encode: the target size changed (resolution settings)"]),
     "crop": (center_crop, ["toy: 4 latent(s) to encode: the crop changed (crop settings or seed)"]),
     "vae": (other_vae, ["toy: 6 latent(s) to encode: the VAE changed (its config or weights)"]),
+    "vae scaling_factor": (vae_scaling_factor, ["toy: 6 latent(s) to encode: the VAE scaling_factor changed: "]),
     "vae_dtype": (vae_fp32, ["toy: 6 latent(s) to encode: vae_dtype changed: bf16 -> fp32"]),
     "seed": (seed_4, ["toy: 6 latent(s) to encode: seed changed: 3 -> 4"]),
     "caption": (new_caption, ["1 caption(s) to encode: new caption(s)", "removed 1 SimpleTuner text file(s)"]),
+    "caption source": (
+        captions_from_file_names,
+        ["6 caption(s) to encode: new caption(s)", "removed 2 SimpleTuner text file(s)"],
+    ),
     "image file": (redrawn_image, ["toy: 1 latent(s) to encode: the image file changed"]),
 }
 
@@ -100,7 +115,24 @@ def fresh_copy(run: Path, where: Path) -> Path:
 
 @pytest.mark.parametrize("setting", list(CHANGES))
 def test_rebuild_after_a_change_equals_a_fresh_build(tmp_path, model_dir, setting):
-    change, said = CHANGES[setting]
+    rebuild_equals_fresh_build(tmp_path, model_dir, *CHANGES[setting])
+
+
+def test_a_newer_recipe_version_rebuilds_to_a_fresh_build(tmp_path, model_dir, monkeypatch):
+    from lcm_plugin.cache_build import fingerprint
+
+    version = fingerprint.RECIPE_VERSION
+
+    def newer_recipe(run: Path) -> None:  # what the next simpletuner-lcm release does to the constant
+        monkeypatch.setattr(fingerprint, "RECIPE_VERSION", version + 1)
+
+    why = f"the cache recipe version changed (a newer simpletuner-lcm encodes differently): {version} -> {version + 1}"
+    said = [f"toy: 6 latent(s) to encode: {why}", "3 caption(s) to encode: "]  # two, and "" for caption dropout
+    rebuild_equals_fresh_build(tmp_path, model_dir, newer_recipe, said)
+
+
+def rebuild_equals_fresh_build(tmp_path: Path, model_dir: Path, change, said: list[str]) -> None:
+    """Build, `change` the run, build again: the rebuild says `said` and equals a fresh build of the changed run."""
     run = write_run(tmp_path / "run", tmp_path / "run" / "model")
     shutil.copytree(model_dir, run / "model")
     options = BuildOptions(run, simpletuner_format=True, shard_bytes=4096)
