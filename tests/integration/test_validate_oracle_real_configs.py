@@ -284,6 +284,20 @@ def _generated_runs():
             "model_family": "sd3",
             "validation_guidance_skip_layers": value,
         }, BASE_ENTRIES
+    # skip-layer guidance under every family SimpleTuner's parser offers: validate copies its list of families.
+    for family, value in itertools.product(_simpletuner_model_families(), ["[7, 8, 9]", "[7, 8"]):
+        yield f"validation_guidance_skip_layers={value!r} {family}", base_config | {
+            "model_family": family,
+            "validation_guidance_skip_layers": value,
+        }, BASE_ENTRIES
+
+
+def _simpletuner_model_families() -> list[str]:
+    from simpletuner.helpers.configuration.cmd_args import get_argument_parser
+
+    families = get_argument_parser()._option_string_actions["--model_family"].choices
+    assert len(families) > 10 and "sd3" in families and "sdxl" in families
+    return list(families)
 
 
 def test_generated_key_combinations_get_simpletuners_verdict(tmp_path, capsys):
