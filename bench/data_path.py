@@ -443,8 +443,8 @@ def part_a(quick: bool) -> None:
     both paths share, cancel). Cold: no cache; warm: the second run on the same folder."""
     from lcm_plugin.tiny_sdxl import save_tiny_sdxl
 
-    photos = 40 if quick else 300
-    small = 1000 if quick else 20000
+    photos = 24 if quick else 300
+    small = 600 if quick else 20000
     datasets = [
         (f"{photos} photo JPEGs ~1 MP at 512 px", [ASPECTS[i % len(ASPECTS)] for i in range(photos)], 512, "JPEG"),
         (f"{small} small PNGs (96x64, 64x96, 80x80) at 64 px", [((96, 64), (64, 96), (80, 80))[i % 3] for i in range(small)], 64, "PNG"),
@@ -455,6 +455,7 @@ def part_a(quick: bool) -> None:
         model = save_tiny_sdxl(Path(tmp) / "model", seed=0, vocabulary=CAPTION_WORDS)
         paths = ("simpletuner", "rust")
         startup = {p: train_once(write_run(Path(tmp) / f"base-{p}", model, ASPECTS[:2], 512, "JPEG"), p) for p in paths}
+        print(f"    start-up (2-image runs): {startup}", flush=True)
         for n, (label, sizes, resolution, fmt) in enumerate(datasets):
             prep = {}
             for path in paths:  # each path gets its own fresh folder (SimpleTuner writes metadata into it)
@@ -462,6 +463,7 @@ def part_a(quick: bool) -> None:
                 cold = train_once(run, path)
                 warm = train_once(run, path)
                 prep[path] = (cold - startup[path], warm - startup[path], startup[path])
+                print(f"    ({label}, {path}: runs of {startup[path]:.1f} s on 2 images, {cold:.1f} s cold, {warm:.1f} s warm)", flush=True)
             (st_cold, st_warm, st_start), (our_cold, our_warm, our_start) = prep["simpletuner"], prep["rust"]
             print(f"  {label}")
             print(f"    stock : start-up {st_start:6.1f} s   data prep cold {st_cold:7.1f} s   warm {st_warm:6.1f} s")
