@@ -109,7 +109,6 @@ def with_image(**change):
         (with_image(type="s3"), "/0/type", "is not one of"),
         ([IMAGES, {**TEXT, "type": "csv"}], "/1/type", "cannot use a csv backend"),
         ([IMAGES, {**IMAGES, "cache_dir_vae": "v2"}, TEXT], "/1/id", "already used by entry 0"),
-        ([{**IMAGES, "cache_dir_vae": "cache/text/"}, TEXT], "/0/cache_dir_vae", "also a text_embeds cache_dir"),
         ([IMAGES, TEXT, {**TEXT, "id": "text2", "cache_dir": "c2"}], "/2/default", "only one text_embeds dataset"),
         ([{**IMAGES, "text_embeds": "txt"}, TEXT], "/0/text_embeds", "did you mean 'text'?"),
         (
@@ -155,6 +154,8 @@ def test_each_rule_fails_with_its_pointer(entries, pointer, fragment):
             "/1/cache_dir_vae",
             "one dataset trains on the other's latents",
         ),
+        # Nor a latent folder against a text folder: their file names differ.
+        ([{**IMAGES, "cache_dir_vae": "cache/text/"}, TEXT], "/0/cache_dir_vae", "also a text_embeds cache_dir"),
     ],
 )
 def test_what_simpletuner_ignores_is_a_warning(entries, pointer, fragment):
@@ -178,6 +179,15 @@ def test_cache_build_refuses_a_shared_latent_folder_in_one_line():
     assert problems[0].render() == (
         "m.json: /1/cache_dir_vae: './cache/vae/images/' is the cache_dir_vae of both 'images' (entry 0) and 'b' "
         "(entry 1): cache build needs one per dataset"
+    )
+
+
+def test_cache_build_refuses_a_latent_folder_that_is_a_text_folder():
+    entries = [{**IMAGES, "cache_dir_vae": "./cache/text"}, TEXT]
+    problems = check_backends(entries, "m.json", inherited_settings({}), cache_build=True)
+    assert [(p.pointer, p.severity) for p in problems] == [("/0/cache_dir_vae", "error")]
+    assert problems[0].render() == (
+        "m.json: /0/cache_dir_vae: './cache/text' is also a text_embeds cache_dir: cache build needs separate folders"
     )
 
 

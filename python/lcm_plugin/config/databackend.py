@@ -732,9 +732,7 @@ def _cross_entry_problems(entries: list[tuple[int, dict]], file: str, base: Path
         else:
             vae_dirs[key] = index
         if key in text_dirs:
-            problems.append(
-                Problem(file, pointer(index, "cache_dir_vae"), f"{cache_dir!r} is also a text_embeds cache_dir")
-            )
+            problems.append(_vae_cache_is_text_cache(file, index, cache_dir, cache_build))
 
     defaults = [(i, e) for i, e in text if e.get("default") is True]
     for index, _ in defaults[1:]:
@@ -814,6 +812,18 @@ def _shared_vae_cache(file: str, first: tuple[int, dict], second: tuple[int, dic
         "dataset folder in both gets one latent file, so one dataset trains on the other's latents; give each "
         "dataset its own"
     )
+    return Problem(file, where, message, "warning")
+
+
+def _vae_cache_is_text_cache(file: str, index: int, cache_dir: str, cache_build: bool) -> Problem:
+    """A latent folder that is also a text-embedding folder. SimpleTuner 4.10.1 trains this (latent and text files
+    have different names), so validate only warns; the cache build keeps both stores in one `lcm/` subfolder of
+    their folder, where the latent and text writers would collide, so it refuses."""
+    where = pointer(index, "cache_dir_vae")
+    if cache_build:
+        message = f"{cache_dir!r} is also a text_embeds cache_dir: cache build needs separate folders"
+        return Problem(file, where, message)
+    message = f"{cache_dir!r} is also a text_embeds cache_dir: latents and text embeddings share one folder"
     return Problem(file, where, message, "warning")
 
 
