@@ -28,12 +28,11 @@ logger = logging.getLogger("simpletuner-lcm")
 SWITCH = "SIMPLETUNER_LCM_DATA_PATH"
 RUST, SIMPLETUNER = "rust", "simpletuner"
 # Model families whose latents and text embeddings the build produces as SimpleTuner does.
-FAMILIES = ("sdxl",)
+FAMILIES = ("sdxl", "sd1x")
 # Entries that describe caches or captions, not training samples: never logged as fallbacks.
 NOT_SAMPLES = ("text_embeds", "image_embeds", "conditioning_image_embeds", "distillation_cache", "caption")
 # skip_file_discovery words that ask SimpleTuner not to (re)build a cache or the buckets: honoured by its own path.
 SKIPPED_DISCOVERY = ("vae", "aspect", "text", "metadata")
-TEXT_FILE_SUFFIX = "-sdxl.pt"  # SimpleTuner's SDXL text cache file: <md5(caption)>-sdxl.pt
 
 
 class DataPathSwitchError(ValueError):
@@ -67,22 +66,23 @@ class DatasetCache:
 
 @dataclass
 class TextCache:
-    """A covered text cache folder: its store and the text fingerprint digest that names its entries."""
+    """A covered text cache folder: its store, the text fingerprint digest that names its entries, and the
+    model family whose SimpleTuner files it stands for."""
 
     reader: object  # LatentCacheReader over <cache_dir>/lcm
     digest: str
+    family: str
 
     def entry_of(self, file_name: str) -> str | None:
-        """Store key prefix of SimpleTuner's text cache file `file_name` (<md5>-sdxl.pt), if the store holds it."""
-        base = os.path.basename(file_name)
-        if not base.endswith(TEXT_FILE_SUFFIX):
-            return None
-        from lcm_plugin.cache_build.build import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS
+        """Store key prefix of SimpleTuner's text cache file `file_name` (TextEmbeddingCache.create_hash:
+        <md5(caption)>-<model_family>.pt), if the store holds every part of it."""
+        from lcm_plugin.cache_build.build import TEXT_PARTS
 
-        key = f"{base[: -len(TEXT_FILE_SUFFIX)]}@{self.digest}"
-        if key + PROMPT_EMBEDS in self.reader and key + POOLED_PROMPT_EMBEDS in self.reader:
-            return key
-        return None
+        base, suffix = os.path.basename(file_name), f"-{self.family}.pt"
+        if not base.endswith(suffix):
+            return None
+        key = f"{base[: -len(suffix)]}@{self.digest}"
+        return key if all(key + part in self.reader for part in TEXT_PARTS[self.family]) else None
 
 
 @dataclass
@@ -237,7 +237,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, log):
         fall_back("every dataset", f"the VAE runs in {models.vae_model.dtype} (covered: bf16, fp32)")
         return None
     try:
-        settings, entries = read_run(Path(config_path))
+        settings, entries = read_run(Path(config_path), FAMILIES)
     except BuildError as error:
         fall_back("every dataset", str(error))
         return None
@@ -292,7 +292,7 @@ def _serve(datasets, prints, failed: dict[str, str]) -> None:
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
-                                                prints.text_digest)
+                                                prints.text_digest, prints.family)
 
 
 # --- reads, called by the patched SimpleTuner methods ---------------------------------------------------------------
@@ -332,15 +332,16 @@ def has_text_embeddings(cache_dir: str, file_name: str) -> bool:
 
 
 def text_embeddings(cache_dir: str, file_name: str) -> dict | None:
-    """What SimpleTuner's SDXL text cache file `file_name` would hold ({"prompt_embeds": [1, 77, D],
-    "pooled_prompt_embeds": [P]}), from the store; None when the store does not hold it."""
-    from lcm_plugin.cache_build.build import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS
+    """What SimpleTuner's text cache file `file_name` would hold, from the store: {"prompt_embeds": [1, 77, D],
+    "pooled_prompt_embeds": [P]} for SDXL, {"prompt_embeds": [1, 77, D]} for SD 1.x/2.x; None when the store
+    does not hold it."""
+    from lcm_plugin.cache_build.build import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TEXT_PARTS
 
     store = text_cache(cache_dir)
     key = store.entry_of(file_name) if store else None
     if key is None:
         return None
-    return {
-        "prompt_embeds": store.reader.get_torch(key + PROMPT_EMBEDS)[None],
-        "pooled_prompt_embeds": store.reader.get_torch(key + POOLED_PROMPT_EMBEDS),
-    }
+    embeddings = {"prompt_embeds": store.reader.get_torch(key + PROMPT_EMBEDS)[None]}
+    if POOLED_PROMPT_EMBEDS in TEXT_PARTS[store.family]:
+        embeddings["pooled_prompt_embeds"] = store.reader.get_torch(key + POOLED_PROMPT_EMBEDS)
+    return embeddings

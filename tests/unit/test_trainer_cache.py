@@ -86,7 +86,7 @@ def served(tmp_path):
     coverage = trainer_cache.coverage()
     coverage.datasets["photos"] = trainer_cache.DatasetCache("photos", LatentCacheReader(tmp_path / "vae"), keys)
     coverage.texts[os.path.abspath(tmp_path / "text-cache")] = trainer_cache.TextCache(
-        LatentCacheReader(tmp_path / "text"), "textdigest")
+        LatentCacheReader(tmp_path / "text"), "textdigest", "sdxl")
     yield SimpleNamespace(data=data, latents=latents, md5=md5, prompt_embeds=prompt_embeds, pooled=pooled,
                           text_dir=tmp_path / "text-cache")
     trainer_cache.reset()
@@ -122,3 +122,50 @@ def test_text_embeddings_come_back_as_simpletuners_sdxl_cache_file_holds_them(se
     # another model's file name, or a folder that is not served
     assert not trainer_cache.has_text_embeddings(str(served.text_dir), str(served.text_dir / f"{served.md5}-flux.pt"))
     assert trainer_cache.text_embeddings("/elsewhere", file_name) is None
+
+
+def test_sd1x_text_embeddings_come_back_as_simpletuners_sd1x_cache_file_holds_them(tmp_path):
+    """SD1x._format_text_embedding keeps {"prompt_embeds"} only, in <md5>-sd1x.pt (create_hash: -<model_family>)."""
+    md5 = hashlib.md5(b"red circle").hexdigest()
+    prompt_embeds = torch.randn(77, 32)
+    with LatentCacheWriter(tmp_path / "text") as writer:
+        writer.put(f"{md5}@textdigest/prompt_embeds", prompt_embeds)
+    text_dir = tmp_path / "text-cache"
+    trainer_cache.reset()
+    trainer_cache.coverage().texts[os.path.abspath(text_dir)] = trainer_cache.TextCache(
+        LatentCacheReader(tmp_path / "text"), "textdigest", "sd1x")
+    try:
+        value = trainer_cache.text_embeddings(str(text_dir), str(text_dir / f"{md5}-sd1x.pt"))
+        assert set(value) == {"prompt_embeds"} and value["prompt_embeds"].shape == (1, 77, 32)
+        assert torch.equal(value["prompt_embeds"][0], prompt_embeds)
+        # the SDXL file of the same caption is another model's: not served from an SD 1.x store
+        assert not trainer_cache.has_text_embeddings(str(text_dir), str(text_dir / f"{md5}-sdxl.pt"))
+    finally:
+        trainer_cache.reset()
+
+
+def test_an_sdxl_store_without_the_pooled_part_does_not_serve_the_caption(tmp_path):
+    md5 = hashlib.md5(b"red circle").hexdigest()
+    with LatentCacheWriter(tmp_path / "text") as writer:
+        writer.put(f"{md5}@textdigest/prompt_embeds", torch.randn(77, 32))
+    store = trainer_cache.TextCache(LatentCacheReader(tmp_path / "text"), "textdigest", "sdxl")
+    assert store.entry_of(f"{md5}-sdxl.pt") is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2_v"])
+def test_sd1x_prompts_are_encoded_as_the_stable_diffusion_pipeline_encodes_them(tmp_path, family):
+    """The reference is diffusers' StableDiffusionPipeline.encode_prompt, which SD1x._encode_prompts calls."""
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_plugin.cache_build.encode import encode_prompts
+    from lcm_plugin.tiny_sd import save_tiny_sd1, save_tiny_sd2_v
+
+    save = save_tiny_sd1 if family == "sd1" else save_tiny_sd2_v
+    folder = save(tmp_path / family, seed=0, vocabulary=("red", "blue", "circle", "square"))
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    prompts = ["red circle", "", "blue square " * 40]  # the last one is truncated at 77 tokens
+    expected, _ = pipeline.encode_prompt(prompt=prompts, device=torch.device("cpu"), num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)
+    embeds, pooled = encode_prompts([pipeline.tokenizer], [pipeline.text_encoder], prompts, "sd1x")
+    assert pooled is None and embeds.shape == expected.shape == (3, 77, pipeline.text_encoder.config.hidden_size)
+    assert torch.equal(embeds, expected)

@@ -80,7 +80,7 @@ def served(installed, tmp_path):
                                                             {image: "a.png@d"})
     text_dir = str(tmp_path / "text")
     coverage.texts[os.path.abspath(text_dir)] = trainer_cache.TextCache(LatentCacheReader(tmp_path / "text-store"),
-                                                                        "t")
+                                                                        "t", "sdxl")
     return SimpleNamespace(image=image, latent=latent, md5=md5, embeds=embeds, pooled=pooled, text_dir=text_dir,
                            tmp=tmp_path)
 
@@ -172,7 +172,7 @@ def test_the_dropout_caption_is_encoded_only_when_the_shards_lack_it(served, tmp
         writer.put(f"{empty}@t/pooled_prompt_embeds", torch.zeros(8))
     with_dropout = str(tmp_path / "text-with-dropout")
     trainer_cache.coverage().texts[os.path.abspath(with_dropout)] = trainer_cache.TextCache(
-        LatentCacheReader(tmp_path / "store-with-dropout"), "t")
+        LatentCacheReader(tmp_path / "store-with-dropout"), "t", "sdxl")
     patched(text_cache(with_dropout))
     assert calls == []
     patched(text_cache(served.text_dir))  # served, but without "": SimpleTuner encodes it

@@ -8,7 +8,7 @@ Order of work (every rank derives the same plan; rank r takes batches r, r + N, 
    files of ours that the plan no longer produces; all ranks wait;
 3. VAE batches: decode/resize/crop in Rust (the next batch decodes on a helper thread while the VAE encodes this
    one), encode in torch, put latents + SDXL time_ids in the mmap cache;
-4. captions: encode with both CLIP encoders, put prompt_embeds + pooled_prompt_embeds;
+4. captions: encode with the run's text encoders, put prompt_embeds (+ pooled_prompt_embeds for SDXL);
 5. ranks exchange the images that failed; rank 0 writes each dataset's manifest (and, with --format
    simpletuner, SimpleTuner's bucket metadata).
 
@@ -52,6 +52,8 @@ MANIFEST_VERSION = 2
 TIME_IDS = "#time_ids"  # latent key + this suffix: SDXL add_time_ids of the image
 PROMPT_EMBEDS = "/prompt_embeds"
 POOLED_PROMPT_EMBEDS = "/pooled_prompt_embeds"
+# model_family -> the parts of a caption entry, as the family's SimpleTuner text cache file holds them.
+TEXT_PARTS = {"sdxl": (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS), "sd1x": (PROMPT_EMBEDS,)}
 # latent or caption key + this + "<size>.<mtime_ns>.<inode>": the SimpleTuner-format file of that entry that
 # this build wrote. A file whose stat matches a record is ours and holds that entry.
 PT_RECORD = "#pt@"
@@ -87,6 +89,15 @@ class Fingerprints:
     text: dict
     text_digest: str
     latent_shape: tuple[int, int, str]  # (channels, pixel-to-latent factor, stored dtype)
+    family: str  # the run's model_family: what its text embeddings are (TEXT_PARTS)
+
+    @property
+    def text_parts(self) -> tuple[str, ...]:
+        return TEXT_PARTS[self.family]
+
+    def has_text(self, store, key: str) -> bool:
+        """Whether `store` (a reader, writer or key set) holds every part of the caption entry `key`."""
+        return store is not None and all(key + part in store for part in self.text_parts)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -134,7 +145,7 @@ def fingerprints(settings: RunSettings) -> Fingerprints:
         shape = latent_geometry(settings.vae_path, settings.vae_dtype)
     except IdentityError as error:
         raise BuildError(f"cannot identify the models of {settings.config_path}: {error}") from None
-    return Fingerprints(latent, digest(latent), text, digest(text), shape)
+    return Fingerprints(latent, digest(latent), text, digest(text), shape, settings.model_family)
 
 
 def name_entries(datasets: list[Dataset], prints: Fingerprints) -> None:
@@ -326,7 +337,7 @@ def prune_stores(datasets: list[Dataset], prints: Fingerprints, shard_bytes: int
         for caption in captions:
             key = text_entry(caption, prints.text_digest)
             record = pt_record(key, text_cache_path(text_folder, caption))
-            wanted |= {key + PROMPT_EMBEDS, key + POOLED_PROMPT_EMBEDS, record}
+            wanted |= {key + part for part in prints.text_parts} | {record}
     for folder, wanted in sorted(keep.items()):
         removed = _prune(folder, wanted, shard_bytes)
         if removed:
@@ -440,7 +451,7 @@ def compare_with_caches(
         reader = _open_reader(folder)
         stored = set(reader.keys()) if reader else set()
         wanted = {text_entry(caption, prints.text_digest): caption for caption in captions}
-        missing = [k for k in wanted if k + PROMPT_EMBEDS not in stored or k + POOLED_PROMPT_EMBEDS not in stored]
+        missing = [k for k in wanted if not prints.has_text(stored, k)]
         if missing:
             earlier = {_text_digest_of(key) for key in stored if PT_RECORD not in key} - {prints.text_digest}
             why = "new caption(s)" if not earlier else (
@@ -718,7 +729,7 @@ def _encode_captions(
         encode, files = [], []
         for chunk in chunks:
             keys = [text_entry(caption, prints.text_digest) for caption in chunk]
-            if any(key + PROMPT_EMBEDS not in writer or key + POOLED_PROMPT_EMBEDS not in writer for key in keys):
+            if not all(prints.has_text(writer, key) for key in keys):
                 encode.append(chunk)
             elif options.simpletuner_format:
                 files += [c for c, k in zip(chunk, keys) if not _pt_done(writer, k, text_cache_path(folder, c))]
@@ -738,18 +749,18 @@ def _encode_captions(
                    desc=f"text (rank {rank})", disable=rank != 0)
         for folder, writer, chunks, _ in work:
             for chunk in chunks:
-                prompt_embeds, pooled = encode_prompts(tokenizers, encoders, chunk)
+                prompt_embeds, pooled = encode_prompts(tokenizers, encoders, chunk, prints.family)
                 fault_point("encoded")
-                for caption, embeds, pooled_embeds in zip(chunk, prompt_embeds, pooled):
+                for index, (caption, embeds) in enumerate(zip(chunk, prompt_embeds)):
                     key = text_entry(caption, prints.text_digest)
                     if key + PROMPT_EMBEDS not in writer:
                         _put(writer, key + PROMPT_EMBEDS, embeds)
                         report.captions += 1
-                    if key + POOLED_PROMPT_EMBEDS not in writer:
-                        _put(writer, key + POOLED_PROMPT_EMBEDS, pooled_embeds)
+                    if pooled is not None and key + POOLED_PROMPT_EMBEDS not in writer:
+                        _put(writer, key + POOLED_PROMPT_EMBEDS, pooled[index])
                     path = text_cache_path(folder, caption)
-                    if options.simpletuner_format and not _pt_done(writer, key, path):
-                        value = {"prompt_embeds": embeds[None].clone(), "pooled_prompt_embeds": pooled_embeds.clone()}
+                    if options.simpletuner_format and not _pt_done(writer, key, path):  # `cache build`: SDXL only
+                        value = {"prompt_embeds": embeds[None].clone(), "pooled_prompt_embeds": pooled[index].clone()}
                         _write_pt(writer, key, path, value, compress[folder])
                 bar.update(len(chunk))
         bar.close()
@@ -844,8 +855,7 @@ def check_run(config_dir: Path) -> list[str]:
                 stale["its captions changed"] += 1
             else:
                 texts = text_readers.setdefault(dataset.text_cache_dir, _open_reader(dataset.text_cache_dir / LCM_DIR))
-                if any(texts is None or key + PROMPT_EMBEDS not in texts or key + POOLED_PROMPT_EMBEDS not in texts
-                       for key in entry["captions"]):
+                if not all(prints.has_text(texts, key) for key in entry["captions"]):
                     stale["a caption's embeddings are missing from the text store"] += 1
                 if reader is None or item.cache_key not in reader or item.cache_key + TIME_IDS not in reader:
                     stale["listed, but missing from the store"] += 1

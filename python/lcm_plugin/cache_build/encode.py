@@ -1,10 +1,11 @@
-"""Torch side of a cache build: the run's SDXL VAE and text encoders, and the encodings SimpleTuner caches.
+"""Torch side of a cache build: the run's VAE and text encoders, and the encodings SimpleTuner caches.
 
 VAE latents follow SimpleTuner 4.10's VAECache.encode_images for SDXL: pixels through the model's transforms
 (ToTensor, Normalize(0.5, 0.5)) in the VAE dtype, `vae.encode(...).latent_dist.sample()` (a sample, not the
 mode), then VaeLatentScalingMixin.scale_vae_latents_for_cache: `(z - shift_factor) * scaling_factor`, or
 `z * scaling_factor` when the VAE has no shift. Text follows SDXL._encode_prompts: each CLIP's penultimate
-hidden state, concatenated, and the pooled (projected) output of the last encoder.
+hidden state, concatenated, and the pooled (projected) output of the last encoder; for SD 1.x/2.x (model_family
+sd1x), SD1x._encode_prompts: the one CLIP's last hidden state, no pooled output. SD's VAE is scaled as SDXL's.
 
 One deliberate difference: the noise of each latent sample comes from a generator seeded by (seed, image key),
 not from the global RNG, so a latent does not depend on batch order, rank count, or a restart.
@@ -114,8 +115,13 @@ def encode_latents(vae, images: np.ndarray, keys: list[str], seed: int) -> torch
 
 
 @torch.no_grad()
-def encode_prompts(tokenizers: list, encoders: list, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [N, 77, D1+D2], pooled_prompt_embeds [N, P]) of `prompts`, on the CPU in the encoders' dtype."""
+def encode_prompts(
+    tokenizers: list, encoders: list, prompts: list[str], family: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt_embeds [N, 77, D], pooled_prompt_embeds [N, P] or None) of `prompts` as `family` (sdxl, sd1x)
+    encodes them, on the CPU in the encoders' dtype."""
+    if family == "sd1x":
+        return _encode_prompts_sd1x(tokenizers[0], encoders[0], prompts), None
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, encoders):
         ids = tokenizer(
@@ -125,3 +131,14 @@ def encode_prompts(tokenizers: list, encoders: list, prompts: list[str]) -> tupl
         pooled = output[0]  # the projected pooled output of CLIP-G is the one SDXL keeps
         hidden.append(output.hidden_states[-2])
     return torch.cat(hidden, dim=-1).cpu(), pooled.cpu()
+
+
+def _encode_prompts_sd1x(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+    """StableDiffusionPipeline.encode_prompt without clip_skip (what SD1x._encode_prompts calls): the last hidden
+    state after the final layer norm, padded/truncated to the tokenizer's model_max_length, with the attention
+    mask only when the encoder's config asks for it (SD 1.x and 2.x do not)."""
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+    return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0].to(encoder.dtype).cpu()

@@ -105,8 +105,9 @@ class Batch:
     items: tuple[ImageItem, ...]
 
 
-def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
-    """Validated config.json and multidatabackend.json of `config_dir` (a folder, or a config.json)."""
+def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[RunSettings, list[dict]]:
+    """Validated config.json and multidatabackend.json of `config_dir` (a folder, or a config.json), for a run of
+    one of `families` (`cache build` writes SDXL's SimpleTuner files; the trainer's data path covers more)."""
     config_path = config_dir if config_dir.is_file() else find_config(config_dir)
     if config_path is None:
         raise BuildError(f"no config.json in {config_dir} or {config_dir / 'config'}")
@@ -144,8 +145,11 @@ def read_run(config_dir: Path) -> tuple[RunSettings, list[dict]]:
         aspect_bucket_rounding=_integer(config_path, "aspect_bucket_rounding", setting("aspect_bucket_rounding"), 2, 0),
         inherited=inherited_settings(raw_config) | {"output_dir": setting("output_dir")},
     )
-    if settings.model_family != "sdxl":
-        raise BuildError(f"{config_path}: /model_family: cache build supports sdxl (got {settings.model_family!r})")
+    if settings.model_family not in families:
+        raise BuildError(
+            f"{config_path}: /model_family: cache build supports {' and '.join(families)} "
+            f"(got {settings.model_family!r})"
+        )
     return settings, entries
 
 
