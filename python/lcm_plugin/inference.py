@@ -39,16 +39,17 @@ def _fixed_gamma_tcd_scheduler_class():
     return FixedGammaTCDScheduler
 
 
-def tcd_scheduler(scheduler_config, *, num_ddim_timesteps: int, gamma: float):
+def tcd_scheduler(scheduler_config, *, num_ddim_timesteps: int, timestep_scaling: float, gamma: float):
     """TCDScheduler on the training solver's grid whose every step uses `gamma` (TCD's strategic stochastic
-    sampling; 0 = deterministic, PCM's sampler).
+    sampling; 0 = deterministic, PCM's sampler). TCD's step does not use `timestep_scaling`; it is set so that the
+    saved config records the trained value.
 
     diffusers' TCDScheduler takes gamma as `step(eta=...)`, and Stable Diffusion pipelines always pass their own
     `eta` argument (default 0.0) to a scheduler whose step accepts one; SimpleTuner's validation never sets it.
     The returned scheduler's step has no `eta` parameter, so the pipeline passes none and `gamma` holds.
     """
     scheduler = _fixed_gamma_tcd_scheduler_class().from_config(
-        scheduler_config, original_inference_steps=num_ddim_timesteps
+        scheduler_config, original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling
     )
     scheduler.gamma = gamma
     return scheduler
@@ -57,10 +58,9 @@ def tcd_scheduler(scheduler_config, *, num_ddim_timesteps: int, gamma: float):
 def variant_scheduler(scheduler_config, lcm: LcmConfig):
     """The validation sampler of `lcm.variant`: LCMScheduler (lcm), TCDScheduler at tcd_gamma (tcd), or
     TCDScheduler at gamma 0 (pcm: deterministic jumps, from phase top to phase edge at pcm_phases steps)."""
+    grid = dict(num_ddim_timesteps=lcm.num_ddim_timesteps, timestep_scaling=lcm.timestep_scaling_factor)
     if lcm.variant == "tcd":
-        return tcd_scheduler(scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps, gamma=lcm.tcd_gamma)
+        return tcd_scheduler(scheduler_config, **grid, gamma=lcm.tcd_gamma)
     if lcm.variant == "pcm":
-        return tcd_scheduler(scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps, gamma=0.0)
-    return lcm_scheduler(
-        scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps, timestep_scaling=lcm.timestep_scaling_factor
-    )
+        return tcd_scheduler(scheduler_config, **grid, gamma=0.0)
+    return lcm_scheduler(scheduler_config, **grid)

@@ -3,8 +3,8 @@ the model card's inference section and tags.
 
 Pure logic and file writes, no SimpleTuner import: `lcm_plugin.simpletuner.install` calls these from
 SimpleTuner's save and model-card code (its "Run outputs" section). Every sampler setting comes from
-`lcm_plugin.inference.lcm_scheduler`, the function validation samples with, so what a user runs is what
-validation showed.
+`lcm_plugin.inference.variant_scheduler`, the function validation samples with (LCMScheduler for LCM,
+TCDScheduler for TCD and PCM), so what a user runs is what validation showed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from lcm_plugin.config import LcmConfig
 
 METADATA_PREFIX = "lcm."
-# Safetensors metadata key holding the full LCMScheduler config (JSON): `LCMScheduler.from_config(json.loads(...))`.
+# Safetensors metadata key holding the full scheduler config (JSON, its `_class_name` naming the diffusers class).
 METADATA_SCHEDULER_KEY = METADATA_PREFIX + "scheduler_config"
 METADATA_VERSION_KEY = METADATA_PREFIX + "plugin_version"
 LORA_TAGS = ("lcm", "lcm-lora")
@@ -31,44 +31,61 @@ DEFAULT_RESOLUTION = 1024
 DEFAULT_PROMPT = "An astronaut is riding a horse through the jungles of Thailand."
 
 
-def lcm_scheduler_config(training_scheduler_config, lcm: LcmConfig) -> dict:
-    """The LCMScheduler config validation samples with (as scheduler_config.json holds it, `_class_name` included).
+def _diffusers_class(scheduler) -> type:
+    """The diffusers class of a validation scheduler (TCD's fixed-gamma subclass is diffusers' TCDScheduler)."""
+    return next(cls for cls in type(scheduler).__mro__ if cls.__module__.startswith("diffusers."))
+
+
+def validation_scheduler_config(training_scheduler_config, lcm: LcmConfig) -> dict:
+    """The config of the scheduler validation samples with (as scheduler_config.json holds it, `_class_name` naming
+    the diffusers class: LCMScheduler or TCDScheduler).
 
     training_scheduler_config: SimpleTuner's training noise scheduler config (its betas and prediction type).
     """
-    from lcm_plugin.inference import lcm_scheduler
+    from lcm_plugin.inference import variant_scheduler
 
-    scheduler = lcm_scheduler(
-        training_scheduler_config,
-        num_ddim_timesteps=lcm.num_ddim_timesteps,
-        timestep_scaling=lcm.timestep_scaling_factor,
-    )
-    return json.loads(scheduler.to_json_string())
+    scheduler = variant_scheduler(training_scheduler_config, lcm)
+    config = json.loads(scheduler.to_json_string())
+    config["_class_name"] = _diffusers_class(scheduler).__name__
+    return config
+
+
+def pipeline_eta(training_scheduler_config, lcm: LcmConfig) -> float | None:
+    """The `eta` a diffusers pipeline call needs to sample as validation does: TCD's gamma (plain TCDScheduler takes
+    it from the pipeline's `eta`), None for LCMScheduler, which has no gamma."""
+    from lcm_plugin.inference import variant_scheduler
+
+    return getattr(variant_scheduler(training_scheduler_config, lcm), "gamma", None)
+
+
+def scheduler_class(scheduler_config: dict) -> type:
+    """The diffusers scheduler class a config's `_class_name` names."""
+    import diffusers
+
+    return getattr(diffusers, scheduler_config["_class_name"])
 
 
 def scheduler_settings(scheduler_config: dict) -> dict:
-    """The settings LCMScheduler takes, out of a config that may also carry other schedulers' keys (SDXL's
-    config passes `use_karras_sigmas` and the like through; LCMScheduler ignores them)."""
+    """The settings the config's scheduler class takes, out of a config that may also carry other schedulers' keys
+    (SDXL's config passes `use_karras_sigmas` and the like through; LCMScheduler and TCDScheduler ignore them)."""
     import inspect
 
-    from diffusers import LCMScheduler
-
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    accepted = inspect.signature(scheduler_class(scheduler_config).__init__).parameters
     return {key: value for key, value in scheduler_config.items() if key in accepted and key != "self"}
 
 
 def scheduler_overrides(scheduler_config: dict, base_scheduler_config: dict | None) -> dict:
-    """Keyword arguments so that `LCMScheduler.from_config(base_scheduler_config, **overrides)` equals
+    """Keyword arguments so that `<its class>.from_config(base_scheduler_config, **overrides)` equals
     `scheduler_config`: `original_inference_steps` and `timestep_scaling` always (a wrong value silently moves the
     timesteps), plus every setting the base model's config would get wrong. With no base config known, every
     setting is spelled out."""
-    from diffusers import LCMScheduler
-
     settings = scheduler_settings(scheduler_config)
     overrides = {key: settings[key] for key in ("original_inference_steps", "timestep_scaling")}
     if base_scheduler_config is None:
         return {**overrides, **settings}
-    from_base = scheduler_settings(json.loads(LCMScheduler.from_config(dict(base_scheduler_config)).to_json_string()))
+    rebuilt_from_base = scheduler_class(scheduler_config).from_config(dict(base_scheduler_config))
+    from_base = scheduler_settings({**json.loads(rebuilt_from_base.to_json_string()),
+                                    "_class_name": scheduler_config["_class_name"]})
     overrides.update({key: value for key, value in settings.items() if from_base.get(key) != value})
     return overrides
 
@@ -82,7 +99,7 @@ def lora_metadata(lcm: LcmConfig, scheduler_config: dict, *, plugin_version: str
 
 
 def lcm_settings_from_metadata(metadata: dict[str, str]) -> tuple[LcmConfig, dict]:
-    """Read back what `lora_metadata` wrote: the LCM settings and the LCMScheduler config."""
+    """Read back what `lora_metadata` wrote: the LCM settings and the scheduler config."""
     fields = {
         key.removeprefix(METADATA_PREFIX): json.loads(value)
         for key, value in metadata.items()
@@ -106,15 +123,13 @@ def add_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
 
 
 def write_pipeline_scheduler(pipeline_dir: Path, scheduler_config: dict) -> None:
-    """Make a saved diffusers pipeline folder sample with LCMScheduler(`scheduler_config`): the scheduler's
+    """Make a saved diffusers pipeline folder sample with the scheduler `scheduler_config` describes: the scheduler's
     config file and model_index.json's scheduler entry, which `DiffusionPipeline.from_pretrained` reads."""
-    from diffusers import LCMScheduler
-
     pipeline_dir = Path(pipeline_dir)
     index_file = pipeline_dir / "model_index.json"
     index = json.loads(index_file.read_text())
-    LCMScheduler.from_config(scheduler_config).save_pretrained(str(pipeline_dir / "scheduler"))
-    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    scheduler_class(scheduler_config).from_config(scheduler_config).save_pretrained(str(pipeline_dir / "scheduler"))
+    index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -161,6 +176,8 @@ class CardSettings:
     adapter_id: where the LoRA is (hub repo or output folder); None for a full model.
     base_model_id: full model saved without text encoders (SimpleTuner's default): the base model they come from.
     scheduler_overrides: LoRA only, from `scheduler_overrides` (the pipeline of a full model carries its scheduler).
+    scheduler_class: the validation scheduler's diffusers class name (`validation_scheduler_config`'s `_class_name`).
+    eta: from `pipeline_eta`: passed to the pipeline call (TCD's gamma); None for LCM.
     """
 
     model_id: str
@@ -173,6 +190,8 @@ class CardSettings:
     height: int
     comfyui_lora: bool = False
     base_model_id: str | None = None
+    scheduler_class: str = "LCMScheduler"
+    eta: float | None = None
 
 
 def _python_literal(value) -> str:
@@ -180,11 +199,13 @@ def _python_literal(value) -> str:
 
 
 def inference_snippet(settings: CardSettings) -> str:
-    """The Python code block of the card: LCM sampling at 4 steps, no guidance, no negative prompt."""
+    """The Python code block of the card: validation's sampler at 4 steps, no guidance, no negative prompt."""
     lora = settings.adapter_id is not None
     components = not lora and settings.base_model_id is not None
-    imports = ("AutoencoderKL, DiffusionPipeline, LCMScheduler, UNet2DConditionModel" if components
-               else "DiffusionPipeline, LCMScheduler" if lora else "DiffusionPipeline")
+    scheduler = settings.scheduler_class
+    sampler = scheduler.removesuffix("Scheduler")
+    imports = (f"AutoencoderKL, DiffusionPipeline, {scheduler}, UNet2DConditionModel" if components
+               else f"DiffusionPipeline, {scheduler}" if lora else "DiffusionPipeline")
     lines = ["import torch", f"from diffusers import {imports}", "", f"model_id = {_python_literal(settings.model_id)}"]
     if lora:
         lines.append(f"adapter_id = {_python_literal(settings.adapter_id)}")
@@ -196,12 +217,12 @@ def inference_snippet(settings: CardSettings) -> str:
     ]
     if components:
         lines += [
-            "# The run saved the distilled UNet, its VAE and its LCMScheduler; the text encoders are the base model's.",
+            f"# The run saved the distilled UNet, its VAE and its {scheduler}; the text encoders are the base model's.",
             "pipeline = DiffusionPipeline.from_pretrained(",
             "    base_model_id,",
             '    unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype),',
             '    vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype),',
-            '    scheduler=LCMScheduler.from_pretrained(model_id, subfolder="scheduler"),',
+            f'    scheduler={scheduler}.from_pretrained(model_id, subfolder="scheduler"),',
             "    torch_dtype=dtype,",
             ")",
         ]
@@ -209,9 +230,9 @@ def inference_snippet(settings: CardSettings) -> str:
         lines.append("pipeline = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)")
     if lora:
         lines += [
-            "# Sample with LCM on the grid the LoRA was trained on; another scheduler, or another",
-            "# original_inference_steps, gives non-LCM or shifted-timestep samples.",
-            "pipeline.scheduler = LCMScheduler.from_config(",
+            f"# Sample with {sampler} on the grid the LoRA was trained on; another scheduler, or another",
+            f"# original_inference_steps, gives non-{sampler} or shifted-timestep samples.",
+            f"pipeline.scheduler = {scheduler}.from_config(",
             "    pipeline.scheduler.config,",
             *(f"    {key}={_python_literal(value)}," for key, value in settings.scheduler_overrides.items()),
             ")",
@@ -220,7 +241,7 @@ def inference_snippet(settings: CardSettings) -> str:
             "pipeline.fuse_lora()",
         ]
     elif not components:
-        lines.append("# The saved pipeline's scheduler is the LCMScheduler the model was distilled for.")
+        lines.append(f"# The saved pipeline's scheduler is the {scheduler} the model was distilled for.")
     lines += [
         "pipeline.to(device)",
         "",
@@ -229,6 +250,8 @@ def inference_snippet(settings: CardSettings) -> str:
         "    prompt=prompt,",
         f"    num_inference_steps={CARD_STEPS},  # 1 to 8 steps work",
         "    guidance_scale=0.0,  # guidance is distilled in; no CFG, so a negative prompt would have no effect",
+        *([f"    eta={settings.eta!r},  # TCD's gamma, as validation sampled (0 = deterministic)"]
+          if settings.eta is not None else []),
         f"    generator=torch.Generator(device=device).manual_seed({settings.seed}),",
         f"    width={settings.width},",
         f"    height={settings.height},",
@@ -242,12 +265,14 @@ def inference_section(settings: CardSettings) -> str:
     """The card's text under "## Inference": how to sample the distilled model correctly."""
     lcm = settings.lcm
     kind = "an LCM-LoRA" if settings.adapter_id is not None else "a latent consistency model (LCM)"
+    variant = "" if lcm.variant == "lcm" else f", variant {lcm.variant}"
+    eta = "" if settings.eta is None else f" with `eta={settings.eta!r}` in the pipeline call (TCD's gamma)"
     text = (
         f"This is {kind} distilled with simpletuner-lcm (num_ddim_timesteps={lcm.num_ddim_timesteps}, "
         f"timestep_scaling_factor={lcm.timestep_scaling_factor:g}, teacher guidance scale "
-        f"{lcm.w_min:g}-{lcm.w_max:g}). Sample it with diffusers' `LCMScheduler` on the training grid "
-        f"(`original_inference_steps={lcm.num_ddim_timesteps}`), {CARD_STEPS} steps (1 to 8 work; more are not "
-        "better), guidance scale 0 and no negative prompt.\n\n"
+        f"{lcm.w_min:g}-{lcm.w_max:g}{variant}). Sample it with diffusers' `{settings.scheduler_class}` on the "
+        f"training grid (`original_inference_steps={lcm.num_ddim_timesteps}`){eta}, {CARD_STEPS} steps (1 to 8 "
+        "work; more are not better), guidance scale 0 and no negative prompt.\n\n"
         f"```python\n{inference_snippet(settings)}```\n"
     )
     if settings.comfyui_lora:
@@ -269,5 +294,10 @@ def comfyui_note(lcm: LcmConfig) -> str:
             f"\nComfyUI's `lcm` sampling assumes a {COMFYUI_ORIGINAL_STEPS}-step grid and timestep scaling "
             f"{COMFYUI_TIMESTEP_SCALING:g}; this LoRA was trained with {lcm.num_ddim_timesteps} and "
             f"{lcm.timestep_scaling_factor:g}, so ComfyUI samples it slightly off. The diffusers code above is exact.\n"
+        )
+    if lcm.variant != "lcm":
+        text += (
+            f"\nThis LoRA was distilled as {lcm.variant.upper()} and validated with TCDScheduler; ComfyUI's `lcm` "
+            "sampler is LCM's, so it samples the LoRA differently. The diffusers code above is exact.\n"
         )
     return text

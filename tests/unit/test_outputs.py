@@ -38,7 +38,7 @@ def training_scheduler_config(**changes) -> dict:
 def test_scheduler_config_is_lcm_on_the_solver_grid_with_the_training_betas(changes):
     from diffusers import DDPMScheduler, LCMScheduler
 
-    config = outputs.lcm_scheduler_config(training_scheduler_config(**changes), LCM)
+    config = outputs.validation_scheduler_config(training_scheduler_config(**changes), LCM)
     assert config["_class_name"] == "LCMScheduler"
     assert config["original_inference_steps"] == 25 and config["timestep_scaling"] == 7.5
     scheduler = LCMScheduler.from_config(config)
@@ -59,7 +59,7 @@ def test_scheduler_config_is_lcm_on_the_solver_grid_with_the_training_betas(chan
 def test_overrides_on_the_base_scheduler_rebuild_the_validation_scheduler(base, changes):
     from diffusers import LCMScheduler
 
-    config = outputs.lcm_scheduler_config(training_scheduler_config(**changes), LCM)
+    config = outputs.validation_scheduler_config(training_scheduler_config(**changes), LCM)
     overrides = outputs.scheduler_overrides(config, base)
     rebuilt = LCMScheduler.from_config(dict(base or {}), **overrides)
     assert lcm_settings(rebuilt) == lcm_settings(LCMScheduler.from_config(config))
@@ -69,7 +69,7 @@ def test_overrides_on_the_base_scheduler_rebuild_the_validation_scheduler(base, 
 
 
 def test_overrides_name_the_grid_even_when_it_is_lcm_schedulers_default():
-    config = outputs.lcm_scheduler_config(training_scheduler_config(), LcmConfig())
+    config = outputs.validation_scheduler_config(training_scheduler_config(), LcmConfig())
     overrides = outputs.scheduler_overrides(config, SDXL_SCHEDULER_CONFIG)
     assert overrides == {"original_inference_steps": 50, "timestep_scaling": 10.0}
 
@@ -81,7 +81,7 @@ def test_lora_metadata_round_trips_through_a_safetensors_file(tmp_path):
     path = tmp_path / "pytorch_lora_weights.safetensors"
     tensors = {"unet.down.lora_A.weight": torch.randn(4, 8), "unet.down.lora_B.weight": torch.randn(8, 4)}
     save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": "{}"})
-    scheduler_config = outputs.lcm_scheduler_config(training_scheduler_config(), LCM)
+    scheduler_config = outputs.validation_scheduler_config(training_scheduler_config(), LCM)
 
     outputs.add_safetensors_metadata(path, outputs.lora_metadata(LCM, scheduler_config, plugin_version="1.2.3"))
 
@@ -106,7 +106,7 @@ def test_pipeline_folder_loads_with_the_lcm_scheduler(tmp_path):
     from lcm_plugin.tiny_sdxl import save_tiny_sdxl
 
     folder = save_tiny_sdxl(tmp_path / "pipeline", seed=0, vocabulary=("red", "circle"))
-    scheduler_config = outputs.lcm_scheduler_config(training_scheduler_config(), LCM)
+    scheduler_config = outputs.validation_scheduler_config(training_scheduler_config(), LCM)
     outputs.write_pipeline_scheduler(folder, scheduler_config)
     outputs.name_diffusers_unet(folder)
 
@@ -227,3 +227,180 @@ def test_section_states_the_trained_settings_and_comfyui_sampler_only_for_comfyu
     assert "samples it slightly off" in comfy
     default_grid = outputs.inference_section(card_settings(lcm=LcmConfig(), comfyui_lora=True))
     assert "sampler **`lcm`**" in default_grid and "slightly off" not in default_grid
+
+
+# --- TCD and PCM runs: validation samples with TCDScheduler, gamma given as the pipeline's `eta` ----------------------
+
+TCD = LcmConfig(num_ddim_timesteps=25, timestep_scaling_factor=7.5, variant="tcd", tcd_gamma=0.4)
+PCM = LcmConfig(num_ddim_timesteps=25, timestep_scaling_factor=7.5, variant="pcm", pcm_phases=5)
+TINY_PROMPT, TINY_SIZE, TINY_SEED = "red circle", 64, 5
+
+
+@pytest.mark.parametrize("lcm, gamma", [(TCD, 0.4), (PCM, 0.0)])
+def test_tcd_and_pcm_runs_ship_diffusers_tcd_scheduler_on_the_solver_grid(lcm, gamma):
+    from diffusers import DDPMScheduler, TCDScheduler
+
+    changes = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    config = outputs.validation_scheduler_config(training_scheduler_config(**changes), lcm)
+    assert config["_class_name"] == "TCDScheduler"
+    assert config["original_inference_steps"] == 25 and config["timestep_scaling"] == 7.5
+    by_hand = TCDScheduler.from_config(training_scheduler_config(**changes), original_inference_steps=25,
+                                       timestep_scaling=7.5)
+    assert lcm_settings(outputs.scheduler_class(config).from_config(config)) == lcm_settings(by_hand)
+    training = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG, **changes)
+    torch.testing.assert_close(TCDScheduler.from_config(config).alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
+    assert outputs.pipeline_eta(training_scheduler_config(), lcm) == gamma
+
+
+def test_lcm_runs_pass_no_eta():
+    assert outputs.pipeline_eta(training_scheduler_config(), LCM) is None
+
+
+@pytest.mark.parametrize("base", [SDXL_SCHEDULER_CONFIG, None])
+def test_tcd_overrides_on_the_base_scheduler_rebuild_the_validation_scheduler(base):
+    from diffusers import TCDScheduler
+
+    changes = {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    config = outputs.validation_scheduler_config(training_scheduler_config(**changes), TCD)
+    overrides = outputs.scheduler_overrides(config, base)
+    rebuilt = TCDScheduler.from_config(dict(base or {}), **overrides)
+    assert lcm_settings(rebuilt) == lcm_settings(TCDScheduler.from_config(config))
+    if base is not None:
+        assert set(overrides) == {"original_inference_steps", "timestep_scaling", *changes}
+
+
+def test_tcd_lora_metadata_records_the_tcd_scheduler(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.down.lora_A.weight": torch.randn(4, 8)}, str(path), metadata={"format": "pt"})
+    scheduler_config = outputs.validation_scheduler_config(training_scheduler_config(), TCD)
+    outputs.add_safetensors_metadata(path, outputs.lora_metadata(TCD, scheduler_config, plugin_version="1.2.3"))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["lcm.variant"] == '"tcd"' and metadata["lcm.tcd_gamma"] == "0.4"
+    settings, scheduler = outputs.lcm_settings_from_metadata(metadata)
+    assert settings == TCD and scheduler == scheduler_config and scheduler["_class_name"] == "TCDScheduler"
+
+
+def test_tcd_pipeline_folder_loads_with_diffusers_tcd_scheduler(tmp_path):
+    from diffusers import DiffusionPipeline, TCDScheduler
+
+    from lcm_plugin.tiny_sdxl import save_tiny_sdxl
+
+    folder = save_tiny_sdxl(tmp_path / "pipeline", seed=0, vocabulary=("red", "circle"))
+    scheduler_config = outputs.validation_scheduler_config(training_scheduler_config(), PCM)
+    outputs.write_pipeline_scheduler(folder, scheduler_config)
+    assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["diffusers", "TCDScheduler"]
+    pipeline = DiffusionPipeline.from_pretrained(str(folder))
+    assert type(pipeline.scheduler) is TCDScheduler
+    assert lcm_settings(pipeline.scheduler) == lcm_settings(TCDScheduler.from_config(scheduler_config))
+
+
+def tcd_card_settings(lcm: LcmConfig, **changes) -> outputs.CardSettings:
+    scheduler_config = outputs.validation_scheduler_config(training_scheduler_config(), lcm)
+    return card_settings(**{
+        "lcm": lcm, "scheduler_class": scheduler_config["_class_name"],
+        "scheduler_overrides": outputs.scheduler_overrides(scheduler_config, SDXL_SCHEDULER_CONFIG),
+        "eta": outputs.pipeline_eta(training_scheduler_config(), lcm), **changes,
+    })
+
+
+@pytest.mark.parametrize("lcm, gamma", [(TCD, 0.4), (PCM, 0.0)])
+def test_tcd_snippet_rebuilds_tcd_and_passes_gamma_as_eta(lcm, gamma):
+    code = outputs.inference_snippet(tcd_card_settings(lcm))
+    calls = pipeline_calls(code)
+    assert "LCMScheduler" not in code
+    assert keywords(calls["TCDScheduler.from_config"]) == {"original_inference_steps": 25, "timestep_scaling": 7.5}
+    assert keywords(calls["pipeline"]) == {"num_inference_steps": 4, "guidance_scale": 0.0, "eta": gamma,
+                                           "width": 64, "height": 48}
+    section = outputs.inference_section(tcd_card_settings(lcm, comfyui_lora=True))
+    assert "`TCDScheduler`" in section and f"`eta={gamma!r}`" in section and "validated with TCDScheduler" in section
+    full = outputs.inference_snippet(tcd_card_settings(lcm, adapter_id=None, base_model_id="base/sdxl"))
+    assert "TCDScheduler.from_pretrained(model_id, subfolder='scheduler')" in ast.unparse(ast.parse(full))
+    assert keywords(pipeline_calls(full)["pipeline"])["eta"] == gamma
+
+
+def run_card_snippet(code: str, workdir, monkeypatch, **substitutions: str) -> dict:
+    """Execute the card's code in `workdir` with `name = '...'` assignments replaced; return its variables."""
+    import re
+
+    for name, value in substitutions.items():
+        code, count = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", code, flags=re.MULTILINE)
+        assert count == 1, f"the snippet assigns {name} {count} times"
+    monkeypatch.chdir(workdir)
+    namespace: dict = {}
+    exec(compile(code, "<model card>", "exec"), namespace)
+    return namespace
+
+
+def validation_image(pipeline, lcm: LcmConfig):
+    """What validation shows: the pipeline sampling with `variant_scheduler` itself (its gamma fixed, no eta)."""
+    import numpy as np
+
+    from lcm_plugin.inference import variant_scheduler
+
+    pipeline.scheduler = variant_scheduler(training_scheduler_config(), lcm)
+    image = pipeline(prompt=TINY_PROMPT, num_inference_steps=outputs.CARD_STEPS, guidance_scale=0.0,
+                     generator=torch.Generator(device="cpu").manual_seed(TINY_SEED), width=TINY_SIZE,
+                     height=TINY_SIZE).images[0]
+    return np.asarray(image)
+
+
+def tiny_lora(pipeline_dir, adapter_dir):
+    """A LoRA on the tiny SDXL UNet with non-zero up weights (so loading it changes the images)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(pipeline_dir))
+    pipeline.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                         init_lora_weights="gaussian"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in pipeline.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    StableDiffusionXLPipeline.save_lora_weights(str(adapter_dir),
+                                                unet_lora_layers=get_peft_model_state_dict(pipeline.unet))
+    return adapter_dir
+
+
+@pytest.mark.parametrize("lcm", [TCD, PCM], ids=["tcd", "pcm"])
+def test_card_snippets_sample_as_validation(lcm, tmp_path, monkeypatch):
+    """The LoRA card on the base model, and the full-model card on a pipeline folder with the shipped scheduler,
+    give validation's image at the card's seed; with the `eta` line dropped, TCD's gives another."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from lcm_plugin.tiny_sdxl import save_tiny_sdxl
+
+    base = save_tiny_sdxl(tmp_path / "base", seed=0, vocabulary=("red", "circle"))
+    adapter = tiny_lora(base, tmp_path / "adapter")
+    settings = dict(prompt=TINY_PROMPT, seed=TINY_SEED, width=TINY_SIZE, height=TINY_SIZE)
+
+    lora_code = outputs.inference_snippet(tcd_card_settings(lcm, model_id=str(base), adapter_id=str(adapter),
+                                                            **settings))
+    card = run_card_snippet(lora_code, tmp_path, monkeypatch)
+    reference = DiffusionPipeline.from_pretrained(str(base))
+    reference.load_lora_weights(str(adapter))
+    reference.fuse_lora()
+    reference.set_progress_bar_config(disable=True)
+    expected = validation_image(reference, lcm)
+    np.testing.assert_array_equal(np.asarray(card["image"]), expected)
+    assert (tmp_path / "output.png").is_file()
+
+    full = save_tiny_sdxl(tmp_path / "full", seed=3, vocabulary=("red", "circle"))
+    outputs.write_pipeline_scheduler(full, outputs.validation_scheduler_config(training_scheduler_config(), lcm))
+    full_code = outputs.inference_snippet(tcd_card_settings(lcm, model_id=str(full), adapter_id=None,
+                                                            scheduler_overrides={}, **settings))
+    card = run_card_snippet(full_code, tmp_path, monkeypatch)
+    validation = DiffusionPipeline.from_pretrained(str(full))
+    validation.set_progress_bar_config(disable=True)
+    expected = validation_image(validation, lcm)
+    np.testing.assert_array_equal(np.asarray(card["image"]), expected)
+    if lcm.variant == "tcd":
+        without_eta = "\n".join(line for line in full_code.splitlines() if not line.lstrip().startswith("eta="))
+        card = run_card_snippet(without_eta, tmp_path, monkeypatch)
+        assert not np.array_equal(np.asarray(card["image"]), expected)

@@ -50,3 +50,46 @@ def test_a_run_without_lcm_gets_simpletuners_own_outputs(pristine, tmp_path):
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
     assert calls == ["example"]
+
+
+def test_a_tcd_run_card_and_lora_metadata_name_validations_tcd_scheduler(pristine, tmp_path):
+    import ast
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from lcm_plugin.inference import variant_scheduler
+    from lcm_plugin.tiny_sdxl import SDXL_SCHEDULER_CONFIG, save_tiny_sdxl
+
+    base = save_tiny_sdxl(tmp_path / "base", vocabulary=("red",))
+    block = {"lcm": {"variant": "tcd", "tcd_gamma": 0.35, "num_ddim_timesteps": 20}}
+    config = SimpleNamespace(
+        distillation_method="lcm", distillation_config=json.dumps(block), model_type="lora", lora_type="standard",
+        push_to_hub=False, model_card_base_model=None, pretrained_model_name_or_path=str(base),
+        output_dir=str(tmp_path / "out"), save_text_encoder=False, validation_resolution="64",
+        validation_prompt="red", validation_seed=3, seed=None, lora_format="diffusers",
+    )
+    training = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    model = SimpleNamespace(config=config, noise_schedule=training, _model_config_path=lambda: str(base))
+
+    section = installer._lcm_code_example(lambda *a, **k: "upstream")(config, None, model=model, base_model=None)
+    snippet = section.split("```python\n")[1].split("```")[0]
+    calls = {ast.unparse(node.func): node for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Call)}
+    scheduler_keywords = {k.arg: ast.literal_eval(k.value) for k in calls["TCDScheduler.from_config"].keywords
+                          if isinstance(k.value, ast.Constant)}
+    assert scheduler_keywords["original_inference_steps"] == 20
+    eta = [k.value for k in calls["pipeline"].keywords if k.arg == "eta"]
+    assert [ast.literal_eval(node) for node in eta] == [0.35]
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    wrapped_save = installer._lcm_save_lora_weights(
+        lambda self, save_directory, **kwargs: save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    )
+    wrapped_save(model, str(tmp_path))
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = json.loads(handle.metadata()["lcm.scheduler_config"])
+    validation = variant_scheduler(training.config, installer._run_lcm_config(config))
+    assert recorded["_class_name"] == "TCDScheduler" and validation.gamma == 0.35
+    assert {key: value for key, value in recorded.items() if not key.startswith("_")} == {
+        key: value for key, value in json.loads(validation.to_json_string()).items() if not key.startswith("_")
+    }

@@ -21,15 +21,16 @@ What install() changes, and why:
 
 Run outputs (LCM runs only; `_run_output_surfaces` / `_patch_run_outputs` / `_restore_run_outputs`; the content is
 `lcm_plugin.outputs`), so that what a run hands the user samples as validation did:
-R1. `publishing.metadata.code_example` -> the model card's inference section uses `LCMScheduler` with the trained
-    settings, 4 steps, guidance 0, no negative prompt, shows LoRA fusing and (lora_format comfyui) the ComfyUI
-    sampler. Upstream's keeps the base scheduler, which samples an LCM non-LCM.
+R1. `publishing.metadata.code_example` -> the model card's inference section uses validation's scheduler
+    (`LCMScheduler`; for TCD/PCM `TCDScheduler` and the pipeline call's `eta` = gamma) with the trained settings,
+    4 steps, guidance 0, no negative prompt, shows LoRA fusing and (lora_format comfyui) the ComfyUI sampler.
+    Upstream's keeps the base scheduler, which samples an LCM non-LCM.
 R2. `publishing.huggingface.save_model_card` (what `HubManager.upload_model` calls before pushing) -> first, a
-    full-model run's saved pipeline (output_dir/pipeline) gets validation's LCMScheduler in place of the
+    full-model run's saved pipeline (output_dir/pipeline) gets validation's scheduler in place of the
     base model's scheduler, and its UNet is recorded as diffusers' UNet2DConditionModel (SimpleTuner names its
     own subclass, which plain diffusers cannot load); then the card's tags gain `lcm` (and `lcm-lora`).
 R3. `ModelFoundation.save_lora_weights` -> every LoRA file SimpleTuner writes (final, checkpoints, EMA) records the
-    LCM settings, the LCMScheduler config and the plugin version in its safetensors metadata.
+    LCM settings, validation's scheduler config and the plugin version in its safetensors metadata.
 
 Data path (every run the switch selects; `_data_path_surfaces` / `_patch_data_path` / `_restore_data_path`; the logic is
 `lcm_plugin.trainer_cache`, docs/data-path.md "Inside `simpletuner train`"). Covered datasets only; every method
@@ -515,11 +516,11 @@ def _run_lcm_config(config) -> LcmConfig:
 
 
 def _validation_scheduler_config(model) -> dict:
-    """The LCMScheduler config `LcmDistiller.get_scheduler()` gives validation: the same function and inputs
+    """The config of the scheduler `LcmDistiller.get_scheduler()` gives validation: the same function and inputs
     (SimpleTuner's training noise schedule, which the trainer hands the distiller, and the run's LCM block)."""
     from lcm_plugin import outputs
 
-    return outputs.lcm_scheduler_config(model.noise_schedule.config, _run_lcm_config(model.config))
+    return outputs.validation_scheduler_config(model.noise_schedule.config, _run_lcm_config(model.config))
 
 
 def _base_scheduler_config(model) -> dict | None:
@@ -549,17 +550,18 @@ def _lcm_code_example(original):
         published = repo_id if args.push_to_hub and repo_id else None
         base = getattr(args, "model_card_base_model", None) or args.pretrained_model_name_or_path
         # A full model's saved pipeline carries its scheduler (R2); a LoRA's card rebuilds it on the base model's.
-        overrides = (
-            outputs.scheduler_overrides(_validation_scheduler_config(model), _base_scheduler_config(model))
-            if lora else {}
-        )
+        scheduler_config = _validation_scheduler_config(model)
+        overrides = outputs.scheduler_overrides(scheduler_config, _base_scheduler_config(model)) if lora else {}
         width, height = outputs.first_resolution(args.validation_resolution)
+        lcm = _run_lcm_config(args)
         settings = outputs.CardSettings(
             model_id=base if lora else published or os.path.join(args.output_dir, "pipeline"),
             base_model_id=None if lora or args.save_text_encoder else base,
             adapter_id=(published or args.output_dir) if lora else None,
-            lcm=_run_lcm_config(args),
+            lcm=lcm,
             scheduler_overrides=overrides,
+            scheduler_class=scheduler_config["_class_name"],
+            eta=outputs.pipeline_eta(model.noise_schedule.config, lcm),
             prompt=args.validation_prompt or outputs.DEFAULT_PROMPT,
             seed=args.validation_seed or args.seed or 42,
             width=width,
@@ -572,7 +574,7 @@ def _lcm_code_example(original):
 
 
 def _lcm_save_model_card(original):
-    """R2: LCM scheduler in a saved full-model pipeline before the card is written and pushed; LCM tags after."""
+    """R2: validation's scheduler in a saved full-model pipeline before the card is written and pushed; tags after."""
 
     @functools.wraps(original)
     def save_model_card(model, *args, repo_folder=None, **kwargs):
