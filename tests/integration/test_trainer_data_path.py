@@ -12,8 +12,8 @@ the text embeddings.
   With this config those pixels are trainingsample's decode + `batch_resize_images` (bilinear, no antialiasing);
   with `crop: false` 4.10.1 ends up in Pillow's LANCZOS instead (trainingsample refuses the list-typed sizes of
   the metadata and the exception falls back to Pillow): the oracle runs SimpleTuner's code rather than assume.
-- Bucket, crop coordinates, time_ids and prompt embeddings must be equal bit for bit on both paths, image by image
-  (pooled embeddings: see the xfail below). Batch by batch, the sampler's dropout pattern and epoch bookkeeping
+- Bucket, crop coordinates, time_ids, prompt and pooled embeddings must be equal bit for bit on both paths, image
+  by image. Batch by batch, the sampler's dropout pattern and epoch bookkeeping
   must be the same; which bucket comes next is not comparable (see test_our_batches_draw_as_simpletuners_sampler).
 - Latents may differ only as much as the pixels do: the plugin decodes with its own JPEG decoder and resizes
   with its own Lanczos. The bound is measured here, image by image: the VAE latents of the plugin's pixels
@@ -470,8 +470,6 @@ def test_our_samples_equal_simpletuners_image_by_image(reference, ours, simpletu
     assert compared_time_ids >= 6
 
 
-@pytest.mark.xfail(strict=True, reason="plugin encodes captions in one batch; SimpleTuner one per call: pooled "
-                                       "embeddings differ by ~5e-7 (/tmp/h2_findings.md F3)")
 def test_our_pooled_text_embeddings_are_bit_equal_to_simpletuners(reference, ours):
     theirs = {caption_of(s): s for batch in reference[2].values() for s in samples(batch)}
     ours_ = {caption_of(s): s for batch in ours[3].values() for s in samples(batch)}

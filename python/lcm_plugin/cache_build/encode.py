@@ -119,13 +119,22 @@ def encode_prompts(
     tokenizers: list, encoders: list, prompts: list[str], family: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds [N, 77, D], pooled_prompt_embeds [N, P] or None) of `prompts` as `family` (sdxl, sd1x)
-    encodes them, on the CPU in the encoders' dtype."""
+    encodes them, on the CPU in the encoders' dtype.
+
+    One prompt per encoder call, as SimpleTuner's text-embed cache calls them: a batched call changes the last bits
+    of the pooled output (different matmul blocking), and the trainer's embeddings must equal SimpleTuner's exactly.
+    """
     if family == "sd1x":
-        return _encode_prompts_sd1x(tokenizers[0], encoders[0], prompts), None
+        return torch.cat([_encode_prompts_sd1x(tokenizers[0], encoders[0], [prompt]) for prompt in prompts]), None
+    encoded = [_encode_prompt_sdxl(tokenizers, encoders, prompt) for prompt in prompts]
+    return torch.cat([hidden for hidden, _ in encoded]), torch.cat([pooled for _, pooled in encoded])
+
+
+def _encode_prompt_sdxl(tokenizers: list, encoders: list, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, encoders):
         ids = tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+            [prompt], padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
         ).input_ids
         output = encoder(ids.to(encoder.device), output_hidden_states=True)
         pooled = output[0]  # the projected pooled output of CLIP-G is the one SDXL keeps
