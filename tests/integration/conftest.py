@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -137,12 +138,35 @@ def lcm_training_dir(tmp_path, tiny_sdxl_dir) -> Path:
     return write_lcm_training_dir(tmp_path / "run", tiny_sdxl_dir, max_train_steps=3)
 
 
-@pytest.fixture
-def trainer_env() -> dict[str, str]:
-    """Environment for a CPU `simpletuner train`: this venv's tools first on PATH (the CLI spawns `accelerate`)."""
+def stock_trainer_env() -> dict[str, str]:
+    """Environment for a CPU `simpletuner train`: this venv's tools first on PATH (the CLI spawns `accelerate`),
+    the plugin armed with its default data path whatever the caller's environment says."""
     env = dict(os.environ)
-    env.pop("SIMPLETUNER_LCM_DISABLE", None)
+    for name in ("SIMPLETUNER_LCM_DISABLE", "SIMPLETUNER_LCM_DATA_PATH"):
+        env.pop(name, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture
+def trainer_env() -> dict[str, str]:
+    return stock_trainer_env()
+
+
+def simpletuner_sdxl_text_model(model_dir: Path):
+    """SimpleTuner's SDXL model class holding just the text encoders of `model_dir` on the CPU: enough for its
+    own `_encode_prompts` / `_format_text_embedding`, the judge of every text embedding the plugin writes."""
+    import torch
+    from simpletuner.helpers.models.sdxl.model import SDXL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    sdxl = object.__new__(SDXL)
+    sdxl.tokenizers = [CLIPTokenizer.from_pretrained(model_dir, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    sdxl.text_encoders = [
+        CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2"),
+    ]
+    sdxl.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    return sdxl

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from cache_snapshot import listed_keys
+from conftest import simpletuner_sdxl_text_model
 from lcm_plugin.cache import LatentCacheReader, decode_batch, verify
 from lcm_plugin.cache_build import BuildOptions, build
 from lcm_plugin.cache_build.build import (
@@ -246,16 +247,9 @@ def test_simpletuner_text_files_have_its_names_and_its_encoding(reference, model
     from simpletuner.helpers.caching.text_embeds import TextEmbeddingCache
     from simpletuner.helpers.data_backend.local import LocalDataBackend
     from simpletuner.helpers.models.sdxl.model import SDXL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     run, _ = reference
-    sdxl = object.__new__(SDXL)
-    sdxl.tokenizers = [CLIPTokenizer.from_pretrained(model_dir, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    sdxl.text_encoders = [
-        CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"),
-        CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2"),
-    ]
-    sdxl.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    sdxl = simpletuner_sdxl_text_model(model_dir)
     namer = object.__new__(TextEmbeddingCache)
     namer.batch_write_thread = SimpleNamespace(is_alive=lambda: False)
     namer.model, namer.model_type, namer.key_type = sdxl, "sdxl", sdxl.text_embed_cache_key()

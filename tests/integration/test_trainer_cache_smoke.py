@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import COLOURS, SHAPES, write_lcm_training_dir, write_shapes_dataset
+from conftest import COLOURS, SHAPES, stock_trainer_env, write_lcm_training_dir, write_shapes_dataset
 from test_simpletuner_train import assert_lcm_run, run_stock_trainer
 
 SERVED_LINE = "read latents and text embeddings from the memory-mapped caches"
@@ -41,13 +39,7 @@ def pt_files(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def plugin_run(tmp_path_factory, tiny_sdxl_dir):
     """One run on the plugin's path, started twice (the second start finds everything cached)."""
-    # conftest's trainer_env, for a module-scoped fixture (a function-scoped one cannot be used here)
-    env = dict(os.environ)
-    for name in ("SIMPLETUNER_LCM_DISABLE", "SIMPLETUNER_LCM_DATA_PATH"):
-        env.pop(name, None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = stock_trainer_env()
     run = two_dataset_run(tmp_path_factory.mktemp("plugin") / "run", tiny_sdxl_dir)
     first = run_stock_trainer(run, env)
     assert_lcm_run(first, run / "output")

@@ -30,7 +30,6 @@ import copy
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +38,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import simpletuner_sdxl_text_model, stock_trainer_env
 from photo_dataset import VOCABULARY, write_photo_dataset
 from test_simpletuner_train import assert_lcm_run, run_stock_trainer
 
@@ -168,12 +168,7 @@ def recording_env(record_dir: Path, data_path: str | None, *, processes: int = 1
     """conftest's trainer_env (for module-scoped fixtures) plus the batch recorder and the data-path switch.
     Two processes: `simpletuner train` hands TRAINING_NUM_PROCESSES and ACCELERATE_EXTRA_ARGS to
     `accelerate launch`."""
-    env = dict(os.environ)
-    for name in ("SIMPLETUNER_LCM_DISABLE", "SIMPLETUNER_LCM_DATA_PATH"):
-        env.pop(name, None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = stock_trainer_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(RECORDER_DIR), env.get("PYTHONPATH")]))
     env.update(LCM_BATCH_RECORD=str(record_dir), LCM_BATCH_RECORD_COUNT=str(STEPS))
     if data_path is not None:
@@ -319,15 +314,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def text_oracle(model_dir):
     """caption -> (prompt_embeds, pooled) from SimpleTuner's SDXL encoding with the model's text encoders."""
     from simpletuner.helpers.models.sdxl.model import SDXL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    sdxl = object.__new__(SDXL)
-    sdxl.tokenizers = [CLIPTokenizer.from_pretrained(model_dir, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    sdxl.text_encoders = [
-        CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"),
-        CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2"),
-    ]
-    sdxl.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    sdxl = simpletuner_sdxl_text_model(model_dir)
 
     def encode(caption: str):
         with torch.no_grad():

@@ -154,6 +154,38 @@ def reference_predicted_noise(model_output, timesteps, sample, prediction_type, 
     raise ValueError(prediction_type)
 
 
+def reference_inputs(batch):
+    """The script's batch unpacking: (latents, noise, prompt_embeds, cond_kwargs, uncond_kwargs)."""
+    encoded_text = dict(batch["added_cond_kwargs"])
+    # The SD 1.x/2.x script passes no added_cond_kwargs at all; SDXL's uncond zeroes the pooled embedding.
+    cond_kwargs = {"added_cond_kwargs": encoded_text} if encoded_text else {}
+    uncond_kwargs = (
+        {"added_cond_kwargs": {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}}
+        if encoded_text else {}
+    )
+    return batch["latents"], batch["noise"], batch["encoder_hidden_states"], cond_kwargs, uncond_kwargs
+
+
+def reference_solver(scheduler, cfg: LcmConfig):
+    """The script's schedules and DDIMSolver: (prediction_type, alpha_schedule, sigma_schedule, ddim_timesteps,
+    ddim_alpha_cumprods_prev, topk)."""
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    alpha_cumprods = scheduler.alphas_cumprod.numpy()
+    topk = num_train_timesteps // cfg.num_ddim_timesteps
+    ddim_timesteps = (np.arange(1, cfg.num_ddim_timesteps + 1) * topk).round().astype(np.int64) - 1
+    ddim_alpha_cumprods_prev = torch.from_numpy(
+        np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_timesteps[:-1]].tolist())
+    )
+    return (
+        scheduler.config.prediction_type,
+        torch.sqrt(scheduler.alphas_cumprod),
+        torch.sqrt(1 - scheduler.alphas_cumprod),
+        torch.from_numpy(ddim_timesteps).long(),
+        ddim_alpha_cumprods_prev,
+        topk,
+    )
+
+
 def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_unet=None, target_unet=None):
     """diffusers' step with `index` (solver index) and `w` (diffusers' guidance, [B]) given; returns the loss.
 
@@ -162,29 +194,10 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
     """
     teacher_unet = unet if teacher_unet is None else teacher_unet
     target_unet = unet if target_unet is None else target_unet
-    latents, noise = batch["latents"], batch["noise"]
-    prompt_embeds = batch["encoder_hidden_states"]
-    encoded_text = dict(batch["added_cond_kwargs"])
-    # The SD 1.x/2.x script passes no added_cond_kwargs at all; SDXL's uncond zeroes the pooled embedding.
-    cond_kwargs = {"added_cond_kwargs": encoded_text} if encoded_text else {}
-    uncond_kwargs = (
-        {"added_cond_kwargs": {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}}
-        if encoded_text else {}
+    latents, noise, prompt_embeds, cond_kwargs, uncond_kwargs = reference_inputs(batch)
+    prediction_type, alpha_schedule, sigma_schedule, ddim_timesteps, ddim_alpha_cumprods_prev, topk = (
+        reference_solver(scheduler, cfg)
     )
-    prediction_type = scheduler.config.prediction_type
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    alpha_schedule = torch.sqrt(scheduler.alphas_cumprod)
-    sigma_schedule = torch.sqrt(1 - scheduler.alphas_cumprod)
-    # DDIMSolver
-    alpha_cumprods = scheduler.alphas_cumprod.numpy()
-    step_ratio = num_train_timesteps // cfg.num_ddim_timesteps
-    ddim_timesteps = (np.arange(1, cfg.num_ddim_timesteps + 1) * step_ratio).round().astype(np.int64) - 1
-    ddim_alpha_cumprods_prev = torch.from_numpy(
-        np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_timesteps[:-1]].tolist())
-    )
-    ddim_timesteps = torch.from_numpy(ddim_timesteps).long()
-
-    topk = num_train_timesteps // cfg.num_ddim_timesteps
     start_timesteps = ddim_timesteps[index]
     timesteps = start_timesteps - topk
     timesteps = torch.where(timesteps < 0, torch.zeros_like(timesteps), timesteps)

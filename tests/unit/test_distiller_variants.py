@@ -33,9 +33,11 @@ from test_distiller_parity import (
     family_batch,
     lora_grads,
     noise_scheduler,
+    reference_inputs,
     reference_predicted_noise,
     reference_predicted_origin,
     reference_scalings,
+    reference_solver,
     reference_step,
     tiny_lora_unet,
 )
@@ -76,25 +78,10 @@ def reference_multiphase_pred(pred_x0, pred_noise, timestep_index, multiphase, n
 
 def reference_variant_step(unet, scheduler, batch, index, w, cfg: LcmConfig, variant: str, end_index=None):
     """One LoRA step of `variant` ("lcm", "tcd", "pcm") with draws given; returns (loss, student map, target)."""
-    latents, noise = batch["latents"], batch["noise"]
-    prompt_embeds = batch["encoder_hidden_states"]
-    encoded_text = dict(batch["added_cond_kwargs"])
-    cond_kwargs = {"added_cond_kwargs": encoded_text} if encoded_text else {}
-    uncond_kwargs = (
-        {"added_cond_kwargs": {**encoded_text, "text_embeds": torch.zeros_like(encoded_text["text_embeds"])}}
-        if encoded_text else {}
+    latents, noise, prompt_embeds, cond_kwargs, uncond_kwargs = reference_inputs(batch)
+    prediction_type, alpha_schedule, sigma_schedule, ddim_timesteps, ddim_alpha_cumprods_prev, topk = (
+        reference_solver(scheduler, cfg)
     )
-    prediction_type = scheduler.config.prediction_type
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    alpha_schedule = torch.sqrt(scheduler.alphas_cumprod)
-    sigma_schedule = torch.sqrt(1 - scheduler.alphas_cumprod)
-    alpha_cumprods = scheduler.alphas_cumprod.numpy()
-    topk = num_train_timesteps // cfg.num_ddim_timesteps
-    ddim_timesteps = (np.arange(1, cfg.num_ddim_timesteps + 1) * topk).round().astype(np.int64) - 1
-    ddim_alpha_cumprods_prev = torch.from_numpy(
-        np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_timesteps[:-1]].tolist())
-    )
-    ddim_timesteps = torch.from_numpy(ddim_timesteps).long()
 
     start_timesteps = ddim_timesteps[index]
     timesteps = (start_timesteps - topk).clamp(min=0)
