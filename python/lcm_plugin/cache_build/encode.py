@@ -125,7 +125,7 @@ def encode_prompts(
     of the pooled output (different matmul blocking), and the trainer's embeddings must equal SimpleTuner's exactly.
     """
     if family == "sd1x":
-        return torch.cat([_encode_prompts_sd1x(tokenizers[0], encoders[0], [prompt]) for prompt in prompts]), None
+        return torch.cat([_encode_prompt_sd1x(tokenizers[0], encoders[0], prompt) for prompt in prompts]), None
     encoded = [_encode_prompt_sdxl(tokenizers, encoders, prompt) for prompt in prompts]
     return torch.cat([hidden for hidden, _ in encoded]), torch.cat([pooled for _, pooled in encoded])
 
@@ -142,12 +142,12 @@ def _encode_prompt_sdxl(tokenizers: list, encoders: list, prompt: str) -> tuple[
     return torch.cat(hidden, dim=-1).cpu(), pooled.cpu()
 
 
-def _encode_prompts_sd1x(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+def _encode_prompt_sd1x(tokenizer, encoder, prompt: str) -> torch.Tensor:
     """StableDiffusionPipeline.encode_prompt without clip_skip (what SD1x._encode_prompts calls): the last hidden
     state after the final layer norm, padded/truncated to the tokenizer's model_max_length, with the attention
     mask only when the encoder's config asks for it (SD 1.x and 2.x do not)."""
     tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
     mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
     return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0].to(encoder.dtype).cpu()
