@@ -51,6 +51,7 @@ VARIANTS = (
     Variant("LCM"),
     Variant("LCM + EMA target", {"lora_target_ema": True}),
     Variant("TCD", {"variant": "tcd"}),
+    Variant("TCD + EMA target", {"variant": "tcd", "lora_target_ema": True}),
     Variant("PCM (2 phases)", {"variant": "pcm", "pcm_phases": 2}),
 )
 
@@ -137,23 +138,6 @@ def train_student(pipeline, latents, cond, lcm_block: dict, *, steps: int, seed:
     return unet, distiller, (time.monotonic() - started) / steps
 
 
-def sample_student(unet, distiller, noise, cond, *, steps: int, seed: int):
-    """The variant's own validation sampler (LcmDistiller.get_scheduler), no guidance (it is distilled in)."""
-    import torch
-
-    from lcm_plugin.demo import sampling
-
-    scheduler = distiller.get_scheduler()
-    scheduler.set_timesteps(steps)
-    generator = torch.Generator().manual_seed(seed)
-    latents = noise * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            output = sampling._unet(unet, latents, t, cond)
-            latents = scheduler.step(output, t, latents, generator=generator).prev_sample
-    return latents
-
-
 def cell(comparison) -> str:
     mark = " " if comparison.above_floor else "*"
     return f"{comparison.fd.value:7.1f} [{comparison.fd.low:6.1f},{comparison.fd.high:6.1f}]{mark}"
@@ -163,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 steps, one seed, 48 samples: checks every row runs")
     parser.add_argument("--steps", type=int, default=600,
-                        help="optimizer steps per student (the demo trains 400); 8 students at ~0.3 s/step here")
+                        help="optimizer steps per student (the demo trains 400); 10 students at ~0.3 s/step here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--samples", type=int, default=144, help="samples per row (the demo's metric count)")
     args = parser.parse_args()
@@ -215,8 +199,8 @@ def main() -> None:
             )
             timings[f"{variant.label} (seed {seed})"] = seconds_per_step
             for steps in STEP_COUNTS:
-                sampled = sample_student(unet, distiller, noise(EVALUATION_NOISE_SEED), cond, steps=steps,
-                                         seed=EVALUATION_NOISE_SEED + 1)
+                sampled = sampling.sample_student(unet, distiller.get_scheduler(), noise(EVALUATION_NOISE_SEED), cond,
+                                                  steps=steps, generator=torch.Generator().manual_seed(EVALUATION_NOISE_SEED + 1))
                 rows[f"{variant.label} (seed {seed}) {steps}"] = quality.image_features(
                     sampling.decode(pipeline.vae, sampled).numpy()
                 )

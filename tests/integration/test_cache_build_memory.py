@@ -73,21 +73,22 @@ def test_an_image_the_vae_cannot_hold_is_skipped_with_one_line_on_every_run(tmp_
 
 MEASURE = """
 import resource, sys, psutil, torch
+from lcm_plugin.cache_build.encode import posterior_moments
 from lcm_plugin.tiny_sdxl import tiny_vae
 torch.set_num_threads(1)
 vae = tiny_vae().eval()
 x = torch.randn(1, 3, int(sys.argv[1]), int(sys.argv[2]))
 before = psutil.Process().memory_info().rss
 with torch.no_grad():
-    vae.encode(x).latent_dist.sample()
+    posterior_moments(vae, x)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 """
 
 
 def test_the_memory_estimate_covers_the_measured_peak():
-    """Peak RSS over the resident size before one fp32 encode with the tiny VAE (a fresh process), against the
-    estimate, at a size where activations dominate (at 512x512 fixed overheads make it 1.5x the estimate, but
-    such images never come near the limit)."""
+    """Peak RSS over the resident size before one fp32 encode with the tiny VAE as the build runs it (channels-last
+    on the CPU; a fresh process), against the estimate, at a size where activations dominate (at 512x512 fixed
+    overheads make it 1.5x the estimate, but such images never come near the limit)."""
     height, width = 1024, 2048
     result = subprocess.run([sys.executable, "-c", MEASURE, str(height), str(width)], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -95,3 +96,24 @@ def test_the_memory_estimate_covers_the_measured_peak():
     measured = int(result.stdout.split()[-1])
     estimate = encode.VAE_PEAK_ACTIVATIONS * 8 * height * width * 4  # tiny VAE: 8 channels in its first block
     assert estimate / 3 < measured <= estimate, (measured, estimate)
+
+
+def test_the_cpu_encode_in_cache_sized_chunks_is_the_vaes_batch_posterior(model_dir, monkeypatch):
+    """posterior_moments splits a CPU batch so each call's first activation fits CPU_ACTIVATION_BUDGET, in
+    channels-last layout; mean and std equal one plain `vae.encode` of the whole batch (diffusers as reference)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval()
+    pixels = torch.rand(5, 3, 64, 96) * 2 - 1
+    calls = []
+    original = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x: calls.append((x.shape[0], x.is_contiguous(
+        memory_format=torch.channels_last))) or original(x))
+    per_image = vae.config.block_out_channels[0] * 64 * 96 * 4
+    monkeypatch.setattr(encode, "CPU_ACTIVATION_BUDGET", 2 * per_image)
+    with torch.no_grad():
+        mean, std = encode.posterior_moments(vae, pixels)
+        expected = original(pixels).latent_dist
+    assert calls == [(2, True), (2, True), (1, True)]
+    torch.testing.assert_close(mean, expected.mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(std, expected.std, atol=1e-4, rtol=1e-4)

@@ -4,9 +4,10 @@ Two runs of the tiny SDXL (about a minute each), shared by the tests of this mod
 format with a checkpoint at step 2, and a full-model LCM. Both use LCM settings that differ from LCMScheduler's
 defaults (25-step grid, timestep scaling 7.5), so a scheduler left at its defaults cannot pass.
 
-The reference sampler is ours (`lcm_plugin.demo.sampling.sample_lcm`: LCMScheduler on the training solver's grid,
-UNet called directly) on the training noise schedule SimpleTuner builds (DDPMScheduler from the base model's
-scheduler folder), started from the same noise and generator as the pipeline under test.
+The reference sampler is ours (`lcm_plugin.demo.sampling.sample_student` with `lcm_plugin.inference.lcm_scheduler`:
+LCMScheduler on the training solver's grid, UNet called directly) on the training noise schedule SimpleTuner
+builds (DDPMScheduler from the base model's scheduler folder), started from the same noise and generator as the
+pipeline under test.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from conftest import write_lcm_training_dir
 from lcm_plugin import outputs
 from lcm_plugin.config import LcmConfig
+from lcm_plugin.inference import lcm_scheduler
 
 LCM_BLOCK = {
     "num_ddim_timesteps": 25,
@@ -115,11 +117,9 @@ def reference_image(pipeline, model_dir: Path, *, seed: int, steps: int) -> np.n
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
     cond = sampling.encode(pipeline, [PROMPT], SIZE)
-    latents = sampling.sample_lcm(
-        pipeline.unet, training_schedule(model_dir).config, noise, cond, steps=steps,
-        num_ddim_timesteps=LCM_BLOCK["num_ddim_timesteps"], timestep_scaling=LCM_BLOCK["timestep_scaling_factor"],
-        generator=generator,
-    )
+    scheduler = lcm_scheduler(training_schedule(model_dir).config, num_ddim_timesteps=LCM_BLOCK["num_ddim_timesteps"],
+                              timestep_scaling=LCM_BLOCK["timestep_scaling_factor"])
+    latents = sampling.sample_student(pipeline.unet, scheduler, noise, cond, steps=steps, generator=generator)
     return sampling.decode(pipeline.vae, latents)[0].numpy()
 
 

@@ -98,3 +98,25 @@ def test_our_validator_finds_no_error(run_dir):
 def test_teacher_guidance_is_the_mean_of_the_sampled_scales():
     assert run.teacher_guidance_scale({"w_min": 1.0, "w_max": 12.0}) == 6.5
     assert run.teacher_guidance_scale({"w_min": 8.5, "w_max": 8.5}) == 8.5
+
+
+def test_the_demo_variant_is_merged_over_the_seed_lcm_block(tmp_path):
+    from dataclasses import replace
+
+    from lcm_plugin.config import LcmConfig
+
+    (tmp_path / "data").mkdir()
+    config.write_run_folder(tmp_path, replace(TRAINING, lcm_settings={"variant": "tcd"}), teacher_dir=run.TEACHER_DIR,
+                            data_dir=tmp_path / "data")
+    seed = json.loads((REPO_SEED / "config.json").read_text())
+    derived, _ = _files(tmp_path)
+    assert derived["distillation_config"]["lcm"] == {**seed["distillation_config"]["lcm"], "variant": "tcd"}
+    assert LcmConfig.model_validate(derived["distillation_config"]["lcm"]).variant == "tcd"
+
+
+def test_rows_name_the_student_by_its_variant():
+    from lcm_plugin.config import LcmConfig
+
+    labels = [row.label for row in run.rows(LcmConfig(variant="pcm"))]
+    assert labels[:4] == ["teacher DDIM 1 step", "teacher DDIM 2 steps", "teacher DDIM 4 steps", "teacher DDIM 8 steps"]
+    assert labels[4:] == ["student PCM 1 step", "student PCM 2 steps", "student PCM 4 steps", "student PCM 8 steps"]

@@ -26,6 +26,8 @@ MAX_TOKENS = 77  # SDXL._encode_prompts pads and truncates to 77 tokens
 # 256x256 and 512x256, 4.7-6.3 for the tiny 4-block VAE at 2048x1024 (the allocator's state moves it); 8 leaves
 # room for that spread: refusing an image a little early is cheap, an out-of-memory encode on every start is not.
 VAE_PEAK_ACTIVATIONS = 8
+# Bytes of a VAE's first activation per CPU encode call (posterior_moments): about what stays in a core's cache.
+CPU_ACTIVATION_BUDGET = 8 << 20
 
 
 def device() -> torch.device:
@@ -92,26 +94,42 @@ def pixel_values(images: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return pixels.sub(0.5).div(0.5).to(dtype)
 
 
+def posterior_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE posterior of `pixels` [N, 3, H, W] (on the VAE's device).
+
+    On a CPU the encode runs in channels-last layout (oneDNN's NHWC kernels), in chunks whose first activation
+    fits CPU_ACTIVATION_BUDGET so that each layer's output stays in cache. Measured per image, one thread, against
+    SimpleTuner's single call on 4 images: the tiny SDXL test VAE 2.0 -> 1.7 ms at 64 px, 18.3 -> 12.5 ms at
+    256 px, 150 -> 84 ms at 512 px (one image per call); SDXL's VAE architecture 2.78 -> 2.39 s at 256 px;
+    latents within 4e-5. Accelerators keep the configured batch.
+    """
+    if pixels.device.type != "cpu":
+        posterior = vae.encode(pixels).latent_dist
+        return posterior.mean, posterior.std
+    first_activation = vae.config.block_out_channels[0] * pixels.shape[2] * pixels.shape[3] * pixels.element_size()
+    chunk = max(1, CPU_ACTIVATION_BUDGET // first_activation)
+    posteriors = [
+        vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist for images in pixels.split(chunk)
+    ]
+    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+
+
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, keys: list[str], seed: int) -> torch.Tensor:
     """Scaled latent samples [N, 4, H/8, W/8] (CPU, VAE dtype) of uint8 images [N, H, W, 3] named `keys`."""
-    posterior = vae.encode(pixel_values(images, vae.dtype).to(vae.device)).latent_dist
+    mean, std = posterior_moments(vae, pixel_values(images, vae.dtype).to(vae.device))
     noise = torch.stack(
         [
-            torch.randn(
-                posterior.mean.shape[1:],
-                generator=torch.Generator().manual_seed(sample_seed(seed, key)),
-                dtype=posterior.parameters.dtype,
-            )
+            torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(sample_seed(seed, key)), dtype=mean.dtype)
             for key in keys
         ]
     )
     # DiagonalGaussianDistribution.sample with per-image noise.
-    latents = posterior.mean + posterior.std * noise.to(posterior.mean.device)
+    latents = mean + std * noise.to(mean.device)
     shift_factor = getattr(vae.config, "shift_factor", None)
     if shift_factor is not None:
         latents = latents - shift_factor
-    return (latents * vae.config.scaling_factor).cpu()
+    return (latents * vae.config.scaling_factor).cpu().contiguous()
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """`simpletuner-lcm demo`: distil the shipped tiny shapes teacher into an LCM-LoRA with the stock SimpleTuner
-trainer, fully offline on a CPU, then compare teacher DDIM and student LCM samples (grid.png + a table)."""
+trainer, fully offline on a CPU, then compare teacher DDIM and student samples (grid.png + a table)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def run(args) -> int:
         print(f"simpletuner-lcm demo: {error}", file=sys.stderr)
         return 1
     log(f"LoRA written: {lora}")
-    log("sampling the teacher (DDIM, trailing spacing) and the student (LCMScheduler) on fresh noise, "
+    log("sampling the teacher (DDIM, trailing spacing) and the student (its variant's scheduler) on fresh noise, "
         "scored against an independent teacher DDIM-50 reference (docs/quality.md)")
     _, table = demo.evaluate(output, log=log)
     print(table)

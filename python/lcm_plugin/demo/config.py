@@ -1,14 +1,15 @@
 """The demo's SimpleTuner config, derived from the SDXL LCM quickstart seed shipped in assets/.
 
 The seed's model type, family, distillation method and `distillation_config.lcm` block are kept as
-the user writes them; sizes shrink to a 64x64 dataset and a CPU (NOTES.md "A working CPU environment"),
-and keys that reach a hub, a tracker or a validation run are dropped.
+the user writes them (the demo only picks the consistency variant, `DemoTraining.lcm_settings`); sizes shrink
+to a 64x64 dataset and a CPU (NOTES.md "A working CPU environment"), and keys that reach a hub, a tracker or a
+validation run are dropped.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcm_plugin.demo import shapes
@@ -38,6 +39,8 @@ class DemoTraining:
     lora_rank: int
     train_batch_size: int
     image_size: int
+    # Merged over the seed's `distillation_config.lcm` block: the consistency variant the demo distils with.
+    lcm_settings: dict = field(default_factory=dict)
 
 
 def load_seed() -> tuple[dict, list[dict]]:
@@ -80,6 +83,9 @@ def derive_config(seed: dict, training: DemoTraining, *, teacher_dir: Path, outp
         checkpoints_total_limit=1,
         push_to_hub=False,
     )
+    if training.lcm_settings:
+        lcm = {**seed["distillation_config"]["lcm"], **training.lcm_settings}
+        config["distillation_config"] = {**seed["distillation_config"], "lcm": lcm}
     return config
 
 

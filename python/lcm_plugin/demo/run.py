@@ -26,9 +26,11 @@ TEACHER_DIR = config.ASSETS / "teacher"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DATASET_SIZE = 512
 DATASET_SEED = 1
-# Tuned so the whole demo fits 10 minutes on 2 CPU cores (SimpleTuner start-up is about a minute).
+# Tuned so the whole demo fits 10 minutes on 2 CPU cores (SimpleTuner start-up is about a minute). The variant is
+# the one bench/quality.py measured closest to the teacher's many-step samples (README, "The demo's variant").
 DEFAULT_TRAINING = config.DemoTraining(
-    max_train_steps=400, learning_rate=1e-3, lora_rank=32, train_batch_size=8, image_size=shapes.IMAGE_SIZE
+    max_train_steps=400, learning_rate=1e-3, lora_rank=32, train_batch_size=8, image_size=shapes.IMAGE_SIZE,
+    lcm_settings={"variant": "tcd"},
 )
 METRIC_SAMPLES = 144  # 12 per prompt; docs/quality.md: separates teacher DDIM 1, 2 and 4 steps from 50
 # Issue 10: the 50-step reference draws from its own noise; every row and the floor share the evaluation noise.
@@ -48,16 +50,17 @@ class Row:
 
 # The reference sampler; on the evaluation noise it is also the floor and the grid's first row.
 REFERENCE = Row("teacher DDIM 50 steps", "teacher", 50)
-ROWS = (
-    Row("teacher DDIM 1 step", "teacher", 1),
-    Row("teacher DDIM 2 steps", "teacher", 2),
-    Row("teacher DDIM 4 steps", "teacher", 4),
-    Row("teacher DDIM 8 steps", "teacher", 8),
-    Row("student LCM 1 step", "student", 1),
-    Row("student LCM 2 steps", "student", 2),
-    Row("student LCM 4 steps", "student", 4),
-    Row("student LCM 8 steps", "student", 8),
-)
+STEP_COUNTS = (1, 2, 4, 8)
+
+
+def rows(lcm) -> tuple[Row, ...]:
+    """Teacher DDIM, then the student with its variant's sampler (lcm: the run's LcmConfig), at each step count."""
+    def label(sampler: str, steps: int) -> str:
+        return f"{sampler} {steps} step{'s' if steps > 1 else ''}"
+
+    student = f"student {lcm.variant.upper()}"
+    return (*(Row(label("teacher DDIM", k), "teacher", k) for k in STEP_COUNTS),
+            *(Row(label(student, k), "student", k) for k in STEP_COUNTS))
 
 
 def prepare(output: Path, training: config.DemoTraining) -> Path:
@@ -156,14 +159,18 @@ def evaluate(run_dir: Path, *, samples: int = METRIC_SAMPLES, log=print) -> tupl
     from diffusers.utils import logging as diffusers_logging
 
     from lcm_plugin import quality
+    from lcm_plugin.config import LcmConfig
     from lcm_plugin.demo import grid, metrics, sampling
+    from lcm_plugin.inference import variant_scheduler
 
     # LCMScheduler.from_config warns about SDXL's PNDM-only keys; nothing to act on.
     diffusers_logging.set_verbosity_error()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     run_config = json.loads((run_dir / "config" / "config.json").read_text())
     lcm_block = run_config["distillation_config"]["lcm"]
+    lcm = LcmConfig.model_validate(lcm_block)
     guidance_scale = teacher_guidance_scale(lcm_block)
+    sampled_rows = rows(lcm)
     pipeline = StableDiffusionXLPipeline.from_pretrained(run_config["pretrained_model_name_or_path"])
     pipeline.set_progress_bar_config(disable=True)
     prompts = [shapes.PROMPTS[i % len(shapes.PROMPTS)] for i in range(samples)]
@@ -180,30 +187,29 @@ def evaluate(run_dir: Path, *, samples: int = METRIC_SAMPLES, log=print) -> tupl
             latents = sampling.sample_ddim(pipeline.unet, scheduler_config, noise, cond, steps=row.steps,
                                            guidance_scale=guidance_scale)
         else:
-            latents = sampling.sample_lcm(pipeline.unet, scheduler_config, noise, cond, steps=row.steps,
-                                          num_ddim_timesteps=int(lcm_block["num_ddim_timesteps"]),
-                                          timestep_scaling=float(lcm_block["timestep_scaling_factor"]),
-                                          generator=torch.Generator().manual_seed(noise_seed + 1))
+            latents = sampling.sample_student(pipeline.unet, variant_scheduler(scheduler_config, lcm), noise, cond,
+                                              steps=row.steps, generator=torch.Generator().manual_seed(noise_seed + 1))
         images = sampling.decode(pipeline.vae, latents).numpy()
         log(f"sampled {samples} x {label} in {time.monotonic() - started:.0f}s")
         return images
 
     reference = sample(REFERENCE, REFERENCE_NOISE_SEED, f"{REFERENCE.label} (reference noise)")
-    images = {row: sample(row, NOISE_SEED, row.label) for row in (REFERENCE, *ROWS)}
+    images = {row: sample(row, NOISE_SEED, row.label) for row in (REFERENCE, *sampled_rows)}
     comparisons = quality.compare_to_reference(
         quality.image_features(reference),
         quality.image_features(images[REFERENCE]),
-        {row.label: quality.image_features(images[row]) for row in ROWS},
+        {row.label: quality.image_features(images[row]) for row in sampled_rows},
     )
     table = {}
-    for row in ROWS:
-        # Multi-step LCM adds fresh noise between steps: its samples have no paired endpoint.
-        deterministic = row.model == "teacher" or row.steps == 1
+    for row in sampled_rows:
+        # LCM's multi-step sampling, and TCD's at gamma > 0, add fresh noise between steps: no paired endpoint.
+        fresh_noise = lcm.variant == "lcm" or (lcm.variant == "tcd" and lcm.tcd_gamma > 0)
+        deterministic = row.model == "teacher" or row.steps == 1 or not fresh_noise
         endpoint = metrics.endpoint_distance(images[row], images[REFERENCE]) if deterministic else None
         table[row.label] = (comparisons[row.label], endpoint)
 
     columns = len(shapes.PROMPTS)
-    grid.write_grid(run_dir / "grid.png", [(row.label, images[row][:columns]) for row in (REFERENCE, *ROWS)],
+    grid.write_grid(run_dir / "grid.png", [(row.label, images[row][:columns]) for row in (REFERENCE, *sampled_rows)],
                     [p.removeprefix("a ") for p in prompts[:columns]])
     text = format_table(table, samples=samples, guidance_scale=guidance_scale)
     (run_dir / "metrics.txt").write_text(text + "\n")

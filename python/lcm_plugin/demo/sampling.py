@@ -1,4 +1,5 @@
-"""Batched sampling with the demo's tiny SDXL: teacher DDIM with classifier-free guidance, student LCM.
+"""Batched sampling with the demo's tiny SDXL: teacher DDIM with classifier-free guidance, the
+student with its variant's scheduler.
 
 All samplers take the same initial noise and conditioning, so rows of the grid and of the metric
 table differ only by the sampler and the model. Latents are [B, 4, 8, 8]; images uint8 [B, 64, 64, 3].
@@ -73,16 +74,12 @@ def sample_ddim(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditi
 
 
 @torch.no_grad()
-def sample_lcm(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditioning, *, steps: int,
-               num_ddim_timesteps: int, timestep_scaling: float, generator: torch.Generator) -> torch.Tensor:
-    """Student LCM sampling (no guidance: it was distilled into the student) in `steps` steps.
-
-    LCMScheduler's grid is the training solver's (`original_inference_steps` = num_ddim_timesteps);
-    between steps it adds fresh noise drawn from `generator`.
+def sample_student(unet, scheduler, noise: torch.Tensor, cond: Conditioning, *, steps: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Student sampling (no guidance: it was distilled into the student) in `steps` steps with the scheduler of
+    its variant (`lcm_plugin.inference.variant_scheduler`: LCMScheduler or TCDScheduler on the training solver's
+    grid); the stochastic steps draw their fresh noise from `generator`.
     """
-    from lcm_plugin.inference import lcm_scheduler
-
-    scheduler = lcm_scheduler(scheduler_config, num_ddim_timesteps=num_ddim_timesteps, timestep_scaling=timestep_scaling)
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
