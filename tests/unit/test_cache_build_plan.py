@@ -95,14 +95,17 @@ def test_textfile_captions_split_lines_like_simpletuner(tmp_path):
 
     root = write_config(tmp_path, [IMAGES | {"prepend_instance_prompt": True, "instance_prompt": "sks"}, TEXT])
     (root / "data" / "a.png").write_bytes(b"")
-    (root / "data" / "a.txt").write_text("a red circle\n\n on white \n")
     settings, entries = read_run(root)
     (dataset,) = datasets_of(settings, entries)
-    expected = PromptHandler.prepare_instance_prompt_from_textfile(
-        str(root / "data" / "a.png"), use_captions=True, prepend_instance_prompt=True,
-        data_backend=LocalDataBackend(accelerator=None, id="photos"), instance_prompt="sks",
-    )
-    assert captions_of(root / "data" / "a.png", dataset) == tuple(c.strip() for c in expected)
+    # Windows and old-Mac line ends too: SimpleTuner reads bytes, so a lone "\r" does not split a caption.
+    for text in (b"a red circle\n\n on white \n", b"a red circle\r\non white\r\n", b"a red circle\ron white"):
+        (root / "data" / "a.txt").write_bytes(text)
+        expected = PromptHandler.prepare_instance_prompt_from_textfile(
+            str(root / "data" / "a.png"), use_captions=True, prepend_instance_prompt=True,
+            data_backend=LocalDataBackend(accelerator=None, id="photos"), instance_prompt="sks",
+        )
+        expected = [expected] if isinstance(expected, str) else expected
+        assert captions_of(root / "data" / "a.png", dataset) == tuple(c.strip() for c in expected), text
     with pytest.raises(BuildError, match="caption file .*b.txt missing"):
         captions_of(root / "data" / "b.png", dataset)
 

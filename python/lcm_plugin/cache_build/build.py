@@ -433,7 +433,7 @@ def compare_with_caches(
         for reason, count in sorted(reasons.items()):
             lines.append(f"cache build: {dataset.id}: {count} latent(s) to encode: {reason}")
         removed = _sweep_files(
-            stored, {_latent_file(dataset, i.cache_key): i.cache_key for i in dataset.images},
+            stored, lambda: {_latent_file(dataset, i.cache_key): i.cache_key for i in dataset.images},
             lambda key: _latent_file(dataset, key), simpletuner_format, cleanup,
         )
         if removed:
@@ -459,8 +459,8 @@ def compare_with_caches(
             )
             lines.append(f"cache build: {text_folder}: {len(missing)} caption(s) to encode: {why}")
         removed = _sweep_files(
-            stored, {_text_file(text_folder, key): key for key in wanted}, lambda key: _text_file(text_folder, key),
-            simpletuner_format, cleanup,
+            stored, lambda: {_text_file(text_folder, key): key for key in wanted},
+            lambda key: _text_file(text_folder, key), simpletuner_format, cleanup,
         )
         if removed:
             lines.append(f"cache build: {text_folder}: removed {removed} SimpleTuner text file(s) the current "
@@ -506,18 +506,21 @@ def _check_entry(reader, folder: Path, item: ImageItem, prints: Fingerprints) ->
         )
 
 
-def _sweep_files(stored: set, planned: dict[Path, str], path_of, simpletuner_format: bool, cleanup: bool) -> int:
+def _sweep_files(stored: set, planned_files, path_of, simpletuner_format: bool, cleanup: bool) -> int:
     """Removes (when `cleanup`) SimpleTuner-format files the plan does not produce; returns how many.
 
-    `planned`: path -> the entry key the plan wants there. A file is ours, holding entry K, when the store has a
-    record of K whose stat matches the file's. Ours holding another entry than the planned one (or at a path the
-    plan no longer has) is stale. With `simpletuner_format`, a file at a planned path that is not ours for the
+    `planned_files()`: path -> the entry key the plan wants there (called only when a file can be in question).
+    A file is ours, holding entry K, when the store has a record of K whose stat matches the file's. Ours holding
+    another entry than the planned one (or at a path the plan no longer has) is stale. With `simpletuner_format`, a file at a planned path that is not ours for the
     planned entry is stale too (or someone else's, which the build overwrites anyway)."""
     held: dict[Path, dict[str, str]] = {}  # path -> {recorded stat: entry}
     for key in stored:
         if PT_RECORD in key:
             entry, _, stat = key.rpartition(PT_RECORD)
             held.setdefault(path_of(entry), {})[stat] = entry
+    if not held and not simpletuner_format:
+        return 0
+    planned = planned_files()
     valid, doomed = set(), set()
     for path, entries in held.items():
         record = pt_record("", path)
@@ -619,8 +622,7 @@ def _encode_images(
         missing = [item for item in batch.items if item.cache_key not in writer]
 
         def lacks_file(item: ImageItem) -> bool:
-            path = _latent_file(dataset, item.cache_key)
-            return options.simpletuner_format and not _pt_done(writer, item.cache_key, path)
+            return options.simpletuner_format and not _pt_done(writer, item.cache_key, _latent_file(dataset, item.cache_key))
 
         incomplete = [
             item for item in batch.items

@@ -271,20 +271,23 @@ def bucket_config(entry: dict, settings: RunSettings) -> dict:
     return merged
 
 
-def list_images(data_dir: Path) -> list[Path]:
-    """Image files under `data_dir` (recursively, like SimpleTuner's local backend), sorted for a stable plan."""
+def list_images(data_dir: Path) -> list[tuple[Path, str]]:
+    """Image files under `data_dir` (recursively, like SimpleTuner's local backend) with their keys (the path
+    relative to `data_dir`, "/"-separated), sorted for a stable plan."""
     found = []
     for folder, dirs, files in os.walk(data_dir, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder) / name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
-    for path in found:
-        if not _is_utf8(path.relative_to(data_dir).as_posix()):
+        relative = os.path.relpath(folder, data_dir)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        found += [(Path(folder, name), prefix + name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    for path, key in found:
+        if not _is_utf8(key):
             shown = os.fsencode(path).decode("utf-8", "backslashreplace")
             raise BuildError(
                 f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and "
                 "caption file names need UTF-8)"
             )
-    return sorted(found)
+    return sorted(found, key=lambda image: image[1].split("/"))  # folder by folder, as paths sort
 
 
 def _is_utf8(name: str) -> bool:
@@ -306,7 +309,9 @@ def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
     else:
         text_file = path.with_suffix(".txt")
         try:
-            text = text_file.read_text(encoding="utf-8")
+            # Bytes decoded as SimpleTuner's LocalDataBackend.read + PromptHandler do: no newline translation.
+            with open(text_file, "rb") as caption_file:
+                text = caption_file.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = "missing" if isinstance(error, FileNotFoundError) else f"unreadable ({error})"
             raise BuildError(f"caption file {text_file} {reason} (caption_strategy textfile)") from None
@@ -321,12 +326,12 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dat
     `dataset.excluded` (left out by minimum_image_size or the aspect-ratio filters, as SimpleTuner does)."""
     from lcm_plugin.cache import Bucketer, scan_sizes
 
-    paths = list_images(dataset.data_dir)
-    sizes, errors = scan_sizes([str(p) for p in paths], threads=threads)
-    dataset.skipped += [(paths[i], message) for i, message in errors]
-    readable = [(path, size) for path, size in zip(paths, sizes) if size is not None]
-    samples = Bucketer(dataset.bucket_config, seed=seed).assign([size for _, size in readable])
-    for (path, _), sample in zip(readable, samples):
+    listed = list_images(dataset.data_dir)
+    sizes, errors = scan_sizes([str(path) for path, _ in listed], threads=threads)
+    dataset.skipped += [(listed[i][0], message) for i, message in errors]
+    readable = [(path, key, size) for (path, key), size in zip(listed, sizes) if size is not None]
+    samples = Bucketer(dataset.bucket_config, seed=seed).assign([size for _, _, size in readable])
+    for (path, key, _), sample in zip(readable, samples):
         if sample is None:
             dataset.excluded.append((path, "below minimum_image_size"))
             continue
@@ -343,7 +348,6 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dat
         except OSError as error:
             dataset.skipped.append((path, f"cannot read {path}: {error.strerror or error}"))
             continue
-        key = path.relative_to(dataset.data_dir).as_posix()
         item = ImageItem(path=path, key=key, captions=captions, sample=sample, file_id=(stat.st_size, stat.st_mtime_ns))
         dataset.images.append(item)
     return dataset

@@ -30,7 +30,7 @@ DATASET_SEED = 1
 # the one bench/quality.py measured closest to the teacher's many-step samples (README, "The demo's variant").
 DEFAULT_TRAINING = config.DemoTraining(
     max_train_steps=400, learning_rate=1e-3, lora_rank=32, train_batch_size=8, image_size=shapes.IMAGE_SIZE,
-    lcm_settings={"variant": "tcd"},
+    lcm_settings={"variant": "tcd", "lora_target_ema": True},
 )
 METRIC_SAMPLES = 144  # 12 per prompt; docs/quality.md: separates teacher DDIM 1, 2 and 4 steps from 50
 # Issue 10: the 50-step reference draws from its own noise; every row and the floor share the evaluation noise.

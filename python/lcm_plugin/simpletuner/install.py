@@ -72,6 +72,7 @@ import json
 import logging
 import os
 import sys
+import time
 import types
 import weakref
 from importlib.metadata import version
@@ -331,10 +332,16 @@ def _building_configure(original):
 
     @functools.wraps(original)
     def configure_multi_databackend(*args, **kwargs):
+        started = time.monotonic()
         bound = signature.bind(*args, **kwargs).arguments
         _prepare_data_path(bound["args"], bound["accelerator"], bound["text_encoders"], bound["tokenizers"],
                            bound["model"])
-        return original(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if bound["accelerator"].is_main_process:
+            # One figure for either path (bench/data_path.py part a reads it): scans, buckets, VAE and text
+            # caches, and the start-up checks of existing caches all happen inside this call.
+            logger.info("simpletuner-lcm: data preparation took %.2f s", time.monotonic() - started)
+        return result
 
     return configure_multi_databackend
 
