@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from test_simpletuner_train import assert_lcm_run, run_stock_trainer
 
 SERVED_LINE = "read latents and text embeddings from the memory-mapped caches"
 FALLBACK = "simpletuner-lcm data path: dataset 'fallback' uses SimpleTuner's own caching: scan_for_errors"
+PREPARATION_LINE = r"simpletuner-lcm: data preparation took [0-9]+\.[0-9]{2} s"
 
 
 def two_dataset_run(root: Path, model_dir: Path) -> Path:
@@ -75,6 +77,7 @@ def test_a_second_start_encodes_nothing_and_rewrites_no_shard(plugin_run):
     run, _, log, stores = plugin_run
     assert_lcm_run(log, run / "output")
     assert "0 image(s) encoded here, 4 already cached" in log, log[-4000:]
+    assert len(re.findall(PREPARATION_LINE, log)) == 1, log[-4000:]  # what bench/data_path.py (a) reads
     assert {path: path.stat().st_mtime_ns for path in (run / "cache").rglob("*.safetensors")} == stores
     assert pt_files(run / "cache" / "vae") == [] and pt_files(run / "cache" / "text") == []
 
@@ -92,6 +95,7 @@ def test_the_switch_gives_simpletuners_own_path_back_with_equal_text_embeddings(
     assert_lcm_run(log, run / "output")
     assert SERVED_LINE not in log and FALLBACK not in log, log[-4000:]
     assert "every dataset uses SimpleTuner's own caching (SIMPLETUNER_LCM_DATA_PATH=simpletuner)" in log
+    assert len(re.findall(PREPARATION_LINE, log)) == 1, log[-4000:]  # timed on SimpleTuner's own path too
     assert len(pt_files(run / "cache" / "vae")) == 4 and not (run / "cache" / "vae" / "lcm").exists()
 
     # SimpleTuner's own text encoding is the reference for what the build put in the shards.

@@ -307,7 +307,7 @@ def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
     if dataset.caption_strategy == "filename":
         captions = [path.stem.replace("_", " ")]
     else:
-        text_file = path.with_suffix(".txt")
+        text_file = os.path.splitext(path)[0] + ".txt"  # SimpleTuner's PromptHandler's name for it
         try:
             # Bytes decoded as SimpleTuner's LocalDataBackend.read + PromptHandler do: no newline translation.
             with open(text_file, "rb") as caption_file:
