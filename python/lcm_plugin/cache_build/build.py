@@ -511,8 +511,9 @@ def _sweep_files(stored: set, planned_files, path_of, simpletuner_format: bool, 
 
     `planned_files()`: path -> the entry key the plan wants there (called only when a file can be in question).
     A file is ours, holding entry K, when the store has a record of K whose stat matches the file's. Ours holding
-    another entry than the planned one (or at a path the plan no longer has) is stale. With `simpletuner_format`, a file at a planned path that is not ours for the
-    planned entry is stale too (or someone else's, which the build overwrites anyway)."""
+    another entry than the planned one (or at a path the plan no longer has) is stale. With `simpletuner_format`,
+    a file at a planned path that is not ours for the planned entry is stale too (or someone else's, which the
+    build overwrites anyway)."""
     held: dict[Path, dict[str, str]] = {}  # path -> {recorded stat: entry}
     for key in stored:
         if PT_RECORD in key:
@@ -622,7 +623,9 @@ def _encode_images(
         missing = [item for item in batch.items if item.cache_key not in writer]
 
         def lacks_file(item: ImageItem) -> bool:
-            return options.simpletuner_format and not _pt_done(writer, item.cache_key, _latent_file(dataset, item.cache_key))
+            if not options.simpletuner_format:
+                return False
+            return not _pt_done(writer, item.cache_key, _latent_file(dataset, item.cache_key))
 
         incomplete = [
             item for item in batch.items

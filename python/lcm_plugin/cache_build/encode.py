@@ -120,7 +120,8 @@ def encode_latents(vae, images: np.ndarray, keys: list[str], seed: int) -> torch
     mean, std = posterior_moments(vae, pixel_values(images, vae.dtype).to(vae.device))
     noise = torch.stack(
         [
-            torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(sample_seed(seed, key)), dtype=mean.dtype)
+            torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(sample_seed(seed, key)),
+                        dtype=mean.dtype)
             for key in keys
         ]
     )
