@@ -64,3 +64,9 @@ def variant_scheduler(scheduler_config, lcm: LcmConfig):
     if lcm.variant == "pcm":
         return tcd_scheduler(scheduler_config, **grid, gamma=0.0)
     return lcm_scheduler(scheduler_config, **grid)
+
+
+def adds_noise_between_steps(lcm: LcmConfig) -> bool:
+    """Whether `variant_scheduler(..., lcm)` draws fresh noise between its steps (LCMScheduler always; TCD at
+    gamma > 0), so that its multi-step samples have no paired deterministic endpoint."""
+    return lcm.variant == "lcm" or (lcm.variant == "tcd" and lcm.tcd_gamma > 0)

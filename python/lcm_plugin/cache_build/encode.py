@@ -69,11 +69,16 @@ def free_memory_bytes(where: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def first_activation_bytes(vae, width: int, height: int, itemsize: int) -> int:
+    """Bytes of the VAE encoder's first activation for one image: the unit of its memory and cache footprint."""
+    return vae.config.block_out_channels[0] * width * height * itemsize
+
+
 def vae_memory_problem(vae, target_size: tuple[int, int]) -> str | None:
     """Why one image of `target_size` (W, H) cannot be VAE-encoded here, or None. SimpleTuner would try, and run
     out of memory on every start: an image of 10x1000 px at pixel resolution 1024 gets a 1024x102400 target."""
     width, height = target_size
-    needed = VAE_PEAK_ACTIVATIONS * vae.config.block_out_channels[0] * width * height * vae.dtype.itemsize
+    needed = VAE_PEAK_ACTIVATIONS * first_activation_bytes(vae, width, height, vae.dtype.itemsize)
     free = free_memory_bytes(vae.device)
     if needed <= free:
         return None
@@ -106,8 +111,8 @@ def posterior_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if pixels.device.type != "cpu":
         posterior = vae.encode(pixels).latent_dist
         return posterior.mean, posterior.std
-    first_activation = vae.config.block_out_channels[0] * pixels.shape[2] * pixels.shape[3] * pixels.element_size()
-    chunk = max(1, CPU_ACTIVATION_BUDGET // first_activation)
+    per_image = first_activation_bytes(vae, pixels.shape[3], pixels.shape[2], pixels.element_size())
+    chunk = max(1, CPU_ACTIVATION_BUDGET // per_image)
     posteriors = [
         vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist for images in pixels.split(chunk)
     ]

@@ -161,7 +161,7 @@ def evaluate(run_dir: Path, *, samples: int = METRIC_SAMPLES, log=print) -> tupl
     from lcm_plugin import quality
     from lcm_plugin.config import LcmConfig
     from lcm_plugin.demo import grid, metrics, sampling
-    from lcm_plugin.inference import variant_scheduler
+    from lcm_plugin.inference import adds_noise_between_steps, variant_scheduler
 
     # LCMScheduler.from_config warns about SDXL's PNDM-only keys; nothing to act on.
     diffusers_logging.set_verbosity_error()
@@ -202,9 +202,7 @@ def evaluate(run_dir: Path, *, samples: int = METRIC_SAMPLES, log=print) -> tupl
     )
     table = {}
     for row in sampled_rows:
-        # LCM's multi-step sampling, and TCD's at gamma > 0, add fresh noise between steps: no paired endpoint.
-        fresh_noise = lcm.variant == "lcm" or (lcm.variant == "tcd" and lcm.tcd_gamma > 0)
-        deterministic = row.model == "teacher" or row.steps == 1 or not fresh_noise
+        deterministic = row.model == "teacher" or row.steps == 1 or not adds_noise_between_steps(lcm)
         endpoint = metrics.endpoint_distance(images[row], images[REFERENCE]) if deterministic else None
         table[row.label] = (comparisons[row.label], endpoint)
 
