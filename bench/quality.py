@@ -3,12 +3,14 @@
 On the demo's teacher (lcm_plugin/demo/assets/teacher) and data (its generated shapes dataset), trains an LCM-LoRA
 student per variant and training seed, then prints one table: lcm_plugin.quality's FD to the teacher's DDIM-50
 samples at 1, 2, 4 and 8 steps, with each value's interval and the floor (the DDIM-50 sampler against itself),
-beside the teacher's own DDIM at those step counts. Not a test: a measurement.
+beside the teacher's own DDIM at those step counts, and beside a perfect student (the teacher's guided ODE as the
+consistency function) in LCM's and TCD's samplers at 2 and 4 steps: what the sampler alone costs. Not a test: a
+measurement.
 
 Training runs in this process with the plugin's LcmDistiller (the same prepare_batch / compute_distill_loss /
 post_training_step the trainer calls, exact to diffusers' step: tests/unit/test_distiller_parity.py and
-test_distiller_variants.py) and the demo's settings (LoRA rank 32, AdamW lr 1e-3 with 10 % warm-up, batch 8,
-the seed config's lcm block), skipping SimpleTuner's start-up. Latents are the VAE posterior's samples, as
+test_distiller_variants.py) and the demo's settings (LoRA rank 32, AdamW lr 1e-3 with 10 % warm-up and linear
+decay to 0, batch 8, the seed config's lcm block), skipping SimpleTuner's start-up. Latents are the VAE posterior's samples, as
 SimpleTuner caches them.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py            # the full table
@@ -35,9 +37,12 @@ from lcm_plugin.demo import config as demo_config
 from lcm_plugin.demo import shapes
 
 STEP_COUNTS = (1, 2, 4, 8)
+# The exact-consistency rows: at 1 step they are the teacher's DDIM-50 itself, and 8 steps cost ~200 guided calls.
+EXACT_STEP_COUNTS = (2, 4)
 REFERENCE_NOISE_SEED, EVALUATION_NOISE_SEED = 100, 200
 DATASET_SIZE, DATASET_SEED = 512, 1  # the demo's dataset
-LORA_RANK, LEARNING_RATE, BATCH_SIZE = 32, 1e-3, 8  # the demo's training (lcm_plugin.demo.run.DEFAULT_TRAINING)
+# The demo's training (lcm_plugin.demo.run.DEFAULT_TRAINING).
+LORA_RANK, LEARNING_RATE, LR_SCHEDULER, BATCH_SIZE = 32, 1e-3, "linear", 8
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # SimpleTuner's default for lora_type standard on SDXL
 
 
@@ -95,6 +100,7 @@ def encode_dataset(pipeline):
 def train_student(pipeline, latents, cond, lcm_block: dict, *, steps: int, seed: int, log):
     """A LoRA student trained for `steps` optimizer steps by LcmDistiller; returns (unet, LcmConfig, s/step)."""
     import torch
+    from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
     from lcm_plugin.config import LcmConfig
@@ -107,8 +113,8 @@ def train_student(pipeline, latents, cond, lcm_block: dict, *, steps: int, seed:
                                 target_modules=LORA_TARGETS))
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.01)
-    warmup = max(steps // 10, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    # What SimpleTuner's get_lr_scheduler builds for the demo's lr_scheduler "linear": warm-up, then decay to 0.
+    scheduler = get_scheduler(LR_SCHEDULER, optimizer, num_warmup_steps=max(steps // 10, 1), num_training_steps=steps)
     lcm = LcmConfig.model_validate(lcm_block)
     model = BenchModel(unet, pipeline.scheduler.config.prediction_type)
     from diffusers import DDPMScheduler
@@ -190,6 +196,17 @@ def main() -> None:
     rows = {f"teacher DDIM {steps}": teacher(EVALUATION_NOISE_SEED, steps) for steps in STEP_COUNTS}
     log(f"teacher sets sampled ({args.samples} samples each, CFG scale {guidance_scale:g})")
 
+    exact_samplers = {"exact consistency, LCM sampler": 1.0, "exact consistency, TCD 0.3": 0.3}
+    for label, gamma in exact_samplers.items():
+        for steps in EXACT_STEP_COUNTS:
+            sampled = sampling.sample_exact_consistency(
+                pipeline.unet, pipeline.scheduler.config, noise(EVALUATION_NOISE_SEED), cond, steps=steps, gamma=gamma,
+                guidance_scale=guidance_scale, num_ddim_timesteps=seed_lcm["num_ddim_timesteps"],
+                generator=torch.Generator().manual_seed(EVALUATION_NOISE_SEED + 1),
+            )
+            rows[f"{label} {steps}"] = quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
+    log(f"exact-consistency rows sampled ({', '.join(exact_samplers)})")
+
     timings = {}
     for variant in VARIANTS:
         for seed in args.seeds:
@@ -207,7 +224,7 @@ def main() -> None:
     comparisons = quality.compare_to_reference(reference, floor, rows)
     floor_estimate = next(iter(comparisons.values())).floor
 
-    labels = ["teacher DDIM"] + [f"{v.label} (seed {s})" for v in VARIANTS for s in args.seeds]
+    labels = ["teacher DDIM", *exact_samplers] + [f"{v.label} (seed {s})" for v in VARIANTS for s in args.seeds]
     header = f"{'sampler':<30}" + "".join(f"{f'{steps} step' + ('s' if steps > 1 else ''):^26}" for steps in STEP_COUNTS)
     lines = [
         f"FD to the teacher's DDIM-50 samples (CFG {guidance_scale:g}, reference noise seed {REFERENCE_NOISE_SEED}); "
@@ -218,7 +235,10 @@ def main() -> None:
         header,
     ]
     for label in labels:
-        lines.append(f"{label:<30}" + "".join(f"{cell(comparisons[f'{label} {steps}']):>26}" for steps in STEP_COUNTS))
+        lines.append(f"{label:<30}" + "".join(
+            f"{cell(comparisons[f'{label} {steps}']) if f'{label} {steps}' in comparisons else '-':>26}"
+            for steps in STEP_COUNTS
+        ))
     lines.append("Training s/step: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     lines.append(f"Wall time: {time.monotonic() - wall_started:.0f}s")
     print("\n".join(lines), flush=True)

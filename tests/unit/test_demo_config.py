@@ -14,7 +14,7 @@ import pytest
 from lcm_plugin.demo import config, run
 
 REPO_SEED = Path(__file__).parents[1] / "fixtures" / "seed"
-TRAINING = config.DemoTraining(max_train_steps=300, learning_rate=1e-3, lora_rank=16, train_batch_size=8, image_size=64)
+TRAINING = config.DemoTraining(max_train_steps=300, learning_rate=1e-3, lr_scheduler="linear", lora_rank=16, train_batch_size=8, image_size=64)
 
 
 @pytest.fixture
@@ -74,6 +74,31 @@ def test_simpletuner_parser_accepts_the_derived_config(run_dir):
         except SystemExit:
             pytest.fail(stderr.getvalue()[-2000:])
     assert args.distillation_method == "lcm" and args.resolution == 64
+
+
+def test_simpletuner_decays_the_demo_learning_rate_to_zero(run_dir):
+    """The demo's lr_scheduler, as SimpleTuner's get_lr_scheduler builds it: warm-up, then down to 0 at the last step."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+    from simpletuner.helpers.configuration.cmd_args import parse_cmdline_args
+    from simpletuner.helpers.configuration.json_file import normalize_args
+    from simpletuner.helpers.training.custom_schedule import get_lr_scheduler
+
+    derived, _ = _files(run_dir)
+    args = parse_cmdline_args(input_args=normalize_args(derived), exit_on_error=True)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_lr_scheduler(args, optimizer, SimpleNamespace(num_processes=1), logging.getLogger("test"), 0)
+    learning_rates = []
+    for _ in range(args.max_train_steps):
+        optimizer.step()
+        scheduler.step()
+        learning_rates.append(optimizer.param_groups[0]["lr"])
+    peak = learning_rates[args.lr_warmup_steps - 1]
+    assert peak == pytest.approx(args.learning_rate)
+    assert learning_rates[args.lr_warmup_steps + (args.max_train_steps - args.lr_warmup_steps) // 2] < 0.6 * peak
+    assert learning_rates[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_simpletuner_dataset_validators_accept_the_derived_entries(run_dir):

@@ -36,6 +36,7 @@ class DemoTraining:
 
     max_train_steps: int
     learning_rate: float
+    lr_scheduler: str
     lora_rank: int
     train_batch_size: int
     image_size: int
@@ -62,6 +63,7 @@ def derive_config(seed: dict, training: DemoTraining, *, teacher_dir: Path, outp
         max_train_steps=training.max_train_steps,
         num_train_epochs=0,
         learning_rate=training.learning_rate,
+        lr_scheduler=training.lr_scheduler,
         lr_warmup_steps=min(seed.get("lr_warmup_steps", 0), training.max_train_steps // 10),
         train_batch_size=training.train_batch_size,
         gradient_accumulation_steps=1,

@@ -26,10 +26,12 @@ TEACHER_DIR = config.ASSETS / "teacher"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DATASET_SIZE = 512
 DATASET_SEED = 1
-# Tuned so the whole demo fits 10 minutes on 2 CPU cores (SimpleTuner start-up is about a minute). The variant is
-# the one bench/quality.py measured closest to the teacher's many-step samples (README, "The demo's variant").
+# Tuned so the whole demo fits 10 minutes on 2 CPU cores (SimpleTuner start-up is about a minute). The variant and
+# the decaying learning rate are what bench/quality.py measured closest to the teacher's many-step samples (README,
+# "The demo's variant").
 DEFAULT_TRAINING = config.DemoTraining(
-    max_train_steps=400, learning_rate=1e-3, lora_rank=32, train_batch_size=8, image_size=shapes.IMAGE_SIZE,
+    max_train_steps=400, learning_rate=1e-3, lr_scheduler="linear", lora_rank=32, train_batch_size=8,
+    image_size=shapes.IMAGE_SIZE,
     lcm_settings={"variant": "tcd", "lora_target_ema": True},
 )
 METRIC_SAMPLES = 144  # 12 per prompt; docs/quality.md: separates teacher DDIM 1, 2 and 4 steps from 50

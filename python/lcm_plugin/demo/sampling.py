@@ -7,6 +7,7 @@ table differ only by the sampler and the model. Latents are [B, 4, 8, 8]; images
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ def _unet(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> t
     ).sample
 
 
-def _guided_eps(unet, latents, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+def guided_eps(unet, latents, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
     """uncond + s * (cond - uncond) (SimpleTuner's and diffusers' CFG scale s); one UNet call for both."""
     if guidance_scale == 1.0:
         return _unet(unet, latents, t, cond)
@@ -68,7 +69,7 @@ def sample_ddim(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditi
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps = _guided_eps(unet, latents, t, cond, guidance_scale)
+        eps = guided_eps(unet, latents, t, cond, guidance_scale)
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
 
@@ -85,6 +86,56 @@ def sample_student(unet, scheduler, noise: torch.Tensor, cond: Conditioning, *, 
     for t in scheduler.timesteps:
         latents = scheduler.step(_unet(unet, latents, t, cond), t, latents, generator=generator).prev_sample
     return latents
+
+
+@torch.no_grad()
+def sample_exact_consistency(unet, scheduler_config: dict, noise: torch.Tensor, cond: Conditioning, *, steps: int,
+                             gamma: float, guidance_scale: float, num_ddim_timesteps: int,
+                             generator: torch.Generator) -> torch.Tensor:
+    """A perfect student: TCD's multi-step sampler at `gamma` (1 is LCM's, which renoises the clean estimate) with
+    the consistency function replaced by the teacher's guided DDIM ODE on the training solver's grid.
+
+    No student sampled this way can do better. With fresh noise between steps (gamma > 0) the sampler itself
+    moves samples off the teacher's ODE, since a guided ODE's marginals are not its endpoint distribution renoised;
+    at gamma 0 it is the teacher's DDIM on that grid.
+    """
+    from diffusers import DDPMScheduler
+
+    from lcm_plugin.inference import tcd_scheduler
+    from lcm_plugin.lcm.schedules import DDIMSkipSchedule
+
+    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod
+    grid = DDIMSkipSchedule.from_alphas_cumprod(alphas_cumprod, num_ddim_timesteps).solver_timesteps.tolist()[::-1]
+
+    def solve(latents: torch.Tensor, t: int, end: int) -> torch.Tensor:
+        """Guided DDIM from timestep t down the grid to timestep `end`; end < 0: the clean estimate at the grid's
+        last step."""
+        while True:
+            eps = guided_eps(unet, latents, torch.tensor(t), cond, guidance_scale)
+            clean = (latents - (1 - alphas_cumprod[t]).sqrt() * eps) / alphas_cumprod[t].sqrt()
+            lower = [g for g in grid if end <= g < t]
+            if end < 0 and not lower:
+                return clean
+            t = lower[0] if lower else end
+            latents = alphas_cumprod[t].sqrt() * clean + (1 - alphas_cumprod[t]).sqrt() * eps
+            if t == end:
+                return latents
+
+    # Only its timesteps are used (TCD's step does not read timestep_scaling).
+    scheduler = tcd_scheduler(scheduler_config, num_ddim_timesteps=num_ddim_timesteps, timestep_scaling=10.0,
+                              gamma=gamma)
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    latents = noise
+    for t, t_prev in itertools.pairwise(timesteps):
+        end = int((1 - gamma) * t_prev)  # TCDScheduler's s = floor((1 - gamma) * t_prev)
+        fresh = torch.randn(latents.shape, generator=generator) if gamma > 0 else torch.zeros_like(latents)
+        if end <= 0:  # LCM's step: the clean estimate renoised to t_prev
+            x_end, ratio = solve(latents, t, -1), alphas_cumprod[t_prev]
+        else:  # TCD's: along the ODE to s, then forward-diffused from s to t_prev
+            x_end, ratio = solve(latents, t, end), alphas_cumprod[t_prev] / alphas_cumprod[end]
+        latents = ratio.sqrt() * x_end + (1 - ratio).sqrt() * fresh
+    return solve(latents, timesteps[-1], -1)
 
 
 @torch.no_grad()
