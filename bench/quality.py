@@ -35,14 +35,17 @@ import numpy as np
 from lcm_plugin import quality
 from lcm_plugin.demo import config as demo_config
 from lcm_plugin.demo import shapes
+from lcm_plugin.demo import run as demo_run
 
 STEP_COUNTS = (1, 2, 4, 8)
 # The exact-consistency rows: at 1 step they are the teacher's DDIM-50 itself, and 8 steps cost ~200 guided calls.
 EXACT_STEP_COUNTS = (2, 4)
 REFERENCE_NOISE_SEED, EVALUATION_NOISE_SEED = 100, 200
-DATASET_SIZE, DATASET_SEED = 512, 1  # the demo's dataset
-# The demo's training (lcm_plugin.demo.run.DEFAULT_TRAINING).
-LORA_RANK, LEARNING_RATE, LR_SCHEDULER, BATCH_SIZE = 32, 1e-3, "linear", 8
+DATASET_SIZE, DATASET_SEED = demo_run.DATASET_SIZE, demo_run.DATASET_SEED
+DEMO_TRAINING = demo_run.DEFAULT_TRAINING  # the bench trains as the demo does, in this process
+LORA_RANK, LEARNING_RATE, LR_SCHEDULER, BATCH_SIZE = (
+    DEMO_TRAINING.lora_rank, DEMO_TRAINING.learning_rate, DEMO_TRAINING.lr_scheduler, DEMO_TRAINING.train_batch_size,
+)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # SimpleTuner's default for lora_type standard on SDXL
 
 
@@ -152,8 +155,8 @@ def cell(comparison) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 steps, one seed, 48 samples: checks every row runs")
-    parser.add_argument("--steps", type=int, default=600,
-                        help="optimizer steps per student (the demo trains 400); 10 students at ~0.3 s/step here")
+    parser.add_argument("--steps", type=int, default=DEMO_TRAINING.max_train_steps,
+                        help="optimizer steps per student (default: the demo's); 10 students at 0.06-0.3 s/step here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--samples", type=int, default=144, help="samples per row (the demo's metric count)")
     args = parser.parse_args()
