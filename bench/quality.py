@@ -10,8 +10,8 @@ measurement.
 Training runs in this process with the plugin's LcmDistiller (the same prepare_batch / compute_distill_loss /
 post_training_step the trainer calls, exact to diffusers' step: tests/unit/test_distiller_parity.py and
 test_distiller_variants.py) and the demo's settings (LoRA rank 32, AdamW lr 1e-3 with 10 % warm-up and linear
-decay to 0, batch 8, the seed config's lcm block), skipping SimpleTuner's start-up. Latents are the VAE posterior's samples, as
-SimpleTuner caches them.
+decay to 0, batch 8, the seed config's lcm block; lcm_plugin.demo.run.DEFAULT_TRAINING), skipping SimpleTuner's
+start-up. Latents are the VAE posterior's samples, as SimpleTuner caches them.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py            # the full table
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py --quick    # a smoke run of every row
