@@ -14,7 +14,8 @@ import pytest
 from lcm_plugin.demo import config, run
 
 REPO_SEED = Path(__file__).parents[1] / "fixtures" / "seed"
-TRAINING = config.DemoTraining(max_train_steps=300, learning_rate=1e-3, lr_scheduler="linear", lora_rank=16, train_batch_size=8, image_size=64)
+TRAINING = config.DemoTraining(max_train_steps=300, learning_rate=1e-3, lr_scheduler="linear", lora_rank=16,
+                               train_batch_size=8, image_size=64)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ def teacher():
     from diffusers import StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(str(run.TEACHER_DIR))
-    cond = sampling.encode(pipeline, [shapes.prompt("red", "circle"), shapes.prompt("blue", "square")], shapes.IMAGE_SIZE)
+    prompts = [shapes.prompt("red", "circle"), shapes.prompt("blue", "square")]
+    cond = sampling.encode(pipeline, prompts, shapes.IMAGE_SIZE)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     return pipeline, cond, noise
 
