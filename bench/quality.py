@@ -41,11 +41,7 @@ STEP_COUNTS = (1, 2, 4, 8)
 # The exact-consistency rows: at 1 step they are the teacher's DDIM-50 itself, and 8 steps cost ~200 guided calls.
 EXACT_STEP_COUNTS = (2, 4)
 REFERENCE_NOISE_SEED, EVALUATION_NOISE_SEED = 100, 200
-DATASET_SIZE, DATASET_SEED = demo_run.DATASET_SIZE, demo_run.DATASET_SEED
 DEMO_TRAINING = demo_run.DEFAULT_TRAINING  # the bench trains as the demo does, in this process
-LORA_RANK, LEARNING_RATE, LR_SCHEDULER, BATCH_SIZE = (
-    DEMO_TRAINING.lora_rank, DEMO_TRAINING.learning_rate, DEMO_TRAINING.lr_scheduler, DEMO_TRAINING.train_batch_size,
-)
 ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # SimpleTuner's default for lora_type standard on SDXL
 # SimpleTuner's peft_lora_target_modules can name these: attention, feed-forward, ResNet and the UNet's in/out convs.
 EVERY_LAYER_LORA_TARGETS = (*ATTENTION_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -57,7 +53,7 @@ class Variant:
     label: str
     lcm: dict = field(default_factory=dict)  # overrides of the seed config's lcm block
     lora_targets: tuple[str, ...] = ATTENTION_LORA_TARGETS
-    learning_rate: float = LEARNING_RATE
+    learning_rate: float = DEMO_TRAINING.learning_rate
 
 
 VARIANTS = (
@@ -98,9 +94,9 @@ def encode_dataset(pipeline):
 
     from lcm_plugin.demo import sampling
 
-    images, captions = shapes.sample_images(DATASET_SIZE, DATASET_SEED)
+    images, captions = shapes.sample_images(demo_run.DATASET_SIZE, demo_run.DATASET_SEED)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    generator = torch.Generator().manual_seed(DATASET_SEED)
+    generator = torch.Generator().manual_seed(demo_run.DATASET_SEED)
     with torch.no_grad():
         latents = torch.cat([
             pipeline.vae.encode(chunk).latent_dist.sample(generator) for chunk in pixels.split(128)
@@ -121,12 +117,14 @@ def train_student(pipeline, latents, cond, variant: Variant, lcm_block: dict, *,
     torch.manual_seed(seed)
     unet = copy.deepcopy(pipeline.unet)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+    rank = DEMO_TRAINING.lora_rank
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=list(variant.lora_targets)))
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=variant.learning_rate, weight_decay=0.01)
     # What SimpleTuner's get_lr_scheduler builds for the demo's lr_scheduler "linear": warm-up, then decay to 0.
-    scheduler = get_scheduler(LR_SCHEDULER, optimizer, num_warmup_steps=max(steps // 10, 1), num_training_steps=steps)
+    scheduler = get_scheduler(DEMO_TRAINING.lr_scheduler, optimizer, num_warmup_steps=max(steps // 10, 1),
+                              num_training_steps=steps)
     lcm = LcmConfig.model_validate(lcm_block)
     model = BenchModel(unet, pipeline.scheduler.config.prediction_type)
     from diffusers import DDPMScheduler
@@ -135,7 +133,7 @@ def train_student(pipeline, latents, cond, variant: Variant, lcm_block: dict, *,
     generator = torch.Generator().manual_seed(seed)
     started = time.monotonic()
     for step in range(steps):
-        index = torch.randint(0, len(latents), (BATCH_SIZE,), generator=generator)
+        index = torch.randint(0, len(latents), (DEMO_TRAINING.train_batch_size,), generator=generator)
         batch = {
             "latents": latents[index],
             "noise": torch.randn(latents[index].shape, generator=generator),
