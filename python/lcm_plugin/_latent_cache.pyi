@@ -29,6 +29,30 @@ def scan_sizes(
 ) -> tuple[list[_Size | None], list[tuple[int, str]]]: ...
 def read_header(path: _Path) -> tuple[int, int, int, str]: ...
 
+class Inventory:
+    def __len__(self) -> int: ...
+    keys: list[str]
+    sizes: list[_Size | None]
+    errors: list[tuple[int, str]]
+    contents: list[str]
+    stamps: list[tuple[int, int, int]]
+    captions: list[str | None]
+    caption_errors: list[tuple[int, str]]
+    read: int
+    touched: int
+    removed: int
+    had_memo: bool
+    not_utf8: list[bytes]
+    def write_memo(self, path: _Path) -> None: ...
+
+def scan_inventory(
+    data_dir: _Path,
+    extensions: list[str],
+    caption_extension: str | None = None,
+    memo: _Path | None = None,
+    threads: int | None = None,
+) -> Inventory: ...
+
 class Bucketer:
     def __init__(self, config: dict[str, Any], seed: int = 0) -> None: ...
     def assign(self, sizes: list[_Size]) -> list[dict[str, Any] | None]: ...

@@ -32,6 +32,7 @@ from lcm_plugin._latent_cache import (
     CorruptShardError,
     DuplicateKeyError,
     ImageDecodeError,
+    Inventory,
     ImageTooLargeError,
     LatentCacheError,
     MissingKeyError,
@@ -39,6 +40,7 @@ from lcm_plugin._latent_cache import (
     decode_batch,
     decode_batch_bytes,
     read_header,
+    scan_inventory,
     scan_sizes,
 )
 from lcm_plugin._latent_cache import check as _check
@@ -59,6 +61,7 @@ __all__ = [
     "DuplicateKeyError",
     "ImageDecodeError",
     "ImageTooLargeError",
+    "Inventory",
     "LatentCacheError",
     "LatentCacheReader",
     "LatentCacheWriter",
@@ -69,6 +72,7 @@ __all__ = [
     "decode_batch",
     "decode_batch_bytes",
     "read_header",
+    "scan_inventory",
     "scan_sizes",
     "verify",
 ]

@@ -122,13 +122,11 @@ class TrainerModels:
 
 
 class AcceleratorGroup:
-    """The build's rank synchronisation over the trainer's own process group (accelerate's)."""
+    """The build's rank synchronisation over the trainer's own process group (accelerate's): the ranks meet only in
+    `gather`, at the end of each phase (cache_build/ranks.py)."""
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
 
     def gather(self, value: list) -> list:
         if self.accelerator.num_processes == 1:
@@ -168,6 +166,13 @@ def uncovered_reason(entry: dict, args) -> str | None:
         return f"metadata_backend {entry.get('metadata_backend')!r} (the path scans image headers)"
     if entry.get("scan_for_errors"):
         return "scan_for_errors (it checks SimpleTuner's per-file cache)"
+    if entry.get("only_instance_prompt") or getattr(args, "only_instance_prompt", False):
+        return "only_instance_prompt (the build reads each image's own caption)"
+    if entry.get("disable_multiline_split"):
+        return "disable_multiline_split (the build takes each line of a caption file as one caption)"
+    for name in ("prepend_instance_prompt", "instance_prompt"):
+        if name not in entry and getattr(args, name, None):
+            return f"{name} from config.json (the build reads the dataset entry's)"
     if entry.get("caption_filter_list"):
         return "caption_filter_list (SimpleTuner encodes filtered captions)"
     if getattr(args, "enable_nsfw_check", False):
@@ -178,29 +183,47 @@ def uncovered_reason(entry: dict, args) -> str | None:
 def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerModels, group, rank: int, world: int,
             threads: int | None = None, log=logger.info) -> Coverage:
     """Build the caches of every covered dataset of the run (all ranks call it, with the same files), write
-    SimpleTuner's bucket metadata for them, and serve them from now on. Returns what is served."""
+    SimpleTuner's bucket metadata for them, and serve them from now on. Returns what is served.
+
+    The ranks decide together (cache_build/ranks.py): planning, the build's three phases and opening the caches
+    each end in one gather that every rank reaches. When any rank's part fails, every rank raises (its own error
+    where it failed, `RankFailed` on the others) with nothing served, so every rank takes SimpleTuner's own path or
+    none does. `threads`: worker threads of this process's Rust pools (None: rayon's default, RAYON_NUM_THREADS or
+    every core)."""
     reset()
     mode = data_path_mode(os.environ.get(SWITCH), lcm_run)
     if mode == SIMPLETUNER:
         if os.environ.get(SWITCH) and rank == 0:
             log(f"simpletuner-lcm data path: every dataset uses SimpleTuner's own caching ({SWITCH}={SIMPLETUNER})")
         return _coverage
-    planned = _plan(config_path, args, models, rank, log)
+    if threads is not None and not os.environ.get("RAYON_NUM_THREADS"):
+        # The Rust calls that take no thread count (the header scan in _plan, the cache check, the training-time
+        # latent gather) run on rayon's global pool, which reads this variable when first used: in the header scan.
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    from lcm_plugin.cache_build.build import BuildOptions, build_planned
+    from lcm_plugin.cache_build.ranks import Phase, RanksDisagree
+
+    with Phase(group, "planning") as planning:
+        planned = _plan(config_path, args, models, rank, log)
+        planning.share(planned is not None)
+    if len(set(planning.shared)) > 1:
+        idle = [other for other, has_plan in enumerate(planning.shared) if not has_plan]
+        raise RanksDisagree(f"rank(s) {', '.join(map(str, idle))} found no dataset to build where the others did; "
+                            "every rank must read the same config and files")
     if planned is None:
         return _coverage
     settings, datasets, prints = planned
-    from lcm_plugin.cache_build.build import BuildOptions, build_planned
-
     options = BuildOptions(config_dir=settings.config_path, threads=threads)
     report = build_planned(settings, datasets, prints, options, rank=rank, world=world, group=group, models=models,
                            # SimpleTuner-format files are neither read nor written here: a trainer leaves them alone
                            write_bucket_files=True, remove_stale_files=False,
                            log=lambda line: log(f"simpletuner-lcm data path: {line}"))
+    with Phase(group, "opening the caches"):
+        _serve(datasets, prints, report.failed_on_any_rank)
     if rank == 0 and report.failed_on_any_rank:
         log(f"simpletuner-lcm data path: {len(report.failed_on_any_rank)} image(s) not in the shards; SimpleTuner's "
             "own path takes them (first: " + "; ".join(f"{path}: {why}" for path, why in
                                                          list(report.failed_on_any_rank.items())[:3]) + ")")
-    _serve(datasets, prints, report.failed_on_any_rank)
     if rank == 0:
         log(f"simpletuner-lcm data path: datasets {', '.join(repr(d.id) for d in datasets)} read latents and text "
             f"embeddings from the memory-mapped caches ({report.encoded} image(s) encoded here, {report.reused} "
@@ -257,7 +280,8 @@ def _plan(config_path, args, models: TrainerModels, rank: int, log):
             fall_back(name, reason)
             continue
         try:
-            dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, None)
+            dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, None,
+                                   remember=rank == 0)
         except (BuildError, BucketConfigError) as error:
             fall_back(name, str(error))
             continue
@@ -302,6 +326,15 @@ def cached_images(dataset_id: str) -> set[str] | None:
     """Absolute paths of the images of a covered dataset held in the shards; None for a dataset not covered."""
     dataset = _coverage.datasets.get(dataset_id)
     return None if dataset is None else set(dataset.keys)
+
+
+def serves_every_image(dataset_id: str, buckets: dict | None) -> bool:
+    """Whether the shards hold every image of SimpleTuner's buckets of a covered dataset."""
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or not isinstance(buckets, dict):
+        return False
+    served = dataset.keys
+    return all(path in served or os.path.abspath(path) in served for paths in buckets.values() for path in paths)
 
 
 def latent(dataset_id: str, image_path: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lcm_plugin.cache_build.build import time_ids
+from lcm_plugin.cache import scan_inventory
 from lcm_plugin.cache_build.plan import BuildError, ImageItem, captions_of, datasets_of, read_run, vae_batches
 
 
@@ -105,9 +106,10 @@ def test_textfile_captions_split_lines_like_simpletuner(tmp_path):
             data_backend=LocalDataBackend(accelerator=None, id="photos"), instance_prompt="sks",
         )
         expected = [expected] if isinstance(expected, str) else expected
-        assert captions_of(root / "data" / "a.png", dataset) == tuple(c.strip() for c in expected), text
+        (read,) = scan_inventory(root / "data", [".png"], ".txt").captions  # the bytes as the scan reads them
+        assert captions_of(root / "data" / "a.png", dataset, read) == tuple(c.strip() for c in expected), text
     with pytest.raises(BuildError, match="caption file .*b.txt missing"):
-        captions_of(root / "data" / "b.png", dataset)
+        captions_of(root / "data" / "b.png", dataset, None)
 
 
 def test_batches_hold_one_bucket_and_every_image_once():

@@ -154,21 +154,25 @@ def name_entries(datasets: list[Dataset], prints: Fingerprints) -> None:
 
     for dataset in datasets:
         for item in dataset.images:
-            item.recipe = latent_recipe(prints.latent_digest, item.sample, item.file_id)
+            item.recipe = latent_recipe(prints.latent_digest, item.sample, item.content)
             item.cache_key = f"{item.key}@{digest(item.recipe)}"
 
 
-def plan_run(config_dir: Path, threads: int | None) -> tuple[RunSettings, list[Dataset], Fingerprints]:
-    """Settings, scanned and keyed datasets, and fingerprints of the run in `config_dir`."""
+def plan_run(
+    config_dir: Path, threads: int | None, remember: bool = False
+) -> tuple[RunSettings, list[Dataset], Fingerprints]:
+    """Settings, scanned and keyed datasets, and fingerprints of the run in `config_dir`; with `remember`, the scans
+    update their memos."""
     settings, entries = read_run(config_dir)
-    datasets = [scan_dataset(d, settings.seed, threads) for d in datasets_of(settings, entries)]
+    datasets = [scan_dataset(d, settings.seed, threads, remember=remember) for d in datasets_of(settings, entries)]
     prints = fingerprints(settings)
     name_entries(datasets, prints)
     return settings, datasets, prints
 
 
 class _Group:
-    """torch.distributed over gloo when several processes run; no-ops for one."""
+    """torch.distributed over gloo when several processes run; no-ops for one. The ranks meet only in `gather`, at
+    the end of each phase of `build_planned` (ranks.py)."""
 
     def __init__(self, world: int):
         self.world = world
@@ -177,12 +181,6 @@ class _Group:
 
             if not dist.is_initialized():
                 dist.init_process_group("gloo")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
     def gather(self, value: list) -> list:
         """Concatenation of every rank's `value`."""
@@ -235,7 +233,7 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     rank, world = rank_and_world()
     if options.prune and world > 1:
         raise BuildError("--prune rewrites the stores: run it in one process, not under a multi-process launcher")
-    settings, datasets, prints = plan_run(options.config_dir, options.threads)
+    settings, datasets, prints = plan_run(options.config_dir, options.threads, remember=rank == 0)
     group = _Group(world)
     try:
         report = build_planned(
@@ -254,53 +252,114 @@ def build_planned(
     settings: RunSettings, datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, *, rank: int,
     world: int, group, models, write_bucket_files: bool, remove_stale_files: bool, log,
 ) -> BuildReport:
-    """Steps 2-5 of the module docstring for planned, keyed `datasets`. `group` synchronises the ranks (`barrier`,
-    `gather`); `models` gives the VAE and the text encoders (`vae()`, `text_encoders()`), asked only when something
-    is to be encoded; `remove_stale_files`: `compare_with_caches`' cleanup of SimpleTuner-format files. Every rank
-    returns with the manifests written (`report.failed_on_any_rank` lists what failed)."""
-    report = BuildReport()
-    if rank == 0:  # every rank scans; one reports
-        for dataset in datasets:
-            report.failed += [(str(path), reason) for path, reason in dataset.skipped]
-            for reason, count in Counter(reason for _, reason in dataset.excluded).items():
-                log(f"cache build: {dataset.id}: {count} image(s) left out, as SimpleTuner does: {reason}")
-        _repair(datasets, log)
-        for line in compare_with_caches(datasets, prints, options.simpletuner_format, cleanup=remove_stale_files):
-            log(line)
-    group.barrier()
-    batches = vae_batches(datasets, settings.vae_batch_size)
-    _encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, models)
-    _encode_captions(datasets, prints, options, rank, world, report, models)
-    failed = dict(group.gather(report.failed))
-    report.failed_on_any_rank = failed
-    if rank == 0:
-        for dataset in datasets:
-            encoded = [item for item in dataset.images if str(item.path) not in failed]
-            fault_point("manifest")
-            write_manifest(dataset, encoded, prints, failed)
-            if write_bucket_files:
-                from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
+    """Steps 2-5 of the module docstring for planned, keyed `datasets`. `group` synchronises the ranks (`gather`);
+    `models` gives the VAE and the text encoders (`vae()`, `text_encoders()`), asked only when something is to be
+    encoded; `remove_stale_files`: `compare_with_caches`' cleanup of SimpleTuner-format files. Every rank returns with
+    the manifests written (`report.failed_on_any_rank` lists what failed), or every rank raises (ranks.Phase: its own
+    error where a part failed, `RankFailed` on the others).
 
-                write_bucket_metadata(dataset, encoded)
-    group.barrier()
+    Collectives, the same on every rank whatever raised where: one gather at the end of each of three phases (rank 0's
+    checks, which also compare the ranks' plans; encoding, which also pools the failed images; rank 0's manifests
+    and bucket files). Each gather also holds back the ranks until rank 0's part of its phase is done."""
+    from lcm_plugin.cache_build.ranks import Phase, plan_summary, require_same_plan
+
+    report = BuildReport()
+    summary = plan_summary(datasets, prints)
+    with Phase(group, "the rank-0 checks of the existing caches") as checks:
+        complete_before = False
+        if rank == 0:  # every rank scans; one reports
+            fault_point("checks")
+            for dataset in datasets:
+                report.failed += [(str(path), reason) for path, reason in dataset.skipped]
+                for reason, count in Counter(reason for _, reason in dataset.excluded).items():
+                    log(f"cache build: {dataset.id}: {count} image(s) left out, as SimpleTuner does: {reason}")
+            repaired = _repair(datasets, log)
+            complete_before = not repaired and not options.simpletuner_format and all(
+                (read_completion(dataset) or {}).get("plan") == summary[0]
+                and (dataset.vae_cache_dir / LCM_DIR / MANIFEST).is_file()
+                for dataset in datasets
+            )
+            if not complete_before:
+                for line in compare_with_caches(datasets, prints, options.simpletuner_format,
+                                                cleanup=remove_stale_files):
+                    log(line)
+        checks.share((summary, complete_before))
+    require_same_plan([shared_summary for shared_summary, _ in checks.shared])
+    # The same plan completed before on the same stores (none of their shards dropped since): nothing to encode,
+    # check or rewrite; what failed then fails now (the same files, per the plan's content hashes).
+    complete_before = checks.shared[0][1]
+    batches = vae_batches(datasets, settings.vae_batch_size)
+    with Phase(group, "encoding") as encoding:
+        if complete_before:
+            report.reused = sum(len(batch.items) for batch in batches[rank::world])
+            report.failed = [pair for dataset in datasets for pair in read_completion(dataset)["failed"]]
+        else:
+            _encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, models)
+            _encode_captions(datasets, prints, options, rank, world, report, models)
+        encoding.share(report.failed)
+    failed = dict(pair for failed_on_rank in encoding.shared for pair in failed_on_rank)
+    report.failed_on_any_rank = failed
+    with Phase(group, "the rank-0 writing of the manifests and bucket files"):
+        if rank == 0:
+            for dataset in datasets:
+                encoded = [item for item in dataset.images if str(item.path) not in failed]
+                if not complete_before:
+                    fault_point("manifest")
+                    write_manifest(dataset, encoded, prints, failed)
+                if write_bucket_files:
+                    from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
+
+                    write_bucket_metadata(dataset, encoded)
+                if not complete_before:
+                    write_completion(dataset, summary[0], failed)
     return report
 
 
-def _repair(datasets: list[Dataset], log) -> None:
+def _completion_path(dataset: Dataset) -> Path:
+    return dataset.vae_cache_dir / LCM_DIR / f"complete.{hashlib.sha256(dataset.id.encode()).hexdigest()[:16]}.json"
+
+
+def write_completion(dataset: Dataset, plan: str, failed: dict[str, str]) -> None:
+    """Records that the plan with digest `plan` (ranks.plan_summary: every dataset's keys and captions, the
+    fingerprints) is complete in the stores: the next start with the same plan skips the checks and encoding."""
+    from lcm_plugin.cache_build.simpletuner_format import write_atomic
+
+    mine = [(str(item.path), failed[str(item.path)]) for item in dataset.images if str(item.path) in failed]
+    record = {"format_version": MANIFEST_VERSION, "plan": plan, "failed": mine}
+    write_atomic(_completion_path(dataset), json.dumps(record).encode())
+
+
+def read_completion(dataset: Dataset) -> dict | None:
+    try:
+        record = json.loads(_completion_path(dataset).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format_version") != MANIFEST_VERSION:
+        return None
+    return record
+
+
+def _repair(datasets: list[Dataset], log) -> bool:
     """The cheap check of every cache folder (a shard's CRC is read only when its mtime changed since commit);
-    shards proven bad are dropped so that their entries are encoded again."""
+    shards proven bad are dropped so that their entries are encoded again. True when a store had a problem or is
+    missing."""
     from lcm_plugin.cache import check_cache
 
     folders = {d.vae_cache_dir / LCM_DIR for d in datasets} | {d.text_cache_dir / LCM_DIR for d in datasets}
+    troubled = False
     for folder in sorted(folders):
         _finish_pruning(folder)
-        if folder.is_dir():
-            report = check_cache(folder, full=False, repair=True)
-            for problem in report.problems:
-                log(f"cache build: {problem.path}: {problem.reason} ({problem.kind}, {problem.action})")
-            if report.orphans:
-                log(f"cache build: {folder}: {len(report.orphans)} file(s) no index lists (left by a killed build); "
-                    "never read")
+        if not folder.is_dir():
+            troubled = True
+            continue
+        report = check_cache(folder, full=False, repair=True)
+        troubled |= bool(report.problems)
+        for problem in report.problems:
+            log(f"cache build: {problem.path}: {problem.reason} ({problem.kind}, {problem.action})")
+        if report.orphans:
+            log(f"cache build: {folder}: {len(report.orphans)} file(s) no index lists (left by a killed build); "
+                "never read")
+    return troubled
 
 
 def _pruning_folders(folder: Path) -> tuple[Path, Path]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -30,34 +31,98 @@ VAE_PEAK_ACTIVATIONS = 8
 CPU_ACTIVATION_BUDGET = 8 << 20
 
 
-def device() -> torch.device:
-    """This rank's accelerator (LOCAL_RANK under accelerate/torchrun), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+# Variables accelerate reads for the world size of a CPU run (PartialState._prepare_backend), first one set wins.
+CPU_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+
+
+def trainer_device(environ: Mapping[str, str], accelerator: str | None, device_count: int) -> torch.device:
+    """The device of SimpleTuner's Accelerator in a process started with `environ`, on a host whose accelerator
+    type is `accelerator` (None: CPU only) with `device_count` devices. SimpleTuner puts its VAE and text encoders
+    there (ModelFoundation.load_vae / load_text_encoder: `.to(self.accelerator.device, ...)`).
+
+    Mirrors accelerate 1.16's AcceleratorState and PartialState: ACCELERATE_TORCH_DEVICE wins; ACCELERATE_USE_CPU
+    (`accelerate launch --cpu`) forces the CPU; a process of a distributed launch (LOCAL_RANK set) gets device
+    LOCAL_RANK % count of the accelerator (set_device), and with the CPU forced, a distributed run (LOCAL_RANK set
+    or a world size above 1) is MULTI_CPU and gets `cpu:0`: not `cpu`, the device SimpleTuner loads on, so it
+    converts its VAE there too. Anything else gets default_device: the accelerator, else `cpu`."""
+    from accelerate.utils import str_to_bool
+
+    forced = environ.get("ACCELERATE_TORCH_DEVICE")
+    if forced:
+        return torch.device(forced)
+    cpu = str_to_bool(environ.get("ACCELERATE_USE_CPU", "false"), to_bool=True)
+    local_rank = int(environ.get("LOCAL_RANK", -1))
+    if accelerator is not None and not cpu:
+        return torch.device(accelerator, local_rank % device_count) if local_rank != -1 else torch.device(accelerator)
+    world = next((int(environ[name]) for name in CPU_WORLD_SIZE_VARIABLES if int(environ.get(name, -1)) >= 0), 1)
+    if cpu and (local_rank != -1 or world > 1):
+        return torch.device("cpu", 0)
     return torch.device("cpu")
 
 
+def device() -> torch.device:
+    """This process's device, the one SimpleTuner's trainer would get here (trainer_device), for the accelerator
+    accelerate finds (its get_torch_accelerator_backend, which PartialState asks too)."""
+    from accelerate.utils import get_torch_accelerator_backend
+
+    accelerator, module = get_torch_accelerator_backend()
+    return trainer_device(os.environ, accelerator, module.device_count() if module is not None else 0)
+
+
+def vae_dtype_on(where: torch.device, vae_dtype: str) -> str:
+    """The dtype SimpleTuner's VAE encodes in when the trainer's device is `where`, for config.json's `vae_dtype`
+    (SimpleTuner's value: "bf16" when the key is absent). ModelFoundation.load_vae loads it without a torch_dtype
+    (_get_vae_load_kwargs), so in torch's default fp32 on the CPU, and converts it to bf16 ("bf16", "default",
+    "none") or fp32 ("fp32") only when it moves it: when `where` is not that `cpu`. ("fp16", which SimpleTuner
+    refuses there, is the caller's to refuse.)"""
+    if where == torch.device("cpu"):
+        return "fp32"
+    return "fp32" if vae_dtype == "fp32" else "bf16"
+
+
+def weight_dtype(
+    mixed_precision: str,
+    *,
+    model_type: str,
+    base_model_precision: str,
+    base_model_default_dtype: str,
+    quantization_config,
+    model_path: str,
+) -> str:
+    """SimpleTuner's weight_dtype (cmd_args.parse_cmdline_args: bf16 for mixed_precision bf16 or a quantised LoRA
+    base with base_model_default_dtype bf16, fp16 for fp16, else fp32), from config.json's values. It does not
+    depend on the device or on the launcher's MIXED_PRECISION: that only reaches `accelerate launch
+    --mixed_precision`, which the trainer's Accelerator(mixed_precision=config's value) overrides.
+    ModelFoundation.load_text_encoder casts the text encoders to it on every device, the CPU included."""
+    quantised = base_model_precision != "no_change" or quantization_config is not None or model_path.endswith(".gguf")
+    if mixed_precision == "bf16" or (base_model_default_dtype == "bf16" and quantised and "lora" in model_type):
+        return "bf16"
+    return "fp16" if mixed_precision == "fp16" else "fp32"
+
+
 def load_vae(vae_path: str, dtype: str):
-    """AutoencoderKL from `vae_path`'s `vae` subfolder, else its root (SimpleTuner's load_vae fallback)."""
+    """AutoencoderKL from `vae_path`'s `vae` subfolder, else its root, on this process's device in `dtype`
+    (vae_dtype_on's answer for it): ModelFoundation.load_vae's fallback, load and conversion."""
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae", torch_dtype=DTYPES[dtype])
+        vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae")
     except (OSError, ValueError):
-        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=DTYPES[dtype])
-    return vae.to(device()).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(vae_path)
+    return vae.to(device(), dtype=DTYPES[dtype]).eval().requires_grad_(False)
 
 
 def load_text_encoders(model_path: str, dtype: str) -> tuple[list, list]:
-    """SDXL's two tokenizers and text encoders (CLIP-L, then CLIP-G with projection) from `model_path`."""
+    """SDXL's two tokenizers and text encoders (CLIP-L, then CLIP-G with projection) from `model_path`, on this
+    process's device in `dtype` (weight_dtype): loaded and then moved as ModelFoundation.load_text_encoder does."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizers = [CLIPTokenizer.from_pretrained(model_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
     encoders = [
-        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=DTYPES[dtype]),
-        CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", dtype=DTYPES[dtype]),
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2"),
     ]
-    return tokenizers, [encoder.to(device()).eval().requires_grad_(False) for encoder in encoders]
+    return tokenizers, [encoder.to(device(), dtype=DTYPES[dtype]).eval().requires_grad_(False) for encoder in encoders]
 
 
 def free_memory_bytes(where: torch.device) -> int:

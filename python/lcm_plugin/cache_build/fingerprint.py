@@ -6,7 +6,7 @@ Two levels:
   recipe format, the text encoders' and tokenizers' identity and their dtype. It is written in manifest.json
   and compared at build and at read (`simpletuner-lcm cache verify`).
 - a **recipe** per latent: the fingerprint's digest plus what the bucketer decided for that image (original,
-  resize and target sizes, crop coordinates) and the image file's identity (size, modification time). Its
+  resize and target sizes, crop coordinates) and the hash of the image file's bytes. Its
   digest is part of the entry's key in the store (`<image key>@<digest>`), and a caption's embeddings are
   stored under `<md5(caption)>@<text fingerprint digest>`. A changed setting therefore changes the key: the
   store is append-only, and a key can only ever hold what its recipe produces. A rebuild finds which keys are
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 # Bump when the pixels or the encoding change for the same inputs (decode, resize, normalisation, sampling).
@@ -37,8 +39,8 @@ class IdentityError(Exception):
     """A model folder or hub id whose files cannot be found or read."""
 
 
-def _hash_folder(folder: Path, weights: bool) -> str:
-    """sha256 over (name, bytes) of the files a loader reads in `folder`."""
+def _hash_folder(folder: Path, weights: bool, digests: FileDigests) -> str:
+    """sha256 over (name, sha256 of the bytes) of the files a loader reads in `folder`."""
     names = sorted(
         p.name
         for p in folder.iterdir()
@@ -48,12 +50,63 @@ def _hash_folder(folder: Path, weights: bool) -> str:
         raise IdentityError(f"{folder}: no config.json")
     hasher = hashlib.sha256()
     for name in names:
-        hasher.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as file:
+        hasher.update(name.encode() + b"\0" + digests.of(folder / name).encode() + b"\0")
+    return hasher.hexdigest()
+
+
+class FileDigests:
+    """sha256 of files, remembered per user across runs while a file's stamps (size, mtime, ctime, inode) are
+    unchanged: SDXL's VAE and text encoders weigh gigabytes, seconds per start per rank to hash. A file whose
+    mtime or ctime is within `RACY_WINDOW_NS` of the memo's writing may have changed without a new stamp and is
+    hashed again."""
+
+    RACY_WINDOW_NS = 2_000_000_000
+    VERSION = 1
+
+    def __init__(self, memo: Path | None = None):
+        self.memo = memo or _user_cache() / "file-digests.json"
+        self.known: dict[str, list] = {}
+        self.written_ns = 0
+        self.changed = False
+        try:
+            stored = json.loads(self.memo.read_text())
+            if stored.get("version") == self.VERSION:
+                self.known, self.written_ns = dict(stored["files"]), int(stored["written_ns"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # no memo, or one we cannot trust: hash everything
+
+    def of(self, path: Path) -> str:
+        path = Path(os.path.abspath(path))
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        known = self.known.get(str(path))
+        settled = max(stat.st_mtime_ns, stat.st_ctime_ns) < self.written_ns - self.RACY_WINDOW_NS
+        if known is not None and known[:4] == stamp and settled:
+            return known[4]
+        hasher = hashlib.sha256()
+        with open(path, "rb") as file:
             while chunk := file.read(_CHUNK):
                 hasher.update(chunk)
-        hasher.update(b"\0")
-    return hasher.hexdigest()
+        self.known[str(path)] = stamp + [hasher.hexdigest()]
+        self.changed = True
+        return hasher.hexdigest()
+
+    def save(self) -> None:
+        """Writes the memo (atomically) if anything was hashed; a memo that cannot be written is skipped."""
+        if not self.changed:
+            return
+        record = {"version": self.VERSION, "written_ns": time.time_ns(), "files": self.known}
+        temporary = self.memo.with_name(f"{self.memo.name}.{os.getpid()}.tmp")
+        try:
+            self.memo.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(record))
+            os.replace(temporary, self.memo)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "simpletuner-lcm"
 
 
 def _snapshot(repo: str, subfolders: tuple[str, ...]) -> Path:
@@ -67,21 +120,23 @@ def _snapshot(repo: str, subfolders: tuple[str, ...]) -> Path:
         raise IdentityError(f"{repo!r}: not a local folder, and the hub says: {str(error).splitlines()[0]}") from None
 
 
-def model_identity(path: str, subfolders: tuple[str, ...]) -> str:
+def model_identity(path: str, subfolders: tuple[str, ...], digests: FileDigests | None = None) -> str:
     """Identity of the model parts at `path` (a folder, or a hub id): a hash of the files `from_pretrained` reads
     in each subfolder ("" = the folder itself; a missing subfolder is skipped), or, for a hub id, its revision."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         snapshot = _snapshot(path, subfolders)
         return f"{path}@{snapshot.name}"
+    digests = digests or FileDigests()
     parts = []
     for sub in subfolders:
         where = folder / sub if sub else folder
         if where.is_dir():
             try:
-                parts.append(f"{sub}:{_hash_folder(where, weights=not sub.startswith('tokenizer'))}")
+                parts.append(f"{sub}:{_hash_folder(where, not sub.startswith('tokenizer'), digests)}")
             except OSError as error:
                 raise IdentityError(f"{where}: {error.strerror or error}") from None
+    digests.save()
     if not parts:
         raise IdentityError(f"{folder}: none of {', '.join(s or '.' for s in subfolders)} is a folder")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -139,11 +194,12 @@ def text_fingerprint(model_path: str, text_dtype: str) -> dict:
     }
 
 
-def latent_recipe(fingerprint_digest: str, sample: dict, file_id: tuple[int, int]) -> dict:
-    """What one latent is a function of: the cache fingerprint, the bucketer's geometry and the image file."""
+def latent_recipe(fingerprint_digest: str, sample: dict, content: str) -> dict:
+    """What one latent is a function of: the cache fingerprint, the bucketer's geometry and the image's bytes (their
+    hash: a copied or touched file keeps its latents, an edited one does not)."""
     return {
         "fingerprint": fingerprint_digest,
-        "file": list(file_id),
+        "content": content,
         "original_size": list(sample["original_size"]),
         "intermediary_size": list(sample["intermediary_size"]),
         "crop_coordinates": list(sample["crop_coordinates"]),
@@ -162,7 +218,7 @@ _WHY = {
     "seed": "seed changed",
     "text_encoders": "the text encoders or tokenizers changed",
     "text_dtype": "the text encoder dtype (mixed_precision) changed",
-    "file": "the image file changed (size or modification time)",
+    "content": "the image file's content changed",
     "original_size": "the image size changed",
     "target_size": "the target size changed (resolution settings)",
     "intermediary_size": "the resize size changed (resolution settings)",

@@ -7,6 +7,7 @@ the two config files only, so every rank (and every rerun after a kill) derives 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -69,7 +70,7 @@ class ImageItem:
     key: str
     captions: tuple[str, ...] = ()
     sample: dict | None = None  # the bucketer's answer: bucket, sizes, crop_coordinates, ...
-    file_id: tuple[int, int] = (0, 0)  # (size, mtime_ns) of the file when scanned
+    content: str = ""  # hash of the file's bytes when scanned (the inventory's xxh3-128)
     cache_key: str = ""  # its latent's key in the store, `<key>@<recipe digest>` (set by the build)
     recipe: dict | None = None  # what the latent is a function of (fingerprint.latent_recipe)
 
@@ -94,6 +95,7 @@ class Dataset:
     images: list[ImageItem] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable
     excluded: list[tuple[Path, str]] = field(default_factory=list)  # (file, which filter), as SimpleTuner filters
+    inventory: object = None  # the folder's scan (lcm_plugin.cache.Inventory), set by scan_dataset
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,12 @@ def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[R
     backend_path, _ = find_backend_file(raw_config, config_path)
     entries, _ = read_json(backend_path)
     setting = effective_settings(raw_config).get
+    # The models' dtypes are those SimpleTuner's trainer gives them on this host (the rules in encode.py name the
+    # SimpleTuner functions they mirror): the cache must hold what that trainer would encode.
+    from lcm_plugin.cache_build.encode import device, vae_dtype_on, weight_dtype
 
     vae_dtype = str(setting("vae_dtype") or "default").lower()
-    if vae_dtype == "fp16":
+    if vae_dtype == "fp16":  # refused on every host: SimpleTuner refuses it wherever it has an accelerator
         raise BuildError(f"{config_path}: /vae_dtype: fp16 is not supported for SDXL's VAE (SimpleTuner refuses it)")
     root = run_root(config_path)
     settings = RunSettings(
@@ -133,9 +138,16 @@ def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[R
         model_family=str(setting("model_family")),
         model_path=str(setting("pretrained_model_name_or_path")),
         vae_path=str(setting("pretrained_vae_model_name_or_path") or setting("pretrained_model_name_or_path")),
-        vae_dtype="fp32" if vae_dtype == "fp32" else "bf16",
+        vae_dtype=vae_dtype_on(device(), vae_dtype),
         vae_batch_size=_integer(config_path, "vae_batch_size", setting("vae_batch_size"), 4, 1),
-        text_dtype={"bf16": "bf16", "fp16": "fp16"}.get(str(setting("mixed_precision")), "fp32"),
+        text_dtype=weight_dtype(
+            str(setting("mixed_precision")),
+            model_type=str(setting("model_type")),
+            base_model_precision=str(setting("base_model_precision")),
+            base_model_default_dtype=str(setting("base_model_default_dtype")),
+            quantization_config=setting("quantization_config"),
+            model_path=str(setting("pretrained_model_name_or_path")),
+        ),
         compress_disk_cache=bool(setting("compress_disk_cache")),
         # SimpleTuner seeds numpy with it (accelerate's set_seed): numpy takes 0 to 2**32 - 1.
         seed=_integer(config_path, "seed", setting("seed"), 0, 0, 2**32 - 1),
@@ -150,6 +162,16 @@ def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[R
             f"{config_path}: /model_family: cache build supports {' and '.join(families)} "
             f"(got {settings.model_family!r})"
         )
+    # SimpleTuner quantises these text encoders before it caches their embeddings (Trainer.run: init_precision(
+    # preprocessing_models_only=True) before init_data_backend); the build's are not quantised.
+    encoders = 2 if settings.model_family == "sdxl" else 1  # SD 1.x/2.x have one CLIP
+    for number in range(1, encoders + 1):
+        key = f"text_encoder_{number}_precision"
+        if setting(key) != "no_change":
+            raise BuildError(
+                f"{config_path}: /{key}: {setting(key)!r} quantises the text encoder, which cache build does not; "
+                "remove the key (no_change) or let the trainer encode the captions"
+            )
     return settings, entries
 
 
@@ -271,67 +293,69 @@ def bucket_config(entry: dict, settings: RunSettings) -> dict:
     return merged
 
 
-def list_images(data_dir: Path) -> list[tuple[Path, str]]:
-    """Image files under `data_dir` (recursively, like SimpleTuner's local backend) with their keys (the path
-    relative to `data_dir`, "/"-separated), sorted for a stable plan."""
-    found = []
-    for folder, dirs, files in os.walk(data_dir, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        relative = os.path.relpath(folder, data_dir)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-        found += [(Path(folder, name), prefix + name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
-    for path, key in found:
-        if not _is_utf8(key):
-            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-            raise BuildError(
-                f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and "
-                "caption file names need UTF-8)"
-            )
-    return sorted(found, key=lambda image: image[1].split("/"))  # folder by folder, as paths sort
+def memo_path(dataset: Dataset) -> Path:
+    """Where the scan memo of `dataset` lives: beside its latent store (one per dataset id)."""
+    name = hashlib.sha256(dataset.id.encode()).hexdigest()[:16]
+    return dataset.vae_cache_dir / "lcm" / f"inventory.{name}.memo"
 
 
-def _is_utf8(name: str) -> bool:
-    """False for names Python decoded with surrogate escapes (bytes that are not UTF-8)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def captions_of(path: Path, dataset: Dataset) -> tuple[str, ...]:
-    """The caption(s) SimpleTuner's PromptHandler reads for `path` (every line of a textfile is one), stripped.
-    Raises BuildError naming the caption file when it cannot be read."""
+def captions_of(path: Path, dataset: Dataset, text: str | None) -> tuple[str, ...]:
+    """The caption(s) SimpleTuner's PromptHandler reads for `path` (every line of a textfile is one), stripped;
+    `text` is the caption file's content as the scan read it (bytes decoded as UTF-8, no newline translation, as
+    SimpleTuner's LocalDataBackend.read + PromptHandler do), None when there is none. Raises BuildError naming the
+    caption file when a textfile caption is missing."""
     if dataset.caption_strategy == "instanceprompt":
         return (dataset.instance_prompt.strip(),)
     if dataset.caption_strategy == "filename":
         captions = [path.stem.replace("_", " ")]
     else:
-        text_file = os.path.splitext(path)[0] + ".txt"  # SimpleTuner's PromptHandler's name for it
-        try:
-            # Bytes decoded as SimpleTuner's LocalDataBackend.read + PromptHandler do: no newline translation.
-            with open(text_file, "rb") as caption_file:
-                text = caption_file.read().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = "missing" if isinstance(error, FileNotFoundError) else f"unreadable ({error})"
-            raise BuildError(f"caption file {text_file} {reason} (caption_strategy textfile)") from None
+        if text is None:
+            raise BuildError(f"caption file {caption_file(path)} missing (caption_strategy textfile)")
         captions = [line for line in text.split("\n") if line] if "\n" in text else [text]
     if dataset.prepend_instance_prompt and dataset.instance_prompt:
         captions = [f"{dataset.instance_prompt} {caption}" for caption in captions]
     return tuple(caption.strip() for caption in captions)
 
 
-def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dataset:
-    """Fill `dataset.images` (header scan, captions, bucket of each image), `dataset.skipped` (unreadable) and
-    `dataset.excluded` (left out by minimum_image_size or the aspect-ratio filters, as SimpleTuner does)."""
-    from lcm_plugin.cache import Bucketer, scan_sizes
+def caption_file(path: Path) -> str:
+    """SimpleTuner's PromptHandler's name for the caption file of image `path`."""
+    return os.path.splitext(path)[0] + ".txt"
 
-    listed = list_images(dataset.data_dir)
-    sizes, errors = scan_sizes([str(path) for path, _ in listed], threads=threads)
-    dataset.skipped += [(listed[i][0], message) for i, message in errors]
-    readable = [(path, key, size) for (path, key), size in zip(listed, sizes) if size is not None]
-    samples = Bucketer(dataset.bucket_config, seed=seed).assign([size for _, _, size in readable])
-    for (path, key, _), sample in zip(readable, samples):
+
+def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, remember: bool = False) -> Dataset:
+    """Fill `dataset.images` (inventory, captions, bucket of each image), `dataset.skipped` (unreadable) and
+    `dataset.excluded` (left out by minimum_image_size or the aspect-ratio filters, as SimpleTuner does).
+
+    Files whose stamps match the dataset's scan memo are not read again; with `remember`, the memo is rewritten
+    when this scan read anything (one process should: the others read what it wrote or scan themselves)."""
+    from lcm_plugin.cache import Bucketer, LatentCacheError, scan_inventory
+
+    textfile = dataset.caption_strategy == "textfile"
+    memo = memo_path(dataset)
+    try:
+        inventory = scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), ".txt" if textfile else None, memo,
+                                   threads=threads)
+    except (OSError, LatentCacheError) as error:
+        raise BuildError(f"cannot list {dataset.data_dir}: {error}") from None
+    if inventory.not_utf8:
+        shown = inventory.not_utf8[0].decode("utf-8", "backslashreplace")
+        raise BuildError(
+            f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and caption file "
+            "names need UTF-8)"
+        )
+    if remember and (inventory.read or inventory.removed or not inventory.had_memo):
+        try:
+            inventory.write_memo(memo)
+        except (OSError, LatentCacheError):
+            pass  # the memo only saves work: an unwritable cache folder is reported by the build itself
+    dataset.inventory = inventory
+    keys, sizes, contents, texts = inventory.keys, inventory.sizes, inventory.contents, inventory.captions
+    dataset.skipped += [(dataset.data_dir / keys[i], message) for i, message in inventory.errors]
+    unreadable_captions = dict(inventory.caption_errors)
+    readable = [i for i, size in enumerate(sizes) if size is not None]
+    samples = Bucketer(dataset.bucket_config, seed=seed).assign([sizes[i] for i in readable])
+    for i, sample in zip(readable, samples):
+        path = dataset.data_dir / keys[i]
         if sample is None:
             dataset.excluded.append((path, "below minimum_image_size"))
             continue
@@ -339,17 +363,15 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None) -> Dat
         if excluded:
             dataset.excluded.append((path, excluded))
             continue
+        if i in unreadable_captions:
+            dataset.skipped.append((path, f"caption file {caption_file(path)} unreadable ({unreadable_captions[i]})"))
+            continue
         try:
-            captions = captions_of(path, dataset)
-            stat = path.stat()
+            captions = captions_of(path, dataset, texts[i])
         except BuildError as error:
             dataset.skipped.append((path, str(error)))
             continue
-        except OSError as error:
-            dataset.skipped.append((path, f"cannot read {path}: {error.strerror or error}"))
-            continue
-        item = ImageItem(path=path, key=key, captions=captions, sample=sample, file_id=(stat.st_size, stat.st_mtime_ns))
-        dataset.images.append(item)
+        dataset.images.append(ImageItem(path=path, key=keys[i], captions=captions, sample=sample, content=contents[i]))
     return dataset
 
 

@@ -39,13 +39,18 @@ D1. `training.trainer.configure_multi_databackend` (the trainer's call, after it
     and before any data backend is configured) first builds the memory-mapped caches with those models and writes
     SimpleTuner's bucket metadata (`trainer_cache.prepare`).
 D2. `VAECache.discover_unprocessed_files` leaves out the images the shards hold, so `process_buckets` encodes
-    nothing for them (it still runs, with its bucket shuffle).
+    nothing for them (it still runs, with its bucket shuffle); its `_reduce_bucket` answers [] at once when nothing
+    is left unprocessed (SimpleTuner's answer, which it computes with a cache file name per image).
 D3. `training.collate.compute_latents` gathers a batch's latents from the shards in one parallel copy (pinned as
     `fetch_latent` pins); `VAECache.retrieve_from_cache` reads one. collate_fn's NaN/Inf and shape checks, caption
     dropout, time_ids and the sampler are SimpleTuner's, unchanged.
 D4. `TextEmbeddingCache.load_from_cache` reads a caption's embeddings from the shards (then the model's own
     `unpack_text_embeddings_from_cache`); `compute_embeddings_for_prompts` (start-up caching) and
     `encode_dropout_caption` skip what the shards hold, so no per-file `.pt` is written or read for them.
+D5. `FactoryRegistry._process_text_embeddings` (caption collection, one caption file read and prompt record per
+    image, then start-up encoding) is skipped for a dataset whose every bucketed image the shards serve: the build
+    encoded the captions of every planned image, so SimpleTuner would find nothing to encode. Only what it leaves
+    behind is set (`hash_filenames` in the dataset's config).
 
 Model families (every run, LCM or not; `_family_surfaces` / `_patch_families` / `_restore_families`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
@@ -314,14 +319,19 @@ def _data_path_surfaces() -> dict:
     _require(collate, "compute_latents", "simpletuner.helpers.training.collate")
     vae_cache = _require(_import_surface("simpletuner.helpers.caching.vae"), "VAECache",
                          "simpletuner.helpers.caching.vae")
-    for name in ("discover_unprocessed_files", "retrieve_from_cache"):
+    for name in ("discover_unprocessed_files", "retrieve_from_cache", "_reduce_bucket"):
         _require(vae_cache, name, "VAECache")
     text_cache = _require(_import_surface("simpletuner.helpers.caching.text_embeds"), "TextEmbeddingCache",
                           "simpletuner.helpers.caching.text_embeds")
     for name in ("load_from_cache", "compute_embeddings_for_prompts", "encode_dropout_caption",
                  "hash_prompt_with_path", "_normalize_prompt_records"):
         _require(text_cache, name, "TextEmbeddingCache")
-    return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache}
+    factory = _require(_import_surface("simpletuner.helpers.data_backend.factory"), "FactoryRegistry",
+                       "simpletuner.helpers.data_backend.factory")
+    for name in ("_process_text_embeddings", "_uses_text_embeddings_cache"):
+        _require(factory, name, "FactoryRegistry")
+    return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
+            "factory": factory}
 
 
 def _building_configure(original):
@@ -348,21 +358,31 @@ def _building_configure(original):
 
 def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) -> None:
     from lcm_plugin import trainer_cache
+    from lcm_plugin.cache_build.ranks import RanksDisagree, threads_per_rank
 
+    rank = accelerator.process_index
     models = trainer_cache.TrainerModels(getattr(model, "vae", None), list(tokenizers or []),
                                          list(text_encoders or []))
     try:
+        # Every rank on this machine runs its own Rust pools: each gets its share of the cores, not all of them. A
+        # RAYON_NUM_THREADS the user set sizes every pool instead (None: rayon's global pool, which reads it).
+        threads = None if os.environ.get("RAYON_NUM_THREADS") else threads_per_rank(accelerator.num_processes)
         trainer_cache.prepare(
             _running_config_path(), config, lcm_run=_is_lcm_run(config), models=models,
-            group=trainer_cache.AcceleratorGroup(accelerator), rank=accelerator.process_index,
-            world=accelerator.num_processes,
+            group=trainer_cache.AcceleratorGroup(accelerator), rank=rank, world=accelerator.num_processes,
+            threads=threads,
         )
     except trainer_cache.DataPathSwitchError:
         raise
+    except RanksDisagree as error:  # decided on every rank alike; a rank that failed itself logs its own error
+        trainer_cache.reset()
+        logger.warning("simpletuner-lcm data path: rank %d: every dataset uses SimpleTuner's own caching: %s", rank,
+                       error)
     except Exception as error:  # noqa: BLE001 - SimpleTuner's own path can still train this run
         trainer_cache.reset()
-        logger.warning("simpletuner-lcm data path: every dataset uses SimpleTuner's own caching: the build failed "
-                       "(%s: %s)", type(error).__name__, error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        logger.warning("simpletuner-lcm data path: rank %d: every dataset uses SimpleTuner's own caching: the build "
+                       "failed on this rank (%s: %s)", rank, type(error).__name__, error,
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
 
 
 def _discover_unserved(original):
@@ -469,7 +489,47 @@ def _dropout_unless_served(original):
     return encode_dropout_caption
 
 
+def _nothing_to_reduce_when_served(original):
+    """D2, per bucket: with nothing unprocessed, SimpleTuner's answer is an empty list; it computes it per image
+    (a cache file name each)."""
+
+    @functools.wraps(original)
+    def _reduce_bucket(self, bucket, aspect_bucket_cache, processed_images):
+        from lcm_plugin import trainer_cache
+
+        if trainer_cache.cached_images(self.id) is not None and not self.local_unprocessed_files:
+            return []
+        return original(self, bucket, aspect_bucket_cache, processed_images)
+
+    return _reduce_bucket
+
+
+def _text_embeddings_unless_served(original):
+    """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
+    captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
+    prompt record per image) would find nothing to do."""
+
+    @functools.wraps(original)
+    def _process_text_embeddings(self, backend, init_backend, conditioning_type):
+        from simpletuner.helpers.training.state_tracker import StateTracker
+
+        from lcm_plugin import trainer_cache
+
+        buckets = getattr(init_backend.get("metadata_backend"), "aspect_ratio_bucket_indices", None)
+        if (conditioning_type is not None or not self._uses_text_embeddings_cache()
+                or not trainer_cache.serves_every_image(init_backend["id"], buckets)):
+            return original(self, backend, init_backend, conditioning_type)
+        # What the original leaves behind once its captions are cached.
+        init_backend["config"]["hash_filenames"] = True
+        StateTracker.set_data_backend_config(init_backend["id"], init_backend["config"])
+        return None
+
+    return _process_text_embeddings
+
+
 _DATA_PATH_METHODS = (
+    ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
+    ("vae_cache", "_reduce_bucket", _nothing_to_reduce_when_served),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),
     ("vae_cache", "retrieve_from_cache", _served_retrieve),
     ("text_cache", "load_from_cache", _served_text_load),

@@ -3,6 +3,7 @@
 
 pub mod bucket;
 pub mod decode;
+pub mod inventory;
 mod error;
 mod pyrandom;
 pub mod scan;

@@ -5,6 +5,7 @@ mod bucket;
 mod cache;
 mod decode;
 mod errors;
+mod inventory;
 mod scan;
 
 #[pymodule(gil_used = false)]
@@ -13,6 +14,8 @@ mod _latent_cache {
 
     #[pymodule_export]
     use crate::scan::{read_header_py, scan_sizes_py};
+    #[pymodule_export]
+    use crate::inventory::{scan_inventory_py, PyInventory};
     #[pymodule_export]
     use crate::bucket::PyBucketer;
     #[pymodule_export]

@@ -1,0 +1,494 @@
+//! A dataset folder's inventory: every image with its file stamp, oriented size, content hash and caption file,
+//! remembered between runs in a memo so that a restart re-reads only the files whose stamps changed.
+//!
+//! The memo only saves work, it never decides what a latent holds: a latent's key carries the image's content
+//! hash, which a changed stamp makes the scan recompute. A file rewritten within the memo's own clock tick keeps
+//! its stamp; rows that new are never trusted (git's "racily clean" rule).
+use crate::error::{CacheError, Result};
+use rayon::prelude::*;
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Memo file format; bump when the row layout changes (an older memo is then ignored, not misread).
+const MEMO_MAGIC: &[u8; 8] = b"LCMINV02";
+/// A row whose mtime is this close to the memo's creation may have changed within one timestamp tick.
+const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// Identity of a file's bytes as the file system reports them; equal stamps mean unchanged content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stamp {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Inode number.
+    pub inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp { size: meta.len(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(), inode: meta.ino() }
+    }
+}
+
+/// What a caption file next to an image holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caption {
+    /// The strategy reads no caption file.
+    NotRead,
+    /// The file's text (UTF-8) and its stamp.
+    Text(Stamp, String),
+    /// No such file.
+    Missing,
+    /// The file exists but cannot be read or is not UTF-8 (its stamp, the reason).
+    Unreadable(Stamp, String),
+}
+
+/// One image of the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// Path relative to the data folder, '/'-separated.
+    pub key: String,
+    /// Stamp of the image file.
+    pub stamp: Stamp,
+    /// Oriented (W, H), or why the header could not be read.
+    pub size: std::result::Result<(u32, u32), String>,
+    /// 128-bit xxh3 of the file's bytes (0 when it could not be read).
+    pub content: u128,
+    /// Its caption file, when the strategy reads one.
+    pub caption: Caption,
+    /// Whether this scan read the file (new or changed stamp) rather than taking the memo's row.
+    pub read: bool,
+}
+
+/// What to list and read.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Lower-case extensions (with the dot) of the image files.
+    pub extensions: Vec<String>,
+    /// Extension of the caption file read next to each image (`Some(".txt")` for textfile captions).
+    pub caption_extension: Option<String>,
+}
+
+/// The scan of one folder.
+#[derive(Debug)]
+pub struct Inventory {
+    /// Every image, sorted as the folder's paths sort (component by component).
+    pub items: Vec<Item>,
+    /// Images whose stamp changed but whose bytes did not (the memo's content hash matched).
+    pub touched: usize,
+    /// Rows of the memo with no file any more.
+    pub removed: usize,
+    /// Whether a usable memo was found.
+    pub had_memo: bool,
+    /// Files and folders whose names are not UTF-8 (left out: keys, caption names and SimpleTuner's metadata
+    /// need UTF-8, so the caller names them and stops).
+    pub not_utf8: Vec<PathBuf>,
+}
+
+impl Inventory {
+    /// How many images this scan read from disk.
+    pub fn read_count(&self) -> usize {
+        self.items.iter().filter(|i| i.read).count()
+    }
+}
+
+/// Lists `data_dir` (recursively, following links, skipping hidden folders, as SimpleTuner's local backend lists)
+/// and reads what the memo at `memo` (if any) does not hold for the current stamps.
+pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<Inventory> {
+    let (listing, not_utf8) = list(data_dir, options)?;
+    let (memo_rows, memo_time) = match memo.map(read_memo) {
+        Some(Ok(Some((rows, time)))) => (rows, Some(time)),
+        _ => (Vec::new(), None),
+    };
+    let had_memo = memo_time.is_some();
+    let remembered = Remembered::new(&memo_rows);
+    let items: Vec<Item> = listing
+        .into_par_iter()
+        .map(|(key, path)| {
+            std::panic::catch_unwind(|| inspect(&key, &path, options, &remembered, memo_time))
+                .unwrap_or_else(|_| unreadable(key, "header parser panicked"))
+        })
+        .collect();
+    let present: HashSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let removed = memo_rows.iter().filter(|row| !present.contains(row.key.as_str())).count();
+    let touched = items
+        .iter()
+        .filter(|i| i.read && remembered.get(&i.key).is_some_and(|row| row.content == i.content && row.content != 0 && row.stamp != i.stamp))
+        .count();
+    Ok(Inventory { items, touched, removed, had_memo, not_utf8 })
+}
+
+/// Writes the memo of `inventory` to `path` atomically.
+pub fn write_memo(path: &Path, inventory: &Inventory, now_ns: i64) -> Result<()> {
+    let mut out = Vec::with_capacity(64 + inventory.items.len() * 96);
+    out.extend_from_slice(MEMO_MAGIC);
+    out.extend_from_slice(&now_ns.to_le_bytes());
+    out.extend_from_slice(&(inventory.items.len() as u64).to_le_bytes());
+    for item in &inventory.items {
+        put_str(&mut out, &item.key);
+        put_stamp(&mut out, item.stamp);
+        match &item.size {
+            Ok((w, h)) => {
+                out.push(0);
+                out.extend_from_slice(&w.to_le_bytes());
+                out.extend_from_slice(&h.to_le_bytes());
+            }
+            Err(why) => {
+                out.push(1);
+                put_str(&mut out, why);
+            }
+        }
+        out.extend_from_slice(&item.content.to_le_bytes());
+        match &item.caption {
+            Caption::NotRead => out.push(0),
+            Caption::Missing => out.push(1),
+            Caption::Text(stamp, text) => {
+                out.push(2);
+                put_stamp(&mut out, *stamp);
+                put_str(&mut out, text);
+            }
+            Caption::Unreadable(stamp, why) => {
+                out.push(3);
+                put_stamp(&mut out, *stamp);
+                put_str(&mut out, why);
+            }
+        }
+    }
+    out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
+    write_atomic(path, &out)
+}
+
+/// `bytes` as `path`: a temp file named by this process (ranks or machines may write the same memo), fsync,
+/// rename. Readers see the old memo or the new one, never a part.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(CacheError::io(path, e));
+    }
+    Ok(())
+}
+
+/// The memo's rows and creation time; `None` for a missing, foreign, truncated or corrupt file (a fresh scan is
+/// then the only safe answer).
+fn read_memo(path: &Path) -> Result<Option<(Vec<MemoRow>, i64)>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CacheError::io(path, e)),
+    };
+    if bytes.len() < 28 || &bytes[..8] != MEMO_MAGIC {
+        return Ok(None);
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Ok(None);
+    }
+    Ok(parse_memo(&body[8..]))
+}
+
+fn parse_memo(body: &[u8]) -> Option<(Vec<MemoRow>, i64)> {
+    let mut r = Reader { bytes: body, at: 0 };
+    let time = r.i64()?;
+    let count = r.u64()?;
+    let mut rows = Vec::with_capacity(count.min(1 << 24) as usize);
+    for _ in 0..count {
+        let key = r.string()?;
+        let stamp = r.stamp()?;
+        let size = match r.u8()? {
+            0 => Ok((r.u32()?, r.u32()?)),
+            1 => Err(r.string()?),
+            _ => return None,
+        };
+        let content = r.u128()?;
+        let caption = match r.u8()? {
+            0 => Caption::NotRead,
+            1 => Caption::Missing,
+            2 => Caption::Text(r.stamp()?, r.string()?),
+            3 => Caption::Unreadable(r.stamp()?, r.string()?),
+            _ => return None,
+        };
+        rows.push(MemoRow { key, stamp, size, content, caption });
+    }
+    (r.at == body.len()).then_some((rows, time))
+}
+
+struct MemoRow {
+    key: String,
+    stamp: Stamp,
+    size: std::result::Result<(u32, u32), String>,
+    content: u128,
+    caption: Caption,
+}
+
+/// Memo rows by key (the rows are few enough to index by reference).
+struct Remembered<'a> {
+    by_key: std::collections::HashMap<&'a str, &'a MemoRow>,
+}
+
+impl<'a> Remembered<'a> {
+    fn new(rows: &'a [MemoRow]) -> Self {
+        Remembered { by_key: rows.iter().map(|row| (row.key.as_str(), row)).collect() }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a MemoRow> {
+        self.by_key.get(key).copied()
+    }
+}
+
+fn unreadable(key: String, why: &str) -> Item {
+    Item { key, stamp: Stamp::default(), size: Err(why.to_string()), content: 0, caption: Caption::NotRead, read: true }
+}
+
+/// One image: the memo's row when the image's and its caption's stamps are unchanged (and not racily new), else
+/// a fresh read of header, bytes and caption.
+fn inspect(key: &str, path: &Path, options: &Options, memo: &Remembered<'_>, memo_time: Option<i64>) -> Item {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) => return unreadable(key.to_string(), &format!("cannot read `{}`: {e}", path.display())),
+    };
+    let stamp = Stamp::of(&meta);
+    let caption_path = options.caption_extension.as_ref().map(|ext| path.with_extension(ext.trim_start_matches('.')));
+    let caption_stamp = caption_path.as_ref().map(|p| fs::metadata(p).ok().map(|m| Stamp::of(&m)));
+    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns < t - RACY_WINDOW_NS);
+    if let Some(row) = memo.get(key) {
+        let caption_same = match (&caption_stamp, &row.caption) {
+            (None, Caption::NotRead) => true,
+            (Some(None), Caption::Missing) => true,
+            (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
+            _ => false,
+        };
+        if row.stamp == stamp && trusted(stamp) && caption_same {
+            return Item { key: key.to_string(), stamp, size: row.size.clone(), content: row.content, caption: row.caption.clone(), read: false };
+        }
+    }
+    let (size, content) = match fs::read(path) {
+        Ok(bytes) => {
+            let size = crate::scan::header_from_bytes(path, &bytes).map(|h| h.oriented_size()).map_err(|e| e.to_string());
+            (size, xxhash_rust::xxh3::xxh3_128(&bytes))
+        }
+        Err(e) => (Err(CacheError::io(path, e).to_string()), 0),
+    };
+    let caption = match (caption_path, caption_stamp) {
+        (None, _) => Caption::NotRead,
+        (Some(_), Some(None)) | (Some(_), None) => Caption::Missing,
+        (Some(p), Some(Some(s))) => read_caption(&p, s),
+    };
+    Item { key: key.to_string(), stamp, size, content, caption, read: true }
+}
+
+fn read_caption(path: &Path, stamp: Stamp) -> Caption {
+    let mut bytes = Vec::with_capacity(stamp.size as usize);
+    match fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)) {
+        Ok(_) => match String::from_utf8(bytes) {
+            Ok(text) => Caption::Text(stamp, text),
+            Err(e) => Caption::Unreadable(stamp, format!("not UTF-8 ({e})")),
+        },
+        Err(e) => Caption::Unreadable(stamp, e.to_string()),
+    }
+}
+
+/// (key, path) of every image under `data_dir`, sorted by key component by component, and the entries whose
+/// names are not UTF-8.
+fn list(data_dir: &Path, options: &Options) -> Result<(Vec<(String, PathBuf)>, Vec<PathBuf>)> {
+    let mut found = Vec::new();
+    let mut not_utf8 = Vec::new();
+    let mut visited = HashSet::new();
+    let mut pending = vec![(data_dir.to_path_buf(), String::new())];
+    while let Some((folder, prefix)) = pending.pop() {
+        let meta = fs::metadata(&folder).map_err(|e| CacheError::io(&folder, e))?;
+        if !visited.insert((meta.dev(), meta.ino())) {
+            continue; // a link back into a folder already listed
+        }
+        for entry in fs::read_dir(&folder).map_err(|e| CacheError::io(&folder, e))? {
+            let entry = entry.map_err(|e| CacheError::io(&folder, e))?;
+            let raw_name = entry.file_name();
+            let path = entry.path();
+            let Some(name) = raw_name.to_str() else {
+                not_utf8.push(path);
+                continue;
+            };
+            let is_dir = match entry.file_type() {
+                Ok(t) if t.is_symlink() => fs::metadata(&path).is_ok_and(|m| m.is_dir()),
+                Ok(t) => t.is_dir(),
+                Err(_) => false,
+            };
+            if is_dir {
+                if !name.starts_with('.') {
+                    pending.push((path, format!("{prefix}{name}/")));
+                }
+            } else {
+                let lower = name.to_lowercase();
+                if options.extensions.iter().any(|ext| lower.ends_with(ext.as_str())) {
+                    found.push((format!("{prefix}{name}"), path));
+                }
+            }
+        }
+    }
+    found.par_sort_unstable_by(|a, b| a.0.split('/').cmp(b.0.split('/')));
+    not_utf8.sort();
+    Ok((found, not_utf8))
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_stamp(out: &mut Vec<u8>, s: Stamp) {
+    out.extend_from_slice(&s.size.to_le_bytes());
+    out.extend_from_slice(&s.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&s.inode.to_le_bytes());
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.at.checked_add(n)?;
+        let out = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(out)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u128(&mut self) -> Option<u128> {
+        Some(u128::from_le_bytes(self.take(16)?.try_into().ok()?))
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+    fn stamp(&mut self) -> Option<Stamp> {
+        Some(Stamp { size: self.u64()?, mtime_ns: self.i64()?, inode: self.u64()? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::RgbImage::new(w, h).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        out
+    }
+
+    fn options() -> Options {
+        Options { extensions: vec![".png".into()], caption_extension: Some(".txt".into()) }
+    }
+
+    /// Sets a file's mtime `seconds` into the past, so that the memo trusts it.
+    fn age(path: &Path, seconds: i64) {
+        let meta = fs::metadata(path).unwrap();
+        let when = libc::timespec { tv_sec: meta.mtime() - seconds, tv_nsec: 0 };
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [when, when].as_ptr(), 0) }, 0);
+    }
+
+    fn folder() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::create_dir(dir.path().join(".hidden")).unwrap();
+        for (name, w, h) in [("b.png", 4, 2), ("a.png", 3, 5), ("sub/c.PNG", 2, 2), (".hidden/x.png", 1, 1)] {
+            fs::write(dir.path().join(name), png(w, h)).unwrap();
+            age(&dir.path().join(name), 60);
+        }
+        fs::write(dir.path().join("a.txt"), "a cat").unwrap();
+        age(&dir.path().join("a.txt"), 60);
+        dir
+    }
+
+    #[test]
+    fn lists_sorted_skips_hidden_reads_sizes_and_captions() {
+        let dir = folder();
+        let inv = scan(dir.path(), &options(), None).unwrap();
+        let keys: Vec<_> = inv.items.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["a.png", "b.png", "sub/c.PNG"]);
+        assert_eq!(inv.items[0].size, Ok((3, 5)));
+        assert!(matches!(&inv.items[0].caption, Caption::Text(_, t) if t == "a cat"));
+        assert_eq!(inv.items[1].caption, Caption::Missing);
+        assert_eq!(inv.items[0].content, xxhash_rust::xxh3::xxh3_128(&png(3, 5)));
+        assert_eq!(inv.read_count(), 3);
+    }
+
+    #[test]
+    fn memo_rereads_only_what_changed() {
+        let dir = folder();
+        let memo = dir.path().join(".memo");
+        let first = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        write_memo(&memo, &first, now()).unwrap();
+        let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        assert_eq!(again.read_count(), 0);
+        assert_eq!(again.items, first.items.iter().map(|i| Item { read: false, ..i.clone() }).collect::<Vec<_>>());
+
+        // Touched but unchanged (a copy's new mtime), edited, caption edited, added, removed.
+        let a = dir.path().join("a.png");
+        fs::write(&a, png(3, 5)).unwrap();
+        fs::write(dir.path().join("b.png"), png(6, 2)).unwrap();
+        fs::write(dir.path().join("a.txt"), "a dog").unwrap();
+        fs::write(dir.path().join("d.png"), png(1, 1)).unwrap();
+        fs::remove_file(dir.path().join("sub/c.PNG")).unwrap();
+        let changed = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        let keys: Vec<_> = changed.items.iter().map(|i| (i.key.as_str(), i.read)).collect();
+        assert_eq!(keys, [("a.png", true), ("b.png", true), ("d.png", true)]);
+        assert_eq!(changed.items[0].content, first.items[0].content);
+        assert!(matches!(&changed.items[0].caption, Caption::Text(_, t) if t == "a dog"));
+        assert_eq!(changed.items[1].size, Ok((6, 2)));
+        assert_eq!((changed.touched, changed.removed), (1, 1));
+    }
+
+    #[test]
+    fn racily_new_rows_and_bad_memos_are_not_trusted() {
+        let dir = folder();
+        let memo = dir.path().join(".memo");
+        let first = scan(dir.path(), &options(), None).unwrap();
+        // A memo written in the same tick as the files' mtimes: nothing in it can be trusted.
+        write_memo(&memo, &first, first.items[0].stamp.mtime_ns).unwrap();
+        assert_eq!(scan(dir.path(), &options(), Some(&memo)).unwrap().read_count(), 3);
+        write_memo(&memo, &first, now()).unwrap();
+        let mut bytes = fs::read(&memo).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        fs::write(&memo, &bytes).unwrap();
+        let rescanned = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        assert_eq!((rescanned.read_count(), rescanned.had_memo), (3, false));
+        fs::write(&memo, b"LCMINV02").unwrap();
+        assert!(!scan(dir.path(), &options(), Some(&memo)).unwrap().had_memo);
+    }
+
+    #[test]
+    fn unreadable_files_are_rows_not_errors() {
+        let dir = folder();
+        fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
+        let inv = scan(dir.path(), &options(), None).unwrap();
+        let broken = inv.items.iter().find(|i| i.key == "broken.png").unwrap();
+        assert!(broken.size.as_ref().unwrap_err().contains("broken.png"), "{:?}", broken.size);
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
+    }
+}

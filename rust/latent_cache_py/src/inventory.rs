@@ -1,0 +1,119 @@
+//! Inventory binding: one folder scanned in Rust, its columns handed to Python.
+use crate::errors::guarded;
+use latent_cache::inventory::{self, Caption, Options};
+use pyo3::prelude::*;
+use std::path::PathBuf;
+
+/// The images of one data folder (sorted keys), with what the scan or its memo knows of each.
+#[pyclass(name = "Inventory", module = "lcm_plugin._latent_cache", frozen)]
+pub struct PyInventory {
+    inner: inventory::Inventory,
+}
+
+#[pymethods]
+impl PyInventory {
+    fn __len__(&self) -> usize {
+        self.inner.items.len()
+    }
+
+    /// Keys: paths relative to the folder, '/'-separated.
+    #[getter]
+    fn keys(&self) -> Vec<&str> {
+        self.inner.items.iter().map(|i| i.key.as_str()).collect()
+    }
+
+    /// Oriented (W, H) per image, None where the header could not be read (see `errors`).
+    #[getter]
+    fn sizes(&self) -> Vec<Option<(u32, u32)>> {
+        self.inner.items.iter().map(|i| i.size.as_ref().ok().copied()).collect()
+    }
+
+    /// (index, message) of every image whose header could not be read.
+    #[getter]
+    fn errors(&self) -> Vec<(usize, &str)> {
+        self.inner.items.iter().enumerate().filter_map(|(n, i)| i.size.as_ref().err().map(|e| (n, e.as_str()))).collect()
+    }
+
+    /// 32 hex digits of each file's content hash (xxh3-128).
+    #[getter]
+    fn contents(&self) -> Vec<String> {
+        self.inner.items.iter().map(|i| format!("{:032x}", i.content)).collect()
+    }
+
+    /// (size, mtime_ns, inode) of each image file.
+    #[getter]
+    fn stamps(&self) -> Vec<(u64, i64, u64)> {
+        self.inner.items.iter().map(|i| (i.stamp.size, i.stamp.mtime_ns, i.stamp.inode)).collect()
+    }
+
+    /// Caption file per image: its text, or None when there is none or it was not read; unreadable ones are in
+    /// `caption_errors`.
+    #[getter]
+    fn captions(&self) -> Vec<Option<&str>> {
+        self.inner.items.iter().map(|i| if let Caption::Text(_, t) = &i.caption { Some(t.as_str()) } else { None }).collect()
+    }
+
+    /// (index, reason) of every caption file that exists but cannot be read.
+    #[getter]
+    fn caption_errors(&self) -> Vec<(usize, &str)> {
+        let items = self.inner.items.iter().enumerate();
+        items.filter_map(|(n, i)| if let Caption::Unreadable(_, why) = &i.caption { Some((n, why.as_str())) } else { None }).collect()
+    }
+
+    /// How many images this scan read from disk (new, or stamps changed); the rest came from the memo.
+    #[getter]
+    fn read(&self) -> usize {
+        self.inner.read_count()
+    }
+
+    /// Images whose stamp changed but whose bytes did not.
+    #[getter]
+    fn touched(&self) -> usize {
+        self.inner.touched
+    }
+
+    /// Images the memo listed that are gone.
+    #[getter]
+    fn removed(&self) -> usize {
+        self.inner.removed
+    }
+
+    /// Whether a usable memo was found.
+    #[getter]
+    fn had_memo(&self) -> bool {
+        self.inner.had_memo
+    }
+
+    /// Paths (as bytes) of the entries whose names are not UTF-8; they are not listed.
+    #[getter]
+    fn not_utf8(&self) -> Vec<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        self.inner.not_utf8.iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect()
+    }
+
+    /// Writes this inventory as the memo at `path` (atomically).
+    fn write_memo(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        py.allow_threads(|| guarded(|| inventory::write_memo(&path, &self.inner, now)))
+    }
+}
+
+/// Scans `data_dir` for files ending in one of `extensions` (lower case, with the dot), reading each image's
+/// header, content hash and, with `caption_extension`, its caption file, except where the memo at `memo` holds
+/// them for unchanged stamps. Runs without the GIL on rayon.
+#[pyfunction(name = "scan_inventory")]
+#[pyo3(signature = (data_dir, extensions, caption_extension=None, memo=None, threads=None))]
+pub fn scan_inventory_py(
+    py: Python<'_>,
+    data_dir: PathBuf,
+    extensions: Vec<String>,
+    caption_extension: Option<String>,
+    memo: Option<PathBuf>,
+    threads: Option<usize>,
+) -> PyResult<PyInventory> {
+    let options = Options { extensions, caption_extension };
+    let inner = py.allow_threads(|| {
+        guarded(|| latent_cache::with_threads(threads, || inventory::scan(&data_dir, &options, memo.as_deref()))?)
+    })?;
+    Ok(PyInventory { inner })
+}

@@ -1,0 +1,112 @@
+"""Two ranks (gloo on 127.0.0.1, accelerate's process group, as `accelerate launch --multi_gpu` on a CPU) start the
+data path through the trainer's D1 wrapper, then meet in a barrier and an object gather, as SimpleTuner's
+`configure_multi_databackend` does next (tests/integration/rank_worker.py).
+
+A failure injected on one rank (lcm_plugin.cache_build.faults, `LCM_CACHE_BUILD_RAISE`), in rank 0's checks of the
+existing caches or in rank 1's encoding: both ranks decide alike (nothing served, SimpleTuner's own path
+everywhere) and quickly, the failing rank logs its own error and the other one names that rank, and both pass the
+barrier and gather that follow. Without a failure both ranks serve the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import cache_snapshot
+
+WORKER = Path(__file__).with_name("rank_worker.py")
+WORLD = 2
+SECONDS = 240  # both ranks, start-up (torch, accelerate, the tiny models) included; the build itself takes seconds
+INJECTED = "InjectedFault: LCM_CACHE_BUILD_RAISE={spec}: fault injected at point {point!r}"
+
+
+@pytest.fixture
+def run(tmp_path, tiny_sdxl_dir) -> Path:
+    """8 photo-like JPEGs in two aspect buckets, VAE batches of 2: rank 1 encodes two of the four batches."""
+    images = [(f"img{i}", ((64, 64), (80, 64))[i % 2], f"{('red', 'blue')[i % 2]} {('circle', 'square')[i // 4]}")
+              for i in range(8)]
+    return cache_snapshot.write_run(tmp_path / "run", tiny_sdxl_dir, images, resolution=64, seed=3)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(run: Path, model_dir: Path, faults: dict[int, str]) -> list[tuple[dict, str]]:
+    """(result, log) of each rank; `faults`: rank -> LCM_CACHE_BUILD_RAISE for that rank."""
+    port = free_port()
+    processes = []
+    for rank in range(WORLD):
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("LCM_CACHE_BUILD_FAULT", "LCM_CACHE_BUILD_RAISE", "RAYON_NUM_THREADS",
+                              "SIMPLETUNER_LCM_DATA_PATH")}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CONFIG_PATH=str(run / "config" / "config.json"),
+                   OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if rank in faults:
+            env["LCM_CACHE_BUILD_RAISE"] = faults[rank]
+        result = run / f"rank{rank}.json"
+        processes.append((subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(result)], cwd=run,
+                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                          result))
+    deadline = time.monotonic() + SECONDS
+    outcomes = []
+    for process, result in processes:
+        try:
+            log, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other, _ in processes:
+                other.kill()
+            pytest.fail(f"the ranks did not finish within {SECONDS} s")
+        assert process.returncode == 0, log[-4000:]
+        outcomes.append((json.loads(result.read_text()), log))
+    return outcomes
+
+
+def assert_agreed(outcomes: list[tuple[dict, str]]) -> dict:
+    """Both ranks serve the same, and both passed the barrier and gather that follow the data path; returns it."""
+    (first, log0), (second, log1) = outcomes
+    assert first["served"] == second["served"], log0[-3000:] + log1[-3000:]
+    expected = [{"rank": rank, "served": first["served"]} for rank in range(WORLD)]
+    assert first["gathered"] == second["gathered"] == expected
+    return first["served"]
+
+
+def test_both_ranks_serve_the_caches_they_built_together(run, tiny_sdxl_dir):
+    outcomes = run_ranks(run, tiny_sdxl_dir, {})
+    served = assert_agreed(outcomes)
+    assert list(served["datasets"]) == ["toy"] and len(served["datasets"]["toy"]) == 8, served
+    assert len(served["texts"]) == 1
+    log0 = outcomes[0][1]
+    assert "read latents and text embeddings from the memory-mapped caches (4 image(s) encoded here" in log0, log0
+    # each rank's Rust pools get its share of the cores (two ranks on this machine)
+    assert {result["rayon_threads"] for result, _ in outcomes} == {str(max(1, os.cpu_count() // WORLD))}
+
+
+@pytest.mark.parametrize(
+    ("failing", "spec", "phase"),
+    [(0, "checks:1", "the rank-0 checks of the existing caches"), (1, "encoded:1", "encoding")],
+    ids=["rank0-checks", "rank1-encoding"],
+)
+def test_a_failure_on_one_rank_sends_every_rank_to_simpletuners_path(run, tiny_sdxl_dir, failing, spec, phase):
+    outcomes = run_ranks(run, tiny_sdxl_dir, {failing: spec})
+    assert assert_agreed(outcomes) == {"datasets": {}, "texts": []}
+    error = INJECTED.format(spec=spec, point=spec.partition(":")[0])
+    fallback = "simpletuner-lcm data path: rank {rank}: every dataset uses SimpleTuner's own caching: "
+    for rank, (_, log) in enumerate(outcomes):
+        if rank == failing:
+            line = fallback.format(rank=rank) + f"the build failed on this rank ({error})"
+        else:
+            line = fallback.format(rank=rank) + f"rank {failing} failed during {phase}: {error}"
+        assert line in log, log[-4000:]
+        assert "read latents and text embeddings from the memory-mapped caches" not in log

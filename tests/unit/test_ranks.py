@@ -1,0 +1,118 @@
+"""lcm_plugin.cache_build.ranks: phases end in one gather on every rank and fail together; the ranks' plans are
+compared; each rank's Rust pools get its share of the cores. Ranks are threads here, meeting in an in-process
+gather (tests/integration/test_rank_agreement.py runs real gloo ranks)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lcm_plugin.cache_build.plan import BuildError
+from lcm_plugin.cache_build.ranks import Phase, RankFailed, require_same_plan, threads_per_rank
+
+
+class ThreadGroup:
+    """`gather` across threads standing for ranks; counts the gathers each rank made."""
+
+    def __init__(self, world: int):
+        self.slots: list = [None] * world
+        self.meeting = threading.Barrier(world, timeout=10)
+        self.gathers = [0] * world
+
+    def rank(self, rank: int):
+        group = self
+
+        class Member:
+            def gather(self, value: list) -> list:
+                group.gathers[rank] += 1
+                group.slots[rank] = list(value)
+                group.meeting.wait()
+                gathered = [x for part in group.slots for x in part]
+                group.meeting.wait()  # nobody overwrites a slot before every rank has read them all
+                return gathered
+
+        return Member()
+
+
+def run_ranks(world: int, body) -> tuple[list, list[int]]:
+    """body(group, rank) on `world` threads: (each rank's return value or raised exception, the number of gathers
+    each rank made), in rank order."""
+    group = ThreadGroup(world)
+
+    def outcome(rank: int):
+        try:
+            return body(group.rank(rank), rank)
+        except Exception as error:  # noqa: BLE001 - the test looks at it
+            return error
+
+    with ThreadPoolExecutor(world) as pool:
+        outcomes = list(pool.map(outcome, range(world)))
+    return outcomes, group.gathers
+
+
+def two_phases(fail_rank: int | None, fail_phase: str):
+    def body(group, rank):
+        with Phase(group, "checks") as checks:
+            if (rank, "checks") == (fail_rank, fail_phase):
+                raise ValueError("bad shard")
+            checks.share(rank * 10)
+        with Phase(group, "encoding") as encoding:
+            if (rank, "encoding") == (fail_rank, fail_phase):
+                raise MemoryError("out of memory")
+            encoding.share([f"img{rank}"])
+        return checks.shared, encoding.shared
+
+    return body
+
+
+def test_every_rank_learns_what_each_rank_shared():
+    outcomes, gathers = run_ranks(3, two_phases(None, ""))
+    assert outcomes == [([0, 10, 20], [["img0"], ["img1"], ["img2"]])] * 3
+    assert gathers == [2, 2, 2]
+
+
+@pytest.mark.parametrize(("fail_rank", "fail_phase"), [(0, "checks"), (2, "checks"), (1, "encoding")])
+def test_a_failure_on_one_rank_stops_every_rank_after_the_same_gathers(fail_rank, fail_phase):
+    outcomes, gathers = run_ranks(3, two_phases(fail_rank, fail_phase))
+    own = outcomes[fail_rank]
+    assert type(own) is (ValueError if fail_phase == "checks" else MemoryError)  # its own error, unchanged
+    why = "ValueError: bad shard" if fail_phase == "checks" else "MemoryError: out of memory"
+    for rank, outcome in enumerate(outcomes):
+        if rank != fail_rank:
+            assert isinstance(outcome, RankFailed) and isinstance(outcome, BuildError)
+            assert outcome.failures == {fail_rank: why}
+            assert str(outcome) == f"rank {fail_rank} failed during {fail_phase}: {why}"
+    assert len(set(gathers)) == 1, gathers  # the same collectives on every rank: none left waiting
+    assert gathers[0] == (1 if fail_phase == "checks" else 2)
+
+
+def test_every_failed_rank_is_named():
+    def body(group, rank):
+        with Phase(group, "encoding"):
+            if rank:
+                raise RuntimeError(f"rank {rank} broke")
+
+    outcomes, _ = run_ranks(3, body)
+    assert str(outcomes[0]) == ("rank 1 failed during encoding: RuntimeError: rank 1 broke; "
+                                "rank 2 failed during encoding: RuntimeError: rank 2 broke")
+
+
+def test_different_plans_are_refused_on_every_rank():
+    require_same_plan([("abc", 4), ("abc", 4)])
+    with pytest.raises(BuildError, match=r"planned different work \(rank 0: 4 image\(s\), rank 1: 3 image\(s\)\)"):
+        require_same_plan([("abc", 4), ("abd", 3)])
+
+
+@pytest.mark.parametrize(
+    ("cores", "local_world_size", "processes", "threads"),
+    [(64, "8", 16, 8), (64, None, 8, 8), (8, "", 1, 8), (3, "2", 2, 1), (2, "8", 8, 1)],
+)
+def test_each_rank_gets_its_share_of_the_cores(monkeypatch, cores, local_world_size, processes, threads):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert threads_per_rank(processes) == threads
