@@ -35,7 +35,6 @@ class Inventory:
     sizes: list[_Size | None]
     errors: list[tuple[int, str]]
     contents: list[str]
-    stamps: list[tuple[int, int, int]]
     captions: list[str | None]
     caption_errors: list[tuple[int, str]]
     read: int

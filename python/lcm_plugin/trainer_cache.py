@@ -322,10 +322,11 @@ def _serve(datasets, prints, failed: dict[str, str]) -> None:
 # --- reads, called by the patched SimpleTuner methods ---------------------------------------------------------------
 
 
-def cached_images(dataset_id: str) -> set[str] | None:
-    """Absolute paths of the images of a covered dataset held in the shards; None for a dataset not covered."""
+def cached_images(dataset_id: str):
+    """Absolute paths of the images of a covered dataset held in the shards (a read-only view: `in`, `len`,
+    iteration); None for a dataset not covered."""
     dataset = _coverage.datasets.get(dataset_id)
-    return None if dataset is None else set(dataset.keys)
+    return None if dataset is None else dataset.keys.keys()
 
 
 def serves_every_image(dataset_id: str, buckets: dict | None) -> bool:

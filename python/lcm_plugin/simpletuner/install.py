@@ -40,7 +40,9 @@ D1. `training.trainer.configure_multi_databackend` (the trainer's call, after it
     SimpleTuner's bucket metadata (`trainer_cache.prepare`).
 D2. `VAECache.discover_unprocessed_files` leaves out the images the shards hold, so `process_buckets` encodes
     nothing for them (it still runs, with its bucket shuffle); its `_reduce_bucket` answers [] at once when nothing
-    is left unprocessed (SimpleTuner's answer, which it computes with a cache file name per image).
+    is left unprocessed (SimpleTuner's answer, which it computes with a cache file name per image), and its
+    `build_vae_cache_filename_map` maps only the images the shards do not serve (the maps are read only for images
+    that have `.pt` files).
 D3. `training.collate.compute_latents` gathers a batch's latents from the shards in one parallel copy (pinned as
     `fetch_latent` pins); `VAECache.retrieve_from_cache` reads one. collate_fn's NaN/Inf and shape checks, caption
     dropout, time_ids and the sampler are SimpleTuner's, unchanged.
@@ -319,7 +321,7 @@ def _data_path_surfaces() -> dict:
     _require(collate, "compute_latents", "simpletuner.helpers.training.collate")
     vae_cache = _require(_import_surface("simpletuner.helpers.caching.vae"), "VAECache",
                          "simpletuner.helpers.caching.vae")
-    for name in ("discover_unprocessed_files", "retrieve_from_cache", "_reduce_bucket"):
+    for name in ("discover_unprocessed_files", "retrieve_from_cache", "_reduce_bucket", "build_vae_cache_filename_map"):
         _require(vae_cache, name, "VAECache")
     text_cache = _require(_import_surface("simpletuner.helpers.caching.text_embeds"), "TextEmbeddingCache",
                           "simpletuner.helpers.caching.text_embeds")
@@ -504,6 +506,22 @@ def _nothing_to_reduce_when_served(original):
     return _reduce_bucket
 
 
+def _file_names_of_unserved(original):
+    """D2, names: SimpleTuner maps every image to its `.pt` name and back (a hash and two dict entries per image);
+    the maps are only read for images that have such files, which served images never get."""
+
+    @functools.wraps(original)
+    def build_vae_cache_filename_map(self, all_image_files):
+        from lcm_plugin import trainer_cache
+
+        served = trainer_cache.cached_images(self.id)
+        if served:
+            all_image_files = [path for path in all_image_files if path not in served]
+        return original(self, all_image_files)
+
+    return build_vae_cache_filename_map
+
+
 def _text_embeddings_unless_served(original):
     """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
     captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
@@ -530,6 +548,7 @@ def _text_embeddings_unless_served(original):
 _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
     ("vae_cache", "_reduce_bucket", _nothing_to_reduce_when_served),
+    ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),
     ("vae_cache", "retrieve_from_cache", _served_retrieve),
     ("text_cache", "load_from_cache", _served_text_load),

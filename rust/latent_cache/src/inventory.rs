@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Memo file format; bump when the row layout changes (an older memo is then ignored, not misread).
-const MEMO_MAGIC: &[u8; 8] = b"LCMINV02";
+const MEMO_MAGIC: &[u8; 8] = b"LCMINV03";
 /// A row whose mtime is this close to the memo's creation may have changed within one timestamp tick.
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
 
@@ -24,13 +24,20 @@ pub struct Stamp {
     pub size: u64,
     /// Modification time, ns since the epoch.
     pub mtime_ns: i64,
+    /// Status change time, ns since the epoch: moves on every write, also when the mtime is put back.
+    pub ctime_ns: i64,
     /// Inode number.
     pub inode: u64,
 }
 
 impl Stamp {
     fn of(meta: &fs::Metadata) -> Stamp {
-        Stamp { size: meta.len(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(), inode: meta.ino() }
+        Stamp {
+            size: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            inode: meta.ino(),
+        }
     }
 }
 
@@ -259,7 +266,7 @@ fn inspect(key: &str, path: &Path, options: &Options, memo: &Remembered<'_>, mem
     let stamp = Stamp::of(&meta);
     let caption_path = options.caption_extension.as_ref().map(|ext| path.with_extension(ext.trim_start_matches('.')));
     let caption_stamp = caption_path.as_ref().map(|p| fs::metadata(p).ok().map(|m| Stamp::of(&m)));
-    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns < t - RACY_WINDOW_NS);
+    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
     if let Some(row) = memo.get(key) {
         let caption_same = match (&caption_stamp, &row.caption) {
             (None, Caption::NotRead) => true,
@@ -347,6 +354,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 fn put_stamp(out: &mut Vec<u8>, s: Stamp) {
     out.extend_from_slice(&s.size.to_le_bytes());
     out.extend_from_slice(&s.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&s.ctime_ns.to_le_bytes());
     out.extend_from_slice(&s.inode.to_le_bytes());
 }
 
@@ -382,7 +390,7 @@ impl Reader<'_> {
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }
     fn stamp(&mut self) -> Option<Stamp> {
-        Some(Stamp { size: self.u64()?, mtime_ns: self.i64()?, inode: self.u64()? })
+        Some(Stamp { size: self.u64()?, mtime_ns: self.i64()?, ctime_ns: self.i64()?, inode: self.u64()? })
     }
 }
 
@@ -439,7 +447,7 @@ mod tests {
         let dir = folder();
         let memo = dir.path().join(".memo");
         let first = scan(dir.path(), &options(), Some(&memo)).unwrap();
-        write_memo(&memo, &first, now()).unwrap();
+        write_memo(&memo, &first, later()).unwrap();
         let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
         assert_eq!(again.read_count(), 0);
         assert_eq!(again.items, first.items.iter().map(|i| Item { read: false, ..i.clone() }).collect::<Vec<_>>());
@@ -461,6 +469,23 @@ mod tests {
     }
 
     #[test]
+    fn a_same_size_rewrite_with_its_mtime_put_back_is_read_again() {
+        let dir = folder();
+        let memo = dir.path().join(".memo");
+        let caption = dir.path().join("a.txt");
+        let mtime = fs::metadata(&caption).unwrap().mtime();
+        write_memo(&memo, &scan(dir.path(), &options(), None).unwrap(), later()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20)); // a later ctime on coarse clocks too
+        fs::write(&caption, "a dog").unwrap();
+        let when = libc::timespec { tv_sec: mtime, tv_nsec: 0 };
+        let c = std::ffi::CString::new(caption.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [when, when].as_ptr(), 0) }, 0);
+        let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        assert_eq!(again.read_count(), 1);
+        assert!(matches!(&again.items[0].caption, Caption::Text(_, t) if t == "a dog"));
+    }
+
+    #[test]
     fn racily_new_rows_and_bad_memos_are_not_trusted() {
         let dir = folder();
         let memo = dir.path().join(".memo");
@@ -468,7 +493,7 @@ mod tests {
         // A memo written in the same tick as the files' mtimes: nothing in it can be trusted.
         write_memo(&memo, &first, first.items[0].stamp.mtime_ns).unwrap();
         assert_eq!(scan(dir.path(), &options(), Some(&memo)).unwrap().read_count(), 3);
-        write_memo(&memo, &first, now()).unwrap();
+        write_memo(&memo, &first, later()).unwrap();
         let mut bytes = fs::read(&memo).unwrap();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 1;
@@ -488,7 +513,10 @@ mod tests {
         assert!(broken.size.as_ref().unwrap_err().contains("broken.png"), "{:?}", broken.size);
     }
 
-    fn now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
+    /// A memo time past the racy window of files written now (their ctime cannot be dated back), as a memo written
+    /// at a later start would have.
+    fn later() -> i64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+        now + 2 * RACY_WINDOW_NS
     }
 }

@@ -40,12 +40,6 @@ impl PyInventory {
         self.inner.items.iter().map(|i| format!("{:032x}", i.content)).collect()
     }
 
-    /// (size, mtime_ns, inode) of each image file.
-    #[getter]
-    fn stamps(&self) -> Vec<(u64, i64, u64)> {
-        self.inner.items.iter().map(|i| (i.stamp.size, i.stamp.mtime_ns, i.stamp.inode)).collect()
-    }
-
     /// Caption file per image: its text, or None when there is none or it was not read; unreadable ones are in
     /// `caption_errors`.
     #[getter]
