@@ -153,6 +153,27 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def simpletuner_vae(model_dir):
+    """The run's VAE as SimpleTuner's trainer holds it on this host: its ModelFoundation.load_vae, for config.json
+    without vae_dtype (SimpleTuner's "bf16"), on the device its Accelerator gets here (a CPU host: the plain CPU,
+    where it leaves the VAE in fp32; an accelerator: there, in bf16)."""
+    from simpletuner.helpers.models.sdxl.model import SDXL
+
+    from lcm_plugin.cache_build.encode import device
+
+    sdxl = object.__new__(SDXL)
+    sdxl.config = SimpleNamespace(
+        model_family="sdxl", vae_path=str(model_dir / "vae"), pretrained_model_name_or_path=str(model_dir),
+        vae_dtype="bf16", revision=None, variant=None, delete_model_after_load=False, vae_enable_tiling=False,
+        vae_enable_slicing=False, ramtorch=False,
+    )
+    sdxl.accelerator = SimpleNamespace(device=device())  # accelerate's, per test_cache_build_dtypes.py
+    sdxl._single_file_component_cache = None
+    sdxl.load_vae(move_to_device=True)  # as Trainer.init_vae calls it
+    return sdxl.vae
+
+
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory, model_dir):
     """An uninterrupted single-process build with --format simpletuner: (run folder, report)."""
     torch.set_num_threads(1)
@@ -183,14 +204,16 @@ def test_every_image_is_cached_once_and_broken_files_are_reported(reference):
     assert verify(run / "cache/vae/toy" / LCM_DIR) == [] and verify(run / "cache/text" / LCM_DIR) == []
 
 
-def test_latents_are_simpletuner_scaled_vae_samples(reference, model_dir):
-    """Oracle: SimpleTuner's SDXL transforms and VaeLatentScalingMixin on the same pixels and noise."""
-    from diffusers import AutoencoderKL
+def test_latents_are_simpletuner_scaled_vae_samples(reference, simpletuner_vae):
+    """Oracle: SimpleTuner's VAE as its trainer loads it here (device, dtype), its SDXL transforms and
+    VaeLatentScalingMixin, on the same pixels and noise."""
     from simpletuner.helpers.models.foundation_mixins import VaeLatentScalingMixin
     from simpletuner.helpers.models.sdxl.model import SDXL
 
     run, _ = reference
-    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.bfloat16)  # vae_dtype default
+    vae = simpletuner_vae
+    # bf16 rounding of a two-step encode, or fp32 (a CPU host) where only the kernels' summation order differs.
+    tolerance = dict(atol=0.05, rtol=0.02) if vae.dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
     transform = SDXL.get_transforms(object.__new__(SDXL))
     manifest = manifest_of(run)
     metadata = json.loads((run / "data/aspect_ratio_bucket_metadata_toy.json").read_text())
@@ -201,25 +224,27 @@ def test_latents_are_simpletuner_scaled_vae_samples(reference, model_dir):
         pixels, ok, _ = decode_batch([str(path)], [tuple(meta["intermediary_size"])],
                                      [tuple(meta["crop_coordinates"])], tuple(meta["target_size"]))
         assert ok == [0]
-        sample = transform(Image.fromarray(pixels[0]))[None].to(torch.bfloat16)
+        sample = transform(Image.fromarray(pixels[0]))[None].to(vae.device, vae.dtype)
         with torch.no_grad():
             posterior = vae.encode(sample).latent_dist
-        noise = torch.randn(posterior.mean.shape[1:], dtype=torch.bfloat16,
+        noise = torch.randn(posterior.mean.shape[1:], dtype=vae.dtype,
                             generator=torch.Generator().manual_seed(sample_seed(3, entry["image"])))
-        expected = VaeLatentScalingMixin().scale_vae_latents_for_cache(posterior.mean + posterior.std * noise, vae)[0]
+        latent = posterior.mean + posterior.std * noise.to(vae.device)
+        expected = VaeLatentScalingMixin().scale_vae_latents_for_cache(latent, vae)[0].cpu()
         got = reader.get_torch(entry["key"])
         w, h = meta["target_size"]
-        assert got.dtype == torch.bfloat16 and tuple(got.shape) == (4, h // 8, w // 8)
-        torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.02)
+        assert got.dtype == expected.dtype == vae.dtype and tuple(got.shape) == (4, h // 8, w // 8)
+        torch.testing.assert_close(got.float(), expected.float(), **tolerance)
         # A sample, not the mode.
-        assert not torch.allclose(got.float(), (posterior.mean[0] * vae.config.scaling_factor).float(), atol=1e-3)
+        mode = (posterior.mean[0] * vae.config.scaling_factor).float().cpu()
+        assert not torch.allclose(got.float(), mode, atol=1e-3)
         assert reader.get(entry["key"] + TIME_IDS).tolist() == [
             meta["original_size"][1], meta["original_size"][0], *meta["crop_coordinates"],
             meta["target_size"][1], meta["target_size"][0],
         ]
 
 
-def test_simpletuner_vae_files_have_its_names_and_hold_the_cached_latents(reference):
+def test_simpletuner_vae_files_have_its_names_and_hold_the_cached_latents(reference, simpletuner_vae):
     from simpletuner.helpers.caching.vae import VAECache
     from simpletuner.helpers.data_backend.local import LocalDataBackend
 
@@ -237,7 +262,8 @@ def test_simpletuner_vae_files_have_its_names_and_hold_the_cached_latents(refere
         filename, _ = oracle.generate_vae_cache_filename(str(run / "data" / key))
         expected_files.add(Path(filename))
         stored_file = backend.torch_load(filename)
-        assert stored_file.dtype == torch.bfloat16 and stored_file.shape[0] == 4 and stored_file.ndim == 3
+        # The dtype SimpleTuner's VAE encodes in on this host (fp32 on a CPU, bf16 on an accelerator).
+        assert stored_file.dtype == simpletuner_vae.dtype and stored_file.shape[0] == 4 and stored_file.ndim == 3
         assert torch.equal(stored_file, reader.get_torch(stored[key]))
     assert set((run / "cache/vae/toy").rglob("*.pt")) == expected_files
     assert any(p.parent.name == "sub" for p in expected_files)
@@ -317,12 +343,12 @@ def test_killed_build_resumes_without_redoing_committed_shards(tmp_path, model_d
 
 
 def assert_same_latents(run: Path, reference_run: Path) -> None:
-    """Latents and SimpleTuner files of `run` equal those of the uninterrupted reference build, image by image
-    (the keys differ: each holds its image file's modification time)."""
+    """Latents and SimpleTuner files of `run` equal those of the uninterrupted reference build, image by image,
+    under the same keys (each holds its image's content hash, not the file's path or times)."""
     ours = LatentCacheReader(run / "cache/vae/toy" / LCM_DIR)
     theirs = LatentCacheReader(reference_run / "cache/vae/toy" / LCM_DIR)
     our_keys, their_keys = latent_keys(run), latent_keys(reference_run)
-    assert sorted(our_keys) == sorted(their_keys)
+    assert our_keys == their_keys
     assert len(lcm_keys(run / "cache/vae/toy" / LCM_DIR)) == 2 * len(our_keys)
     for image, key in their_keys.items():
         assert torch.equal(ours.get_torch(our_keys[image]), theirs.get_torch(key)), image

@@ -19,7 +19,7 @@ from PIL import Image
 import cache_snapshot
 from cache_snapshot import assert_checks_pass, snapshot, store
 from lcm_plugin.cache_build import BuildOptions, build
-from lcm_plugin.cache_build.build import LCM_DIR, check_run
+from lcm_plugin.cache_build.build import LCM_DIR, TIME_IDS, check_run
 
 WORDS = ("red", "blue", "circle", "square", "photo")
 SIZES = ((192, 128), (128, 160), (128, 128))
@@ -88,15 +88,19 @@ CHANGES = {
     "crop": (center_crop, ["toy: 4 latent(s) to encode: the crop changed (crop settings or seed)"]),
     "vae": (other_vae, ["toy: 6 latent(s) to encode: the VAE changed (its config or weights)"]),
     "vae scaling_factor": (vae_scaling_factor, ["toy: 6 latent(s) to encode: the VAE scaling_factor changed: "]),
-    "vae_dtype": (vae_fp32, ["toy: 6 latent(s) to encode: vae_dtype changed: bf16 -> fp32"]),
+    "vae_dtype": (vae_fp32, ["toy: 6 latent(s) to encode: vae_dtype changed: bf16 -> fp32"]),  # on cpu:0 (below)
     "seed": (seed_4, ["toy: 6 latent(s) to encode: seed changed: 3 -> 4"]),
     "caption": (new_caption, ["1 caption(s) to encode: new caption(s)", "removed 1 SimpleTuner text file(s)"]),
     "caption source": (
         captions_from_file_names,
         ["6 caption(s) to encode: new caption(s)", "removed 2 SimpleTuner text file(s)"],
     ),
-    "image file": (redrawn_image, ["toy: 1 latent(s) to encode: the image file changed"]),
+    "image file": (redrawn_image, ["toy: 1 latent(s) to encode: the image file's content changed"]),
 }
+# The environment a change's two builds run in. SimpleTuner converts its VAE to config.json's vae_dtype only where
+# it moves it off the plain CPU (encode.vae_dtype_on): on cpu:0 (`accelerate launch --cpu`, several processes),
+# as on an accelerator, the default is bf16 and fp32 a change; on this host's plain CPU both are fp32 (below).
+ENVIRONMENTS = {"vae_dtype": {"ACCELERATE_TORCH_DEVICE": "cpu:0"}}
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +112,31 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def fresh_copy(run: Path, where: Path) -> Path:
-    """The run's inputs without anything a build wrote (image files keep their mtimes: copy2)."""
+    """The run's inputs without anything a build wrote."""
     ignored = shutil.ignore_patterns("cache", "output", "aspect_ratio_bucket_*.json")
     return Path(shutil.copytree(run, where, ignore=ignored))
 
 
 @pytest.mark.parametrize("setting", list(CHANGES))
-def test_rebuild_after_a_change_equals_a_fresh_build(tmp_path, model_dir, setting):
+def test_rebuild_after_a_change_equals_a_fresh_build(tmp_path, model_dir, monkeypatch, setting):
+    for name, value in ENVIRONMENTS.get(setting, {}).items():
+        monkeypatch.setenv(name, value)
     rebuild_equals_fresh_build(tmp_path, model_dir, *CHANGES[setting])
+
+
+def test_vae_dtype_changes_nothing_where_simpletuner_keeps_the_vae_in_fp32(tmp_path, model_dir, monkeypatch):
+    """On the plain CPU SimpleTuner never converts its VAE: vae_dtype bf16 (the default) and fp32 both give fp32
+    latents, so switching it leaves the cache valid, and the rebuild encodes nothing."""
+    monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", "cpu")
+    run = write_run(tmp_path / "run", model_dir)
+    assert build(BuildOptions(run), log=print).encoded == 6
+    before = snapshot(run)
+    assert {dtype for key, (dtype, _, _) in before["latents"].items() if TIME_IDS not in key} == {"float32"}
+    vae_fp32(run)
+    assert check_run(run) == []
+    lines: list[str] = []
+    assert build(BuildOptions(run), log=lines.append).encoded == 0, lines
+    assert snapshot(run) == before
 
 
 def test_a_newer_recipe_version_rebuilds_to_a_fresh_build(tmp_path, model_dir, monkeypatch):
@@ -177,7 +198,8 @@ def test_a_prune_killed_between_its_renames_is_completed_by_the_next_build(tmp_p
     (folder.with_name(LCM_DIR + ".pruning")).mkdir()  # with a copy half written
     assert build(BuildOptions(run), log=print).encoded == 0
     assert store(folder) == expected and check_run(run) == []
-    assert sorted(p.name for p in folder.parent.iterdir()) == [LCM_DIR]
+    # No half-written copy or renamed-away store is left (the scan memo lives beside the store).
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.startswith("lcm-inventory.")) == [LCM_DIR]
 
 
 def latent_keys(run: Path) -> dict[str, str]:
@@ -199,22 +221,28 @@ def test_verify_names_a_changed_resolution_and_exits_1(tmp_path, model_dir):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("forged", ["shape", "time_ids"])
+@pytest.mark.parametrize("forged", ["shape", "dtype", "time_ids"])
 def test_an_entry_that_disagrees_with_the_plan_stops_the_build(tmp_path, model_dir, capsys, forged):
     """Entries are checked per key against the plan: a store holding, under the plan's key, a latent of another
-    shape or other time_ids was not written by this build, and is never served."""
+    shape or dtype, or other time_ids, was not written by this build, and is never served."""
     from lcm_plugin.cache import LatentCacheWriter
-    from lcm_plugin.cache_build.build import TIME_IDS, plan_run
+    from lcm_plugin.cache_build.build import plan_run
+    from lcm_plugin.cache_build.encode import DTYPES
     from lcm_plugin.cli import main
 
     run = write_run(tmp_path / "run", model_dir)
-    _, (dataset,), _ = plan_run(run, None)
+    settings, (dataset,), _ = plan_run(run, None)
     item = next(image for image in dataset.images if tuple(image.sample["target_size"]) == (128, 128))
-    shape = (4, 16, 16) if forged == "time_ids" else (4, 8, 8)  # the plan: 128x128 px -> 16x16 latents
+    # The plan's latent: 128x128 px -> 4x16x16, in the dtype SimpleTuner's VAE takes on this host (fp32 on a CPU).
+    planned = DTYPES[settings.vae_dtype]
+    other = torch.float32 if planned == torch.bfloat16 else torch.bfloat16
+    shape = (4, 8, 8) if forged == "shape" else (4, 16, 16)
     with LatentCacheWriter(run / "cache/vae/toy" / LCM_DIR, writer="forger") as writer:
-        writer.put(item.cache_key, torch.zeros(shape, dtype=torch.bfloat16))
+        writer.put(item.cache_key, torch.zeros(shape, dtype=other if forged == "dtype" else planned))
         writer.put(item.cache_key + TIME_IDS, torch.tensor([1, 2, 3, 4, 5, 6]))
     assert main(["cache", "build", str(run)]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    said = "the plan needs BF16 (4, 16, 16)" if forged == "shape" else "has time_ids [1, 2, 3, 4, 5, 6], the plan"
+    needs = f"the plan needs {'F32' if planned == torch.float32 else 'BF16'} (4, 16, 16)"
+    said = {"shape": f"(4, 8, 8), {needs}", "dtype": f"(4, 16, 16), {needs}",
+            "time_ids": "has time_ids [1, 2, 3, 4, 5, 6], the plan"}[forged]
     assert len(lines) == 1 and repr(item.cache_key) in lines[0] and said in lines[0], lines

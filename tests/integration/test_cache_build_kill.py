@@ -33,10 +33,15 @@ import torch
 import cache_snapshot
 from cache_snapshot import assert_checks_pass, snapshot
 from lcm_plugin.cache_build import BuildOptions, build, faults
+from lcm_plugin.cache_build.build import LCM_DIR, TIME_IDS
+from lcm_plugin.cache_build.encode import DTYPES, device, vae_dtype_on
 
 KILLS = int(os.environ.get("LCM_KILL_CAMPAIGN", "50"))
 WORDS = ("red", "blue", "circle", "square", "photo")
-SHARD_BYTES = 700  # one 4x8x8 bf16 latent (512 bytes) plus its time_ids per shard: a commit every image
+# One 4x8x8 latent, in the dtype SimpleTuner's VAE encodes in on this host (config.json has no vae_dtype: fp32 on
+# a CPU, 1024 bytes; bf16 on an accelerator, 512), and its six int64 time_ids fill a shard: a commit every image.
+LATENT_BYTES = 4 * 8 * 8 * DTYPES[vae_dtype_on(device(), "bf16")].itemsize
+SHARD_BYTES = LATENT_BYTES + 6 * 8
 HANG_SECONDS = 120
 POINTS = ("encoded", "put", "pt", "commit", "manifest", "buckets")
 
@@ -141,9 +146,13 @@ def campaign(tmp_path_factory):
     model = save_tiny_sdxl(root / "model", seed=0, vocabulary=WORDS)
     template = write_run(root / "template", model)
     reference = root / "reference"
-    shutil.copytree(template, reference)  # copy2: the image files keep their mtimes, part of each recipe
+    shutil.copytree(template, reference)
     hits = reference_build(reference)
     expected = snapshot(reference)
+    latents = [data for key, (_, _, data) in expected["latents"].items() if not key.endswith(TIME_IDS)]
+    assert {len(data) for data in latents} == {LATENT_BYTES}, "SHARD_BYTES assumes another latent size"
+    shards = list((reference / "cache/vae/toy" / LCM_DIR).glob("*.safetensors"))
+    assert len(shards) >= len(latents), f"{len(shards)} shard(s) for {len(latents)} latents: few commits to kill"
     # The time a forked build takes, to draw kill times from; it is also a fresh build equal to the reference.
     timed = root / "timed"
     shutil.copytree(template, timed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,18 @@ IMAGES = {"id": "photos", "type": "local", "instance_data_dir": "data", "caption
 TEXT = {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"}
 
 
-def test_settings_follow_simpletuner_defaults_and_paths_resolve_from_the_run_folder(tmp_path):
+def test_settings_follow_simpletuner_defaults_and_paths_resolve_from_the_run_folder(tmp_path, monkeypatch):
     root = write_config(tmp_path, [IMAGES, TEXT])
+    # The VAE dtype is the one SimpleTuner's trainer gives it on the device accelerate picks: converted to bf16
+    # when it moves the VAE (an accelerator, or cpu:0 under `accelerate launch --cpu` with several processes),
+    # left in fp32 on the plain CPU it loads on (test_cache_build_dtypes.py checks that rule against SimpleTuner).
+    monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", "cpu:0")
     settings, entries = read_run(root)
     assert settings.root == root and settings.vae_dtype == "bf16" and settings.text_dtype == "bf16"
+    monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", "cpu")
+    on_cpu, _ = read_run(root)
+    assert on_cpu.vae_dtype == "fp32" and on_cpu.text_dtype == "bf16"  # weight_dtype does not follow the device
+    assert replace(on_cpu, vae_dtype="bf16") == settings  # and nothing else does
     assert settings.vae_batch_size == 4 and settings.aspect_bucket_alignment == 64
     assert settings.vae_path == "madebyollin/sdxl-vae-fp16-fix"  # SimpleTuner's default SDXL VAE
     (dataset,) = datasets_of(settings, entries)
@@ -49,7 +58,8 @@ def test_settings_follow_simpletuner_defaults_and_paths_resolve_from_the_run_fol
     assert dataset.bucket_config["resolution_type"] == "pixel_area"  # inherited from config.json's default
 
 
-def test_vae_dtype_fp32_is_kept_and_mixed_precision_no_gives_fp32_text(tmp_path):
+def test_vae_dtype_fp32_is_kept_and_mixed_precision_no_gives_fp32_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", "cpu:0")  # a device where SimpleTuner converts the VAE
     settings, _ = read_run(write_config(tmp_path, [IMAGES, TEXT], vae_dtype="fp32", mixed_precision="no"))
     assert settings.vae_dtype == "fp32" and settings.text_dtype == "fp32"
 

@@ -52,7 +52,7 @@ class RunSettings:
     model_family: str
     model_path: str
     vae_path: str
-    vae_dtype: str  # "bf16" or "fp32", as SimpleTuner casts the VAE on an accelerator
+    vae_dtype: str  # "bf16" or "fp32": SimpleTuner's VAE dtype here (fp32 on a plain CPU, else vae_dtype's)
     vae_batch_size: int
     text_dtype: str  # "bf16", "fp16" or "fp32": SimpleTuner's weight_dtype from mixed_precision
     compress_disk_cache: bool
@@ -294,9 +294,10 @@ def bucket_config(entry: dict, settings: RunSettings) -> dict:
 
 
 def memo_path(dataset: Dataset) -> Path:
-    """Where the scan memo of `dataset` lives: beside its latent store (one per dataset id)."""
+    """Where the scan memo of `dataset` lives: next to its latent store, not in it (the scan runs before the build
+    repairs the store, and a prune swaps the store folder whole)."""
     name = hashlib.sha256(dataset.id.encode()).hexdigest()[:16]
-    return dataset.vae_cache_dir / "lcm" / f"inventory.{name}.memo"
+    return dataset.vae_cache_dir / f"lcm-inventory.{name}.memo"
 
 
 def captions_of(path: Path, dataset: Dataset, text: str | None) -> tuple[str, ...]:

@@ -35,6 +35,10 @@ class RankFailed(RanksDisagree):
                                    for rank, why in sorted(failures.items())))
 
 
+class RanksLost(RanksDisagree):
+    """A phase's gather failed: another rank died (killed, out of memory) or cannot be reached."""
+
+
 class Phase:
     """A block every rank runs, then the ranks learn each other's outcome:
 
@@ -63,7 +67,14 @@ class Phase:
         if error is not None and not isinstance(error, Exception):
             return False  # KeyboardInterrupt, SystemExit: this process ends, which breaks the others' next collective
         why = None if error is None else f"{type(error).__name__}: {error}"
-        outcomes = self.group.gather([(why, self._value)])
+        try:
+            outcomes = self.group.gather([(why, self._value)])
+        except Exception as lost:  # noqa: BLE001 - a peer died or the network broke: no outcome to agree on
+            if error is not None:
+                return False  # this rank's own error says more
+            raise RanksLost(f"lost contact with the other ranks during {self.name} ({type(lost).__name__}: "
+                            f"{str(lost).splitlines()[0] if str(lost) else 'no detail'}); rerun every rank: "
+                            "committed work is kept") from None
         if error is not None:
             return False  # this rank's own error goes on up
         failures = {rank: why for rank, (why, _) in enumerate(outcomes) if why is not None}

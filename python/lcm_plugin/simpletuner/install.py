@@ -39,8 +39,8 @@ D1. `training.trainer.configure_multi_databackend` (the trainer's call, after it
     and before any data backend is configured) first builds the memory-mapped caches with those models and writes
     SimpleTuner's bucket metadata (`trainer_cache.prepare`).
 D2. `VAECache.discover_unprocessed_files` leaves out the images the shards hold, so `process_buckets` encodes
-    nothing for them (it still runs, with its bucket shuffle); its `_reduce_bucket` answers [] at once when nothing
-    is left unprocessed (SimpleTuner's answer, which it computes with a cache file name per image), and its
+    nothing for them (it still runs, with its bucket shuffle); its `_reduce_bucket` runs on a bucket's unprocessed
+    images only (SimpleTuner's answer, which it computes with a cache file name per image of the bucket), and its
     `build_vae_cache_filename_map` maps only the images the shards do not serve (the maps are read only for images
     that have `.pt` files).
 D3. `training.collate.compute_latents` gathers a batch's latents from the shards in one parallel copy (pinned as
@@ -321,7 +321,8 @@ def _data_path_surfaces() -> dict:
     _require(collate, "compute_latents", "simpletuner.helpers.training.collate")
     vae_cache = _require(_import_surface("simpletuner.helpers.caching.vae"), "VAECache",
                          "simpletuner.helpers.caching.vae")
-    for name in ("discover_unprocessed_files", "retrieve_from_cache", "_reduce_bucket", "build_vae_cache_filename_map"):
+    for name in ("discover_unprocessed_files", "retrieve_from_cache", "_reduce_bucket", "build_vae_cache_filename_map",
+                 "_local_unprocessed_file_set"):
         _require(vae_cache, name, "VAECache")
     text_cache = _require(_import_surface("simpletuner.helpers.caching.text_embeds"), "TextEmbeddingCache",
                           "simpletuner.helpers.caching.text_embeds")
@@ -491,17 +492,19 @@ def _dropout_unless_served(original):
     return encode_dropout_caption
 
 
-def _nothing_to_reduce_when_served(original):
-    """D2, per bucket: with nothing unprocessed, SimpleTuner's answer is an empty list; it computes it per image
-    (a cache file name each)."""
+def _reduce_unprocessed_only(original):
+    """D2, per bucket: SimpleTuner keeps an image only if it is unprocessed, but computes a cache file name for every
+    image first; the original runs on the bucket's unprocessed images alone (the same answer, in the same order)."""
 
     @functools.wraps(original)
     def _reduce_bucket(self, bucket, aspect_bucket_cache, processed_images):
         from lcm_plugin import trainer_cache
 
-        if trainer_cache.cached_images(self.id) is not None and not self.local_unprocessed_files:
-            return []
-        return original(self, bucket, aspect_bucket_cache, processed_images)
+        if trainer_cache.cached_images(self.id) is None:
+            return original(self, bucket, aspect_bucket_cache, processed_images)
+        unprocessed = self._local_unprocessed_file_set()
+        candidates = [path for path in aspect_bucket_cache[bucket] if path in unprocessed]
+        return original(self, bucket, {bucket: candidates}, processed_images)
 
     return _reduce_bucket
 
@@ -515,7 +518,7 @@ def _file_names_of_unserved(original):
         from lcm_plugin import trainer_cache
 
         served = trainer_cache.cached_images(self.id)
-        if served:
+        if served is not None:  # SimpleTuner's local backend lists absolute, normalised paths, as the keys are
             all_image_files = [path for path in all_image_files if path not in served]
         return original(self, all_image_files)
 
@@ -547,7 +550,7 @@ def _text_embeddings_unless_served(original):
 
 _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
-    ("vae_cache", "_reduce_bucket", _nothing_to_reduce_when_served),
+    ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),
     ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),
     ("vae_cache", "retrieve_from_cache", _served_retrieve),
