@@ -1,8 +1,8 @@
 """What an LCM run hands the user: the sampler saved with a full model, the settings recorded in a LoRA file, and
 the model card's inference section and tags.
 
-Pure logic and file writes, no SimpleTuner import: `lcm_plugin.simpletuner.install` calls these from
-SimpleTuner's save and model-card code (its "Run outputs" section). Every sampler setting comes from
+Pure logic and file writes, no SimpleTuner import: `lcm_plugin.simpletuner.run_output_patches` calls these from
+SimpleTuner's save and model-card code (install.py's "Run outputs" section). Every sampler setting comes from
 `lcm_plugin.inference.variant_scheduler`, the function validation samples with (LCMScheduler for LCM,
 TCDScheduler for TCD and PCM), so what a user runs is what validation showed.
 """

@@ -3,7 +3,7 @@ SimpleTuner's own VAE and text caching, and reads latents and text embeddings fr
 "Inside `simpletuner train`").
 
 The SimpleTuner side (which methods are replaced, and when they are called) lives in
-`lcm_plugin.simpletuner.install`; this module holds the logic and imports no SimpleTuner module. Its state is
+`lcm_plugin.simpletuner.data_path_patches`; this module holds the logic and imports no SimpleTuner module. Its state is
 one `Coverage` per training process: the datasets and text caches it serves, set by `prepare` and read by the
 patched cache methods.
 

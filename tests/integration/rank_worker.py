@@ -30,7 +30,7 @@ def main(model_dir: Path, result: Path) -> None:
 
     from lcm_plugin import trainer_cache
     from lcm_plugin.cache_build.encode import load_text_encoders, load_vae
-    from lcm_plugin.simpletuner.install import _prepare_data_path
+    from lcm_plugin.simpletuner.data_path_patches import _prepare_data_path
 
     torch.set_num_threads(1)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")

@@ -15,6 +15,7 @@ from simpletuner.helpers.models.common import PredictionTypes
 from lcm_plugin import tiny_sdxl
 from lcm_plugin.config import LcmConfig
 from lcm_plugin.simpletuner import install as installer
+from lcm_plugin.simpletuner.surfaces import SimpleTunerSurfaceError, has_accelerator
 from lcm_plugin.simpletuner.distiller import LcmDistiller
 
 LCM_BLOCK = {"num_ddim_timesteps": 25, "w_min": 2.0, "w_max": 9.0, "loss_type": "huber", "huber_c": 0.01,
@@ -196,7 +197,7 @@ def test_schema_key_is_dropped_before_simpletuner_parses_config_json(installed):
 
 def test_missing_surface_fails_with_its_name_and_changes_nothing(pristine, monkeypatch):
     monkeypatch.delattr(DistillerFactory, "_create_lcm_distiller")
-    with pytest.raises(installer.SimpleTunerSurfaceError) as error:
+    with pytest.raises(SimpleTunerSurfaceError) as error:
         installer.install()
     assert "DistillerFactory._create_lcm_distiller is missing" in str(error.value)
     assert "SIMPLETUNER_LCM_DISABLE=1" in str(error.value)
@@ -206,7 +207,7 @@ def test_missing_surface_fails_with_its_name_and_changes_nothing(pristine, monke
 
 def test_pin_memory_is_a_no_op_only_without_an_accelerator(installed):
     tensor = torch.zeros(2)
-    if installer._has_accelerator(torch):
+    if has_accelerator(torch):
         assert torch.Tensor.pin_memory is installed["pin_memory"]
     else:
         assert tensor.pin_memory() is tensor

@@ -13,6 +13,8 @@ from simpletuner.helpers.models.common import ModelFoundation
 from simpletuner.helpers.publishing import huggingface, metadata
 
 from lcm_plugin.simpletuner import install as installer
+from lcm_plugin.simpletuner import run_output_patches
+from lcm_plugin.simpletuner.run_config import run_lcm_config
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def test_a_run_without_lcm_gets_simpletuners_own_outputs(pristine, tmp_path):
     installer.install()
     calls = []
     args = SimpleNamespace(distillation_method=None, model_type="lora")
-    wrapped_example = installer._lcm_code_example(lambda *a, **k: calls.append("example") or "upstream")
+    wrapped_example = run_output_patches._lcm_code_example(lambda *a, **k: calls.append("example") or "upstream")
     assert wrapped_example(args, "repo", model=SimpleNamespace(), base_model="base") == "upstream"
 
     path = tmp_path / "pytorch_lora_weights.safetensors"
@@ -45,7 +47,7 @@ def test_a_run_without_lcm_gets_simpletuners_own_outputs(pristine, tmp_path):
     def upstream_save(self, save_directory, **kwargs):
         save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
 
-    wrapped_save = installer._lcm_save_lora_weights(upstream_save)
+    wrapped_save = run_output_patches._lcm_save_lora_weights(upstream_save)
     wrapped_save(SimpleNamespace(config=args), str(tmp_path))
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
@@ -72,7 +74,7 @@ def test_a_tcd_run_card_and_lora_metadata_name_validations_tcd_scheduler(pristin
     training = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     model = SimpleNamespace(config=config, noise_schedule=training, _model_config_path=lambda: str(base))
 
-    section = installer._lcm_code_example(lambda *a, **k: "upstream")(config, None, model=model, base_model=None)
+    section = run_output_patches._lcm_code_example(lambda *a, **k: "upstream")(config, None, model=model, base_model=None)
     snippet = section.split("```python\n")[1].split("```")[0]
     calls = {ast.unparse(node.func): node for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Call)}
     scheduler_keywords = {k.arg: ast.literal_eval(k.value) for k in calls["TCDScheduler.from_config"].keywords
@@ -82,13 +84,13 @@ def test_a_tcd_run_card_and_lora_metadata_name_validations_tcd_scheduler(pristin
     assert [ast.literal_eval(node) for node in eta] == [0.35]
 
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    wrapped_save = installer._lcm_save_lora_weights(
+    wrapped_save = run_output_patches._lcm_save_lora_weights(
         lambda self, save_directory, **kwargs: save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     )
     wrapped_save(model, str(tmp_path))
     with safe_open(str(path), framework="pt") as handle:
         recorded = json.loads(handle.metadata()["lcm.scheduler_config"])
-    validation = variant_scheduler(training.config, installer._run_lcm_config(config))
+    validation = variant_scheduler(training.config, run_lcm_config(config))
     assert recorded["_class_name"] == "TCDScheduler" and validation.gamma == 0.35
     assert {key: value for key, value in recorded.items() if not key.startswith("_")} == {
         key: value for key, value in json.loads(validation.to_json_string()).items() if not key.startswith("_")

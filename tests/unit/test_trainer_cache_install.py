@@ -12,6 +12,7 @@ import torch
 
 from lcm_plugin import trainer_cache
 from lcm_plugin.cache import LatentCacheReader, LatentCacheWriter
+from lcm_plugin.simpletuner import data_path_patches
 from lcm_plugin.simpletuner import install as installer
 
 
@@ -126,7 +127,7 @@ def test_latents_are_gathered_from_the_shards_and_the_rest_goes_to_simpletuner(s
 def test_discovery_leaves_out_the_images_the_shards_hold(served):
     new = str(served.tmp / "data" / "new.png")
     fake_original = lambda self: [served.image, new]  # noqa: E731 - what SimpleTuner would list without .pt files
-    patched = installer._discover_unserved(fake_original)
+    patched = data_path_patches._discover_unserved(fake_original)
     covered = vae_cache("photos")
     assert patched(covered) == [new] and covered.local_unprocessed_files == [new]
     assert patched(vae_cache("other")) == [served.image, new]
@@ -152,7 +153,7 @@ def test_start_up_caching_encodes_only_captions_the_shards_lack(served):
         seen.append(([record["prompt"] for record in all_prompts], return_concat))
         return "encoded"
 
-    patched = installer._unserved_prompts_only(original)
+    patched = data_path_patches._unserved_prompts_only(original)
     cache = text_cache(served.text_dir)
     records = [{"prompt": caption, "key": caption, "metadata": {}} for caption in ("red circle", "blue square")]
     assert patched(cache, records, return_concat=False, load_from_cache=False) == "encoded"
@@ -165,7 +166,7 @@ def test_start_up_caching_encodes_only_captions_the_shards_lack(served):
 
 def test_the_dropout_caption_is_encoded_only_when_the_shards_lack_it(served, tmp_path):
     calls = []
-    patched = installer._dropout_unless_served(lambda self: calls.append(self.cache_dir))
+    patched = data_path_patches._dropout_unless_served(lambda self: calls.append(self.cache_dir))
     with LatentCacheWriter(tmp_path / "store-with-dropout") as writer:
         empty = hashlib.md5(b"").hexdigest()
         writer.put(f"{empty}@t/prompt_embeds", torch.zeros(77, 16))

@@ -1,0 +1,288 @@
+"""Data path patches D1-D6 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+from lcm_plugin.simpletuner.run_config import is_lcm_run, running_config_path
+from lcm_plugin.simpletuner.surfaces import import_surface, require
+
+logger = logging.getLogger("simpletuner-lcm")
+
+
+
+def surfaces() -> dict:
+    """The SimpleTuner objects D1-D6 patch, checked (install() calls this before it changes anything)."""
+    trainer_module = import_surface("simpletuner.helpers.training.trainer")
+    require(trainer_module, "configure_multi_databackend", "simpletuner.helpers.training.trainer")
+    collate = import_surface("simpletuner.helpers.training.collate")
+    require(collate, "compute_latents", "simpletuner.helpers.training.collate")
+    vae_cache = require(import_surface("simpletuner.helpers.caching.vae"), "VAECache",
+                         "simpletuner.helpers.caching.vae")
+    for name in ("discover_unprocessed_files", "retrieve_from_cache", "_reduce_bucket", "build_vae_cache_filename_map",
+                 "_local_unprocessed_file_set"):
+        require(vae_cache, name, "VAECache")
+    text_cache = require(import_surface("simpletuner.helpers.caching.text_embeds"), "TextEmbeddingCache",
+                          "simpletuner.helpers.caching.text_embeds")
+    for name in ("load_from_cache", "compute_embeddings_for_prompts", "encode_dropout_caption",
+                 "hash_prompt_with_path", "_normalize_prompt_records"):
+        require(text_cache, name, "TextEmbeddingCache")
+    factory = require(import_surface("simpletuner.helpers.data_backend.factory"), "FactoryRegistry",
+                       "simpletuner.helpers.data_backend.factory")
+    for name in ("_process_text_embeddings", "_uses_text_embeddings_cache"):
+        require(factory, name, "FactoryRegistry")
+    return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
+            "factory": factory}
+
+
+def _building_configure(original):
+    """D1."""
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def configure_multi_databackend(*args, **kwargs):
+        started = time.monotonic()
+        bound = signature.bind(*args, **kwargs).arguments
+        _prepare_data_path(bound["args"], bound["accelerator"], bound["text_encoders"], bound["tokenizers"],
+                           bound["model"])
+        result = original(*args, **kwargs)
+        if bound["accelerator"].is_main_process:
+            # One figure for either path (bench/data_path.py part a reads it): scans, buckets, VAE and text
+            # caches, and the start-up checks of existing caches all happen inside this call.
+            logger.info("simpletuner-lcm: data preparation took %.2f s", time.monotonic() - started)
+        return result
+
+    return configure_multi_databackend
+
+
+def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) -> None:
+    from lcm_plugin import trainer_cache
+    from lcm_plugin.cache_build.ranks import RanksDisagree, threads_per_rank
+
+    rank = accelerator.process_index
+    models = trainer_cache.TrainerModels(getattr(model, "vae", None), list(tokenizers or []),
+                                         list(text_encoders or []))
+    try:
+        # Every rank on this machine runs its own Rust pools: each gets its share of the cores, not all of them. A
+        # RAYON_NUM_THREADS the user set sizes every pool instead (None: rayon's global pool, which reads it).
+        threads = None if os.environ.get("RAYON_NUM_THREADS") else threads_per_rank(accelerator.num_processes)
+        trainer_cache.prepare(
+            running_config_path(), config, lcm_run=is_lcm_run(config), models=models,
+            group=trainer_cache.AcceleratorGroup(accelerator), rank=rank, world=accelerator.num_processes,
+            threads=threads,
+        )
+    except trainer_cache.DataPathSwitchError:
+        raise
+    except RanksDisagree as error:  # decided on every rank alike; a rank that failed itself logs its own error
+        trainer_cache.reset()
+        logger.warning("simpletuner-lcm data path: rank %d: every dataset uses SimpleTuner's own caching: %s", rank,
+                       error)
+    except Exception as error:  # noqa: BLE001 - SimpleTuner's own path can still train this run
+        trainer_cache.reset()
+        logger.warning("simpletuner-lcm data path: rank %d: every dataset uses SimpleTuner's own caching: the build "
+                       "failed on this rank (%s: %s)", rank, type(error).__name__, error,
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
+
+
+def _discover_unserved(original):
+    """D2."""
+
+    @functools.wraps(original)
+    def discover_unprocessed_files(self, *args, **kwargs):
+        from lcm_plugin import trainer_cache
+
+        unprocessed = original(self, *args, **kwargs)
+        served = trainer_cache.cached_images(self.id)
+        if served is None:
+            return unprocessed
+        self.local_unprocessed_files = [path for path in unprocessed if os.path.abspath(path) not in served]
+        return self.local_unprocessed_files
+
+    return discover_unprocessed_files
+
+
+def _served_retrieve(original):
+    """D3, one latent."""
+
+    @functools.wraps(original)
+    def retrieve_from_cache(self, filepath):
+        from lcm_plugin import trainer_cache
+
+        latent = trainer_cache.latent(self.id, filepath)
+        return original(self, filepath) if latent is None else latent
+
+    return retrieve_from_cache
+
+
+def _gathered_latents(original):
+    """D3, a batch: what `fetch_latent` returns per image, from one gather."""
+
+    @functools.wraps(original)
+    def compute_latents(filepaths, data_backend_id, model):
+        import torch
+
+        from lcm_plugin import trainer_cache
+
+        batch = trainer_cache.gather_latents(data_backend_id, list(filepaths))
+        if batch is None:
+            return original(filepaths, data_backend_id, model)
+        if not torch.backends.mps.is_available():
+            batch = batch.pin_memory()
+        return list(batch.unbind(0))
+
+    return compute_latents
+
+
+def _served_text_load(original):
+    """D4, reads."""
+
+    @functools.wraps(original)
+    def load_from_cache(self, filename):
+        from lcm_plugin import trainer_cache
+
+        embeddings = trainer_cache.text_embeddings(self.cache_dir, filename)
+        if embeddings is None:
+            return original(self, filename)
+        return embeddings if self.model is None else self.model.unpack_text_embeddings_from_cache(embeddings)
+
+    return load_from_cache
+
+
+def _unserved_prompts_only(original):
+    """D4, start-up caching: only the prompts the shards do not hold are encoded (and written) by SimpleTuner."""
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def compute_embeddings_for_prompts(self, *args, **kwargs):
+        from lcm_plugin import trainer_cache
+
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["return_concat"] or trainer_cache.text_cache(self.cache_dir) is None:
+            return original(self, *args, **kwargs)
+        records = self._normalize_prompt_records(bound.arguments["all_prompts"])
+        unserved = [record for record in records
+                    if not trainer_cache.has_text_embeddings(self.cache_dir, self.hash_prompt_with_path(record))]
+        if not unserved:
+            return None
+        bound.arguments["all_prompts"] = unserved
+        return original(*bound.args, **bound.kwargs)
+
+    return compute_embeddings_for_prompts
+
+
+def _dropout_unless_served(original):
+    """D4, the caption-dropout embedding: SimpleTuner encodes and writes it at every start."""
+
+    @functools.wraps(original)
+    def encode_dropout_caption(self, *args, **kwargs):
+        from lcm_plugin import trainer_cache
+
+        dropout_file = self.hash_prompt_with_path({"prompt": "", "key": "", "metadata": {}})
+        if self._requires_path_based_keys or not trainer_cache.has_text_embeddings(self.cache_dir, dropout_file):
+            return original(self, *args, **kwargs)
+        return None
+
+    return encode_dropout_caption
+
+
+def _reduce_unprocessed_only(original):
+    """D2, per bucket: SimpleTuner keeps an image only if it is unprocessed, but computes a cache file name for every
+    image first; the original runs on the bucket's unprocessed images alone (the same answer, in the same order)."""
+
+    @functools.wraps(original)
+    def _reduce_bucket(self, bucket, aspect_bucket_cache, processed_images):
+        from lcm_plugin import trainer_cache
+
+        if trainer_cache.cached_images(self.id) is None:
+            return original(self, bucket, aspect_bucket_cache, processed_images)
+        unprocessed = self._local_unprocessed_file_set()
+        candidates = [path for path in aspect_bucket_cache[bucket] if path in unprocessed]
+        return original(self, bucket, {bucket: candidates}, processed_images)
+
+    return _reduce_bucket
+
+
+def _file_names_of_unserved(original):
+    """D2, names: SimpleTuner maps every image to its `.pt` name and back (a hash and two dict entries per image);
+    the maps are only read for images that have such files, which served images never get."""
+
+    @functools.wraps(original)
+    def build_vae_cache_filename_map(self, all_image_files):
+        from lcm_plugin import trainer_cache
+
+        served = trainer_cache.cached_images(self.id)
+        if served is not None:  # SimpleTuner's local backend lists absolute, normalised paths, as the keys are
+            all_image_files = [path for path in all_image_files if path not in served]
+        return original(self, all_image_files)
+
+    return build_vae_cache_filename_map
+
+
+def _text_embeddings_unless_served(original):
+    """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
+    captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
+    prompt record per image) would find nothing to do."""
+
+    @functools.wraps(original)
+    def _process_text_embeddings(self, backend, init_backend, conditioning_type):
+        from simpletuner.helpers.training.state_tracker import StateTracker
+
+        from lcm_plugin import trainer_cache
+
+        buckets = getattr(init_backend.get("metadata_backend"), "aspect_ratio_bucket_indices", None)
+        if (conditioning_type is not None or not self._uses_text_embeddings_cache()
+                or not trainer_cache.serves_every_image(init_backend["id"], buckets)):
+            return original(self, backend, init_backend, conditioning_type)
+        # What the original leaves behind once its captions are cached.
+        init_backend["config"]["hash_filenames"] = True
+        StateTracker.set_data_backend_config(init_backend["id"], init_backend["config"])
+        return None
+
+    return _process_text_embeddings
+
+
+_DATA_PATH_METHODS = (
+    ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
+    ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),
+    ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
+    ("vae_cache", "discover_unprocessed_files", _discover_unserved),
+    ("vae_cache", "retrieve_from_cache", _served_retrieve),
+    ("text_cache", "load_from_cache", _served_text_load),
+    ("text_cache", "compute_embeddings_for_prompts", _unserved_prompts_only),
+    ("text_cache", "encode_dropout_caption", _dropout_unless_served),
+)
+
+
+def patch(surfaces: dict, saved: dict) -> None:
+    trainer_module, collate = surfaces["trainer_module"], surfaces["collate"]
+    saved["data_path"] = {
+        "configure_multi_databackend": trainer_module.configure_multi_databackend,
+        "compute_latents": collate.compute_latents,
+        "methods": [(surfaces[owner], name, surfaces[owner].__dict__[name]) for owner, name, _ in _DATA_PATH_METHODS],
+    }
+    trainer_module.configure_multi_databackend = _building_configure(trainer_module.configure_multi_databackend)
+    collate.compute_latents = _gathered_latents(collate.compute_latents)
+    for owner, name, wrap in _DATA_PATH_METHODS:
+        setattr(surfaces[owner], name, wrap(surfaces[owner].__dict__[name]))
+
+
+def restore(saved: dict) -> None:
+    from simpletuner.helpers.training import collate
+    from simpletuner.helpers.training import trainer as trainer_module
+
+    from lcm_plugin import trainer_cache
+
+    originals = saved["data_path"]
+    trainer_module.configure_multi_databackend = originals["configure_multi_databackend"]
+    collate.compute_latents = originals["compute_latents"]
+    for cls, name, original in originals["methods"]:
+        setattr(cls, name, original)
+    trainer_cache.reset()
