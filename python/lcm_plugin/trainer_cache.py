@@ -76,7 +76,7 @@ class TextCache:
     def entry_of(self, file_name: str) -> str | None:
         """Store key prefix of SimpleTuner's text cache file `file_name` (TextEmbeddingCache.create_hash:
         <md5(caption)>-<model_family>.pt), if the store holds every part of it."""
-        from lcm_plugin.cache_build.build import TEXT_PARTS
+        from lcm_plugin.cache_build.layout import TEXT_PARTS
 
         base, suffix = os.path.basename(file_name), f"-{self.family}.pt"
         if not base.endswith(suffix):
@@ -302,7 +302,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, log):
 
 def _serve(datasets, prints, failed: dict[str, str]) -> None:
     from lcm_plugin.cache import LatentCacheReader
-    from lcm_plugin.cache_build.build import LCM_DIR
+    from lcm_plugin.cache_build.layout import LCM_DIR
 
     for dataset in datasets:
         # The build just checked every shard (rank 0, before encoding): no second CRC pass on first use.
@@ -369,7 +369,7 @@ def text_embeddings(cache_dir: str, file_name: str) -> dict | None:
     """What SimpleTuner's text cache file `file_name` would hold, from the store: {"prompt_embeds": [1, 77, D],
     "pooled_prompt_embeds": [P]} for SDXL, {"prompt_embeds": [1, 77, D]} for SD 1.x/2.x; None when the store
     does not hold it."""
-    from lcm_plugin.cache_build.build import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TEXT_PARTS
+    from lcm_plugin.cache_build.layout import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TEXT_PARTS
 
     store = text_cache(cache_dir)
     key = store.entry_of(file_name) if store else None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lcm_plugin.cache_build.build import text_key
+from lcm_plugin.cache_build.layout import text_key
 from lcm_plugin.cache_build.plan import Dataset, ImageItem
 
 

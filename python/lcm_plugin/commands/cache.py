@@ -88,7 +88,7 @@ def is_cache_folder(path: Path) -> bool:
 
 def cache_folders(path: Path) -> list[Path]:
     """`path` itself when it holds a cache index, else the lcm caches of the run whose config `path` names."""
-    from lcm_plugin.cache_build.build import LCM_DIR
+    from lcm_plugin.cache_build.layout import LCM_DIR
     from lcm_plugin.cache_build.plan import datasets_of, read_run
 
     if is_cache_folder(path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import time
@@ -46,11 +47,28 @@ def _building_configure(original):
 
     @functools.wraps(original)
     def configure_multi_databackend(*args, **kwargs):
+        from lcm_plugin import trainer_cache
+
         started = time.monotonic()
         bound = signature.bind(*args, **kwargs).arguments
-        _prepare_data_path(bound["args"], bound["accelerator"], bound["text_encoders"], bound["tokenizers"],
-                           bound["model"])
-        result = original(*args, **kwargs)
+        # The trainer's heap (models, SimpleTuner's state) is large, and preparing the data allocates per image,
+        # ours and SimpleTuner's passes alike: every full collection the allocations trigger walks that heap (at
+        # 2,000 images, 0.4 s of a 0.6 s start). Frozen, the heap that exists now is left out of them until the
+        # datasets are configured. SimpleTuner's own path (the switch) runs as without the plugin.
+        try:
+            ours = trainer_cache.data_path_mode(os.environ.get(trainer_cache.SWITCH),
+                                                is_lcm_run(bound["args"])) == trainer_cache.RUST
+        except trainer_cache.DataPathSwitchError:
+            ours = False  # _prepare_data_path stops the run with the switch's message
+        if ours:
+            gc.freeze()
+        try:
+            _prepare_data_path(bound["args"], bound["accelerator"], bound["text_encoders"], bound["tokenizers"],
+                               bound["model"])
+            result = original(*args, **kwargs)
+        finally:
+            if ours:
+                gc.unfreeze()
         if bound["accelerator"].is_main_process:
             # One figure for either path (bench/data_path.py part a reads it): scans, buckets, VAE and text
             # caches, and the start-up checks of existing caches all happen inside this call.

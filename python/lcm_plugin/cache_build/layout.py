@@ -1,0 +1,45 @@
+"""How the caches are laid out: the store folder, the manifest, and the key of every entry (latents, their
+time_ids, caption embeddings, records of SimpleTuner-format files). Shared by the build, the trainer's data path and
+the SimpleTuner-format writer; imports nothing of theirs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+LCM_DIR = "lcm"  # the mmap cache lives in <cache_dir_vae>/lcm and <text cache_dir>/lcm
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
+TIME_IDS = "#time_ids"  # latent key + this suffix: SDXL add_time_ids of the image
+PROMPT_EMBEDS = "/prompt_embeds"
+POOLED_PROMPT_EMBEDS = "/pooled_prompt_embeds"
+# model_family -> the parts of a caption entry, as the family's SimpleTuner text cache file holds them.
+TEXT_PARTS = {"sdxl": (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS), "sd1x": (PROMPT_EMBEDS,)}
+# latent or caption key + this + "<size>.<mtime_ns>.<inode>": the SimpleTuner-format file of that entry that
+# this build wrote. A file whose stat matches a record is ours and holds that entry.
+PT_RECORD = "#pt@"
+
+
+def text_key(caption: str) -> str:
+    """md5 of a caption, as SimpleTuner names its text cache files."""
+    return hashlib.md5(caption.encode()).hexdigest()
+
+
+def text_entry(caption: str, text_digest: str) -> str:
+    """Key of a caption's embeddings in the store: its md5 and the text fingerprint's digest."""
+    return f"{text_key(caption)}@{text_digest}"
+
+
+def time_ids(sample: dict) -> list[int]:
+    """SDXL add_time_ids: original (H, W), crop (top, left), target (H, W) (sample sizes are (W, H))."""
+    (ow, oh), (top, left), (tw, th) = sample["original_size"], sample["crop_coordinates"], sample["target_size"]
+    return [oh, ow, top, left, th, tw]
+
+
+def pt_record(key: str, path: Path) -> str | None:
+    """The record key saying that `path` (SimpleTuner format) holds `key`'s entry, from its stat; None if absent."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return f"{key}{PT_RECORD}{stat.st_size}.{stat.st_mtime_ns}.{stat.st_ino}"
