@@ -66,7 +66,7 @@ class RunSettings:
 class ImageItem:
     """One image: `key` (its path relative to the data folder, '/'-separated) names it in every cache."""
 
-    path: Path
+    path: str  # absolute (a str, not a Path: plans hold millions of images)
     key: str
     captions: tuple[str, ...] = ()
     sample: dict | None = None  # the bucketer's answer: bucket, sizes, crop_coordinates, ...
@@ -300,7 +300,7 @@ def memo_path(dataset: Dataset) -> Path:
     return dataset.vae_cache_dir / f"lcm-inventory.{name}.memo"
 
 
-def captions_of(path: Path, dataset: Dataset, text: str | None) -> tuple[str, ...]:
+def captions_of(path: str | Path, dataset: Dataset, text: str | None) -> tuple[str, ...]:
     """The caption(s) SimpleTuner's PromptHandler reads for `path` (every line of a textfile is one), stripped;
     `text` is the caption file's content as the scan read it (bytes decoded as UTF-8, no newline translation, as
     SimpleTuner's LocalDataBackend.read + PromptHandler do), None when there is none. Raises BuildError naming the
@@ -308,7 +308,7 @@ def captions_of(path: Path, dataset: Dataset, text: str | None) -> tuple[str, ..
     if dataset.caption_strategy == "instanceprompt":
         return (dataset.instance_prompt.strip(),)
     if dataset.caption_strategy == "filename":
-        captions = [path.stem.replace("_", " ")]
+        captions = [os.path.splitext(os.path.basename(path))[0].replace("_", " ")]
     else:
         if text is None:
             raise BuildError(f"caption file {caption_file(path)} missing (caption_strategy textfile)")
@@ -318,7 +318,7 @@ def captions_of(path: Path, dataset: Dataset, text: str | None) -> tuple[str, ..
     return tuple(caption.strip() for caption in captions)
 
 
-def caption_file(path: Path) -> str:
+def caption_file(path: str | Path) -> str:
     """SimpleTuner's PromptHandler's name for the caption file of image `path`."""
     return os.path.splitext(path)[0] + ".txt"
 
@@ -355,22 +355,24 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     unreadable_captions = dict(inventory.caption_errors)
     readable = [i for i, size in enumerate(sizes) if size is not None]
     samples = Bucketer(dataset.bucket_config, seed=seed).assign([sizes[i] for i in readable])
+    folder = str(dataset.data_dir)
     for i, sample in zip(readable, samples):
-        path = dataset.data_dir / keys[i]
+        path = os.path.join(folder, keys[i])
         if sample is None:
-            dataset.excluded.append((path, "below minimum_image_size"))
+            dataset.excluded.append((Path(path), "below minimum_image_size"))
             continue
         excluded = aspect_filter(dataset, sample["bucket"])
         if excluded:
-            dataset.excluded.append((path, excluded))
+            dataset.excluded.append((Path(path), excluded))
             continue
         if i in unreadable_captions:
-            dataset.skipped.append((path, f"caption file {caption_file(path)} unreadable ({unreadable_captions[i]})"))
+            why = f"caption file {caption_file(path)} unreadable ({unreadable_captions[i]})"
+            dataset.skipped.append((Path(path), why))
             continue
         try:
             captions = captions_of(path, dataset, texts[i])
         except BuildError as error:
-            dataset.skipped.append((path, str(error)))
+            dataset.skipped.append((Path(path), str(error)))
             continue
         dataset.images.append(ImageItem(path=path, key=keys[i], captions=captions, sample=sample, content=contents[i]))
     return dataset
