@@ -229,9 +229,8 @@ def make_run(root: Path, model: Path, master: Path) -> Path:
     return root
 
 
-def usage(folder: Path, skip: tuple[str, ...] = ()) -> tuple[int, int, int]:
-    """(files, bytes, allocated bytes) below `folder`, leaving out subfolders named in `skip`."""
-    files = size = allocated = 0
+def files_below(folder: Path, skip: tuple[str, ...] = ()):
+    """os.DirEntry of every regular file below `folder`, leaving out subfolders named in `skip`."""
     stack = [folder]
     while stack:
         try:
@@ -243,27 +242,19 @@ def usage(folder: Path, skip: tuple[str, ...] = ()) -> tuple[int, int, int]:
                 if entry.name not in skip:
                     stack.append(Path(entry.path))
             elif entry.is_file(follow_symlinks=False):
-                stat = entry.stat(follow_symlinks=False)
-                files, size, allocated = files + 1, size + stat.st_size, allocated + stat.st_blocks * 512
-    return files, size, allocated
+                yield entry
+
+
+def usage(folder: Path, skip: tuple[str, ...] = ()) -> tuple[int, int, int]:
+    """(files, bytes, allocated bytes) below `folder`, leaving out subfolders named in `skip`."""
+    stats = [entry.stat(follow_symlinks=False) for entry in files_below(folder, skip)]
+    return len(stats), sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
 
 
 def new_files(folder: Path, since_ns: int, suffix: str, skip: tuple[str, ...] = ("lcm",)) -> int:
     """Files ending in `suffix` below `folder` written at or after `since_ns` (mtime)."""
-    count = 0
-    stack = [folder]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name not in skip:
-                    stack.append(Path(entry.path))
-            elif entry.name.endswith(suffix) and entry.stat(follow_symlinks=False).st_mtime_ns >= since_ns:
-                count += 1
-    return count
+    return sum(1 for entry in files_below(folder, skip)
+               if entry.name.endswith(suffix) and entry.stat(follow_symlinks=False).st_mtime_ns >= since_ns)
 
 
 def the_dataset(run: Path):

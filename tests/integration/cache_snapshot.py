@@ -61,10 +61,9 @@ def write_run(root: Path, model_dir: Path, images: list[tuple[str, tuple[int, in
     return root
 
 
-def listed_keys(folder: Path) -> list[str]:
-    """Every key of every shard the indexes list (snapshot `index.<writer>.json` plus journal
-    `index.<writer>.journal`, one shard record per line; a torn last line is not a commit): a key stored in two
-    shards shows twice."""
+def committed_shards(folder: Path) -> dict[str, list[str]]:
+    """shard file -> keys, for every shard the indexes of `folder` list (snapshot `index.<writer>.json` plus journal
+    `index.<writer>.journal`, one shard record per line; a torn last line is not a commit)."""
     shards = {}
     for snapshot in folder.glob("index.*.json"):
         shards |= {shard["file"]: shard["keys"] for shard in json.loads(snapshot.read_text())["shards"]}
@@ -72,7 +71,12 @@ def listed_keys(folder: Path) -> list[str]:
         text = journal.read_text()
         lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
         shards |= {record["file"]: record["keys"] for record in map(json.loads, filter(str.strip, lines))}
-    return [key for keys in shards.values() for key in keys]
+    return shards
+
+
+def listed_keys(folder: Path) -> list[str]:
+    """Every key of every shard the indexes list: a key stored in two shards shows twice."""
+    return [key for keys in committed_shards(folder).values() for key in keys]
 
 
 def store(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:

@@ -7,7 +7,6 @@ run), `simpletuner-lcm cache verify RUN` passing, and the shards committed befor
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 import cache_snapshot
-from cache_snapshot import assert_checks_pass, snapshot
+from cache_snapshot import assert_checks_pass, committed_shards, snapshot
 from lcm_plugin.cache import LatentCacheReader
 from lcm_plugin.cache_build import BuildOptions, build
 from lcm_plugin.cache_build.build import LCM_DIR, PT_RECORD, TIME_IDS
@@ -99,19 +98,6 @@ def wait_or_fail(machines: list[subprocess.Popen], logs: list[Path], seconds: fl
 
 def tail(log: Path, chars: int = 4000) -> str:
     return f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:]}"
-
-
-def committed_shards(folder: Path) -> dict[str, list[str]]:
-    """shard file -> keys, for every shard the indexes of `folder` list (snapshots, and journal lines but a torn
-    last one): what the writers had committed."""
-    shards = {}
-    for index in folder.glob("index.*.json"):
-        shards |= {shard["file"]: shard["keys"] for shard in json.loads(index.read_text())["shards"]}
-    for journal in folder.glob("index.*.journal"):
-        text = journal.read_text()
-        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-        shards |= {record["file"]: record["keys"] for record in map(json.loads, filter(str.strip, lines))}
-    return shards
 
 
 def stamps(folder: Path, files) -> dict[str, tuple[int, int]]:
