@@ -178,3 +178,26 @@ def test_the_dropout_caption_is_encoded_only_when_the_shards_lack_it(served, tmp
     assert calls == []
     patched(text_cache(served.text_dir))  # served, but without "": SimpleTuner encodes it
     assert calls == [served.text_dir]
+
+
+@pytest.mark.parametrize("switch, lcm_run, frozen", [("", True, True), ("simpletuner", True, False), ("", False, False),
+                                                     ("rust", False, True)])
+def test_the_heap_is_frozen_while_our_path_prepares_the_datasets(monkeypatch, switch, lcm_run, frozen):
+    """D1 freezes the heap that exists when the datasets are configured (the models, SimpleTuner's state) so the
+    collections that per-image allocations trigger skip it; SimpleTuner's own path runs as without the plugin."""
+    import gc
+
+    gc.unfreeze()  # the interpreter starts with a few objects in the permanent generation
+    seen = {}
+
+    def original_configure(args, accelerator, text_encoders, tokenizers, model):
+        seen["frozen during configure"] = gc.get_freeze_count() > 0
+
+    monkeypatch.setenv(trainer_cache.SWITCH, switch)
+    monkeypatch.setattr(data_path_patches, "_prepare_data_path",
+                        lambda *args: seen.setdefault("frozen during prepare", gc.get_freeze_count() > 0))
+    args = SimpleNamespace(distillation_method="lcm" if lcm_run else None)
+    accelerator = SimpleNamespace(is_main_process=False)
+    data_path_patches._building_configure(original_configure)(args, accelerator, [], [], None)
+    assert seen == {"frozen during prepare": frozen, "frozen during configure": frozen}
+    assert gc.get_freeze_count() == 0
