@@ -59,6 +59,9 @@ class DatasetCache:
     id: str
     reader: object  # LatentCacheReader over <cache_dir_vae>/lcm
     keys: dict[str, str]  # os.path.abspath(image) -> store key
+    # (metadata file, its stamp as written, its content) of the bucket metadata this process wrote, until SimpleTuner
+    # loads it (`take_bucket_metadata`)
+    written_metadata: tuple | None = None
 
     def key_of(self, image_path: str) -> str | None:
         return self.keys.get(os.path.abspath(image_path))
@@ -219,7 +222,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
                            write_bucket_files=True, remove_stale_files=False,
                            log=lambda line: log(f"simpletuner-lcm data path: {line}"))
     with Phase(group, "opening the caches"):
-        _serve(datasets, prints, report.failed_on_any_rank)
+        _serve(datasets, prints, report.failed_on_any_rank, report.bucket_metadata)
     if rank == 0 and report.failed_on_any_rank:
         log(f"simpletuner-lcm data path: {len(report.failed_on_any_rank)} image(s) not in the shards; SimpleTuner's "
             "own path takes them (first: " + "; ".join(f"{path}: {why}" for path, why in
@@ -300,7 +303,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, log):
     return settings, datasets, prints
 
 
-def _serve(datasets, prints, failed: dict[str, str]) -> None:
+def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str, tuple]) -> None:
     from lcm_plugin.cache import LatentCacheReader
     from lcm_plugin.cache_build.layout import LCM_DIR
 
@@ -312,7 +315,7 @@ def _serve(datasets, prints, failed: dict[str, str]) -> None:
             for item in dataset.images
             if str(item.path) not in failed and item.cache_key in reader
         }
-        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys)
+        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id))
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
@@ -327,6 +330,22 @@ def cached_images(dataset_id: str):
     iteration); None for a dataset not covered."""
     dataset = _coverage.datasets.get(dataset_id)
     return None if dataset is None else dataset.keys.keys()
+
+
+def take_bucket_metadata(dataset_id: str, metadata_file: str) -> dict | None:
+    """The bucket metadata this process wrote for a covered dataset, once, if `metadata_file` is that file and
+    nobody rewrote it since (its stamp): what SimpleTuner's `load_image_metadata` would parse from it. None
+    otherwise."""
+    from lcm_plugin.cache_build.simpletuner_format import file_stamp
+
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or dataset.written_metadata is None:
+        return None
+    path, stamp, metadata = dataset.written_metadata
+    dataset.written_metadata = None
+    if os.path.abspath(metadata_file) != os.path.abspath(path) or file_stamp(path) != stamp:
+        return None
+    return metadata
 
 
 def serves_every_image(dataset_id: str, buckets: dict | None) -> bool:

@@ -201,3 +201,44 @@ def test_the_heap_is_frozen_while_our_path_prepares_the_datasets(monkeypatch, sw
     data_path_patches._building_configure(original_configure)(args, accelerator, [], [], None)
     assert seen == {"frozen during prepare": frozen, "frozen during configure": frozen}
     assert gc.get_freeze_count() == 0
+
+
+def test_simpletuner_gets_the_bucket_metadata_the_build_wrote_as_it_would_parse_it(tmp_path, installed):
+    """D6: `load_image_metadata` on a covered dataset takes the dicts the build wrote, equal to what parsing the file
+    gives, once; a file rewritten since (another stamp) is parsed as SimpleTuner parses it."""
+    import json
+
+    from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
+
+    from lcm_plugin.cache_build.plan import Dataset, ImageItem
+    from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
+
+    dataset = Dataset(id="photos", data_dir=tmp_path, vae_cache_dir=tmp_path / "vae", text_cache_dir=tmp_path / "text",
+                      bucket_config={}, caption_strategy="filename", instance_prompt=None,
+                      prepend_instance_prompt=False, compress_vae=False, compress_text=False)
+    sample = {"bucket": "1.5", "original_size": (96, 64), "crop_coordinates": (0, 8), "target_size": (96, 64),
+              "intermediary_size": (96, 64), "aspect_ratio": 1.5, "resize_size": (96, 64)}
+    items = [ImageItem(path=str(tmp_path / f"{i}.png"), key=f"{i}.png", sample=sample) for i in range(3)]
+    written = write_bucket_metadata(dataset, items)
+    metadata_file = written[0]
+    assert written[2] == json.loads(metadata_file.read_text())
+
+    def backend() -> DiscoveryMetadataBackend:
+        fake = object.__new__(DiscoveryMetadataBackend)
+        fake.id, fake.metadata_file = "photos", metadata_file
+        fake.data_backend = SimpleNamespace(exists=os.path.exists, read=lambda path: open(path, "rb").read())
+        return fake
+
+    trainer_cache._coverage.datasets["photos"] = trainer_cache.DatasetCache("photos", None, {}, written)
+    handed = backend()
+    handed.load_image_metadata()
+    assert handed.image_metadata is written[2] and handed.image_metadata_loaded
+    parsed = backend()
+    parsed.load_image_metadata()  # once only: the next load parses the file
+    assert parsed.image_metadata == written[2] and parsed.image_metadata is not written[2]
+
+    trainer_cache._coverage.datasets["photos"] = trainer_cache.DatasetCache("photos", None, {}, written)
+    metadata_file.write_text(json.dumps({"other.png": {}}))  # rewritten by someone else since
+    rewritten = backend()
+    rewritten.load_image_metadata()
+    assert rewritten.image_metadata == {"other.png": {}}

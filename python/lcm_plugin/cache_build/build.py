@@ -78,6 +78,9 @@ class BuildReport:
     captions: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     failed_on_any_rank: dict[str, str] = field(default_factory=dict)  # file -> reason, gathered from every rank
+    # dataset id -> (metadata file, its stamp as written, its content): SimpleTuner's bucket metadata as rank 0 wrote
+    # it, for a reader in this process that would parse the file again (the trainer's data path)
+    bucket_metadata: dict[str, tuple] = field(default_factory=dict)
     seconds: float = 0.0  # the whole build, model loading included
     encode_seconds: float = 0.0  # decode + VAE encode + write of the images
 
@@ -127,12 +130,12 @@ def fingerprints(settings: RunSettings) -> Fingerprints:
 
 def name_entries(datasets: list[Dataset], prints: Fingerprints) -> None:
     """Give every image its recipe and store key."""
-    from lcm_plugin.cache_build.fingerprint import digest, latent_recipe
+    from lcm_plugin.cache_build.fingerprint import latent_recipe, recipe_digest
 
     for dataset in datasets:
         for item in dataset.images:
             item.recipe = latent_recipe(prints.latent_digest, item.sample, item.content)
-            item.cache_key = f"{item.key}@{digest(item.recipe)}"
+            item.cache_key = f"{item.key}@{recipe_digest(item.recipe)}"
 
 
 def plan_run(
@@ -286,7 +289,7 @@ def build_planned(
                 if write_bucket_files:
                     from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
 
-                    write_bucket_metadata(dataset, encoded)
+                    report.bucket_metadata[dataset.id] = write_bucket_metadata(dataset, encoded)
                 if not complete_before:
                     write_completion(dataset, summary[0], failed)
     return report

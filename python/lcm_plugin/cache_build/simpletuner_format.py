@@ -85,8 +85,9 @@ def bucket_metadata(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[
     return indices, metadata
 
 
-def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> None:
-    """SimpleTuner's bucket files for `items` (the images that were encoded)."""
+def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> tuple[Path, tuple[int, int, int], dict]:
+    """SimpleTuner's bucket files for `items` (the images that were encoded). Returns the metadata file, its stamp
+    (size, mtime_ns, inode) as written and what it holds, as `json.loads` would give it back."""
     from lcm_plugin.cache_build.faults import fault_point
 
     indices, metadata = bucket_metadata(items)
@@ -94,3 +95,13 @@ def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> None:
     write_atomic(index_file, json.dumps({"config": {}, "aspect_ratio_bucket_indices": indices}).encode())
     fault_point("buckets")
     write_atomic(metadata_file, json.dumps(metadata).encode())
+    return metadata_file, file_stamp(metadata_file), metadata
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of `path`, None when it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino

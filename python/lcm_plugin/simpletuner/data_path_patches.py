@@ -35,8 +35,11 @@ def surfaces() -> dict:
                        "simpletuner.helpers.data_backend.factory")
     for name in ("_process_text_embeddings", "_uses_text_embeddings_cache"):
         require(factory, name, "FactoryRegistry")
+    discovery = require(import_surface("simpletuner.helpers.metadata.backends.discovery"), "DiscoveryMetadataBackend",
+                        "simpletuner.helpers.metadata.backends.discovery")
+    require(discovery, "load_image_metadata", "DiscoveryMetadataBackend")
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
-            "factory": factory}
+            "factory": factory, "discovery": discovery}
 
 
 def _building_configure(original):
@@ -244,6 +247,24 @@ def _file_names_of_unserved(original):
     return build_vae_cache_filename_map
 
 
+def _written_metadata_handed_over(original):
+    """D6: SimpleTuner parses the bucket metadata file the build wrote a moment ago (a dict per image); the build
+    hands it the same dicts instead, while the file is the one it wrote."""
+
+    @functools.wraps(original)
+    def load_image_metadata(self):
+        from lcm_plugin import trainer_cache
+
+        metadata = trainer_cache.take_bucket_metadata(self.id, self.metadata_file)
+        if metadata is None:
+            return original(self)
+        self.image_metadata = metadata
+        self.image_metadata_loaded = True
+        return None
+
+    return load_image_metadata
+
+
 def _text_embeddings_unless_served(original):
     """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
     captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
@@ -269,6 +290,7 @@ def _text_embeddings_unless_served(original):
 
 _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
+    ("discovery", "load_image_metadata", _written_metadata_handed_over),
     ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),
     ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),

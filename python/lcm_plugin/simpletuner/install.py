@@ -55,6 +55,8 @@ D5. `FactoryRegistry._process_text_embeddings` (caption collection, one caption 
     image, then start-up encoding) is skipped for a dataset whose every bucketed image the shards serve: the build
     encoded the captions of every planned image, so SimpleTuner would find nothing to encode. Only what it leaves
     behind is set (`hash_filenames` in the dataset's config).
+D6. `DiscoveryMetadataBackend.load_image_metadata` takes the bucket metadata the build wrote this start as the dicts
+    it wrote, instead of parsing the file again, while the file's stamp is the one written (once per dataset).
 
 Model families (every run, LCM or not; `family_patches.py`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
