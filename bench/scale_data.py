@@ -111,7 +111,8 @@ def write_image(folder: Path, maker: PngMaker, index: int, salt: int = 0) -> Non
     name = image_name(index)
     target = folder / name
     target.parent.mkdir(exist_ok=True)
-    for path, data in ((target, maker.png(index, salt)), (target.with_suffix(".txt"), CAPTIONS[caption_of(index)].encode())):
+    caption = CAPTIONS[caption_of(index)].encode()
+    for path, data in ((target, maker.png(index, salt)), (target.with_suffix(".txt"), caption)):
         temp = path.with_name(f".{path.name}.tmp")
         _write(str(temp), data)
         os.replace(temp, path)

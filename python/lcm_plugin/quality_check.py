@@ -8,8 +8,8 @@ model: a frozen copy), so its sets are sampled at the first check and reused: la
 Noise follows the metric's protocol: the reference draws from REFERENCE_NOISE_SEED; the floor and every row from
 EVALUATION_NOISE_SEED, the same at every check, so successive checks differ only by the student's weights.
 
-This module knows diffusers pipelines, not SimpleTuner: the adapter (`simpletuner/quality_check_patches.py`) hands it the
-validation pipeline, the teacher network, the scheduler, the prompt embeddings, and logs what it returns.
+This module knows diffusers pipelines, not SimpleTuner: the adapter (`simpletuner/quality_check_patches.py`) hands it
+the validation pipeline, the teacher network, the scheduler, the prompt embeddings, and logs what it returns.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def test_a_tcd_run_card_and_lora_metadata_name_validations_tcd_scheduler(pristin
     training = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     model = SimpleNamespace(config=config, noise_schedule=training, _model_config_path=lambda: str(base))
 
-    section = run_output_patches._lcm_code_example(lambda *a, **k: "upstream")(config, None, model=model, base_model=None)
+    example = run_output_patches._lcm_code_example(lambda *a, **k: "upstream")
+    section = example(config, None, model=model, base_model=None)
     snippet = section.split("```python\n")[1].split("```")[0]
     calls = {ast.unparse(node.func): node for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Call)}
     scheduler_keywords = {k.arg: ast.literal_eval(k.value) for k in calls["TCDScheduler.from_config"].keywords

@@ -221,5 +221,6 @@ def test_quality_check_settings_defaults_and_refusals():
 def test_an_unknown_quality_check_key_names_the_valid_ones_of_its_block():
     from lcm_plugin.simpletuner.run_config import lcm_config_from_block
 
-    with pytest.raises(ValueError, match=r"quality_check\.sample: .*valid keys: enabled, steps, samples, reference_steps"):
+    valid = "enabled, steps, samples, reference_steps"
+    with pytest.raises(ValueError, match=rf"quality_check\.sample: .*valid keys: {valid}"):
         lcm_config_from_block({"quality_check": {"sample": 4}})

@@ -34,7 +34,8 @@ def test_install_wraps_finalize_validation_and_uninstall_restores_it(validation_
 
 def test_clean_up_runs_after_a_failed_check_and_the_failure_is_logged(caplog):
     clean_ups = []
-    finalize = quality_check_patches._finalize_with_quality_check(lambda self, kind: clean_ups.append(kind), surfaces={})
+    finalize = quality_check_patches._finalize_with_quality_check(lambda self, kind: clean_ups.append(kind),
+                                                                  surfaces={})
     broken = SimpleNamespace(config=SimpleNamespace(distillation_method="lcm"))  # no model: the check raises
     with caplog.at_level(logging.ERROR, logger="simpletuner-lcm"):
         finalize(broken, "intermediary")
@@ -44,7 +45,8 @@ def test_clean_up_runs_after_a_failed_check_and_the_failure_is_logged(caplog):
 
 def test_no_check_outside_lcm_runs(caplog):
     clean_ups = []
-    finalize = quality_check_patches._finalize_with_quality_check(lambda self, kind: clean_ups.append(kind), surfaces={})
+    finalize = quality_check_patches._finalize_with_quality_check(lambda self, kind: clean_ups.append(kind),
+                                                                  surfaces={})
     other = SimpleNamespace(config=SimpleNamespace(distillation_method=None), model=SimpleNamespace(pipeline=object()),
                             distiller=None)
     with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):

@@ -341,8 +341,8 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     if inventory.not_utf8:
         shown = inventory.not_utf8[0].decode("utf-8", "backslashreplace")
         raise BuildError(
-            f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and caption file "
-            "names need UTF-8)"
+            f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and caption "
+            "file names need UTF-8)"
         )
     if remember and (inventory.read or inventory.removed or not inventory.had_memo):
         try:
