@@ -246,7 +246,7 @@ def build_planned(
     report = BuildReport()
     summary = plan_summary(datasets, prints)
     with Phase(group, "the rank-0 checks of the existing caches") as checks:
-        complete_before = False
+        complete_before, failed_before = False, []
         if rank == 0:  # every rank scans; one reports
             fault_point("checks")
             for dataset in datasets:
@@ -254,17 +254,19 @@ def build_planned(
                 for reason, count in Counter(reason for _, reason in dataset.excluded).items():
                     log(f"cache build: {dataset.id}: {count} image(s) left out, as SimpleTuner does: {reason}")
             repaired = _repair(datasets, log)
+            records = [read_completion(dataset) or {} for dataset in datasets]
             complete_before = not repaired and not options.simpletuner_format and all(
-                (read_completion(dataset) or {}).get("plan") == summary[0]
-                and (dataset.vae_cache_dir / LCM_DIR / MANIFEST).is_file()
-                for dataset in datasets
+                record.get("plan") == summary[0] and (dataset.vae_cache_dir / LCM_DIR / MANIFEST).is_file()
+                for dataset, record in zip(datasets, records)
             )
-            if not complete_before:
+            if complete_before:
+                failed_before = [tuple(pair) for record in records for pair in record["failed"]]
+            else:
                 for line in compare_with_caches(datasets, prints, options.simpletuner_format,
                                                 cleanup=remove_stale_files):
                     log(line)
-        checks.share((summary, complete_before))
-    require_same_plan([shared_summary for shared_summary, _ in checks.shared])
+        checks.share((summary, complete_before, failed_before))
+    require_same_plan([shared[0] for shared in checks.shared])
     # The same plan completed before on the same stores (none of their shards dropped since): nothing to encode,
     # check or rewrite; what failed then fails now (the same files, per the plan's content hashes).
     complete_before = checks.shared[0][1]
@@ -272,7 +274,7 @@ def build_planned(
     with Phase(group, "encoding") as encoding:
         if complete_before:
             report.reused = sum(len(batch.items) for batch in batches[rank::world])
-            report.failed = [pair for dataset in datasets for pair in read_completion(dataset)["failed"]]
+            report.failed += checks.shared[0][2] if rank == 0 else []
         else:
             _encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, models)
             _encode_captions(datasets, prints, options, rank, world, report, models)
