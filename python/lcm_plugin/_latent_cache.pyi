@@ -42,6 +42,8 @@ class Inventory:
     removed: int
     had_memo: bool
     not_utf8: list[bytes]
+    others: list[str]
+    def listing(self, root: str, absolute_root: str) -> list[tuple[str, list[str]]]: ...
     def write_memo(self, path: _Path) -> None: ...
 
 def scan_inventory(
@@ -50,6 +52,7 @@ def scan_inventory(
     caption_extension: str | None = None,
     memo: _Path | None = None,
     threads: int | None = None,
+    other_extensions: list[str] = ...,
 ) -> Inventory: ...
 
 class Bucketer:

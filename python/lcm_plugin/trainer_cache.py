@@ -62,6 +62,9 @@ class DatasetCache:
     # (metadata file, its stamp as written, its content) of the bucket metadata this process wrote, until SimpleTuner
     # loads it (`take_bucket_metadata`)
     written_metadata: tuple | None = None
+    # (data folder, the extensions it was listed for, its inventory) until SimpleTuner lists the folder
+    # (`take_listing`)
+    listed: tuple | None = None
 
     def key_of(self, image_path: str) -> str | None:
         return self.keys.get(os.path.abspath(image_path))
@@ -184,7 +187,7 @@ def uncovered_reason(entry: dict, args) -> str | None:
 
 
 def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerModels, group, rank: int, world: int,
-            threads: int | None = None, log=logger.info) -> Coverage:
+            threads: int | None = None, listed_extensions: tuple[str, ...] = (), log=logger.info) -> Coverage:
     """Build the caches of every covered dataset of the run (all ranks call it, with the same files), write
     SimpleTuner's bucket metadata for them, and serve them from now on. Returns what is served.
 
@@ -192,7 +195,8 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     each end in one gather that every rank reaches. When any rank's part fails, every rank raises (its own error
     where it failed, `RankFailed` on the others) with nothing served, so every rank takes SimpleTuner's own path or
     none does. `threads`: worker threads of this process's Rust pools (None: rayon's default, RAYON_NUM_THREADS or
-    every core)."""
+    every core). `listed_extensions`: what SimpleTuner lists as a dataset's files (".ext", lower case); the scans list
+    them too, and answer its listing of the folder (`take_listing`)."""
     reset()
     mode = data_path_mode(os.environ.get(SWITCH), lcm_run)
     if mode == SIMPLETUNER:
@@ -207,7 +211,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     from lcm_plugin.cache_build.ranks import Phase, RanksDisagree
 
     with Phase(group, "planning") as planning:
-        planned = _plan(config_path, args, models, rank, log)
+        planned = _plan(config_path, args, models, rank, listed_extensions, log)
         planning.share(planned is not None)
     if len(set(planning.shared)) > 1:
         idle = [other for other, has_plan in enumerate(planning.shared) if not has_plan]
@@ -222,7 +226,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
                            write_bucket_files=True, remove_stale_files=False,
                            log=lambda line: log(f"simpletuner-lcm data path: {line}"))
     with Phase(group, "opening the caches"):
-        _serve(datasets, prints, report.failed_on_any_rank, report.bucket_metadata)
+        _serve(datasets, prints, report.failed_on_any_rank, report.bucket_metadata, listed_extensions)
     if rank == 0 and report.failed_on_any_rank:
         log(f"simpletuner-lcm data path: {len(report.failed_on_any_rank)} image(s) not in the shards; SimpleTuner's "
             "own path takes them (first: " + "; ".join(f"{path}: {why}" for path, why in
@@ -234,7 +238,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     return _coverage
 
 
-def _plan(config_path, args, models: TrainerModels, rank: int, log):
+def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions: tuple[str, ...], log):
     """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once)."""
     from lcm_plugin.cache import BucketConfigError
     from lcm_plugin.cache_build.build import fingerprints, name_entries
@@ -284,7 +288,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, log):
             continue
         try:
             dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, None,
-                                   remember=rank == 0)
+                                   remember=rank == 0, listed_extensions=listed_extensions)
         except (BuildError, BucketConfigError) as error:
             fall_back(name, str(error))
             continue
@@ -303,7 +307,8 @@ def _plan(config_path, args, models: TrainerModels, rank: int, log):
     return settings, datasets, prints
 
 
-def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str, tuple]) -> None:
+def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str, tuple],
+           listed_extensions: tuple[str, ...]) -> None:
     from lcm_plugin.cache import LatentCacheReader
     from lcm_plugin.cache_build.layout import LCM_DIR
 
@@ -315,7 +320,9 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
             for item in dataset.images
             if str(item.path) not in failed and item.cache_key in reader
         }
-        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id))
+        listed = (str(dataset.data_dir), frozenset(listed_extensions), dataset.inventory) if listed_extensions else None
+        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id),
+                                                      listed)
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
@@ -346,6 +353,30 @@ def take_bucket_metadata(dataset_id: str, metadata_file: str) -> dict | None:
     if os.path.abspath(metadata_file) != os.path.abspath(path) or file_stamp(path) != stamp:
         return None
     return metadata
+
+
+def take_listing(dataset_id: str, instance_data_dir: str, file_extensions) -> list[tuple] | None:
+    """What SimpleTuner's LocalDataBackend.list_files would return for a covered dataset's folder, from the scan's
+    inventory, once: [(folder as os.walk names it, [], [absolute file paths])]. None when the folder, the
+    extensions (SimpleTuner's ".ext" normalisation) or the dataset are not the ones the scan listed."""
+    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
+
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or dataset.listed is None or not instance_data_dir or not file_extensions:
+        return None
+    folder, extensions, inventory = dataset.listed
+    asked = frozenset(f".{str(extension).lower().lstrip('.')}" for extension in file_extensions)
+    if os.path.abspath(instance_data_dir) != folder or asked != extensions or not set(IMAGE_EXTENSIONS) <= asked:
+        return None
+    dataset.listed = None
+    return simpletuner_listing(inventory, instance_data_dir)
+
+
+def simpletuner_listing(inventory, instance_data_dir: str) -> list[tuple]:
+    """`inventory`'s files (a scan of `instance_data_dir`) in LocalDataBackend.list_files' shape: per folder, its
+    name as os.walk yields it (joined to `instance_data_dir` as given), [] and its files' absolute paths."""
+    folder = os.path.abspath(instance_data_dir)
+    return [(root, [], files) for root, files in inventory.listing(str(instance_data_dir), folder)]
 
 
 def serves_every_image(dataset_id: str, buckets: dict | None) -> bool:

@@ -82,6 +82,11 @@ def write_dataset(folder: Path, *, unusable: bool) -> dict[str, list[str]]:
         write_image(folder / "small.png", (16, 16), 8)
         (folder / "small.txt").write_text("red circle")
         kinds["unusable"] += [str(folder / "corrupt.png"), str(folder / "small.png")]
+        # SimpleTuner lists hidden folders (it skips a few named ones only): so does the build
+        (folder / ".hidden").mkdir()
+        write_image(folder / ".hidden" / "h.png", (SIZE, SIZE), 9)
+        (folder / ".hidden" / "h.txt").write_text("red circle")
+        kinds["usable"].append(str(folder / ".hidden" / "h.png"))
     return kinds
 
 
@@ -166,6 +171,7 @@ def _seam_instrument() -> None:
     from simpletuner.helpers.caching.text_embeds import TextEmbeddingCache
     from simpletuner.helpers.caching.vae import VAECache
     from simpletuner.helpers.data_backend.factory import FactoryRegistry
+    from simpletuner.helpers.data_backend.local import LocalDataBackend
     from simpletuner.helpers.prompts import PromptHandler
 
     from lcm_plugin import trainer_cache
@@ -295,6 +301,26 @@ def _seam_instrument() -> None:
         self.vae_path_to_image_path = _SeamWatchedMap(self.vae_path_to_image_path, self.id, "vae_path_to_image_path")
         return result
 
+    list_files, list_files_original = pair(LocalDataBackend, "list_files")
+
+    def grouped(listing):
+        merged = {}
+        for root, _, files in listing:
+            merged.setdefault(root, []).extend(files)
+        return {root: sorted(files) for root, files in merged.items()}
+
+    def list_files_recorded(self, file_extensions, instance_data_dir):
+        theirs = list_files_original(self, file_extensions, instance_data_dir)
+        cached = trainer_cache.coverage().datasets.get(self.id)
+        waiting = cached is not None and cached.listed is not None
+        ours = list_files(self, file_extensions, instance_data_dir)
+        _seam_emit({"seam": "D7", "dataset": self.id, "dir": str(instance_data_dir),
+                    "extensions": sorted(file_extensions or []),
+                    "from_scan": waiting and cached.listed is None, "original": grouped(theirs),
+                    "patched": grouped(ours)})
+        return ours
+
+    LocalDataBackend.list_files = list_files_recorded
     FactoryRegistry._process_text_embeddings = process_text_embeddings
     TextEmbeddingCache.compute_embeddings_for_prompts = compute_embeddings_for_prompts
     VAECache.discover_unprocessed_files = discover_unprocessed_files
@@ -391,7 +417,8 @@ def test_the_stock_trainer_trained_two_steps_on_the_plugins_path(run):
     assert len(of(events, "armed")) == 1
     assert {e["method"]: e["wraps_saved"] for e in of(events, "saved")} == {
         "FactoryRegistry._process_text_embeddings": True, "VAECache.discover_unprocessed_files": True,
-        "VAECache._reduce_bucket": True, "VAECache.build_vae_cache_filename_map": True}
+        "VAECache._reduce_bucket": True, "VAECache.build_vae_cache_filename_map": True,
+        "LocalDataBackend.list_files": True}
 
 
 def test_the_shards_serve_exactly_the_usable_images(run):
@@ -519,3 +546,24 @@ def test_d2_name_maps_are_simpletuners_restricted_to_unserved_images_and_never_a
     assert any(e["key"] in tiff_names | {tiff} for e in of(events, "map_lookup", "mixed"))
     assert [p.name for p in (folder / "cache" / "vae-mixed").rglob("*.pt")] == [Path(n).name for n in tiff_names]
     assert list((folder / "cache" / "vae-clean").rglob("*.pt")) == []
+
+
+def test_d7_the_scan_answers_simpletuners_listing_of_each_folder_as_its_own_walk_does(run):
+    """D7 `LocalDataBackend.list_files`: the first listing of each covered folder (SimpleTuner's discovery) comes
+    from the scan, equal to SimpleTuner's own walk run on the same call (hidden folder, TIFF, unusable files and
+    all); every other call is SimpleTuner's own."""
+    from simpletuner.helpers.training import image_file_extensions
+
+    _, kinds, _, events = run
+    for dataset in ("clean", "mixed"):
+        listings = of(events, "D7", dataset)
+        folder = os.path.dirname(os.path.abspath(kinds[dataset]["usable"][0]))
+        from_scan = [e for e in listings if e["from_scan"]]
+        assert len(from_scan) == 1, listings
+        assert os.path.abspath(from_scan[0]["dir"]) == folder
+        assert sorted(from_scan[0]["extensions"]) == sorted(image_file_extensions)
+        for event in listings:
+            assert event["patched"] == event["original"], event
+        files = {path for paths in from_scan[0]["original"].values() for path in paths}
+        written = {os.path.abspath(path) for kind in kinds[dataset].values() for path in kind}
+        assert files == written, files ^ written

@@ -323,19 +323,22 @@ def caption_file(path: str | Path) -> str:
     return os.path.splitext(path)[0] + ".txt"
 
 
-def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, remember: bool = False) -> Dataset:
+def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, remember: bool = False,
+                 listed_extensions: tuple[str, ...] = ()) -> Dataset:
     """Fill `dataset.images` (inventory, captions, bucket of each image), `dataset.skipped` (unreadable) and
     `dataset.excluded` (left out by minimum_image_size or the aspect-ratio filters, as SimpleTuner does).
 
     Files whose stamps match the dataset's scan memo are not read again; with `remember`, the memo is rewritten
-    when this scan read anything (one process should: the others read what it wrote or scan themselves)."""
+    when this scan read anything (one process should: the others read what it wrote or scan themselves). Files
+    with the other `listed_extensions` (".ext", lower case) are listed in `dataset.inventory`, not read."""
     from lcm_plugin.cache import Bucketer, LatentCacheError, scan_inventory
 
     textfile = dataset.caption_strategy == "textfile"
     memo = memo_path(dataset)
+    others = sorted(set(listed_extensions) - set(IMAGE_EXTENSIONS))
     try:
         inventory = scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), ".txt" if textfile else None, memo,
-                                   threads=threads)
+                                   threads=threads, other_extensions=others)
     except (OSError, LatentCacheError) as error:
         raise BuildError(f"cannot list {dataset.data_dir}: {error}") from None
     if inventory.not_utf8:

@@ -1,4 +1,4 @@
-"""Data path patches D1-D6 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
+"""Data path patches D1-D7 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ logger = logging.getLogger("simpletuner-lcm")
 
 
 def surfaces() -> dict:
-    """The SimpleTuner objects D1-D6 patch, checked (install() calls this before it changes anything)."""
+    """The SimpleTuner objects D1-D7 patch, checked (install() calls this before it changes anything)."""
     trainer_module = import_surface("simpletuner.helpers.training.trainer")
     require(trainer_module, "configure_multi_databackend", "simpletuner.helpers.training.trainer")
     collate = import_surface("simpletuner.helpers.training.collate")
@@ -38,8 +38,12 @@ def surfaces() -> dict:
     discovery = require(import_surface("simpletuner.helpers.metadata.backends.discovery"), "DiscoveryMetadataBackend",
                         "simpletuner.helpers.metadata.backends.discovery")
     require(discovery, "load_image_metadata", "DiscoveryMetadataBackend")
+    local_backend = require(import_surface("simpletuner.helpers.data_backend.local"), "LocalDataBackend",
+                            "simpletuner.helpers.data_backend.local")
+    require(local_backend, "list_files", "LocalDataBackend")
+    require(import_surface("simpletuner.helpers.training"), "image_file_extensions", "simpletuner.helpers.training")
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
-            "factory": factory, "discovery": discovery}
+            "factory": factory, "discovery": discovery, "local_backend": local_backend}
 
 
 def _building_configure(original):
@@ -92,10 +96,12 @@ def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) ->
         # Every rank on this machine runs its own Rust pools: each gets its share of the cores, not all of them. A
         # RAYON_NUM_THREADS the user set sizes every pool instead (None: rayon's global pool, which reads it).
         threads = None if os.environ.get("RAYON_NUM_THREADS") else threads_per_rank(accelerator.num_processes)
+        from simpletuner.helpers.training import image_file_extensions
+
         trainer_cache.prepare(
             running_config_path(), config, lcm_run=is_lcm_run(config), models=models,
             group=trainer_cache.AcceleratorGroup(accelerator), rank=rank, world=accelerator.num_processes,
-            threads=threads,
+            threads=threads, listed_extensions=tuple(sorted(f".{ext}" for ext in image_file_extensions)),
         )
     except trainer_cache.DataPathSwitchError:
         raise
@@ -265,6 +271,20 @@ def _written_metadata_handed_over(original):
     return load_image_metadata
 
 
+def _listing_from_the_scan(original):
+    """D7: SimpleTuner lists a dataset's folder (os.walk, a path join per file) right after the build's scan listed
+    it; the scan's inventory answers instead, once, for the folder and extensions it listed."""
+
+    @functools.wraps(original)
+    def list_files(self, file_extensions, instance_data_dir):
+        from lcm_plugin import trainer_cache
+
+        listing = trainer_cache.take_listing(getattr(self, "id", None), instance_data_dir, file_extensions)
+        return original(self, file_extensions, instance_data_dir) if listing is None else listing
+
+    return list_files
+
+
 def _text_embeddings_unless_served(original):
     """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
     captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
@@ -291,6 +311,7 @@ def _text_embeddings_unless_served(original):
 _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
     ("discovery", "load_image_metadata", _written_metadata_handed_over),
+    ("local_backend", "list_files", _listing_from_the_scan),
     ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),
     ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),

@@ -57,6 +57,9 @@ D5. `FactoryRegistry._process_text_embeddings` (caption collection, one caption 
     behind is set (`hash_filenames` in the dataset's config).
 D6. `DiscoveryMetadataBackend.load_image_metadata` takes the bucket metadata the build wrote this start as the dicts
     it wrote, instead of parsing the file again, while the file's stamp is the one written (once per dataset).
+D7. `LocalDataBackend.list_files` answers SimpleTuner's listing of a covered dataset's folder (os.walk and a path
+    join per file, for every image, video and audio extension it knows) from the build's scan, which listed the same
+    files by the same rules a moment before (once per dataset; other folders and extension lists are SimpleTuner's).
 
 Model families (every run, LCM or not; `family_patches.py`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build

@@ -12,6 +12,9 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// Folders SimpleTuner 4.10.1's local backend never descends into (LocalDataBackend.list_files); every other
+/// folder is listed, hidden ones included.
+const SKIPPED_FOLDERS: [&str; 6] = [".Spotlight-V100", ".Trashes", ".fseventsd", ".TemporaryItems", ".zfs", ".ipynb_checkpoints"];
 /// Memo file format; bump when the row layout changes (an older memo is then ignored, not misread).
 const MEMO_MAGIC: &[u8; 8] = b"LCMINV03";
 /// A row whose mtime is this close to the memo's creation may have changed within one timestamp tick.
@@ -76,6 +79,9 @@ pub struct Item {
 pub struct Options {
     /// Lower-case extensions (with the dot) of the image files.
     pub extensions: Vec<String>,
+    /// Lower-case extensions of files listed but not read: the rest of what the trainer lists as a dataset's
+    /// files (SimpleTuner's list mixes in video and audio), so the inventory answers its listing too.
+    pub other_extensions: Vec<String>,
     /// Extension of the caption file read next to each image (`Some(".txt")` for textfile captions).
     pub caption_extension: Option<String>,
 }
@@ -94,6 +100,8 @@ pub struct Inventory {
     /// Files and folders whose names are not UTF-8 (left out: keys, caption names and SimpleTuner's metadata
     /// need UTF-8, so the caller names them and stops).
     pub not_utf8: Vec<PathBuf>,
+    /// Keys of the files with one of `Options::other_extensions` (sorted as `items`).
+    pub others: Vec<String>,
 }
 
 impl Inventory {
@@ -103,10 +111,10 @@ impl Inventory {
     }
 }
 
-/// Lists `data_dir` (recursively, following links, skipping hidden folders, as SimpleTuner's local backend lists)
+/// Lists `data_dir` (recursively, following links, skipping the folders SimpleTuner's local backend skips)
 /// and reads what the memo at `memo` (if any) does not hold for the current stamps.
 pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<Inventory> {
-    let (listing, not_utf8) = list(data_dir, options)?;
+    let Listing { images: listing, others, not_utf8 } = list(data_dir, options)?;
     let (memo_rows, memo_time) = match memo.map(read_memo) {
         Some(Ok(Some((rows, time)))) => (rows, Some(time)),
         _ => (Vec::new(), None),
@@ -126,7 +134,7 @@ pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<I
         .iter()
         .filter(|i| i.read && remembered.get(&i.key).is_some_and(|row| row.content == i.content && row.content != 0 && row.stamp != i.stamp))
         .count();
-    Ok(Inventory { items, touched, removed, had_memo, not_utf8 })
+    Ok(Inventory { items, touched, removed, had_memo, not_utf8, others })
 }
 
 /// Writes the memo of `inventory` to `path` atomically.
@@ -304,18 +312,31 @@ fn read_caption(path: &Path, stamp: Stamp) -> Caption {
     }
 }
 
-/// (key, path) of every image under `data_dir`, sorted by key component by component, and the entries whose
-/// names are not UTF-8.
-fn list(data_dir: &Path, options: &Options) -> Result<(Vec<(String, PathBuf)>, Vec<PathBuf>)> {
-    let mut found = Vec::new();
+struct Listing {
+    /// (key, path) of every image, sorted by key component by component.
+    images: Vec<(String, PathBuf)>,
+    /// Keys of the other listed files, sorted the same way.
+    others: Vec<String>,
+    /// Entries whose names are not UTF-8.
+    not_utf8: Vec<PathBuf>,
+}
+
+/// The files under `data_dir` that SimpleTuner's local backend lists for the extensions of `options`.
+fn list(data_dir: &Path, options: &Options) -> Result<Listing> {
+    let mut images = Vec::new();
+    let mut others = Vec::new();
     let mut not_utf8 = Vec::new();
     let mut visited = HashSet::new();
     let mut pending = vec![(data_dir.to_path_buf(), String::new())];
+    let has = |extensions: &[String], lower: &str| extensions.iter().any(|ext| lower.ends_with(ext.as_str()));
+    // Depth first, subfolders in the order the folder lists them, as os.walk visits them: when two links reach one
+    // folder, the name SimpleTuner keeps (the first visited) is the one listed here.
     while let Some((folder, prefix)) = pending.pop() {
         let meta = fs::metadata(&folder).map_err(|e| CacheError::io(&folder, e))?;
         if !visited.insert((meta.dev(), meta.ino())) {
             continue; // a link back into a folder already listed
         }
+        let mut subfolders = Vec::new();
         for entry in fs::read_dir(&folder).map_err(|e| CacheError::io(&folder, e))? {
             let entry = entry.map_err(|e| CacheError::io(&folder, e))?;
             let raw_name = entry.file_name();
@@ -330,20 +351,24 @@ fn list(data_dir: &Path, options: &Options) -> Result<(Vec<(String, PathBuf)>, V
                 Err(_) => false,
             };
             if is_dir {
-                if !name.starts_with('.') {
-                    pending.push((path, format!("{prefix}{name}/")));
+                if !SKIPPED_FOLDERS.contains(&name) {
+                    subfolders.push((path, format!("{prefix}{name}/")));
                 }
-            } else {
-                let lower = name.to_lowercase();
-                if options.extensions.iter().any(|ext| lower.ends_with(ext.as_str())) {
-                    found.push((format!("{prefix}{name}"), path));
-                }
+                continue;
+            }
+            let lower = name.to_lowercase();
+            if has(&options.extensions, &lower) {
+                images.push((format!("{prefix}{name}"), path));
+            } else if has(&options.other_extensions, &lower) {
+                others.push(format!("{prefix}{name}"));
             }
         }
+        pending.extend(subfolders.into_iter().rev());
     }
-    found.par_sort_unstable_by(|a, b| a.0.split('/').cmp(b.0.split('/')));
+    images.par_sort_unstable_by(|a, b| a.0.split('/').cmp(b.0.split('/')));
+    others.sort_unstable_by(|a, b| a.split('/').cmp(b.split('/')));
     not_utf8.sort();
-    Ok((found, not_utf8))
+    Ok(Listing { images, others, not_utf8 })
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -405,7 +430,7 @@ mod tests {
     }
 
     fn options() -> Options {
-        Options { extensions: vec![".png".into()], caption_extension: Some(".txt".into()) }
+        Options { extensions: vec![".png".into()], other_extensions: vec![".mp4".into()], caption_extension: Some(".txt".into()) }
     }
 
     /// Sets a file's mtime `seconds` into the past, so that the memo trusts it.
@@ -419,8 +444,7 @@ mod tests {
     fn folder() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("sub")).unwrap();
-        fs::create_dir(dir.path().join(".hidden")).unwrap();
-        for (name, w, h) in [("b.png", 4, 2), ("a.png", 3, 5), ("sub/c.PNG", 2, 2), (".hidden/x.png", 1, 1)] {
+        for (name, w, h) in [("b.png", 4, 2), ("a.png", 3, 5), ("sub/c.PNG", 2, 2)] {
             fs::write(dir.path().join(name), png(w, h)).unwrap();
             age(&dir.path().join(name), 60);
         }
@@ -430,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn lists_sorted_skips_hidden_reads_sizes_and_captions() {
+    fn lists_as_simpletuner_sorted_reads_sizes_and_captions() {
         let dir = folder();
         let inv = scan(dir.path(), &options(), None).unwrap();
         let keys: Vec<_> = inv.items.iter().map(|i| i.key.as_str()).collect();
@@ -440,6 +464,21 @@ mod tests {
         assert_eq!(inv.items[1].caption, Caption::Missing);
         assert_eq!(inv.items[0].content, xxhash_rust::xxh3::xxh3_128(&png(3, 5)));
         assert_eq!(inv.read_count(), 3);
+    }
+
+    #[test]
+    fn lists_hidden_folders_and_other_extensions_but_not_skipped_folders() {
+        let dir = folder();
+        for folder in [".hidden", ".Trashes", ".ipynb_checkpoints"] {
+            fs::create_dir(dir.path().join(folder)).unwrap();
+            fs::write(dir.path().join(folder).join("x.png"), png(1, 1)).unwrap();
+        }
+        fs::write(dir.path().join("sub/clip.MP4"), b"not read").unwrap();
+        fs::write(dir.path().join("notes.md"), b"not listed").unwrap();
+        let inv = scan(dir.path(), &options(), None).unwrap();
+        let keys: Vec<_> = inv.items.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, [".hidden/x.png", "a.png", "b.png", "sub/c.PNG"]);
+        assert_eq!(inv.others, ["sub/clip.MP4"]);
     }
 
     #[test]

@@ -85,6 +85,30 @@ impl PyInventory {
         self.inner.not_utf8.iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect()
     }
 
+    /// Keys of the listed files that are not images read here (`other_extensions`).
+    #[getter]
+    fn others(&self) -> Vec<&str> {
+        self.inner.others.iter().map(String::as_str).collect()
+    }
+
+    /// Every listed file (images and others) grouped by folder, as SimpleTuner's local backend lists them:
+    /// (the folder's name under `root`, the files' paths under `absolute_root`), folders in key order.
+    fn listing(&self, root: &str, absolute_root: &str) -> Vec<(String, Vec<String>)> {
+        let join = |base: &str, rest: &str| if base.ends_with('/') { format!("{base}{rest}") } else { format!("{base}/{rest}") };
+        let keys = self.inner.items.iter().map(|i| i.key.as_str()).chain(self.inner.others.iter().map(String::as_str));
+        let mut folders: Vec<(String, Vec<String>)> = Vec::new();
+        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for key in keys {
+            let folder = key.rsplit_once('/').map_or("", |(folder, _)| folder);
+            let slot = *index.entry(folder).or_insert_with(|| {
+                folders.push((if folder.is_empty() { root.to_string() } else { join(root, folder) }, Vec::new()));
+                folders.len() - 1
+            });
+            folders[slot].1.push(join(absolute_root, key));
+        }
+        folders
+    }
+
     /// Writes this inventory as the memo at `path` (atomically).
     fn write_memo(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
@@ -94,9 +118,10 @@ impl PyInventory {
 
 /// Scans `data_dir` for files ending in one of `extensions` (lower case, with the dot), reading each image's
 /// header, content hash and, with `caption_extension`, its caption file, except where the memo at `memo` holds
-/// them for unchanged stamps. Runs without the GIL on rayon.
+/// them for unchanged stamps; files ending in one of `other_extensions` are listed only. Runs without the GIL on
+/// rayon.
 #[pyfunction(name = "scan_inventory")]
-#[pyo3(signature = (data_dir, extensions, caption_extension=None, memo=None, threads=None))]
+#[pyo3(signature = (data_dir, extensions, caption_extension=None, memo=None, threads=None, other_extensions=Vec::new()))]
 pub fn scan_inventory_py(
     py: Python<'_>,
     data_dir: PathBuf,
@@ -104,8 +129,9 @@ pub fn scan_inventory_py(
     caption_extension: Option<String>,
     memo: Option<PathBuf>,
     threads: Option<usize>,
+    other_extensions: Vec<String>,
 ) -> PyResult<PyInventory> {
-    let options = Options { extensions, caption_extension };
+    let options = Options { extensions, other_extensions, caption_extension };
     let inner = py.allow_threads(|| {
         guarded(|| latent_cache::with_threads(threads, || inventory::scan(&data_dir, &options, memo.as_deref()))?)
     })?;
