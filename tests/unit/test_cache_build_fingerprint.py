@@ -101,5 +101,5 @@ def test_the_recipe_digest_is_the_digest_of_the_recipe():
         size = lambda: (rng.randint(1, 20000), rng.randint(1, 20000))  # noqa: E731
         sample = {"original_size": size(), "intermediary_size": size(), "crop_coordinates": size(),
                   "target_size": size()}
-        recipe = latent_recipe(f"{rng.getrandbits(64):016x}", sample, f"{rng.getrandbits(128):032x}")
-        assert recipe_digest(recipe) == digest(recipe)
+        fingerprint, content = f"{rng.getrandbits(64):016x}", f"{rng.getrandbits(128):032x}"
+        assert recipe_digest(fingerprint, sample, content) == digest(latent_recipe(fingerprint, sample, content))

@@ -129,13 +129,19 @@ def fingerprints(settings: RunSettings) -> Fingerprints:
 
 
 def name_entries(datasets: list[Dataset], prints: Fingerprints) -> None:
-    """Give every image its recipe and store key."""
-    from lcm_plugin.cache_build.fingerprint import latent_recipe, recipe_digest
+    """Give every image its store key."""
+    from lcm_plugin.cache_build.fingerprint import recipe_digest
 
     for dataset in datasets:
         for item in dataset.images:
-            item.recipe = latent_recipe(prints.latent_digest, item.sample, item.content)
-            item.cache_key = f"{item.key}@{recipe_digest(item.recipe)}"
+            item.cache_key = f"{item.key}@{recipe_digest(prints.latent_digest, item.sample, item.content)}"
+
+
+def _recipe(item: ImageItem, prints: Fingerprints) -> dict:
+    """What `item`'s latent is a function of (its key's digest names it)."""
+    from lcm_plugin.cache_build.fingerprint import latent_recipe
+
+    return latent_recipe(prints.latent_digest, item.sample, item.content)
 
 
 def plan_run(
@@ -443,7 +449,7 @@ def _latent_reasons(item: ImageItem, manifest: dict | None, previous: dict, prin
         return ["missing from the store (a dropped shard or a build that did not finish)"]
     reasons = changes(manifest.get("fingerprint", {}), prints.latent)
     reasons += changes({k: v for k, v in before.get("recipe", {}).items() if k != "fingerprint"},
-                       {k: v for k, v in item.recipe.items() if k != "fingerprint"})
+                       {k: v for k, v in _recipe(item, prints).items() if k != "fingerprint"})
     return reasons or ["the recipe changed"]
 
 
@@ -849,7 +855,7 @@ def write_manifest(dataset: Dataset, items: list[ImageItem], prints: Fingerprint
             {
                 "image": item.key,
                 "key": item.cache_key,
-                "recipe": item.recipe,
+                "recipe": _recipe(item, prints),
                 "bucket": item.sample["bucket"],
                 "time_ids": time_ids(item.sample),
                 "captions": [text_entry(caption, prints.text_digest) for caption in item.captions],
@@ -857,7 +863,7 @@ def write_manifest(dataset: Dataset, items: list[ImageItem], prints: Fingerprint
             for item in items
         ],
         "failed": [
-            {"image": item.key, "key": item.cache_key, "recipe": item.recipe, "reason": failed[str(item.path)]}
+            {"image": item.key, "key": item.cache_key, "recipe": _recipe(item, prints), "reason": failed[str(item.path)]}
             for item in dataset.images
             if str(item.path) in failed
         ],
@@ -893,7 +899,7 @@ def check_run(config_dir: Path) -> list[str]:
                 stale["not in the manifest (a new image)"] += 1
             elif entry["key"] != item.cache_key:
                 fields = {k: v for k, v in entry.get("recipe", {}).items() if k != "fingerprint"}
-                stale.update(changes(fields, {k: v for k, v in item.recipe.items() if k != "fingerprint"})
+                stale.update(changes(fields, {k: v for k, v in _recipe(item, prints).items() if k != "fingerprint"})
                              or ["its recipe changed (see the fingerprint line)"])
             elif "reason" in entry:
                 continue  # a failure the manifest records, with the same recipe

@@ -62,17 +62,18 @@ class RunSettings:
     inherited: dict
 
 
-@dataclass
+@dataclass(slots=True)
 class ImageItem:
-    """One image: `key` (its path relative to the data folder, '/'-separated) names it in every cache."""
+    """One image: `key` (its path relative to the data folder, '/'-separated) names it in every cache. Plans hold
+    millions: no per-instance dict, and what the latent is a function of (`fingerprint.latent_recipe` of `sample` and
+    `content`) is built only where a build writes or explains it."""
 
-    path: str  # absolute (a str, not a Path: plans hold millions of images)
+    path: str  # absolute (a str, not a Path)
     key: str
     captions: tuple[str, ...] = ()
-    sample: dict | None = None  # the bucketer's answer: bucket, sizes, crop_coordinates, ...
+    sample: dict | None = None  # the bucketer's answer (bucket, sizes, crop_coordinates, ...), shared by equal answers
     content: str = ""  # hash of the file's bytes when scanned (the inventory's xxh3-128)
     cache_key: str = ""  # its latent's key in the store, `<key>@<recipe digest>` (set by the build)
-    recipe: dict | None = None  # what the latent is a function of (fingerprint.latent_recipe)
 
 
 @dataclass

@@ -3,6 +3,10 @@ use crate::errors::{guarded, BucketConfigError, IntoPy};
 use latent_cache::bucket::{AspectBuckets, BucketConfig, Bucketer, CropAspect, CropStyle, ResolutionType, Sample};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt};
+use std::collections::HashMap;
+
+/// Everything a sample dict holds, as a map key (the aspect ratio by its bits).
+type SampleKey = (String, u64, [(i64, i64); 5]);
 
 fn bad(key: &str, why: &str) -> PyErr {
     BucketConfigError::new_err(format!("invalid setting `{key}`: {why}"))
@@ -126,11 +130,25 @@ impl PyBucketer {
         Ok(PyBucketer { inner: Bucketer::new(config_from_dict(config)?, seed).py()? })
     }
 
-    /// One dict (or `None` for an image below `minimum_image_size`) per (W, H).
+    /// One dict (or `None` for an image below `minimum_image_size`) per (W, H). Equal answers are one dict, to be
+    /// read, not changed: a dataset of a few sizes holds a few dicts, not one per image (random crops differ).
     fn assign<'py>(&mut self, py: Python<'py>, sizes: Vec<(i64, i64)>) -> PyResult<Vec<Option<Bound<'py, PyDict>>>> {
         let inner = &mut self.inner;
         let samples = py.allow_threads(|| guarded(|| sizes.iter().map(|&(w, h)| inner.assign(w, h)).collect::<latent_cache::Result<Vec<_>>>()))?;
-        samples.iter().map(|s| s.as_ref().map(|s| sample_dict(py, s)).transpose()).collect()
+        let mut made: HashMap<SampleKey, Bound<'py, PyDict>> = HashMap::new();
+        samples
+            .iter()
+            .map(|sample| {
+                let Some(s) = sample else { return Ok(None) };
+                let key = (s.bucket.clone(), s.aspect_ratio.to_bits(), [s.original_size, s.intermediary_size, s.target_size, s.crop_coordinates, s.resize_size]);
+                if let Some(dict) = made.get(&key) {
+                    return Ok(Some(dict.clone()));
+                }
+                let dict = sample_dict(py, s)?;
+                made.insert(key, dict.clone());
+                Ok(Some(dict))
+            })
+            .collect()
     }
 
     /// SimpleTuner's area-mode memo as (resolution, aspect key, (W, H)).
