@@ -67,7 +67,8 @@ class DatasetCache:
     listed: tuple | None = None
 
     def key_of(self, image_path: str) -> str | None:
-        return self.keys.get(os.path.abspath(image_path))
+        key = self.keys.get(image_path)
+        return self.keys.get(os.path.abspath(image_path)) if key is None else key
 
 
 @dataclass
@@ -315,10 +316,8 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
     for dataset in datasets:
         # The build just checked every shard (rank 0, before encoding): no second CRC pass on first use.
         reader = LatentCacheReader(dataset.vae_cache_dir / LCM_DIR, verify=False)
-        keys = {
-            os.path.abspath(item.path): item.cache_key
-            for item in dataset.images
-            if str(item.path) not in failed and item.cache_key in reader
+        keys = {  # item paths are absolute and normalised (plan.scan_dataset), as SimpleTuner's local backend lists
+            item.path: item.cache_key for item in dataset.images if item.path not in failed and item.cache_key in reader
         }
         listed = (str(dataset.data_dir), frozenset(listed_extensions), dataset.inventory) if listed_extensions else None
         _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id),

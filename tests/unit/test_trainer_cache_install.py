@@ -218,10 +218,16 @@ def test_simpletuner_gets_the_bucket_metadata_the_build_wrote_as_it_would_parse_
                       prepend_instance_prompt=False, compress_vae=False, compress_text=False)
     sample = {"bucket": "1.5", "original_size": (96, 64), "crop_coordinates": (0, 8), "target_size": (96, 64),
               "intermediary_size": (96, 64), "aspect_ratio": 1.5, "resize_size": (96, 64)}
-    items = [ImageItem(path=str(tmp_path / f"{i}.png"), key=f"{i}.png", sample=sample) for i in range(3)]
+    other = {**sample, "bucket": "1.0", "original_size": (64, 64), "target_size": (64, 64), "aspect_ratio": 1.0}
+    names = ["0.png", 'a "quoted" name.png', "café ü.png", "sub/3.png"]
+    items = [ImageItem(path=str(tmp_path / name), key=name, sample=(sample, other)[i % 2])
+             for i, name in enumerate(names)]
     written = write_bucket_metadata(dataset, items)
     metadata_file = written[0]
     assert written[2] == json.loads(metadata_file.read_text())
+    assert metadata_file.read_text() == json.dumps(written[2])  # SimpleTuner's own encoding of the same dicts
+    assert len({id(image) for image in written[2].values()}) == len(names)  # each image's own dict
+    assert written[2][items[1].path]["original_size"] == [64, 64]
 
     def backend() -> DiscoveryMetadataBackend:
         fake = object.__new__(DiscoveryMetadataBackend)

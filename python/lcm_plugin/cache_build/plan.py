@@ -359,13 +359,15 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     unreadable_captions = dict(inventory.caption_errors)
     readable = [i for i, size in enumerate(sizes) if size is not None]
     samples = Bucketer(dataset.bucket_config, seed=seed).assign([sizes[i] for i in readable])
-    folder = str(dataset.data_dir)
+    # The folder is absolute and normalised, the keys are names read from it: a join needs no normalising.
+    folder = os.path.join(str(dataset.data_dir), "")
+    filtered = dataset.minimum_aspect_ratio is not None or dataset.maximum_aspect_ratio is not None
     for i, sample in zip(readable, samples):
-        path = os.path.join(folder, keys[i])
+        path = folder + keys[i]
         if sample is None:
             dataset.excluded.append((Path(path), "below minimum_image_size"))
             continue
-        excluded = aspect_filter(dataset, sample["bucket"])
+        excluded = filtered and aspect_filter(dataset, sample["bucket"])
         if excluded:
             dataset.excluded.append((Path(path), excluded))
             continue

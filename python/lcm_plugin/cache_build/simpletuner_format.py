@@ -68,21 +68,30 @@ def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
 
 
 def bucket_metadata(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """SimpleTuner's discovery results for `items`: (bucket -> image paths, image path -> metadata)."""
+    """SimpleTuner's discovery results for `items`: (bucket -> image paths, image path -> metadata). Images with one
+    bucketer answer get copies of one dict (their own dict, SimpleTuner may add keys; the size lists are shared: it
+    reads them, never changes them)."""
     indices: dict[str, list[str]] = {}
     metadata = {}
+    templates: dict[int, dict] = {}  # id(sample) -> its metadata; the plan's items keep every sample alive
     for item in items:
         sample = item.sample
-        path = str(item.path)
-        indices.setdefault(sample["bucket"], []).append(path)
-        metadata[path] = {
-            "original_size": list(sample["original_size"]),
-            "crop_coordinates": list(sample["crop_coordinates"]),
-            "target_size": list(sample["target_size"]),
-            "intermediary_size": list(sample["intermediary_size"]),
-            "aspect_ratio": sample["aspect_ratio"],
-        }
+        template = templates.get(id(sample))
+        if template is None:
+            template = templates[id(sample)] = _metadata_of(sample)
+        indices.setdefault(sample["bucket"], []).append(item.path)
+        metadata[item.path] = template.copy()
     return indices, metadata
+
+
+def _metadata_of(sample: dict) -> dict:
+    return {
+        "original_size": list(sample["original_size"]),
+        "crop_coordinates": list(sample["crop_coordinates"]),
+        "target_size": list(sample["target_size"]),
+        "intermediary_size": list(sample["intermediary_size"]),
+        "aspect_ratio": sample["aspect_ratio"],
+    }
 
 
 def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> tuple[Path, tuple[int, int, int], dict]:
@@ -94,8 +103,20 @@ def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> tuple[Pat
     index_file, metadata_file = bucket_files(dataset)
     write_atomic(index_file, json.dumps({"config": {}, "aspect_ratio_bucket_indices": indices}).encode())
     fault_point("buckets")
-    write_atomic(metadata_file, json.dumps(metadata).encode())
+    write_atomic(metadata_file, metadata_json(items).encode())
     return metadata_file, file_stamp(metadata_file), metadata
+
+
+def metadata_json(items: list[ImageItem]) -> str:
+    """`json.dumps(bucket_metadata(items)[1])`, each bucketer answer's dict encoded once (a dataset has few)."""
+    encoded: dict[int, str] = {}  # id(sample) -> its metadata's JSON; the items keep every sample alive
+    parts = []
+    for item in items:
+        text = encoded.get(id(item.sample))
+        if text is None:
+            text = encoded[id(item.sample)] = json.dumps(_metadata_of(item.sample))
+        parts.append(f"{json.dumps(item.path)}: {text}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:

@@ -127,7 +127,9 @@ def _discover_unserved(original):
         served = trainer_cache.cached_images(self.id)
         if served is None:
             return unprocessed
-        self.local_unprocessed_files = [path for path in unprocessed if os.path.abspath(path) not in served]
+        self.local_unprocessed_files = [
+            path for path in unprocessed if path not in served and os.path.abspath(path) not in served
+        ]
         return self.local_unprocessed_files
 
     return discover_unprocessed_files
