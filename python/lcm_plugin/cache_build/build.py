@@ -29,6 +29,7 @@ import json
 import os
 import sys
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,6 +439,33 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format_version") == MANIFEST_VERSION else None
 
 
+_IMAGE_ENTRY = '{"image": '
+
+
+def read_manifest_entries(folder: Path, images: set[str]) -> tuple[dict | None, dict[str, dict]]:
+    """(the manifest's fields but its image lists, {image key: its entry} for the keys in `images`), read line by line
+    (`write_manifest` puts one entry per line): a restart that changed a few images of millions parses a few entries.
+    (None, {}) when there is no readable manifest."""
+    head, entries = None, {}
+    decoder = json.JSONDecoder()
+    try:
+        with open(folder / MANIFEST, encoding="utf-8") as lines:
+            head = json.loads(next(lines).rstrip().removesuffix(",") + "}")
+            if not isinstance(head, dict) or head.get("format_version") != MANIFEST_VERSION:
+                return None, {}
+            for line in lines:
+                if line.startswith("]"):
+                    break  # the end of "images"; "failed" follows
+                if not line.startswith(_IMAGE_ENTRY):
+                    continue
+                image, _ = decoder.raw_decode(line, len(_IMAGE_ENTRY))
+                if image in images:
+                    entries[image] = json.loads(line.rstrip().removesuffix(","))
+    except (OSError, ValueError, StopIteration):
+        return None, {}
+    return head, entries
+
+
 def _latent_reasons(item: ImageItem, manifest: dict | None, previous: dict, prints: Fingerprints) -> list[str]:
     """Why `item`'s latent is not in the store, from what the last complete build recorded for it."""
     from lcm_plugin.cache_build.fingerprint import changes
@@ -467,16 +495,16 @@ def compare_with_caches(
         folder = dataset.vae_cache_dir / LCM_DIR
         reader = _open_reader(folder)
         stored = set(reader.keys()) if reader else set()
-        manifest = read_manifest(folder)
-        previous = {entry["image"]: entry for entry in manifest["images"]} if manifest else {}
+        missing = [item for item in dataset.images if item.cache_key not in stored]
+        manifest, previous = read_manifest_entries(folder, {item.key for item in missing}) if missing else (None, {})
         reasons: Counter = Counter()
         planned = set()
         for item in dataset.images:
-            planned |= {item.cache_key, item.cache_key + TIME_IDS}
+            planned.add(item.cache_key)
             if item.cache_key in stored:
                 _check_entry(reader, folder, item, prints)
-            else:
-                reasons.update(_latent_reasons(item, manifest, previous, prints))
+        for item in missing:
+            reasons.update(_latent_reasons(item, manifest, previous, prints))
         for reason, count in sorted(reasons.items()):
             lines.append(f"cache build: {dataset.id}: {count} latent(s) to encode: {reason}")
         removed = _sweep_files(
@@ -489,7 +517,7 @@ def compare_with_caches(
         if cleanup and _remove_stale_bucket_files(dataset):
             lines.append(f"cache build: {dataset.id}: removed SimpleTuner bucket files of an earlier build that "
                          "list other sizes")
-        unused = [key for key in stored if key not in planned and PT_RECORD not in key]
+        unused = [key for key in stored if key.removesuffix(TIME_IDS) not in planned and PT_RECORD not in key]
         if unused:
             lines.append(f"cache build: {folder}: {len(unused)} entr(ies) from earlier settings or removed images "
                          "stay in the store; they are never read (--prune rewrites the store without them)")
@@ -832,10 +860,13 @@ def write_manifest(dataset: Dataset, items: list[ImageItem], prints: Fingerprint
     """<cache_dir_vae>/lcm/manifest.json: the fingerprints, the settings, per image its latent key (with the
     recipe that names it), bucket, time_ids and caption keys, and the planned images that could not be encoded
     (`failed`: path -> reason). A reader takes keys from here after checking them against its own config
-    (`check_run`, which `simpletuner-lcm cache verify RUN` runs)."""
-    from lcm_plugin.cache_build.simpletuner_format import write_atomic
+    (`check_run`, which `simpletuner-lcm cache verify RUN` runs).
 
-    manifest = {
+    Written entry by entry, one per line (`read_manifest_entries` relies on it): first line the other fields, then
+    `"images": [`, the entries, `],`, `"failed": [`, its entries, `]}`."""
+    from lcm_plugin.cache_build.simpletuner_format import write_atomic_parts
+
+    head = {
         "format": "simpletuner-lcm-manifest",
         "format_version": MANIFEST_VERSION,
         "dataset": dataset.id,
@@ -851,24 +882,32 @@ def write_manifest(dataset: Dataset, items: list[ImageItem], prints: Fingerprint
             "instance_prompt": dataset.instance_prompt,
             "prepend_instance_prompt": dataset.prepend_instance_prompt,
         },
-        "images": [
-            {
-                "image": item.key,
-                "key": item.cache_key,
-                "recipe": _recipe(item, prints),
-                "bucket": item.sample["bucket"],
-                "time_ids": time_ids(item.sample),
-                "captions": [text_entry(caption, prints.text_digest) for caption in item.captions],
-            }
-            for item in items
-        ],
-        "failed": [
-            {"image": item.key, "key": item.cache_key, "recipe": _recipe(item, prints), "reason": failed[str(item.path)]}
-            for item in dataset.images
-            if str(item.path) in failed
-        ],
     }
-    write_atomic(dataset.vae_cache_dir / LCM_DIR / MANIFEST, json.dumps(manifest, indent=1).encode())
+    images = (
+        {
+            "image": item.key,
+            "key": item.cache_key,
+            "recipe": _recipe(item, prints),
+            "bucket": item.sample["bucket"],
+            "time_ids": time_ids(item.sample),
+            "captions": [text_entry(caption, prints.text_digest) for caption in item.captions],
+        }
+        for item in items
+    )
+    failures = (
+        {"image": item.key, "key": item.cache_key, "recipe": _recipe(item, prints), "reason": failed[item.path]}
+        for item in dataset.images
+        if item.path in failed
+    )
+
+    def listed(entries):
+        for number, entry in enumerate(entries):
+            yield ("" if number == 0 else ",\n") + json.dumps(entry)
+
+    write_atomic_parts(dataset.vae_cache_dir / LCM_DIR / MANIFEST, chain(
+        (json.dumps(head)[:-1] + ",\n", '"images": [\n'), listed(images), ('\n],\n', '"failed": [\n'),
+        listed(failures), ("\n]}\n",),
+    ))
 
 
 def check_run(config_dir: Path) -> list[str]:

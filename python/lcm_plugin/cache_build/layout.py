@@ -9,7 +9,8 @@ from pathlib import Path
 
 LCM_DIR = "lcm"  # the mmap cache lives in <cache_dir_vae>/lcm and <text cache_dir>/lcm
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+# 3: one image entry per line (a build reads back only the entries it needs); 2: the same JSON indented.
+MANIFEST_VERSION = 3
 TIME_IDS = "#time_ids"  # latent key + this suffix: SDXL add_time_ids of the image
 PROMPT_EMBEDS = "/prompt_embeds"
 POOLED_PROMPT_EMBEDS = "/pooled_prompt_embeds"

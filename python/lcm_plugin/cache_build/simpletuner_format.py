@@ -49,10 +49,17 @@ def save_torch(path: Path, value, compress: bool) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    write_atomic_parts(path, (data,))
+
+
+def write_atomic_parts(path: Path, parts) -> None:
+    """`parts` (bytes, or str written as UTF-8) one after the other to a temp file, fsync, rename: a kill never
+    leaves half a file, and the whole never needs to be in memory at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temp, "wb") as file:
-        file.write(data)
+        for part in parts:
+            file.write(part.encode() if isinstance(part, str) else part)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temp, path)
