@@ -188,7 +188,8 @@ def uncovered_reason(entry: dict, args) -> str | None:
 
 
 def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerModels, group, rank: int, world: int,
-            threads: int | None = None, listed_extensions: tuple[str, ...] = (), log=logger.info) -> Coverage:
+            local_rank: int | None = None, threads: int | None = None, listed_extensions: tuple[str, ...] = (),
+            log=logger.info) -> Coverage:
     """Build the caches of every covered dataset of the run (all ranks call it, with the same files), write
     SimpleTuner's bucket metadata for them, and serve them from now on. Returns what is served.
 
@@ -197,7 +198,10 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     where it failed, `RankFailed` on the others) with nothing served, so every rank takes SimpleTuner's own path or
     none does. `threads`: worker threads of this process's Rust pools (None: rayon's default, RAYON_NUM_THREADS or
     every core). `listed_extensions`: what SimpleTuner lists as a dataset's files (".ext", lower case); the scans list
-    them too, and answer its listing of the folder (`take_listing`)."""
+    them too, and answer its listing of the folder (`take_listing`).
+
+    The first rank of each machine (`local_rank` 0) plans first, on every core, and writes the scan memos; the
+    other ranks then plan from those memos (file stamps only: nothing read twice on one machine)."""
     reset()
     mode = data_path_mode(os.environ.get(SWITCH), lcm_run)
     if mode == SIMPLETUNER:
@@ -211,8 +215,15 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     from lcm_plugin.cache_build.build import BuildOptions, build_planned
     from lcm_plugin.cache_build.ranks import Phase, RanksDisagree
 
+    first_on_machine = (rank if local_rank is None else local_rank) == 0
+    with Phase(group, "planning on each machine's first rank"):
+        # The machine's other ranks wait: its first one scans on every core (unless RAYON_NUM_THREADS sizes the pools).
+        scan_threads = None if threads is None else max(threads, os.cpu_count() or 1)
+        planned = _plan(config_path, args, models, rank, listed_extensions, log, remember=True,
+                        threads=scan_threads) if first_on_machine else None
     with Phase(group, "planning") as planning:
-        planned = _plan(config_path, args, models, rank, listed_extensions, log)
+        if not first_on_machine:
+            planned = _plan(config_path, args, models, rank, listed_extensions, log, remember=False, threads=None)
         planning.share(planned is not None)
     if len(set(planning.shared)) > 1:
         idle = [other for other, has_plan in enumerate(planning.shared) if not has_plan]
@@ -239,8 +250,10 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     return _coverage
 
 
-def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions: tuple[str, ...], log):
-    """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once)."""
+def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions: tuple[str, ...], log, *,
+          remember: bool, threads: int | None):
+    """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once). With
+    `remember`, the scans update their memos; `threads`: the scans' pool (None: rayon's global one)."""
     from lcm_plugin.cache import BucketConfigError
     from lcm_plugin.cache_build.build import fingerprints, name_entries
     from lcm_plugin.cache_build.plan import (
@@ -288,8 +301,8 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions
             fall_back(name, reason)
             continue
         try:
-            dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, None,
-                                   remember=rank == 0, listed_extensions=listed_extensions)
+            dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, threads,
+                                   remember=remember, listed_extensions=listed_extensions)
         except (BuildError, BucketConfigError) as error:
             fall_back(name, str(error))
             continue

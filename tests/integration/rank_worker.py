@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +40,7 @@ def main(model_dir: Path, result: Path) -> None:
     model = SimpleNamespace(vae=load_vae(str(model_dir / "vae"), "fp32"))
     args = SimpleNamespace(model_family="sdxl", distillation_method="lcm")
 
+    time.sleep(float(os.environ.get("RANK_WORKER_DELAY_S", "0")))  # a rank that reaches the data path late
     _prepare_data_path(args, accelerator, encoders, tokenizers, model)
 
     coverage = trainer_cache.coverage()
@@ -52,6 +54,9 @@ def main(model_dir: Path, result: Path) -> None:
     result.write_text(json.dumps({
         "rank": accelerator.process_index, "served": served, "gathered": gathered,
         "rayon_threads": os.environ.get("RAYON_NUM_THREADS"),
+        # images each dataset's scan read from disk on this rank (the rest came from the scan memo)
+        "scan_reads": {dataset_id: cache.listed[2].read for dataset_id, cache in coverage.datasets.items()
+                       if cache.listed is not None},
     }))
     dist.destroy_process_group()
 

@@ -42,8 +42,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(run: Path, model_dir: Path, faults: dict[int, str]) -> list[tuple[dict, str]]:
-    """(result, log) of each rank; `faults`: rank -> LCM_CACHE_BUILD_RAISE for that rank."""
+def run_ranks(run: Path, model_dir: Path, faults: dict[int, str], late: dict[int, float] | None = None
+              ) -> list[tuple[dict, str]]:
+    """(result, log) of each rank; `faults`: rank -> LCM_CACHE_BUILD_RAISE for that rank; `late`: rank -> seconds it
+    waits before the data path."""
     port = free_port()
     processes = []
     for rank in range(WORLD):
@@ -55,6 +57,7 @@ def run_ranks(run: Path, model_dir: Path, faults: dict[int, str]) -> list[tuple[
                    OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         if rank in faults:
             env["LCM_CACHE_BUILD_RAISE"] = faults[rank]
+        env["RANK_WORKER_DELAY_S"] = str((late or {}).get(rank, 0))
         result = run / f"rank{rank}.json"
         processes.append((subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(result)], cwd=run,
                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
@@ -83,7 +86,9 @@ def assert_agreed(outcomes: list[tuple[dict, str]]) -> dict:
 
 
 def test_both_ranks_serve_the_caches_they_built_together(run, tiny_sdxl_dir):
-    outcomes = run_ranks(run, tiny_sdxl_dir, {})
+    for image in (run / "data").iterdir():  # older than the scan memo's racy window: its rows are trusted
+        os.utime(image, (time.time() - 60, time.time() - 60))
+    outcomes = run_ranks(run, tiny_sdxl_dir, {}, late={0: 3.0})
     served = assert_agreed(outcomes)
     assert list(served["datasets"]) == ["toy"] and len(served["datasets"]["toy"]) == 8, served
     assert len(served["texts"]) == 1
@@ -91,6 +96,9 @@ def test_both_ranks_serve_the_caches_they_built_together(run, tiny_sdxl_dir):
     assert "read latents and text embeddings from the memory-mapped caches (4 image(s) encoded here" in log0, log0
     # each rank's Rust pools get its share of the cores (two ranks on this machine)
     assert {result["rayon_threads"] for result, _ in outcomes} == {str(max(1, os.cpu_count() // WORLD))}
+    # the machine's first rank scanned the folder (though it came late); the other one waited for it and planned from
+    # the memo it wrote, reading nothing
+    assert [result["scan_reads"] for result, _ in outcomes] == [{"toy": 8}, {"toy": 0}]
 
 
 @pytest.mark.parametrize(
