@@ -220,9 +220,16 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     rank, world = rank_and_world()
     if options.prune and world > 1:
         raise BuildError("--prune rewrites the stores: run it in one process, not under a multi-process launcher")
-    settings, datasets, prints = plan_run(options.config_dir, options.threads, remember=rank == 0)
+    from lcm_plugin.cache_build.ranks import Phase
+
     group = _Group(world)
     try:
+        # Each machine's first rank plans first and writes the scan memos; its other ranks plan from them.
+        first_on_machine = int(os.environ.get("LOCAL_RANK", rank)) == 0
+        with Phase(group, "planning on each machine's first rank"):
+            planned = plan_run(options.config_dir, options.threads, remember=True) if first_on_machine else None
+        with Phase(group, "planning"):
+            settings, datasets, prints = planned or plan_run(options.config_dir, options.threads)
         report = build_planned(
             settings, datasets, prints, options, rank=rank, world=world, group=group, models=FileModels(settings),
             write_bucket_files=options.simpletuner_format, remove_stale_files=True, log=log,

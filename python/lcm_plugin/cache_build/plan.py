@@ -308,15 +308,18 @@ def captions_of(path: str | Path, dataset: Dataset, text: str | None) -> tuple[s
     caption file when a textfile caption is missing."""
     if dataset.caption_strategy == "instanceprompt":
         return (dataset.instance_prompt.strip(),)
+    prepend = dataset.prepend_instance_prompt and dataset.instance_prompt
+    if text is not None and not prepend and "\n" not in text and dataset.caption_strategy == "textfile":
+        return (text.strip(),)  # the common case, once per image of millions
     if dataset.caption_strategy == "filename":
         captions = [os.path.splitext(os.path.basename(path))[0].replace("_", " ")]
     else:
         if text is None:
             raise BuildError(f"caption file {caption_file(path)} missing (caption_strategy textfile)")
         captions = [line for line in text.split("\n") if line] if "\n" in text else [text]
-    if dataset.prepend_instance_prompt and dataset.instance_prompt:
+    if prepend:
         captions = [f"{dataset.instance_prompt} {caption}" for caption in captions]
-    return tuple(caption.strip() for caption in captions)
+    return tuple([caption.strip() for caption in captions])
 
 
 def caption_file(path: str | Path) -> str:
