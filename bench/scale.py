@@ -304,7 +304,6 @@ def synthetic_encoders(settings):
     """`encode_latents` and `encode_prompts` return random tensors of the real shapes and dtypes, instantly."""
     import torch
 
-    from lcm_plugin.cache_build import build as build_module
     from lcm_plugin.cache_build import encode
     from lcm_plugin.cache_build.fingerprint import latent_geometry
 
@@ -327,11 +326,9 @@ def synthetic_encoders(settings):
 
     patched = {"encode_latents": encode_latents, "encode_prompts": encode_prompts}
     saved = []
-    for module in (encode, build_module):  # build.py imports them inside its functions; patch a top-level import too
-        for name, value in patched.items():
-            if hasattr(module, name):
-                saved.append((module, name, getattr(module, name)))
-                setattr(module, name, value)
+    for name, value in patched.items():  # fill.py imports them from `encode` inside its functions
+        saved.append((encode, name, getattr(encode, name)))
+        setattr(encode, name, value)
     try:
         yield
     finally:

@@ -255,7 +255,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions
     """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once). With
     `remember`, the scans update their memos; `threads`: the scans' pool (None: rayon's global one)."""
     from lcm_plugin.cache import BucketConfigError
-    from lcm_plugin.cache_build.build import fingerprints, name_entries
+    from lcm_plugin.cache_build.fingerprint import fingerprints, name_entries
     from lcm_plugin.cache_build.plan import (
         BuildError,
         dataset_of,

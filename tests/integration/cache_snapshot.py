@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from lcm_plugin.cache import LatentCacheReader, check_cache
-from lcm_plugin.cache_build.build import LCM_DIR, PT_RECORD, check_run
+from lcm_plugin.cache_build.build import check_run
+from lcm_plugin.cache_build.layout import LCM_DIR, PT_RECORD
 
 
 def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:

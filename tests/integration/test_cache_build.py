@@ -25,7 +25,7 @@ from cache_snapshot import listed_keys
 from conftest import simpletuner_sdxl_text_model
 from lcm_plugin.cache import LatentCacheReader, decode_batch, verify
 from lcm_plugin.cache_build import BuildOptions, build
-from lcm_plugin.cache_build.build import (
+from lcm_plugin.cache_build.layout import (
     LCM_DIR,
     POOLED_PROMPT_EMBEDS,
     PROMPT_EMBEDS,

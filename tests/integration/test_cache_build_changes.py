@@ -19,7 +19,8 @@ from PIL import Image
 import cache_snapshot
 from cache_snapshot import assert_checks_pass, snapshot, store
 from lcm_plugin.cache_build import BuildOptions, build
-from lcm_plugin.cache_build.build import LCM_DIR, TIME_IDS, check_run
+from lcm_plugin.cache_build.build import check_run
+from lcm_plugin.cache_build.layout import LCM_DIR, TIME_IDS
 
 WORDS = ("red", "blue", "circle", "square", "photo")
 SIZES = ((192, 128), (128, 160), (128, 128))

@@ -33,7 +33,7 @@ import torch
 import cache_snapshot
 from cache_snapshot import assert_checks_pass, snapshot
 from lcm_plugin.cache_build import BuildOptions, build, faults
-from lcm_plugin.cache_build.build import LCM_DIR, TIME_IDS
+from lcm_plugin.cache_build.layout import LCM_DIR, TIME_IDS
 from lcm_plugin.cache_build.encode import DTYPES, device, vae_dtype_on
 
 KILLS = int(os.environ.get("LCM_KILL_CAMPAIGN", "50"))

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from lcm_plugin.cache_build import encode
-from lcm_plugin.cache_build.build import LCM_DIR, check_run
+from lcm_plugin.cache_build.build import check_run
+from lcm_plugin.cache_build.layout import LCM_DIR
 from lcm_plugin.cli import main
 
 WORDS = ("red", "blue", "circle", "square", "photo")

@@ -23,7 +23,7 @@ import cache_snapshot
 from cache_snapshot import assert_checks_pass, committed_shards, snapshot
 from lcm_plugin.cache import LatentCacheReader
 from lcm_plugin.cache_build import BuildOptions, build
-from lcm_plugin.cache_build.build import LCM_DIR, PT_RECORD, TIME_IDS
+from lcm_plugin.cache_build.layout import LCM_DIR, PT_RECORD, TIME_IDS
 from test_cache_build import BIN, cli_env, free_port
 
 IMAGES = 48  # 64-px JPEGs in two buckets: 24 VAE batches of 2, 12 per machine

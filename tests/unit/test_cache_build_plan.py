@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lcm_plugin.cache_build.build import time_ids
+from lcm_plugin.cache_build.layout import time_ids
 from lcm_plugin.cache import scan_inventory
 from lcm_plugin.cache_build.plan import BuildError, ImageItem, captions_of, datasets_of, read_run, vae_batches
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, LCMScheduler
+from diffusers import LCMScheduler
 
 from lcm_plugin.lcm import (
     PREDICTION_TYPES,

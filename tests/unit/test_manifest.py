@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from lcm_plugin.cache_build.build import Fingerprints, read_manifest_entries, write_manifest
+from lcm_plugin.cache_build.fingerprint import Fingerprints
+from lcm_plugin.cache_build.manifest import read_manifest_entries, write_manifest
 from lcm_plugin.cache_build.fingerprint import latent_recipe
 from lcm_plugin.cache_build.layout import LCM_DIR, MANIFEST, MANIFEST_VERSION, text_entry, time_ids
 from lcm_plugin.cache_build.plan import Dataset, ImageItem

@@ -20,7 +20,11 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from lcm_plugin.cache_build.layout import TEXT_PARTS
+from lcm_plugin.cache_build.plan import BuildError, Dataset, ImageItem, RunSettings
 
 # Bump when the pixels or the encoding change for the same inputs (decode, resize, normalisation, sampling).
 RECIPE_VERSION = 1
@@ -254,3 +258,57 @@ def changes(old: dict, new: dict) -> list[str]:
                 shown = name in _SHOWN
                 reasons.append(_WHY[name] + (f": {before} -> {after}" if shown else ""))
     return reasons
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """The run's cache fingerprints (fingerprint.py) and their digests, which name the entries."""
+
+    latent: dict
+    latent_digest: str
+    text: dict
+    text_digest: str
+    latent_shape: tuple[int, int, str]  # (channels, pixel-to-latent factor, stored dtype)
+    family: str  # the run's model_family: what its text embeddings are (TEXT_PARTS)
+
+    @property
+    def text_parts(self) -> tuple[str, ...]:
+        return TEXT_PARTS[self.family]
+
+    def has_text(self, store, key: str) -> bool:
+        """Whether `store` (a reader, writer or key set) holds every part of the caption entry `key`."""
+        return store is not None and all(key + part in store for part in self.text_parts)
+
+
+def fingerprints(settings: RunSettings) -> Fingerprints:
+    from lcm_plugin.cache_build.fingerprint import (
+        IdentityError,
+        digest,
+        latent_fingerprint,
+        latent_geometry,
+        text_fingerprint,
+    )
+
+    try:
+        latent = latent_fingerprint(settings.vae_path, settings.vae_dtype, settings.seed)
+        text = text_fingerprint(settings.model_path, settings.text_dtype)
+        shape = latent_geometry(settings.vae_path, settings.vae_dtype)
+    except IdentityError as error:
+        raise BuildError(f"cannot identify the models of {settings.config_path}: {error}") from None
+    return Fingerprints(latent, digest(latent), text, digest(text), shape, settings.model_family)
+
+
+def name_entries(datasets: list[Dataset], prints: Fingerprints) -> None:
+    """Give every image its store key."""
+    from lcm_plugin.cache_build.fingerprint import recipe_digest
+
+    for dataset in datasets:
+        for item in dataset.images:
+            item.cache_key = f"{item.key}@{recipe_digest(prints.latent_digest, item.sample, item.content)}"
+
+
+def recipe_of(item: ImageItem, prints: Fingerprints) -> dict:
+    """What `item`'s latent is a function of (its key's digest names it)."""
+    from lcm_plugin.cache_build.fingerprint import latent_recipe
+
+    return latent_recipe(prints.latent_digest, item.sample, item.content)

@@ -1,0 +1,259 @@
+"""Filling the stores: the plan's VAE batches decoded in Rust (the next batch on a helper thread while the VAE
+encodes this one) and encoded, then its captions, putting only what the stores lack (resumable: a batch with any
+latent missing is re-encoded whole, the same images giving the same latents)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lcm_plugin.cache_build.faults import fault_point
+from lcm_plugin.cache_build.fingerprint import Fingerprints
+from lcm_plugin.cache_build.layout import (
+    LCM_DIR,
+    POOLED_PROMPT_EMBEDS,
+    PROMPT_EMBEDS,
+    TIME_IDS,
+    text_entry,
+    time_ids,
+)
+from lcm_plugin.cache_build.plan import (
+    Batch,
+    BuildError,
+    Dataset,
+    ImageItem,
+    RunSettings,
+    unique_captions,
+)
+
+if TYPE_CHECKING:
+    from lcm_plugin.cache_build.build import BuildOptions, BuildReport
+from lcm_plugin.cache_build.store import (
+    latent_file,
+    open_reader,
+    open_writer,
+    pt_done,
+    put,
+    write_pt,
+)
+
+TEXT_BATCH = 32  # captions per text-encoder call
+
+
+def _decode(batch: Batch, threads: int | None):
+    """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch."""
+    from lcm_plugin.cache import decode_batch
+
+    return decode_batch(
+        [str(item.path) for item in batch.items],
+        [item.sample["resize_size"] for item in batch.items],
+        [item.sample["crop_coordinates"] for item in batch.items],
+        batch.items[0].sample["target_size"],
+        threads=threads,
+    )
+
+
+def encode_images(
+    batches: list[Batch], datasets: list[Dataset], settings: RunSettings, prints: Fingerprints,
+    options: BuildOptions, rank: int, report: BuildReport, models,
+) -> None:
+    """Decodes batch i + 1 on a helper thread (the Rust decode releases the GIL) while the VAE encodes batch i."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from tqdm import tqdm
+
+    from lcm_plugin.cache_build.encode import vae_memory_problem
+
+    by_id = {d.id: d for d in datasets}
+    writers = {d.id: open_writer(d.vae_cache_dir / LCM_DIR, rank, options.shard_bytes) for d in datasets}
+    readers: dict[str, object] = {}
+
+    def todo(batch: Batch) -> tuple[list[ImageItem], list[ImageItem]]:
+        """(items whose latent is missing, items whose latent is stored but time_ids or SimpleTuner file are not)."""
+        writer, dataset = writers[batch.dataset], by_id[batch.dataset]
+        missing = [item for item in batch.items if item.cache_key not in writer]
+
+        def lacks_file(item: ImageItem) -> bool:
+            if not options.simpletuner_format:
+                return False
+            return not pt_done(writer, item.cache_key, latent_file(dataset, item.cache_key))
+
+        incomplete = [
+            item for item in batch.items
+            if item.cache_key in writer and (item.cache_key + TIME_IDS not in writer or lacks_file(item))
+        ]
+        return missing, incomplete
+
+    work = [(batch, *todo(batch)) for batch in batches]
+    work = [(batch, missing, incomplete) for batch, missing, incomplete in work if missing or incomplete]
+    report.reused += sum(len(b.items) for b in batches) - sum(len(missing) for _, missing, _ in work)
+    vae = models.vae() if any(missing for _, missing, _ in work) else None
+    # Why each batch with something to encode cannot be (None: it can), decided before anything is decoded.
+    problems = [vae_memory_problem(vae, batch.items[0].sample["target_size"]) if missing else None
+                for batch, missing, _ in work]
+    bar = tqdm(total=sum(len(b.items) for b, _, _ in work), unit="img", desc=f"latents (rank {rank})",
+               disable=rank != 0 or not work)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder:
+        decoding = {}
+
+        def decode_ahead(index: int) -> None:
+            if index < len(work) and work[index][1] and problems[index] is None:
+                decoding[index] = decoder.submit(_decode, work[index][0], options.threads)
+
+        decode_ahead(0)
+        for index, (batch, missing, incomplete) in enumerate(work):
+            decode_ahead(index + 1)
+            dataset, writer = by_id[batch.dataset], writers[batch.dataset]
+            for item in incomplete:
+                if item.cache_key + TIME_IDS not in writer:
+                    put(writer, item.cache_key + TIME_IDS, torch.tensor(time_ids(item.sample), dtype=torch.int64))
+                path = latent_file(dataset, item.cache_key)
+                if options.simpletuner_format and not pt_done(writer, item.cache_key, path):
+                    if batch.dataset not in readers:
+                        readers[batch.dataset] = open_reader(dataset.vae_cache_dir / LCM_DIR)
+                    latent = readers[batch.dataset].get_torch(item.cache_key).clone()
+                    write_pt(writer, item.cache_key, path, latent, dataset.compress_vae)
+            if problems[index]:
+                report.failed += [(str(item.path), problems[index]) for item in missing]
+            elif missing:
+                _encode_decoded(decoding.pop(index).result(), batch, dataset, writer, vae, settings, options, report)
+            bar.update(len(batch.items))
+    bar.close()
+    for writer in writers.values():
+        fault_point("commit")
+        writer.close()
+    if work:
+        report.encode_seconds = time.perf_counter() - start
+
+
+def _encode_decoded(decoded, batch: Batch, dataset: Dataset, writer, vae, settings: RunSettings,
+                    options: BuildOptions, report: BuildReport) -> None:
+    """VAE-encodes one decoded batch and puts what the store lacks (latent, time_ids, SimpleTuner file)."""
+    import torch
+
+    from lcm_plugin.cache_build.encode import encode_latents
+
+    pixels, ok, errors = decoded
+    report.failed += [(str(batch.items[i].path), message) for i, message in errors]
+    if not ok:
+        return
+    items = [batch.items[i] for i in ok]
+    try:
+        latents = encode_latents(vae, pixels, [item.key for item in items], settings.seed)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "allocate" not in str(error):
+            raise
+        w, h = batch.items[0].sample["target_size"]
+        report.failed += [
+            (str(item.path), f"the VAE ran out of memory on its {w}x{h} target (batch of {len(items)}); "
+             "leave such images out with minimum_aspect_ratio / maximum_aspect_ratio or "
+             "minimum_image_size, or lower vae_batch_size")
+            for item in items if item.cache_key not in writer
+        ]
+        return
+    fault_point("encoded")
+    for item, latent in zip(items, latents):
+        if item.cache_key not in writer:
+            put(writer, item.cache_key, latent)
+            report.encoded += 1
+        if item.cache_key + TIME_IDS not in writer:
+            put(writer, item.cache_key + TIME_IDS, torch.tensor(time_ids(item.sample), dtype=torch.int64))
+        path = latent_file(dataset, item.cache_key)
+        if options.simpletuner_format and not pt_done(writer, item.cache_key, path):
+            value = latent.clone(memory_format=torch.contiguous_format)  # the VAE's may be channels-last
+            write_pt(writer, item.cache_key, path, value, dataset.compress_vae)
+
+
+def encode_captions(
+    datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, rank: int, world: int,
+    report: BuildReport, models,
+) -> None:
+    """Captions in fixed chunks of TEXT_BATCH (rank r takes chunks r, r + N, ...). A chunk with any caption missing
+    is encoded whole, as latents are: an encoder's output bits can depend on the batch it ran in, and the same
+    chunk gives the same embeddings after a kill, whatever the number of processes."""
+    from tqdm import tqdm
+
+    from lcm_plugin.cache_build.encode import encode_prompts
+    from lcm_plugin.cache_build.simpletuner_format import text_cache_path
+
+    compress = {d.text_cache_dir: d.compress_text for d in datasets}
+    work = []  # (folder, writer, chunks with a caption to encode, captions stored but missing their SimpleTuner file)
+    for folder, captions in unique_captions(datasets).items():
+        writer = open_writer(folder / LCM_DIR, rank, options.shard_bytes)
+        chunks = [captions[start : start + TEXT_BATCH] for start in range(0, len(captions), TEXT_BATCH)][rank::world]
+        encode, files = [], []
+        for chunk in chunks:
+            keys = [text_entry(caption, prints.text_digest) for caption in chunk]
+            if not all(prints.has_text(writer, key) for key in keys):
+                encode.append(chunk)
+            elif options.simpletuner_format:
+                files += [c for c, k in zip(chunk, keys) if not pt_done(writer, k, text_cache_path(folder, c))]
+        work.append((folder, writer, encode, files))
+    for folder, writer, _, files in work:
+        reader = open_reader(folder / LCM_DIR) if files else None
+        for caption in files:
+            key = text_entry(caption, prints.text_digest)
+            value = {
+                "prompt_embeds": reader.get_torch(key + PROMPT_EMBEDS)[None].clone(),
+                "pooled_prompt_embeds": reader.get_torch(key + POOLED_PROMPT_EMBEDS).clone(),
+            }
+            write_pt(writer, key, text_cache_path(folder, caption), value, compress[folder])
+    if any(chunks for _, _, chunks, _ in work):
+        tokenizers, encoders = models.text_encoders()
+        bar = tqdm(total=sum(len(c) for _, _, chunks, _ in work for c in chunks), unit="caption",
+                   desc=f"text (rank {rank})", disable=rank != 0)
+        for folder, writer, chunks, _ in work:
+            for chunk in chunks:
+                prompt_embeds, pooled = encode_prompts(tokenizers, encoders, chunk, prints.family)
+                fault_point("encoded")
+                for index, (caption, embeds) in enumerate(zip(chunk, prompt_embeds)):
+                    key = text_entry(caption, prints.text_digest)
+                    if key + PROMPT_EMBEDS not in writer:
+                        put(writer, key + PROMPT_EMBEDS, embeds)
+                        report.captions += 1
+                    if pooled is not None and key + POOLED_PROMPT_EMBEDS not in writer:
+                        put(writer, key + POOLED_PROMPT_EMBEDS, pooled[index])
+                    path = text_cache_path(folder, caption)
+                    if options.simpletuner_format and not pt_done(writer, key, path):  # `cache build`: SDXL only
+                        value = {"prompt_embeds": embeds[None].clone(), "pooled_prompt_embeds": pooled[index].clone()}
+                        write_pt(writer, key, path, value, compress[folder])
+                bar.update(len(chunk))
+        bar.close()
+    for _, writer, _, _ in work:
+        fault_point("commit")
+        writer.close()
+
+
+def load_model(loader, path: str, dtype: str, what: str):
+    try:
+        return loader(path, dtype)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise BuildError(f"cannot load the {what} from {path!r}: {str(error).splitlines()[0]}") from None
+
+
+class FileModels:
+    """The VAE and text encoders loaded from the run's model paths (once, when first needed)."""
+
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
+        self._vae = None
+        self._text = None
+
+    def vae(self):
+        if self._vae is None:
+            from lcm_plugin.cache_build.encode import load_vae
+
+            self._vae = load_model(load_vae, self.settings.vae_path, self.settings.vae_dtype, what="VAE")
+        return self._vae
+
+    def text_encoders(self) -> tuple[list, list]:
+        """(tokenizers, text encoders)."""
+        if self._text is None:
+            from lcm_plugin.cache_build.encode import load_text_encoders
+
+            self._text = load_model(
+                load_text_encoders, self.settings.model_path, self.settings.text_dtype, what="text encoders"
+            )
+        return self._text
