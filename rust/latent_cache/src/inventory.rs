@@ -365,10 +365,17 @@ fn list(data_dir: &Path, options: &Options) -> Result<Listing> {
         }
         pending.extend(subfolders.into_iter().rev());
     }
-    images.par_sort_unstable_by(|a, b| a.0.split('/').cmp(b.0.split('/')));
-    others.sort_unstable_by(|a, b| a.split('/').cmp(b.split('/')));
+    images.par_sort_unstable_by(|a, b| by_components(&a.0, &b.0));
+    others.sort_unstable_by(|a, b| by_components(a, b));
     not_utf8.sort();
     Ok(Listing { images, others, not_utf8 })
+}
+
+/// Keys in the order their '/'-separated components sort: bytewise, with '/' below every byte a name can hold (the
+/// same order as comparing the split components, without splitting).
+fn by_components(a: &str, b: &str) -> std::cmp::Ordering {
+    let lowest_slash = |byte: u8| if byte == b'/' { 0 } else { byte };
+    a.bytes().map(lowest_slash).cmp(b.bytes().map(lowest_slash))
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -479,6 +486,22 @@ mod tests {
         let keys: Vec<_> = inv.items.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, [".hidden/x.png", "a.png", "b.png", "sub/c.PNG"]);
         assert_eq!(inv.others, ["sub/clip.MP4"]);
+    }
+
+    #[test]
+    fn keys_sort_as_their_components_do() {
+        let mut keys = vec!["a/b", "a-c", "a", "ab", "a/b/c", "a.b/z", "a/a", "b", " a", "a/b-c", "a/b/-"];
+        let mut split = keys.clone();
+        keys.sort_by(|a, b| by_components(a, b));
+        split.sort_by(|a, b| a.split('/').cmp(b.split('/')));
+        assert_eq!(keys, split);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn by_components_is_the_order_of_the_split_components(a in "[ab/ .-]{0,7}", b in "[ab/ .-]{0,7}") {
+            proptest::prop_assert_eq!(by_components(&a, &b), a.split('/').cmp(b.split('/')));
+        }
     }
 
     #[test]
