@@ -116,21 +116,25 @@ def unet_config(*, time_cond_proj_dim: int | None = None) -> dict:
     )
 
 
-def clip_text_config(tokenizer, *, hidden_act: str = "gelu"):
+def clip_text_config(tokenizer, *, hidden_act: str = "gelu", **architecture):
     """CLIPTextConfig of the tiny text encoders (hidden TEXT_HIDDEN_SIZE, projection POOLED_DIM, 77 positions).
 
     hidden_act: "quick_gelu" as OpenAI's CLIP-L (SD 1.x), "gelu" as OpenCLIP's encoders (SD 2.x, SDXL).
+    architecture: sizes that replace the tiny ones (real_sdxl.py passes SDXL's published encoders).
     """
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
+    sizes = dict(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN_SIZE,
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
         projection_dim=POOLED_DIM,
+    )
+    return CLIPTextConfig(
+        **{**sizes, **architecture},
+        max_position_embeddings=MAX_TOKENS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -166,9 +166,9 @@ def reference_inputs(batch):
     return batch["latents"], batch["noise"], batch["encoder_hidden_states"], cond_kwargs, uncond_kwargs
 
 
-def reference_solver(scheduler, cfg: LcmConfig):
+def reference_solver(scheduler, cfg: LcmConfig, device: torch.device | str = "cpu"):
     """The script's schedules and DDIMSolver: (prediction_type, alpha_schedule, sigma_schedule, ddim_timesteps,
-    ddim_alpha_cumprods_prev, topk)."""
+    ddim_alpha_cumprods_prev, topk), moved to `device` as the script moves them to `accelerator.device`."""
     num_train_timesteps = scheduler.config.num_train_timesteps
     alpha_cumprods = scheduler.alphas_cumprod.numpy()
     topk = num_train_timesteps // cfg.num_ddim_timesteps
@@ -178,10 +178,10 @@ def reference_solver(scheduler, cfg: LcmConfig):
     )
     return (
         scheduler.config.prediction_type,
-        torch.sqrt(scheduler.alphas_cumprod),
-        torch.sqrt(1 - scheduler.alphas_cumprod),
-        torch.from_numpy(ddim_timesteps).long(),
-        ddim_alpha_cumprods_prev,
+        torch.sqrt(scheduler.alphas_cumprod).to(device),
+        torch.sqrt(1 - scheduler.alphas_cumprod).to(device),
+        torch.from_numpy(ddim_timesteps).long().to(device),
+        ddim_alpha_cumprods_prev.to(device),
         topk,
     )
 
@@ -196,7 +196,7 @@ def reference_step(unet, scheduler, batch, index, w, cfg: LcmConfig, teacher_une
     target_unet = unet if target_unet is None else target_unet
     latents, noise, prompt_embeds, cond_kwargs, uncond_kwargs = reference_inputs(batch)
     prediction_type, alpha_schedule, sigma_schedule, ddim_timesteps, ddim_alpha_cumprods_prev, topk = (
-        reference_solver(scheduler, cfg)
+        reference_solver(scheduler, cfg, latents.device)
     )
     start_timesteps = ddim_timesteps[index]
     timesteps = start_timesteps - topk

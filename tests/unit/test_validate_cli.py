@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import lcm_plugin.commands.validate as validate_command
 from lcm_plugin.cli import main
 from lcm_plugin.config import format_problems, validate_files, validate_run
 
@@ -21,6 +22,15 @@ FIXES = {
     "num_train_epochs": 0,
     "data_backend_config": "config/multidatabackend.json",
 }
+
+
+READ_GPUS = validate_command.visible_gpus
+
+
+@pytest.fixture(autouse=True)
+def no_visible_gpu(monkeypatch):
+    """Warning counts below are for a machine without a GPU, whatever this one has."""
+    monkeypatch.setattr(validate_command, "visible_gpus", lambda: [])
 
 
 def _project(tmp_path, config_changes=None, backends=None, data_dir=True):
@@ -100,7 +110,8 @@ def test_fixed_seed_validates_with_the_warnings_it_deserves(tmp_path, capsys):
 
 def test_clean_lcm_project_has_nothing_to_say(tmp_path, capsys):
     folder = _project(tmp_path, {**FIXES, "caption_dropout_probability": 0.0, "validation_negative_prompt": None})
-    assert _run(capsys, tmp_path) == (0, [], "OK: 0 error(s), 0 warning(s)\n")
+    code, lines, err = _run(capsys, tmp_path)
+    assert (code, lines) == (0, []) and err.endswith("\nOK: 0 error(s), 0 warning(s)\n")
     assert _run(capsys, folder / "config.json", folder / "multidatabackend.json")[0] == 0
 
 
@@ -209,3 +220,47 @@ def test_validate_does_not_import_torch_or_simpletuner(tmp_path):
     ) % str(folder)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_seed_config_prints_the_memory_estimate_and_its_terms(tmp_path, capsys):
+    shutil.copytree(SEED, tmp_path / "config")
+    _, _, err = _run(capsys, tmp_path)
+    lines = err.splitlines()
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("estimated peak GPU memory: "))
+    peak, phases = lines[estimate], lines[estimate + 1:-1]
+    assert [line.split(":")[0] for line in phases] == ["  caching", "  training", "  validation"]
+    totals = {line.split(":")[0].strip(): float(line.split(": ")[1].split(" GiB")[0]) for line in phases}
+    name = max(totals, key=totals.get)
+    assert peak == f"estimated peak GPU memory: {totals[name]:.1f} GiB ({name})"
+    # By hand: 2,567,463,684 UNet weights in bf16; LoRA rank 64 on to_q/k/v/out.0 = 92,897,280 bf16 weights, as many
+    # gradients, and adamw_bf16's three bf16 states.
+    training = next(line for line in phases if line.startswith("  training"))
+    assert "= UNet bf16 4.78 + LoRA rank 64 (92.9M) 0.17 + gradients 0.17 + adamw_bf16 state 0.52 + activations" in (
+        training)
+    assert lines[-1].startswith("FAILED: 5 error(s), 3 warning(s)")
+
+
+def _fake_nvidia_smi(folder, listing: str):
+    """An nvidia-smi on PATH that prints `listing` for validate's query."""
+    folder.mkdir()
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+    script.chmod(0o755)
+    return folder
+
+
+def test_warns_when_the_estimate_exceeds_the_smallest_visible_gpu(tmp_path, capsys, monkeypatch):
+    folder = _project(tmp_path, FIXES, data_dir=False)
+    monkeypatch.setattr(validate_command, "visible_gpus", READ_GPUS)
+    bin_dir = _fake_nvidia_smi(tmp_path / "bin", "0, NVIDIA Tiny, 4096\\n1, NVIDIA H100 80GB HBM3, 81559\\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    code, lines, err = _run(capsys, folder)
+    assert code == 0 and "0 error(s), 4 warning(s)" in err
+    warning = next(line for line in lines if "does not fit" in line)
+    assert warning.startswith(f"{folder / 'config.json'}: /: warning: estimated peak GPU memory ")
+    assert "does not fit the 4.0 GiB of the NVIDIA Tiny: " in warning
+    # CUDA_VISIBLE_DEVICES=1: only the 80 GB card is used, and the run fits it.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    code, lines, err = _run(capsys, folder)
+    assert "0 error(s), 3 warning(s)" in err and not any("does not fit" in line for line in lines)
