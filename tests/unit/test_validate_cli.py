@@ -264,3 +264,11 @@ def test_warns_when_the_estimate_exceeds_the_smallest_visible_gpu(tmp_path, caps
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     code, lines, err = _run(capsys, folder)
     assert "0 error(s), 3 warning(s)" in err and not any("does not fit" in line for line in lines)
+
+
+@pytest.mark.parametrize("change", [{"validation_resolution": "1024x"}, {"resolution": "abc"}, {"lora_rank": "x"},
+                                    {"train_batch_size": -1}, {"gradient_accumulation_steps": "z"}])
+def test_values_the_estimate_cannot_read_give_problems_not_a_traceback(tmp_path, capsys, change):
+    """Nothing raises: the estimate reads what it can (an unreadable validation_resolution used to raise)."""
+    code, out, err = _run(capsys, _project(tmp_path, change))
+    assert code == 1 and "Traceback" not in err and out

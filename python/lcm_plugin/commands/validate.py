@@ -90,7 +90,10 @@ def memory_estimate_of(config_path: Path):
     parsed = (parse_distillation_config(preprocess_value(raw), training_folder(Path(config_path).parent))
               if raw is not None else {})
     block = lcm_block_of(parsed)[0] if isinstance(parsed, dict) else {}
-    return estimate_run_memory(effective_settings(config), block if isinstance(block, dict) else {})
+    try:
+        return estimate_run_memory(effective_settings(config), block if isinstance(block, dict) else {})
+    except (ValueError, TypeError, KeyError, ArithmeticError):
+        return None  # a value it cannot read (resolution "abc", ...): validate's own problems name the key
 
 
 def visible_gpus() -> list[tuple[str, float]]:
