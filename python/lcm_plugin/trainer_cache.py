@@ -188,7 +188,7 @@ def uncovered_reason(entry: dict, args) -> str | None:
 
 
 def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerModels, group, rank: int, world: int,
-            local_rank: int | None = None, threads: int | None = None, listed_extensions: tuple[str, ...] = (),
+            local_rank: int | None = None, threads: int | None = None, listed_extensions=(),
             log=logger.info) -> Coverage:
     """Build the caches of every covered dataset of the run (all ranks call it, with the same files), write
     SimpleTuner's bucket metadata for them, and serve them from now on. Returns what is served.
@@ -197,8 +197,8 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     each end in one gather that every rank reaches. When any rank's part fails, every rank raises (its own error
     where it failed, `RankFailed` on the others) with nothing served, so every rank takes SimpleTuner's own path or
     none does. `threads`: worker threads of this process's Rust pools (None: rayon's default, RAYON_NUM_THREADS or
-    every core). `listed_extensions`: what SimpleTuner lists as a dataset's files (".ext", lower case); the scans list
-    them too, and answer its listing of the folder (`take_listing`).
+    every core). `listed_extensions`: the extensions SimpleTuner lists a dataset's files by (its
+    `image_file_extensions`); the scans list them too, and answer its listing of the folder (`take_listing`).
 
     The first rank of each machine (`local_rank` 0) plans first, on every core, and writes the scan memos; the
     other ranks then plan from those memos (file stamps only: nothing read twice on one machine)."""
@@ -213,17 +213,21 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
         # latent gather) run on rayon's global pool, which reads this variable when first used: in the header scan.
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     from lcm_plugin.cache_build.build import BuildOptions, build_planned
+    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
     from lcm_plugin.cache_build.ranks import Phase, RanksDisagree
 
+    listed = listed_as(listed_extensions)
+    if not listed >= set(IMAGE_EXTENSIONS):
+        listed = frozenset()  # SimpleTuner would not list every image the scan reads: its listing stays its own
     first_on_machine = (rank if local_rank is None else local_rank) == 0
     with Phase(group, "planning on each machine's first rank"):
         # The machine's other ranks wait: its first one scans on every core (unless RAYON_NUM_THREADS sizes the pools).
         scan_threads = None if threads is None else max(threads, os.cpu_count() or 1)
-        planned = _plan(config_path, args, models, rank, listed_extensions, log, remember=True,
+        planned = _plan(config_path, args, models, rank, listed, log, remember=True,
                         threads=scan_threads) if first_on_machine else None
     with Phase(group, "planning") as planning:
         if not first_on_machine:
-            planned = _plan(config_path, args, models, rank, listed_extensions, log, remember=False, threads=None)
+            planned = _plan(config_path, args, models, rank, listed, log, remember=False, threads=None)
         planning.share(planned is not None)
     if len(set(planning.shared)) > 1:
         idle = [other for other, has_plan in enumerate(planning.shared) if not has_plan]
@@ -238,7 +242,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
                            write_bucket_files=True, remove_stale_files=False,
                            log=lambda line: log(f"simpletuner-lcm data path: {line}"))
     with Phase(group, "opening the caches"):
-        _serve(datasets, prints, report.failed_on_any_rank, report.bucket_metadata, listed_extensions)
+        _serve(datasets, prints, report.failed_on_any_rank, report.bucket_metadata, listed)
     if rank == 0 and report.failed_on_any_rank:
         log(f"simpletuner-lcm data path: {len(report.failed_on_any_rank)} image(s) not in the shards; SimpleTuner's "
             "own path takes them (first: " + "; ".join(f"{path}: {why}" for path, why in
@@ -250,7 +254,7 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
     return _coverage
 
 
-def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions: tuple[str, ...], log, *,
+def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset[str], log, *,
           remember: bool, threads: int | None):
     """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once). With
     `remember`, the scans update their memos; `threads`: the scans' pool (None: rayon's global one)."""
@@ -302,7 +306,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions
             continue
         try:
             dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, threads,
-                                   remember=remember, listed_extensions=listed_extensions)
+                                   remember=remember, listed_extensions=tuple(sorted(listed)))
         except (BuildError, BucketConfigError) as error:
             fall_back(name, str(error))
             continue
@@ -322,7 +326,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed_extensions
 
 
 def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str, tuple],
-           listed_extensions: tuple[str, ...]) -> None:
+           listed: frozenset[str]) -> None:
     from lcm_plugin.cache import LatentCacheReader
     from lcm_plugin.cache_build.layout import LCM_DIR
 
@@ -332,9 +336,8 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
         keys = {  # item paths are absolute and normalised (plan.scan_dataset), as SimpleTuner's local backend lists
             item.path: item.cache_key for item in dataset.images if item.path not in failed and item.cache_key in reader
         }
-        listed = (str(dataset.data_dir), frozenset(listed_extensions), dataset.inventory) if listed_extensions else None
         _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id),
-                                                      listed)
+                                                      (str(dataset.data_dir), listed, dataset.inventory) if listed else None)
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
@@ -371,17 +374,19 @@ def take_listing(dataset_id: str, instance_data_dir: str, file_extensions) -> li
     """What SimpleTuner's LocalDataBackend.list_files would return for a covered dataset's folder, from the scan's
     inventory, once: [(folder as os.walk names it, [], [absolute file paths])]. None when the folder, the
     extensions (SimpleTuner's ".ext" normalisation) or the dataset are not the ones the scan listed."""
-    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
-
     dataset = _coverage.datasets.get(dataset_id)
     if dataset is None or dataset.listed is None or not instance_data_dir or not file_extensions:
         return None
     folder, extensions, inventory = dataset.listed
-    asked = frozenset(f".{str(extension).lower().lstrip('.')}" for extension in file_extensions)
-    if os.path.abspath(instance_data_dir) != folder or asked != extensions or not set(IMAGE_EXTENSIONS) <= asked:
+    if os.path.abspath(instance_data_dir) != folder or listed_as(file_extensions) != extensions:
         return None
     dataset.listed = None
     return simpletuner_listing(inventory, instance_data_dir)
+
+
+def listed_as(extensions) -> frozenset[str]:
+    """File extensions as LocalDataBackend.list_files matches names against them: ".ext", lower case."""
+    return frozenset(f".{str(extension).lower().lstrip('.')}" for extension in extensions)
 
 
 def simpletuner_listing(inventory, instance_data_dir: str) -> list[tuple]:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
 from lcm_plugin.cache import scan_inventory
-from lcm_plugin.trainer_cache import simpletuner_listing
+from lcm_plugin.trainer_cache import listed_as, simpletuner_listing
 
 FILES = (
     "a.png", "B.PNG", "c.JpEg", "sub/d.webp", "sub/inner/e.jpg", "café ü/f g.png", ".hidden/h.png",
@@ -55,9 +55,8 @@ def listed(listing: list[tuple]) -> dict[str, list[str]]:
 
 
 def ours(data: Path, instance_data_dir: str, extensions) -> list[tuple]:
-    asked = sorted(f".{str(ext).lower().lstrip('.')}" for ext in extensions)
     inventory = scan_inventory(data, list(IMAGE_EXTENSIONS), None, None,
-                               other_extensions=sorted(set(asked) - set(IMAGE_EXTENSIONS)))
+                               other_extensions=sorted(listed_as(extensions) - set(IMAGE_EXTENSIONS)))
     return simpletuner_listing(inventory, instance_data_dir)
 
 
@@ -88,11 +87,10 @@ def test_a_listing_asked_for_other_extensions_is_not_the_scans(simpletuner, tmp_
     backend, extensions = simpletuner
     data = hostile_folder(tmp_path)
     inventory = scan_inventory(data, list(IMAGE_EXTENSIONS), None, None)
-    listed_extensions = tuple(sorted(f".{ext}" for ext in extensions))
     trainer_cache.reset()
     try:
         trainer_cache.coverage().datasets["listing"] = trainer_cache.DatasetCache(
-            "listing", reader=None, keys={}, listed=(str(data), frozenset(listed_extensions), inventory))
+            "listing", reader=None, keys={}, listed=(str(data), listed_as(extensions), inventory))
         assert trainer_cache.take_listing("listing", str(data), ["pt"]) is None
         assert trainer_cache.take_listing("listing", str(data / "sub"), extensions) is None
         assert trainer_cache.take_listing("other", str(data), extensions) is None

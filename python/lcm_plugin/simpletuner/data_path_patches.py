@@ -101,7 +101,7 @@ def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) ->
         trainer_cache.prepare(
             running_config_path(), config, lcm_run=is_lcm_run(config), models=models,
             group=trainer_cache.AcceleratorGroup(accelerator), rank=rank, world=accelerator.num_processes,
-            local_rank=accelerator.local_process_index, threads=threads, listed_extensions=tuple(sorted(f".{ext}" for ext in image_file_extensions)),
+            local_rank=accelerator.local_process_index, threads=threads, listed_extensions=image_file_extensions,
         )
     except trainer_cache.DataPathSwitchError:
         raise
