@@ -75,30 +75,35 @@ def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
 
 
 def bucket_metadata(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """SimpleTuner's discovery results for `items`: (bucket -> image paths, image path -> metadata). Images with one
+    """SimpleTuner's discovery results for `items`: (bucket -> image paths, image path -> metadata)."""
+    indices, metadata, _ = _discovery(items)
+    return indices, metadata
+
+
+def _discovery(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[str, dict], str]:
+    """`bucket_metadata` and the JSON text of its metadata (what `json.dumps` gives), in one pass. Images with one
     bucketer answer get copies of one dict (their own dict, SimpleTuner may add keys; the size lists are shared: it
-    reads them, never changes them)."""
+    reads them, never changes them), encoded once."""
     indices: dict[str, list[str]] = {}
     metadata = {}
-    templates: dict[int, dict] = {}  # id(sample) -> its metadata; the plan's items keep every sample alive
+    parts = []
+    templates: dict[int, tuple[dict, str]] = {}  # id(sample) -> its metadata and JSON; the items keep samples alive
     for item in items:
         sample = item.sample
         template = templates.get(id(sample))
         if template is None:
-            template = templates[id(sample)] = _metadata_of(sample)
+            image = {
+                "original_size": list(sample["original_size"]),
+                "crop_coordinates": list(sample["crop_coordinates"]),
+                "target_size": list(sample["target_size"]),
+                "intermediary_size": list(sample["intermediary_size"]),
+                "aspect_ratio": sample["aspect_ratio"],
+            }
+            template = templates[id(sample)] = (image, json.dumps(image))
         indices.setdefault(sample["bucket"], []).append(item.path)
-        metadata[item.path] = template.copy()
-    return indices, metadata
-
-
-def _metadata_of(sample: dict) -> dict:
-    return {
-        "original_size": list(sample["original_size"]),
-        "crop_coordinates": list(sample["crop_coordinates"]),
-        "target_size": list(sample["target_size"]),
-        "intermediary_size": list(sample["intermediary_size"]),
-        "aspect_ratio": sample["aspect_ratio"],
-    }
+        metadata[item.path] = template[0].copy()
+        parts.append(f"{json.dumps(item.path)}: {template[1]}")
+    return indices, metadata, "{" + ", ".join(parts) + "}"
 
 
 def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> tuple[Path, tuple[int, int, int], dict]:
@@ -106,24 +111,12 @@ def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> tuple[Pat
     (size, mtime_ns, inode) as written and what it holds, as `json.loads` would give it back."""
     from lcm_plugin.cache_build.faults import fault_point
 
-    indices, metadata = bucket_metadata(items)
+    indices, metadata, metadata_text = _discovery(items)
     index_file, metadata_file = bucket_files(dataset)
     write_atomic(index_file, json.dumps({"config": {}, "aspect_ratio_bucket_indices": indices}).encode())
     fault_point("buckets")
-    write_atomic(metadata_file, metadata_json(items).encode())
+    write_atomic(metadata_file, metadata_text.encode())
     return metadata_file, file_stamp(metadata_file), metadata
-
-
-def metadata_json(items: list[ImageItem]) -> str:
-    """`json.dumps(bucket_metadata(items)[1])`, each bucketer answer's dict encoded once (a dataset has few)."""
-    encoded: dict[int, str] = {}  # id(sample) -> its metadata's JSON; the items keep every sample alive
-    parts = []
-    for item in items:
-        text = encoded.get(id(item.sample))
-        if text is None:
-            text = encoded[id(item.sample)] = json.dumps(_metadata_of(item.sample))
-        parts.append(f"{json.dumps(item.path)}: {text}")
-    return "{" + ", ".join(parts) + "}"
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
