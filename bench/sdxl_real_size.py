@@ -26,7 +26,6 @@ warm-up and not counted. "Whole run" is the largest resident set sampled over th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -42,7 +41,6 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PROBE_DIR = BENCH / "step_probe"
-PARITY_TEST = REPO / "tests" / "unit" / "test_distiller_parity.py"
 # SimpleTuner 4.10.1's SDXL.DEFAULT_LORA_TARGET: what a seed run trains.
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 SAMPLE_INTERVAL_S = 0.2
@@ -82,13 +80,6 @@ class Measured:
         return max(self.peak_bytes)
 
 
-def load_parity_module():
-    spec = importlib.util.spec_from_file_location("distiller_parity", PARITY_TEST)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def read_records(path: Path, warmup_steps: int, label: str, rank: int = 0) -> Measured:
     measured = Measured(label)
     for line in path.read_text().splitlines() if path.is_file() else []:
@@ -115,6 +106,7 @@ def harness(args) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
     from peak_memory import append_record, current_bytes, peak_bytes, reset_peak
+    from step import fresh, load_parity_module  # bench/step.py: the tiny-model step benchmark
 
     from lcm_plugin.config import LcmConfig
     from lcm_plugin.demo.config import load_seed
@@ -157,15 +149,12 @@ def harness(args) -> None:
              "encoder_hidden_states": randn(batch_size, 77, config.cross_attention_dim), "add_text_embeds": pooled,
              "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
-    def fresh() -> dict:  # both steps write into the batch
-        return {**batch, "added_cond_kwargs": dict(batch["added_cond_kwargs"])}
-
     if args.impl == "ours":
         model = parity.FakeUnetModel(unet, "epsilon")
         distiller = LcmDistiller(model, noise_scheduler=scheduler, config=cfg)
 
         def step() -> None:
-            prepared = distiller.prepare_batch(fresh(), model, {})
+            prepared = distiller.prepare_batch(fresh(batch), model, {})
             loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
             loss.backward()
     else:
@@ -173,7 +162,7 @@ def harness(args) -> None:
             index = torch.randint(0, cfg.num_ddim_timesteps, (batch_size,), device=device)
             w = cfg.w_min - 1 + (cfg.w_max - cfg.w_min) * torch.rand(batch_size, device=device)
             with torch.autocast(device.type, dtype=dtype):
-                parity.reference_step(unet, scheduler, fresh(), index, w, cfg)
+                parity.reference_step(unet, scheduler, fresh(batch), index, w, cfg)
 
     if device.type == "cpu" and not args.quanto:
         # safetensors maps the weights from the file: read every page now, so that "loaded" holds them.
