@@ -49,7 +49,7 @@ def test_an_unknown_switch_value_names_the_variable_and_the_valid_values():
         ({"vae_cache_disable": True}, {}, "vae_cache_disable"),
         ({"skip_file_discovery": "vae aspect"}, {}, "skip_file_discovery vae, aspect"),
         ({}, {"skip_file_discovery": "text"}, "skip_file_discovery text"),
-        ({"metadata_backend": "parquet"}, {}, "metadata_backend 'parquet'"),
+        ({"metadata_backend": "huggingface"}, {}, "metadata_backend 'huggingface'"),
         ({"scan_for_errors": True}, {}, "scan_for_errors"),
         ({"caption_filter_list": "filters.txt"}, {}, "caption_filter_list"),
         ({}, {"enable_nsfw_check": True}, "enable_nsfw_check"),

@@ -16,6 +16,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lcm_plugin.cache_build.parquet import (
+    ParquetError,
+    ParquetSource,
+    ParquetTable,
+    caption_id,
+    parquet_source,
+    read_table,
+    size_id,
+)
 from lcm_plugin.config import format_problems, has_errors, validate_run
 from lcm_plugin.config.databackend import is_enabled
 from lcm_plugin.config.problems import pointer
@@ -37,7 +46,9 @@ BUCKET_KEYS = (
     "maximum_image_size",
     "target_downsample_size",
 )
-CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
+CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet")
+# SimpleTuner's metadata backends that bucket a local folder by the images' headers ("filesystem" is its old name).
+DISCOVERY_BACKENDS = ("discovery", "json", "filesystem")
 
 
 class BuildError(Exception):
@@ -99,6 +110,9 @@ class Dataset:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable
     excluded: list[tuple[Path, str]] = field(default_factory=list)  # (file, which filter), as SimpleTuner filters
     inventory: object = None  # the folder's scan (lcm_plugin.cache.Inventory), set by scan_dataset
+    # metadata_backend parquet: the sizes (and, for caption_strategy parquet, captions) come from this file
+    parquet: ParquetSource | None = None
+    parquet_table: ParquetTable | None = None  # set by scan_dataset
 
 
 @dataclass(frozen=True)
@@ -248,6 +262,14 @@ def dataset_of(
         )
     if strategy == "instanceprompt" and not entry.get("instance_prompt"):
         raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
+    metadata_backend = entry.get("metadata_backend") or "discovery"
+    if metadata_backend not in (*DISCOVERY_BACKENDS, "parquet"):
+        raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build reads image sizes by discovery "
+                         f"or from a parquet file (got {metadata_backend!r})")
+    try:
+        parquet = parquet_source(entry, index, file, settings.root) if metadata_backend == "parquet" else None
+    except ParquetError as error:
+        raise BuildError(str(error)) from None
     vae_cache = entry.get("cache_dir_vae") or os.path.join(
         str(settings.inherited["output_dir"]), "cache", "vae", settings.model_family, entry["id"]
     )
@@ -264,6 +286,7 @@ def dataset_of(
         compress_text=_compressed(text_entry, settings),
         minimum_aspect_ratio=_aspect_limit(entry, "minimum_aspect_ratio", file, index),
         maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
+        parquet=parquet,
     )
 
 
@@ -310,6 +333,8 @@ def captions_of(path: str | Path, dataset: Dataset, text: str | None) -> tuple[s
     caption file when a textfile caption is missing."""
     if dataset.caption_strategy == "instanceprompt":
         return (dataset.instance_prompt.strip(),)
+    if dataset.caption_strategy == "parquet":
+        return _parquet_captions(path, dataset)
     prepend = dataset.prepend_instance_prompt and dataset.instance_prompt
     if text is not None and not prepend and "\n" not in text and dataset.caption_strategy == "textfile":
         return (text.strip(),)  # the common case, once per image of millions
@@ -322,6 +347,19 @@ def captions_of(path: str | Path, dataset: Dataset, text: str | None) -> tuple[s
     if prepend:
         captions = [f"{dataset.instance_prompt} {caption}" for caption in captions]
     return tuple([caption.strip() for caption in captions])
+
+
+def _parquet_captions(path: str | Path, dataset: Dataset) -> tuple[str, ...]:
+    """PromptHandler.prepare_instance_prompt_from_parquet's captions of `path`: the table's, the instance prompt and
+    a space before each when prepended."""
+    name = caption_id(str(path), dataset.parquet)
+    captions = dataset.parquet_table.captions.get(name)
+    if not captions:
+        why = "blank" if captions is not None else "missing"
+        raise BuildError(f"caption {name!r} {why} in {dataset.parquet.path} (caption_strategy parquet)")
+    if dataset.prepend_instance_prompt and dataset.instance_prompt:
+        return tuple(f"{dataset.instance_prompt} {caption}" for caption in captions)
+    return captions
 
 
 def caption_file(path: str | Path) -> str:
@@ -353,6 +391,11 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
             f"{shown}: the file name is not valid UTF-8; rename it (cache keys, SimpleTuner's metadata and caption "
             "file names need UTF-8)"
         )
+    if dataset.parquet is not None:
+        try:
+            dataset.parquet_table = read_table(dataset.parquet)
+        except ParquetError as error:
+            raise BuildError(str(error)) from None
     if remember and (inventory.read or inventory.removed or not inventory.had_memo):
         try:
             inventory.write_memo(memo)
@@ -385,9 +428,13 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
     dataset.skipped += [(dataset.data_dir / keys[i], message) for i, message in inventory.errors]
     unreadable_captions = dict(inventory.caption_errors)
     readable = [i for i, size in enumerate(sizes) if size is not None]
-    samples = Bucketer(dataset.bucket_config, seed=seed).assign([sizes[i] for i in readable])
     # The folder is absolute and normalised, the keys are names read from it: a join needs no normalising.
     folder = os.path.join(str(dataset.data_dir), "")
+    if dataset.parquet is None:
+        bucketed = [sizes[i] for i in readable]
+    else:
+        readable, bucketed = _parquet_sizes(dataset, folder, keys, readable)
+    samples = Bucketer(dataset.bucket_config, seed=seed).assign(bucketed)
     filtered = dataset.minimum_aspect_ratio is not None or dataset.maximum_aspect_ratio is not None
     for i, sample in zip(readable, samples):
         path = folder + keys[i]
@@ -408,6 +455,21 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
             dataset.skipped.append((Path(path), str(error)))
             continue
         dataset.images.append(ImageItem(path=path, key=keys[i], captions=captions, sample=sample, content=contents[i]))
+
+
+def _parquet_sizes(dataset: Dataset, folder: str, keys, readable: list[int]) -> tuple[list[int], list[tuple]]:
+    """The images of `readable` that the parquet sizes, and their sizes: ParquetMetadataBackend buckets by the table,
+    and leaves out an image it has no row for."""
+    table, source = dataset.parquet_table, dataset.parquet
+    sized, sizes = [], []
+    for i in readable:
+        size = table.sizes.get(size_id(folder + keys[i], source))
+        if size is None:
+            dataset.excluded.append((Path(folder + keys[i]), f"no row in {source.path.name} (metadata_missing)"))
+        else:
+            sized.append(i)
+            sizes.append(size)
+    return sized, sizes
 
 
 def aspect_filter(dataset: Dataset, bucket: str) -> str | None:
