@@ -20,6 +20,7 @@ class MissingKeyError(LatentCacheError): ...
 class DuplicateKeyError(LatentCacheError): ...
 class CacheIOError(LatentCacheError): ...
 class WriterLockedError(LatentCacheError): ...
+class RemoteReadError(LatentCacheError): ...
 
 _Path = str | PathLike[str]
 _Size = tuple[int, int]
@@ -54,6 +55,32 @@ def scan_inventory(
     threads: int | None = None,
     other_extensions: list[str] = ...,
 ) -> Inventory: ...
+
+class S3Bucket:
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        access_key_id: str,
+        secret_access_key: str,
+        *,
+        region: str = "us-east-1",
+        session_token: str | None = None,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+        timeout_s: float = 60.0,
+    ) -> None: ...
+    def list(self, prefix: str) -> list[tuple[str, int]]: ...
+    def get_all(self, keys: list[str], concurrency: int = 32) -> tuple[list[bytes | None], list[tuple[int, str]]]: ...
+    def scan(
+        self,
+        prefix: str,
+        extensions: list[str],
+        caption_extension: str | None = None,
+        memo: _Path | None = None,
+        other_extensions: list[str] = ...,
+        concurrency: int = 32,
+    ) -> Inventory: ...
 
 class Bucketer:
     def __init__(self, config: dict[str, Any], seed: int = 0) -> None: ...

@@ -79,6 +79,13 @@ pub enum CacheError {
         /// Writer name.
         writer: String,
     },
+    /// A bucket could not be opened or listed (after the client's retries).
+    Remote {
+        /// `s3://bucket/prefix` involved.
+        location: String,
+        /// What the server or the connection said.
+        reason: String,
+    },
 }
 
 impl CacheError {
@@ -132,6 +139,7 @@ impl fmt::Display for CacheError {
                 dir.display(),
                 crate::store::lock_path(dir, writer).display()
             ),
+            CacheError::Remote { location, reason } => write!(f, "cannot read `{location}`: {reason}"),
         }
     }
 }

@@ -301,6 +301,126 @@ fn inspect(key: &str, path: &Path, options: &Options, memo: &Remembered<'_>, mem
     Item { key: key.to_string(), stamp, size, content, caption, read: true }
 }
 
+/// The inventory of the objects under `prefix` in `bucket` (a `type: aws` dataset): keys are the objects' keys,
+/// SimpleTuner's names of its samples. Stamps are the listing's (size, last modification, ETag in place of the
+/// inode); objects the memo at `memo` does not hold for their stamps are fetched whole, `concurrency` at a time.
+/// Sizes are as stored: SimpleTuner decodes a remote image whole, without applying its EXIF orientation.
+pub fn scan_bucket(
+    bucket: &crate::remote::Bucket,
+    prefix: &str,
+    options: &Options,
+    memo: Option<&Path>,
+    concurrency: usize,
+) -> Result<Inventory> {
+    let objects = bucket.list(prefix)?;
+    let wanted = |list: &[String], key: &str| python_extension(key).is_some_and(|e| list.contains(&e));
+    let stamps: std::collections::HashMap<&str, Stamp> = objects.iter().map(|o| (o.key.as_str(), object_stamp(o))).collect();
+    let mut images: Vec<&str> = objects.iter().map(|o| o.key.as_str()).filter(|k| wanted(&options.extensions, k)).collect();
+    images.sort_by(|a, b| by_components(a, b));
+    let mut others: Vec<String> =
+        objects.iter().map(|o| o.key.clone()).filter(|k| wanted(&options.other_extensions, k)).collect();
+    others.sort_by(|a, b| by_components(a, b));
+    let (memo_rows, memo_time) = match memo.map(read_memo) {
+        Some(Ok(Some((rows, time)))) => (rows, Some(time)),
+        _ => (Vec::new(), None),
+    };
+    let remembered = Remembered::new(&memo_rows);
+    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
+    // SimpleTuner's caption object: os.path.splitext(key)[0] + extension.
+    let caption_keys: Vec<Option<String>> = images
+        .iter()
+        .map(|key| options.caption_extension.as_ref().map(|ext| format!("{}{ext}", python_stem(key))))
+        .collect();
+    let mut items: Vec<Option<Item>> = images
+        .iter()
+        .zip(&caption_keys)
+        .map(|(key, caption_key)| {
+            let stamp = stamps[key];
+            let caption_stamp = caption_key.as_ref().map(|k| stamps.get(k.as_str()).copied());
+            let row = remembered.get(key)?;
+            let caption_same = match (&caption_stamp, &row.caption) {
+                (None, Caption::NotRead) | (Some(None), Caption::Missing) => true,
+                (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
+                _ => false,
+            };
+            (row.stamp == stamp && trusted(stamp) && caption_same).then(|| Item {
+                key: key.to_string(),
+                stamp,
+                size: row.size.clone(),
+                content: row.content,
+                caption: row.caption.clone(),
+                read: false,
+            })
+        })
+        .collect();
+    let unread: Vec<usize> = (0..images.len()).filter(|&i| items[i].is_none()).collect();
+    let image_keys: Vec<String> = unread.iter().map(|&i| images[i].to_string()).collect();
+    let caption_reads: Vec<String> =
+        unread.iter().filter_map(|&i| caption_keys[i].clone()).filter(|k| stamps.contains_key(k.as_str())).collect();
+    let fetched = bucket.get_all(&image_keys, concurrency);
+    let mut captions: std::collections::HashMap<String, std::result::Result<Vec<u8>, String>> =
+        caption_reads.iter().cloned().zip(bucket.get_all(&caption_reads, concurrency)).collect();
+    for (&i, bytes) in unread.iter().zip(fetched) {
+        let key = images[i];
+        let (size, content) = match bytes {
+            Ok(bytes) => {
+                let header = std::panic::catch_unwind(|| crate::scan::header_from_bytes(Path::new(key), &bytes))
+                    .unwrap_or_else(|_| Err(CacheError::config("header", "header parser panicked")));
+                (header.map(|h| (h.width, h.height)).map_err(|e| e.to_string()), xxhash_rust::xxh3::xxh3_128(&bytes))
+            }
+            Err(why) => (Err(format!("cannot read s3 object `{key}`: {why}")), 0),
+        };
+        let caption = match &caption_keys[i] {
+            None => Caption::NotRead,
+            Some(caption_key) => match (stamps.get(caption_key.as_str()), captions.remove(caption_key)) {
+                (Some(&stamp), Some(Ok(bytes))) => match String::from_utf8(bytes) {
+                    Ok(text) => Caption::Text(stamp, text),
+                    Err(e) => Caption::Unreadable(stamp, format!("not UTF-8 ({e})")),
+                },
+                (Some(&stamp), Some(Err(why))) => Caption::Unreadable(stamp, why),
+                _ => Caption::Missing,
+            },
+        };
+        items[i] = Some(Item { key: key.to_string(), stamp: stamps[key], size, content, caption, read: true });
+    }
+    let items: Vec<Item> = items.into_iter().flatten().collect();
+    let present: HashSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let removed = memo_rows.iter().filter(|row| !present.contains(row.key.as_str())).count();
+    let touched = items
+        .iter()
+        .filter(|i| i.read && remembered.get(&i.key).is_some_and(|row| row.content == i.content && row.content != 0 && row.stamp != i.stamp))
+        .count();
+    Ok(Inventory { items, touched, removed, had_memo: memo_time.is_some(), not_utf8: Vec::new(), others })
+}
+
+/// A listed object's stamp: its ETag changes with its bytes, so it stands where a file's inode and ctime would.
+fn object_stamp(object: &crate::remote::Object) -> Stamp {
+    let e_tag = object.e_tag.as_deref().unwrap_or("");
+    Stamp {
+        size: object.size,
+        mtime_ns: object.last_modified_ns,
+        ctime_ns: object.last_modified_ns,
+        inode: xxhash_rust::xxh3::xxh3_64(e_tag.as_bytes()),
+    }
+}
+
+/// `os.path.splitext(key)[1].lower()`: the last '.' of the last component, unless the component's leading dots.
+fn python_extension(key: &str) -> Option<String> {
+    let stem_len = python_stem(key).len();
+    (stem_len < key.len()).then(|| key[stem_len..].to_lowercase())
+}
+
+/// `os.path.splitext(key)[0]`.
+fn python_stem(key: &str) -> &str {
+    let name_at = key.rfind('/').map_or(0, |at| at + 1);
+    let name = &key[name_at..];
+    let leading_dots = name.len() - name.trim_start_matches('.').len();
+    match name[leading_dots..].rfind('.') {
+        Some(dot) => &key[..name_at + leading_dots + dot],
+        None => key,
+    }
+}
+
 fn read_caption(path: &Path, stamp: Stamp) -> Caption {
     let mut bytes = Vec::with_capacity(stamp.size as usize);
     match fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)) {
@@ -458,6 +578,22 @@ mod tests {
         fs::write(dir.path().join("a.txt"), "a cat").unwrap();
         age(&dir.path().join("a.txt"), 60);
         dir
+    }
+
+    #[test]
+    fn stems_and_extensions_split_as_python_splitext() {
+        for (key, stem, ext) in [
+            ("a/b.PNG", "a/b", Some(".png")),
+            ("a.b/c", "a.b/c", None),
+            ("a/.png", "a/.png", None),
+            ("a/..x.jpg", "a/..x", Some(".jpg")),
+            ("a/b.", "a/b", Some(".")),
+            ("c.d.png", "c.d", Some(".png")),
+            ("", "", None),
+        ] {
+            assert_eq!(python_stem(key), stem, "{key}");
+            assert_eq!(python_extension(key).as_deref(), ext, "{key}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod decode;
 pub mod inventory;
 mod error;
 mod pyrandom;
+pub mod remote;
 pub mod scan;
 pub mod store;
 

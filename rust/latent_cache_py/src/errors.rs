@@ -13,6 +13,7 @@ create_exception!(lcm_plugin._latent_cache, CorruptShardError, LatentCacheError,
 create_exception!(lcm_plugin._latent_cache, MissingKeyError, LatentCacheError, "A key is not in the cache.");
 create_exception!(lcm_plugin._latent_cache, DuplicateKeyError, LatentCacheError, "A key was written twice.");
 create_exception!(lcm_plugin._latent_cache, CacheIOError, LatentCacheError, "An OS-level read or write failed.");
+create_exception!(lcm_plugin._latent_cache, RemoteReadError, LatentCacheError, "A bucket could not be opened or listed.");
 create_exception!(
     lcm_plugin._latent_cache,
     WriterLockedError,
@@ -36,6 +37,7 @@ pub fn to_py(err: CacheError) -> PyErr {
         CacheError::DuplicateKey { .. } => DuplicateKeyError::new_err(msg),
         CacheError::WriterBusy { .. } => WriterLockedError::new_err(msg),
         CacheError::BatchMismatch { .. } => PyValueError::new_err(msg),
+        CacheError::Remote { .. } => RemoteReadError::new_err(msg),
     }
 }
 
@@ -75,5 +77,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DuplicateKeyError", py.get_type::<DuplicateKeyError>())?;
     m.add("CacheIOError", py.get_type::<CacheIOError>())?;
     m.add("WriterLockedError", py.get_type::<WriterLockedError>())?;
+    m.add("RemoteReadError", py.get_type::<RemoteReadError>())?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// The images of one data folder (sorted keys), with what the scan or its memo knows of each.
 #[pyclass(name = "Inventory", module = "lcm_plugin._latent_cache", frozen)]
 pub struct PyInventory {
-    inner: inventory::Inventory,
+    pub(crate) inner: inventory::Inventory,
 }
 
 #[pymethods]

@@ -6,6 +6,7 @@ mod cache;
 mod decode;
 mod errors;
 mod inventory;
+mod remote;
 mod scan;
 
 #[pymodule(gil_used = false)]
@@ -18,6 +19,8 @@ mod _latent_cache {
     use crate::inventory::{scan_inventory_py, PyInventory};
     #[pymodule_export]
     use crate::bucket::PyBucketer;
+    #[pymodule_export]
+    use crate::remote::PyS3Bucket;
     #[pymodule_export]
     use crate::decode::{decode_batch_bytes_py, decode_batch_py};
     #[pymodule_export]

@@ -1,0 +1,205 @@
+//! An S3-compatible bucket, read as SimpleTuner 4.10.1's `type: aws` backend reads it
+//! (helpers/data_backend/aws.py): objects listed under a raw key prefix (a string, not a folder: `img` also lists
+//! `img2/a.png`), recursively, every page; each object read whole.
+//!
+//! Requests go through Apache Arrow's `object_store` (SigV4 signing, retries with exponential backoff on 5xx, throttling,
+//! timeouts and dropped connections). A body cut short, which a request-level retry does not see, is fetched again
+//! here. Credentials are held by the client only: nothing here formats them.
+use crate::error::{CacheError, Result};
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a bucket is and who reads it: SimpleTuner's `aws_*` keys of a dataset entry.
+#[derive(Clone)]
+pub struct BucketConfig {
+    /// `aws_endpoint_url` (an S3-compatible server; `http://` is allowed).
+    pub endpoint: String,
+    /// `aws_bucket_name`.
+    pub bucket: String,
+    /// `aws_region_name` (signing region; SimpleTuner leaves it to botocore, which signs for us-east-1 by default).
+    pub region: String,
+    /// `aws_access_key_id`.
+    pub access_key_id: String,
+    /// `aws_secret_access_key`.
+    pub secret_access_key: String,
+    /// `aws_session_token`, when the credentials are temporary.
+    pub session_token: Option<String>,
+}
+
+/// How hard a read tries.
+#[derive(Debug, Clone, Copy)]
+pub struct Patience {
+    /// Attempts after the first, per request and per body.
+    pub retries: usize,
+    /// Wait before the first retry; doubles each time, up to 8 times this.
+    pub backoff: Duration,
+    /// Limit of one request, from connecting to the last byte.
+    pub timeout: Duration,
+}
+
+impl Default for Patience {
+    fn default() -> Self {
+        Patience { retries: 5, backoff: Duration::from_millis(200), timeout: Duration::from_secs(60) }
+    }
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// Its key in the bucket (SimpleTuner's name of the sample).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// ETag, which changes with the object's bytes.
+    pub e_tag: Option<String>,
+    /// Last modification, ns since the epoch.
+    pub last_modified_ns: i64,
+}
+
+/// An open bucket: a client and the runtime its requests run on.
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+    patience: Patience,
+    name: String,
+}
+
+impl Bucket {
+    /// A client for `config`. Nothing is requested yet.
+    pub fn open(config: &BucketConfig, patience: Patience) -> Result<Bucket> {
+        // One process-wide TLS provider; a second install (another bucket) is refused and harmless. ring, not aws-lc:
+        // it builds without a C toolchain in a third of the time; S3 needs no post-quantum key exchange.
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let retry = RetryConfig {
+            max_retries: patience.retries,
+            retry_timeout: patience.timeout * (patience.retries as u32 + 1),
+            backoff: BackoffConfig { init_backoff: patience.backoff, max_backoff: patience.backoff * 8, base: 2.0 },
+        };
+        let client = ClientOptions::new().with_allow_http(true).with_timeout(patience.timeout);
+        let mut builder = AmazonS3Builder::new()
+            .with_endpoint(&config.endpoint)
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(&config.secret_access_key)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(client)
+            .with_retry(retry);
+        if let Some(token) = &config.session_token {
+            builder = builder.with_token(token);
+        }
+        let location = format!("s3://{}", config.bucket);
+        let store = builder.build().map_err(|e| CacheError::Remote { location: location.clone(), reason: e.to_string() })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| CacheError::Remote { location, reason: e.to_string() })?;
+        Ok(Bucket { store: Arc::new(store), runtime, patience, name: config.bucket.clone() })
+    }
+
+    /// Every object whose key starts with `prefix`, in key order.
+    pub fn list(&self, prefix: &str) -> Result<Vec<Object>> {
+        // object_store lists below a folder; the folder holding the prefix's last '/' holds every match.
+        let folder = prefix.rfind('/').map_or("", |at| &prefix[..at]);
+        // `parse` takes a key as it is; `from` would percent-encode it (twice, once more in the URL).
+        let under = match folder {
+            "" => None,
+            folder => Some(ObjectPath::parse(folder).map_err(|e| self.error(prefix, e))?),
+        };
+        let mut listed = Vec::new();
+        self.runtime.block_on(async {
+            let mut stream = self.store.list(under.as_ref());
+            while let Some(meta) = stream.next().await {
+                let meta = meta.map_err(|e| self.error(prefix, e))?;
+                let key = meta.location.to_string();
+                if key.starts_with(prefix) {
+                    listed.push(Object {
+                        key,
+                        size: meta.size,
+                        e_tag: meta.e_tag,
+                        last_modified_ns: meta.last_modified.timestamp_nanos_opt().unwrap_or(0),
+                    });
+                }
+            }
+            Ok::<_, CacheError>(())
+        })?;
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(listed)
+    }
+
+    /// The bytes of each object of `keys` (in order), at most `concurrency` requests at a time; a key that stays
+    /// unreadable gets why (a deleted object: "not found").
+    pub fn get_all(&self, keys: &[String], concurrency: usize) -> Vec<std::result::Result<Vec<u8>, String>> {
+        self.runtime.block_on(async {
+            futures::stream::iter(keys.iter().map(|key| self.get(key)))
+                .buffered(concurrency.max(1))
+                .collect()
+                .await
+        })
+    }
+
+    async fn get(&self, key: &str) -> std::result::Result<Vec<u8>, String> {
+        let location = ObjectPath::parse(key).map_err(|e| format!("a key the client cannot address: {e}"))?;
+        let mut wait = self.patience.backoff;
+        let mut attempt = 0;
+        loop {
+            let outcome = match self.store.get(&location).await {
+                Ok(response) => {
+                    let expected = response.meta.size;
+                    match response.bytes().await {
+                        Ok(bytes) if bytes.len() as u64 == expected => return Ok(bytes.to_vec()),
+                        Ok(bytes) => format!("{} of its {expected} bytes arrived", bytes.len()),
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => return Err("not found (deleted since it was listed?)".into()),
+                // The client has retried the request itself; what is left is not worth repeating.
+                Err(e) => return Err(e.to_string()),
+            };
+            if attempt >= self.patience.retries {
+                return Err(format!("{outcome} (after {} attempts)", attempt + 1));
+            }
+            attempt += 1;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(self.patience.backoff * 8);
+        }
+    }
+
+    fn error(&self, prefix: &str, e: impl std::fmt::Display) -> CacheError {
+        CacheError::Remote { location: format!("s3://{}/{prefix}", self.name), reason: e.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable_bucket() -> Bucket {
+        let config = BucketConfig {
+            endpoint: "http://127.0.0.1:9".into(), // the discard port: nothing answers
+            bucket: "data".into(),
+            region: "us-east-1".into(),
+            access_key_id: "key".into(),
+            secret_access_key: "secret".into(),
+            session_token: None,
+        };
+        Bucket::open(&config, Patience { retries: 1, backoff: Duration::from_millis(1), timeout: Duration::from_secs(2) })
+            .unwrap()
+    }
+
+    #[test]
+    fn an_unreachable_server_is_an_error_per_key_not_a_panic() {
+        let bucket = unreachable_bucket();
+        let got = bucket.get_all(&["a.png".to_string(), "b.png".to_string()], 2);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|r| r.is_err()));
+        let listed = bucket.list("images/").unwrap_err().to_string();
+        assert!(listed.contains("s3://data/images/"), "{listed}");
+    }
+}
