@@ -128,13 +128,25 @@ pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<I
                 .unwrap_or_else(|_| unreadable(key, "header parser panicked"))
         })
         .collect();
+    Ok(tally(items, &memo_rows, &remembered, had_memo, not_utf8, others))
+}
+
+/// The inventory of `items`, counting the memo's rows gone and the images read again whose bytes were the same.
+fn tally(
+    items: Vec<Item>,
+    memo_rows: &[MemoRow],
+    remembered: &Remembered<'_>,
+    had_memo: bool,
+    not_utf8: Vec<PathBuf>,
+    others: Vec<String>,
+) -> Inventory {
     let present: HashSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
     let removed = memo_rows.iter().filter(|row| !present.contains(row.key.as_str())).count();
     let touched = items
         .iter()
         .filter(|i| i.read && remembered.get(&i.key).is_some_and(|row| row.content == i.content && row.content != 0 && row.stamp != i.stamp))
         .count();
-    Ok(Inventory { items, touched, removed, had_memo, not_utf8, others })
+    Inventory { items, touched, removed, had_memo, not_utf8, others }
 }
 
 /// Writes the memo of `inventory` to `path` atomically.
@@ -274,17 +286,8 @@ fn inspect(key: &str, path: &Path, options: &Options, memo: &Remembered<'_>, mem
     let stamp = Stamp::of(&meta);
     let caption_path = options.caption_extension.as_ref().map(|ext| path.with_extension(ext.trim_start_matches('.')));
     let caption_stamp = caption_path.as_ref().map(|p| fs::metadata(p).ok().map(|m| Stamp::of(&m)));
-    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
-    if let Some(row) = memo.get(key) {
-        let caption_same = match (&caption_stamp, &row.caption) {
-            (None, Caption::NotRead) => true,
-            (Some(None), Caption::Missing) => true,
-            (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
-            _ => false,
-        };
-        if row.stamp == stamp && trusted(stamp) && caption_same {
-            return Item { key: key.to_string(), stamp, size: row.size.clone(), content: row.content, caption: row.caption.clone(), read: false };
-        }
+    if let Some(item) = from_memo(key, stamp, caption_stamp, memo, memo_time) {
+        return item;
     }
     let (size, content) = match fs::read(path) {
         Ok(bytes) => {
@@ -325,7 +328,6 @@ pub fn scan_bucket(
         _ => (Vec::new(), None),
     };
     let remembered = Remembered::new(&memo_rows);
-    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
     // SimpleTuner's caption object: os.path.splitext(key)[0] + extension.
     let caption_keys: Vec<Option<String>> = images
         .iter()
@@ -335,22 +337,8 @@ pub fn scan_bucket(
         .iter()
         .zip(&caption_keys)
         .map(|(key, caption_key)| {
-            let stamp = stamps[key];
             let caption_stamp = caption_key.as_ref().map(|k| stamps.get(k.as_str()).copied());
-            let row = remembered.get(key)?;
-            let caption_same = match (&caption_stamp, &row.caption) {
-                (None, Caption::NotRead) | (Some(None), Caption::Missing) => true,
-                (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
-                _ => false,
-            };
-            (row.stamp == stamp && trusted(stamp) && caption_same).then(|| Item {
-                key: key.to_string(),
-                stamp,
-                size: row.size.clone(),
-                content: row.content,
-                caption: row.caption.clone(),
-                read: false,
-            })
+            from_memo(key, stamps[key], caption_stamp, &remembered, memo_time)
         })
         .collect();
     let unread: Vec<usize> = (0..images.len()).filter(|&i| items[i].is_none()).collect();
@@ -384,13 +372,7 @@ pub fn scan_bucket(
         items[i] = Some(Item { key: key.to_string(), stamp: stamps[key], size, content, caption, read: true });
     }
     let items: Vec<Item> = items.into_iter().flatten().collect();
-    let present: HashSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    let removed = memo_rows.iter().filter(|row| !present.contains(row.key.as_str())).count();
-    let touched = items
-        .iter()
-        .filter(|i| i.read && remembered.get(&i.key).is_some_and(|row| row.content == i.content && row.content != 0 && row.stamp != i.stamp))
-        .count();
-    Ok(Inventory { items, touched, removed, had_memo: memo_time.is_some(), not_utf8: Vec::new(), others })
+    Ok(tally(items, &memo_rows, &remembered, memo_time.is_some(), Vec::new(), others))
 }
 
 /// A listed object's stamp: its ETag changes with its bytes, so it stands where a file's inode and ctime would.
@@ -419,6 +401,26 @@ fn python_stem(key: &str) -> &str {
         Some(dot) => &key[..name_at + leading_dots + dot],
         None => key,
     }
+}
+
+/// The memo's row of `key` as an item, when the image's and its caption's stamps (`None`: the strategy reads no
+/// caption; `Some(None)`: there is none) are those it was read with and not racily new.
+fn from_memo(key: &str, stamp: Stamp, caption_stamp: Option<Option<Stamp>>, memo: &Remembered<'_>, memo_time: Option<i64>) -> Option<Item> {
+    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
+    let row = memo.get(key)?;
+    let caption_same = match (&caption_stamp, &row.caption) {
+        (None, Caption::NotRead) | (Some(None), Caption::Missing) => true,
+        (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
+        _ => false,
+    };
+    (row.stamp == stamp && trusted(stamp) && caption_same).then(|| Item {
+        key: key.to_string(),
+        stamp,
+        size: row.size.clone(),
+        content: row.content,
+        caption: row.caption.clone(),
+        read: false,
+    })
 }
 
 fn read_caption(path: &Path, stamp: Stamp) -> Caption {
