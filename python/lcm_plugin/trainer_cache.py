@@ -65,6 +65,9 @@ class DatasetCache:
     # (data folder, the extensions it was listed for, its inventory) until SimpleTuner lists the folder
     # (`take_listing`)
     listed: tuple | None = None
+    # (the parquet source the plan read, its caption cells) of a caption_strategy parquet dataset, until SimpleTuner's
+    # ParquetMetadataBackend extracts its captions (`take_parquet_captions`)
+    parquet_captions: tuple | None = None
 
     def key_of(self, image_path: str) -> str | None:
         key = self.keys.get(image_path)
@@ -336,8 +339,12 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
         keys = {  # item paths are absolute and normalised (plan.scan_dataset), as SimpleTuner's local backend lists
             item.path: item.cache_key for item in dataset.images if item.path not in failed and item.cache_key in reader
         }
+        parquet_captions = None
+        if dataset.caption_strategy == "parquet":
+            parquet_captions = (dataset.parquet, dataset.parquet_table.captions)
         _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id),
-                                                      (str(dataset.data_dir), listed, dataset.inventory) if listed else None)
+                                                      (str(dataset.data_dir), listed, dataset.inventory) if listed else None,
+                                                      parquet_captions)
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
@@ -382,6 +389,24 @@ def take_listing(dataset_id: str, instance_data_dir: str, file_extensions) -> li
         return None
     dataset.listed = None
     return simpletuner_listing(inventory, instance_data_dir)
+
+
+def take_parquet_captions(dataset_id: str, parquet_config) -> dict | None:
+    """What SimpleTuner's `ParquetMetadataBackend._extract_captions_to_fast_list` (a row-by-row pass over the whole
+    table, ~20 s per million rows) would return for a covered dataset, from the plan's column read of the same file,
+    once. None when the dataset or its `parquet` block (file, id and caption columns, extension rule) is not the one
+    the plan read."""
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or dataset.parquet_captions is None or not isinstance(parquet_config, dict):
+        return None
+    source, captions = dataset.parquet_captions
+    planned = (str(source.path), source.filename_column, source.caption_column, source.identifier_includes_extension)
+    asked = (os.path.abspath(str(parquet_config.get("path", ""))), parquet_config.get("filename_column"),
+             parquet_config.get("caption_column"), bool(parquet_config.get("identifier_includes_extension", False)))
+    if asked != planned:
+        return None
+    dataset.parquet_captions = None
+    return captions
 
 
 def listed_as(extensions) -> frozenset[str]:

@@ -32,6 +32,7 @@ from simpletuner.helpers.training import image_file_extensions  # noqa: E402
 from simpletuner.helpers.training.state_tracker import StateTracker  # noqa: E402
 
 DATASET = "photos"
+CAPTION_CACHE: dict = {}  # SimpleTuner's last `_extract_captions_to_fast_list`
 # Image files (relative to the data folder) and their real sizes.
 FILES = {
     "a.png": (40, 30),
@@ -96,11 +97,15 @@ def write_run(tmp_path: Path, *, includes_extension: bool, relative_folder: bool
     return root, entry
 
 
-def ours(root: Path) -> tuple[dict, dict, set]:
-    """path -> original size and path -> captions of the planned images, and the paths left out."""
+def plan(root: Path):
     settings, entries = read_run(root)
     (dataset,) = datasets_of(settings, entries)
-    scan_dataset(dataset, settings.seed)
+    return scan_dataset(dataset, settings.seed)
+
+
+def ours(root: Path) -> tuple[dict, dict, set]:
+    """path -> original size and path -> captions of the planned images, and the paths left out."""
+    dataset = plan(root)
     sizes = {item.path: tuple(item.sample["original_size"]) for item in dataset.images}
     captions = {item.path: list(item.captions) for item in dataset.images}
     left_out = {str(path) for path, _ in dataset.excluded + dataset.skipped}
@@ -119,7 +124,8 @@ class _Geometry:
 
 def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict]:
     """SimpleTuner's sizes (path -> original size, for the images it buckets) and captions (path -> captions, for the
-    images whose caption it finds) of the same run, the trainer started in `root`."""
+    images whose caption it finds) of the same run, the trainer started in `root`; its caption cache (the dict of
+    `_extract_captions_to_fast_list`) in `CAPTION_CACHE`."""
     monkeypatch.chdir(root)
     monkeypatch.setattr(simpletuner_parquet, "TrainingSample", _Geometry)
     data_backend = LocalDataBackend(accelerator=SimpleNamespace(), id=DATASET)
@@ -137,6 +143,8 @@ def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict]:
     backend.meets_resolution_requirements = lambda image_metadata: True
     backend.load_parquet_database()
     backend.caption_cache = backend._extract_captions_to_fast_list()
+    CAPTION_CACHE.clear()
+    CAPTION_CACHE.update(backend.caption_cache)
     StateTracker.register_data_backend({"id": DATASET, "metadata_backend": backend})
     StateTracker.set_data_backend_config(DATASET, {"instance_data_dir": entry["instance_data_dir"]})
     sizes, captions = {}, {}
@@ -175,6 +183,22 @@ def test_sizes_and_captions_are_simpletuners(tmp_path, monkeypatch, includes_ext
     assert left_out == {str(root / "data" / file) for file in FILES} - both
     if not relative_folder:  # the case plans something, with sizes from the table, not the files
         assert str(root / "data" / "a.png") in sizes and sizes[str(root / "data" / "a.png")] == (640, 480)
+    # What data path D8 hands SimpleTuner instead of its row-by-row pass: the same dict, shapes included
+    assert plan(root).parquet_table.captions == CAPTION_CACHE and CAPTION_CACHE
+
+
+def test_the_captions_are_handed_over_once_and_only_for_the_planned_table(tmp_path, monkeypatch):
+    from lcm_plugin import trainer_cache
+
+    root, entry = write_run(tmp_path, includes_extension=False, relative_folder=False)
+    dataset = plan(root)
+    monkeypatch.setattr(trainer_cache, "_coverage", trainer_cache.Coverage(datasets={DATASET: trainer_cache.DatasetCache(
+        DATASET, None, {}, parquet_captions=(dataset.parquet, dataset.parquet_table.captions))}))
+    for other in ({"caption_column": "w"}, {"identifier_includes_extension": True}, {"path": "other.parquet"}):
+        assert trainer_cache.take_parquet_captions(DATASET, entry["parquet"] | other) is None
+    assert trainer_cache.take_parquet_captions("another", entry["parquet"]) is None
+    assert trainer_cache.take_parquet_captions(DATASET, entry["parquet"]) == dataset.parquet_table.captions
+    assert trainer_cache.take_parquet_captions(DATASET, entry["parquet"]) is None  # once
 
 
 def test_the_instance_prompt_is_prepended_as_simpletuner_does(tmp_path, monkeypatch):

@@ -54,7 +54,9 @@ class ParquetSource:
 @dataclass(frozen=True)
 class ParquetTable:
     sizes: dict[str, tuple[int, int]]  # size id -> (width, height)
-    captions: dict[str, tuple[str, ...]]  # caption id -> its captions (none when every value is blank)
+    # caption id -> its cell as `_extract_captions_to_fast_list` keeps it (a stripped string, or a list of strings):
+    # SimpleTuner's own caption cache, handed to it for a dataset the plugin serves (data path D8)
+    captions: dict[str, str | list[str]]
 
 
 def parquet_source(entry: dict, index: int, file: str, root: Path) -> ParquetSource:
@@ -160,7 +162,7 @@ def read_table(source: ParquetSource) -> ParquetTable:
         named = source.filename_column if "" in ids else source.caption_column
         raise ParquetError(f"{where}: empty strings in column {named!r}; SimpleTuner refuses them unless "
                            "parquet.fallback_caption_column is set")
-    captions: dict[str, tuple[str, ...]] = {}
+    captions: dict[str, str | list[str]] = {}
     for name, value in zip(ids, cells):
         # _extract_captions_to_fast_list, row by row: later rows of an id replace earlier ones; a blank one does not
         if isinstance(value, str):
@@ -168,17 +170,13 @@ def read_table(source: ParquetSource) -> ParquetTable:
         else:
             value = [item for item in value if item is not None]
         if value:
-            captions[name if source.identifier_includes_extension else os.path.splitext(name)[0]] = tuple(
-                _caption_values(value)
-            )
+            captions[name if source.identifier_includes_extension else os.path.splitext(name)[0]] = value
     return ParquetTable(sizes, captions)
 
 
-def _caption_values(value) -> list[str]:
-    """PromptHandler._caption_payload_values: the stripped, non-empty strings of a cell (a string or a list)."""
-    if isinstance(value, str):
-        value = value.strip()
-        return [value] if value else []
-    if isinstance(value, list):
-        return [text for item in value for text in _caption_values(item)]
-    return []
+def caption_values(cell: str | list[str]) -> tuple[str, ...]:
+    """PromptHandler._caption_payload_values: the stripped, non-empty strings of a caption cell."""
+    if isinstance(cell, str):
+        cell = cell.strip()
+        return (cell,) if cell else ()
+    return tuple(text for item in cell for text in caption_values(item))

@@ -21,6 +21,7 @@ from lcm_plugin.cache_build.parquet import (
     ParquetSource,
     ParquetTable,
     caption_id,
+    caption_values,
     parquet_source,
     read_table,
     size_id,
@@ -353,9 +354,10 @@ def _parquet_captions(path: str | Path, dataset: Dataset) -> tuple[str, ...]:
     """PromptHandler.prepare_instance_prompt_from_parquet's captions of `path`: the table's, the instance prompt and
     a space before each when prepended."""
     name = caption_id(str(path), dataset.parquet)
-    captions = dataset.parquet_table.captions.get(name)
+    cell = dataset.parquet_table.captions.get(name)
+    captions = () if cell is None else caption_values(cell)
     if not captions:
-        why = "blank" if captions is not None else "missing"
+        why = "blank" if cell is not None else "missing"
         raise BuildError(f"caption {name!r} {why} in {dataset.parquet.path} (caption_strategy parquet)")
     if dataset.prepend_instance_prompt and dataset.instance_prompt:
         return tuple(f"{dataset.instance_prompt} {caption}" for caption in captions)

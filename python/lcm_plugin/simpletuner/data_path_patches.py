@@ -1,4 +1,4 @@
-"""Data path patches D1-D7 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
+"""Data path patches D1-D8 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ logger = logging.getLogger("simpletuner-lcm")
 
 
 def surfaces() -> dict:
-    """The SimpleTuner objects D1-D7 patch, checked (install() calls this before it changes anything)."""
+    """The SimpleTuner objects D1-D8 patch, checked (install() calls this before it changes anything)."""
     trainer_module = import_surface("simpletuner.helpers.training.trainer")
     require(trainer_module, "configure_multi_databackend", "simpletuner.helpers.training.trainer")
     collate = import_surface("simpletuner.helpers.training.collate")
@@ -41,9 +41,12 @@ def surfaces() -> dict:
     local_backend = require(import_surface("simpletuner.helpers.data_backend.local"), "LocalDataBackend",
                             "simpletuner.helpers.data_backend.local")
     require(local_backend, "list_files", "LocalDataBackend")
+    parquet = require(import_surface("simpletuner.helpers.metadata.backends.parquet"), "ParquetMetadataBackend",
+                      "simpletuner.helpers.metadata.backends.parquet")
+    require(parquet, "_extract_captions_to_fast_list", "ParquetMetadataBackend")
     require(import_surface("simpletuner.helpers.training"), "image_file_extensions", "simpletuner.helpers.training")
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
-            "factory": factory, "discovery": discovery, "local_backend": local_backend}
+            "factory": factory, "discovery": discovery, "local_backend": local_backend, "parquet": parquet}
 
 
 def _building_configure(original):
@@ -287,6 +290,20 @@ def _listing_from_the_scan(original):
     return list_files
 
 
+def _parquet_captions_from_the_plan(original):
+    """D8: SimpleTuner walks a parquet table row by row for its captions at every start; the plan read the same
+    columns a moment before and hands over the same dict, once, for a covered dataset."""
+
+    @functools.wraps(original)
+    def _extract_captions_to_fast_list(self):
+        from lcm_plugin import trainer_cache
+
+        captions = trainer_cache.take_parquet_captions(getattr(self, "id", None), getattr(self, "parquet_config", None))
+        return original(self) if captions is None else captions
+
+    return _extract_captions_to_fast_list
+
+
 def _text_embeddings_unless_served(original):
     """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
     captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
@@ -314,6 +331,7 @@ _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
     ("discovery", "load_image_metadata", _written_metadata_handed_over),
     ("local_backend", "list_files", _listing_from_the_scan),
+    ("parquet", "_extract_captions_to_fast_list", _parquet_captions_from_the_plan),
     ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),
     ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),

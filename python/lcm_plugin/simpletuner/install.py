@@ -60,6 +60,9 @@ D6. `DiscoveryMetadataBackend.load_image_metadata` takes the bucket metadata the
 D7. `LocalDataBackend.list_files` answers SimpleTuner's listing of a covered dataset's folder (os.walk and a path
     join per file, for every image, video and audio extension it knows) from the build's scan, which listed the same
     files by the same rules a moment before (once per dataset; other folders and extension lists are SimpleTuner's).
+D8. `ParquetMetadataBackend._extract_captions_to_fast_list` (a pass over every row of a `metadata_backend: parquet`
+    table) takes the captions the plan read from the same file by column, for a covered dataset whose `parquet`
+    block is the one planned (once per dataset).
 
 Model families (every run, LCM or not; `family_patches.py`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
