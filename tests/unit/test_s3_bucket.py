@@ -133,9 +133,16 @@ def test_an_object_that_stays_broken_is_named_and_the_rest_are_read(s3):
 
 
 def test_an_object_deleted_after_the_listing_is_named(s3):
-    # The first object read is held back; meanwhile the second is deleted.
+    # The first object read is held back; while its read waits, the second is deleted.
     s3.proxy.fail("images/.hidden/h.png", "slow:1.0")
-    deleter = threading.Timer(0.4, lambda: s3.client.delete_object(Bucket=BUCKET, Key="images/C.PNG"))
+
+    def delete_once_the_first_read_began():
+        deadline = time.monotonic() + 10
+        while ("GET", "images/.hidden/h.png") not in s3.proxy.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s3.client.delete_object(Bucket=BUCKET, Key="images/C.PNG")
+
+    deleter = threading.Thread(target=delete_once_the_first_read_began)
     deleter.start()
     inventory = bucket(s3.proxy.endpoint).scan("images/", list(IMAGE_EXTENSIONS), ".txt", concurrency=1)
     deleter.join()
