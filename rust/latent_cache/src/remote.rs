@@ -3,8 +3,8 @@
 //! `img2/a.png`), recursively, every page; each object read whole.
 //!
 //! Requests go through Apache Arrow's `object_store` (SigV4 signing, retries with exponential backoff on 5xx, throttling,
-//! timeouts and dropped connections). A body cut short, which a request-level retry does not see, is fetched again
-//! here. Credentials are held by the client only: nothing here formats them.
+//! timeouts and dropped connections; a body cut short is resumed with a ranged GET). Credentials are held by the client
+//! only: nothing here formats them.
 use crate::error::{CacheError, Result};
 use futures::StreamExt;
 use object_store::aws::AmazonS3Builder;
@@ -33,7 +33,7 @@ pub struct BucketConfig {
 /// How hard a read tries.
 #[derive(Debug, Clone, Copy)]
 pub struct Patience {
-    /// Attempts after the first, per request and per body.
+    /// Attempts after the first, per request.
     pub retries: usize,
     /// Wait before the first retry; doubles each time, up to 8 times this.
     pub backoff: Duration,
@@ -64,7 +64,6 @@ pub struct Object {
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
-    patience: Patience,
     name: String,
 }
 
@@ -100,7 +99,7 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| CacheError::Remote { location, reason: e.to_string() })?;
-        Ok(Bucket { store: Arc::new(store), runtime, patience, name: config.bucket.clone() })
+        Ok(Bucket { store: Arc::new(store), runtime, name: config.bucket.clone() })
     }
 
     /// Every object whose key starts with `prefix`, in key order.
@@ -146,28 +145,18 @@ impl Bucket {
 
     async fn get(&self, key: &str) -> std::result::Result<Vec<u8>, String> {
         let location = ObjectPath::parse(key).map_err(|e| format!("a key the client cannot address: {e}"))?;
-        let mut wait = self.patience.backoff;
-        let mut attempt = 0;
-        loop {
-            let outcome = match self.store.get(&location).await {
-                Ok(response) => {
-                    let expected = response.meta.size;
-                    match response.bytes().await {
-                        Ok(bytes) if bytes.len() as u64 == expected => return Ok(bytes.to_vec()),
-                        Ok(bytes) => format!("{} of its {expected} bytes arrived", bytes.len()),
-                        Err(e) => e.to_string(),
-                    }
-                }
-                Err(object_store::Error::NotFound { .. }) => return Err("not found (deleted since it was listed?)".into()),
-                // The client has retried the request itself; what is left is not worth repeating.
-                Err(e) => return Err(e.to_string()),
-            };
-            if attempt >= self.patience.retries {
-                return Err(format!("{outcome} (after {} attempts)", attempt + 1));
-            }
-            attempt += 1;
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(self.patience.backoff * 8);
+        // The client retries the request and resumes a body cut short (a ranged GET of the rest, checked against the
+        // ETag); what still fails here is not worth repeating.
+        let response = match self.store.get(&location).await {
+            Ok(response) => response,
+            Err(object_store::Error::NotFound { .. }) => return Err("not found (deleted since it was listed?)".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let expected = response.meta.size;
+        match response.bytes().await {
+            Ok(bytes) if bytes.len() as u64 == expected => Ok(bytes.to_vec()),
+            Ok(bytes) => Err(format!("{} of its {expected} bytes arrived", bytes.len())),
+            Err(e) => Err(e.to_string()),
         }
     }
 
