@@ -172,7 +172,9 @@ def uncovered_reason(entry: dict, args) -> str | None:
     words = [word for word in SKIPPED_DISCOVERY if word in skipped]
     if words:
         return f"skip_file_discovery {', '.join(words)}"
-    if (entry.get("metadata_backend") or "discovery") not in ("discovery", "json", "filesystem", "parquet"):
+    from lcm_plugin.cache_build.plan import SIZED_BY
+
+    if (entry.get("metadata_backend") or "discovery") not in SIZED_BY:
         return f"metadata_backend {entry.get('metadata_backend')!r} (the path sizes images by their headers or a parquet)"
     if entry.get("scan_for_errors"):
         return "scan_for_errors (it checks SimpleTuner's per-file cache)"

@@ -48,8 +48,9 @@ BUCKET_KEYS = (
     "target_downsample_size",
 )
 CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet")
-# SimpleTuner's metadata backends that bucket a local folder by the images' headers ("filesystem" is its old name).
-DISCOVERY_BACKENDS = ("discovery", "json", "filesystem")
+# SimpleTuner's metadata backends a plan reads sizes for: the images' headers (discovery; "json" and "filesystem"
+# are its other names) or a parquet table's columns.
+SIZED_BY = ("discovery", "json", "filesystem", "parquet")
 
 
 class BuildError(Exception):
@@ -264,7 +265,7 @@ def dataset_of(
     if strategy == "instanceprompt" and not entry.get("instance_prompt"):
         raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
     metadata_backend = entry.get("metadata_backend") or "discovery"
-    if metadata_backend not in (*DISCOVERY_BACKENDS, "parquet"):
+    if metadata_backend not in SIZED_BY:
         raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build reads image sizes by discovery "
                          f"or from a parquet file (got {metadata_backend!r})")
     try:
