@@ -32,7 +32,6 @@ from simpletuner.helpers.training import image_file_extensions  # noqa: E402
 from simpletuner.helpers.training.state_tracker import StateTracker  # noqa: E402
 
 DATASET = "photos"
-CAPTION_CACHE: dict = {}  # SimpleTuner's last `_extract_captions_to_fast_list`
 # Image files (relative to the data folder) and their real sizes.
 FILES = {
     "a.png": (40, 30),
@@ -122,10 +121,10 @@ class _Geometry:
         return SimpleNamespace(aspect_ratio=1.0, intermediary_size=(1, 1), crop_coordinates=(0, 0), target_size=(1, 1))
 
 
-def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict]:
-    """SimpleTuner's sizes (path -> original size, for the images it buckets) and captions (path -> captions, for the
-    images whose caption it finds) of the same run, the trainer started in `root`; its caption cache (the dict of
-    `_extract_captions_to_fast_list`) in `CAPTION_CACHE`."""
+def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict, dict]:
+    """SimpleTuner's sizes (path -> original size, for the images it buckets), captions (path -> captions, for the
+    images whose caption it finds) and caption cache (`_extract_captions_to_fast_list`'s dict) of the same run, the
+    trainer started in `root`."""
     monkeypatch.chdir(root)
     monkeypatch.setattr(simpletuner_parquet, "TrainingSample", _Geometry)
     data_backend = LocalDataBackend(accelerator=SimpleNamespace(), id=DATASET)
@@ -143,8 +142,6 @@ def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict]:
     backend.meets_resolution_requirements = lambda image_metadata: True
     backend.load_parquet_database()
     backend.caption_cache = backend._extract_captions_to_fast_list()
-    CAPTION_CACHE.clear()
-    CAPTION_CACHE.update(backend.caption_cache)
     StateTracker.register_data_backend({"id": DATASET, "metadata_backend": backend})
     StateTracker.set_data_backend_config(DATASET, {"instance_data_dir": entry["instance_data_dir"]})
     sizes, captions = {}, {}
@@ -163,7 +160,7 @@ def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict]:
         caption = caption if isinstance(caption, list) else [caption]
         if caption:  # an image whose every caption is blank is not captioned
             captions[path] = caption
-    return sizes, captions
+    return sizes, captions, backend.caption_cache
 
 
 @pytest.mark.parametrize("includes_extension", [False, True])
@@ -172,7 +169,7 @@ def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict]:
 def test_sizes_and_captions_are_simpletuners(tmp_path, monkeypatch, includes_extension, relative_folder, list_captions):
     root, entry = write_run(tmp_path, includes_extension=includes_extension, relative_folder=relative_folder,
                             list_captions=list_captions)
-    expected_sizes, expected_captions = simpletuners(root, entry, monkeypatch)
+    expected_sizes, expected_captions, caption_cache = simpletuners(root, entry, monkeypatch)
     sizes, captions, left_out = ours(root)
 
     # An image is planned when SimpleTuner buckets it and finds its captions; the rest go to SimpleTuner's path.
@@ -184,7 +181,7 @@ def test_sizes_and_captions_are_simpletuners(tmp_path, monkeypatch, includes_ext
     if not relative_folder:  # the case plans something, with sizes from the table, not the files
         assert str(root / "data" / "a.png") in sizes and sizes[str(root / "data" / "a.png")] == (640, 480)
     # What data path D8 hands SimpleTuner instead of its row-by-row pass: the same dict, shapes included
-    assert plan(root).parquet_table.captions == CAPTION_CACHE and CAPTION_CACHE
+    assert plan(root).parquet_table.captions == caption_cache and caption_cache
 
 
 def test_the_captions_are_handed_over_once_and_only_for_the_planned_table(tmp_path, monkeypatch):
@@ -203,7 +200,7 @@ def test_the_captions_are_handed_over_once_and_only_for_the_planned_table(tmp_pa
 
 def test_the_instance_prompt_is_prepended_as_simpletuner_does(tmp_path, monkeypatch):
     root, entry = write_run(tmp_path, includes_extension=False, relative_folder=False, prepend="sks")
-    expected_sizes, expected_captions = simpletuners(root, entry, monkeypatch)
+    _, expected_captions, _ = simpletuners(root, entry, monkeypatch)
     _, captions, _ = ours(root)
     assert captions and captions == {path: expected_captions[path] for path in captions}
     assert all(caption.startswith("sks ") for values in captions.values() for caption in values)
