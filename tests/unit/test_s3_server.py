@@ -188,14 +188,15 @@ def test_proxy_forwards_requests_verbatim():
     assert head_method == "HEAD" and head_sent["Range"] == "bytes=0-1"
 
 
-def test_500_without_retry_is_an_error(s3, proxy, bucket):
+@pytest.mark.parametrize(("fault", "status", "code"), [("500", 500, "InternalError"), ("503", 503, "SlowDown")])
+def test_an_error_fault_without_retry_is_that_error(s3, proxy, bucket, fault, status, code):
     client = _client(s3, proxy, retries=NO_RETRY)
     client.put_object(Bucket=bucket, Key="k", Body=b"data")
-    proxy.fail("k", "500")
+    proxy.fail("k", fault)
     with pytest.raises(ClientError) as info:
         client.get_object(Bucket=bucket, Key="k")
-    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
-    assert info.value.response["Error"]["Code"] == "InternalError"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
+    assert info.value.response["Error"]["Code"] == code
     assert _gets(proxy, "k") == 1
     assert proxy.faults_left("k") == 0
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"data"
@@ -222,16 +223,6 @@ def test_default_retries_recover_after_one_500(s3, proxy, bucket):
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"data"
     assert _gets(proxy, "k") == 2
     assert proxy.faults_left("k") == 0
-
-
-def test_503_is_slow_down(s3, proxy, bucket):
-    client = _client(s3, proxy, retries=NO_RETRY)
-    client.put_object(Bucket=bucket, Key="k", Body=b"data")
-    proxy.fail("k", "503")
-    with pytest.raises(ClientError) as info:
-        client.get_object(Bucket=bucket, Key="k")
-    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
-    assert info.value.response["Error"]["Code"] == "SlowDown"
 
 
 def test_drop_is_a_connection_error(s3, proxy, bucket):
