@@ -249,20 +249,20 @@ struct Shard {
 }
 
 impl Shard {
-    fn open(dir: &Path, writer: &str, record: ShardRecord, shard_no: usize, entries: &mut HashMap<String, Entry>) -> Shard {
+    /// Opens the shard of `record` and reads its entries; a shard that fails is kept with its fault, and its keys
+    /// still resolve (to an empty entry), so that asking for them names the shard.
+    fn open(dir: &Path, writer: &str, record: ShardRecord, shard_no: usize) -> (Shard, Vec<(String, Entry)>) {
         let path = dir.join(&record.file);
         let mut shard = Shard { path, record, stamp: None, map: None, fault: None, crc_checked: OnceLock::new() };
-        match shard.map_and_parse(writer, shard_no) {
-            Ok(found) => entries.extend(found),
+        let entries = match shard.map_and_parse(writer, shard_no) {
+            Ok(found) => found,
             Err(fault) => {
-                // Keys of a broken shard still resolve, so that asking for them names the shard.
-                for key in &shard.record.keys {
-                    entries.insert(key.clone(), Entry { shard: shard_no, offset: 0, len: 0, dtype: Dtype::U8, shape: vec![0] });
-                }
                 shard.fault = Some(fault);
+                let broken = Entry { shard: shard_no, offset: 0, len: 0, dtype: Dtype::U8, shape: vec![0] };
+                shard.record.keys.iter().map(|key| (key.clone(), broken.clone())).collect()
             }
-        }
-        shard
+        };
+        (shard, entries)
     }
 
     fn map_and_parse(&mut self, writer: &str, shard_no: usize) -> std::result::Result<Vec<(String, Entry)>, ShardFault> {
@@ -300,23 +300,30 @@ impl Shard {
     }
 }
 
+/// Cache keys to `T`, with a fast non-cryptographic hash: the keys come from the cache's own index.
+type KeyMap<T> = HashMap<String, T, foldhash::fast::RandomState>;
+
 /// Read side: every sealed shard of every writer of a directory, memory-mapped.
 pub struct CacheReader {
     shards: Vec<Shard>,
-    entries: HashMap<String, Entry>,
+    entries: KeyMap<Entry>,
     verify: bool,
 }
 
 impl CacheReader {
     /// Opens `dir`. With `verify`, each shard's CRC-32 is checked on its first use.
     pub fn open(dir: &Path, verify: bool) -> Result<Self> {
-        let mut shards = Vec::new();
-        let mut entries = HashMap::new();
-        for index in read_indexes(dir)? {
-            for record in index.shards {
-                let shard_no = shards.len();
-                shards.push(Shard::open(dir, &index.writer, record, shard_no, &mut entries));
-            }
+        let records: Vec<(String, ShardRecord)> =
+            read_indexes(dir)?.into_iter().flat_map(|index| index.shards.into_iter().map(move |r| (index.writer.clone(), r))).collect();
+        // Shards' headers are read and parsed in parallel; their entries are merged in index order, so that a key
+        // stored twice resolves to its last shard, as a sequential read would.
+        let opened: Vec<(Shard, Vec<(String, Entry)>)> =
+            records.into_par_iter().enumerate().map(|(shard_no, (writer, record))| Shard::open(dir, &writer, record, shard_no)).collect();
+        let mut entries = KeyMap::with_capacity_and_hasher(opened.iter().map(|(_, e)| e.len()).sum(), Default::default());
+        let mut shards = Vec::with_capacity(opened.len());
+        for (shard, found) in opened {
+            entries.extend(found);
+            shards.push(shard);
         }
         Ok(CacheReader { shards, entries, verify })
     }

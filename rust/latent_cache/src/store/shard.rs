@@ -1,7 +1,8 @@
 //! Shard files: safetensors headers (parsed and written with the `safetensors` crate), streaming CRC-32.
 use super::Dtype;
 use crate::error::{CacheError, Result};
-use safetensors::tensor::{Metadata, View};
+use safetensors::tensor::{TensorInfo, View};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use super::index::Stamp;
@@ -106,29 +107,81 @@ pub(crate) fn header_len(first8: &[u8], file_len: u64) -> std::result::Result<us
     usize::try_from(n).map_err(|_| format!("header length {n} is too large"))
 }
 
-/// Parses a shard's JSON header with the `safetensors` crate (which checks offsets, overlap and overflow) and
-/// checks that the data ends exactly at `file_len` and that the tensors are exactly `keys`.
+/// A shard header's tensors in the order the JSON lists them; `__metadata__` (format name and version, which the
+/// index already vouches for) is skipped. A map visitor instead of the crate's `Metadata`: that hashes every key
+/// three times with SipHash and clones it once more, a second per million entries at every reader start.
+struct HeaderTensors(Vec<(String, TensorInfo)>);
+
+impl<'de> Deserialize<'de> for HeaderTensors {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Tensors;
+        impl<'de> Visitor<'de> for Tensors {
+            type Value = HeaderTensors;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a safetensors header (a JSON object of tensors)")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<HeaderTensors, M::Error> {
+                let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "__metadata__" {
+                        map.next_value::<IgnoredAny>()?;
+                    } else {
+                        tensors.push((key, map.next_value::<TensorInfo>()?));
+                    }
+                }
+                Ok(HeaderTensors(tensors))
+            }
+        }
+        deserializer.deserialize_map(Tensors)
+    }
+}
+
+/// Byte length of a tensor of `info`'s dtype and shape; None on overflow or a size that is not whole bytes.
+fn byte_len(info: &TensorInfo) -> Option<usize> {
+    let elements = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    let bits = elements.checked_mul(info.dtype.bitsize())?;
+    (bits % 8 == 0).then_some(bits / 8)
+}
+
+/// Parses a shard's JSON header by the safetensors format's rules (the `safetensors` crate's `TensorInfo` and
+/// dtypes; tensors packed from offset 0 in offset order, no gap, no overlap, each exactly its shape's bytes, no
+/// overflow) and checks that the data ends exactly at `file_len` and that the tensors are exactly `keys`.
 pub(crate) fn parse_header(json: &[u8], file_len: u64, keys: &[String]) -> std::result::Result<Vec<TensorSpan>, String> {
-    let metadata: Metadata = serde_json::from_slice(json).map_err(|e| format!("unreadable safetensors header: {e}"))?;
+    let HeaderTensors(mut tensors) = serde_json::from_slice(json).map_err(|e| format!("unreadable safetensors header: {e}"))?;
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
     let data_start = 8usize.checked_add(json.len()).ok_or("header too large")?;
-    let end = data_start.checked_add(metadata.data_len()).ok_or("tensor offsets overflow")?;
-    if end as u64 != file_len {
-        return Err(format!("header describes {end} bytes, the file has {file_len}"));
-    }
-    let mut spans = Vec::with_capacity(keys.len());
-    for (key, info) in metadata.tensors() {
-        let dtype = from_crate(info.dtype).ok_or_else(|| format!("tensor `{key}` has dtype {:?}, which this cache never writes", info.dtype))?;
+    let mut end = 0usize;
+    let mut spans = Vec::with_capacity(tensors.len());
+    for (key, info) in tensors {
         let (s, e) = info.data_offsets;
+        if s != end || e < s {
+            return Err(format!("tensor `{key}` has data_offsets [{s}, {e}]; the previous tensor ends at {end}"));
+        }
+        let len = byte_len(&info).ok_or_else(|| format!("tensor `{key}`: its shape's size overflows"))?;
+        if e - s != len {
+            return Err(format!("tensor `{key}` spans {} bytes, its dtype and shape need {len}", e - s));
+        }
+        let dtype = from_crate(info.dtype).ok_or_else(|| format!("tensor `{key}` has dtype {:?}, which this cache never writes", info.dtype))?;
         let offset = data_start.checked_add(s).ok_or("tensor offsets overflow")?;
-        let len = e.checked_sub(s).ok_or("tensor offsets out of order")?;
-        spans.push(TensorSpan { key, dtype, shape: info.shape.clone(), offset, len });
+        spans.push(TensorSpan { key, dtype, shape: info.shape, offset, len });
+        end = e;
     }
-    let in_header: HashSet<&str> = spans.iter().map(|s| s.key.as_str()).collect();
-    let in_index: HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let data_end = data_start.checked_add(end).ok_or("tensor offsets overflow")?;
+    if data_end as u64 != file_len {
+        return Err(format!("header describes {data_end} bytes, the file has {file_len}"));
+    }
+    let mut in_header: Vec<&str> = spans.iter().map(|s| s.key.as_str()).collect();
+    let mut in_index: Vec<&str> = keys.iter().map(String::as_str).collect();
+    in_header.sort_unstable();
+    in_index.sort_unstable();
     if in_header != in_index {
-        let extra = in_header.difference(&in_index).count();
-        let missing = in_index.difference(&in_header).count();
-        return Err(format!("header and index disagree on keys ({missing} listed only in the index, {extra} only in the header)"));
+        let (header, index): (HashSet<&str>, HashSet<&str>) = (in_header.iter().copied().collect(), in_index.iter().copied().collect());
+        let extra = header.difference(&index).count();
+        let missing = index.difference(&header).count();
+        let repeated = spans.len() - header.len() + keys.len() - index.len();
+        return Err(format!(
+            "header and index disagree on keys ({missing} listed only in the index, {extra} only in the header, {repeated} repeated)"
+        ));
     }
     Ok(spans)
 }
@@ -228,5 +281,68 @@ mod tests {
         assert!(parse_header(json.as_bytes(), 8 + json.len() as u64 + 16, &["a".into()]).is_err());
         let json = format!(r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[{},{}]}}}}"#, usize::MAX, usize::MAX);
         assert!(parse_header(json.as_bytes(), u64::MAX, &["a".into()]).is_err());
+    }
+
+    /// Our parse against the `safetensors` crate's own reading of the same file: both accept it with the same
+    /// tensors, or both refuse it.
+    fn agrees_with_the_crate(json: &str, data_len: usize) {
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(json.as_bytes());
+        file.resize(file.len() + data_len, 0);
+        let keys: Vec<String> = match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+            Ok(map) => map.keys().filter(|k| *k != "__metadata__").cloned().collect(),
+            Err(_) => vec![],
+        };
+        let ours = parse_header(json.as_bytes(), file.len() as u64, &keys);
+        match safetensors::SafeTensors::deserialize(&file) {
+            Ok(theirs) => {
+                let mut ours = ours.unwrap_or_else(|e| panic!("{json}: the crate reads it, we refuse: {e}"));
+                ours.sort_by(|a, b| a.key.cmp(&b.key));
+                let mut expected: Vec<(String, Vec<usize>, usize)> = theirs
+                    .tensors()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.shape().to_vec(), v.data().as_ptr() as usize - file.as_ptr() as usize))
+                    .collect();
+                expected.sort();
+                let got: Vec<(String, Vec<usize>, usize)> = ours.into_iter().map(|s| (s.key, s.shape, s.offset)).collect();
+                assert_eq!(got, expected, "{json}");
+            }
+            Err(e) => assert!(ours.is_err(), "{json}: the crate refuses it ({e:?}), we read it"),
+        }
+    }
+
+    #[test]
+    fn headers_are_read_as_the_safetensors_crate_reads_them() {
+        let cases = [
+            // packed, listed out of offset order, with metadata
+            (r#"{"__metadata__":{"format":"x"},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]}}"#, 16),
+            (r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#, 3),
+            // a gap, an overlap, a size its shape does not need, offsets backwards, data left over
+            (r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[3,5]}}"#, 5),
+            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#, 4),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4),
+            (r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#, 4),
+            (r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, 3),
+            // the same key twice, not JSON, not an object, an unknown dtype
+            (r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#, 4),
+            (r#"{"a":"#, 0),
+            (r#"[1,2]"#, 0),
+            (r#"{"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,2]}}"#, 2),
+        ];
+        for (json, data_len) in cases {
+            agrees_with_the_crate(json, data_len);
+        }
+    }
+
+    #[test]
+    fn keys_must_match_the_index_exactly() {
+        let json = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        let len = 8 + json.len() as u64 + 2;
+        assert!(parse_header(json.as_bytes(), len, &["b".into(), "a".into()]).is_ok());
+        for keys in [vec!["a"], vec!["a", "c"], vec!["a", "b", "c"], vec!["a", "a"]] {
+            let keys: Vec<String> = keys.into_iter().map(String::from).collect();
+            let error = parse_header(json.as_bytes(), len, &keys).unwrap_err();
+            assert!(error.contains("disagree on keys"), "{keys:?}: {error}");
+        }
     }
 }
