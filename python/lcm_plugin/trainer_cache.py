@@ -432,6 +432,16 @@ def serves_every_image(dataset_id: str, buckets: dict | None) -> bool:
     return all(path in served or os.path.abspath(path) in served for paths in buckets.values() for path in paths)
 
 
+def has_every_bucketed_metadata(dataset_id: str, image_metadata, buckets) -> bool:
+    """Whether every image of SimpleTuner's buckets of a covered dataset has metadata that
+    `MetadataBackend.get_metadata_by_filepath` finds as it stands (the key itself, a value not None): then its
+    `_ensure_metadata_for_cached_buckets` finds nothing missing. Set operations, not a path resolution per image."""
+    if dataset_id not in _coverage.datasets or not isinstance(image_metadata, dict) or not isinstance(buckets, dict):
+        return False
+    bucketed = set().union(*buckets.values())
+    return bucketed <= image_metadata.keys() and None not in map(image_metadata.get, bucketed)
+
+
 def latent(dataset_id: str, image_path: str):
     """The cached latent of one image (a tensor SimpleTuner may change in place), or None when not served."""
     dataset = _coverage.datasets.get(dataset_id)

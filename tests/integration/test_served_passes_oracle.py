@@ -172,6 +172,7 @@ def _seam_instrument() -> None:
     from simpletuner.helpers.caching.vae import VAECache
     from simpletuner.helpers.data_backend.factory import FactoryRegistry
     from simpletuner.helpers.data_backend.local import LocalDataBackend
+    from simpletuner.helpers.metadata.backends.base import MetadataBackend
     from simpletuner.helpers.prompts import PromptHandler
 
     from lcm_plugin import trainer_cache
@@ -320,6 +321,18 @@ def _seam_instrument() -> None:
                     "patched": grouped(ours)})
         return ours
 
+    ensure_metadata, _ = pair(MetadataBackend, "_ensure_metadata_for_cached_buckets")
+
+    def ensure_metadata_recorded(self):
+        buckets = self.aspect_ratio_bucket_indices or {}
+        bucketed = sorted(set().union(*buckets.values())) if buckets else []
+        missing = [path for path in bucketed if self.get_metadata_by_filepath(path) is None]  # SimpleTuner's lookup
+        shortcut = trainer_cache.has_every_bucketed_metadata(self.id, self.image_metadata, buckets)
+        _seam_emit({"seam": "D9", "dataset": self.id, "bucketed": len(bucketed), "missing": missing,
+                    "shortcut": shortcut})
+        return ensure_metadata(self)
+
+    MetadataBackend._ensure_metadata_for_cached_buckets = ensure_metadata_recorded
     LocalDataBackend.list_files = list_files_recorded
     FactoryRegistry._process_text_embeddings = process_text_embeddings
     TextEmbeddingCache.compute_embeddings_for_prompts = compute_embeddings_for_prompts
@@ -418,7 +431,7 @@ def test_the_stock_trainer_trained_two_steps_on_the_plugins_path(run):
     assert {e["method"]: e["wraps_saved"] for e in of(events, "saved")} == {
         "FactoryRegistry._process_text_embeddings": True, "VAECache.discover_unprocessed_files": True,
         "VAECache._reduce_bucket": True, "VAECache.build_vae_cache_filename_map": True,
-        "LocalDataBackend.list_files": True}
+        "LocalDataBackend.list_files": True, "MetadataBackend._ensure_metadata_for_cached_buckets": True}
 
 
 def test_the_shards_serve_exactly_the_usable_images(run):
@@ -567,3 +580,17 @@ def test_d7_the_scan_answers_simpletuners_listing_of_each_folder_as_its_own_walk
         files = {path for paths in from_scan[0]["original"].values() for path in paths}
         written = {os.path.abspath(path) for kind in kinds[dataset].values() for path in kind}
         assert files == written, files ^ written
+
+
+def test_d9_the_metadata_check_is_answered_by_sets_only_when_simpletuners_lookup_misses_nothing(run):
+    """D9 `MetadataBackend._ensure_metadata_for_cached_buckets`: the set answer is taken only where SimpleTuner's own
+    `get_metadata_by_filepath` finds every bucketed image's metadata, and it is taken on both covered datasets
+    (the clean one after a discovery that found nothing new, the mixed one after SimpleTuner processed its TIFF and
+    the files the build could not use)."""
+    _, _, _, events = run
+    for dataset in ("clean", "mixed"):
+        checks = of(events, "D9", dataset)
+        assert checks, f"{dataset}: SimpleTuner never checked its metadata"
+        for event in checks:
+            assert not (event["shortcut"] and event["missing"]), event
+        assert any(e["shortcut"] and e["bucketed"] for e in checks), checks

@@ -1,4 +1,4 @@
-"""Data path patches D1-D8 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
+"""Data path patches D1-D9 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ logger = logging.getLogger("simpletuner-lcm")
 
 
 def surfaces() -> dict:
-    """The SimpleTuner objects D1-D8 patch, checked (install() calls this before it changes anything)."""
+    """The SimpleTuner objects D1-D9 patch, checked (install() calls this before it changes anything)."""
     trainer_module = import_surface("simpletuner.helpers.training.trainer")
     require(trainer_module, "configure_multi_databackend", "simpletuner.helpers.training.trainer")
     collate = import_surface("simpletuner.helpers.training.collate")
@@ -44,9 +44,13 @@ def surfaces() -> dict:
     parquet = require(import_surface("simpletuner.helpers.metadata.backends.parquet"), "ParquetMetadataBackend",
                       "simpletuner.helpers.metadata.backends.parquet")
     require(parquet, "_extract_captions_to_fast_list", "ParquetMetadataBackend")
+    metadata_base = require(import_surface("simpletuner.helpers.metadata.backends.base"), "MetadataBackend",
+                            "simpletuner.helpers.metadata.backends.base")
+    require(metadata_base, "_ensure_metadata_for_cached_buckets", "MetadataBackend")
     require(import_surface("simpletuner.helpers.training"), "image_file_extensions", "simpletuner.helpers.training")
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
-            "factory": factory, "discovery": discovery, "local_backend": local_backend, "parquet": parquet}
+            "factory": factory, "discovery": discovery, "local_backend": local_backend, "parquet": parquet,
+            "metadata_base": metadata_base}
 
 
 def _building_configure(original):
@@ -304,6 +308,23 @@ def _parquet_captions_from_the_plan(original):
     return _extract_captions_to_fast_list
 
 
+def _metadata_check_by_sets(original):
+    """D9: after discovery, SimpleTuner looks every bucketed image's metadata up (a path resolution each, ~4 s per
+    million images) to find any missing; for a covered dataset two set operations give the same answer when nothing
+    is missing, and SimpleTuner's own check runs otherwise."""
+
+    @functools.wraps(original)
+    def _ensure_metadata_for_cached_buckets(self):
+        from lcm_plugin import trainer_cache
+
+        if trainer_cache.has_every_bucketed_metadata(getattr(self, "id", None), getattr(self, "image_metadata", None),
+                                                     getattr(self, "aspect_ratio_bucket_indices", None)):
+            return None
+        return original(self)
+
+    return _ensure_metadata_for_cached_buckets
+
+
 def _text_embeddings_unless_served(original):
     """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
     captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
@@ -332,6 +353,7 @@ _DATA_PATH_METHODS = (
     ("discovery", "load_image_metadata", _written_metadata_handed_over),
     ("local_backend", "list_files", _listing_from_the_scan),
     ("parquet", "_extract_captions_to_fast_list", _parquet_captions_from_the_plan),
+    ("metadata_base", "_ensure_metadata_for_cached_buckets", _metadata_check_by_sets),
     ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),
     ("vae_cache", "build_vae_cache_filename_map", _file_names_of_unserved),
     ("vae_cache", "discover_unprocessed_files", _discover_unserved),

@@ -63,6 +63,9 @@ D7. `LocalDataBackend.list_files` answers SimpleTuner's listing of a covered dat
 D8. `ParquetMetadataBackend._extract_captions_to_fast_list` (a pass over every row of a `metadata_backend: parquet`
     table) takes the captions the plan read from the same file by column, for a covered dataset whose `parquet`
     block is the one planned (once per dataset).
+D9. `MetadataBackend._ensure_metadata_for_cached_buckets` (a metadata lookup, with a path resolution, per bucketed
+    image after every discovery) answers by set operations for a covered dataset whose every bucketed image has
+    metadata under its own path; otherwise SimpleTuner's own check runs.
 
 Model families (every run, LCM or not; `family_patches.py`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
