@@ -16,9 +16,31 @@ Glossary (one spelling per symbol):
     sigma_data         0.5, as in the LCM paper and diffusers
     timestep_scaling   multiplies t inside c_skip/c_out (diffusers' timestep_scaling_factor)
     t_end              where the consistency function maps to: 0 (LCM), t_m <= t_n (TCD), a phase edge (PCM)
+
+Flow matching (flow.py; SD3, Flux; diffusers' FlowMatchEulerDiscreteScheduler conventions):
+    sigma              flow time in [0, 1]: x_sigma = (1 - sigma) x0 + sigma eps (no alpha; 1 - sigma plays it)
+    v                  the velocity the network predicts, eps - x0; x0_hat = x - sigma v, eps_hat = x + (1 - sigma) v
+    shift, mu          the teacher's sigma shift: static (SD3) or Flux's dynamic mu from the latent's token count
+    sigma_n_plus_k,    start and end of one solver step: adjacent sigmas of the teacher's N-step grid
+      sigma_n          (sigma_n = 0 on the last step)
+    sigma_end          where the flow consistency function maps to; f(x, sigma -> sigma_end) = x + (sigma_end - sigma) v
 """
 
 from lcm_plugin.lcm.boundary import consistency_function, scalings_for_boundary_conditions
+from lcm_plugin.lcm.flow import (
+    FlowConsistencyPair,
+    FlowSkipSchedule,
+    dynamic_shift_mu,
+    euler_step,
+    flow_consistency_function,
+    flow_consistency_pair,
+    flow_noise,
+    flow_sigma_grid,
+    flow_solver_step,
+    guided_velocity,
+    heun_step,
+    x0_and_eps_from_velocity,
+)
 from lcm_plugin.lcm.guidance import apply_guidance, sample_guidance_scale
 from lcm_plugin.lcm.loss import consistency_loss
 from lcm_plugin.lcm.parameterization import PREDICTION_TYPES, x0_and_eps_from_model_output
@@ -32,15 +54,27 @@ __all__ = [
     "VARIANTS",
     "ConsistencyTargets",
     "DDIMSkipSchedule",
+    "FlowConsistencyPair",
+    "FlowSkipSchedule",
     "apply_guidance",
     "consistency_function",
     "consistency_loss",
     "consistency_output",
     "consistency_targets",
     "ddim_step",
+    "dynamic_shift_mu",
     "end_timesteps",
+    "euler_step",
+    "flow_consistency_function",
+    "flow_consistency_pair",
+    "flow_noise",
+    "flow_sigma_grid",
+    "flow_solver_step",
+    "guided_velocity",
+    "heun_step",
     "sample_guidance_scale",
     "scalings_for_boundary_conditions",
     "student_consistency_output",
     "x0_and_eps_from_model_output",
+    "x0_and_eps_from_velocity",
 ]
