@@ -487,6 +487,41 @@ def lcm_block_of(distillation_config: dict) -> tuple[Any, tuple[str, ...]]:
     return distillation_config, ()
 
 
+def sharded_by(settings: dict, folder: Path) -> tuple[str, str] | None:
+    """(the key, in words) of the parameter sharding a run asks for in config.json: FSDP (`fsdp_enable`) or DeepSpeed
+    ZeRO stage 3 (`deepspeed_config`: an object, its JSON or Python-literal text, or a JSON file's path from where
+    training starts, read as SimpleTuner's Trainer reads it). None otherwise, or when it cannot be read (SimpleTuner
+    then reports it)."""
+    if str(settings.get("fsdp_enable")).lower() in ("true", "1"):
+        return "fsdp_enable", "FSDP (fsdp_enable)"
+    raw = settings.get("deepspeed_config")
+    if isinstance(raw, str) and raw.strip() and raw.strip() != "None":
+        text = raw.strip()
+        try:
+            if text.startswith(("{", "[")):
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError:
+                    raw = ast.literal_eval(text)
+            else:
+                path = folder / os.path.expanduser(text)
+                raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (ValueError, SyntaxError, OSError):
+            return None
+    if not isinstance(raw, dict):
+        return None
+    zero = raw.get("zero_optimization")
+    for stage in (raw.get("zero_stage"), zero.get("stage") if isinstance(zero, dict) else None):
+        if stage is None:
+            continue
+        try:
+            stage = int(stage)
+        except (TypeError, ValueError):
+            continue
+        return ("deepspeed_config", "DeepSpeed ZeRO stage 3 (deepspeed_config)") if stage == 3 else None
+    return None
+
+
 def _lcm_block_problems(
     settings: dict, landed: dict[str, str], file: str, config_dir: Path | None, config: dict
 ) -> list[Problem]:
@@ -500,6 +535,18 @@ def _lcm_block_problems(
                 pointer(landed["model_type"]) if "model_type" in landed else "",
                 f"distillation_method 'lcm' trains model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))}, "
                 f"not {settings.get('model_type')!r}",
+            )
+        )
+    sharding = sharded_by(settings, training_folder(config_dir) if config_dir else Path("."))
+    if settings.get("model_type") == "full" and sharding is not None:
+        name, why = sharding
+        problems.append(
+            Problem(
+                file,
+                pointer(landed[name]) if name in landed else "",
+                f"model_type 'full' cannot distil under {why}: the LCM teacher and target copies of the UNet are "
+                "made before accelerate shards the model, so they would stay whole (and ZeRO-3's partitioned "
+                "weights cannot be averaged into the target); use model_type 'lora', or train without it",
             )
         )
     key = landed.get("distillation_config", "distillation_config")

@@ -24,8 +24,13 @@ def scalings_for_boundary_conditions(
 def consistency_function(
     x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, *, timestep_scaling: float
 ) -> torch.Tensor:
-    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat, computed in x_t's dtype. x_t, x0_hat: [B, C, H, W]; t: [B]."""
-    c_skip, c_out = scalings_for_boundary_conditions(t.to(torch.float64), timestep_scaling=timestep_scaling)
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat, computed in x_t's dtype. x_t, x0_hat: [B, C, H, W]; t: [B].
+
+    The scalings are computed in x_t's dtype promoted to at least float32, as diffusers' scripts compute them
+    (float32), on t's device: never float64 there, which some accelerators (Apple MPS) refuse."""
+    c_skip, c_out = scalings_for_boundary_conditions(
+        t.to(torch.promote_types(x_t.dtype, torch.float32)), timestep_scaling=timestep_scaling
+    )
     shape = (t.shape[0],) + (1,) * (x_t.ndim - 1)
     c_skip = c_skip.to(x_t.dtype).reshape(shape)
     c_out = c_out.to(x_t.dtype).reshape(shape)

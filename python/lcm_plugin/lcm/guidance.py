@@ -15,12 +15,14 @@ def sample_guidance_scale(
     *,
     w_min: float,
     w_max: float,
+    device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One guidance scale per sample from U[w_min, w_max], float64 [B] on the generator's device (CPU if none)."""
-    device = generator.device if generator is not None else "cpu"
-    u = torch.rand((batch_size,), generator=generator, device=device, dtype=torch.float64)
-    return w_min + (w_max - w_min) * u
+    """One guidance scale per sample from U[w_min, w_max], float32 [B] on `device`: drawn there (or on the
+    generator's device, then moved), so a training step makes no host-to-device copy and no float64 tensor, which
+    some accelerators (Apple MPS) refuse."""
+    u = torch.rand((batch_size,), generator=generator, device=generator.device if generator is not None else device)
+    return (w_min + (w_max - w_min) * u).to(device)
 
 
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:

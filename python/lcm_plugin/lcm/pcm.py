@@ -21,19 +21,19 @@ import torch
 from lcm_plugin.lcm.solver import ddim_step
 
 
-def phase_edges(*, num_ddim_timesteps: int, phases: int, skip_k: int) -> torch.Tensor:
-    """The lower edge timestep of each phase, ascending, int64 [phases]; the first is 0."""
+def phase_edges(*, num_ddim_timesteps: int, phases: int, skip_k: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The lower edge timestep of each phase, ascending, int64 [phases] on `device`; the first is 0."""
     if not 1 <= phases <= num_ddim_timesteps:
         raise ValueError(
             f"phases must be in 1..{num_ddim_timesteps} (num_ddim_timesteps: each phase needs a solver step), got {phases}"
         )
-    start_index = torch.div(torch.arange(phases) * num_ddim_timesteps, phases, rounding_mode="floor")
+    start_index = torch.div(torch.arange(phases, device=device) * num_ddim_timesteps, phases, rounding_mode="floor")
     return (start_index * skip_k - 1).clamp(min=0)
 
 
 def phase_edge_below(t_n: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """For each solver end t_n [B], the largest phase edge <= t_n, [B] int64."""
-    edges = edges.to(t_n.device)
+    """For each solver end t_n [B], the largest phase edge <= t_n, [B] int64 (edges on t_n's device)."""
     below = torch.searchsorted(edges, t_n, right=True) - 1
     return edges[below]
 

@@ -52,10 +52,11 @@ class DDIMSkipSchedule:
     def sample_step(
         self, batch_size: int, *, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one solver step per sample: (t_n_plus_k, t_n), both [B] int64 on the tables' device."""
+        """Draw one solver step per sample: (t_n_plus_k, t_n), both [B] int64 on the tables' device (drawn there,
+        or on the generator's device when one is given)."""
         index = torch.randint(
             0, self.solver_timesteps.shape[0], (batch_size,), generator=generator,
-            device=generator.device if generator is not None else "cpu",
+            device=generator.device if generator is not None else self.solver_timesteps.device,
         ).to(self.solver_timesteps.device)
         t_n_plus_k = self.solver_timesteps[index]
         t_n = (t_n_plus_k - self.skip_k).clamp(min=0)

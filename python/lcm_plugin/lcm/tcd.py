@@ -53,7 +53,8 @@ def sample_end_timestep(
     and t_m = max(m skip_k - 1, 0) <= t_n; m = n gives s = t_n, where the target is the teacher step itself.
     """
     n = torch.div(t_n + 1, skip_k, rounding_mode="floor")
-    device = generator.device if generator is not None else "cpu"
-    u = torch.rand(t_n.shape, generator=generator, device=device, dtype=torch.float64).to(t_n.device)
-    m = torch.floor(u * (n + 1).to(torch.float64)).to(torch.int64)
+    # Drawn on t_n's device in float32 (no host copy, no float64 on accelerators that refuse it); float32 resolves
+    # m exactly for n + 1 <= 2**24, far above any number of solver steps.
+    u = torch.rand(t_n.shape, generator=generator, device=generator.device if generator is not None else t_n.device)
+    m = torch.floor(u.to(t_n.device) * (n + 1)).to(torch.int64)
     return (m * skip_k - 1).clamp(min=0)

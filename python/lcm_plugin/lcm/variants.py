@@ -40,7 +40,8 @@ def end_timesteps(
         return sample_end_timestep(t_n, skip_k=schedule.skip_k, generator=generator)
     if variant == "pcm":
         edges = phase_edges(
-            num_ddim_timesteps=schedule.solver_timesteps.shape[0], phases=pcm_phases, skip_k=schedule.skip_k
+            num_ddim_timesteps=schedule.solver_timesteps.shape[0], phases=pcm_phases, skip_k=schedule.skip_k,
+            device=t_n.device,
         )
         return phase_edge_below(t_n, edges)
     return torch.zeros_like(t_n)

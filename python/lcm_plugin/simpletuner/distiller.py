@@ -27,7 +27,8 @@ bench/step_gpu.py on an H100): x0 = (x_t - sigma_t eps) / alpha_t cancels badly 
 
 Full-model distillation (model_type "full") follows diffusers' `train_lcm_distill_sdxl_wds.py` in its networks:
 a frozen copy of the pretrained UNet is the teacher and a separate target network tracks the student by EMA
-(`ema_decay`, updated once per optimizer step, saved with every checkpoint). Deliberate deviation: no
+(`ema_decay`, updated once per optimizer step, saved with every checkpoint), kept in float32 and run under
+autocast to the student's dtype, as diffusers keeps and runs its `target_unet`. Deliberate deviation: no
 guidance-scale embedding (`timestep_cond`), because SimpleTuner's own student forward cannot pass one; the
 student learns the guidance range w_min..w_max averaged, as LCM-LoRA does. The reason (docs/config.md, "No
 guidance-scale embedding"): SimpleTuner's `_model_predict_single` (SDXL, SD 1.x) calls the UNet with a fixed
@@ -42,7 +43,7 @@ weights are copied into the adapters for the target's one forward call and copie
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -68,9 +69,30 @@ TARGET_LORA_CHECKPOINT_FILE = "lcm_target_lora.safetensors"
 POOLED_TEXT_KEYS = ("text_embeds",)
 
 
-def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A gradient-free copy with the same weights, dtype and device."""
-    return copy.deepcopy(module).requires_grad_(False)
+def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A gradient-free copy with the same weights and device, in `dtype` (default: the module's own)."""
+    copied = copy.deepcopy(module).requires_grad_(False)
+    return copied if dtype is None else copied.to(dtype)
+
+
+def sharded_training(accelerator) -> str | None:
+    """The sharding a full-model LCM run cannot take, from accelerate's state: FSDP or DeepSpeed ZeRO stage 3; None
+    for anything else (one device, DDP, ZeRO 1-2)."""
+    state = getattr(accelerator, "state", None)
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return "FSDP (fsdp_enable)"
+    if getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None) == 3:
+        return "DeepSpeed ZeRO stage 3 (deepspeed_config)"
+    return None
+
+
+def target_forward_context(network: torch.nn.Module, unet_dtype: torch.dtype, device: torch.device):
+    """Where the fp32 target network runs: under autocast to the student's dtype when that is lower (diffusers'
+    full-model script runs its fp32 target_unet so), else as it is."""
+    network_dtype = next(network.parameters()).dtype
+    if network_dtype == unet_dtype:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=unet_dtype)
 
 
 @torch.no_grad()
@@ -126,8 +148,19 @@ class LcmDistiller(DistillationBase):
         self._lora_layers = None  # PEFT layers of the trained UNet, found on first use (LoRA only)
         self.teacher_unet = self.target_unet = None
         if full_model:
+            sharding = sharded_training(getattr(teacher_model, "accelerator", None))
+            if sharding is not None:
+                raise ValueError(
+                    f"distillation_method 'lcm' with model_type 'full' cannot run under {sharding}: its teacher and "
+                    "target copies of the UNet are made before accelerate shards the model, so they would stay whole "
+                    "and unsharded (and ZeRO-3's partitioned weights cannot be averaged into the target). Use "
+                    "model_type 'lora', or train without FSDP / ZeRO stage 3."
+                )
             unet = teacher_model.get_trained_component()
-            self.teacher_unet, self.target_unet = frozen_copy(unet), frozen_copy(unet)
+            # The target is an EMA of the student: kept in float32, as diffusers keeps its target_unet, because a
+            # bf16 lerp with decay 0.95 rounds small updates away (it lagged 227 steps of drift behind, not 19).
+            self.teacher_unet = frozen_copy(unet)
+            self.target_unet = frozen_copy(unet, torch.promote_types(next(unet.parameters()).dtype, torch.float32))
         # LoRA EMA target: parameter name -> EMA weight (float32 at least), from the student on first use so that
         # a resumed student (or a checkpoint's saved EMA, on_load_checkpoint) is what it starts from.
         self.use_lora_target_ema = config.lora_target_ema and not full_model
@@ -174,7 +207,7 @@ class LcmDistiller(DistillationBase):
         schedule = self._schedule_for(latents.device, arithmetic_dtype)
         t_n_plus_k, t_n = schedule.sample_step(latents.shape[0])
         guidance_scale = sample_guidance_scale(
-            latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max
+            latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max, device=latents.device
         )
         prompt_embeds = batch["encoder_hidden_states"]
         added_cond_kwargs = batch.get("added_cond_kwargs") or {}
@@ -199,13 +232,14 @@ class LcmDistiller(DistillationBase):
 
         def target_model(x_t_n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # The target network: LCM-LoRA's student itself (adapters on), with its EMA LoRA weights when
-            # lora_target_ema is set, or the full model's EMA copy; never the teacher.
-            with self._target_lora_weights():
+            # lora_target_ema is set, or the full model's float32 EMA copy; never the teacher.
+            target_dtype = next(target_unet.parameters()).dtype
+            with self._target_lora_weights(), target_forward_context(target_unet, unet_dtype, x_t_n.device):
                 return target_unet(
-                    x_t_n.to(unet_dtype),
+                    x_t_n.to(target_dtype),
                     t,
-                    encoder_hidden_states=prompt_embeds,
-                    added_cond_kwargs=added_cond_kwargs,
+                    encoder_hidden_states=prompt_embeds.to(target_dtype),
+                    added_cond_kwargs={key: value.to(target_dtype) for key, value in added_cond_kwargs.items()},
                     return_dict=False,
                 )[0].to(arithmetic_dtype)
 
@@ -253,7 +287,8 @@ class LcmDistiller(DistillationBase):
             loss_type=self.lcm_config.loss_type,
             huber_c=self.lcm_config.huber_c,
         )
-        return loss, {"lcm_loss": loss.detach().item()}
+        # A tensor, not .item(): no host sync in the step; SimpleTuner's trackers convert it when they log.
+        return loss, {"lcm_loss": loss.detach()}
 
     def _trainable_lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The adapter weights the optimizer trains (PEFT LoRA layers of the UNet), by parameter name."""
