@@ -10,6 +10,8 @@ With a CUDA device (sized for 8 minutes on one H100; each section's wall time is
      validation). Diffusers' reference step (bench/sdxl_real_size.py's harness) runs in the same check.
   3. the same step with base_model_precision int8-quanto (a row says why when optimum-quanto is missing).
   4. two ranks (accelerate, NCCL) when 2 GPUs are visible.
+  5. the LCM step on the device for each variant, LoRA, its EMA target and the full model (tiny UNet, bf16), with
+     torch.cuda.set_sync_debug_mode("error"): a host sync in the step fails it; the full model's target must be float32.
 Without a CUDA device, or with --cpu: the same sections at tiny sizes (lcm_plugin.tiny_sdxl, 64 px, a few steps;
 independent sections side by side). CI runs this mode (tests/integration/test_gpu_check_cpu_mode.py) so that the
 script cannot rot; its figures say nothing about speed.
@@ -31,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sdxl_real_size  # bench/ is this script's folder
-
+import step as step_bench
 from lcm_plugin.config.lcm import QualityCheckConfig
 from lcm_plugin.demo.config import load_seed
 
@@ -192,6 +194,50 @@ def two_rank_rows(model_dir: Path, work: Path, sizes: Sizes, device: str, model_
 # ---- the run -----------------------------------------------------------------------------------------------------
 
 
+DEVICE_STEP_SETUPS = (("lcm", "lora", False), ("tcd", "lora", False), ("pcm", "lora", False), ("lcm", "lora", True),
+                      ("lcm", "full", False))
+
+
+def device_step_rows(device: str) -> list[Row]:
+    """One LCM step per setup (variant, model type, LoRA EMA target) of the tiny SDXL UNet in bf16 on `device`. On
+    CUDA, under sync debug mode "error", so an `.item()` or a host-made tensor copied in raises; on the CPU there is
+    no sync to catch (tests/unit/test_distiller_devices.py proves it on the meta device)."""
+    import torch
+    from lcm_plugin.config import LcmConfig
+    from lcm_plugin.simpletuner.distiller import LcmDistiller
+
+    parity = step_bench.load_parity_module()
+    check = f"LCM step on {device}, host syncs raise" if device == "cuda" else "LCM step on cpu"
+    passed, notes = 0, []
+    for variant, model_type, target_ema in DEVICE_STEP_SETUPS:
+        name = f"{variant} {model_type}" + (" + EMA target" if target_ema else "")
+        unet = parity.tiny_lora_unet(torch.float32).to(device=device, dtype=torch.bfloat16)
+        model = parity.FakeUnetModel(unet, "epsilon")
+        distiller = LcmDistiller(model, noise_scheduler=parity.noise_scheduler("epsilon"), full_model=model_type == "full",
+                                 config=LcmConfig(variant=variant, lora_target_ema=target_ema))
+        batch = {key: value.to(device) if isinstance(value, torch.Tensor) else
+                 {k: v.to(device) for k, v in value.items()} for key, value in
+                 parity.family_batch(2, torch.bfloat16, 0).items()}
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            prepared = distiller.prepare_batch(batch, model, {"global_step": 0})
+            loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+            loss.backward()
+            distiller.post_training_step(model, 0)
+            target_dtypes = {p.dtype for p in distiller.target_unet.parameters()} if model_type == "full" else None
+            if target_dtypes not in (None, {torch.float32}):
+                raise RuntimeError(f"the full model's target is {target_dtypes}, not float32")
+            passed += 1
+        except RuntimeError as error:
+            notes.append(f"{name}: {str(error).splitlines()[0][:120]}")
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    return [Row(check, f"setups that ran (of {len(DEVICE_STEP_SETUPS)})", passed,
+                "; ".join(notes) or "lcm, tcd, pcm LoRA; LoRA + EMA target; full model (float32 target)")]
+
+
 def run_sections(sections: dict, parallel: bool) -> list[Row]:
     """Each section's rows in order; a section that fails gives one row naming the error (its figure missing)."""
     def guarded(name, section):
@@ -241,6 +287,7 @@ def main() -> None:
         "seed config": lambda: seed_rows(model_dir, work, sizes, device, model_name),
         "int8-quanto": lambda: quanto_rows(model_dir, work, sizes, device, model_name),
         "2 ranks": lambda: two_rank_rows(model_dir, work, sizes, device, model_name, gpus),
+        "device step": lambda: device_step_rows(device),
     }
     # On a GPU the sections run one after the other, so that none disturbs another's timing.
     rows = run_sections(sections, parallel=device == "cpu")

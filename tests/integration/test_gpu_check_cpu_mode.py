@@ -24,6 +24,7 @@ EXPECTED_ROWS = [
     ("LCM quality check, 4 samples, 64 px", "peak memory (GiB)"),
     *[(QUANTO, measure) for measure in STEP_MEASURES],
     ("2 ranks, seed config, tiny SDXL, 64 px", "s/step"),
+    ("LCM step on cpu", "setups that ran (of 5)"),
 ]
 # Rows without a figure on a CPU, and why. optimum-quanto 0.2.7's int8 matmul on torch 2.14's CPU refuses the
 # activations it gets (a non-contiguous last dimension); where it works, the quanto section gives all its rows.
@@ -56,3 +57,5 @@ def test_cpu_mode_prints_every_row_with_a_finite_figure(tmp_path):
             assert note.startswith(SKIPPED[check, measure]), note
             continue
         assert math.isfinite(float(value)) and float(value) >= 0, (check, measure, value, note)
+    value, note = {(check, measure): (value, note) for check, measure, value, note in rows}[EXPECTED_ROWS[-1]]
+    assert float(value) == 5, note  # every setup of the LCM step ran

@@ -15,13 +15,12 @@ import json
 
 import pytest
 import torch
-from test_distiller_parity import FakeUnetModel, family_batch, noise_scheduler, tiny_lora_unet
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from lcm_plugin.config import LcmConfig
 from lcm_plugin.config.training import check_training_config, sharded_by
 from lcm_plugin.simpletuner.distiller import LcmDistiller, ema_update
+from test_distiller_parity import FakeUnetModel, family_batch, noise_scheduler, tiny_lora_unet
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # ---- the step stays on the device ---------------------------------------------------------------------------------
 
@@ -126,7 +125,7 @@ class FakeAccelerator:
 def test_the_distiller_refuses_a_sharded_full_model_run(accelerator, refused):
     model = FakeUnetModel(tiny_lora_unet(torch.float32), "epsilon")
     model.accelerator = accelerator
-    build = lambda full: LcmDistiller(model, noise_scheduler=noise_scheduler("epsilon"), config=LcmConfig(),  # noqa: E731
+    build = lambda full: LcmDistiller(model, noise_scheduler=noise_scheduler("epsilon"), config=LcmConfig(),
                                       full_model=full)
     build(False)  # LoRA keeps no copy of the UNet: it runs under any of them
     if refused is None:
