@@ -7,8 +7,9 @@ through three phases that never hold memory at the same time; its peak is the la
 
     caching     text encoders, VAE, one VAE encode batch (SimpleTuner loads the UNet only after caching)
     training    UNet, trainable weights, gradients, optimizer state, EMA and LCM target copies, one step's activations
-    validation  the training state, the VAE, and the LCM quality check (8 samples per call; the teacher's CFG doubles
-                the UNet batch; the pipeline decodes all 8 latents in one VAE call)
+    validation  the training state, the VAE, and the LCM quality check at its smallest batch (it sizes its pipeline
+                calls and VAE decodes to the memory left: one sample per call, doubled by the teacher's CFG, and
+                one image per decode is what it needs)
 
 Every phase adds CUDA_CONTEXT_BYTES for the CUDA context and allocator slack, which torch's allocation counters miss.
 Only model_family "sdxl" has fitted terms; other families get no estimate.
@@ -103,8 +104,9 @@ INFERENCE_ACTIVATIONS = (0.257 * GIB, 0.063 * GIB)
 VAE_ENCODE_ACTIVATIONS = (1.245 * GIB, 0.026 * GIB)
 VAE_DECODE_ACTIVATIONS = (1.988 * GIB, 0.035 * GIB)
 
-# The quality check's pipeline calls (lcm_plugin.quality_check.SAMPLE_BATCH): the teacher's CFG doubles the UNet batch.
-QUALITY_CHECK_SAMPLES_PER_CALL = 8
+# The quality check's smallest batch (lcm_plugin.quality_check.sampling_batches sizes its batches to the free memory, down
+# to this): samples per pipeline call, doubled by the teacher's CFG, and images per VAE decode.
+QUALITY_CHECK_SAMPLES_PER_CALL = 1
 
 
 @dataclass(frozen=True)
@@ -232,8 +234,9 @@ def estimate_run_memory(settings: Mapping[str, Any], lcm: Mapping[str, Any] | No
     if full_model:
         trainable = SDXL_UNET_PARAMETERS
         adapter = Term("no adapter", 0.0)
-        # The LCM teacher (a frozen copy) and the EMA target network, in the student's dtype (distiller.frozen_copy).
-        copies.append(Term("LCM teacher and target copies", 2 * SDXL_UNET_PARAMETERS * parameter_bytes))
+        # The LCM teacher (a frozen copy, in the student's dtype) and the EMA target network, kept in float32
+        # (distiller.frozen_copy).
+        copies.append(Term("LCM teacher and target copies", SDXL_UNET_PARAMETERS * (parameter_bytes + 4.0)))
     else:
         rank = int(settings.get("lora_rank") or 16)
         trainable = lora_parameters(rank, lora_targets(settings.get("peft_lora_target_modules")))

@@ -6,7 +6,9 @@ the same step counts and the floor. The teacher never changes during a run (LoRA
 model: a frozen copy), so its sets are sampled at the first check and reused: later checks only sample the student.
 
 Noise follows the metric's protocol: the reference draws from REFERENCE_NOISE_SEED; the floor and every row from
-EVALUATION_NOISE_SEED, the same at every check, so successive checks differ only by the student's weights.
+EVALUATION_NOISE_SEED, the same at every check, so successive checks differ only by the student's weights. Each sample's
+noise depends on its seed and index only, so the batch sizes, which follow the free accelerator memory
+(`sampling_batches`), never change a sample.
 
 This module knows diffusers pipelines, not SimpleTuner: the adapter (`simpletuner/quality_check_patches.py`) hands it
 the validation pipeline, the teacher network, the scheduler, the prompt embeddings, and logs what it returns.
@@ -24,6 +26,7 @@ import numpy as np
 
 from lcm_plugin import quality
 from lcm_plugin.config.lcm import QualityCheckConfig
+from lcm_plugin.memory_estimate import INFERENCE_ACTIVATIONS, MEGAPIXEL, VAE_DECODE_ACTIVATIONS
 
 METRIC_PREFIX = "lcm_quality/"
 REFERENCE_NOISE_SEED = 100
@@ -32,7 +35,10 @@ BOOTSTRAP_SEED = 0  # one resampling stream at every check: interval changes com
 GRID_COLUMNS = 8
 GRID_CELL_MAX_EDGE = 256
 GRID_LABEL_WIDTH = 170
-SAMPLE_BATCH = 8  # samples per pipeline call; CFG doubles the UNet batch
+SAMPLE_BATCH = 8  # samples per pipeline call and per VAE decode where the free memory is unknown (a CPU)
+# The part of the free accelerator memory the batches are sized to fill; the rest absorbs the allocator's fragmentation
+# and the error of the per-image costs.
+FREE_MEMORY_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -203,16 +209,92 @@ def cycled_conditioning(per_prompt: list[Mapping[str, object]], samples: int) ->
     return {key: torch.cat([inputs[key] for inputs in order]) for key in per_prompt[0]}
 
 
+def sampling_batches(free_bytes: int | None, width: int, height: int, dtype_bytes: int, *, guided: bool
+                     ) -> tuple[int, int]:
+    """(samples per pipeline call, latents per VAE decode call), each at least 1, for width x height images whose
+    activations take dtype_bytes per element, with free_bytes of accelerator memory free; SAMPLE_BATCH for both where
+    that is unknown (None: a CPU). guided: classifier-free guidance runs the UNet on twice the samples.
+
+    The per-image costs are lcm_plugin.memory_estimate's fits of the real-size SDXL in bf16 (bench/memory_fit.py),
+    scaled by dtype_bytes / 2: the UNet without grad 0.257 GiB per sample-megapixel + 0.063 GiB, the VAE decode
+    1.988 GiB per image-megapixel + 0.035 GiB. Issue 20 puts the decode at about 1 GiB per 1024 x 1024 bf16 image; the
+    fit, twice that, errs towards smaller chunks. The decode runs after the call's denoising has freed its activations,
+    so each gets the whole budget.
+    """
+    if free_bytes is None:
+        return SAMPLE_BATCH, SAMPLE_BATCH
+    megapixels = width * height / MEGAPIXEL
+    budget = FREE_MEMORY_SHARE * free_bytes * 2 / dtype_bytes  # in bytes of bf16 activations, the fits' unit
+    sample_batch = max(1, _largest_batch(INFERENCE_ACTIVATIONS, budget, megapixels) // (2 if guided else 1))
+    return sample_batch, max(1, min(sample_batch, _largest_batch(VAE_DECODE_ACTIVATIONS, budget, megapixels)))
+
+
+def _largest_batch(coefficients: tuple[float, float], budget: float, megapixels: float) -> int:
+    per_sample_megapixel, constant = coefficients
+    return int((budget - constant) // (per_sample_megapixel * megapixels))
+
+
+def free_accelerator_bytes(device) -> int | None:
+    """What allocations on `device` can still get: the driver's free memory plus what torch's caching allocator holds
+    unused (it releases that before it reports out of memory). None off CUDA: unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _activation_dtype_bytes(pipeline) -> int:
+    """Bytes per activation element when sampling: the wider of the UNet's and the VAE's dtypes. The pipeline decodes a
+    float16 VAE that sets `force_upcast` (SDXL's) in float32."""
+    import torch
+
+    vae = pipeline.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    return max(pipeline.unet.dtype.itemsize, 4 if upcast else vae.dtype.itemsize)
+
+
+def _chunked_decode(vae, batch: int) -> Callable:
+    """`vae.decode` on at most `batch` latents per VAE call: a pipeline decodes all its call's latents in one, the
+    check's largest allocation at high resolution."""
+    import torch
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    decode = vae.decode
+
+    def chunked(latents, return_dict: bool = True, **kwargs):
+        images = torch.cat([decode(chunk, return_dict=False, **kwargs)[0] for chunk in latents.split(batch)])
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+    return chunked
+
+
+def _sample_generators(seed: int, samples: int) -> list:
+    """One generator per sample for the fresh noise LCM (and TCD) adds between steps; a pipeline draws sample i's noise
+    from generator i, so it does not depend on the batch the sample is drawn in."""
+    import torch
+
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+            for index in range(samples)]
+
+
 @contextmanager
-def _swapped(pipeline, **components) -> Iterator[None]:
-    saved = {name: getattr(pipeline, name) for name in components}
-    for name, value in components.items():
-        setattr(pipeline, name, value)
+def _swapped(owner, **attributes) -> Iterator[None]:
+    """Sets attributes for the duration; then the owner is as before: an attribute its class provided (a method) is
+    deleted from the instance again, not pinned there."""
+    saved = {name: vars(owner)[name] for name in attributes if name in vars(owner)}
+    for name, value in attributes.items():
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(pipeline, name, value)
+        for name in attributes:
+            if name in saved:
+                setattr(owner, name, saved[name])
+            else:
+                delattr(owner, name)
 
 
 def pipeline_sampler(
@@ -232,6 +314,7 @@ def pipeline_sampler(
     yields the teacher network (the LoRA run's UNet with adapters off, or the full-model run's frozen copy).
     student_scheduler: a fresh validation scheduler of the distiller. The teacher uses classifier-free guidance
     with the LCM unconditional input (zero embeddings), the student none: guidance was distilled into it.
+    Each set is sampled in pipeline calls and VAE decodes sized by `sampling_batches` to the memory free at its start.
     """
     import torch
     from diffusers import DDIMScheduler
@@ -240,32 +323,35 @@ def pipeline_sampler(
         unet = pipeline.unet
         samples = len(next(iter(conditioning.values())))
         shape = (samples, unet.config.in_channels, height // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed))
-        # LCM's fresh noise between steps; one stream across batches.
-        generator = torch.Generator().manual_seed(noise_seed + 1)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed))  # sample i: its slice i
+        generators = _sample_generators(noise_seed, samples)
         if sampler.model == "teacher":
             # Trailing spacing starts every step count at t = 999 (SDXL's "leading" starts DDIM-1 at t = 1).
             scheduler = DDIMScheduler.from_config(training_scheduler_config, timestep_spacing="trailing")
             network, scale = teacher_unet(), guidance_scale
         else:
             scheduler, network, scale = student_scheduler(), nullcontext(unet), 1.0
+        sample_batch, decode_batch = sampling_batches(free_accelerator_bytes(unet.device), width, height,
+                                                      _activation_dtype_bytes(pipeline), guided=scale > 1.0)
         images = []
-        with network as model, _swapped(pipeline, unet=model, scheduler=scheduler), torch.no_grad():
-            for start in range(0, samples, SAMPLE_BATCH):
-                batch = {key: value[start:start + SAMPLE_BATCH] for key, value in conditioning.items()}
+        with (network as model, _swapped(pipeline, unet=model, scheduler=scheduler),
+              _swapped(pipeline.vae, decode=_chunked_decode(pipeline.vae, decode_batch)), torch.no_grad()):
+            for start in range(0, samples, sample_batch):
+                batch = slice(start, start + sample_batch)
+                inputs = {key: value[batch] for key, value in conditioning.items()}
                 if scale > 1.0:
-                    batch |= {f"negative_{key}": torch.zeros_like(value)
-                              for key, value in batch.items() if key.endswith("embeds")}
+                    inputs |= {f"negative_{key}": torch.zeros_like(value)
+                               for key, value in inputs.items() if key.endswith("embeds")}
                 output = pipeline(
                     prompt=None,
-                    latents=noise[start:start + SAMPLE_BATCH].to(unet.device, unet.dtype),
+                    latents=noise[batch].to(unet.device, unet.dtype),
                     num_inference_steps=sampler.steps,
                     guidance_scale=scale,
                     width=width,
                     height=height,
-                    generator=generator,
+                    generator=generators[batch],
                     output_type="np",
-                    **batch,
+                    **inputs,
                 ).images
                 images.append((np.clip(np.asarray(output, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8))
         return np.concatenate(images)

@@ -102,7 +102,8 @@ def test_full_model_trains_every_weight_and_keeps_teacher_and_target_copies():
     training = terms(phase(estimate, "training"))
     assert training["gradients"] == 2_567_463_684 * 2
     assert training["torch-adamw state"] == 2_567_463_684 * 2 * 2
-    assert training["LCM teacher and target copies"] == 2 * 2_567_463_684 * 2
+    # the teacher in the student's bf16, the EMA target in float32 (distiller.frozen_copy)
+    assert training["LCM teacher and target copies"] == 2_567_463_684 * (2 + 4)
 
 
 def test_lora_target_ema_keeps_float32_lora_weights_and_a_copy_aside():
@@ -131,6 +132,20 @@ def test_peak_is_the_largest_phase_and_the_quality_check_can_be_turned_off():
     assert [p.name for p in without_check.phases] == ["caching", "training"]
     assert [p.name for p in estimate_run_memory({**SEED_SETTINGS, "validation_disable": True}, {}).phases] == [
         "caching", "training"]
+
+
+def test_the_quality_check_counts_at_its_smallest_batch_the_one_its_sizing_falls_back_to():
+    from lcm_plugin import quality_check
+
+    validation = phase(estimate_run_memory(SEED_SETTINGS, {}), "validation")
+    check = next(term for term in validation.terms if term.label.startswith("quality check"))
+    # One 1024 x 1024 image per VAE decode outweighs the teacher's UNet on one sample with CFG (2 x 0.257 + 0.063 GiB).
+    assert check.label == "quality check VAE decode (1 x 1.00 MP)"
+    assert check.bytes == pytest.approx((1.988 + 0.035) * GIB)
+    # The check's sizing decodes one image per call with that much room, two with twice it.
+    room = check.bytes / quality_check.FREE_MEMORY_SHARE
+    assert quality_check.sampling_batches(int(room * 1.01), 1024, 1024, 2, guided=True)[1] == 1
+    assert quality_check.sampling_batches(int(2 * room * 1.01), 1024, 1024, 2, guided=True)[1] == 2
 
 
 def test_families_without_fitted_terms_get_no_estimate():

@@ -83,6 +83,7 @@ Q1. `Validation.finalize_validation` (called once per validation, on the process
     (`Validation._prepare_validation_work_items`, `_gather_prompt_embeds`), logs `lcm_quality/...` with
     `accelerator.log` and saves/logs a comparison grid with `validation_images.save_validation_image` /
     `log_images_to_trackers`, at `StateTracker.get_global_step()`. SimpleTuner has no per-validation metric hook.
+    Rank 0 only, under validation's autocast; skipped with one warning under FSDP or DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations

@@ -5,16 +5,21 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from contextlib import nullcontext
 
 from lcm_plugin.simpletuner.run_config import is_lcm_run
 from lcm_plugin.simpletuner.surfaces import import_surface, require
 
 logger = logging.getLogger("simpletuner-lcm")
 
-
-
 # One lcm_plugin.quality_check.QualityCheck per Validation object (one per run): it keeps the teacher's sets.
 _quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_sharded_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
+SHARDED_SKIPPED = (
+    "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the UNet's parameters are sharded across the "
+    "ranks, so each of its forwards needs every rank, and the check samples on rank 0 alone. Set "
+    "distillation_config.lcm.quality_check.enabled to false to turn it off and silence this line."
+)
 UNCONDITIONAL_SHORTNAME = "unconditional"  # validation.prepare_validation_prompt_list's empty-prompt entry
 
 
@@ -52,16 +57,27 @@ def _finalize_with_quality_check(original, surfaces: dict):
 
 def _run_quality_check(validation, surfaces: dict) -> None:
     from lcm_plugin import quality_check
-    from lcm_plugin.simpletuner.distiller import LcmDistiller
+    from lcm_plugin.simpletuner.distiller import LcmDistiller, sharded_training
 
     config = validation.config
     pipeline = getattr(validation.model, "pipeline", None)
     if not (is_lcm_run(config) and isinstance(validation.distiller, LcmDistiller) and pipeline is not None):
         return
-    if not getattr(validation.accelerator, "is_main_process", True):
-        return
     settings = validation.distiller.lcm_config
     if not settings.quality_check.enabled:
+        return
+    main_process = getattr(validation.accelerator, "is_main_process", True)
+    sharding = sharded_training(validation.accelerator)
+    if sharding is not None:
+        if main_process and validation not in _sharded_warned:
+            _sharded_warned.add(validation)
+            logger.warning(SHARDED_SKIPPED.format(sharding=sharding))
+        return
+    # Under plain DDP SimpleTuner calls finalize_validation on rank 0 only, or on every rank after a batch-parallel
+    # validation (validation_multigpu's default). The check runs on rank 0 and uses no collective: the other ranks go
+    # back to training and wait in its next collective until rank 0 joins them (SimpleTuner's process-group timeout,
+    # SIMPLETUNER_PROCESS_GROUP_TIMEOUT_SECONDS, 5400 s by default, bounds that wait).
+    if not main_process:
         return
     # The user's text prompts; SimpleTuner's added empty-prompt sample ("unconditional") is not one of them.
     items = [item for item in validation._prepare_validation_work_items(
@@ -96,7 +112,8 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         guidance_scale=(settings.w_min + settings.w_max) / 2.0,
     )
     step = surfaces["state_tracker"].get_global_step()
-    report = check.run(sample, step=step)
+    with validation_autocast(validation):
+        report = check.run(sample, step=step)
     for line in report.summary.splitlines():
         logger.info("simpletuner-lcm: %s", line)
     validation.accelerator.log(report.metrics, step=step)
@@ -108,6 +125,20 @@ def _run_quality_check(validation, surfaces: dict) -> None:
     )
     logger.info("simpletuner-lcm: LCM quality grid (rows: sampler, columns: sample) saved to %s", path)
     images.log_images_to_trackers(validation.accelerator, {label: [report.grid]}, [(width, height)], config)
+
+
+def validation_autocast(validation):
+    """The autocast SimpleTuner's own validation runs its pipeline under (`Validation.validate_prompt`): to the run's
+    weight_dtype when the model family asks for it (`VALIDATION_USE_AUTOCAST`, SDXL's), else explicitly off. None on
+    a CPU: CPU runs train in float32 (`mixed_precision: no`), a dtype CPU autocast refuses with a warning."""
+    import torch
+
+    device_type = torch.device(validation.inference_device).type
+    if device_type == "cpu":
+        return nullcontext()
+    if validation.model.VALIDATION_USE_AUTOCAST:
+        return torch.amp.autocast(device_type, dtype=validation.config.weight_dtype)
+    return torch.amp.autocast(device_type, enabled=False)
 
 
 def patch(surfaces: dict, saved: dict) -> None:
