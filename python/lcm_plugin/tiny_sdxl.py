@@ -142,8 +142,9 @@ def clip_text_config(tokenizer, *, hidden_act: str = "gelu", **architecture):
     )
 
 
-def tiny_vae():
-    """A 4-block AutoencoderKL (latents 1/8 of the image, 4 channels), as every SD family's VAE."""
+def tiny_vae(latent_channels: int = 4, **options):
+    """A 4-block AutoencoderKL (latents 1/8 of the image), 4 latent channels as every SD family's VAE; `options` are
+    AutoencoderKL's (the flow families' 16-channel VAEs drop the quant convs and set their own factors)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -153,9 +154,10 @@ def tiny_vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
+        **options,
     )
 
 

@@ -1,0 +1,289 @@
+"""Tiny SD3 and Flux (flow-matching) pipelines built from configs, fully offline.
+
+Same component layout as the real checkpoints, at 1-2 MB, for tests that must never reach a model hub:
+
+    SD3 (stabilityai/stable-diffusion-3.5-medium, SimpleTuner's default SD3 flavour): an MM-DiT
+        `SD3Transformer2DModel` (transformer/) with SD3.5's dual-attention first block and RMS q/k norm; two CLIP
+        text encoders with projection (text_encoder/: CLIP-L style, quick_gelu; text_encoder_2/: CLIP-G style,
+        gelu, pads with "!"); a T5 v1.1 encoder (text_encoder_3/, gated-gelu); CLIP BPE tokenizers (tokenizer/,
+        tokenizer_2/) and a T5 Unigram tokenizer (tokenizer_3/); a 16-channel AutoencoderKL without quant convs and
+        SD3's shift/scaling factors; `FlowMatchEulerDiscreteScheduler` with shift 3.0.
+    Flux (black-forest-labs/FLUX.1-dev): a `FluxTransformer2DModel` (double and single stream blocks, guidance
+        embedding as dev ships it); one CLIP text encoder without projection (`CLIPTextModel`, text_encoder/) and
+        a T5 encoder (text_encoder_2/); tokenizer/ (CLIP BPE) and tokenizer_2/ (T5 Unigram); Flux's 16-channel VAE
+        factors; the scheduler with dev's dynamic shifting.
+
+The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the components together:
+
+    SD3: prompt_embeds = cat(pad(cat(CLIP-L hidden, CLIP-G hidden), to T5 d_model), T5 hidden) along the sequence,
+        so T5 d_model == transformer joint_attention_dim >= the sum of the CLIP hidden sizes (32 + 48 padded to 96);
+        pooled = cat(CLIP-L projection, CLIP-G projection) == pooled_projection_dim (80);
+        caption_projection_dim == num_attention_heads * attention_head_dim (the blocks' width).
+    Flux: T5 d_model == joint_attention_dim; pooled = CLIPTextModel's pooler output (its hidden size, no
+        projection) == pooled_projection_dim; in_channels == 4 * VAE latent channels (2x2 packing, so latent H and
+        W must be even: images a multiple of 16 px); sum(axes_dims_rope) == attention_head_dim.
+    Both: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
+        channels (SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train (SimpleTuner forces
+        aspect_bucket_alignment 64 for both), 64 px gives 8x8 latents (SD3: 4x4 patches; Flux: 16 packed tokens).
+    T5 tokenizer: SimpleTuner loads `T5TokenizerFast` from tokenizer_3/ (SD3) or tokenizer_2/ (Flux); it pads
+        T5 prompts to 154 tokens for SD3 and to 512 for Flux (model_max_length 512 here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lcm_plugin.tiny_sdxl import clip_text_config, tiny_vae, write_clip_tokenizer
+
+__all__ = [
+    "FAMILIES", "FLUX_SCHEDULER_CONFIG", "FLUX_VAE_FACTORS", "SD3_SCHEDULER_CONFIG", "SD3_VAE_FACTORS",
+    "T5_MAX_TOKENS", "flux_transformer_config", "save_tiny_flow", "save_tiny_flux", "save_tiny_sd3",
+    "sd3_transformer_config", "write_t5_tokenizer",
+]
+
+# stable-diffusion-3.5-medium's scheduler/scheduler_config.json (3.0 and 3.5 large ship the same).
+SD3_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+
+# FLUX.1-dev's scheduler/scheduler_config.json: the shift follows the image's token count (mu).
+FLUX_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+# vae/config.json latent normalisation: latents = (encode(x) - shift_factor) * scaling_factor.
+SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+LATENT_CHANNELS = 16
+T5_MAX_TOKENS = 512  # T5 v1.1 XXL tokenizer's model_max_length in both checkpoints
+OPENCLIP_PAD_TOKEN = "!"
+
+# Text encoder sizes. SD3: CLIP-L 32 + CLIP-G 48 = 80, padded to T5's 96 (real: 768 + 1280 = 2048 -> 4096).
+SD3_CLIP_L_HIDDEN = 32
+SD3_CLIP_G_HIDDEN = 48
+SD3_T5_D_MODEL = 96
+FLUX_CLIP_HIDDEN = 32
+FLUX_T5_D_MODEL = 64
+
+# T5's special pieces, at the ids T5 v1.1 has them (transformers 5's T5Tokenizer hard-codes unk_id 2).
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+_T5_SPACE = "\u2581"  # SentencePiece's word-boundary mark
+
+
+def write_t5_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write a T5-style SentencePiece Unigram tokenizer as tokenizer.json (+ configs), built with `tokenizers`.
+
+    Vocabulary: <pad>=0, </s>=1, <unk>=2, the word mark, every printable ASCII character with and without the
+    mark, and each of `words` as one piece ("\u2581red"), scored so whole words win. The pipeline is the one
+    transformers 5's T5Tokenizer rebuilds around a tokenizer.json's vocabulary (whitespace split, Metaspace with
+    prepend "always", "$A </s>"), so transformers 4's T5TokenizerFast (which runs tokenizer.json as is) and 5's
+    T5Tokenizer (= T5TokenizerFast) give the same ids. No spiece.model: nothing needs sentencepiece.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces: list[tuple[str, float]] = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (_T5_SPACE, -5.0)]
+    characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces += [(_T5_SPACE + c, -8.0) for c in characters] + [(c, -10.0) for c in characters]
+    pieces += [(_T5_SPACE + w, -1.0) for w in sorted(set(words)) if w and not any(ch.isspace() for ch in w)]
+    pieces = list({piece: score for piece, score in pieces}.items())  # de-duplicate, keep first order
+
+    tokenizer = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement=_T5_SPACE, prepend_scheme="always")]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement=_T5_SPACE, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", T5_EOS], pair=["$A", T5_EOS, "$B", T5_EOS], special_tokens=[(T5_EOS, 1)]
+    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (T5_PAD, T5_EOS, T5_UNK)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": T5_EOS, "unk_token": T5_UNK, "pad_token": T5_PAD}
+    (folder / "special_tokens_map.json").write_text(json.dumps({**special, "additional_special_tokens": []}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_TOKENS, **special,
+        "extra_ids": 0, "additional_special_tokens": [], "clean_up_tokenization_spaces": True,
+    }))
+    return folder
+
+
+def t5_config(vocab_size: int, d_model: int):
+    """T5EncoderModel config in T5 v1.1's style (gated-gelu, untied embeddings), two layers."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_flow_vae(factors: dict):
+    """tiny_sdxl's VAE with 16 latent channels and no quant convs, as SD3's and Flux's VAEs, and their factors."""
+    return tiny_vae(LATENT_CHANNELS, use_quant_conv=False, use_post_quant_conv=False, **factors)
+
+
+def sd3_transformer_config() -> dict:
+    """SD3Transformer2DModel config: 2 blocks (the first dual-attention, as SD3.5), width 32 (4 heads of 8)."""
+    heads, head_dim = 4, 8
+    return dict(
+        sample_size=8,  # latent size the pipeline defaults to: 64 px
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=SD3_T5_D_MODEL,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=SD3_CLIP_L_HIDDEN + SD3_CLIP_G_HIDDEN,
+        pos_embed_max_size=32,  # latents up to 64x64: images up to 512 px
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+
+
+def flux_transformer_config() -> dict:
+    """FluxTransformer2DModel config: 1 double + 2 single stream blocks, width 32 (2 heads of 16), guidance."""
+    return dict(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_T5_D_MODEL,
+        pooled_projection_dim=FLUX_CLIP_HIDDEN,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) to 128
+    )
+
+
+def _clip(folder: Path, vocabulary: tuple[str, ...], hidden: int, *, with_projection: bool, hidden_act: str,
+          pad_token: str | None = None):
+    """A tiny CLIP text encoder (hidden == projection size, as CLIP-L and CLIP-G) and its BPE tokenizer."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    options = {"pad_token": pad_token} if pad_token else {}
+    write_clip_tokenizer(folder, vocabulary, **options)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    config = clip_text_config(tokenizer, hidden_act=hidden_act, hidden_size=hidden, projection_dim=hidden,
+                              intermediate_size=2 * hidden)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    return model, tokenizer, options
+
+
+def _t5(folder: Path, vocabulary: tuple[str, ...], d_model: int):
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    write_t5_tokenizer(folder, vocabulary)
+    tokenizer = T5TokenizerFast.from_pretrained(str(folder))
+    return T5EncoderModel(t5_config(len(tokenizer), d_model)), tokenizer
+
+
+def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: dict, t5_tokenizer: str) -> Path:
+    """save_pretrained, then the tokenizer files as written above: transformers 5 saves only tokenizer.json for
+    CLIP (4.x loaders, SimpleTuner's among them, want vocab.json/merges.txt too) and may add files to T5's."""
+    pipeline.save_pretrained(str(folder))
+    for name, options in clip_tokenizers.items():
+        write_clip_tokenizer(folder / name, vocabulary, **options)
+    shutil.rmtree(folder / t5_tokenizer)
+    write_t5_tokenizer(folder / t5_tokenizer, vocabulary)
+    # transformers 5 names its T5 tokenizer class "T5Tokenizer" (T5TokenizerFast is an alias of it); in 4.x that
+    # is the sentencepiece class, which needs spiece.model. The real checkpoints name the fast class, as here.
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index[t5_tokenizer] = ["transformers", "T5TokenizerFast"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # diffusers 0.42 writes FluxTransformer2DModel's `out_channels: null`, which SimpleTuner's own Flux transformer
+    # class does not take (it warns); FLUX.1-dev's config has no such key. Drop unset keys, as the real configs.
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, sort_keys=True))
+    return folder
+
+
+def save_tiny_sd3(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers SD3 folder (SD3.5-medium layout, random weights, ~2 MB) to `folder`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    clip_l, tokenizer, options_l = _clip(folder / "tokenizer", vocabulary, SD3_CLIP_L_HIDDEN, with_projection=True,
+                                         hidden_act="quick_gelu")
+    clip_g, tokenizer_2, options_g = _clip(folder / "tokenizer_2", vocabulary, SD3_CLIP_G_HIDDEN,
+                                           with_projection=True, hidden_act="gelu", pad_token=OPENCLIP_PAD_TOKEN)
+    t5, tokenizer_3 = _t5(folder / "tokenizer_3", vocabulary, SD3_T5_D_MODEL)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**sd3_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(SD3_VAE_FACTORS),
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer_3,
+    )
+    return _save(pipeline, folder, vocabulary, {"tokenizer": options_l, "tokenizer_2": options_g}, "tokenizer_3")
+
+
+def save_tiny_flux(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Flux folder (FLUX.1-dev layout: guidance embedding, dynamic shifting; random
+    weights, ~1.5 MB) to `folder`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    clip, tokenizer, options = _clip(folder / "tokenizer", vocabulary, FLUX_CLIP_HIDDEN, with_projection=False,
+                                     hidden_act="quick_gelu")
+    t5, tokenizer_2 = _t5(folder / "tokenizer_2", vocabulary, FLUX_T5_D_MODEL)
+    pipeline = FluxPipeline(
+        transformer=FluxTransformer2DModel(**flux_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+    )
+    return _save(pipeline, folder, vocabulary, {"tokenizer": options}, "tokenizer_2")
+
+
+# SimpleTuner model_family -> writer.
+FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux}
+
+
+def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """save_tiny_sd3 or save_tiny_flux by SimpleTuner's model_family name ("sd3", "flux")."""
+    return FAMILIES[family](folder, seed, vocabulary=vocabulary)
+

@@ -1,0 +1,268 @@
+"""The tiny SD3 and Flux folders (lcm_plugin.tiny_flow) load and run in diffusers and in SimpleTuner 4.10.1.
+
+diffusers: the family's own pipeline class loads each folder from its local path and samples a 64x64 image in one
+step. SimpleTuner: its model class for `model_family: sd3` / `flux` (`model_type: lora`), built from a config parsed
+by its own `parse_cmdline_args` as the trainer builds it, loads the folder with the functions the trainer calls
+(`check_user_config`, `load_text_encoder` with `load_text_tokenizer`, `load_vae`, `load_model`); its own prompt
+encoding then feeds its own `prepare_batch` / `model_predict` / `loss` on latents from the folder's VAE, so the
+text encoders' output sizes are checked against what the transformer takes, by a forward and a backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lcm_plugin.tiny_flow import (
+    FLUX_SCHEDULER_CONFIG,
+    FLUX_VAE_FACTORS,
+    SD3_SCHEDULER_CONFIG,
+    SD3_VAE_FACTORS,
+    save_tiny_flow,
+    write_t5_tokenizer,
+)
+
+VOCABULARY = ("red", "blue", "circle", "square")
+PROMPTS = ["red circle", "blue square"]
+SIZE = 64
+CLIP_TOKENS = 77
+
+# family -> what the real checkpoint's model_index.json names, its T5 subfolders, scheduler and VAE factors.
+FAMILIES = {
+    "sd3": dict(
+        pipeline="StableDiffusion3Pipeline",
+        index={
+            "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler",
+            "text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
+            "text_encoder_3": "T5EncoderModel", "tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer",
+            "tokenizer_3": "T5TokenizerFast",
+        },
+        t5=("text_encoder_3", "tokenizer_3"),
+        scheduler=SD3_SCHEDULER_CONFIG,
+        vae=SD3_VAE_FACTORS,
+        simpletuner_class="SD3",
+        t5_tokens=154,  # SD3.check_user_config's T5 length
+    ),
+    "flux": dict(
+        pipeline="FluxPipeline",
+        index={
+            "transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "CLIPTextModel",
+            "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast",
+        },
+        t5=("text_encoder_2", "tokenizer_2"),
+        scheduler=FLUX_SCHEDULER_CONFIG,
+        vae=FLUX_VAE_FACTORS,
+        simpletuner_class="Flux",
+        t5_tokens=512,  # Flux.check_user_config's T5 length
+    ),
+}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    return {family: save_tiny_flow(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0, vocabulary=VOCABULARY)
+            for family in FAMILIES}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs, family):
+    spec, folder = FAMILIES[family], model_dirs[family]
+    index = read_json(folder / "model_index.json")
+    assert index["_class_name"] == spec["pipeline"]
+    assert {k: v[1] for k, v in index.items() if not k.startswith("_") and v[0] is not None} == spec["index"]
+    for component in spec["index"]:
+        assert (folder / component).is_dir(), component
+
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    assert {k: scheduler[k] for k in spec["scheduler"]} == spec["scheduler"]
+    assert scheduler.get("use_dynamic_shifting", False) is (family == "flux")
+
+    vae = read_json(folder / "vae" / "config.json")
+    assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # latents 1/8 of the image
+    assert {k: vae[k] for k in spec["vae"]} == spec["vae"]
+    assert vae["use_quant_conv"] is False and vae["use_post_quant_conv"] is False
+
+    transformer = read_json(folder / "transformer" / "config.json")
+    t5 = read_json(folder / spec["t5"][0] / "config.json")
+    assert t5["d_model"] == transformer["joint_attention_dim"]
+    assert t5["feed_forward_proj"] == "gated-gelu"  # T5 v1.1
+    assert not (folder / spec["t5"][1] / "spiece.model").exists()  # built offline, no sentencepiece model
+    width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    if family == "sd3":
+        clip_l = read_json(folder / "text_encoder" / "config.json")
+        clip_g = read_json(folder / "text_encoder_2" / "config.json")
+        assert transformer["pooled_projection_dim"] == clip_l["projection_dim"] + clip_g["projection_dim"]
+        assert clip_l["hidden_size"] + clip_g["hidden_size"] < t5["d_model"]  # CLIP states are padded up to T5's
+        assert transformer["caption_projection_dim"] == width
+        assert transformer["in_channels"] == transformer["out_channels"] == 16
+        assert transformer["dual_attention_layers"] == [0] and transformer["qk_norm"] == "rms_norm"  # SD3.5
+        assert clip_l["hidden_act"] == "quick_gelu" and clip_g["hidden_act"] == "gelu"
+    else:
+        clip = read_json(folder / "text_encoder" / "config.json")
+        assert transformer["pooled_projection_dim"] == clip["hidden_size"]  # CLIPTextModel's pooler output
+        assert transformer["in_channels"] == 4 * 16 and transformer["patch_size"] == 1  # 2x2 packed latents
+        assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+        assert transformer["guidance_embeds"] is True  # FLUX.1-dev
+        assert "out_channels" not in transformer  # as FLUX.1-dev's config; SimpleTuner's class does not take it
+
+
+def test_t5_tokenizer_is_built_offline(tmp_path):
+    from transformers import T5TokenizerFast
+
+    tokenizer = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(tmp_path / "t5", VOCABULARY)))
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)  # T5's ids
+    assert tokenizer.model_max_length == 512
+    encoded = tokenizer(["red circle", "Blue squares é"], padding="max_length", max_length=12, truncation=True)
+    assert tokenizer.convert_ids_to_tokens(encoded.input_ids[0])[:4] == ["\u2581red", "\u2581circle", "</s>", "<pad>"]
+    assert encoded.attention_mask[0] == [1, 1, 1] + [0] * 9
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[1])
+    assert tokens[:4] == ["\u2581B", "l", "u", "e"] and "\u2581square" in tokens and "<unk>" in tokens
+    assert tokenizer.decode(tokenizer("Blue squares!").input_ids, skip_special_tokens=True) == "Blue squares!"
+
+
+def test_same_seed_writes_the_same_weights(model_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    base = weights(model_dirs["flux"])
+    again = weights(save_tiny_flow("flux", tmp_path / "again", seed=0, vocabulary=VOCABULARY))
+    other = weights(save_tiny_flow("flux", tmp_path / "other", seed=1, vocabulary=VOCABULARY))
+    assert base.keys() == again.keys() == other.keys()
+    assert all(torch.equal(base[k], again[k]) for k in base)
+    assert not all(torch.equal(base[k], other[k]) for k in base)
+
+
+def test_diffusers_pipeline_samples_a_64px_image(model_dirs, family):
+    import diffusers
+
+    pipeline = getattr(diffusers, FAMILIES[family]["pipeline"]).from_pretrained(str(model_dirs[family]))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(PROMPTS[0], num_inference_steps=1, height=SIZE, width=SIZE, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, SIZE, SIZE, 3)
+    assert np.isfinite(images).all()
+    pil = pipeline(PROMPTS[0], num_inference_steps=1, height=SIZE, width=SIZE,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+    assert pil.size == (SIZE, SIZE)
+
+
+@pytest.fixture(scope="module")
+def simpletuner_models(model_dirs, tmp_path_factory):
+    """family -> SimpleTuner's model object with the folder loaded as its trainer loads it (CPU, fp32)."""
+    from simpletuner.helpers.configuration.cmd_args import parse_cmdline_args
+    from simpletuner.helpers.configuration.json_file import normalize_args
+    from simpletuner.helpers.models.registry import ModelRegistry
+
+    accelerator = types.SimpleNamespace(
+        device=torch.device("cpu"), num_processes=1,
+        unwrap_model=lambda model, keep_fp32_wrapper=True: model, wait_for_everyone=lambda: None,
+    )
+    models = {}
+    for family, folder in model_dirs.items():
+        root = tmp_path_factory.mktemp(f"simpletuner-{family}")
+        config = {
+            "model_family": family, "model_type": "lora", "lora_type": "standard", "lora_rank": 4,
+            "pretrained_model_name_or_path": str(folder), "output_dir": str(root / "output"),
+            "data_backend_config": str(root / "multidatabackend.json"), "resolution": SIZE,
+            "resolution_type": "pixel", "mixed_precision": "no", "optimizer": "torch-adamw",
+            "max_train_steps": 2, "num_train_epochs": 0, "validation_disable": True, "report_to": "none",
+            "seed": 0,
+        }
+        args = parse_cmdline_args(input_args=normalize_args(config), exit_on_error=True)
+        model = ModelRegistry.model_families()[family](args, accelerator)
+        # Trainer.__init__ -> init_model: the class, then check_user_config; init_noise_schedule and the precision
+        # setup set these two on the config before any training step.
+        model.check_user_config()
+        args.flow_matching = model.PREDICTION_TYPE.is_flow_prediction
+        args.base_weight_dtype = args.weight_dtype
+        # Trainer.init_text_encoder / init_vae / init_load_base_model.
+        model.load_text_encoder(move_to_device=True)
+        model.load_vae(move_to_device=False)
+        model.load_model(move_to_device=False)
+        models[family] = model
+    return models
+
+
+def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_models, model_dirs, family):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    model = simpletuner_models[family]
+    spec = FAMILIES[family]
+    assert type(model).__name__ == spec["simpletuner_class"]
+    assert model.config.tokenizer_max_length == spec["t5_tokens"]
+    assert model.noise_schedule.config.shift == 3.0
+    assert model.noise_schedule.config.use_dynamic_shifting is (family == "flux")
+    if family == "sd3":
+        expected_tokenizers = [CLIPTokenizer, CLIPTokenizer, T5TokenizerFast]
+        expected_encoders = [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]
+    else:
+        expected_tokenizers = [CLIPTokenizer, T5TokenizerFast]
+        expected_encoders = [CLIPTextModel, T5EncoderModel]
+    assert [type(t) for t in model.tokenizers] == expected_tokenizers
+    assert [type(e) for e in model.text_encoders] == expected_encoders
+    # SimpleTuner's own transformer class (MODEL_CLASS), not diffusers', with the folder's weights.
+    assert type(model.model) is model.MODEL_CLASS
+    assert model.MODEL_CLASS.__module__.startswith("simpletuner.")
+    from safetensors.torch import load_file
+
+    saved = load_file(model_dirs[family] / "transformer" / "diffusion_pytorch_model.safetensors")
+    state = model.model.state_dict()
+    assert saved.keys() <= state.keys()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert model.vae.config.latent_channels == model.LATENT_CHANNEL_COUNT == 16
+    assert model.AUTOENCODER_SCALING_FACTOR == spec["vae"]["scaling_factor"]
+
+
+def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpletuner_models, family):
+    model = simpletuner_models[family]
+    transformer = model.model.config
+    with torch.no_grad():
+        embeds = model._format_text_embedding(model._encode_prompts(PROMPTS))
+    prompt_embeds, pooled = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
+    if family == "sd3":
+        # CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's states.
+        assert prompt_embeds.shape == (2, CLIP_TOKENS + 154, transformer.joint_attention_dim)
+        clip_width = sum(encoder.config.hidden_size for encoder in model.text_encoders[:2])
+        assert torch.count_nonzero(prompt_embeds[:, :CLIP_TOKENS, clip_width:]) == 0
+        assert torch.count_nonzero(prompt_embeds[:, :CLIP_TOKENS, :clip_width]) > 0
+    else:
+        assert prompt_embeds.shape == (2, 512, transformer.joint_attention_dim)
+        assert embeds["attention_masks"].shape == (2, 512)
+    assert pooled.shape == (2, transformer.pooled_projection_dim)
+
+    pixels = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = model.scale_vae_latents_for_cache(model.vae.encode(pixels).latent_dist.sample(), model.vae)
+    assert latents.shape == (2, 16, SIZE // 8, SIZE // 8)
+    batch = {"prompt_embeds": prompt_embeds, "add_text_embeds": pooled, "latent_batch": latents,
+             "encoder_attention_mask": embeds.get("attention_masks"), "batch_time_ids": None}
+    torch.manual_seed(0)
+    prepared = model.prepare_batch(batch, {"global_step": 0})
+    model.model.zero_grad(set_to_none=True)
+    output = model.model_predict(prepared)
+    assert output["model_prediction"].shape == latents.shape
+    loss = model.loss(prepared, output)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    # The prompt reaches the transformer: its text projections get gradients.
+    for name in ("context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"):
+        grad = model.model.get_parameter(name).grad
+        assert grad is not None and torch.count_nonzero(grad) > 0, name
