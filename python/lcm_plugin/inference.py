@@ -55,9 +55,20 @@ def tcd_scheduler(scheduler_config, *, num_ddim_timesteps: int, timestep_scaling
     return scheduler
 
 
+def is_flow_matching(scheduler_config) -> bool:
+    """Whether a training noise scheduler config is a rectified-flow one (diffusers' FlowMatch* schedulers: SD3, Flux)."""
+    return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+
+
 def variant_scheduler(scheduler_config, lcm: LcmConfig):
     """The validation sampler of `lcm.variant`: LCMScheduler (lcm), TCDScheduler at tcd_gamma (tcd), or
-    TCDScheduler at gamma 0 (pcm: deterministic jumps, from phase top to phase edge at pcm_phases steps)."""
+    TCDScheduler at gamma 0 (pcm: deterministic jumps, from phase top to phase edge at pcm_phases steps). A flow
+    teacher's LCM student samples with FlowMatchLCMScheduler on the teacher's own shifted schedule: x0 = x - sigma v,
+    then fresh noise to the next sigma, the flow form of LCM's multistep sampling."""
+    if is_flow_matching(scheduler_config):
+        from diffusers import FlowMatchLCMScheduler
+
+        return FlowMatchLCMScheduler.from_config(scheduler_config)
     grid = dict(num_ddim_timesteps=lcm.num_ddim_timesteps, timestep_scaling=lcm.timestep_scaling_factor)
     if lcm.variant == "tcd":
         return tcd_scheduler(scheduler_config, **grid, gamma=lcm.tcd_gamma)

@@ -139,8 +139,16 @@ def test_bad_lcm_settings_name_the_key_and_what_is_valid(installed):
 
 
 def test_unsupported_models_are_refused_clearly(installed):
-    with pytest.raises(ValueError, match="flow-matching models are not supported yet"):
-        create({"lcm": LCM_BLOCK}, model=fake_sdxl_model(PredictionTypes.FLOW_MATCHING))
+    flux = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
+    flux.config.model_family = "flux"
+    with pytest.raises(ValueError, match="model_family 'flux' is a flow-matching family it does not cover yet"):
+        create({"lcm": LCM_BLOCK}, model=flux)
+    sd3 = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
+    sd3.config.model_family = "sd3"
+    with pytest.raises(ValueError, match="model_type 'full' is not covered for flow-matching families"):
+        create({"lcm": LCM_BLOCK}, model=sd3, model_type="full")
+    with pytest.raises(ValueError, match="tcd / pcm variants"):
+        create({"lcm": LCM_BLOCK | {"variant": "tcd"}}, model=sd3)
     with pytest.raises(ValueError, match="model_type 'embedding' is not supported"):
         create({"lcm": LCM_BLOCK}, model_type="embedding")
 

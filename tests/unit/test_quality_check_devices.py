@@ -234,6 +234,16 @@ def test_when_sharded_every_rank_skips_and_rank_0_says_why_once(teacher, unet_ca
         assert "distillation_config.lcm.quality_check.enabled" in warnings[0]
 
 
+def test_a_flow_matching_run_skips_the_check_with_one_line(teacher, unet_calls, tmp_path, caplog):
+    validation = FakeValidation(teacher, FakeAccelerator(rank=0), tmp_path)
+    validation.distiller.is_flow_matching = True
+    with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
+        for _ in range(2):
+            quality_check_patches._run_quality_check(validation, SURFACES)
+    assert unet_calls == []
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [quality_check_patches.FLOW_SKIPPED]
+
+
 def test_under_zero2_rank_0_checks(teacher, unet_calls, tmp_path):
     accelerator = FakeAccelerator(rank=0, zero_stage=2)  # whole parameters on every rank
     quality_check_patches._run_quality_check(FakeValidation(teacher, accelerator, tmp_path), SURFACES)

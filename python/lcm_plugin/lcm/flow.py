@@ -107,9 +107,13 @@ class FlowSkipSchedule:
         grid = flow_sigma_grid(num_ddim_timesteps, image_seq_len=image_seq_len, **kwargs)
         return cls(sigmas=torch.cat([torch.zeros(1, dtype=torch.float64), grid.flip(0)]))
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> FlowSkipSchedule:
+        """The same grid on `device` in `dtype` (built in float64 on the CPU)."""
+        return FlowSkipSchedule(sigmas=self.sigmas.to(dtype).to(device))
+
     def sample_index(self, batch_size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Solver step n [B] int64, uniform on 0..N-1, on the grid's device."""
-        device = generator.device if generator is not None else "cpu"
+        """Solver step n [B] int64, uniform on 0..N-1, on the grid's device (drawn there, or on the generator's)."""
+        device = generator.device if generator is not None else self.sigmas.device
         n = torch.randint(0, self.sigmas.shape[0] - 1, (batch_size,), generator=generator, device=device)
         return n.to(self.sigmas.device)
 

@@ -25,6 +25,11 @@ script (whose float32 alpha/sigma tables promote bf16 model outputs); UNet input
 nothing is ever float64. Doing the arithmetic in bf16 instead moves SDXL-scale targets by ~5% (relative L2,
 bench/step_gpu.py on an H100): x0 = (x_t - sigma_t eps) / alpha_t cancels badly at large t.
 
+Flow-matching teachers (SD3, LoRA, variant lcm; `flow_refusal` names what else is refused): the same three calls on
+the rectified-flow path (lcm_plugin.lcm.flow): x_t at a grid sigma of the teacher's own shifted schedule, one guided
+Euler step of the teacher, f = x - sigma v for student and target. Every network call goes through SimpleTuner's own
+forward (`model_predict`) on a copy of the batch, so the family's input packing stays SimpleTuner's.
+
 Full-model distillation (model_type "full") follows diffusers' `train_lcm_distill_sdxl_wds.py` in its networks:
 a frozen copy of the pretrained UNet is the teacher and a separate target network tracks the student by EMA
 (`ema_decay`, updated once per optimizer step, saved with every checkpoint), kept in float32 and run under
@@ -53,9 +58,13 @@ from simpletuner.helpers.distillation.common import DistillationBase
 from lcm_plugin.config import LcmConfig
 from lcm_plugin.lcm import (
     DDIMSkipSchedule,
+    FlowSkipSchedule,
     consistency_loss,
     consistency_targets,
     end_timesteps,
+    flow_consistency_function,
+    flow_noise,
+    flow_solver_step,
     sample_guidance_scale,
     student_consistency_output,
 )
@@ -63,6 +72,12 @@ from lcm_plugin.lcm import (
 LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
 LCM_T_END_KEY = "lcm_t_end"
+LCM_SIGMA_KEY = "lcm_sigma"  # flow families: sigma_n_plus_k, where the student's consistency function starts
+# Flow families LCM-LoRA covers: their SimpleTuner forward (`model_predict`) takes a CFG batch of cond and uncond rows.
+FLOW_FAMILIES = ("sd3",)
+# Batch entries that carry the prompt, zeroed for the unconditional branch of a flow teacher (SD3's joint
+# CLIP + T5 states and pooled CLIP embedding), as the ε-families' uncond gets zero prompt embeddings.
+FLOW_PROMPT_KEYS = ("encoder_hidden_states", "add_text_embeds")
 TARGET_CHECKPOINT_FILE = "lcm_target_unet.safetensors"
 TARGET_LORA_CHECKPOINT_FILE = "lcm_target_lora.safetensors"
 # added_cond_kwargs entries that carry the prompt: zeroed for the unconditional branch.
@@ -73,6 +88,21 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
     """A gradient-free copy with the same weights and device, in `dtype` (default: the module's own)."""
     copied = copy.deepcopy(module).requires_grad_(False)
     return copied if dtype is None else copied.to(dtype)
+
+
+def flow_refusal(model_family, full_model: bool, config: LcmConfig) -> str | None:
+    """Why an LCM run of a flow-matching model cannot run yet (one line), or None: LoRA of the FLOW_FAMILIES with
+    the LCM variant is covered."""
+    if model_family not in FLOW_FAMILIES:
+        why = f"model_family {model_family!r} is a flow-matching family it does not cover yet"
+    elif full_model:
+        why = "model_type 'full' is not covered for flow-matching families yet"
+    elif config.variant != "lcm" or config.lora_target_ema:
+        why = "the tcd / pcm variants and lora_target_ema are not covered for flow-matching families yet"
+    else:
+        return None
+    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM-LoRA of "
+            f"{', '.join(FLOW_FAMILIES)} among flow-matching families, and every epsilon / v_prediction family")
 
 
 def sharded_training(accelerator) -> str | None:
@@ -129,21 +159,22 @@ class LcmDistiller(DistillationBase):
     ):
         super().__init__(teacher_model, student_model, config.model_dump())
         if self.is_flow_matching:
-            raise ValueError(
-                "distillation_method 'lcm': flow-matching models are not supported yet by simpletuner-lcm "
-                f"(model prediction type {teacher_model.PREDICTION_TYPE.value!r}); use an epsilon or "
-                "v_prediction model such as SDXL."
-            )
+            refusal = flow_refusal(getattr(getattr(teacher_model, "config", None), "model_family", None),
+                                   full_model, config)
+            if refusal:
+                raise ValueError(refusal)
         if student_model is not None:
             raise ValueError("LcmDistiller trains SimpleTuner's own model: pass no separate student_model")
         self.lcm_config = config
         self.noise_scheduler = noise_scheduler
-        self.prediction_type = noise_scheduler.config.prediction_type
-        # float64 tables; per-step copies in the arithmetic dtype/device are cached in _schedules.
-        self.schedule = DDIMSkipSchedule.from_alphas_cumprod(
+        # The ε / v families' parameterisation (a flow teacher predicts the velocity; its config has no such key).
+        self.prediction_type = None if self.is_flow_matching else noise_scheduler.config.prediction_type
+        # float64 tables; per-step copies in the arithmetic dtype/device are cached in _schedules. A flow teacher's
+        # grid is its own shifted sigma schedule (FlowSkipSchedule, one per latent size under dynamic shifting).
+        self.schedule = None if self.is_flow_matching else DDIMSkipSchedule.from_alphas_cumprod(
             noise_scheduler.alphas_cumprod, config.num_ddim_timesteps
         )
-        self._schedules: dict[tuple[torch.device, torch.dtype], DDIMSkipSchedule] = {}
+        self._schedules: dict[tuple, DDIMSkipSchedule | FlowSkipSchedule] = {}
         # Built here, before SimpleTuner resumes a checkpoint into the student: the teacher stays pretrained.
         self._lora_layers = None  # PEFT layers of the trained UNet, found on first use (LoRA only)
         self.teacher_unet = self.target_unet = None
@@ -198,9 +229,68 @@ class LcmDistiller(DistillationBase):
         finally:
             self.toggle_adapter(enable=True)
 
+    def _flow_schedule_for(self, latents: torch.Tensor, dtype: torch.dtype) -> FlowSkipSchedule:
+        config = self.noise_scheduler.config
+        # Dynamic shifting (Flux) sets mu from the transformer's token count: 2 x 2 latent patches.
+        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) if config.get("use_dynamic_shifting") else None
+        key = (tokens, latents.device, dtype)
+        if key not in self._schedules:
+            grid = FlowSkipSchedule.from_scheduler_config(config, self.lcm_config.num_ddim_timesteps,
+                                                          image_seq_len=tokens)
+            self._schedules[key] = grid.to(latents.device, dtype)
+        return self._schedules[key]
+
+    def _flow_velocity(self, batch: dict, x: torch.Tensor, sigma: torch.Tensor, unet_dtype: torch.dtype,
+                       unconditional_rows: int = 0) -> torch.Tensor:
+        """SimpleTuner's own forward of the model (`model_predict`) at (x, sigma): a copy of the batch with the noisy
+        input and the timesteps (sigma x num_train_timesteps, SimpleTuner's flow timesteps) replaced. With
+        `unconditional_rows`, the batch's rows are repeated and the prompt entries of the last copy zeroed."""
+        rows = batch["latents"].shape[0]
+        call = dict(batch)
+        if unconditional_rows:
+            for key, value in batch.items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
+                    call[key] = torch.cat([value, torch.zeros_like(value) if key in FLOW_PROMPT_KEYS else value])
+        call["noisy_latents"] = x.to(unet_dtype)
+        call["timesteps"] = sigma * self.noise_scheduler.config.num_train_timesteps
+        return self.teacher_model.model_predict(call)["model_prediction"]
+
+    def _prepare_flow_batch(self, batch: dict) -> dict:
+        """LCM on a rectified-flow teacher (lcm_plugin.lcm.flow): x_t on the flow path at sigma_n_plus_k of the teacher's
+        own grid, one guided Euler step of the teacher (adapters off) to sigma_n, the target f = x - sigma v of the
+        student itself (adapters on) there."""
+        latents = batch["latents"]
+        unet_dtype = latents.dtype
+        arithmetic_dtype = torch.promote_types(latents.dtype, torch.float32)
+        schedule = self._flow_schedule_for(latents, arithmetic_dtype)
+        sigma_n_plus_k, sigma_n = schedule.sample_step(latents.shape[0])
+        guidance_scale = sample_guidance_scale(
+            latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max, device=latents.device
+        )
+        x_t = flow_noise(latents.to(arithmetic_dtype), batch["noise"].to(arithmetic_dtype), sigma_n_plus_k)
+
+        def teacher(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with self._teacher():
+                output = self._flow_velocity(batch, torch.cat([x, x]), torch.cat([sigma, sigma]), unet_dtype,
+                                             unconditional_rows=x.shape[0])
+            cond, uncond = output.to(arithmetic_dtype).chunk(2)
+            return cond, uncond
+
+        x_n = flow_solver_step(teacher, x_t, sigma_n_plus_k, sigma_n, guidance_scale=guidance_scale)
+        with torch.no_grad():
+            target_velocity = self._flow_velocity(batch, x_n, sigma_n, unet_dtype).to(arithmetic_dtype)
+        batch["noisy_latents"] = x_t.to(unet_dtype)
+        batch["timesteps"] = sigma_n_plus_k * self.noise_scheduler.config.num_train_timesteps
+        batch[LCM_X_T_KEY] = x_t
+        batch[LCM_SIGMA_KEY] = sigma_n_plus_k
+        batch[LCM_TARGET_KEY] = flow_consistency_function(x_n, target_velocity, sigma_n).detach()
+        return batch
+
     def prepare_batch(self, batch, model=None, state=None):
         """Replace the trainer's noisy input with LCM's x_t at t_n_plus_k and attach the consistency target."""
         del model, state
+        if self.is_flow_matching:
+            return self._prepare_flow_batch(batch)
         latents = batch["latents"]
         unet_dtype = latents.dtype
         arithmetic_dtype = torch.promote_types(latents.dtype, torch.float32)
@@ -271,16 +361,21 @@ class LcmDistiller(DistillationBase):
         """Consistency loss d(f_theta(x_t, t_n_plus_k), f_target(x_t_n, t_n)); replaces the diffusion loss."""
         del original_loss
         x_t = prepared_batch[LCM_X_T_KEY]
-        prediction = student_consistency_output(
-            model_output["model_prediction"].to(x_t.dtype),
-            x_t=x_t,
-            t_n_plus_k=prepared_batch["timesteps"],
-            schedule=self._schedule_for(x_t.device, x_t.dtype),
-            prediction_type=self.prediction_type,
-            timestep_scaling=self.lcm_config.timestep_scaling_factor,
-            variant=self.lcm_config.variant,
-            t_end=prepared_batch[LCM_T_END_KEY],
-        )
+        if self.is_flow_matching:
+            prediction = flow_consistency_function(
+                x_t, model_output["model_prediction"].to(x_t.dtype), prepared_batch[LCM_SIGMA_KEY]
+            )
+        else:
+            prediction = student_consistency_output(
+                model_output["model_prediction"].to(x_t.dtype),
+                x_t=x_t,
+                t_n_plus_k=prepared_batch["timesteps"],
+                schedule=self._schedule_for(x_t.device, x_t.dtype),
+                prediction_type=self.prediction_type,
+                timestep_scaling=self.lcm_config.timestep_scaling_factor,
+                variant=self.lcm_config.variant,
+                t_end=prepared_batch[LCM_T_END_KEY],
+            )
         loss = consistency_loss(
             prediction,
             prepared_batch[LCM_TARGET_KEY],

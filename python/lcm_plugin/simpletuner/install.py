@@ -130,13 +130,14 @@ def validate_before_model_load(trainer) -> None:
     if str(getattr(config, "distillation_method", None) or "").lower() != METHOD:
         return
     _validate_config_files(getattr(config, "data_backend_config", None))
-    lcm_config_from_block(lcm_block(getattr(config, "distillation_config", None)))
+    lcm_config = lcm_config_from_block(lcm_block(getattr(config, "distillation_config", None)))
     prediction_type = getattr(trainer.model, "PREDICTION_TYPE", None)
     if prediction_type is not None and prediction_type.is_flow_prediction:
-        raise ValueError(
-            "distillation_method 'lcm': flow-matching models are not supported yet by simpletuner-lcm "
-            f"(model_family {config.model_family!r} predicts {prediction_type.value!r})."
-        )
+        from lcm_plugin.simpletuner.distiller import flow_refusal
+
+        refusal = flow_refusal(config.model_family, config.model_type == "full", lcm_config)
+        if refusal:
+            raise ValueError(refusal)
     _check_model_type(config.model_type)
 
 

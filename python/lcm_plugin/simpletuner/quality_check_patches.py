@@ -14,7 +14,11 @@ logger = logging.getLogger("simpletuner-lcm")
 
 # One lcm_plugin.quality_check.QualityCheck per Validation object (one per run): it keeps the teacher's sets.
 _quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_sharded_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
+_skip_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
+FLOW_SKIPPED = (
+    "simpletuner-lcm: the LCM quality check samples UNet teachers with DDIM; it is skipped for this flow-matching "
+    "model. Set distillation_config.lcm.quality_check.enabled to false to silence this line."
+)
 SHARDED_SKIPPED = (
     "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the UNet's parameters are sharded across the "
     "ranks, so each of its forwards needs every rank, and the check samples on rank 0 alone. Set "
@@ -68,10 +72,12 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         return
     main_process = getattr(validation.accelerator, "is_main_process", True)
     sharding = sharded_training(validation.accelerator)
-    if sharding is not None:
-        if main_process and validation not in _sharded_warned:
-            _sharded_warned.add(validation)
-            logger.warning(SHARDED_SKIPPED.format(sharding=sharding))
+    skipped = (SHARDED_SKIPPED.format(sharding=sharding) if sharding is not None
+               else FLOW_SKIPPED if getattr(validation.distiller, "is_flow_matching", False) else None)
+    if skipped is not None:
+        if main_process and validation not in _skip_warned:
+            _skip_warned.add(validation)
+            logger.warning(skipped)
         return
     # Under plain DDP SimpleTuner calls finalize_validation on rank 0 only, or on every rank after a batch-parallel
     # validation (validation_multigpu's default). The check runs on rank 0 and uses no collective: the other ranks go

@@ -1,0 +1,66 @@
+"""LCM-LoRA of a rectified-flow family (SD3) through the stock `simpletuner train` (issue 21): the tiny offline SD3
+(lcm_plugin.tiny_flow) trains 2 steps with the plugin's distiller; its step is the one tests/unit/test_distiller_flow.py
+proves equal to the equations; here: it runs inside SimpleTuner's trainer and what the run hands over samples with the
+flow LCM scheduler."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import stock_trainer_env, write_lcm_training_dir
+from test_simpletuner_train import LORA_FILE, lcm_losses, run_stock_trainer
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    from lcm_plugin.demo import shapes
+    from lcm_plugin.tiny_flow import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "model", vocabulary=shapes.VOCABULARY)
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory, tiny_sd3_dir):
+    run = write_lcm_training_dir(tmp_path_factory.mktemp("sd3-lcm"), tiny_sd3_dir, max_train_steps=STEPS)
+    config_file = run / "config" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"model_family": "sd3", "model_flavour": None})
+    config.pop("pretrained_vae_model_name_or_path", None)
+    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
+    return run, run_stock_trainer(run, stock_trainer_env())
+
+
+def test_sd3_lcm_lora_trains_through_the_stock_trainer(sd3_run):
+    run, log = sd3_run
+    losses = lcm_losses(run / "output" / "training_metrics.jsonl")
+    assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
+    assert (run / "output" / LORA_FILE).is_file(), log[-4000:]
+
+
+def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run, tiny_sd3_dir):
+    import torch
+    from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
+    from safetensors import safe_open
+
+    run, log = sd3_run
+    with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
+        metadata = lora.metadata()
+    scheduler_config = json.loads(metadata["lcm.scheduler_config"])
+    assert scheduler_config["_class_name"] == "FlowMatchLCMScheduler", metadata
+    assert scheduler_config["shift"] == 3.0
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    pipeline.scheduler = FlowMatchLCMScheduler.from_config(scheduler_config)
+    pipeline.load_lora_weights(run / "output")
+    image = pipeline("red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and bool((image >= 0).all())
+
+
+def test_the_data_path_falls_back_for_sd3_with_one_line(sd3_run):
+    _, log = sd3_run
+    assert "every dataset uses SimpleTuner's own caching: model_family 'sd3'" in log, log[-4000:]

@@ -1,0 +1,168 @@
+"""The distiller's LCM-LoRA step on a rectified-flow teacher (SD3) equals a reference written here from the equations
+(issue 21), and its validation sampler is the flow form of LCM's.
+
+Reference, without lcm_plugin code: the solver grid is diffusers' FlowMatchEulerDiscreteScheduler's own sigmas for
+the teacher's scheduler config (`set_timesteps(N)`, ascending with 0 prepended); x_t = (1 - s) x0 + s eps at
+s = sigma_{n+k}; the teacher (LoRA adapters off) in two separate calls, cond and uncond (zero prompt and pooled
+embeddings), v = v_u + w (v_c - v_u); one Euler step x_n = x_t + (sigma_n - sigma_{n+k}) v; the target (adapters on,
+no grad) f_target = x_n - sigma_n v(x_n); the student (adapters on, with grad) f = x_t - sigma_{n+k} v(x_t); loss the
+mean squared error. Every call is SimpleTuner's SD3 forward (`SD3._model_predict_single`'s arguments): timestep =
+sigma x 1000, pooled_projections = add_text_embeds. The draws (n, w) are taken from the distiller.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, SD3Transformer2DModel
+from peft import LoraConfig
+from simpletuner.helpers.models.common import PredictionTypes
+
+import lcm_plugin.simpletuner.distiller as distiller_module
+from lcm_plugin.config import LcmConfig
+from lcm_plugin.inference import variant_scheduler
+from lcm_plugin.simpletuner.distiller import LCM_SIGMA_KEY, LcmDistiller
+from lcm_plugin.tiny_flow import SD3_SCHEDULER_CONFIG, sd3_transformer_config
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class FakeSd3Model:
+    """The parts of SimpleTuner's SD3 model object the distiller touches; model_predict makes the transformer call
+    `simpletuner.helpers.models.sd3.model.SD3._model_predict_single` makes."""
+
+    PREDICTION_TYPE = PredictionTypes.FLOW_MATCHING
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.config = SimpleNamespace(lora_type="standard", model_family="sd3")
+
+    def get_trained_component(self):
+        return self.transformer
+
+    def model_predict(self, prepared_batch):
+        output = self.transformer(
+            hidden_states=prepared_batch["noisy_latents"],
+            timestep=prepared_batch["timesteps"],
+            encoder_hidden_states=prepared_batch["encoder_hidden_states"],
+            pooled_projections=prepared_batch["add_text_embeds"],
+            return_dict=False,
+        )[0]
+        return {"model_prediction": output}
+
+
+def tiny_lora_transformer(dtype: torch.dtype) -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**sd3_transformer_config())
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    with torch.no_grad():  # make the adapters matter: a target computed with the teacher cannot pass
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    return transformer.to(dtype)
+
+
+def sd3_batch(batch_size: int, dtype: torch.dtype, seed: int) -> dict:
+    """What SimpleTuner's prepare_batch hands the distiller for SD3 (the keys its forward reads)."""
+    config = sd3_transformer_config()
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, config["in_channels"], 8, 8)
+    return {
+        "latents": torch.randn(shape, generator=generator, dtype=dtype),
+        "noise": torch.randn(shape, generator=generator, dtype=dtype),
+        "encoder_hidden_states": torch.randn(batch_size, 12, config["joint_attention_dim"], generator=generator,
+                                             dtype=dtype),
+        "add_text_embeds": torch.randn(batch_size, config["pooled_projection_dim"], generator=generator, dtype=dtype),
+    }
+
+
+def reference_grid(num_ddim_timesteps: int) -> torch.Tensor:
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(num_ddim_timesteps)
+    return scheduler.sigmas.double().flip(0)  # ascending, the terminal 0 first
+
+
+def reference_step(transformer, batch, sigma_from, sigma_to, w):
+    """(loss, target, f) of one LCM-LoRA step, written from the equations (module docstring)."""
+    x0, eps = batch["latents"], batch["noise"]
+    column = lambda s: s.reshape(-1, 1, 1, 1).to(x0.dtype)  # noqa: E731
+
+    def velocity(x, sigma, *, uncond=False):
+        ehs, pooled = batch["encoder_hidden_states"], batch["add_text_embeds"]
+        if uncond:
+            ehs, pooled = torch.zeros_like(ehs), torch.zeros_like(pooled)
+        return transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=ehs,
+                           pooled_projections=pooled, return_dict=False)[0]
+
+    x_t = (1 - column(sigma_from)) * x0 + column(sigma_from) * eps
+    with torch.no_grad():
+        transformer.disable_adapters()
+        v_c, v_u = velocity(x_t, sigma_from), velocity(x_t, sigma_from, uncond=True)
+        transformer.enable_adapters()
+        v = v_u + column(w) * (v_c - v_u)
+        x_n = x_t + column(sigma_to - sigma_from) * v
+        target = x_n - column(sigma_to) * velocity(x_n, sigma_to)
+    f = x_t - column(sigma_from) * velocity(x_t, sigma_from)
+    loss = F.mse_loss(f.float(), target.float())
+    loss.backward()
+    return loss, target
+
+
+def lora_grads(module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if "lora_" in name}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_flow_step_equals_the_reference(batch_size, monkeypatch):
+    config = LcmConfig(num_ddim_timesteps=10)
+    transformer = tiny_lora_transformer(torch.float64)
+    model = FakeSd3Model(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG)
+    distiller = LcmDistiller(model, noise_scheduler=scheduler, config=config)
+    drawn = {}
+    original = distiller_module.sample_guidance_scale
+    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
+                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
+    torch.manual_seed(3)
+    prepared = distiller.prepare_batch(sd3_batch(batch_size, torch.float64, 7), model, {})
+    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    loss.backward()
+
+    grid = reference_grid(config.num_ddim_timesteps)
+    sigma_from = prepared[LCM_SIGMA_KEY].double()
+    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
+    assert bool((index >= 1).all()), "sigma_n_plus_k is not a point of diffusers' grid"
+    sigma_to = grid[index - 1]
+    torch.testing.assert_close(prepared["timesteps"].double(), sigma_from * 1000)
+
+    reference = tiny_lora_transformer(torch.float64)
+    reference_loss, target = reference_step(reference, sd3_batch(batch_size, torch.float64, 7), sigma_from,
+                                            sigma_to, drawn["w"].double())
+    # diffusers holds its sigmas in float32, the distiller's grid is the same formula in float64: 1e-5, not exact.
+    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    ours, theirs = lora_grads(transformer), lora_grads(reference)
+    assert ours.keys() == theirs.keys() and ours
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_draws_cover_the_grid_and_end_on_the_data():
+    distiller = LcmDistiller(FakeSd3Model(tiny_lora_transformer(torch.float32)), config=LcmConfig(num_ddim_timesteps=8),
+                             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG))
+    latents = torch.zeros(4000, 16, 8, 8)
+    schedule = distiller._flow_schedule_for(latents, torch.float32)
+    start, end = schedule.sample_step(4000)
+    grid = reference_grid(8).float()
+    assert sorted(set(start.tolist())) == pytest.approx(grid[1:].tolist())
+    assert set(end[start == grid[1]].tolist()) == {0.0}
+
+
+def test_the_student_samples_with_the_flow_lcm_scheduler_on_the_teachers_schedule():
+    scheduler = variant_scheduler(FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG).config, LcmConfig())
+    assert isinstance(scheduler, FlowMatchLCMScheduler)
+    assert scheduler.config.shift == SD3_SCHEDULER_CONFIG["shift"]
