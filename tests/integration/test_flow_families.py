@@ -47,7 +47,7 @@ def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run, tiny
     from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
     from safetensors import safe_open
 
-    run, log = sd3_run
+    run, _ = sd3_run
     with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
         metadata = lora.metadata()
     scheduler_config = json.loads(metadata["lcm.scheduler_config"])
@@ -64,3 +64,33 @@ def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run, tiny
 def test_the_data_path_falls_back_for_sd3_with_one_line(sd3_run):
     _, log = sd3_run
     assert "every dataset uses SimpleTuner's own caching: model_family 'sd3'" in log, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def flux_run(tmp_path_factory):
+    from lcm_plugin.demo import shapes
+    from lcm_plugin.tiny_flow import save_tiny_flux
+
+    model = save_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model", vocabulary=shapes.VOCABULARY)
+    run = write_lcm_training_dir(tmp_path_factory.mktemp("flux-lcm"), model, max_train_steps=STEPS)
+    config_file = run / "config" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"model_family": "flux", "model_flavour": None, "flux_guidance_value": 3.5})
+    config.pop("pretrained_vae_model_name_or_path", None)
+    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
+    return run, model, run_stock_trainer(run, stock_trainer_env())
+
+
+def test_flux_lcm_lora_trains_with_its_own_guidance_input_and_samples(flux_run):
+    import torch
+    from diffusers import FlowMatchLCMScheduler, FluxPipeline
+
+    run, model, log = flux_run
+    losses = lcm_losses(run / "output" / "training_metrics.jsonl")
+    assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
+    pipeline = FluxPipeline.from_pretrained(model)
+    pipeline.scheduler = FlowMatchLCMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.load_lora_weights(run / "output")
+    image = pipeline("red circle", num_inference_steps=4, guidance_scale=3.5, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3)

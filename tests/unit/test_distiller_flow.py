@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lcm_plugin.simpletuner.distiller as distiller_module
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, SD3Transformer2DModel
-from peft import LoraConfig
-from simpletuner.helpers.models.common import PredictionTypes
-
-import lcm_plugin.simpletuner.distiller as distiller_module
 from lcm_plugin.config import LcmConfig
 from lcm_plugin.inference import variant_scheduler
 from lcm_plugin.simpletuner.distiller import LCM_SIGMA_KEY, LcmDistiller
 from lcm_plugin.tiny_flow import SD3_SCHEDULER_CONFIG, sd3_transformer_config
+from peft import LoraConfig
+from simpletuner.helpers.models.common import PredictionTypes
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -88,7 +87,7 @@ def reference_grid(num_ddim_timesteps: int) -> torch.Tensor:
 def reference_step(transformer, batch, sigma_from, sigma_to, w):
     """(loss, target, f) of one LCM-LoRA step, written from the equations (module docstring)."""
     x0, eps = batch["latents"], batch["noise"]
-    column = lambda s: s.reshape(-1, 1, 1, 1).to(x0.dtype)  # noqa: E731
+    column = lambda s: s.reshape(-1, 1, 1, 1).to(x0.dtype)
 
     def velocity(x, sigma, *, uncond=False):
         ehs, pooled = batch["encoder_hidden_states"], batch["add_text_embeds"]
@@ -166,3 +165,77 @@ def test_the_student_samples_with_the_flow_lcm_scheduler_on_the_teachers_schedul
     scheduler = variant_scheduler(FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG).config, LcmConfig())
     assert isinstance(scheduler, FlowMatchLCMScheduler)
     assert scheduler.config.shift == SD3_SCHEDULER_CONFIG["shift"]
+
+
+# ---- Flux, through SimpleTuner's own Flux class --------------------------------------------------------------------
+
+
+def test_the_flux_step_equals_the_reference_through_simpletuners_flux_model(tmp_path):
+    """Flux is guidance-distilled: no CFG; its guidance input is SimpleTuner's flux_guidance_value in every call. The
+    distiller drives SimpleTuner's own Flux class (its packing, ids, guidance and timestep / 1000); the reference calls
+    the same transformer with diffusers' FluxPipeline packing, on diffusers' grid for the latents' mu."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from lcm_plugin.demo import shapes
+    from lcm_plugin.tiny_flow import save_tiny_flux
+    from test_tiny_flow import load_with_simpletuner
+
+    folder = save_tiny_flux(tmp_path / "flux", vocabulary=shapes.VOCABULARY)
+    model = load_with_simpletuner("flux", folder, tmp_path, flux_guidance_value=3.5)
+    transformer = model.model
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=LcmConfig(num_ddim_timesteps=10))
+    with torch.no_grad():
+        embeds = model._format_text_embedding(model._encode_prompts(list(shapes.PROMPTS[:2])))
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    batch = model.prepare_batch({"prompt_embeds": embeds["prompt_embeds"],
+                                 "add_text_embeds": embeds["pooled_prompt_embeds"], "latent_batch": latents, "encoder_attention_mask": embeds.get("attention_masks"),
+                                 "batch_time_ids": None}, {"global_step": 0})
+    inputs = {key: batch[key].clone() for key in ("latents", "noise", "prompt_embeds", "add_text_embeds")}
+    prepared = distiller.prepare_batch(batch, model, {})
+    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    loss.backward()
+    ours = lora_grads(transformer)
+    transformer.zero_grad(set_to_none=True)
+
+    config = model.noise_schedule.config
+    mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(10, mu=mu)
+    grid = scheduler.sigmas.double().flip(0)
+    sigma_from = prepared[LCM_SIGMA_KEY].double()
+    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
+    sigma_to = grid[index - 1].float()
+    sigma_from = sigma_from.float()
+
+    def velocity(x, sigma):
+        packed = FluxPipeline._pack_latents(x, 2, 16, 8, 8)
+        output = transformer(
+            hidden_states=packed, timestep=sigma, guidance=torch.full((2,), 3.5),
+            pooled_projections=inputs["add_text_embeds"], encoder_hidden_states=inputs["prompt_embeds"],
+            txt_ids=torch.zeros(inputs["prompt_embeds"].shape[1], 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype), return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(output, 64, 64, 8)
+
+    column = lambda s: s.reshape(-1, 1, 1, 1)
+    x_t = (1 - column(sigma_from)) * inputs["latents"] + column(sigma_from) * inputs["noise"]
+    with torch.no_grad():
+        transformer.disable_adapters()
+        x_n = x_t + column(sigma_to - sigma_from) * velocity(x_t, sigma_from)
+        transformer.enable_adapters()
+        target = x_n - column(sigma_to) * velocity(x_n, sigma_to)
+    reference_loss = F.mse_loss(x_t - column(sigma_from) * velocity(x_t, sigma_from), target)
+    reference_loss.backward()
+    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    theirs = lora_grads(transformer)
+    assert ours.keys() == theirs.keys() and ours
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)

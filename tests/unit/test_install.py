@@ -139,9 +139,13 @@ def test_bad_lcm_settings_name_the_key_and_what_is_valid(installed):
 
 
 def test_unsupported_models_are_refused_clearly(installed):
+    qwen = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
+    qwen.config.model_family = "qwen_image"
+    with pytest.raises(ValueError, match="model_family 'qwen_image' is a flow-matching family it does not cover yet"):
+        create({"lcm": LCM_BLOCK}, model=qwen)
     flux = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
-    flux.config.model_family = "flux"
-    with pytest.raises(ValueError, match="model_family 'flux' is a flow-matching family it does not cover yet"):
+    flux.config.model_family, flux.config.flux_guidance_mode = "flux", "random-range"
+    with pytest.raises(ValueError, match="flux_guidance_mode 'random-range'"):
         create({"lcm": LCM_BLOCK}, model=flux)
     sd3 = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
     sd3.config.model_family = "sd3"

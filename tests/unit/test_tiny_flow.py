@@ -164,9 +164,9 @@ def test_diffusers_pipeline_samples_a_64px_image(model_dirs, family):
     assert pil.size == (SIZE, SIZE)
 
 
-@pytest.fixture(scope="module")
-def simpletuner_models(model_dirs, tmp_path_factory):
-    """family -> SimpleTuner's model object with the folder loaded as its trainer loads it (CPU, fp32)."""
+def load_with_simpletuner(family: str, folder: Path, root: Path, **settings):
+    """SimpleTuner's model object for `family` with `folder` loaded as its trainer loads it (CPU, fp32); `settings`
+    are config.json keys on top of a LoRA run's."""
     from simpletuner.helpers.configuration.cmd_args import parse_cmdline_args
     from simpletuner.helpers.configuration.json_file import normalize_args
     from simpletuner.helpers.models.registry import ModelRegistry
@@ -175,30 +175,33 @@ def simpletuner_models(model_dirs, tmp_path_factory):
         device=torch.device("cpu"), num_processes=1,
         unwrap_model=lambda model, keep_fp32_wrapper=True: model, wait_for_everyone=lambda: None,
     )
-    models = {}
-    for family, folder in model_dirs.items():
-        root = tmp_path_factory.mktemp(f"simpletuner-{family}")
-        config = {
-            "model_family": family, "model_type": "lora", "lora_type": "standard", "lora_rank": 4,
-            "pretrained_model_name_or_path": str(folder), "output_dir": str(root / "output"),
-            "data_backend_config": str(root / "multidatabackend.json"), "resolution": SIZE,
-            "resolution_type": "pixel", "mixed_precision": "no", "optimizer": "torch-adamw",
-            "max_train_steps": 2, "num_train_epochs": 0, "validation_disable": True, "report_to": "none",
-            "seed": 0,
-        }
-        args = parse_cmdline_args(input_args=normalize_args(config), exit_on_error=True)
-        model = ModelRegistry.model_families()[family](args, accelerator)
-        # Trainer.__init__ -> init_model: the class, then check_user_config; init_noise_schedule and the precision
-        # setup set these two on the config before any training step.
-        model.check_user_config()
-        args.flow_matching = model.PREDICTION_TYPE.is_flow_prediction
-        args.base_weight_dtype = args.weight_dtype
-        # Trainer.init_text_encoder / init_vae / init_load_base_model.
-        model.load_text_encoder(move_to_device=True)
-        model.load_vae(move_to_device=False)
-        model.load_model(move_to_device=False)
-        models[family] = model
-    return models
+    config = {
+        "model_family": family, "model_type": "lora", "lora_type": "standard", "lora_rank": 4,
+        "pretrained_model_name_or_path": str(folder), "output_dir": str(root / "output"),
+        "data_backend_config": str(root / "multidatabackend.json"), "resolution": SIZE,
+        "resolution_type": "pixel", "mixed_precision": "no", "optimizer": "torch-adamw",
+        "max_train_steps": 2, "num_train_epochs": 0, "validation_disable": True, "report_to": "none",
+        "seed": 0, **settings,
+    }
+    args = parse_cmdline_args(input_args=normalize_args(config), exit_on_error=True)
+    model = ModelRegistry.model_families()[family](args, accelerator)
+    # Trainer.__init__ -> init_model: the class, then check_user_config; init_noise_schedule and the precision
+    # setup set these two on the config before any training step.
+    model.check_user_config()
+    args.flow_matching = model.PREDICTION_TYPE.is_flow_prediction
+    args.base_weight_dtype = args.weight_dtype
+    # Trainer.init_text_encoder / init_vae / init_load_base_model.
+    model.load_text_encoder(move_to_device=True)
+    model.load_vae(move_to_device=False)
+    model.load_model(move_to_device=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def simpletuner_models(model_dirs, tmp_path_factory):
+    """family -> SimpleTuner's model object with the folder loaded as its trainer loads it (CPU, fp32)."""
+    return {family: load_with_simpletuner(family, folder, tmp_path_factory.mktemp(f"simpletuner-{family}"))
+            for family, folder in model_dirs.items()}
 
 
 def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_models, model_dirs, family):

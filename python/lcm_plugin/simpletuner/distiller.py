@@ -73,8 +73,10 @@ LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
 LCM_T_END_KEY = "lcm_t_end"
 LCM_SIGMA_KEY = "lcm_sigma"  # flow families: sigma_n_plus_k, where the student's consistency function starts
-# Flow families LCM-LoRA covers: their SimpleTuner forward (`model_predict`) takes a CFG batch of cond and uncond rows.
-FLOW_FAMILIES = ("sd3",)
+# Flow families LCM-LoRA covers, and how their teacher is guided: classifier-free guidance on a batch of cond and
+# uncond rows ("cfg", SD3), or the guidance embedding the model itself takes ("embedded", Flux: SimpleTuner passes
+# flux_guidance_value to every call, so teacher, target and student share it).
+FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded"}
 # Batch entries that carry the prompt, zeroed for the unconditional branch of a flow teacher (SD3's joint
 # CLIP + T5 states and pooled CLIP embedding), as the ε-families' uncond gets zero prompt embeddings.
 FLOW_PROMPT_KEYS = ("encoder_hidden_states", "add_text_embeds")
@@ -90,15 +92,18 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
     return copied if dtype is None else copied.to(dtype)
 
 
-def flow_refusal(model_family, full_model: bool, config: LcmConfig) -> str | None:
+def flow_refusal(model_family, full_model: bool, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
     """Why an LCM run of a flow-matching model cannot run yet (one line), or None: LoRA of the FLOW_FAMILIES with
-    the LCM variant is covered."""
+    the LCM variant is covered (Flux with one guidance value for every call of a step: flux_guidance_mode constant)."""
     if model_family not in FLOW_FAMILIES:
         why = f"model_family {model_family!r} is a flow-matching family it does not cover yet"
     elif full_model:
         why = "model_type 'full' is not covered for flow-matching families yet"
     elif config.variant != "lcm" or config.lora_target_ema:
         why = "the tcd / pcm variants and lora_target_ema are not covered for flow-matching families yet"
+    elif model_family == "flux" and flux_guidance_mode != "constant":
+        why = ("flux_guidance_mode 'random-range' draws a new guidance value at every forward, so the teacher, its "
+               "target and the student would each see another; set flux_guidance_mode 'constant' (flux_guidance_value)")
     else:
         return None
     return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM-LoRA of "
@@ -159,8 +164,9 @@ class LcmDistiller(DistillationBase):
     ):
         super().__init__(teacher_model, student_model, config.model_dump())
         if self.is_flow_matching:
-            refusal = flow_refusal(getattr(getattr(teacher_model, "config", None), "model_family", None),
-                                   full_model, config)
+            model_config = getattr(teacher_model, "config", None)
+            refusal = flow_refusal(getattr(model_config, "model_family", None), full_model, config,
+                                   getattr(model_config, "flux_guidance_mode", "constant"))
             if refusal:
                 raise ValueError(refusal)
         if student_model is not None:
@@ -256,9 +262,9 @@ class LcmDistiller(DistillationBase):
         return self.teacher_model.model_predict(call)["model_prediction"]
 
     def _prepare_flow_batch(self, batch: dict) -> dict:
-        """LCM on a rectified-flow teacher (lcm_plugin.lcm.flow): x_t on the flow path at sigma_n_plus_k of the teacher's
-        own grid, one guided Euler step of the teacher (adapters off) to sigma_n, the target f = x - sigma v of the
-        student itself (adapters on) there."""
+        """LCM on a rectified-flow teacher (lcm_plugin.lcm.flow): x_t on the flow path at sigma_n_plus_k of the
+        teacher's own grid, one guided Euler step of the teacher (adapters off) to sigma_n, the target f = x - sigma v
+        of the student itself (adapters on) there."""
         latents = batch["latents"]
         unet_dtype = latents.dtype
         arithmetic_dtype = torch.promote_types(latents.dtype, torch.float32)
@@ -269,8 +275,12 @@ class LcmDistiller(DistillationBase):
         )
         x_t = flow_noise(latents.to(arithmetic_dtype), batch["noise"].to(arithmetic_dtype), sigma_n_plus_k)
 
-        def teacher(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        guided_by_cfg = FLOW_FAMILIES[self.teacher_model.config.model_family] == "cfg"
+
+        def teacher(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             with self._teacher():
+                if not guided_by_cfg:  # the model's own guidance input (flow_solver_step uses the one velocity)
+                    return self._flow_velocity(batch, x, sigma, unet_dtype).to(arithmetic_dtype)
                 output = self._flow_velocity(batch, torch.cat([x, x]), torch.cat([sigma, sigma]), unet_dtype,
                                              unconditional_rows=x.shape[0])
             cond, uncond = output.to(arithmetic_dtype).chunk(2)
