@@ -36,14 +36,14 @@ class FakeSd3Model:
     PREDICTION_TYPE = PredictionTypes.FLOW_MATCHING
 
     def __init__(self, transformer):
-        self.transformer = transformer
+        self.model = transformer
         self.config = SimpleNamespace(lora_type="standard", model_family="sd3")
 
     def get_trained_component(self):
-        return self.transformer
+        return self.model
 
     def model_predict(self, prepared_batch):
-        output = self.transformer(
+        output = self.model(
             hidden_states=prepared_batch["noisy_latents"],
             timestep=prepared_batch["timesteps"],
             encoder_hidden_states=prepared_batch["encoder_hidden_states"],
@@ -84,27 +84,32 @@ def reference_grid(num_ddim_timesteps: int) -> torch.Tensor:
     return scheduler.sigmas.double().flip(0)  # ascending, the terminal 0 first
 
 
-def reference_step(transformer, batch, sigma_from, sigma_to, w):
-    """(loss, target, f) of one LCM-LoRA step, written from the equations (module docstring)."""
+def reference_step(transformer, batch, sigma_from, sigma_to, w, *, teacher=None, target_network=None):
+    """(loss, target) of one LCM step written from the equations (module docstring). LoRA: the teacher is
+    `transformer` with adapters off, the target the student itself; full model: the given `teacher` and
+    `target_network`."""
     x0, eps = batch["latents"], batch["noise"]
     column = lambda s: s.reshape(-1, 1, 1, 1).to(x0.dtype)
 
-    def velocity(x, sigma, *, uncond=False):
+    def velocity(network, x, sigma, *, uncond=False):
         ehs, pooled = batch["encoder_hidden_states"], batch["add_text_embeds"]
         if uncond:
             ehs, pooled = torch.zeros_like(ehs), torch.zeros_like(pooled)
-        return transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=ehs,
-                           pooled_projections=pooled, return_dict=False)[0]
+        return network(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=ehs,
+                       pooled_projections=pooled, return_dict=False)[0]
 
     x_t = (1 - column(sigma_from)) * x0 + column(sigma_from) * eps
     with torch.no_grad():
-        transformer.disable_adapters()
-        v_c, v_u = velocity(x_t, sigma_from), velocity(x_t, sigma_from, uncond=True)
-        transformer.enable_adapters()
+        if teacher is None:
+            transformer.disable_adapters()
+        network = teacher or transformer
+        v_c, v_u = velocity(network, x_t, sigma_from), velocity(network, x_t, sigma_from, uncond=True)
+        if teacher is None:
+            transformer.enable_adapters()
         v = v_u + column(w) * (v_c - v_u)
         x_n = x_t + column(sigma_to - sigma_from) * v
-        target = x_n - column(sigma_to) * velocity(x_n, sigma_to)
-    f = x_t - column(sigma_from) * velocity(x_t, sigma_from)
+        target = x_n - column(sigma_to) * velocity(target_network or transformer, x_n, sigma_to)
+    f = x_t - column(sigma_from) * velocity(transformer, x_t, sigma_from)
     loss = F.mse_loss(f.float(), target.float())
     loss.backward()
     return loss, target
@@ -148,6 +153,77 @@ def test_the_flow_step_equals_the_reference(batch_size, monkeypatch):
     for name, grad in ours.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_full_model_flow_step_uses_its_frozen_teacher_and_ema_target(monkeypatch):
+    """model_type full: the teacher is a frozen copy of the pretrained transformer and the target its EMA copy, both
+    standing in for the trained one in SimpleTuner's forward; the student has moved since (a training step)."""
+    import copy
+
+    config = LcmConfig(num_ddim_timesteps=10)
+    transformer = tiny_lora_transformer(torch.float64)
+    model = FakeSd3Model(transformer)
+    distiller = LcmDistiller(model, noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+                             config=config, full_model=True)
+    pretrained = copy.deepcopy(transformer)
+    with torch.no_grad():  # the student trains away from the copies the distiller made
+        for parameter in transformer.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    drawn = {}
+    original = distiller_module.sample_guidance_scale
+    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
+                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
+    torch.manual_seed(3)
+    prepared = distiller.prepare_batch(sd3_batch(2, torch.float64, 7), model, {})
+    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    assert model.model is transformer  # the copies stood in only during their calls
+
+    grid = reference_grid(config.num_ddim_timesteps)
+    sigma_from = prepared[LCM_SIGMA_KEY].double()
+    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
+    student = copy.deepcopy(transformer)
+    reference_loss, target = reference_step(student, sd3_batch(2, torch.float64, 7), sigma_from, grid[index - 1],
+                                            drawn["w"].double(), teacher=pretrained, target_network=pretrained)
+    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    # and not the moved student as teacher or target
+    _, live_target = reference_step(copy.deepcopy(transformer), sd3_batch(2, torch.float64, 7), sigma_from,
+                                    grid[index - 1], drawn["w"].double(), teacher=transformer,
+                                    target_network=transformer)
+    assert (prepared["lcm_target"] - live_target).abs().max() > 1e-3
+
+
+def test_the_lora_ema_target_serves_the_flow_target(monkeypatch):
+    """lora_target_ema: the target call runs with the EMA adapter weights, every other call with the student's."""
+    import copy
+
+    config = LcmConfig(num_ddim_timesteps=10, lora_target_ema=True)
+    transformer = tiny_lora_transformer(torch.float64)
+    model = FakeSd3Model(transformer)
+    distiller = LcmDistiller(model, noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+                             config=config)
+    ema = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in distiller._trainable_lora_parameters().items()}
+    distiller.target_lora = {name: value.clone() for name, value in ema.items()}
+    drawn = {}
+    original = distiller_module.sample_guidance_scale
+    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
+                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
+    torch.manual_seed(3)
+    prepared = distiller.prepare_batch(sd3_batch(2, torch.float64, 7), model, {})
+    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+
+    grid = reference_grid(config.num_ddim_timesteps)
+    sigma_from = prepared[LCM_SIGMA_KEY].double()
+    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
+    target_network = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for name, parameter in target_network.named_parameters():
+            if name in ema:
+                parameter.copy_(ema[name])
+    reference_loss, target = reference_step(copy.deepcopy(transformer), sd3_batch(2, torch.float64, 7), sigma_from,
+                                            grid[index - 1], drawn["w"].double(), target_network=target_network)
+    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
 
 
 def test_the_draws_cover_the_grid_and_end_on_the_data():

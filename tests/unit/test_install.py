@@ -149,8 +149,6 @@ def test_unsupported_models_are_refused_clearly(installed):
         create({"lcm": LCM_BLOCK}, model=flux)
     sd3 = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
     sd3.config.model_family = "sd3"
-    with pytest.raises(ValueError, match="model_type 'full' is not covered for flow-matching families"):
-        create({"lcm": LCM_BLOCK}, model=sd3, model_type="full")
     with pytest.raises(ValueError, match="tcd / pcm variants"):
         create({"lcm": LCM_BLOCK | {"variant": "tcd"}}, model=sd3)
     with pytest.raises(ValueError, match="model_type 'embedding' is not supported"):

@@ -73,7 +73,7 @@ LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
 LCM_T_END_KEY = "lcm_t_end"
 LCM_SIGMA_KEY = "lcm_sigma"  # flow families: sigma_n_plus_k, where the student's consistency function starts
-# Flow families LCM-LoRA covers, and how their teacher is guided: classifier-free guidance on a batch of cond and
+# Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a batch of cond and
 # uncond rows ("cfg", SD3), or the guidance embedding the model itself takes ("embedded", Flux: SimpleTuner passes
 # flux_guidance_value to every call, so teacher, target and student share it).
 FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded"}
@@ -92,21 +92,20 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
     return copied if dtype is None else copied.to(dtype)
 
 
-def flow_refusal(model_family, full_model: bool, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
-    """Why an LCM run of a flow-matching model cannot run yet (one line), or None: LoRA of the FLOW_FAMILIES with
-    the LCM variant is covered (Flux with one guidance value for every call of a step: flux_guidance_mode constant)."""
+def flow_refusal(model_family, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
+    """Why an LCM run of a flow-matching model cannot run yet (one line), or None: the FLOW_FAMILIES with the LCM
+    variant are covered, LoRA and full (Flux with one guidance value for every call of a step: flux_guidance_mode
+    constant)."""
     if model_family not in FLOW_FAMILIES:
         why = f"model_family {model_family!r} is a flow-matching family it does not cover yet"
-    elif full_model:
-        why = "model_type 'full' is not covered for flow-matching families yet"
-    elif config.variant != "lcm" or config.lora_target_ema:
-        why = "the tcd / pcm variants and lora_target_ema are not covered for flow-matching families yet"
+    elif config.variant != "lcm":
+        why = "the tcd / pcm variants are not covered for flow-matching families yet"
     elif model_family == "flux" and flux_guidance_mode != "constant":
         why = ("flux_guidance_mode 'random-range' draws a new guidance value at every forward, so the teacher, its "
                "target and the student would each see another; set flux_guidance_mode 'constant' (flux_guidance_value)")
     else:
         return None
-    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM-LoRA of "
+    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM (LoRA and full) of "
             f"{', '.join(FLOW_FAMILIES)} among flow-matching families, and every epsilon / v_prediction family")
 
 
@@ -165,7 +164,7 @@ class LcmDistiller(DistillationBase):
         super().__init__(teacher_model, student_model, config.model_dump())
         if self.is_flow_matching:
             model_config = getattr(teacher_model, "config", None)
-            refusal = flow_refusal(getattr(model_config, "model_family", None), full_model, config,
+            refusal = flow_refusal(getattr(model_config, "model_family", None), config,
                                    getattr(model_config, "flux_guidance_mode", "constant"))
             if refusal:
                 raise ValueError(refusal)
@@ -246,6 +245,19 @@ class LcmDistiller(DistillationBase):
             self._schedules[key] = grid.to(latents.device, dtype)
         return self._schedules[key]
 
+    @contextmanager
+    def _forward_with(self, network: torch.nn.Module | None):
+        """SimpleTuner's forward (`model_predict`) calls its model object's `model`: the full model's frozen teacher or
+        EMA target stands in for the trained network during one call (None: the trained network itself)."""
+        if network is None:
+            yield
+            return
+        trained, self.teacher_model.model = self.teacher_model.model, network
+        try:
+            yield
+        finally:
+            self.teacher_model.model = trained
+
     def _flow_velocity(self, batch: dict, x: torch.Tensor, sigma: torch.Tensor, unet_dtype: torch.dtype,
                        unconditional_rows: int = 0) -> torch.Tensor:
         """SimpleTuner's own forward of the model (`model_predict`) at (x, sigma): a copy of the batch with the noisy
@@ -278,7 +290,7 @@ class LcmDistiller(DistillationBase):
         guided_by_cfg = FLOW_FAMILIES[self.teacher_model.config.model_family] == "cfg"
 
         def teacher(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-            with self._teacher():
+            with self._teacher(), self._forward_with(self.teacher_unet):
                 if not guided_by_cfg:  # the model's own guidance input (flow_solver_step uses the one velocity)
                     return self._flow_velocity(batch, x, sigma, unet_dtype).to(arithmetic_dtype)
                 output = self._flow_velocity(batch, torch.cat([x, x]), torch.cat([sigma, sigma]), unet_dtype,
@@ -287,7 +299,9 @@ class LcmDistiller(DistillationBase):
             return cond, uncond
 
         x_n = flow_solver_step(teacher, x_t, sigma_n_plus_k, sigma_n, guidance_scale=guidance_scale)
-        with torch.no_grad():
+        target = self.target_unet if self.target_unet is not None else self.teacher_model.get_trained_component()
+        with (torch.no_grad(), self._target_lora_weights(), self._forward_with(self.target_unet),
+              target_forward_context(target, unet_dtype, latents.device)):
             target_velocity = self._flow_velocity(batch, x_n, sigma_n, unet_dtype).to(arithmetic_dtype)
         batch["noisy_latents"] = x_t.to(unet_dtype)
         batch["timesteps"] = sigma_n_plus_k * self.noise_scheduler.config.num_train_timesteps
