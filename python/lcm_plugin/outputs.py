@@ -178,6 +178,10 @@ class CardSettings:
     scheduler_overrides: LoRA only, from `scheduler_overrides` (the pipeline of a full model carries its scheduler).
     scheduler_class: the validation scheduler's diffusers class name (`validation_scheduler_config`'s `_class_name`).
     eta: from `pipeline_eta`: passed to the pipeline call (TCD's gamma); None for LCM.
+    denoiser: the pipeline component that was distilled and its diffusers class (a UNet, or a flow family's
+        transformer), for a full model saved without text encoders.
+    guidance_scale: the pipeline call's; 0 (guidance distilled in), or a guidance-embedding model's trained value
+        (Flux: flux_guidance_value).
     """
 
     model_id: str
@@ -192,6 +196,8 @@ class CardSettings:
     base_model_id: str | None = None
     scheduler_class: str = "LCMScheduler"
     eta: float | None = None
+    denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel")
+    guidance_scale: float = 0.0
 
 
 def _python_literal(value) -> str:
@@ -204,7 +210,8 @@ def inference_snippet(settings: CardSettings) -> str:
     components = not lora and settings.base_model_id is not None
     scheduler = settings.scheduler_class
     sampler = scheduler.removesuffix("Scheduler")
-    imports = (f"AutoencoderKL, DiffusionPipeline, {scheduler}, UNet2DConditionModel" if components
+    denoiser, denoiser_class = settings.denoiser
+    imports = (f"AutoencoderKL, DiffusionPipeline, {scheduler}, {denoiser_class}" if components
                else f"DiffusionPipeline, {scheduler}" if lora else "DiffusionPipeline")
     lines = ["import torch", f"from diffusers import {imports}", "", f"model_id = {_python_literal(settings.model_id)}"]
     if lora:
@@ -217,10 +224,11 @@ def inference_snippet(settings: CardSettings) -> str:
     ]
     if components:
         lines += [
-            f"# The run saved the distilled UNet, its VAE and its {scheduler}; the text encoders are the base model's.",
+            f"# The run saved the distilled {denoiser}, its VAE and its {scheduler};",
+            "# the text encoders are the base model's.",
             "pipeline = DiffusionPipeline.from_pretrained(",
             "    base_model_id,",
-            '    unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype),',
+            f'    {denoiser}={denoiser_class}.from_pretrained(model_id, subfolder="{denoiser}", torch_dtype=dtype),',
             '    vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype),',
             f'    scheduler={scheduler}.from_pretrained(model_id, subfolder="scheduler"),',
             "    torch_dtype=dtype,",
@@ -237,7 +245,7 @@ def inference_snippet(settings: CardSettings) -> str:
             *(f"    {key}={_python_literal(value)}," for key, value in settings.scheduler_overrides.items()),
             ")",
             "pipeline.load_lora_weights(adapter_id)",
-            "# Optional: merge the LoRA into the UNet (same images, no LoRA cost per step).",
+            f"# Optional: merge the LoRA into the {denoiser} (same images, no LoRA cost per step).",
             "pipeline.fuse_lora()",
         ]
     elif not components:
@@ -249,7 +257,9 @@ def inference_snippet(settings: CardSettings) -> str:
         "image = pipeline(",
         "    prompt=prompt,",
         f"    num_inference_steps={CARD_STEPS},  # 1 to 8 steps work",
-        "    guidance_scale=0.0,  # guidance is distilled in; no CFG, so a negative prompt would have no effect",
+        (f"    guidance_scale={settings.guidance_scale!r},  # the guidance input the model was distilled at"
+         if settings.guidance_scale else
+         "    guidance_scale=0.0,  # guidance is distilled in; no CFG, so a negative prompt would have no effect"),
         *([f"    eta={settings.eta!r},  # TCD's gamma, as validation sampled (0 = deterministic)"]
           if settings.eta is not None else []),
         f"    generator=torch.Generator(device=device).manual_seed({settings.seed}),",

@@ -94,3 +94,31 @@ def test_flux_lcm_lora_trains_with_its_own_guidance_input_and_samples(flux_run):
     image = pipeline("red circle", num_inference_steps=4, guidance_scale=3.5, height=64, width=64,
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_the_card_snippet_of_a_flux_lora_samples_at_its_guidance(flux_run, tmp_path, monkeypatch):
+    """The model card's code (outputs.inference_snippet, with what R1 derives for Flux: the transformer, the trained
+    guidance input) run as a user would, against the LoRA the run wrote."""
+    from types import SimpleNamespace
+
+    from lcm_plugin.config import LcmConfig
+    from lcm_plugin.outputs import CardSettings, inference_snippet
+    from lcm_plugin.simpletuner.run_output_patches import _flow_card_settings
+    from test_run_outputs import run_snippet
+
+    run, model, _ = flux_run
+    from diffusers import FluxTransformer2DModel
+    from simpletuner.helpers.models.flux.transformer import FluxTransformer2DModel as SimpleTunersFlux
+
+    class Model:  # what R1 reads of SimpleTuner's model object
+        def get_trained_component(self):
+            return SimpleTunersFlux.__new__(SimpleTunersFlux)
+
+    derived = _flow_card_settings(Model(), SimpleNamespace(model_family="flux", flux_guidance_value=3.5))
+    assert derived == {"denoiser": ("transformer", FluxTransformer2DModel.__name__), "guidance_scale": 3.5}
+    code = inference_snippet(CardSettings(model_id=str(model), adapter_id=str(run / "output"), lcm=LcmConfig(),
+                                          scheduler_overrides={}, prompt="red circle", seed=0, width=64, height=64,
+                                          scheduler_class="FlowMatchLCMScheduler", **derived))
+    assert "guidance_scale=3.5" in code and "pipeline.fuse_lora()" in code
+    variables = run_snippet(code, tmp_path, monkeypatch)
+    assert variables["image"].size == (64, 64)

@@ -119,6 +119,26 @@ def lora_grads(module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if "lora_" in name}
 
 
+def our_step(distiller: LcmDistiller, model, batch: dict, monkeypatch):
+    """(prepared batch, loss, the guidance scales drawn) of one step in the trainer's call order."""
+    drawn = {}
+    original = distiller_module.sample_guidance_scale
+    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
+                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
+    torch.manual_seed(3)
+    prepared = distiller.prepare_batch(batch, model, {})
+    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    return prepared, loss, drawn["w"]
+
+
+def solver_sigmas(prepared: dict, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_n_plus_k the distiller drew, the point below it on diffusers' grid), float64."""
+    sigma_from = prepared[LCM_SIGMA_KEY].double()
+    index = torch.tensor([int(torch.isclose(grid, sigma).nonzero()) for sigma in sigma_from])
+    assert bool((index >= 1).all()), "sigma_n_plus_k is not a point of diffusers' grid"
+    return sigma_from, grid[index - 1]
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_the_flow_step_equals_the_reference(batch_size, monkeypatch):
     config = LcmConfig(num_ddim_timesteps=10)
@@ -126,25 +146,15 @@ def test_the_flow_step_equals_the_reference(batch_size, monkeypatch):
     model = FakeSd3Model(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG)
     distiller = LcmDistiller(model, noise_scheduler=scheduler, config=config)
-    drawn = {}
-    original = distiller_module.sample_guidance_scale
-    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
-                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
-    torch.manual_seed(3)
-    prepared = distiller.prepare_batch(sd3_batch(batch_size, torch.float64, 7), model, {})
-    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    prepared, loss, w = our_step(distiller, model, sd3_batch(batch_size, torch.float64, 7), monkeypatch)
     loss.backward()
 
-    grid = reference_grid(config.num_ddim_timesteps)
-    sigma_from = prepared[LCM_SIGMA_KEY].double()
-    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
-    assert bool((index >= 1).all()), "sigma_n_plus_k is not a point of diffusers' grid"
-    sigma_to = grid[index - 1]
+    sigma_from, sigma_to = solver_sigmas(prepared, reference_grid(config.num_ddim_timesteps))
     torch.testing.assert_close(prepared["timesteps"].double(), sigma_from * 1000)
 
     reference = tiny_lora_transformer(torch.float64)
     reference_loss, target = reference_step(reference, sd3_batch(batch_size, torch.float64, 7), sigma_from,
-                                            sigma_to, drawn["w"].double())
+                                            sigma_to, w.double())
     # diffusers holds its sigmas in float32, the distiller's grid is the same formula in float64: 1e-5, not exact.
     torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
@@ -169,26 +179,18 @@ def test_the_full_model_flow_step_uses_its_frozen_teacher_and_ema_target(monkeyp
     with torch.no_grad():  # the student trains away from the copies the distiller made
         for parameter in transformer.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
-    drawn = {}
-    original = distiller_module.sample_guidance_scale
-    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
-                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
-    torch.manual_seed(3)
-    prepared = distiller.prepare_batch(sd3_batch(2, torch.float64, 7), model, {})
-    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    prepared, loss, w = our_step(distiller, model, sd3_batch(2, torch.float64, 7), monkeypatch)
     assert model.model is transformer  # the copies stood in only during their calls
 
-    grid = reference_grid(config.num_ddim_timesteps)
-    sigma_from = prepared[LCM_SIGMA_KEY].double()
-    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
+    sigma_from, sigma_to = solver_sigmas(prepared, reference_grid(config.num_ddim_timesteps))
     student = copy.deepcopy(transformer)
-    reference_loss, target = reference_step(student, sd3_batch(2, torch.float64, 7), sigma_from, grid[index - 1],
-                                            drawn["w"].double(), teacher=pretrained, target_network=pretrained)
+    reference_loss, target = reference_step(student, sd3_batch(2, torch.float64, 7), sigma_from, sigma_to,
+                                            w.double(), teacher=pretrained, target_network=pretrained)
     torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
     # and not the moved student as teacher or target
     _, live_target = reference_step(copy.deepcopy(transformer), sd3_batch(2, torch.float64, 7), sigma_from,
-                                    grid[index - 1], drawn["w"].double(), teacher=transformer,
+                                    sigma_to, w.double(), teacher=transformer,
                                     target_network=transformer)
     assert (prepared["lcm_target"] - live_target).abs().max() > 1e-3
 
@@ -204,24 +206,16 @@ def test_the_lora_ema_target_serves_the_flow_target(monkeypatch):
                              config=config)
     ema = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in distiller._trainable_lora_parameters().items()}
     distiller.target_lora = {name: value.clone() for name, value in ema.items()}
-    drawn = {}
-    original = distiller_module.sample_guidance_scale
-    monkeypatch.setattr(distiller_module, "sample_guidance_scale",
-                        lambda *a, **k: drawn.setdefault("w", original(*a, **k)))
-    torch.manual_seed(3)
-    prepared = distiller.prepare_batch(sd3_batch(2, torch.float64, 7), model, {})
-    loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
+    prepared, loss, w = our_step(distiller, model, sd3_batch(2, torch.float64, 7), monkeypatch)
 
-    grid = reference_grid(config.num_ddim_timesteps)
-    sigma_from = prepared[LCM_SIGMA_KEY].double()
-    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
+    sigma_from, sigma_to = solver_sigmas(prepared, reference_grid(config.num_ddim_timesteps))
     target_network = copy.deepcopy(transformer)
     with torch.no_grad():
         for name, parameter in target_network.named_parameters():
             if name in ema:
                 parameter.copy_(ema[name])
     reference_loss, target = reference_step(copy.deepcopy(transformer), sd3_batch(2, torch.float64, 7), sigma_from,
-                                            grid[index - 1], drawn["w"].double(), target_network=target_network)
+                                            sigma_to, w.double(), target_network=target_network)
     torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
 
@@ -284,10 +278,7 @@ def test_the_flux_step_equals_the_reference_through_simpletuners_flux_model(tmp_
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     scheduler.set_timesteps(10, mu=mu)
     grid = scheduler.sigmas.double().flip(0)
-    sigma_from = prepared[LCM_SIGMA_KEY].double()
-    index = torch.tensor([int(torch.isclose(grid, s).nonzero()) for s in sigma_from])
-    sigma_to = grid[index - 1].float()
-    sigma_from = sigma_from.float()
+    sigma_from, sigma_to = (sigma.float() for sigma in solver_sigmas(prepared, grid))
 
     def velocity(x, sigma):
         packed = FluxPipeline._pack_latents(x, 2, 16, 8, 8)

@@ -25,6 +25,21 @@ def _validation_scheduler_config(model) -> dict:
     return outputs.validation_scheduler_config(model.noise_schedule.config, run_lcm_config(model.config))
 
 
+def _flow_card_settings(model, args) -> dict:
+    """A flow family's card: its distilled component is a transformer (SimpleTuner's own class, named as diffusers'
+    class of the same weights and config, which is what a user loads), and Flux samples at the guidance input it was
+    distilled with. Empty for the UNet families."""
+    from lcm_plugin.simpletuner.distiller import FLOW_FAMILIES
+
+    family = getattr(args, "model_family", None)
+    if family not in FLOW_FAMILIES:
+        return {}
+    settings = {"denoiser": ("transformer", type(model.get_trained_component()).__name__)}
+    if FLOW_FAMILIES[family] == "embedded":
+        settings["guidance_scale"] = float(getattr(args, "flux_guidance_value", 1.0))
+    return settings
+
+
 def _base_scheduler_config(model) -> dict | None:
     """The base model's own scheduler config (what the card's `pipeline.scheduler.config` will be), None if it
     cannot be read here (the card then spells out every scheduler setting)."""
@@ -69,6 +84,7 @@ def _lcm_code_example(original):
             width=width,
             height=height,
             comfyui_lora=lora and str(getattr(args, "lora_format", "") or "").lower() == "comfyui",
+            **_flow_card_settings(model, args),
         )
         return outputs.inference_section(settings)
 
