@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_quality_check import demo_teacher  # noqa: F401 - the fixture (the demo's teacher pipeline)
 
 from lcm_plugin import quality_check
 from lcm_plugin.config import LcmConfig
@@ -52,17 +53,6 @@ def test_free_accelerator_bytes_counts_what_the_allocator_holds_unused(monkeypat
     assert quality_check.free_accelerator_bytes(torch.device("cpu")) is None
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    pipeline = StableDiffusionXLPipeline.from_pretrained(str(TEACHER_DIR))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def _embeds(pipeline, prompt: str) -> dict:
     prompt_embeds, _, pooled, _ = pipeline.encode_prompt(prompt, do_classifier_free_guidance=False)
     return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
@@ -82,18 +72,19 @@ def _sampler(pipeline, samples: int):
 
 
 @pytest.fixture
-def batch_sizes(teacher):
+def batch_sizes(demo_teacher):
     """The UNet's batch at each forward and the VAE decoder's at each call."""
     seen = {"unet": [], "decoder": []}
-    handles = [teacher.unet.register_forward_pre_hook(lambda module, args: seen["unet"].append(len(args[0]))),
-               teacher.vae.decoder.register_forward_pre_hook(lambda module, args: seen["decoder"].append(len(args[0])))]
+    handles = [demo_teacher.unet.register_forward_pre_hook(lambda module, args: seen["unet"].append(len(args[0]))),
+               demo_teacher.vae.decoder.register_forward_pre_hook(
+                   lambda module, args: seen["decoder"].append(len(args[0])))]
     yield seen
     for handle in handles:
         handle.remove()
 
 
-def test_samples_do_not_depend_on_the_batch_sizes_and_decodes_are_chunked(teacher, batch_sizes, monkeypatch):
-    sample = _sampler(teacher, 8)
+def test_samples_do_not_depend_on_the_batch_sizes_and_decodes_are_chunked(demo_teacher, batch_sizes, monkeypatch):
+    sample = _sampler(demo_teacher, 8)
     rows = (Sampler("student", 4), Sampler("teacher", 2))  # 4 LCM steps add fresh noise three times
     images = {}
     for batches in ((8, 8), (3, 2), (1, 1)):
@@ -111,19 +102,19 @@ def test_samples_do_not_depend_on_the_batch_sizes_and_decodes_are_chunked(teache
             # The same images, up to the rounding of batched kernels: at most one level, in under 0.1 % of the values.
             difference = np.abs(expected.astype(int) - got)
             assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (row, batches, difference.max())
-    assert "decode" not in vars(teacher.vae)  # the VAE's own decode again
+    assert "decode" not in vars(demo_teacher.vae)  # the VAE's own decode again
 
 
-def test_each_set_is_sized_from_the_free_memory_of_the_unets_device(teacher, monkeypatch):
+def test_each_set_is_sized_from_the_free_memory_of_the_unets_device(demo_teacher, monkeypatch):
     calls, devices = [], []
     monkeypatch.setattr(quality_check, "free_accelerator_bytes", lambda device: devices.append(device) or 5 * GIB)
     sizing = quality_check.sampling_batches
     monkeypatch.setattr(quality_check, "sampling_batches",
                         lambda *args, **kwargs: calls.append((args, kwargs)) or sizing(*args, **kwargs))
-    sample = _sampler(teacher, 2)
+    sample = _sampler(demo_teacher, 2)
     sample(Sampler("teacher", 1), 1)
     sample(Sampler("student", 1), 1)
-    assert devices == [teacher.unet.device] * 2
+    assert devices == [demo_teacher.unet.device] * 2
     # The demo teacher is float32; classifier-free guidance for the teacher only.
     assert calls == [((5 * GIB, SIZE, SIZE, 4), {"guided": True}), ((5 * GIB, SIZE, SIZE, 4), {"guided": False})]
     assert sizing(5 * GIB, SIZE, SIZE, 4, guided=True)[0] >= 2  # so one call here
@@ -187,9 +178,9 @@ SURFACES = {
 
 
 @pytest.fixture
-def unet_calls(teacher):
+def unet_calls(demo_teacher):
     calls = []
-    handle = teacher.unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    handle = demo_teacher.unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
     yield calls
     handle.remove()
 
@@ -205,24 +196,26 @@ def no_collectives(monkeypatch):
         monkeypatch.setattr(torch.distributed, name, collective)
 
 
-def test_under_ddp_rank_0_checks_alone_and_the_other_ranks_return_at_once(teacher, unet_calls, no_collectives,
+def test_under_ddp_rank_0_checks_alone_and_the_other_ranks_return_at_once(demo_teacher, unet_calls, no_collectives,
                                                                            tmp_path, caplog):
     other = FakeAccelerator(rank=1)
     with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
-        quality_check_patches._run_quality_check(FakeValidation(teacher, other, tmp_path), SURFACES)
+        quality_check_patches._run_quality_check(FakeValidation(demo_teacher, other, tmp_path), SURFACES)
     assert unet_calls == [] and other.logged == [] and caplog.text == ""
 
     main = FakeAccelerator(rank=0)
     with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
-        quality_check_patches._run_quality_check(FakeValidation(teacher, main, tmp_path), SURFACES)
+        quality_check_patches._run_quality_check(FakeValidation(demo_teacher, main, tmp_path), SURFACES)
     assert unet_calls and main.logged == [7]
     assert "LCM quality at step 7" in caplog.text
 
 
 @pytest.mark.parametrize(("rank", "sharding"), [(0, "zero3"), (1, "zero3"), (0, "fsdp"), (1, "fsdp")])
-def test_when_sharded_every_rank_skips_and_rank_0_says_why_once(teacher, unet_calls, rank, sharding, tmp_path, caplog):
-    accelerator = FakeAccelerator(rank=rank, zero_stage=3) if sharding == "zero3" else FakeAccelerator(rank=rank, fsdp=True)
-    validation = FakeValidation(teacher, accelerator, tmp_path)
+def test_when_sharded_every_rank_skips_and_rank_0_says_why_once(demo_teacher, unet_calls, rank, sharding, tmp_path,
+                                                                caplog):
+    accelerator = (FakeAccelerator(rank=rank, zero_stage=3) if sharding == "zero3"
+                   else FakeAccelerator(rank=rank, fsdp=True))
+    validation = FakeValidation(demo_teacher, accelerator, tmp_path)
     with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
         for _ in range(2):  # two validations of one run
             quality_check_patches._run_quality_check(validation, SURFACES)
@@ -234,19 +227,20 @@ def test_when_sharded_every_rank_skips_and_rank_0_says_why_once(teacher, unet_ca
         assert "distillation_config.lcm.quality_check.enabled" in warnings[0]
 
 
-def test_a_flow_matching_run_skips_the_check_with_one_line(teacher, unet_calls, tmp_path, caplog):
-    validation = FakeValidation(teacher, FakeAccelerator(rank=0), tmp_path)
+def test_a_flow_matching_run_skips_the_check_with_one_line(demo_teacher, unet_calls, tmp_path, caplog):
+    validation = FakeValidation(demo_teacher, FakeAccelerator(rank=0), tmp_path)
     validation.distiller.is_flow_matching = True
     with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
         for _ in range(2):
             quality_check_patches._run_quality_check(validation, SURFACES)
     assert unet_calls == []
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [quality_check_patches.FLOW_SKIPPED]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [quality_check_patches.FLOW_SKIPPED]
 
 
-def test_under_zero2_rank_0_checks(teacher, unet_calls, tmp_path):
+def test_under_zero2_rank_0_checks(demo_teacher, unet_calls, tmp_path):
     accelerator = FakeAccelerator(rank=0, zero_stage=2)  # whole parameters on every rank
-    quality_check_patches._run_quality_check(FakeValidation(teacher, accelerator, tmp_path), SURFACES)
+    quality_check_patches._run_quality_check(FakeValidation(demo_teacher, accelerator, tmp_path), SURFACES)
     assert unet_calls and accelerator.logged == [7]
 
 
@@ -272,14 +266,14 @@ class RecordingAutocast:
     ("cuda", False, [("cuda", None, False)]),  # a family without VALIDATION_USE_AUTOCAST: autocast explicitly off
     ("cpu", True, []),  # CPU runs: no autocast
 ])
-def test_sampling_runs_under_simpletuners_validation_autocast(teacher, device, use_autocast, expected, tmp_path,
+def test_sampling_runs_under_simpletuners_validation_autocast(demo_teacher, device, use_autocast, expected, tmp_path,
                                                               monkeypatch):
     autocast = RecordingAutocast()
     monkeypatch.setattr(torch.amp, "autocast", autocast)
     inside = []
-    handle = teacher.unet.register_forward_pre_hook(lambda module, args: inside.append(autocast.active))
+    handle = demo_teacher.unet.register_forward_pre_hook(lambda module, args: inside.append(autocast.active))
     try:
-        validation = FakeValidation(teacher, FakeAccelerator(), tmp_path, device=device, autocast=use_autocast)
+        validation = FakeValidation(demo_teacher, FakeAccelerator(), tmp_path, device=device, autocast=use_autocast)
         quality_check_patches._run_quality_check(validation, SURFACES)
     finally:
         handle.remove()
