@@ -51,6 +51,15 @@ def test_simpletuner_defaults_that_hurt_lcm_are_named_when_unset():
     assert all(p.pointer == "" and "SimpleTuner's default" in p.message for p in problems)
 
 
+def test_flux_validates_at_the_guidance_input_it_was_distilled_at():
+    flux = {"model_family": "flux", "caption_dropout_probability": 0.0}
+    assert _warnings({**flux, "flux_guidance_value": 3.5, "validation_guidance": 3.5}) == []
+    (problem,) = _warnings({**flux, "flux_guidance_value": 3.5, "validation_guidance": 0.0})
+    assert problem.pointer == "/validation_guidance" and "flux_guidance_value 3.5" in problem.message
+    (problem,) = _warnings({**flux, "validation_guidance": None})  # SimpleTuner's defaults: 7.5 against 1.0
+    assert "validation_guidance = 7.5" in problem.message and "flux_guidance_value 1" in problem.message
+
+
 def test_no_lcm_warnings_without_lcm():
     assert lcm_pitfalls({"validation_guidance": 7.5}, "c.json") == []
     (problem,) = lcm_pitfalls({"distillation_config": {"lcm": {}}}, "c.json")

@@ -35,7 +35,18 @@ def lcm_pitfalls(config: dict, file: str) -> list[Problem]:
         return []
     warnings = sd2x_family_refused(config, file)
     guidance = _number(value("validation_guidance"))
-    if guidance is not None and guidance > MAX_LCM_VALIDATION_GUIDANCE:
+    flux = str(value("model_family")).lower() == "flux"
+    trained_guidance = _number(value("flux_guidance_value"))
+    if flux and guidance is not None and trained_guidance is not None and guidance != trained_guidance:
+        # Flux takes its guidance as a model input: the student was distilled at flux_guidance_value.
+        warnings.append(
+            warn(
+                "validation_guidance",
+                "{value}{source} is Flux's guidance input at validation; the LCM student was distilled at "
+                f"flux_guidance_value {trained_guidance:g}: validate at that value",
+            )
+        )
+    elif not flux and guidance is not None and guidance > MAX_LCM_VALIDATION_GUIDANCE:
         warnings.append(
             warn(
                 "validation_guidance",
