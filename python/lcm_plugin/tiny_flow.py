@@ -1,4 +1,4 @@
-"""Tiny SD3 and Flux (flow-matching) pipelines built from configs, fully offline.
+"""Tiny SD3, Flux, Chroma and Lumina 2 (flow-matching) pipelines built from configs, fully offline.
 
 Same component layout as the real checkpoints, at 1-2 MB, for tests that must never reach a model hub:
 
@@ -12,6 +12,12 @@ Same component layout as the real checkpoints, at 1-2 MB, for tests that must ne
         embedding as dev ships it); one CLIP text encoder without projection (`CLIPTextModel`, text_encoder/) and
         a T5 encoder (text_encoder_2/); tokenizer/ (CLIP BPE) and tokenizer_2/ (T5 Unigram); Flux's 16-channel VAE
         factors; the scheduler with dev's dynamic shifting.
+    Chroma (lodestones/Chroma1-HD): a `ChromaTransformer2DModel` (Flux's streams; modulations from its approximator
+        MLP, no guidance or pooled input); one T5 encoder (text_encoder/) and its Unigram tokenizer (tokenizer/);
+        Flux's VAE factors and dynamically shifted scheduler.
+    Lumina 2 (Alpha-VLLM/Lumina-Image-2.0): a `Lumina2Transformer2DModel` (GQA, refiner layers); a Gemma 2 encoder
+        (`Gemma2Model`, text_encoder/) and a byte-fallback BPE tokenizer (tokenizer/, padded on the right); Flux's VAE
+        factors; the scheduler at a fixed shift of 6.
 
 The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the components together:
 
@@ -22,11 +28,18 @@ The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the componen
     Flux: T5 d_model == joint_attention_dim; pooled = CLIPTextModel's pooler output (its hidden size, no
         projection) == pooled_projection_dim; in_channels == 4 * VAE latent channels (2x2 packing, so latent H and
         W must be even: images a multiple of 16 px); sum(axes_dims_rope) == attention_head_dim.
-    Both: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
+    Chroma: T5 d_model == joint_attention_dim; in_channels == 4 * VAE latent channels, sum(axes_dims_rope) ==
+        attention_head_dim, as Flux; approximator_num_channels a multiple of 4.
+    Lumina 2: Gemma's hidden size == cap_feat_dim; sum(axes_dim_rope) == hidden_size / num_attention_heads;
+        axes_lens[0] > the prompt length (256, Lumina2.check_user_config), as caption positions come first; the
+        tokenizer pads on the right, as the transformer reads a caption as its first mask-sum tokens.
+    All: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
         channels (SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train (SimpleTuner forces
         aspect_bucket_alignment 64 for both), 64 px gives 8x8 latents (SD3: 4x4 patches; Flux: 16 packed tokens).
-    T5 tokenizer: SimpleTuner loads `T5TokenizerFast` from tokenizer_3/ (SD3) or tokenizer_2/ (Flux); it pads
-        T5 prompts to 154 tokens for SD3 and to 512 for Flux (model_max_length 512 here).
+    T5 tokenizer: SimpleTuner loads `T5TokenizerFast` from tokenizer_3/ (SD3) or tokenizer_2/ (Flux), AutoTokenizer
+        from tokenizer/ (Chroma); it pads T5 prompts to 154 tokens for SD3 and to 512 for Flux and Chroma
+        (model_max_length 512 here). Gemma tokenizer: SimpleTuner loads `PreTrainedTokenizerFast` from tokenizer/.
+    SimpleTuner trains every one at its own flow_schedule_shift (default 3.0), not the folder's scheduler shift.
 """
 
 from __future__ import annotations
@@ -38,9 +51,10 @@ from pathlib import Path
 from lcm_plugin.tiny_sdxl import clip_text_config, tiny_vae, write_clip_tokenizer
 
 __all__ = [
-    "FAMILIES", "FLUX_SCHEDULER_CONFIG", "FLUX_VAE_FACTORS", "SD3_SCHEDULER_CONFIG", "SD3_VAE_FACTORS",
-    "T5_MAX_TOKENS", "flux_transformer_config", "save_tiny_flow", "save_tiny_flux", "save_tiny_sd3",
-    "sd3_transformer_config", "write_t5_tokenizer",
+    "FAMILIES", "FLUX_SCHEDULER_CONFIG", "FLUX_VAE_FACTORS", "LUMINA2_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG",
+    "SD3_VAE_FACTORS", "T5_MAX_TOKENS", "chroma_transformer_config", "flux_transformer_config",
+    "lumina2_transformer_config", "save_tiny_chroma", "save_tiny_flow", "save_tiny_flux", "save_tiny_lumina2",
+    "save_tiny_sd3", "sd3_transformer_config", "write_gemma_tokenizer", "write_t5_tokenizer",
 ]
 
 # stable-diffusion-3.5-medium's scheduler/scheduler_config.json (3.0 and 3.5 large ship the same).
@@ -62,6 +76,13 @@ FLUX_SCHEDULER_CONFIG = {
     "use_dynamic_shifting": True,
 }
 
+# Lumina-Image-2.0's scheduler/scheduler_config.json: a fixed shift of 6, no dynamic shifting.
+LUMINA2_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 6.0,
+}
+
 # vae/config.json latent normalisation: latents = (encode(x) - shift_factor) * scaling_factor.
 SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
 FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
@@ -76,10 +97,13 @@ SD3_CLIP_G_HIDDEN = 48
 SD3_T5_D_MODEL = 96
 FLUX_CLIP_HIDDEN = 32
 FLUX_T5_D_MODEL = 64
+CHROMA_T5_D_MODEL = 64
+LUMINA2_GEMMA_HIDDEN = 32
 
 # T5's special pieces, at the ids T5 v1.1 has them (transformers 5's T5Tokenizer hard-codes unk_id 2).
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 _T5_SPACE = "\u2581"  # SentencePiece's word-boundary mark
+BPE_MAX_TOKENS = 512
 
 
 def write_t5_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
@@ -117,6 +141,56 @@ def write_t5_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_TOKENS, **special,
         "extra_ids": 0, "additional_special_tokens": [], "clean_up_tokenization_spaces": True,
+    }))
+    return folder
+
+
+def write_gemma_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write Gemma's SentencePiece-style byte-fallback BPE tokenizer (tokenizer.json + configs), built with
+    `tokenizers`: <pad>=0 <eos>=1 <bos>=2 <unk>=3, spaces normalised to the word mark, <bos> first, as Gemma 2 2B and
+    Lumina-Image-2.0's tokenizer/.
+
+    Vocabulary: the specials, the 256 byte-fallback pieces <0x00>..<0xFF>, the word mark, every printable ASCII
+    character with and without the mark, and each of `words` after the mark ("\u2581red") as one piece, built by
+    left-to-right merges that always start from a marked piece (so no merge of a word's tail can pre-empt another
+    word's). The pipeline is the one transformers 5's GemmaTokenizer builds around a
+    tokenizer.json's vocabulary and merges, so the named class, AutoTokenizer and PreTrainedTokenizerFast (what
+    SimpleTuner loads for Lumina2) give the same ids. Padding is on the right: Lumina2's transformer reads a caption
+    as its first mask-sum tokens. No tokenizer.model: nothing needs sentencepiece.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    special = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+    characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces = list(special.values()) + [f"<0x{b:02X}>" for b in range(256)] + [_T5_SPACE] + characters
+    pieces += [_T5_SPACE + c for c in characters]
+    merges = [(_T5_SPACE, c) for c in characters]
+    for word in sorted(set(words)):
+        if not word or any(ch.isspace() for ch in word):
+            continue
+        current = _T5_SPACE + word[0]
+        for ch in word[1:]:
+            merges.append((current, ch))
+            current += ch
+            pieces.append(current)
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), fuse_unk=True,
+                              unk_token=special["unk_token"], byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", _T5_SPACE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(_T5_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    bos = special["bos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special.values()])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+        "padding_side": "right", "model_max_length": BPE_MAX_TOKENS, "clean_up_tokenization_spaces": False,
+        "legacy": False,
     }))
     return folder
 
@@ -206,19 +280,29 @@ def _t5(folder: Path, vocabulary: tuple[str, ...], d_model: int):
     return T5EncoderModel(t5_config(len(tokenizer), d_model)), tokenizer
 
 
-def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: dict, t5_tokenizer: str) -> Path:
+def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: dict, t5_tokenizer: str | None,
+          gemma_tokenizer: str | None = None) -> Path:
     """save_pretrained, then the tokenizer files as written above: transformers 5 saves only tokenizer.json for
-    CLIP (4.x loaders, SimpleTuner's among them, want vocab.json/merges.txt too) and may add files to T5's."""
+    CLIP (4.x loaders, SimpleTuner's among them, want vocab.json/merges.txt too) and may add files to T5's (and to
+    the Gemma tokenizer's, in subfolder `gemma_tokenizer`)."""
     pipeline.save_pretrained(str(folder))
     for name, options in clip_tokenizers.items():
         write_clip_tokenizer(folder / name, vocabulary, **options)
-    shutil.rmtree(folder / t5_tokenizer)
-    write_t5_tokenizer(folder / t5_tokenizer, vocabulary)
-    # transformers 5 names its T5 tokenizer class "T5Tokenizer" (T5TokenizerFast is an alias of it); in 4.x that
-    # is the sentencepiece class, which needs spiece.model. The real checkpoints name the fast class, as here.
+    # transformers 5 names its T5 / Gemma tokenizer classes without "Fast" (the Fast names are aliases); in
+    # 4.x those are the sentencepiece classes, which need a .model file. The real checkpoints name the fast
+    # classes, as here.
+    fast_classes = {}
+    if t5_tokenizer is not None:
+        shutil.rmtree(folder / t5_tokenizer)
+        write_t5_tokenizer(folder / t5_tokenizer, vocabulary)
+        fast_classes[t5_tokenizer] = "T5TokenizerFast"
+    if gemma_tokenizer is not None:
+        shutil.rmtree(folder / gemma_tokenizer)
+        write_gemma_tokenizer(folder / gemma_tokenizer, vocabulary)
+        fast_classes[gemma_tokenizer] = "GemmaTokenizerFast"
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
-    index[t5_tokenizer] = ["transformers", "T5TokenizerFast"]
+    index.update({name: ["transformers", cls] for name, cls in fast_classes.items()})
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     # diffusers 0.42 writes FluxTransformer2DModel's `out_channels: null`, which SimpleTuner's own Flux transformer
     # class does not take (it warns); FLUX.1-dev's config has no such key. Drop unset keys, as the real configs.
@@ -279,11 +363,108 @@ def save_tiny_flux(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] =
     return _save(pipeline, folder, vocabulary, {"tokenizer": options}, "tokenizer_2")
 
 
+def chroma_transformer_config() -> dict:
+    """ChromaTransformer2DModel config: Flux's stream layout without guidance or pooled inputs (1 double + 2 single
+    stream blocks, width 32), its modulations from the small approximator MLP (1 layer of 32)."""
+    return dict(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=CHROMA_T5_D_MODEL,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        approximator_num_channels=16,  # a multiple of 4: time, guidance and modulation-index sinusoids
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def save_tiny_chroma(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Chroma folder (lodestones/Chroma1-HD layout: one T5 encoder, no CLIP, Flux's VAE
+    factors and dynamically shifted scheduler; random weights, ~1 MB) to `folder`."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    t5, tokenizer = _t5(folder / "tokenizer", vocabulary, CHROMA_T5_D_MODEL)
+    pipeline = ChromaPipeline(
+        transformer=ChromaTransformer2DModel(**chroma_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
+        text_encoder=t5,
+        tokenizer=tokenizer,
+    )
+    return _save(pipeline, folder, vocabulary, {}, "tokenizer")
+
+
+def gemma2_config(vocab_size: int, hidden: int):
+    """Gemma2Model config in Gemma 2's style (GQA, soft-capping, sliding window), two layers."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=BPE_MAX_TOKENS,
+        sliding_window=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+
+
+def lumina2_transformer_config() -> dict:
+    """Lumina2Transformer2DModel config: 1 joint + 1 refiner layer per stream, width 32 (2 heads of 16, 1 kv head)."""
+    return dict(
+        sample_size=8,  # latent size the pipeline defaults to: 64 px
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        hidden_size=32,
+        num_layers=1,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),  # sums to the head size, as (32, 32, 32) to 96
+        axes_lens=(300, 512, 512),  # caption positions come first: >= tokenizer_max_length (256) + 1
+        cap_feat_dim=LUMINA2_GEMMA_HIDDEN,
+    )
+
+
+def save_tiny_lumina2(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Lumina 2 folder (Alpha-VLLM/Lumina-Image-2.0 layout: a Gemma 2 encoder and its BPE
+    tokenizer, Flux's VAE factors, shift 6; random weights, ~1 MB) to `folder`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Model, GemmaTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = GemmaTokenizerFast.from_pretrained(str(write_gemma_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = Lumina2Pipeline(
+        transformer=Lumina2Transformer2DModel(**lumina2_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(LUMINA2_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
+        text_encoder=Gemma2Model(gemma2_config(len(tokenizer), LUMINA2_GEMMA_HIDDEN)),
+        tokenizer=tokenizer,
+    )
+    return _save(pipeline, folder, vocabulary, {}, None, gemma_tokenizer="tokenizer")
+
+
 # SimpleTuner model_family -> writer.
-FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux}
+FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma, "lumina2": save_tiny_lumina2}
 
 
 def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
-    """save_tiny_sd3 or save_tiny_flux by SimpleTuner's model_family name ("sd3", "flux")."""
+    """The writer for SimpleTuner's model_family name: "sd3", "flux", "chroma" or "lumina2" (FAMILIES)."""
     return FAMILIES[family](folder, seed, vocabulary=vocabulary)
 

@@ -1,7 +1,7 @@
-"""LCM-LoRA of a rectified-flow family (SD3) through the stock `simpletuner train` (issue 21): the tiny offline SD3
-(lcm_plugin.tiny_flow) trains 2 steps with the plugin's distiller; its step is the one tests/unit/test_distiller_flow.py
-proves equal to the equations; here: it runs inside SimpleTuner's trainer and what the run hands over samples with the
-flow LCM scheduler."""
+"""LCM-LoRA of the rectified-flow families (SD3, Flux, Chroma, Lumina 2) through the stock `simpletuner train` (issue
+21): each tiny offline model (lcm_plugin.tiny_flow) trains 2 steps with the plugin's distiller; its step is the one
+tests/unit/test_distiller_flow.py proves equal to the equations; here: it runs inside SimpleTuner's trainer and what
+the run hands over samples with the flow LCM scheduler in the family's diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -122,3 +122,54 @@ def test_the_card_snippet_of_a_flux_lora_samples_at_its_guidance(flux_run, tmp_p
     assert "guidance_scale=3.5" in code and "pipeline.fuse_lora()" in code
     variables = run_snippet(code, tmp_path, monkeypatch)
     assert variables["image"].size == (64, 64)
+
+
+# Families covered by FLOW_FAMILIES with no code of their own: the distiller's generic "cfg" teacher (a doubled batch,
+# the prompt entries of the second half zeroed, masks kept). family -> diffusers pipeline, config keys on top.
+CFG_FAMILIES = {
+    "chroma": ("ChromaPipeline", {}),
+    # Lumina-Image-2.0 samples at shift 6; SimpleTuner's training schedule takes flow_schedule_shift (default 3).
+    "lumina2": ("Lumina2Pipeline", {"flow_schedule_shift": 6.0}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CFG_FAMILIES))
+def cfg_family_run(request, tmp_path_factory):
+    from lcm_plugin.demo import shapes
+    from lcm_plugin.tiny_flow import save_tiny_flow
+
+    family = request.param
+    model = save_tiny_flow(family, tmp_path_factory.mktemp(f"tiny-{family}") / "model", vocabulary=shapes.VOCABULARY)
+    run = write_lcm_training_dir(tmp_path_factory.mktemp(f"{family}-lcm"), model, max_train_steps=STEPS)
+    config_file = run / "config" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"model_family": family, "model_flavour": None, **CFG_FAMILIES[family][1]})
+    config.pop("pretrained_vae_model_name_or_path", None)
+    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
+    return family, run, model, run_stock_trainer(run, stock_trainer_env())
+
+
+def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cfg_family_run):
+    import diffusers
+    import torch
+    from diffusers import FlowMatchLCMScheduler
+    from safetensors import safe_open
+
+    family, run, model, log = cfg_family_run
+    losses = lcm_losses(run / "output" / "training_metrics.jsonl")
+    assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
+    assert f"every dataset uses SimpleTuner's own caching: model_family '{family}'" in log, log[-4000:]
+    with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
+        metadata, keys = lora.metadata(), list(lora.keys())
+    assert keys and all(key.startswith("transformer.") for key in keys)
+    scheduler_config = json.loads(metadata["lcm.scheduler_config"])
+    assert scheduler_config["_class_name"] == "FlowMatchLCMScheduler", metadata
+    # The grid the student was distilled on: SimpleTuner's training schedule (the folder's, at flow_schedule_shift).
+    assert scheduler_config["shift"] == CFG_FAMILIES[family][1].get("flow_schedule_shift", 3.0)
+    pipeline = getattr(diffusers, CFG_FAMILIES[family][0]).from_pretrained(model)
+    pipeline.scheduler = FlowMatchLCMScheduler.from_config(scheduler_config)
+    pipeline.load_lora_weights(run / "output")
+    assert pipeline.get_list_adapters() == {"transformer": ["default_0"]}
+    image = pipeline("red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and bool((image >= 0).all())

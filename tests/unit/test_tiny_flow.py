@@ -1,7 +1,9 @@
-"""The tiny SD3 and Flux folders (lcm_plugin.tiny_flow) load and run in diffusers and in SimpleTuner 4.10.1.
+"""The tiny SD3, Flux, Chroma and Lumina 2 folders (lcm_plugin.tiny_flow) load and run in diffusers and in
+SimpleTuner 4.10.1.
 
 diffusers: the family's own pipeline class loads each folder from its local path and samples a 64x64 image in one
-step. SimpleTuner: its model class for `model_family: sd3` / `flux` (`model_type: lora`), built from a config parsed
+step. SimpleTuner: its model class for `model_family: sd3` / `flux` / `chroma` / `lumina2` (`model_type: lora`),
+built from a config parsed
 by its own `parse_cmdline_args` as the trainer builds it, loads the folder with the functions the trainer calls
 (`check_user_config`, `load_text_encoder` with `load_text_tokenizer`, `load_vae`, `load_model`); its own prompt
 encoding then feeds its own `prepare_batch` / `model_predict` / `loss` on latents from the folder's VAE, so the
@@ -22,9 +24,11 @@ import torch
 from lcm_plugin.tiny_flow import (
     FLUX_SCHEDULER_CONFIG,
     FLUX_VAE_FACTORS,
+    LUMINA2_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
     SD3_VAE_FACTORS,
     save_tiny_flow,
+    write_gemma_tokenizer,
     write_t5_tokenizer,
 )
 
@@ -33,7 +37,9 @@ PROMPTS = ["red circle", "blue square"]
 SIZE = 64
 CLIP_TOKENS = 77
 
-# family -> what the real checkpoint's model_index.json names, its T5 subfolders, scheduler and VAE factors.
+# family -> what the real checkpoint's model_index.json names, its T5 (or other last text encoder's) subfolders,
+# scheduler and VAE factors; SimpleTuner's class, its tokenizer_max_length after check_user_config, the prompt length
+# its encoding gives, its tokenizer / encoder classes, and the transformer weights that take the prompt.
 FAMILIES = {
     "sd3": dict(
         pipeline="StableDiffusion3Pipeline",
@@ -49,6 +55,10 @@ FAMILIES = {
         vae=SD3_VAE_FACTORS,
         simpletuner_class="SD3",
         t5_tokens=154,  # SD3.check_user_config's T5 length
+        prompt_tokens=CLIP_TOKENS + 154,
+        tokenizers=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
+        encoders=("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+        text_weights=("context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"),
     ),
     "flux": dict(
         pipeline="FluxPipeline",
@@ -62,6 +72,44 @@ FAMILIES = {
         vae=FLUX_VAE_FACTORS,
         simpletuner_class="Flux",
         t5_tokens=512,  # Flux.check_user_config's T5 length
+        prompt_tokens=512,
+        tokenizers=("CLIPTokenizer", "T5TokenizerFast"),
+        encoders=("CLIPTextModel", "T5EncoderModel"),
+        text_weights=("context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"),
+    ),
+    "chroma": dict(
+        pipeline="ChromaPipeline",
+        index={
+            "transformer": "ChromaTransformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "T5EncoderModel",
+            "tokenizer": "T5TokenizerFast",
+        },
+        t5=("text_encoder", "tokenizer"),
+        scheduler=FLUX_SCHEDULER_CONFIG,
+        vae=FLUX_VAE_FACTORS,
+        simpletuner_class="Chroma",
+        t5_tokens=None,  # Chroma sets none; its _encode_prompts pads T5 prompts to 512
+        prompt_tokens=512,
+        tokenizers=("T5TokenizerFast",),
+        encoders=("T5EncoderModel",),
+        text_weights=("context_embedder.weight",),  # no pooled prompt: the approximator sees only the timestep
+    ),
+    "lumina2": dict(
+        pipeline="Lumina2Pipeline",
+        index={
+            "transformer": "Lumina2Transformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Gemma2Model",
+            "tokenizer": "GemmaTokenizerFast",
+        },
+        t5=("text_encoder", "tokenizer"),  # Gemma 2, not T5
+        scheduler=LUMINA2_SCHEDULER_CONFIG,
+        vae=FLUX_VAE_FACTORS,
+        simpletuner_class="Lumina2",
+        t5_tokens=256,  # Lumina2.check_user_config's Gemma length
+        prompt_tokens=256,
+        tokenizers=("PreTrainedTokenizerFast",),  # SimpleTuner loads the generic class from tokenizer/
+        encoders=("Gemma2Model",),
+        text_weights=("time_caption_embed.caption_embedder.1.weight", "context_refiner.0.attn.to_q.weight"),
     ),
 }
 
@@ -91,7 +139,7 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
 
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
     assert {k: scheduler[k] for k in spec["scheduler"]} == spec["scheduler"]
-    assert scheduler.get("use_dynamic_shifting", False) is (family == "flux")
+    assert scheduler.get("use_dynamic_shifting", False) is spec["scheduler"].get("use_dynamic_shifting", False)
 
     vae = read_json(folder / "vae" / "config.json")
     assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # latents 1/8 of the image
@@ -99,12 +147,28 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     assert vae["use_quant_conv"] is False and vae["use_post_quant_conv"] is False
 
     transformer = read_json(folder / "transformer" / "config.json")
+    if family == "lumina2":
+        gemma = read_json(folder / "text_encoder" / "config.json")
+        assert gemma["model_type"] == "gemma2" and gemma["hidden_size"] == transformer["cap_feat_dim"]
+        assert not (folder / "tokenizer" / "tokenizer.model").exists()  # built offline, no sentencepiece model
+        assert read_json(folder / "tokenizer" / "tokenizer_config.json")["padding_side"] == "right"
+        head = transformer["hidden_size"] // transformer["num_attention_heads"]
+        assert sum(transformer["axes_dim_rope"]) == head
+        assert transformer["axes_lens"][0] > 256  # caption positions first, up to tokenizer_max_length
+        assert transformer["in_channels"] == 16 and transformer["patch_size"] == 2
+        return
     t5 = read_json(folder / spec["t5"][0] / "config.json")
     assert t5["d_model"] == transformer["joint_attention_dim"]
     assert t5["feed_forward_proj"] == "gated-gelu"  # T5 v1.1
     assert not (folder / spec["t5"][1] / "spiece.model").exists()  # built offline, no sentencepiece model
     width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
-    if family == "sd3":
+    if family == "chroma":
+        assert transformer["in_channels"] == 4 * 16 and transformer["patch_size"] == 1  # Flux's 2x2 packing
+        assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+        assert transformer["approximator_num_channels"] % 4 == 0
+        assert "pooled_projection_dim" not in transformer and "guidance_embeds" not in transformer
+        assert "out_channels" not in transformer
+    elif family == "sd3":
         clip_l = read_json(folder / "text_encoder" / "config.json")
         clip_g = read_json(folder / "text_encoder_2" / "config.json")
         assert transformer["pooled_projection_dim"] == clip_l["projection_dim"] + clip_g["projection_dim"]
@@ -134,6 +198,31 @@ def test_t5_tokenizer_is_built_offline(tmp_path):
     tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[1])
     assert tokens[:4] == ["\u2581B", "l", "u", "e"] and "\u2581square" in tokens and "<unk>" in tokens
     assert tokenizer.decode(tokenizer("Blue squares!").input_ids, skip_special_tokens=True) == "Blue squares!"
+
+
+def test_gemma_tokenizer_is_built_offline(tmp_path):
+    from transformers import AutoTokenizer, GemmaTokenizerFast, PreTrainedTokenizerFast
+
+    specials, first, last = ("<pad>", "<eos>", "<bos>", "<unk>"), "<bos>", None  # Gemma: <bos> first, no <eos>
+    folder = write_gemma_tokenizer(tmp_path / "gemma", VOCABULARY)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # no sentencepiece model
+    named = GemmaTokenizerFast
+    loaded = [cls.from_pretrained(str(folder)) for cls in (named, AutoTokenizer, PreTrainedTokenizerFast)]
+    assert type(loaded[1]) is named
+    prompts = [" red circle", " Blue squares é"]
+    encodings = [tokenizer(prompts, padding="max_length", max_length=14) for tokenizer in loaded]
+    assert all(e.input_ids == encodings[0].input_ids for e in encodings)  # one pipeline, whatever loads it
+    tokenizer, encoded = loaded[0], encodings[0]
+    assert [tokenizer.convert_tokens_to_ids(t) for t in specials] == [0, 1, 2, 3]
+    assert tokenizer.pad_token_id == specials.index("<pad>") and tokenizer.padding_side == "right"
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[0])
+    words = ["\u2581red", "\u2581circle"]
+    assert [t for t in tokens if t != "<pad>"] == ([first] if first else []) + words + ([last] if last else [])
+    assert tokens[-1] == "<pad>" and encoded.attention_mask[0] == [1] * (len(words) + 1) + [0] * 11  # right padding
+    other = tokenizer.convert_ids_to_tokens(encoded.input_ids[1])
+    assert "\u2581square" in other and "<0xC3>" in other and "<unk>" not in other  # byte fallback, no unknowns
+    assert tokenizer.decode(encoded.input_ids[1], skip_special_tokens=True).strip() == "Blue squares é"
 
 
 def test_same_seed_writes_the_same_weights(model_dirs, tmp_path):
@@ -205,22 +294,19 @@ def simpletuner_models(model_dirs, tmp_path_factory):
 
 
 def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_models, model_dirs, family):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    import transformers
 
     model = simpletuner_models[family]
     spec = FAMILIES[family]
     assert type(model).__name__ == spec["simpletuner_class"]
     assert model.config.tokenizer_max_length == spec["t5_tokens"]
-    assert model.noise_schedule.config.shift == 3.0
-    assert model.noise_schedule.config.use_dynamic_shifting is (family == "flux")
-    if family == "sd3":
-        expected_tokenizers = [CLIPTokenizer, CLIPTokenizer, T5TokenizerFast]
-        expected_encoders = [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]
-    else:
-        expected_tokenizers = [CLIPTokenizer, T5TokenizerFast]
-        expected_encoders = [CLIPTextModel, T5EncoderModel]
-    assert [type(t) for t in model.tokenizers] == expected_tokenizers
-    assert [type(e) for e in model.text_encoders] == expected_encoders
+    # SimpleTuner's training schedule is the folder's with `shift` replaced by flow_schedule_shift (default 3.0),
+    # whatever the folder says (Lumina 2: 6.0).
+    assert model.noise_schedule.config.shift == model.config.flow_schedule_shift == 3.0
+    assert model.noise_schedule.config.use_dynamic_shifting is spec["scheduler"].get("use_dynamic_shifting", False)
+    # transformers 5's T5TokenizerFast is T5Tokenizer, its PreTrainedTokenizerFast is TokenizersBackend: by identity.
+    assert [type(t) for t in model.tokenizers] == [getattr(transformers, name) for name in spec["tokenizers"]]
+    assert [type(e) for e in model.text_encoders] == [getattr(transformers, name) for name in spec["encoders"]]
     # SimpleTuner's own transformer class (MODEL_CLASS), not diffusers', with the folder's weights.
     assert type(model.model) is model.MODEL_CLASS
     assert model.MODEL_CLASS.__module__.startswith("simpletuner.")
@@ -236,27 +322,36 @@ def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_mod
 
 def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpletuner_models, family):
     model = simpletuner_models[family]
+    spec = FAMILIES[family]
     transformer = model.model.config
     with torch.no_grad():
         embeds = model._format_text_embedding(model._encode_prompts(PROMPTS))
-    prompt_embeds, pooled = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
+    prompt_embeds, pooled = embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds")
+    # SimpleTuner's collate turns either mask key into the batch's encoder_attention_mask.
+    mask = embeds.get("attention_masks", embeds.get("prompt_attention_mask"))
+    width = transformer.cap_feat_dim if family == "lumina2" else transformer.joint_attention_dim
+    assert prompt_embeds.shape == (2, spec["prompt_tokens"], width)
     if family == "sd3":
         # CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's states.
-        assert prompt_embeds.shape == (2, CLIP_TOKENS + 154, transformer.joint_attention_dim)
         clip_width = sum(encoder.config.hidden_size for encoder in model.text_encoders[:2])
         assert torch.count_nonzero(prompt_embeds[:, :CLIP_TOKENS, clip_width:]) == 0
         assert torch.count_nonzero(prompt_embeds[:, :CLIP_TOKENS, :clip_width]) > 0
     else:
-        assert prompt_embeds.shape == (2, 512, transformer.joint_attention_dim)
-        assert embeds["attention_masks"].shape == (2, 512)
-    assert pooled.shape == (2, transformer.pooled_projection_dim)
+        assert mask.shape == (2, spec["prompt_tokens"])
+    if family in ("sd3", "flux"):
+        assert pooled.shape == (2, transformer.pooled_projection_dim)
+    else:
+        assert pooled is None  # one sequence of prompt states, no pooled embedding
+    if family == "lumina2":
+        # Right-padded, as the transformer reads the first mask-sum tokens; the system prompt comes first.
+        assert bool((mask[:, :-1] >= mask[:, 1:]).all()) and mask[:, 0].all() and not mask[:, -1].any()
 
     pixels = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         latents = model.scale_vae_latents_for_cache(model.vae.encode(pixels).latent_dist.sample(), model.vae)
     assert latents.shape == (2, 16, SIZE // 8, SIZE // 8)
     batch = {"prompt_embeds": prompt_embeds, "add_text_embeds": pooled, "latent_batch": latents,
-             "encoder_attention_mask": embeds.get("attention_masks"), "batch_time_ids": None}
+             "encoder_attention_mask": mask, "batch_time_ids": None}
     torch.manual_seed(0)
     prepared = model.prepare_batch(batch, {"global_step": 0})
     model.model.zero_grad(set_to_none=True)
@@ -266,6 +361,6 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     assert math.isfinite(loss.item())
     loss.backward()
     # The prompt reaches the transformer: its text projections get gradients.
-    for name in ("context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"):
+    for name in spec["text_weights"]:
         grad = model.model.get_parameter(name).grad
         assert grad is not None and torch.count_nonzero(grad) > 0, name

@@ -73,13 +73,17 @@ LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
 LCM_T_END_KEY = "lcm_t_end"
 LCM_SIGMA_KEY = "lcm_sigma"  # flow families: sigma_n_plus_k, where the student's consistency function starts
-# Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a batch of cond and
-# uncond rows ("cfg", SD3), or the guidance embedding the model itself takes ("embedded", Flux: SimpleTuner passes
-# flux_guidance_value to every call, so teacher, target and student share it).
-FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded"}
+# Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a
+# batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2), or the guidance embedding the model itself takes
+# ("embedded", Flux: SimpleTuner passes flux_guidance_value to every call, so teacher, target and student share it).
+FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded", "chroma": "cfg", "lumina2": "cfg"}
 # Batch entries that carry the prompt, zeroed for the unconditional branch of a flow teacher (SD3's joint
 # CLIP + T5 states and pooled CLIP embedding), as the ε-families' uncond gets zero prompt embeddings.
-FLOW_PROMPT_KEYS = ("encoder_hidden_states", "add_text_embeds")
+# "prompt_embeds" is the text-embed cache's entry that SimpleTuner's ModelFoundation.prepare_batch copies to the
+# device as "encoder_hidden_states": the same prompt states in every family; Chroma's and Lumina 2's model_predict
+# read it instead of "encoder_hidden_states".
+# Attention masks ("encoder_attention_mask") are never zeroed: the uncond rows keep their cond rows' masks.
+FLOW_PROMPT_KEYS = ("encoder_hidden_states", "prompt_embeds", "add_text_embeds")
 TARGET_CHECKPOINT_FILE = "lcm_target_unet.safetensors"
 TARGET_LORA_CHECKPOINT_FILE = "lcm_target_lora.safetensors"
 # added_cond_kwargs entries that carry the prompt: zeroed for the unconditional branch.
