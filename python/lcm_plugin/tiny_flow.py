@@ -242,8 +242,9 @@ def sd3_transformer_config() -> dict:
     )
 
 
-def flux_transformer_config() -> dict:
-    """FluxTransformer2DModel config: 1 double + 2 single stream blocks, width 32 (2 heads of 16), guidance."""
+def _flux_streams() -> dict:
+    """Flux's stream layout, shared by Chroma: 1 double + 2 single stream blocks, width 32 (2 heads of 16), 2 x 2
+    packed latents."""
     return dict(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,
@@ -251,10 +252,17 @@ def flux_transformer_config() -> dict:
         num_single_layers=2,
         attention_head_dim=16,
         num_attention_heads=2,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) to 128
+    )
+
+
+def flux_transformer_config() -> dict:
+    """FluxTransformer2DModel config: Flux's streams, its pooled CLIP and guidance inputs."""
+    return dict(
+        **_flux_streams(),
         joint_attention_dim=FLUX_T5_D_MODEL,
         pooled_projection_dim=FLUX_CLIP_HIDDEN,
         guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) to 128
     )
 
 
@@ -367,14 +375,8 @@ def chroma_transformer_config() -> dict:
     """ChromaTransformer2DModel config: Flux's stream layout without guidance or pooled inputs (1 double + 2 single
     stream blocks, width 32), its modulations from the small approximator MLP (1 layer of 32)."""
     return dict(
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        **_flux_streams(),
         joint_attention_dim=CHROMA_T5_D_MODEL,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
         approximator_num_channels=16,  # a multiple of 4: time, guidance and modulation-index sinusoids
         approximator_hidden_dim=32,
         approximator_layers=1,
