@@ -147,9 +147,12 @@ def test_forked_child_can_still_scan_and_gather(tmp_path):
 
     image = tmp_path / "a.png"
     Image.new("RGB", (9, 4)).save(image)
-    with LatentCacheWriter(tmp_path / "cache") as writer:
+    # One shard per entry: the reader opens several shards in parallel (one would be read on the caller's thread).
+    with LatentCacheWriter(tmp_path / "cache", shard_bytes=1) as writer:
         for i in range(4):
             writer.put(str(i), np.full(8, i, np.float32))
+            writer.commit()
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
     assert scan_sizes([str(image)] * 8)[0][0] == (9, 4)  # parent uses the global pool
     assert scan_sizes([str(image)] * 8, threads=2)[0][0] == (9, 4)  # and the kept pool for an explicit count
     LatentCacheReader(tmp_path / "cache").gather(["0", "1"])

@@ -315,10 +315,12 @@ impl CacheReader {
     pub fn open(dir: &Path, verify: bool) -> Result<Self> {
         let records: Vec<(String, ShardRecord)> =
             read_indexes(dir)?.into_iter().flat_map(|index| index.shards.into_iter().map(move |r| (index.writer.clone(), r))).collect();
-        // Shards' headers are read and parsed in parallel; their entries are merged in index order, so that a key
-        // stored twice resolves to its last shard, as a sequential read would.
-        let opened: Vec<(Shard, Vec<(String, Entry)>)> =
-            records.into_par_iter().enumerate().map(|(shard_no, (writer, record))| Shard::open(dir, &writer, record, shard_no)).collect();
+        // Shards' headers are read and parsed in parallel (on a pool of this process's own: a forked child, such as
+        // a DataLoader worker or a build's rank, has no threads in the pool it inherited); their entries are merged
+        // in index order, so that a key stored twice resolves to its last shard, as a sequential read would.
+        let opened: Vec<(Shard, Vec<(String, Entry)>)> = crate::with_threads(None, || {
+            records.into_par_iter().enumerate().map(|(shard_no, (writer, record))| Shard::open(dir, &writer, record, shard_no)).collect()
+        })?;
         let mut entries = KeyMap::with_capacity_and_hasher(opened.iter().map(|(_, e)| e.len()).sum(), Default::default());
         let mut shards = Vec::with_capacity(opened.len());
         for (shard, found) in opened {
