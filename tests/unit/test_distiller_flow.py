@@ -306,3 +306,44 @@ def test_the_flux_step_equals_the_reference_through_simpletuners_flux_model(tmp_
     for name, grad in ours.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_sd3_step_equals_the_reference_through_simpletuners_sd3_model(tmp_path, monkeypatch):
+    """The SD3 step driven through SimpleTuner's own SD3 class (its prepare_batch, its forward and its casts), not
+    the stand-in above: the reference calls the same transformer as the module docstring writes it."""
+    from test_tiny_flow import load_with_simpletuner
+
+    from lcm_plugin.demo import shapes
+    from lcm_plugin.tiny_flow import save_tiny_sd3
+
+    model = load_with_simpletuner("sd3", save_tiny_sd3(tmp_path / "sd3", vocabulary=shapes.VOCABULARY), tmp_path)
+    transformer = model.model
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    config = LcmConfig(num_ddim_timesteps=10)
+    distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=config)
+    with torch.no_grad():
+        embeds = model._format_text_embedding(model._encode_prompts(list(shapes.PROMPTS[:2])))
+    torch.manual_seed(0)
+    batch = model.prepare_batch({"prompt_embeds": embeds["prompt_embeds"],
+                                 "add_text_embeds": embeds["pooled_prompt_embeds"],
+                                 "latent_batch": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                 "batch_time_ids": None}, {"global_step": 0})
+    inputs = {key: batch[key].clone() for key in ("latents", "noise", "encoder_hidden_states", "add_text_embeds")}
+    prepared, loss, w = our_step(distiller, model, batch, monkeypatch)
+    loss.backward()
+    ours = lora_grads(transformer)
+    transformer.zero_grad(set_to_none=True)
+
+    sigma_from, sigma_to = (s.float() for s in solver_sigmas(prepared, reference_grid(config.num_ddim_timesteps)))
+    reference_loss, target = reference_step(transformer, inputs, sigma_from, sigma_to, w)
+    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    theirs = lora_grads(transformer)
+    assert ours.keys() == theirs.keys() and ours
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
