@@ -286,12 +286,12 @@ class LcmDistiller(DistillationBase):
         arithmetic_dtype = torch.promote_types(latents.dtype, torch.float32)
         schedule = self._flow_schedule_for(latents, arithmetic_dtype)
         sigma_n_plus_k, sigma_n = schedule.sample_step(latents.shape[0])
+        # A guidance-distilled teacher takes its guidance as a model input; only a CFG teacher draws w_min..w_max.
+        guided_by_cfg = FLOW_FAMILIES[self.teacher_model.config.model_family] == "cfg"
         guidance_scale = sample_guidance_scale(
             latents.shape[0], w_min=self.lcm_config.w_min, w_max=self.lcm_config.w_max, device=latents.device
-        )
+        ) if guided_by_cfg else None
         x_t = flow_noise(latents.to(arithmetic_dtype), batch["noise"].to(arithmetic_dtype), sigma_n_plus_k)
-
-        guided_by_cfg = FLOW_FAMILIES[self.teacher_model.config.model_family] == "cfg"
 
         def teacher(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             with self._teacher(), self._forward_with(self.teacher_unet):
