@@ -289,7 +289,7 @@ def measure_scan(results: Results, n: int, run: Path, threads: int, repeats: int
             scan_dataset(dataset, settings.seed, threads, remember=True)
             best[phase] = min(best[phase], time.perf_counter() - start)
             files = len(dataset.images) + len(dataset.skipped) + len(dataset.excluded)
-            buckets = sorted({item.sample["bucket"] for item in dataset.images})
+            buckets = sorted({bucket for bucket, _ in dataset.images.table.batches(max(1, len(dataset.images)))})
             skipped = len(dataset.skipped)
             del dataset
     for phase, seconds in best.items():

@@ -32,12 +32,14 @@ from lcm_plugin._latent_cache import (
     CorruptShardError,
     DuplicateKeyError,
     ImageDecodeError,
+    ImageTable,
     Inventory,
     ImageTooLargeError,
     LatentCacheError,
     MissingKeyError,
     RemoteReadError,
     S3Bucket,
+    ServedImages,
     WriterLockedError,
     decode_batch,
     decode_batch_bytes,
@@ -62,6 +64,7 @@ __all__ = [
     "CorruptShardError",
     "DuplicateKeyError",
     "ImageDecodeError",
+    "ImageTable",
     "ImageTooLargeError",
     "Inventory",
     "LatentCacheError",
@@ -70,6 +73,7 @@ __all__ = [
     "MissingKeyError",
     "RemoteReadError",
     "S3Bucket",
+    "ServedImages",
     "ShardProblem",
     "WriterLockedError",
     "check_cache",
@@ -189,6 +193,11 @@ class LatentCacheReader:
 
     def __len__(self) -> int:
         return len(self._reader)
+
+    @property
+    def native(self) -> CacheReader:
+        """The Rust reader, for the Rust calls that read the store themselves (`ImageTable.serve`)."""
+        return self._reader
 
     def __contains__(self, key: str) -> bool:
         return key in self._reader

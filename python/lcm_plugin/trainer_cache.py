@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -58,7 +59,8 @@ class DatasetCache:
 
     id: str
     reader: object  # LatentCacheReader over <cache_dir_vae>/lcm
-    keys: dict[str, str]  # os.path.abspath(image) -> store key
+    # os.path.abspath(image) -> store key of the images read from `reader` (lcm_plugin.cache.ServedImages)
+    served: Mapping[str, str]
     # (metadata file, its stamp as written, its content) of the bucket metadata this process wrote, until SimpleTuner
     # loads it (`take_bucket_metadata`)
     written_metadata: tuple | None = None
@@ -70,8 +72,8 @@ class DatasetCache:
     parquet_captions: tuple | None = None
 
     def key_of(self, image_path: str) -> str | None:
-        key = self.keys.get(image_path)
-        return self.keys.get(os.path.abspath(image_path)) if key is None else key
+        key = self.served.get(image_path)
+        return self.served.get(os.path.abspath(image_path)) if key is None else key
 
 
 @dataclass
@@ -338,13 +340,12 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
     for dataset in datasets:
         # The build just checked every shard (rank 0, before encoding): no second CRC pass on first use.
         reader = LatentCacheReader(dataset.vae_cache_dir / LCM_DIR, verify=False)
-        keys = {  # item paths are absolute and normalised (plan.scan_dataset), as SimpleTuner's local backend lists
-            item.path: item.cache_key for item in dataset.images if item.path not in failed and item.cache_key in reader
-        }
+        # Paths are absolute and normalised (plan.scan_dataset), as SimpleTuner's local backend lists them.
+        served = dataset.images.table.serve(reader.native, dataset.images.positions_of(failed))
         parquet_captions = None
         if dataset.caption_strategy == "parquet":
             parquet_captions = (dataset.parquet, dataset.parquet_table.captions)
-        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, keys, written_metadata.get(dataset.id),
+        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, served, written_metadata.get(dataset.id),
                                                       (str(dataset.data_dir), listed, dataset.inventory) if listed else None,
                                                       parquet_captions)
         folder = os.path.abspath(dataset.text_cache_dir)
@@ -360,7 +361,7 @@ def cached_images(dataset_id: str):
     """Absolute paths of the images of a covered dataset held in the shards (a read-only view: `in`, `len`,
     iteration); None for a dataset not covered."""
     dataset = _coverage.datasets.get(dataset_id)
-    return None if dataset is None else dataset.keys.keys()
+    return None if dataset is None else dataset.served
 
 
 def take_bucket_metadata(dataset_id: str, metadata_file: str) -> dict | None:
@@ -428,7 +429,7 @@ def serves_every_image(dataset_id: str, buckets: dict | None) -> bool:
     dataset = _coverage.datasets.get(dataset_id)
     if dataset is None or not isinstance(buckets, dict):
         return False
-    served = dataset.keys
+    served = dataset.served
     return all(path in served or os.path.abspath(path) in served for paths in buckets.values() for path in paths)
 
 

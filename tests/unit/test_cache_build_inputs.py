@@ -161,5 +161,5 @@ def test_the_issue_10x1000_image_at_1024_is_left_out_by_minimum_aspect_ratio(tmp
     settings, entries = read_run(root)
     (dataset,) = datasets_of(settings, entries)
     scan_dataset(dataset, settings.seed)
-    assert dataset.images == [] and dataset.excluded == [(root / "data" / "thin.png",
+    assert len(dataset.images) == 0 and dataset.excluded == [(root / "data" / "thin.png",
                                                           "bucket below minimum_aspect_ratio 0.25")]

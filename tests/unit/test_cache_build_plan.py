@@ -12,7 +12,7 @@ import pytest
 
 from lcm_plugin.cache_build.layout import time_ids
 from lcm_plugin.cache import scan_inventory
-from lcm_plugin.cache_build.plan import BuildError, ImageItem, captions_of, datasets_of, read_run, vae_batches
+from lcm_plugin.cache_build.plan import BuildError, captions_of, datasets_of, read_run, vae_batches
 
 
 def write_config(root: Path, backends: list, **config) -> Path:
@@ -122,17 +122,17 @@ def test_textfile_captions_split_lines_like_simpletuner(tmp_path):
         captions_of(root / "data" / "b.png", dataset, None)
 
 
-def test_batches_hold_one_bucket_and_every_image_once():
-    def item(i: int, bucket: str) -> ImageItem:
-        return ImageItem(path=Path(f"{i}.png"), key=f"{i}.png", sample={"bucket": bucket})
+def test_batches_hold_one_bucket_and_every_image_once(tmp_path):
+    from planned_folder import planned_folder
 
-    class Dataset:
-        id = "d"
-        images = [item(i, "1.0" if i % 3 else "0.75") for i in range(11)]
-
-    batches = vae_batches([Dataset], batch_size=3)
-    assert all(len({it.sample["bucket"] for it in b.items}) == 1 and len(b.items) <= 3 for b in batches)
-    assert sorted(it.key for b in batches for it in b.items) == sorted(it.key for it in Dataset.images)
+    dataset = planned_folder(tmp_path, {f"{i}.png": (64, 64) if i % 3 else (128, 64) for i in range(11)})
+    batches = vae_batches([dataset], batch_size=3)
+    assert all(len({it.sample["bucket"] for it in b.items}) == 1 and len(b.items) == len(b) <= 3 for b in batches)
+    assert sorted(it.key for b in batches for it in b.items) == sorted(it.key for it in dataset.images)
+    # buckets in order of first appearance (scan order: 0.png, 1.png, 10.png, ...), images in scan order within each
+    wide, square = dataset.images[0].sample["bucket"], dataset.images[1].sample["bucket"]
+    assert wide != square and [b.bucket for b in batches] == [wide, wide, square, square, square]
+    assert [it.key for it in batches[0].items] == ["0.png", "3.png", "6.png"]
 
 
 def test_time_ids_are_sdxl_order():

@@ -5,43 +5,34 @@ from __future__ import annotations
 
 import json
 
-from lcm_plugin.cache_build.fingerprint import Fingerprints
-from lcm_plugin.cache_build.manifest import read_manifest_entries, write_manifest
 from lcm_plugin.cache_build.fingerprint import latent_recipe
 from lcm_plugin.cache_build.layout import LCM_DIR, MANIFEST, MANIFEST_VERSION, text_entry, time_ids
-from lcm_plugin.cache_build.plan import Dataset, ImageItem
+from lcm_plugin.cache_build.manifest import read_manifest_entries, write_manifest
+from planned_folder import PRINTS, planned_folder
 
 NAMES = ["a.png", 'say "cheese".png', "café/ü.png", "line\nbreak.png", "z.png"]
 
 
 def written(tmp_path):
-    dataset = Dataset(id="photos", data_dir=tmp_path / "data", vae_cache_dir=tmp_path / "vae",
-                      text_cache_dir=tmp_path / "text", bucket_config={"resolution": 64},
-                      caption_strategy="textfile", instance_prompt=None, prepend_instance_prompt=False,
-                      compress_vae=False, compress_text=False)
-    sample = {"bucket": "1.0", "original_size": (64, 64), "intermediary_size": (64, 64), "target_size": (64, 64),
-              "crop_coordinates": (0, 0), "aspect_ratio": 1.0}
-    for number, name in enumerate(NAMES):
-        dataset.images.append(ImageItem(path=str(dataset.data_dir / name), key=name, captions=(f"cap {number}",),
-                                        sample=sample, content=f"{number:032x}", cache_key=f"{name}@{number:016x}"))
-    prints = Fingerprints(latent={"vae": "v"}, latent_digest="f" * 16, text={"te": "t"}, text_digest="e" * 16,
-                          latent_shape=(4, 8, "bf16"), family="sdxl")
-    failed = {dataset.images[-1].path: "cannot decode"}
-    write_manifest(dataset, dataset.images[:-1], prints, failed)
-    return dataset, prints
+    dataset = planned_folder(tmp_path, dict.fromkeys(NAMES, (64, 64)),
+                             {name: f"cap {number}" for number, name in enumerate(NAMES)})
+    items = list(dataset.images)
+    failed = {items[-1].path: "cannot decode"}
+    write_manifest(dataset, items[:-1], PRINTS, failed)
+    return dataset, PRINTS
 
 
 def test_the_manifest_is_one_json_document_with_every_entry(tmp_path):
     dataset, prints = written(tmp_path)
     manifest = json.loads((dataset.vae_cache_dir / LCM_DIR / MANIFEST).read_text())
     assert manifest["format_version"] == MANIFEST_VERSION and manifest["dataset"] == "photos"
-    assert manifest["fingerprint"] == {"vae": "v"} and manifest["settings"]["bucket"] == {"resolution": 64}
+    assert manifest["fingerprint"] == {"vae": "v"} and manifest["settings"]["bucket"]["resolution"] == 64
     item = dataset.images[1]
     assert manifest["images"][1] == {
         "image": item.key, "key": item.cache_key, "recipe": latent_recipe("f" * 16, item.sample, item.content),
-        "bucket": "1.0", "time_ids": time_ids(item.sample), "captions": [text_entry("cap 1", "e" * 16)],
+        "bucket": "1.0", "time_ids": time_ids(item.sample), "captions": [text_entry(f"cap {NAMES.index(item.key)}", "e" * 16)],
     }
-    assert [entry["image"] for entry in manifest["images"]] == NAMES[:-1]
+    assert sorted(entry["image"] for entry in manifest["images"]) == sorted(NAMES[:-1])
     assert [(entry["image"], entry["reason"]) for entry in manifest["failed"]] == [("z.png", "cannot decode")]
 
 

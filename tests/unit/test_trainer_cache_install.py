@@ -210,24 +210,29 @@ def test_simpletuner_gets_the_bucket_metadata_the_build_wrote_as_it_would_parse_
 
     from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
 
-    from lcm_plugin.cache_build.plan import Dataset, ImageItem
-    from lcm_plugin.cache_build.simpletuner_format import write_bucket_metadata
+    from lcm_plugin.cache_build.simpletuner_format import bucket_files, write_bucket_metadata
+    from planned_folder import planned_folder
 
-    dataset = Dataset(id="photos", data_dir=tmp_path, vae_cache_dir=tmp_path / "vae", text_cache_dir=tmp_path / "text",
-                      bucket_config={}, caption_strategy="filename", instance_prompt=None,
-                      prepend_instance_prompt=False, compress_vae=False, compress_text=False)
-    sample = {"bucket": "1.5", "original_size": (96, 64), "crop_coordinates": (0, 8), "target_size": (96, 64),
-              "intermediary_size": (96, 64), "aspect_ratio": 1.5, "resize_size": (96, 64)}
-    other = {**sample, "bucket": "1.0", "original_size": (64, 64), "target_size": (64, 64), "aspect_ratio": 1.0}
-    names = ["0.png", 'a "quoted" name.png', "café ü.png", "sub/3.png"]
-    items = [ImageItem(path=str(tmp_path / name), key=name, sample=(sample, other)[i % 2])
-             for i, name in enumerate(names)]
-    written = write_bucket_metadata(dataset, items)
+    names = {"0.png": (96, 64), 'a "quoted" name.png': (64, 64), "café ü.png": (96, 64), "sub/3.png": (64, 64),
+             "tab\there.png": (64, 64), "z.png": (64, 64)}
+    dataset = planned_folder(tmp_path, names)
+    items = list(dataset.images)
+    failed = dataset.images.positions_of([str(tmp_path / "data" / "z.png")])
+    written = write_bucket_metadata(dataset, failed)
     metadata_file = written[0]
     assert written[2] == json.loads(metadata_file.read_text())
     assert metadata_file.read_text() == json.dumps(written[2])  # SimpleTuner's own encoding of the same dicts
-    assert len({id(image) for image in written[2].values()}) == len(names)  # each image's own dict
-    assert written[2][items[1].path]["original_size"] == [64, 64]
+    assert len({id(image) for image in written[2].values()}) == len(names) - 1  # each image's own dict
+    assert set(written[2]) == {item.path for item in items} - {str(tmp_path / "data" / "z.png")}
+    quoted = next(item for item in items if item.key.startswith("a "))
+    assert written[2][quoted.path]["original_size"] == [64, 64] and written[2][quoted.path]["aspect_ratio"] == 1.0
+    indices = json.loads(bucket_files(dataset)[0].read_text())
+    assert indices["config"] == {} and bucket_files(dataset)[0].read_text() == json.dumps(indices)
+    buckets = list(dict.fromkeys(item.sample["bucket"] for item in items))  # in order of first appearance
+    assert len(buckets) == 2 and indices["aspect_ratio_bucket_indices"] == {
+        bucket: [item.path for item in items if item.sample["bucket"] == bucket and item.key != "z.png"]
+        for bucket in buckets
+    }
 
     def backend() -> DiscoveryMetadataBackend:
         fake = object.__new__(DiscoveryMetadataBackend)

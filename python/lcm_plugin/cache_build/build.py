@@ -211,7 +211,7 @@ def build_planned(
     batches = vae_batches(datasets, settings.vae_batch_size)
     with Phase(group, "encoding") as encoding:
         if complete_before:
-            report.reused = sum(len(batch.items) for batch in batches[rank::world])
+            report.reused = sum(len(batch) for batch in batches[rank::world])
             report.failed += checks.shared[0][2] if rank == 0 else []
         else:
             encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, models)
@@ -222,16 +222,17 @@ def build_planned(
     with Phase(group, "the rank-0 writing of the manifests and bucket files"):
         if rank == 0:
             for dataset in datasets:
-                encoded = [item for item in dataset.images if str(item.path) not in failed]
                 if not complete_before:
                     fault_point("manifest")
-                    write_manifest(dataset, encoded, prints, failed)
+                    write_manifest(dataset, (item for item in dataset.images if item.path not in failed), prints,
+                                   failed)
                 if write_bucket_files:
                     from lcm_plugin.cache_build.simpletuner_format import (
                         write_bucket_metadata,
                     )
 
-                    report.bucket_metadata[dataset.id] = write_bucket_metadata(dataset, encoded)
+                    report.bucket_metadata[dataset.id] = write_bucket_metadata(
+                        dataset, dataset.images.positions_of(failed))
                 if not complete_before:
                     write_completion(dataset, summary[0], failed)
     return report

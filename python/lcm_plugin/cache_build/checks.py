@@ -60,11 +60,12 @@ def compare_with_caches(
         folder = dataset.vae_cache_dir / LCM_DIR
         reader = open_reader(folder)
         stored = set(reader.keys()) if reader else set()
-        missing = [item for item in dataset.images if item.cache_key not in stored]
+        images = list(dataset.images)
+        missing = [item for item in images if item.cache_key not in stored]
         manifest, previous = read_manifest_entries(folder, {item.key for item in missing}) if missing else (None, {})
         reasons: Counter = Counter()
         planned = set()
-        for item in dataset.images:
+        for item in images:
             planned.add(item.cache_key)
             if item.cache_key in stored:
                 check_entry(reader, folder, item, prints)
@@ -73,7 +74,7 @@ def compare_with_caches(
         for reason, count in sorted(reasons.items()):
             lines.append(f"cache build: {dataset.id}: {count} latent(s) to encode: {reason}")
         removed = _sweep_files(
-            stored, lambda: {latent_file(dataset, i.cache_key): i.cache_key for i in dataset.images},
+            stored, lambda: {latent_file(dataset, i.cache_key): i.cache_key for i in images},
             lambda key: latent_file(dataset, key), simpletuner_format, cleanup,
         )
         if removed:
@@ -174,7 +175,7 @@ def _remove_stale_bucket_files(dataset: Dataset) -> bool:
         return False
     if not isinstance(index, dict) or index.get("config") != {}:
         return False
-    _, planned = bucket_metadata(dataset.images)
+    planned = bucket_metadata(dataset)
     if all(path in planned and planned[path] == value for path, value in listed.items()):
         return False
     index_file.unlink(missing_ok=True)

@@ -43,11 +43,12 @@ def _decode(batch: Batch, threads: int | None):
     """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch."""
     from lcm_plugin.cache import decode_batch
 
+    items = batch.items
     return decode_batch(
-        [str(item.path) for item in batch.items],
-        [item.sample["resize_size"] for item in batch.items],
-        [item.sample["crop_coordinates"] for item in batch.items],
-        batch.items[0].sample["target_size"],
+        [str(item.path) for item in items],
+        [item.sample["resize_size"] for item in items],
+        [item.sample["crop_coordinates"] for item in items],
+        items[0].sample["target_size"],
         threads=threads,
     )
 
@@ -72,7 +73,8 @@ def encode_images(
     def todo(batch: Batch) -> tuple[list[ImageItem], list[ImageItem]]:
         """(items whose latent is missing, items whose latent is stored but time_ids or SimpleTuner file are not)."""
         writer, dataset = writers[batch.dataset], by_id[batch.dataset]
-        missing = [item for item in batch.items if item.cache_key not in writer]
+        items = batch.items
+        missing = [item for item in items if item.cache_key not in writer]
 
         def lacks_file(item: ImageItem) -> bool:
             if not options.simpletuner_format:
@@ -80,19 +82,19 @@ def encode_images(
             return not pt_done(writer, item.cache_key, latent_file(dataset, item.cache_key))
 
         incomplete = [
-            item for item in batch.items
+            item for item in items
             if item.cache_key in writer and (item.cache_key + TIME_IDS not in writer or lacks_file(item))
         ]
         return missing, incomplete
 
     work = [(batch, *todo(batch)) for batch in batches]
     work = [(batch, missing, incomplete) for batch, missing, incomplete in work if missing or incomplete]
-    report.reused += sum(len(b.items) for b in batches) - sum(len(missing) for _, missing, _ in work)
+    report.reused += sum(len(b) for b in batches) - sum(len(missing) for _, missing, _ in work)
     vae = models.vae() if any(missing for _, missing, _ in work) else None
     # Why each batch with something to encode cannot be (None: it can), decided before anything is decoded.
-    problems = [vae_memory_problem(vae, batch.items[0].sample["target_size"]) if missing else None
+    problems = [vae_memory_problem(vae, missing[0].sample["target_size"]) if missing else None
                 for batch, missing, _ in work]
-    bar = tqdm(total=sum(len(b.items) for b, _, _ in work), unit="img", desc=f"latents (rank {rank})",
+    bar = tqdm(total=sum(len(b) for b, _, _ in work), unit="img", desc=f"latents (rank {rank})",
                disable=rank != 0 or not work)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder:
@@ -119,7 +121,7 @@ def encode_images(
                 report.failed += [(str(item.path), problems[index]) for item in missing]
             elif missing:
                 _encode_decoded(decoding.pop(index).result(), batch, dataset, writer, vae, settings, options, report)
-            bar.update(len(batch.items))
+            bar.update(len(batch))
     bar.close()
     for writer in writers.values():
         fault_point("commit")
@@ -136,16 +138,17 @@ def _encode_decoded(decoded, batch: Batch, dataset: Dataset, writer, vae, settin
     from lcm_plugin.cache_build.encode import encode_latents
 
     pixels, ok, errors = decoded
-    report.failed += [(str(batch.items[i].path), message) for i, message in errors]
+    batch_items = batch.items
+    report.failed += [(str(batch_items[i].path), message) for i, message in errors]
     if not ok:
         return
-    items = [batch.items[i] for i in ok]
+    items = [batch_items[i] for i in ok]
     try:
         latents = encode_latents(vae, pixels, [item.key for item in items], settings.seed)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not isinstance(error, torch.OutOfMemoryError) and "allocate" not in str(error):
             raise
-        w, h = batch.items[0].sample["target_size"]
+        w, h = batch_items[0].sample["target_size"]
         report.failed += [
             (str(item.path), f"the VAE ran out of memory on its {w}x{h} target (batch of {len(items)}); "
              "leave such images out with minimum_aspect_ratio / maximum_aspect_ratio or "

@@ -211,20 +211,6 @@ def latent_recipe(fingerprint_digest: str, sample: dict, content: str) -> dict:
     }
 
 
-def recipe_digest(fingerprint_digest: str, sample: dict, content: str) -> str:
-    """`digest(latent_recipe(fingerprint_digest, sample, content))`, from the same canonical JSON written out
-    directly: the build names every image of a dataset with it at every start, and the recipe dict plus `json.dumps`
-    with sorted keys cost ~10 us and ~700 bytes per image."""
-    (ow, oh), (iw, ih), (top, left), (tw, th) = (
-        sample["original_size"], sample["intermediary_size"], sample["crop_coordinates"], sample["target_size"]
-    )
-    canonical = (
-        f'{{"content":"{content}","crop_coordinates":[{top},{left}],"fingerprint":"{fingerprint_digest}",'
-        f'"intermediary_size":[{iw},{ih}],"original_size":[{ow},{oh}],"target_size":[{tw},{th}]}}'
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 # Recipe and fingerprint fields, as a rebuild names them when they changed.
 _WHY = {
     "recipe_version": "the cache recipe version changed (a newer simpletuner-lcm encodes differently)",
@@ -299,12 +285,10 @@ def fingerprints(settings: RunSettings) -> Fingerprints:
 
 
 def name_entries(datasets: list[Dataset], prints: Fingerprints) -> None:
-    """Give every image its store key."""
-    from lcm_plugin.cache_build.fingerprint import recipe_digest
-
+    """Give every image its store key, `<key>@<first 16 hex digits of digest(latent_recipe(...))>` (named in Rust,
+    from the same canonical JSON: plan.rs `recipe_digest`)."""
     for dataset in datasets:
-        for item in dataset.images:
-            item.cache_key = f"{item.key}@{recipe_digest(prints.latent_digest, item.sample, item.content)}"
+        dataset.images.table.name(prints.latent_digest)
 
 
 def recipe_of(item: ImageItem, prints: Fingerprints) -> dict:

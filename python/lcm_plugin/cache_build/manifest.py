@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def write_completion(dataset: Dataset, plan: str, failed: dict[str, str]) -> Non
     fingerprints) is complete in the stores: the next start with the same plan skips the checks and encoding."""
     from lcm_plugin.cache_build.simpletuner_format import write_atomic
 
-    mine = [(str(item.path), failed[str(item.path)]) for item in dataset.images if str(item.path) in failed]
+    mine = [(item.path, failed[item.path]) for item in dataset.images.at(dataset.images.positions_of(failed))]
     record = {"format_version": MANIFEST_VERSION, "plan": plan, "failed": mine}
     write_atomic(_completion_path(dataset), json.dumps(record).encode())
 
@@ -82,7 +83,7 @@ def read_manifest_entries(folder: Path, images: set[str]) -> tuple[dict | None, 
     return head, entries
 
 
-def write_manifest(dataset: Dataset, items: list[ImageItem], prints: Fingerprints, failed: dict[str, str]) -> None:
+def write_manifest(dataset: Dataset, items: Iterable[ImageItem], prints: Fingerprints, failed: dict[str, str]) -> None:
     """<cache_dir_vae>/lcm/manifest.json: the fingerprints, the settings, per image its latent key (with the
     recipe that names it), bucket, time_ids and caption keys, and the planned images that could not be encoded
     (`failed`: path -> reason). A reader takes keys from here after checking them against its own config
@@ -122,8 +123,7 @@ def write_manifest(dataset: Dataset, items: list[ImageItem], prints: Fingerprint
     )
     failures = (
         {"image": item.key, "key": item.cache_key, "recipe": recipe_of(item, prints), "reason": failed[item.path]}
-        for item in dataset.images
-        if item.path in failed
+        for item in dataset.images.at(dataset.images.positions_of(failed))
     )
 
     def listed(entries):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import math
 import os
 import re
@@ -108,7 +109,7 @@ class Dataset:
     # SimpleTuner's bucket filters (MetadataBackend._enforce_min/max_aspect_ratio); None = off.
     minimum_aspect_ratio: float | None = None
     maximum_aspect_ratio: float | None = None
-    images: list[ImageItem] = field(default_factory=list)
+    images: Images | None = None  # set by scan_dataset
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable
     excluded: list[tuple[Path, str]] = field(default_factory=list)  # (file, which filter), as SimpleTuner filters
     inventory: object = None  # the folder's scan (lcm_plugin.cache.Inventory), set by scan_dataset
@@ -123,7 +124,15 @@ class Batch:
 
     dataset: str
     bucket: str
-    items: tuple[ImageItem, ...]
+    positions: object  # numpy array of positions in `images`
+    images: Images
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def items(self) -> list[ImageItem]:
+        return self.images.at(self.positions)
 
 
 def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[RunSettings, list[dict]]:
@@ -365,6 +374,16 @@ def _parquet_captions(path: str | Path, dataset: Dataset) -> tuple[str, ...]:
     return captions
 
 
+def caption_rule(dataset: Dataset) -> str:
+    """What turns an image's caption file (or name) into its captions, besides the file itself: the strategy, the
+    instance prompt and, for parquet captions, a digest of the table's captions."""
+    rule = [dataset.caption_strategy, dataset.instance_prompt or "", str(dataset.prepend_instance_prompt)]
+    if dataset.caption_strategy == "parquet":
+        cells = json.dumps(dataset.parquet_table.captions, sort_keys=True, default=str)
+        rule.append(hashlib.sha256(cells.encode()).hexdigest())
+    return repr(rule)
+
+
 def caption_file(path: str | Path) -> str:
     """SimpleTuner's PromptHandler's name for the caption file of image `path`."""
     return os.path.splitext(path)[0] + ".txt"
@@ -424,78 +443,104 @@ def _collector_paused():
 
 
 def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
-    """`scan_dataset`'s images, skipped and excluded lists from the folder's `inventory`."""
-    from lcm_plugin.cache import Bucketer
+    """`scan_dataset`'s images, skipped and excluded lists from the folder's `inventory`: the plan itself is made in
+    Rust (`ImageTable`); Python sees the rows left out, which are few."""
+    from lcm_plugin.cache import Bucketer, ImageTable
 
-    keys, sizes, contents, texts = inventory.keys, inventory.sizes, inventory.contents, inventory.captions
-    dataset.skipped += [(dataset.data_dir / keys[i], message) for i, message in inventory.errors]
-    unreadable_captions = dict(inventory.caption_errors)
-    readable = [i for i, size in enumerate(sizes) if size is not None]
+    dataset.skipped += [(dataset.data_dir / inventory.key(i), message) for i, message in inventory.errors]
     # The folder is absolute and normalised, the keys are names read from it: a join needs no normalising.
     folder = os.path.join(str(dataset.data_dir), "")
-    if dataset.parquet is None:
-        bucketed = [sizes[i] for i in readable]
-    else:
-        readable, bucketed = _parquet_sizes(dataset, folder, keys, readable)
-    samples = Bucketer(dataset.bucket_config, seed=seed).assign(bucketed)
-    filtered = dataset.minimum_aspect_ratio is not None or dataset.maximum_aspect_ratio is not None
-    for i, sample in zip(readable, samples):
-        path = folder + keys[i]
-        if sample is None:
-            dataset.excluded.append((Path(path), "below minimum_image_size"))
-            continue
-        excluded = filtered and aspect_filter(dataset, sample["bucket"])
-        if excluded:
-            dataset.excluded.append((Path(path), excluded))
-            continue
-        if i in unreadable_captions:
-            why = f"caption file {caption_file(path)} unreadable ({unreadable_captions[i]})"
-            dataset.skipped.append((Path(path), why))
-            continue
-        try:
-            captions = captions_of(path, dataset, texts[i])
-        except BuildError as error:
-            dataset.skipped.append((Path(path), str(error)))
-            continue
-        dataset.images.append(ImageItem(path=path, key=keys[i], captions=captions, sample=sample, content=contents[i]))
-
-
-def _parquet_sizes(dataset: Dataset, folder: str, keys, readable: list[int]) -> tuple[list[int], list[tuple]]:
-    """The images of `readable` that the parquet sizes, and their sizes: ParquetMetadataBackend buckets by the table,
-    and leaves out an image it has no row for."""
-    table, source = dataset.parquet_table, dataset.parquet
-    sized, sizes = [], []
-    for i in readable:
-        size = table.sizes.get(size_id(folder + keys[i], source))
-        if size is None:
-            dataset.excluded.append((Path(folder + keys[i]), f"no row in {source.path.name} (metadata_missing)"))
+    sizes, refused = None, {}
+    if dataset.parquet is not None:
+        sizes, refused = _parquet_rows(dataset, folder, inventory.keys)
+    table = ImageTable(inventory, folder, Bucketer(dataset.bucket_config, seed=seed), sizes=sizes,
+                       caption_file_required=dataset.caption_strategy == "textfile", refused=list(refused),
+                       minimum_aspect_ratio=dataset.minimum_aspect_ratio,
+                       maximum_aspect_ratio=dataset.maximum_aspect_ratio)
+    unreadable_captions = dict(inventory.caption_errors)
+    for row, why in table.left_out:
+        path = folder + inventory.key(row)
+        if why in _EXCLUDED:
+            dataset.excluded.append((Path(path), _EXCLUDED[why](dataset)))
+        elif why == "caption_unreadable":
+            dataset.skipped.append((Path(path), f"caption file {caption_file(path)} unreadable "
+                                                f"({unreadable_captions[row]})"))
+        elif why == "caption_missing":
+            dataset.skipped.append((Path(path), f"caption file {caption_file(path)} missing (caption_strategy "
+                                                "textfile)"))
         else:
-            sized.append(i)
-            sizes.append(size)
-    return sized, sizes
+            dataset.skipped.append((Path(path), refused[row]))
+    dataset.images = Images(table, dataset)
 
 
-def aspect_filter(dataset: Dataset, bucket: str) -> str | None:
-    """Which aspect-ratio filter drops `bucket`, if any: SimpleTuner removes whole buckets whose key (W/H,
-    rounded) is below minimum_aspect_ratio or above maximum_aspect_ratio."""
-    if dataset.minimum_aspect_ratio is not None and float(bucket) < dataset.minimum_aspect_ratio:
-        return f"bucket below minimum_aspect_ratio {dataset.minimum_aspect_ratio:g}"
-    if dataset.maximum_aspect_ratio is not None and float(bucket) > dataset.maximum_aspect_ratio:
-        return f"bucket above maximum_aspect_ratio {dataset.maximum_aspect_ratio:g}"
-    return None
+# Why `ImageTable` leaves out an image, as SimpleTuner's filters would name it.
+_EXCLUDED = {
+    "no_size": lambda dataset: f"no row in {dataset.parquet.path.name} (metadata_missing)",
+    "too_small": lambda dataset: "below minimum_image_size",
+    "aspect_below_minimum": lambda dataset: f"bucket below minimum_aspect_ratio {dataset.minimum_aspect_ratio:g}",
+    "aspect_above_maximum": lambda dataset: f"bucket above maximum_aspect_ratio {dataset.maximum_aspect_ratio:g}",
+}
+
+
+def _parquet_rows(dataset: Dataset, folder: str, keys: list[str]) -> tuple[list, dict[int, str]]:
+    """Per inventory row, the size the parquet table gives it (ParquetMetadataBackend buckets by the table; None
+    where it has no row), and the rows whose captions it cannot give (caption_strategy parquet), with why."""
+    table, source = dataset.parquet_table, dataset.parquet
+    sizes = [table.sizes.get(size_id(folder + key, source)) for key in keys]
+    refused = {}
+    if dataset.caption_strategy == "parquet":
+        for row, key in enumerate(keys):
+            if sizes[row] is not None:
+                try:
+                    _parquet_captions(folder + key, dataset)
+                except BuildError as error:
+                    refused[row] = str(error)
+    return sizes, refused
+
+
+class Images:
+    """A dataset's planned images. The columns stay in Rust (`lcm_plugin.cache.ImageTable`: one row per image, in
+    scan order); `ImageItem`s are made only for the rows a caller iterates or picks (what is encoded, checked or
+    listed in a manifest), never for a whole dataset at a warm start."""
+
+    _CHUNK = 4096
+
+    def __init__(self, table, dataset: Dataset):
+        self.table = table
+        self._dataset = dataset
+        self._samples: dict[int, dict] = {}  # equal bucketer answers share one dict, as the bucketer gives them
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self):
+        for start in range(0, len(self.table), self._CHUNK):
+            yield from self.at(range(start, min(start + self._CHUNK, len(self.table))))
+
+    def __getitem__(self, index):
+        positions = range(len(self.table))[index]
+        return self.at(positions) if isinstance(positions, range) else self.at([positions])[0]
+
+    def at(self, positions) -> list[ImageItem]:
+        """The images at `positions` (indices in scan order)."""
+        items = []
+        for path, key, text, content, cache_key, sample in self.table.rows(positions):
+            shared = self._samples.get(sample)
+            if shared is None:
+                shared = self._samples[sample] = self.table.sample(sample)
+            items.append(ImageItem(path=path, key=key, captions=captions_of(path, self._dataset, text),
+                                   sample=shared, content=content, cache_key=cache_key))
+        return items
+
+    def positions_of(self, paths) -> list[int]:
+        """The positions of those of `paths` (absolute, as the plan names images) that are planned, ascending."""
+        return sorted(p for p in self.table.positions_of(list(paths)) if p is not None)
 
 
 def vae_batches(datasets: list[Dataset], batch_size: int) -> list[Batch]:
     """Each dataset's images grouped by bucket (in scan order) and cut into batches of `batch_size`."""
-    batches = []
-    for dataset in datasets:
-        by_bucket: dict[str, list[ImageItem]] = {}
-        for item in dataset.images:
-            by_bucket.setdefault(item.sample["bucket"], []).append(item)
-        for bucket, items in by_bucket.items():
-            for start in range(0, len(items), batch_size):
-                batches.append(Batch(dataset.id, bucket, tuple(items[start : start + batch_size])))
-    return batches
+    return [Batch(dataset.id, bucket, positions, dataset.images)
+            for dataset in datasets for bucket, positions in dataset.images.table.batches(batch_size)]
 
 
 def unique_captions(datasets: list[Dataset]) -> dict[Path, list[str]]:

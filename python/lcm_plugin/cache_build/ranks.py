@@ -86,11 +86,13 @@ class Phase:
 
 def plan_summary(datasets, prints) -> tuple[str, int]:
     """(digest, image count) of a plan. Ranks split the batches by position (rank r takes batches r, r + N, ...), so
-    their shares add up to the whole only when every rank planned the same images, keys and captions."""
+    their shares add up to the whole only when every rank planned the same images, keys and captions: each
+    dataset's table digest (its store keys and caption files) and the caption rule that reads them."""
+    from lcm_plugin.cache_build.plan import caption_rule
+
     digest = hashlib.sha256(f"{prints.latent_digest} {prints.text_digest}".encode())
     for dataset in datasets:
-        entries = (f"{item.cache_key}\0{item.captions!r}" for item in dataset.images)
-        digest.update("\0".join(["", dataset.id, *entries]).encode())
+        digest.update("\0".join(["", dataset.id, caption_rule(dataset), dataset.images.table.digest()]).encode())
     return digest.hexdigest(), sum(len(dataset.images) for dataset in datasets)
 
 

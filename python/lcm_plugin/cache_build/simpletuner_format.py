@@ -19,14 +19,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from lcm_plugin.cache_build.layout import text_key
-from lcm_plugin.cache_build.plan import Dataset, ImageItem
+from lcm_plugin.cache_build.plan import Dataset
 
 
 def vae_cache_path(dataset: Dataset, image: Path) -> Path:
@@ -74,48 +73,22 @@ def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
     )
 
 
-def bucket_metadata(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """SimpleTuner's discovery results for `items`: (bucket -> image paths, image path -> metadata)."""
-    indices, metadata, _ = _discovery(items)
-    return indices, metadata
+def bucket_metadata(dataset: Dataset) -> dict[str, dict]:
+    """SimpleTuner's discovery metadata of every planned image of `dataset`: image path -> metadata."""
+    return dataset.images.table.bucket_files([])[2]
 
 
-def _discovery(items: list[ImageItem]) -> tuple[dict[str, list[str]], dict[str, dict], str]:
-    """`bucket_metadata` and the JSON text of its metadata (what `json.dumps` gives), in one pass. Images with one
-    bucketer answer get copies of one dict (their own dict, SimpleTuner may add keys; the size lists are shared: it
-    reads them, never changes them), encoded once."""
-    indices: dict[str, list[str]] = {}
-    metadata = {}
-    parts = []
-    templates: dict[int, tuple[dict, str]] = {}  # id(sample) -> its metadata and JSON; the items keep samples alive
-    for item in items:
-        sample = item.sample
-        template = templates.get(id(sample))
-        if template is None:
-            image = {
-                "original_size": list(sample["original_size"]),
-                "crop_coordinates": list(sample["crop_coordinates"]),
-                "target_size": list(sample["target_size"]),
-                "intermediary_size": list(sample["intermediary_size"]),
-                "aspect_ratio": sample["aspect_ratio"],
-            }
-            template = templates[id(sample)] = (image, json.dumps(image))
-        indices.setdefault(sample["bucket"], []).append(item.path)
-        metadata[item.path] = template[0].copy()
-        parts.append(f"{json.dumps(item.path)}: {template[1]}")
-    return indices, metadata, "{" + ", ".join(parts) + "}"
-
-
-def write_bucket_metadata(dataset: Dataset, items: list[ImageItem]) -> tuple[Path, tuple[int, int, int], dict]:
-    """SimpleTuner's bucket files for `items` (the images that were encoded). Returns the metadata file, its stamp
-    (size, mtime_ns, inode) as written and what it holds, as `json.loads` would give it back."""
+def write_bucket_metadata(dataset: Dataset, failed: list[int]) -> tuple[Path, tuple[int, int, int], dict]:
+    """SimpleTuner's bucket files for the planned images of `dataset` but the `failed` positions (made in Rust,
+    as `json.dumps` writes them). Returns the metadata file, its stamp (size, mtime_ns, inode) as written and what
+    it holds, as `json.loads` would give it back."""
     from lcm_plugin.cache_build.faults import fault_point
 
-    indices, metadata, metadata_text = _discovery(items)
+    indices, metadata_text, metadata = dataset.images.table.bucket_files(failed)
     index_file, metadata_file = bucket_files(dataset)
-    write_atomic(index_file, json.dumps({"config": {}, "aspect_ratio_bucket_indices": indices}).encode())
+    write_atomic(index_file, indices)
     fault_point("buckets")
-    write_atomic(metadata_file, metadata_text.encode())
+    write_atomic(metadata_file, metadata_text)
     return metadata_file, file_stamp(metadata_file), metadata
 
 

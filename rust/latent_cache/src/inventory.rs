@@ -526,7 +526,7 @@ fn list(data_dir: &Path, options: &Options) -> Result<Listing> {
 
 /// Keys in the order their '/'-separated components sort: bytewise, with '/' below every byte a name can hold (the
 /// same order as comparing the split components, without splitting).
-fn by_components(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn by_components(a: &str, b: &str) -> std::cmp::Ordering {
     let lowest_slash = |byte: u8| if byte == b'/' { 0 } else { byte };
     a.bytes().map(lowest_slash).cmp(b.bytes().map(lowest_slash))
 }

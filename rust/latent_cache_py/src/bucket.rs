@@ -104,7 +104,7 @@ fn config_from_dict(d: &Bound<'_, PyDict>) -> PyResult<BucketConfig> {
     Ok(c)
 }
 
-fn sample_dict<'py>(py: Python<'py>, s: &Sample) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn sample_dict<'py>(py: Python<'py>, s: &Sample) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("bucket", &s.bucket)?;
     d.set_item("aspect_ratio", s.aspect_ratio)?;
@@ -119,7 +119,7 @@ fn sample_dict<'py>(py: Python<'py>, s: &Sample) -> PyResult<Bound<'py, PyDict>>
 /// SimpleTuner-identical bucketer for one dataset; feed images in discovery order.
 #[pyclass(name = "Bucketer", module = "lcm_plugin._latent_cache")]
 pub struct PyBucketer {
-    inner: Bucketer,
+    pub(crate) inner: Bucketer,
 }
 
 #[pymethods]

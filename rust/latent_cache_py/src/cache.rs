@@ -58,7 +58,7 @@ impl PyCacheWriter {
 /// Owner of the mapped shards; numpy arrays returned by `shard_array` keep it alive as their base.
 #[pyclass(name = "CacheReader", module = "lcm_plugin._latent_cache", frozen)]
 pub struct PyCacheReader {
-    inner: Arc<CacheReader>,
+    pub(crate) inner: Arc<CacheReader>,
 }
 
 /// One key's private copy-on-write mapping, the base object of the writable array `private_array` returns.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// The images of one data folder (sorted keys), with what the scan or its memo knows of each.
 #[pyclass(name = "Inventory", module = "lcm_plugin._latent_cache", frozen)]
 pub struct PyInventory {
-    pub(crate) inner: inventory::Inventory,
+    pub(crate) inner: std::sync::Arc<inventory::Inventory>,
 }
 
 #[pymethods]
@@ -20,6 +20,12 @@ impl PyInventory {
     #[getter]
     fn keys(&self) -> Vec<&str> {
         self.inner.items.iter().map(|i| i.key.as_str()).collect()
+    }
+
+    /// The key of image `index`.
+    fn key(&self, index: usize) -> PyResult<&str> {
+        let item = self.inner.items.get(index).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no image {index}")))?;
+        Ok(item.key.as_str())
     }
 
     /// Oriented (W, H) per image, None where the header could not be read (see `errors`).
@@ -135,5 +141,5 @@ pub fn scan_inventory_py(
     let inner = py.allow_threads(|| {
         guarded(|| latent_cache::with_threads(threads, || inventory::scan(&data_dir, &options, memo.as_deref()))?)
     })?;
-    Ok(PyInventory { inner })
+    Ok(PyInventory { inner: inner.into() })
 }

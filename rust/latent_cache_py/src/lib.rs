@@ -6,6 +6,7 @@ mod cache;
 mod decode;
 mod errors;
 mod inventory;
+mod plan;
 mod remote;
 mod scan;
 
@@ -19,6 +20,8 @@ mod _latent_cache {
     use crate::inventory::{scan_inventory_py, PyInventory};
     #[pymodule_export]
     use crate::bucket::PyBucketer;
+    #[pymodule_export]
+    use crate::plan::{PyImageTable, PyServedImages};
     #[pymodule_export]
     use crate::remote::PyS3Bucket;
     #[pymodule_export]

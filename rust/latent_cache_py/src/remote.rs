@@ -95,6 +95,6 @@ impl PyS3Bucket {
         let inner = py.allow_threads(|| {
             guarded(|| inventory::scan_bucket(&self.inner, prefix, &options, memo.as_deref(), concurrency))
         })?;
-        Ok(PyInventory { inner })
+        Ok(PyInventory { inner: inner.into() })
     }
 }
