@@ -89,17 +89,3 @@ def test_file_digests_are_reused_only_while_the_stamps_hold(tmp_path):
     stamp = weights.stat()
     fresh.known[str(weights)][:4] = [stamp.st_size, stamp.st_mtime_ns, stamp.st_ctime_ns, stamp.st_ino]
     assert fresh.of(weights) == hashlib.sha256(b"c" * 1000).hexdigest()
-
-
-def test_the_recipe_digest_is_the_digest_of_the_recipe():
-    import random
-
-    from lcm_plugin.cache_build.fingerprint import digest, latent_recipe, recipe_digest
-
-    rng = random.Random(0)
-    for _ in range(200):
-        size = lambda: (rng.randint(1, 20000), rng.randint(1, 20000))  # noqa: E731
-        sample = {"original_size": size(), "intermediary_size": size(), "crop_coordinates": size(),
-                  "target_size": size()}
-        fingerprint, content = f"{rng.getrandbits(64):016x}", f"{rng.getrandbits(128):032x}"
-        assert recipe_digest(fingerprint, sample, content) == digest(latent_recipe(fingerprint, sample, content))

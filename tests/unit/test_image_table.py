@@ -34,6 +34,19 @@ def test_store_keys_are_the_digest_of_pythons_latent_recipe(tmp_path):
         assert item.captions == (os.path.splitext(os.path.basename(item.key))[0].replace("_", " ").strip(),)
 
 
+def test_store_keys_of_random_sizes_and_random_crops_are_pythons_digests(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    sizes = {f"{n}.png": (rng.randint(16, 400), rng.randint(16, 400)) for n in range(60)}
+    dataset = planned_folder(tmp_path, sizes, crop=True, crop_style="random", crop_aspect="random",
+                             crop_aspect_buckets=[0.5, 1.0, 1.5])
+    items = list(dataset.images)
+    assert len(items) == len(sizes) and len({tuple(item.sample["crop_coordinates"]) for item in items}) > 10
+    for item in items:
+        assert item.cache_key == f"{item.key}@{digest(latent_recipe(PRINTS.latent_digest, item.sample, item.content))}"
+
+
 def test_the_served_mapping_finds_every_image_by_path_in_component_order(tmp_path):
     dataset = planned_folder(tmp_path, NAMES)
     items = list(dataset.images)

@@ -90,7 +90,7 @@ def test_a_listing_asked_for_other_extensions_is_not_the_scans(simpletuner, tmp_
     trainer_cache.reset()
     try:
         trainer_cache.coverage().datasets["listing"] = trainer_cache.DatasetCache(
-            "listing", reader=None, keys={}, listed=(str(data), listed_as(extensions), inventory))
+            "listing", reader=None, served={}, listed=(str(data), listed_as(extensions), inventory))
         assert trainer_cache.take_listing("listing", str(data), ["pt"]) is None
         assert trainer_cache.take_listing("listing", str(data / "sub"), extensions) is None
         assert trainer_cache.take_listing("other", str(data), extensions) is None

@@ -6,7 +6,7 @@ use crate::cache::PyCacheReader;
 use crate::errors::guarded;
 use crate::inventory::PyInventory;
 use latent_cache::inventory::{Caption, Inventory};
-use latent_cache::plan::{self, hex, LeftOut, Plan, Rules};
+use latent_cache::plan::{self, hex, KeyIndex, LeftOut, Plan, Rules};
 use numpy::{PyArray1, IntoPyArray};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -183,7 +183,8 @@ impl PyImageTable {
             served[self.position(p)?] = false;
         }
         let count = served.iter().filter(|&&s| s).count();
-        Ok(PyServedImages { inventory: self.inventory.clone(), plan: self.plan.clone(), recipes, folder: self.folder.clone(), served, count })
+        let index = py.allow_threads(|| KeyIndex::new(&self.plan, &self.inventory));
+        Ok(PyServedImages { inventory: self.inventory.clone(), plan: self.plan.clone(), recipes, folder: self.folder.clone(), served, count, index })
     }
 }
 
@@ -197,12 +198,13 @@ pub struct PyServedImages {
     folder: String,
     served: Vec<bool>,
     count: usize,
+    index: KeyIndex,
 }
 
 impl PyServedImages {
     fn served_position(&self, path: &Bound<'_, PyAny>) -> Option<usize> {
         let path = path.downcast::<PyString>().ok()?.to_str().ok()?;
-        let p = self.plan.position_of(&self.inventory, path.strip_prefix(&self.folder)?)?;
+        let p = self.index.position_of(&self.plan, &self.inventory, path.strip_prefix(&self.folder)?)?;
         self.served[p].then_some(p)
     }
 }
