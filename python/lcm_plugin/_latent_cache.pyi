@@ -1,7 +1,7 @@
 """Typed surface of the Rust extension `lcm_plugin._latent_cache` (see docs/data-path.md)."""
 
-from os import PathLike
 from collections.abc import Iterator, Sequence
+from os import PathLike
 from typing import Any
 
 import numpy as np

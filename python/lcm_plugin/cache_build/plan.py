@@ -1,8 +1,10 @@
 """What a cache build does, decided before any model loads: the datasets of a run, their images, captions,
 buckets, and the fixed list of VAE batches every process agrees on.
 
-Pure Python plus the Rust header scan and bucketer; no torch. The plan is a function of the files on disk and
-the two config files only, so every rank (and every rerun after a kill) derives the same batches.
+No torch. The config is read here; the per-image plan (which images, their buckets, their store keys, the VAE
+batches) is columns in Rust (`ImageTable`, made from the folder's scan), and Python makes an `ImageItem` only for
+the images a caller works on. The plan is a function of the files on disk and the two config files only, so every
+rank (and every rerun after a kill) derives the same batches.
 """
 
 from __future__ import annotations

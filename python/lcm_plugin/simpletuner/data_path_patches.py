@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import time
+from itertools import filterfalse
 
 from lcm_plugin.simpletuner.run_config import is_lcm_run, running_config_path
 from lcm_plugin.simpletuner.surfaces import import_surface, require
@@ -134,9 +135,7 @@ def _discover_unserved(original):
         served = trainer_cache.cached_images(self.id)
         if served is None:
             return unprocessed
-        self.local_unprocessed_files = [
-            path for path in unprocessed if path not in served and os.path.abspath(path) not in served
-        ]
+        self.local_unprocessed_files = trainer_cache.unserved(served, unprocessed)
         return self.local_unprocessed_files
 
     return discover_unprocessed_files
@@ -256,7 +255,7 @@ def _file_names_of_unserved(original):
 
         served = trainer_cache.cached_images(self.id)
         if served is not None:  # SimpleTuner's local backend lists absolute, normalised paths, as the keys are
-            all_image_files = [path for path in all_image_files if path not in served]
+            all_image_files = list(filterfalse(served.__contains__, all_image_files))
         return original(self, all_image_files)
 
     return build_vae_cache_filename_map
