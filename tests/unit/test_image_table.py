@@ -12,6 +12,7 @@ import pytest
 
 from lcm_plugin.cache import LatentCacheReader, LatentCacheWriter
 from lcm_plugin.cache_build.fingerprint import digest, latent_recipe
+from lcm_plugin.cache_build.layout import TIME_IDS
 from lcm_plugin.cache_build.plan import scan_dataset
 from lcm_plugin.cache_build.ranks import plan_summary
 from planned_folder import PRINTS, planned_folder
@@ -61,6 +62,9 @@ def test_the_served_mapping_finds_every_image_by_path_in_component_order(tmp_pat
     for item in items:
         assert (item.path in served) == (item.path in expected)
         assert served.get(item.path) == expected.get(item.path)
+    held = dataset.images.table.held(LatentCacheReader(tmp_path / "store").native, "")
+    assert held.tolist() == [item.cache_key in {i.cache_key for i in items[1:]} for item in items]
+    assert not dataset.images.table.held(LatentCacheReader(tmp_path / "store").native, TIME_IDS).any()
     for stranger in [str(tmp_path / "data" / "a"), str(tmp_path / "data"), "relative/a/2.png", 7, None,
                      str(tmp_path / "data" / "a/2.png") + "x"]:
         assert stranger not in served and served.get(stranger) is None

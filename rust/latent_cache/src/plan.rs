@@ -161,9 +161,10 @@ impl Plan {
         format!("{}@{}", inventory.items[self.rows[position] as usize].key, hex(&recipes[position]))
     }
 
-    /// Whether `store` holds the latent of each planned image (on rayon).
-    pub fn held_by(&self, inventory: &Inventory, recipes: &[[u8; 8]], store: &CacheReader) -> Vec<bool> {
-        (0..self.len()).into_par_iter().map(|p| store.contains(&self.store_key(inventory, recipes, p))).collect()
+    /// Whether `store` holds the entry `<store key><suffix>` of each planned image (on rayon): its latent for an
+    /// empty suffix.
+    pub fn held_by(&self, inventory: &Inventory, recipes: &[[u8; 8]], store: &CacheReader, suffix: &str) -> Vec<bool> {
+        (0..self.len()).into_par_iter().map(|p| store.contains(&(self.store_key(inventory, recipes, p) + suffix))).collect()
     }
 
     /// SHA-256 of every planned image's store key and caption source (its caption file's text; other strategies

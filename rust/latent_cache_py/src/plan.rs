@@ -173,12 +173,20 @@ impl PyImageTable {
         Ok((PyBytes::new(py, indices.as_bytes()), PyBytes::new(py, metadata.as_bytes()), loaded))
     }
 
+    /// Whether `reader` holds `<store key><suffix>` of each planned image, by position.
+    fn held<'py>(&self, py: Python<'py>, reader: PyRef<'_, PyCacheReader>, suffix: &str) -> PyResult<Bound<'py, PyArray1<bool>>> {
+        let recipes = self.recipes()?.clone();
+        let store = reader.inner.clone();
+        let held = py.allow_threads(|| guarded(|| latent_cache::with_threads(None, || self.plan.held_by(&self.inventory, &recipes, &store, suffix))))?;
+        Ok(held.into_pyarray(py))
+    }
+
     /// What the trainer reads from `reader`: every planned image but those at `failed` positions whose latent the
     /// store holds.
     fn serve(&self, py: Python<'_>, reader: PyRef<'_, PyCacheReader>, failed: Vec<usize>) -> PyResult<PyServedImages> {
         let recipes = self.recipes()?.clone();
         let store = reader.inner.clone();
-        let mut served = py.allow_threads(|| guarded(|| latent_cache::with_threads(None, || self.plan.held_by(&self.inventory, &recipes, &store))))?;
+        let mut served = py.allow_threads(|| guarded(|| latent_cache::with_threads(None, || self.plan.held_by(&self.inventory, &recipes, &store, ""))))?;
         for p in failed {
             served[self.position(p)?] = false;
         }
