@@ -45,7 +45,7 @@ def main(model_dir: Path, result: Path) -> None:
 
     coverage = trainer_cache.coverage()
     served = {
-        "datasets": {dataset_id: sorted(cache.keys) for dataset_id, cache in coverage.datasets.items()},
+        "datasets": {dataset_id: sorted(cache.served) for dataset_id, cache in coverage.datasets.items()},
         "texts": sorted(coverage.texts),
     }
     accelerator.wait_for_everyone()
