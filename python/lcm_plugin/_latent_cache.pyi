@@ -139,6 +139,7 @@ def decode_batch_bytes(
     names: list[_Path] | None = None,
     threads: int | None = None,
     max_pixels: int = ...,
+    oriented: bool = True,
 ) -> tuple[npt.NDArray[np.uint8], list[int], list[tuple[int, str]]]: ...
 
 class CacheWriter:

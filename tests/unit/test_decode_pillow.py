@@ -110,6 +110,24 @@ def test_exif_orientation_is_applied_like_exif_transpose():
     assert errors == [] and psnr(pixels[0], np.asarray(expected)) >= 40.0
 
 
+def test_oriented_false_decodes_as_stored_like_simpletuners_s3_load():
+    """SimpleTuner's S3 backend hands the object's bytes to its `load_image`, which keeps the stored orientation:
+    `oriented=False` decodes the same pixels."""
+    from simpletuner.helpers.image_manipulation.load import load_image
+
+    image = scene(300, 200, seed=6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    expected = load_image(data).convert("RGB")
+    assert expected.size == (300, 200)  # as stored
+    pixels, ok, errors = decode_batch_bytes([data], [(300, 200)], [(0, 0)], (300, 200), oriented=False)
+    assert errors == [] and pixels.shape == (1, 200, 300, 3) and psnr(pixels[0], np.asarray(expected)) >= 40.0
+    # the same bytes, oriented: a different image (transposed), so the flag is what decides
+    turned, _, _ = decode_batch_bytes([data], [(200, 300)], [(0, 0)], (200, 300))
+    assert turned.shape == (1, 300, 200, 3)
+
+
 def test_bad_files_are_reported_per_file_and_skipped(tmp_path):
     good = encode(scene(64, 48), "PNG")
     jpeg = encode(scene(64, 48), "JPEG")

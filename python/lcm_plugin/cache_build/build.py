@@ -154,6 +154,10 @@ def build(options: BuildOptions, log=print) -> BuildReport:
             planned = plan_run(options.config_dir, options.threads, remember=True) if first_on_machine else None
         with Phase(group, "planning"):
             settings, datasets, prints = planned or plan_run(options.config_dir, options.threads)
+            remote = next((d for d in datasets if d.remote is not None), None)
+            if options.simpletuner_format and remote is not None:
+                raise BuildError(f"{settings.backend_path}: dataset {remote.id!r} is in an S3 bucket: --format "
+                                 "simpletuner writes SimpleTuner's files next to local images only; build without it")
         report = build_planned(
             settings, datasets, prints, options, rank=rank, world=world, group=group, models=FileModels(settings),
             write_bucket_files=options.simpletuner_format, remove_stale_files=True, log=log,

@@ -39,18 +39,26 @@ from lcm_plugin.cache_build.store import (
 TEXT_BATCH = 32  # captions per text-encoder call
 
 
-def _decode(batch: Batch, threads: int | None):
-    """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch."""
-    from lcm_plugin.cache import decode_batch
+def _decode(batch: Batch, remote, threads: int | None):
+    """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch. An S3
+    dataset's (`remote`) objects are fetched concurrently and decoded from memory as stored, as SimpleTuner decodes
+    them (no EXIF orientation); one that cannot be fetched is an error of its own."""
+    from lcm_plugin.cache import decode_batch, decode_batch_bytes
 
     items = batch.items
-    return decode_batch(
-        [str(item.path) for item in items],
-        [item.sample["resize_size"] for item in items],
-        [item.sample["crop_coordinates"] for item in items],
-        items[0].sample["target_size"],
-        threads=threads,
+    geometry = ([item.sample["resize_size"] for item in items], [item.sample["crop_coordinates"] for item in items],
+                items[0].sample["target_size"])
+    if remote is None:
+        return decode_batch([str(item.path) for item in items], *geometry, threads=threads)
+    blobs, failures = remote.bucket.get_all([item.path for item in items])
+    fetched = [i for i, blob in enumerate(blobs) if blob is not None]
+    pixels, ok, errors = decode_batch_bytes(
+        [blobs[i] for i in fetched], [geometry[0][i] for i in fetched], [geometry[1][i] for i in fetched], geometry[2],
+        names=[items[i].path for i in fetched], threads=threads, oriented=False,
     )
+    errors = [(fetched[i], message) for i, message in errors]
+    errors += [(i, f"cannot read s3 object {items[i].path!r}: {why}") for i, why in failures]
+    return pixels, [fetched[i] for i in ok], sorted(errors)
 
 
 def encode_images(
@@ -113,7 +121,8 @@ def encode_images(
 
         def decode_ahead(index: int) -> None:
             if index < len(work) and work[index][1] and problems[index] is None:
-                decoding[index] = decoder.submit(_decode, work[index][0], options.threads)
+                batch = work[index][0]
+                decoding[index] = decoder.submit(_decode, batch, by_id[batch.dataset].remote, options.threads)
 
         decode_ahead(0)
         for index, (batch, missing, incomplete) in enumerate(work):

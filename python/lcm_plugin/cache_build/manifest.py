@@ -97,7 +97,7 @@ def write_manifest(dataset: Dataset, items: Iterable[ImageItem], prints: Fingerp
         "format": "simpletuner-lcm-manifest",
         "format_version": MANIFEST_VERSION,
         "dataset": dataset.id,
-        "instance_data_dir": str(dataset.data_dir),
+        "instance_data_dir": str(dataset.remote or dataset.data_dir),
         "text_cache": str(dataset.text_cache_dir / LCM_DIR),
         "fingerprint": prints.latent,
         "text_fingerprint": prints.text,

@@ -94,12 +94,26 @@ class ImageItem:
     cache_key: str = ""  # its latent's key in the store, `<key>@<recipe digest>` (set by the build)
 
 
+@dataclass(frozen=True)
+class S3Source:
+    """Where a `type: aws` dataset's images are, read as SimpleTuner's S3DataBackend reads them: the objects whose
+    keys start with `prefix` (a raw string prefix), named by their keys."""
+
+    bucket: object  # lcm_plugin.cache.S3Bucket (its repr shows no credential)
+    name: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.name}/{self.prefix}"
+
+
 @dataclass
 class Dataset:
-    """An enabled local image dataset of multidatabackend.json and the caches it fills."""
+    """An enabled image dataset of multidatabackend.json (a local folder, or an S3 bucket's prefix: `remote`) and the
+    caches it fills."""
 
     id: str
-    data_dir: Path
+    data_dir: Path  # the local folder; for an S3 dataset, its s3:// name (never opened)
     vae_cache_dir: Path
     text_cache_dir: Path
     bucket_config: dict
@@ -118,6 +132,11 @@ class Dataset:
     # metadata_backend parquet: the sizes (and, for caption_strategy parquet, captions) come from this file
     parquet: ParquetSource | None = None
     parquet_table: ParquetTable | None = None  # set by scan_dataset
+    remote: S3Source | None = None  # type aws: the images are this bucket's objects, named by their keys
+
+    def image_path(self, key: str) -> str:
+        """An image's name in SimpleTuner's metadata and in messages: its path (local) or its object key (S3)."""
+        return key if self.remote is not None else os.path.join(str(self.data_dir), key)
 
 
 @dataclass(frozen=True)
@@ -256,14 +275,20 @@ def dataset_of(
     """The image dataset of multidatabackend.json entry number `index`; BuildError naming the key it cannot take."""
     file = str(settings.backend_path)
     by_id, default_text = text_entries
-    if entry.get("type", "local") != "local":
-        raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local datasets only")
-    data_dir = entry.get("instance_data_dir") or entry.get("instance_data_root")
-    if not isinstance(data_dir, str):
-        raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: give one folder (a string)")
-    data_dir = resolve(data_dir, settings.root)
-    if not data_dir.is_dir():
-        raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: folder {str(data_dir)!r} does not exist")
+    kind = entry.get("type", "local")
+    if kind not in ("local", "aws"):
+        raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local folders and S3 buckets "
+                         f"(type local or aws; got {kind!r})")
+    remote = _s3_source(entry, index, file) if kind == "aws" else None
+    if remote is not None:
+        data_dir = Path(str(remote))
+    else:
+        data_dir = entry.get("instance_data_dir") or entry.get("instance_data_root")
+        if not isinstance(data_dir, str):
+            raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: give one folder (a string)")
+        data_dir = resolve(data_dir, settings.root)
+        if not data_dir.is_dir():
+            raise BuildError(f"{file}: {pointer(index, 'instance_data_dir')}: folder {str(data_dir)!r} does not exist")
     text_entry = by_id.get(entry["text_embeds"]) if "text_embeds" in entry else default_text
     if text_entry is None or not text_entry.get("cache_dir"):
         raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
@@ -276,6 +301,9 @@ def dataset_of(
     if strategy == "instanceprompt" and not entry.get("instance_prompt"):
         raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
     metadata_backend = entry.get("metadata_backend") or "discovery"
+    if remote is not None and (metadata_backend == "parquet" or strategy == "parquet"):
+        raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build does not read a parquet table "
+                         "for an S3 dataset yet (SimpleTuner's own caching takes it)")
     if metadata_backend not in SIZED_BY:
         raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build reads image sizes by discovery "
                          f"or from a parquet file (got {metadata_backend!r})")
@@ -300,7 +328,35 @@ def dataset_of(
         minimum_aspect_ratio=_aspect_limit(entry, "minimum_aspect_ratio", file, index),
         maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
         parquet=parquet,
+        remote=remote,
     )
+
+
+def _s3_source(entry: dict, index: int, file: str) -> S3Source:
+    """The bucket of a `type: aws` entry (`validate` has checked that SimpleTuner's five aws_ keys are there): a null
+    credential taken from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), as boto3 takes it; a
+    null endpoint is AWS's own for the region. No message shows a credential."""
+    from lcm_plugin.cache import LatentCacheError, S3Bucket
+
+    prefix = entry.get("aws_data_prefix") or ""
+    if not isinstance(prefix, str):
+        raise BuildError(f"{file}: {pointer(index, 'aws_data_prefix')}: give one key prefix (a string)")
+    name = entry["aws_bucket_name"]
+    if not isinstance(name, str) or not name:
+        raise BuildError(f"{file}: {pointer(index, 'aws_bucket_name')}: give the bucket's name (a string)")
+    region = entry["aws_region_name"] or "us-east-1"
+    endpoint = entry["aws_endpoint_url"] or f"https://s3.{region}.amazonaws.com"
+    key_id = entry["aws_access_key_id"] or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = entry["aws_secret_access_key"] or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key_id or not secret:
+        raise BuildError(f"{file}: {pointer(index, 'aws_access_key_id')}: no credentials: give aws_access_key_id and "
+                         "aws_secret_access_key, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    try:
+        bucket = S3Bucket(str(endpoint), name, str(key_id), str(secret), region=str(region),
+                          session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
+    except LatentCacheError as error:
+        raise BuildError(f"{file}: {pointer(index, 'aws_endpoint_url')}: {error}") from None
+    return S3Source(bucket, name, prefix)
 
 
 def _aspect_limit(entry: dict, name: str, file: str, index: int) -> float | None:
@@ -405,8 +461,12 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     memo = memo_path(dataset)
     others = sorted(set(listed_extensions) - set(IMAGE_EXTENSIONS))
     try:
-        inventory = scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), ".txt" if textfile else None, memo,
-                                   threads=threads, other_extensions=others)
+        if dataset.remote is not None:  # objects read whole, concurrently; the memo is local, next to the store
+            inventory = dataset.remote.bucket.scan(dataset.remote.prefix, list(IMAGE_EXTENSIONS),
+                                                   ".txt" if textfile else None, memo, other_extensions=others)
+        else:
+            inventory = scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), ".txt" if textfile else None, memo,
+                                       threads=threads, other_extensions=others)
     except (OSError, LatentCacheError) as error:
         raise BuildError(f"cannot list {dataset.data_dir}: {error}") from None
     if inventory.not_utf8:
@@ -449,9 +509,10 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
     Rust (`ImageTable`); Python sees the rows left out, which are few."""
     from lcm_plugin.cache import Bucketer, ImageTable
 
-    dataset.skipped += [(dataset.data_dir / inventory.key(i), message) for i, message in inventory.errors]
-    # The folder is absolute and normalised, the keys are names read from it: a join needs no normalising.
-    folder = os.path.join(str(dataset.data_dir), "")
+    dataset.skipped += [(Path(dataset.image_path(inventory.key(i))), message) for i, message in inventory.errors]
+    # The folder is absolute and normalised, the keys are names read from it: a join needs no normalising. An S3
+    # dataset's images are named by their keys alone.
+    folder = "" if dataset.remote is not None else os.path.join(str(dataset.data_dir), "")
     sizes, refused = None, {}
     if dataset.parquet is not None:
         sizes, refused = _parquet_rows(dataset, folder, inventory.keys)

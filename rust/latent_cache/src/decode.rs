@@ -35,6 +35,9 @@ pub enum Source<'a> {
     Path(&'a Path),
     /// Encoded bytes in memory; the path only names it in messages.
     Bytes(&'a Path, &'a [u8]),
+    /// Encoded bytes decoded as stored, their EXIF orientation not applied: SimpleTuner's remote backends (S3)
+    /// decode an object that way, and bucket it by its stored size.
+    StoredBytes(&'a Path, &'a [u8]),
 }
 
 /// Decodes every source in parallel (on the current rayon pool) into one buffer of `target` (W, H) crops.
@@ -71,7 +74,7 @@ impl Source<'_> {
     /// The path naming this source in messages.
     pub fn path(&self) -> &Path {
         match self {
-            Source::Path(p) | Source::Bytes(p, _) => p,
+            Source::Path(p) | Source::Bytes(p, _) | Source::StoredBytes(p, _) => p,
         }
     }
 }
@@ -83,12 +86,30 @@ fn decode_source(src: &Source<'_>, geo: Geometry, target: (u32, u32), max_pixels
             decode_into(p, &bytes, geo, target, max_pixels, out)
         }
         Source::Bytes(p, bytes) => decode_into(p, bytes, geo, target, max_pixels, out),
+        Source::StoredBytes(p, bytes) => decode_as_stored(p, bytes, geo, target, max_pixels, out),
     }
 }
 
 /// Decodes one encoded image into `out` (`target` W × H × 3, zero where the crop leaves the image, like Pillow).
 pub fn decode_into(path: &Path, bytes: &[u8], geo: Geometry, target: (u32, u32), max_pixels: u64, out: &mut [u8]) -> Result<()> {
-    let header = header_from_bytes(path, bytes)?;
+    decode_header_into(path, bytes, header_from_bytes(path, bytes)?, geo, target, max_pixels, out)
+}
+
+/// `decode_into` without applying the image's EXIF orientation.
+pub fn decode_as_stored(path: &Path, bytes: &[u8], geo: Geometry, target: (u32, u32), max_pixels: u64, out: &mut [u8]) -> Result<()> {
+    let header = Header { orientation: 1, ..header_from_bytes(path, bytes)? };
+    decode_header_into(path, bytes, header, geo, target, max_pixels, out)
+}
+
+fn decode_header_into(
+    path: &Path,
+    bytes: &[u8],
+    header: Header,
+    geo: Geometry,
+    target: (u32, u32),
+    max_pixels: u64,
+    out: &mut [u8],
+) -> Result<()> {
     if u64::from(header.width) * u64::from(header.height) > max_pixels {
         return Err(CacheError::TooManyPixels {
             path: path.to_path_buf(),

@@ -49,9 +49,10 @@ pub fn decode_batch_py<'py>(
     to_python(py, batch, target_size)
 }
 
-/// `decode_batch` over encoded images held in memory (`names` only label errors).
+/// `decode_batch` over encoded images held in memory (`names` only label errors); with `oriented=False` their EXIF
+/// orientation is not applied (as SimpleTuner decodes S3 objects).
 #[pyfunction(name = "decode_batch_bytes")]
-#[pyo3(signature = (blobs, resize_sizes, crops, target_size, names=None, threads=None, max_pixels=DEFAULT_MAX_PIXELS))]
+#[pyo3(signature = (blobs, resize_sizes, crops, target_size, names=None, threads=None, max_pixels=DEFAULT_MAX_PIXELS, oriented=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_batch_bytes_py<'py>(
     py: Python<'py>,
@@ -62,6 +63,7 @@ pub fn decode_batch_bytes_py<'py>(
     names: Option<Vec<PathBuf>>,
     threads: Option<usize>,
     max_pixels: u64,
+    oriented: bool,
 ) -> PyResult<Out<'py>> {
     let geo = geometry(blobs.len(), &resize_sizes, &crops)?;
     let names = names.unwrap_or_else(|| (0..blobs.len()).map(|i| PathBuf::from(format!("<bytes {i}>"))).collect());
@@ -70,7 +72,11 @@ pub fn decode_batch_bytes_py<'py>(
     }
     let batch = py
         .allow_threads(|| guarded(|| {
-            let sources: Vec<Source<'_>> = names.iter().zip(&blobs).map(|(n, b)| Source::Bytes(Path::new(n), b)).collect();
+            let sources: Vec<Source<'_>> = names
+                .iter()
+                .zip(&blobs)
+                .map(|(n, b)| if oriented { Source::Bytes(Path::new(n), b) } else { Source::StoredBytes(Path::new(n), b) })
+                .collect();
             latent_cache::with_threads(threads, || decode_batch(&sources, &geo, target_size, max_pixels))
         }))?;
     to_python(py, batch, target_size)

@@ -21,7 +21,8 @@ type Row<'a> = (String, &'a str, Option<&'a str>, String, String, u32);
 pub struct PyImageTable {
     inventory: Arc<Inventory>,
     plan: Arc<Plan>,
-    /// The data folder, absolute, ending in '/': an image's path is this plus its key.
+    /// The data folder, absolute, ending in '/' (empty where keys are the images' names: an S3 bucket's objects):
+    /// an image's path is this plus its key.
     folder: String,
     recipes: OnceLock<Arc<Vec<[u8; 8]>>>,
 }
@@ -73,7 +74,7 @@ impl PyImageTable {
             return Err(PyValueError::new_err("sizes must give one entry per inventory row"));
         }
         refused.sort_unstable();
-        let folder = if folder.ends_with('/') { folder } else { format!("{folder}/") };
+        let folder = if folder.is_empty() || folder.ends_with('/') { folder } else { format!("{folder}/") };
         let bucketer = &mut bucketer.inner;
         let planned = py.allow_threads(|| {
             let rules = Rules {
