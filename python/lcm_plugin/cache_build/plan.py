@@ -9,8 +9,6 @@ rank (and every rerun after a kill) derives the same batches.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import math
@@ -82,16 +80,17 @@ class RunSettings:
 
 @dataclass(slots=True)
 class ImageItem:
-    """One image: `key` (its path relative to the data folder, '/'-separated) names it in every cache. Plans hold
-    millions: no per-instance dict, and what the latent is a function of (`fingerprint.latent_recipe` of `sample` and
-    `content`) is built only where a build writes or explains it."""
+    """One planned image, made from its row of the plan (`Images.at`) for a step that works on it: `key` (its path
+    relative to the data folder, '/'-separated; an S3 object's key) names it in every cache. What the latent is a
+    function of (`fingerprint.latent_recipe` of `sample` and `content`) is built only where a build writes or explains
+    it."""
 
-    path: str  # absolute (a str, not a Path)
+    path: str  # absolute (a str, not a Path); an S3 object's key
     key: str
     captions: tuple[str, ...] = ()
     sample: dict | None = None  # the bucketer's answer (bucket, sizes, crop_coordinates, ...), shared by equal answers
     content: str = ""  # hash of the file's bytes when scanned (the inventory's xxh3-128)
-    cache_key: str = ""  # its latent's key in the store, `<key>@<recipe digest>` (set by the build)
+    cache_key: str = ""  # its latent's key in the store, `<key>@<recipe digest>` ("" until the plan is named)
 
 
 @dataclass(frozen=True)
@@ -486,22 +485,8 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
         except (OSError, LatentCacheError):
             pass  # the memo only saves work: an unwritable cache folder is reported by the build itself
     dataset.inventory = inventory
-    with _collector_paused():
-        _plan_images(dataset, inventory, seed)
+    _plan_images(dataset, inventory, seed)
     return dataset
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cycle collector off while a plan's per-image objects are made: they hold no reference cycles, and
-    the collections their allocations trigger walk every one made so far again (a sixth of a 1M-image plan)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
@@ -522,7 +507,7 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
                        maximum_aspect_ratio=dataset.maximum_aspect_ratio)
     unreadable_captions = dict(inventory.caption_errors)
     for row, why in table.left_out:
-        path = folder + inventory.key(row)
+        path = dataset.image_path(inventory.key(row))
         if why in _EXCLUDED:
             dataset.excluded.append((Path(path), _EXCLUDED[why](dataset)))
         elif why == "caption_unreadable":
