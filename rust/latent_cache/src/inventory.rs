@@ -121,14 +121,64 @@ pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<I
     };
     let had_memo = memo_time.is_some();
     let remembered = Remembered::new(&memo_rows);
+    let folders = Folders::open(listing.iter().map(|(_, path)| path.as_path()));
+    let rows = rows_in_order(&listing, &memo_rows);
     let items: Vec<Item> = listing
         .into_par_iter()
-        .map(|(key, path)| {
-            std::panic::catch_unwind(|| inspect(&key, &path, options, &remembered, memo_time))
+        .zip(rows)
+        .map(|((key, path), row)| {
+            std::panic::catch_unwind(|| inspect(&key, &path, options, row, memo_time, &folders))
                 .unwrap_or_else(|_| unreadable(key, "header parser panicked"))
         })
         .collect();
     Ok(tally(items, &memo_rows, &remembered, had_memo, not_utf8, others))
+}
+
+/// The listed files' folders, each opened once (`O_PATH`), so that a file's stamp is read relative to its folder:
+/// a restart stats two files per image, and a lookup of the whole path spends most of a stat in the kernel's walk
+/// over every component.
+struct Folders {
+    open: std::collections::HashMap<PathBuf, fs::File>,
+}
+
+impl Folders {
+    fn open<'a>(paths: impl Iterator<Item = &'a Path>) -> Folders {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut open = std::collections::HashMap::new();
+        for folder in paths.filter_map(Path::parent) {
+            if !open.contains_key(folder) {
+                let opened = fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(folder);
+                // A folder that cannot be opened so is stamped through whole paths, as before.
+                if let Ok(file) = opened {
+                    open.insert(folder.to_path_buf(), file);
+                }
+            }
+        }
+        Folders { open }
+    }
+
+    /// The stamp of `path` (links followed, as `fs::metadata`).
+    fn stamp(&self, path: &Path) -> std::io::Result<Stamp> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::io::AsRawFd;
+        let (Some(folder), Some(name)) = (path.parent().and_then(|p| self.open.get(p)), path.file_name()) else {
+            return fs::metadata(path).map(|meta| Stamp::of(&meta));
+        };
+        let name = std::ffi::CString::new(name.as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `name` is NUL-terminated, `stat` is written by the call before it is read, `folder` is open.
+        if unsafe { libc::fstatat(folder.as_raw_fd(), name.as_ptr(), stat.as_mut_ptr(), 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fstatat returned 0, so it filled `stat`.
+        let stat = unsafe { stat.assume_init() };
+        Ok(Stamp {
+            size: stat.st_size as u64,
+            mtime_ns: stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec,
+            ctime_ns: stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec,
+            inode: stat.st_ino,
+        })
+    }
 }
 
 /// The inventory of `items`, counting the memo's rows gone and the images read again whose bytes were the same.
@@ -259,7 +309,7 @@ struct MemoRow {
 
 /// Memo rows by key (the rows are few enough to index by reference).
 struct Remembered<'a> {
-    by_key: std::collections::HashMap<&'a str, &'a MemoRow>,
+    by_key: foldhash::HashMap<&'a str, &'a MemoRow>,
 }
 
 impl<'a> Remembered<'a> {
@@ -276,24 +326,39 @@ fn unreadable(key: String, why: &str) -> Item {
     Item { key, stamp: Stamp::default(), size: Err(why.to_string()), content: 0, caption: Caption::NotRead, read: true }
 }
 
-/// One image: the memo's row when the image's and its caption's stamps are unchanged (and not racily new), else
-/// a fresh read of header, bytes and caption.
-fn inspect(key: &str, path: &Path, options: &Options, memo: &Remembered<'_>, memo_time: Option<i64>) -> Item {
+/// Each listed image's memo row, found by walking the listing and the memo side by side: both are sorted by
+/// components (the memo is written in inventory order), so a restart looks up a million rows in one pass instead
+/// of a million random probes of a hash map. A row out of that order is not found: its file is read again.
+fn rows_in_order<'a>(listing: &[(String, PathBuf)], rows: &'a [MemoRow]) -> Vec<Option<&'a MemoRow>> {
+    let mut next = 0;
+    listing
+        .iter()
+        .map(|(key, _)| {
+            while next < rows.len() && by_components(&rows[next].key, key).is_lt() {
+                next += 1;
+            }
+            rows.get(next).filter(|row| row.key == *key)
+        })
+        .collect()
+}
+
+/// One image: its memo row when the image's and its caption's stamps are unchanged (and not racily new), else a
+/// fresh read of header, bytes and caption.
+fn inspect(key: &str, path: &Path, options: &Options, row: Option<&MemoRow>, memo_time: Option<i64>, folders: &Folders) -> Item {
     let caption_path = options.caption_extension.as_ref().map(|ext| path.with_extension(ext.trim_start_matches('.')));
-    if memo.get(key).is_none() {
+    if row.is_none() {
         // No row to compare stamps with: each file is opened once and stamped from the open file (a cold scan of a
         // million files spends most of its time in the kernel's path lookups: this halves them).
         if let Some(item) = read_fresh(key, path, caption_path.as_deref()) {
             return item;
         }
     }
-    let meta = match fs::metadata(path) {
-        Ok(meta) => meta,
+    let stamp = match folders.stamp(path) {
+        Ok(stamp) => stamp,
         Err(e) => return unreadable(key.to_string(), &format!("cannot read `{}`: {e}", path.display())),
     };
-    let stamp = Stamp::of(&meta);
-    let caption_stamp = caption_path.as_ref().map(|p| fs::metadata(p).ok().map(|m| Stamp::of(&m)));
-    if let Some(item) = from_memo(key, stamp, caption_stamp, memo, memo_time) {
+    let caption_stamp = caption_path.as_ref().map(|p| folders.stamp(p).ok());
+    if let Some(item) = from_memo(key, stamp, caption_stamp, row, memo_time) {
         return item;
     }
     let (size, content) = match fs::read(path) {
@@ -345,7 +410,7 @@ pub fn scan_bucket(
         .zip(&caption_keys)
         .map(|(key, caption_key)| {
             let caption_stamp = caption_key.as_ref().map(|k| stamps.get(k.as_str()).copied());
-            from_memo(key, stamps[key], caption_stamp, &remembered, memo_time)
+            from_memo(key, stamps[key], caption_stamp, remembered.get(key), memo_time)
         })
         .collect();
     let unread: Vec<usize> = (0..images.len()).filter(|&i| items[i].is_none()).collect();
@@ -407,11 +472,11 @@ fn python_stem(key: &str) -> &str {
     }
 }
 
-/// The memo's row of `key` as an item, when the image's and its caption's stamps (`None`: the strategy reads no
+/// The memo's `row` of `key` as an item, when the image's and its caption's stamps (`None`: the strategy reads no
 /// caption; `Some(None)`: there is none) are those it was read with and not racily new.
-fn from_memo(key: &str, stamp: Stamp, caption_stamp: Option<Option<Stamp>>, memo: &Remembered<'_>, memo_time: Option<i64>) -> Option<Item> {
+fn from_memo(key: &str, stamp: Stamp, caption_stamp: Option<Option<Stamp>>, row: Option<&MemoRow>, memo_time: Option<i64>) -> Option<Item> {
     let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
-    let row = memo.get(key)?;
+    let row = row?;
     let caption_same = match (&caption_stamp, &row.caption) {
         (None, Caption::NotRead) | (Some(None), Caption::Missing) => true,
         (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
@@ -599,6 +664,36 @@ mod tests {
         let when = libc::timespec { tv_sec: meta.mtime() - seconds, tv_nsec: 0 };
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
         assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [when, when].as_ptr(), 0) }, 0);
+    }
+
+    #[test]
+    fn memo_rows_are_matched_in_one_ordered_pass_across_additions_and_removals() {
+        let row = |key: &str| MemoRow { key: key.into(), stamp: Stamp::default(), size: Ok((1, 1)), content: 1, caption: Caption::NotRead };
+        // sorted by components: "a/…" before "a.b/…" ('/' sorts below every other byte)
+        let memo = [row("a/1.png"), row("a/2.png"), row("a.b/1.png"), row("c.png"), row("e.png")];
+        let listed: Vec<(String, PathBuf)> =
+            ["a/0.png", "a/2.png", "a.b/1.png", "b.png", "e.png", "f.png"].iter().map(|k| (k.to_string(), PathBuf::from(k))).collect();
+        let found: Vec<Option<&str>> = rows_in_order(&listed, &memo).iter().map(|r| r.map(|r| r.key.as_str())).collect();
+        assert_eq!(found, [None, Some("a/2.png"), Some("a.b/1.png"), None, Some("e.png"), None]);
+    }
+
+    #[test]
+    fn stamps_read_relative_to_the_folder_are_those_of_the_whole_path() {
+        let dir = folder();
+        std::os::unix::fs::symlink(dir.path().join("a.png"), dir.path().join("sub/link.png")).unwrap();
+        let paths = ["a.png", "a.txt", "sub/c.PNG", "sub/link.png"].map(|name| dir.path().join(name));
+        let folders = Folders::open(paths.iter().map(PathBuf::as_path));
+        assert_eq!(folders.open.len(), 2);
+        for path in &paths {
+            assert_eq!(folders.stamp(path).unwrap(), Stamp::of(&fs::metadata(path).unwrap()), "{}", path.display());
+        }
+        let missing = dir.path().join("sub/gone.png");
+        assert_eq!(folders.stamp(&missing).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        // a folder never opened is stamped through its whole path
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("x.png"), png(1, 1)).unwrap();
+        let x = other.path().join("x.png");
+        assert_eq!(folders.stamp(&x).unwrap(), Stamp::of(&fs::metadata(&x).unwrap()));
     }
 
     fn folder() -> tempfile::TempDir {
