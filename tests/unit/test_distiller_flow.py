@@ -119,6 +119,16 @@ def lora_grads(module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if "lora_" in name}
 
 
+def assert_same_step(prepared: dict, loss, ours: dict, target, reference_loss, theirs: dict) -> None:
+    """Our step's target, loss and LoRA gradients (`ours`) equal the reference's, and every gradient moves."""
+    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    assert ours.keys() == theirs.keys() and ours
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
 def our_step(distiller: LcmDistiller, model, batch: dict, monkeypatch):
     """(prepared batch, loss, the guidance scales drawn) of one step in the trainer's call order."""
     drawn = {}
@@ -156,13 +166,7 @@ def test_the_flow_step_equals_the_reference(batch_size, monkeypatch):
     reference_loss, target = reference_step(reference, sd3_batch(batch_size, torch.float64, 7), sigma_from,
                                             sigma_to, w.double())
     # diffusers holds its sigmas in float32, the distiller's grid is the same formula in float64: 1e-5, not exact.
-    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
-    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
-    ours, theirs = lora_grads(transformer), lora_grads(reference)
-    assert ours.keys() == theirs.keys() and ours
-    for name, grad in ours.items():
-        assert grad.abs().max() > 0, name
-        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+    assert_same_step(prepared, loss, lora_grads(transformer), target, reference_loss, lora_grads(reference))
 
 
 def test_the_full_model_flow_step_uses_its_frozen_teacher_and_ema_target(monkeypatch):
@@ -299,13 +303,7 @@ def test_the_flux_step_equals_the_reference_through_simpletuners_flux_model(tmp_
         target = x_n - column(sigma_to) * velocity(x_n, sigma_to)
     reference_loss = F.mse_loss(x_t - column(sigma_from) * velocity(x_t, sigma_from), target)
     reference_loss.backward()
-    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
-    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
-    theirs = lora_grads(transformer)
-    assert ours.keys() == theirs.keys() and ours
-    for name, grad in ours.items():
-        assert grad.abs().max() > 0, name
-        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+    assert_same_step(prepared, loss, ours, target, reference_loss, lora_grads(transformer))
 
 
 def test_the_sd3_step_equals_the_reference_through_simpletuners_sd3_model(tmp_path, monkeypatch):
@@ -340,10 +338,4 @@ def test_the_sd3_step_equals_the_reference_through_simpletuners_sd3_model(tmp_pa
 
     sigma_from, sigma_to = (s.float() for s in solver_sigmas(prepared, reference_grid(config.num_ddim_timesteps)))
     reference_loss, target = reference_step(transformer, inputs, sigma_from, sigma_to, w)
-    torch.testing.assert_close(prepared["lcm_target"], target, rtol=0, atol=1e-5)
-    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
-    theirs = lora_grads(transformer)
-    assert ours.keys() == theirs.keys() and ours
-    for name, grad in ours.items():
-        assert grad.abs().max() > 0, name
-        torch.testing.assert_close(grad, theirs[name], rtol=0, atol=1e-5, msg=name)
+    assert_same_step(prepared, loss, ours, target, reference_loss, lora_grads(transformer))
