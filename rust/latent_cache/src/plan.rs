@@ -193,18 +193,10 @@ impl Plan {
     /// (absolute, ending in '/'): the JSON of `aspect_ratio_bucket_indices_<id>.json` and of
     /// `aspect_ratio_bucket_metadata_<id>.json`, written as Python's `json.dumps` writes them.
     pub fn bucket_files(&self, inventory: &Inventory, folder: &str, positions: &[u32]) -> (String, String) {
-        let mut by_bucket: Vec<(&str, Vec<u32>)> = Vec::new();
-        let mut slot_of: HashMap<&str, usize> = HashMap::new();
         let mut metadata = String::with_capacity(positions.len() * 200);
         metadata.push('{');
         let templates: Vec<String> = self.samples.iter().map(metadata_json).collect();
         for (n, &p) in positions.iter().enumerate() {
-            let sample = self.sample(p as usize);
-            let slot = *slot_of.entry(sample.bucket.as_str()).or_insert_with(|| {
-                by_bucket.push((sample.bucket.as_str(), Vec::new()));
-                by_bucket.len() - 1
-            });
-            by_bucket[slot].1.push(p);
             if n > 0 {
                 metadata.push_str(", ");
             }
@@ -214,7 +206,7 @@ impl Plan {
         }
         metadata.push('}');
         let mut indices = String::from("{\"config\": {}, \"aspect_ratio_bucket_indices\": {");
-        for (b, (bucket, members)) in by_bucket.iter().enumerate() {
+        for (b, (bucket, members)) in self.by_bucket(positions.iter().copied()).iter().enumerate() {
             if b > 0 {
                 indices.push_str(", ");
             }
@@ -232,21 +224,28 @@ impl Plan {
         (indices, metadata)
     }
 
+    /// `positions` grouped by bucket, buckets in order of first appearance (SimpleTuner's dict order), each group in
+    /// the order given.
+    fn by_bucket(&self, positions: impl Iterator<Item = u32>) -> Vec<(&str, Vec<u32>)> {
+        let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
+        let mut slot_of: HashMap<&str, usize> = HashMap::new();
+        for p in positions {
+            let bucket = self.sample(p as usize).bucket.as_str();
+            let slot = *slot_of.entry(bucket).or_insert_with(|| {
+                groups.push((bucket, Vec::new()));
+                groups.len() - 1
+            });
+            groups[slot].1.push(p);
+        }
+        groups
+    }
+
     /// Planned positions grouped by bucket (buckets in order of first appearance, positions ascending) and cut into
     /// batches of `size`: the VAE batches every rank derives alike.
     pub fn batches(&self, size: usize) -> Vec<(&str, Vec<u32>)> {
-        let mut by_bucket: Vec<(&str, Vec<u32>)> = Vec::new();
-        let mut slot_of: HashMap<&str, usize> = HashMap::new();
-        for p in 0..self.len() {
-            let bucket = self.sample(p).bucket.as_str();
-            let slot = *slot_of.entry(bucket).or_insert_with(|| {
-                by_bucket.push((bucket, Vec::new()));
-                by_bucket.len() - 1
-            });
-            by_bucket[slot].1.push(p as u32);
-        }
         let size = size.max(1);
-        by_bucket.into_iter().flat_map(|(bucket, all)| all.chunks(size).map(|c| (bucket, c.to_vec())).collect::<Vec<_>>()).collect()
+        let groups = self.by_bucket(0..self.len() as u32);
+        groups.into_iter().flat_map(|(bucket, all)| all.chunks(size).map(|c| (bucket, c.to_vec())).collect::<Vec<_>>()).collect()
     }
 }
 
