@@ -44,8 +44,11 @@ $(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) $(HOOK_FILES)
 rust-test:
 	cargo test --workspace --locked
 
+# Most tests wait on one single-threaded trainer subprocess: two workers keep both cores of a CI machine busy.
+PYTEST_WORKERS ?= 2
+
 py-test: develop
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 bench: develop
 	$(PY) bench/step.py
