@@ -221,21 +221,23 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
         # latent gather) run on rayon's global pool, which reads this variable when first used: in the header scan.
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     from lcm_plugin.cache_build.build import BuildOptions, build_planned
-    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
+    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS, memo_tokens, shared_memos
     from lcm_plugin.cache_build.ranks import Phase, RanksDisagree
 
     listed = listed_as(listed_extensions)
     if not listed >= set(IMAGE_EXTENSIONS):
         listed = frozenset()  # SimpleTuner would not list every image the scan reads: its listing stays its own
     first_on_machine = (rank if local_rank is None else local_rank) == 0
-    with Phase(group, "planning on each machine's first rank"):
+    with Phase(group, "planning on each machine's first rank") as first:
         # The machine's other ranks wait: its first one scans on every core (unless RAYON_NUM_THREADS sizes the pools).
         scan_threads = None if threads is None else max(threads, os.cpu_count() or 1)
         planned = _plan(config_path, args, models, rank, listed, log, remember=True,
                         threads=scan_threads) if first_on_machine else None
+        first.share(memo_tokens(planned[1]) if planned else [])
     with Phase(group, "planning") as planning:
         if not first_on_machine:
-            planned = _plan(config_path, args, models, rank, listed, log, remember=False, threads=None)
+            planned = _plan(config_path, args, models, rank, listed, log, remember=False, threads=None,
+                            shared_memos=shared_memos(first.shared))
         planning.share(planned is not None)
     if len(set(planning.shared)) > 1:
         idle = [other for other, has_plan in enumerate(planning.shared) if not has_plan]
@@ -263,9 +265,10 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
 
 
 def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset[str], log, *,
-          remember: bool, threads: int | None):
+          remember: bool, threads: int | None, shared_memos=frozenset()):
     """(settings, covered and keyed datasets, fingerprints), or None when nothing is covered (logged once). With
-    `remember`, the scans update their memos; `threads`: the scans' pool (None: rayon's global one)."""
+    `remember`, the scans update their memos; `threads`: the scans' pool (None: rayon's global one);
+    `shared_memos`: the tokens of the memos the machines' first ranks scanned (`scan_dataset`)."""
     from lcm_plugin.cache import BucketConfigError
     from lcm_plugin.cache_build.fingerprint import fingerprints, name_entries
     from lcm_plugin.cache_build.plan import (
@@ -314,7 +317,8 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset
             continue
         try:
             dataset = scan_dataset(dataset_of(settings, entry, index, text_entries), settings.seed, threads,
-                                   remember=remember, listed_extensions=tuple(sorted(listed)))
+                                   remember=remember, listed_extensions=tuple(sorted(listed)),
+                                   shared_memos=shared_memos)
         except (BuildError, BucketConfigError) as error:
             fall_back(name, str(error))
             continue

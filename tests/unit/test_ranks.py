@@ -116,3 +116,39 @@ def test_each_rank_gets_its_share_of_the_cores(monkeypatch, cores, local_world_s
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     assert threads_per_rank(processes) == threads
+
+
+def test_the_other_ranks_take_the_first_ranks_memo_without_reading_the_folder(tmp_path):
+    """What a machine's first rank scanned, and wrote as its memo, is the inventory of the other ranks as it lies on
+    disk: found by the token the first rank shares, with no file of the folder listed, stat'ed or read (the folder
+    is emptied here), and the same plan as a scan of the folder. A token that no longer names the memo gets a scan
+    of their own."""
+    import shutil
+
+    from planned_folder import PRINTS, planned_folder
+
+    from lcm_plugin.cache_build.fingerprint import name_entries
+    from lcm_plugin.cache_build.plan import datasets_of, memo_tokens, read_run, scan_dataset, shared_memos
+
+    images = {"a.png": (64, 64), "sub/b.png": (128, 64), "sub/c d.png": (64, 96), "é.png": (32, 32)}
+    scanned = planned_folder(tmp_path, images, {"a.png": "a cat", "sub/b.png": "two\nlines", "é.png": "ü"})
+    settings, entries = read_run(tmp_path)
+    (first,) = datasets_of(settings, entries)
+    scan_dataset(first, settings.seed, remember=True)
+    shared = shared_memos([memo_tokens([first]), []])  # rank 0 shared its token, rank 1 (not a first rank) none
+    assert len(shared) == 1
+
+    shutil.rmtree(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    (other,) = datasets_of(settings, entries)
+    scan_dataset(other, settings.seed, shared_memos=shared)
+    name_entries([other], PRINTS)
+    for column in ("keys", "sizes", "contents", "captions", "caption_errors"):
+        assert getattr(other.inventory, column) == getattr(scanned.inventory, column), column
+    assert other.inventory.read == 0 and other.inventory.memo_token in shared
+    assert other.images.table.digest() == scanned.images.table.digest()
+    assert [str(path) for path, _ in other.excluded] == [str(path) for path, _ in scanned.excluded]
+
+    (stranger,) = datasets_of(settings, entries)
+    scan_dataset(stranger, settings.seed, shared_memos={(time + 1, crc) for time, crc in shared})
+    assert len(stranger.inventory) == 0  # its own scan of the folder as it is now

@@ -60,8 +60,10 @@ from lcm_plugin.cache_build.plan import (
     Dataset,
     RunSettings,
     datasets_of,
+    memo_tokens,
     read_run,
     scan_dataset,
+    shared_memos,
     vae_batches,
 )
 from lcm_plugin.cache_build.store import open_reader, prune_stores, repair
@@ -96,12 +98,13 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def plan_run(
-    config_dir: Path, threads: int | None, remember: bool = False
+    config_dir: Path, threads: int | None, remember: bool = False, shared: frozenset[tuple[int, int]] = frozenset()
 ) -> tuple[RunSettings, list[Dataset], Fingerprints]:
     """Settings, scanned and keyed datasets, and fingerprints of the run in `config_dir`; with `remember`, the scans
-    update their memos."""
+    update their memos; memos whose tokens are `shared` are taken as they are (`scan_dataset`)."""
     settings, entries = read_run(config_dir)
-    datasets = [scan_dataset(d, settings.seed, threads, remember=remember) for d in datasets_of(settings, entries)]
+    datasets = [scan_dataset(d, settings.seed, threads, remember=remember, shared_memos=shared)
+                for d in datasets_of(settings, entries)]
     prints = fingerprints(settings)
     name_entries(datasets, prints)
     return settings, datasets, prints
@@ -150,10 +153,12 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     try:
         # Each machine's first rank plans first and writes the scan memos; its other ranks plan from them.
         first_on_machine = int(os.environ.get("LOCAL_RANK", rank)) == 0
-        with Phase(group, "planning on each machine's first rank"):
+        with Phase(group, "planning on each machine's first rank") as first:
             planned = plan_run(options.config_dir, options.threads, remember=True) if first_on_machine else None
+            first.share(memo_tokens(planned[1]) if planned else [])
         with Phase(group, "planning"):
-            settings, datasets, prints = planned or plan_run(options.config_dir, options.threads)
+            settings, datasets, prints = planned or plan_run(options.config_dir, options.threads,
+                                                             shared=shared_memos(first.shared))
             remote = next((d for d in datasets if d.remote is not None), None)
             if options.simpletuner_format and remote is not None:
                 raise BuildError(f"{settings.backend_path}: dataset {remote.id!r} is in an S3 bucket: --format "

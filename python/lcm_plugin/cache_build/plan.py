@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,9 @@ class Dataset:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why): unreadable
     excluded: list[tuple[Path, str]] = field(default_factory=list)  # (file, which filter), as SimpleTuner filters
     inventory: object = None  # the folder's scan (lcm_plugin.cache.Inventory), set by scan_dataset
+    # (time, CRC) of the scan memo this process wrote or found current (scan_dataset with `remember`): the other
+    # ranks of the machine map that memo instead of scanning again
+    memo_token: tuple[int, int] | None = None
     # metadata_backend parquet: the sizes (and, for caption_strategy parquet, captions) come from this file
     parquet: ParquetSource | None = None
     parquet_table: ParquetTable | None = None  # set by scan_dataset
@@ -447,23 +451,26 @@ def caption_file(path: str | Path) -> str:
 
 
 def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, remember: bool = False,
-                 listed_extensions: tuple[str, ...] = ()) -> Dataset:
+                 listed_extensions: tuple[str, ...] = (), shared_memos: Collection[tuple[int, int]] = ()) -> Dataset:
     """Fill `dataset.images` (inventory, captions, bucket of each image), `dataset.skipped` (unreadable) and
     `dataset.excluded` (left out by minimum_image_size or the aspect-ratio filters, as SimpleTuner does).
 
     Files whose stamps match the dataset's scan memo are not read again; with `remember`, the memo is rewritten
-    when this scan read anything (one process should: the others read what it wrote or scan themselves). Files
-    with the other `listed_extensions` (".ext", lower case) are listed in `dataset.inventory`, not read."""
-    from lcm_plugin.cache import LatentCacheError, scan_inventory
+    when this scan changed anything (one process per machine should: the others read what it wrote or scan
+    themselves), and `dataset.memo_token` names it. A memo whose token is in `shared_memos` (what the machine's
+    first rank scanned in this start) is the inventory itself, mapped: nothing is stat'ed. Files with the other
+    `listed_extensions` (".ext", lower case) are listed in `dataset.inventory`, not read."""
+    from lcm_plugin.cache import LatentCacheError, inventory_of_memo, scan_inventory
 
     textfile = dataset.caption_strategy == "textfile"
     memo = memo_path(dataset)
     others = sorted(set(listed_extensions) - set(IMAGE_EXTENSIONS))
     try:
-        if dataset.remote is not None:  # objects read whole, concurrently; the memo is local, next to the store
+        inventory = next(filter(None, (inventory_of_memo(memo, token) for token in shared_memos)), None)
+        if inventory is None and dataset.remote is not None:  # objects read whole, concurrently; the memo is local
             inventory = dataset.remote.bucket.scan(dataset.remote.prefix, list(IMAGE_EXTENSIONS),
                                                    ".txt" if textfile else None, memo, other_extensions=others)
-        else:
+        elif inventory is None:
             inventory = scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), ".txt" if textfile else None, memo,
                                        threads=threads, other_extensions=others)
     except (OSError, LatentCacheError) as error:
@@ -479,14 +486,26 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
             dataset.parquet_table = read_table(dataset.parquet)
         except ParquetError as error:
             raise BuildError(str(error)) from None
-    if remember and (inventory.read or inventory.removed or not inventory.had_memo):
-        try:
-            inventory.write_memo(memo)
-        except (OSError, LatentCacheError):
-            pass  # the memo only saves work: an unwritable cache folder is reported by the build itself
+    if remember:
+        dataset.memo_token = inventory.memo_token
+        if dataset.memo_token is None:
+            try:
+                dataset.memo_token = inventory.write_memo(memo)
+            except (OSError, LatentCacheError):
+                pass  # the memo only saves work: an unwritable cache folder is reported by the build itself
     dataset.inventory = inventory
     _plan_images(dataset, inventory, seed)
     return dataset
+
+
+def memo_tokens(datasets: list[Dataset]) -> list[tuple[int, int]]:
+    """The tokens of the scan memos `datasets` were planned from (what a machine's first rank shares)."""
+    return [dataset.memo_token for dataset in datasets if dataset.memo_token is not None]
+
+
+def shared_memos(shared: list[list[tuple[int, int]]]) -> frozenset[tuple[int, int]]:
+    """Every first rank's memo tokens, as a phase gathered them (`memo_tokens` per rank)."""
+    return frozenset(tuple(token) for tokens in shared for token in tokens)
 
 
 def _plan_images(dataset: Dataset, inventory, seed: int) -> None:

@@ -5,18 +5,17 @@
 //! hash, which a changed stamp makes the scan recompute. A file rewritten within the memo's own clock tick keeps
 //! its stamp; rows that new are never trusted (git's "racily clean" rule).
 use crate::error::{CacheError, Result};
+use crate::memo::{CaptionRef, Rows, RowsBuilder, Token};
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Folders SimpleTuner 4.10.1's local backend never descends into (LocalDataBackend.list_files); every other
 /// folder is listed, hidden ones included.
 const SKIPPED_FOLDERS: [&str; 6] = [".Spotlight-V100", ".Trashes", ".fseventsd", ".TemporaryItems", ".zfs", ".ipynb_checkpoints"];
-/// Memo file format; bump when the row layout changes (an older memo is then ignored, not misread).
-const MEMO_MAGIC: &[u8; 8] = b"LCMINV03";
 /// A row whose mtime is this close to the memo's creation may have changed within one timestamp tick.
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
 
@@ -86,28 +85,95 @@ pub struct Options {
     pub caption_extension: Option<String>,
 }
 
-/// The scan of one folder.
-#[derive(Debug)]
+/// The scan of one folder: every image, sorted as the folder's paths sort (component by component), with the other
+/// listed files. The rows are one buffer (`memo::Rows`): the memo itself, mapped, when nothing changed since it was
+/// written.
 pub struct Inventory {
-    /// Every image, sorted as the folder's paths sort (component by component).
-    pub items: Vec<Item>,
+    rows: Rows,
+    /// Per image, whether this scan read it (new or changed stamps) rather than taking the memo's row; empty when
+    /// it read none.
+    read: Vec<bool>,
     /// Images whose stamp changed but whose bytes did not (the memo's content hash matched).
     pub touched: usize,
     /// Rows of the memo with no file any more.
     pub removed: usize,
     /// Whether a usable memo was found.
     pub had_memo: bool,
-    /// Files and folders whose names are not UTF-8 (left out: keys, caption names and SimpleTuner's metadata
-    /// need UTF-8, so the caller names them and stops).
-    pub not_utf8: Vec<PathBuf>,
-    /// Keys of the files with one of `Options::other_extensions` (sorted as `items`).
-    pub others: Vec<String>,
 }
 
 impl Inventory {
+    /// Images.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there is no image.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Path of image `i` relative to the folder, '/'-separated.
+    pub fn key(&self, i: usize) -> &str {
+        self.rows.key(i)
+    }
+
+    /// Oriented (W, H) of image `i`, or why its header could not be read.
+    pub fn size(&self, i: usize) -> std::result::Result<(u32, u32), &str> {
+        self.rows.size(i)
+    }
+
+    /// 128-bit xxh3 of image `i`'s bytes (0 when they could not be read).
+    pub fn content(&self, i: usize) -> u128 {
+        self.rows.content(i)
+    }
+
+    /// Image `i`'s caption file.
+    pub fn caption(&self, i: usize) -> CaptionRef<'_> {
+        self.rows.caption(i)
+    }
+
+    /// Image `i` as an owned item.
+    pub fn item(&self, i: usize) -> Item {
+        Item { read: self.read.get(i).copied().unwrap_or(false), ..self.rows.item(i) }
+    }
+
     /// How many images this scan read from disk.
     pub fn read_count(&self) -> usize {
-        self.items.iter().filter(|i| i.read).count()
+        self.read.iter().filter(|&&read| read).count()
+    }
+
+    /// Keys of the files with one of `Options::other_extensions`, sorted as the images.
+    pub fn others(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.rows.others()
+    }
+
+    /// Files and folders whose names are not UTF-8 (left out: keys, caption names and SimpleTuner's metadata need
+    /// UTF-8, so the caller names them and stops).
+    pub fn not_utf8(&self) -> Vec<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        self.rows.not_utf8().map(|name| PathBuf::from(std::ffi::OsStr::from_bytes(name))).collect()
+    }
+
+    /// An inventory of `items`, as a scan that read them would give.
+    #[cfg(test)]
+    pub(crate) fn of_items(items: &[Item]) -> Inventory {
+        let mut builder = RowsBuilder::with_capacity(items.len());
+        items.iter().for_each(|item| builder.push_item(item));
+        Inventory { rows: builder.finish([], []), read: vec![true; items.len()], touched: 0, removed: 0, had_memo: false }
+    }
+
+    /// The token of the memo these rows are, as it lies on disk (nothing changed since it was written); None when
+    /// the scan changed anything, and the memo should be written again.
+    pub fn memo_token(&self) -> Option<Token> {
+        self.rows.token()
+    }
+
+    /// The inventory a memo holds, when it is the one whose token is `token`: what the machine's first rank scanned
+    /// (and confirmed or wrote) in this start, taken by the other ranks without a stat. None when the memo cannot be
+    /// read or is another one: the caller scans for itself.
+    pub fn of_memo(path: &Path, token: Token) -> Option<Inventory> {
+        let rows = opened_memo(Some(path)).filter(|rows| rows.token() == Some(token))?;
+        Some(Inventory { rows, read: Vec::new(), touched: 0, removed: 0, had_memo: true })
     }
 }
 
@@ -115,23 +181,25 @@ impl Inventory {
 /// and reads what the memo at `memo` (if any) does not hold for the current stamps.
 pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<Inventory> {
     let Listing { images: listing, others, not_utf8 } = list(data_dir, options)?;
-    let (memo_rows, memo_time) = match memo.map(read_memo) {
-        Some(Ok(Some((rows, time)))) => (rows, Some(time)),
-        _ => (Vec::new(), None),
-    };
-    let had_memo = memo_time.is_some();
-    let remembered = Remembered::new(&memo_rows);
+    let memo = opened_memo(memo);
     let folders = Folders::open(listing.iter().map(|(_, path)| path.as_path()));
-    let rows = rows_in_order(&listing, &memo_rows);
-    let items: Vec<Item> = listing
+    let rows = rows_in_order(listing.iter().map(|(key, _)| key.as_str()), memo.as_ref());
+    let scanned: Vec<Scanned> = listing
         .into_par_iter()
-        .zip(rows)
-        .map(|((key, path), row)| {
-            std::panic::catch_unwind(|| inspect(&key, &path, options, row, memo_time, &folders))
-                .unwrap_or_else(|_| unreadable(key, "header parser panicked"))
+        .zip(rows.par_iter())
+        .map(|((key, path), &row)| {
+            let row = row.zip(memo.as_ref()).map(|(i, memo)| (memo, i));
+            std::panic::catch_unwind(|| inspect(&key, &path, options, row, &folders))
+                .unwrap_or_else(|_| Scanned::Read(unreadable(key, "header parser panicked"), row.map(|(_, i)| i)))
         })
         .collect();
-    Ok(tally(items, &memo_rows, &remembered, had_memo, not_utf8, others))
+    use std::os::unix::ffi::OsStrExt;
+    Ok(assemble(memo, scanned, &others, not_utf8.iter().map(|p| p.as_os_str().as_bytes())))
+}
+
+/// The memo at `path`; none when there is no usable one.
+fn opened_memo(path: Option<&Path>) -> Option<Rows> {
+    path.and_then(|path| Rows::open(path).ok().flatten())
 }
 
 /// The listed files' folders, each opened once (`O_PATH`), so that a file's stamp is read relative to its folder:
@@ -181,145 +249,59 @@ impl Folders {
     }
 }
 
-/// The inventory of `items`, counting the memo's rows gone and the images read again whose bytes were the same.
-fn tally(
-    items: Vec<Item>,
-    memo_rows: &[MemoRow],
-    remembered: &Remembered<'_>,
-    had_memo: bool,
-    not_utf8: Vec<PathBuf>,
-    others: Vec<String>,
+/// What the scan knows of one listed image.
+enum Scanned {
+    /// Read from disk (new, or its stamps changed), with its memo row if it had one.
+    Read(Item, Option<usize>),
+    /// Unchanged since its memo row.
+    Remembered(usize),
+}
+
+/// The inventory of the listed images, counting the memo's rows gone and the images read again whose bytes were
+/// the same. When nothing differs from the memo, the inventory is the memo itself.
+fn assemble<'a>(
+    memo: Option<Rows>,
+    scanned: Vec<Scanned>,
+    others: &'a [String],
+    not_utf8: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
 ) -> Inventory {
-    let present: HashSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    let removed = memo_rows.iter().filter(|row| !present.contains(row.key.as_str())).count();
-    let touched = items
-        .iter()
-        .filter(|i| i.read && remembered.get(&i.key).is_some_and(|row| row.content == i.content && row.content != 0 && row.stamp != i.stamp))
-        .count();
-    Inventory { items, touched, removed, had_memo, not_utf8, others }
-}
-
-/// Writes the memo of `inventory` to `path` atomically.
-pub fn write_memo(path: &Path, inventory: &Inventory, now_ns: i64) -> Result<()> {
-    let mut out = Vec::with_capacity(64 + inventory.items.len() * 96);
-    out.extend_from_slice(MEMO_MAGIC);
-    out.extend_from_slice(&now_ns.to_le_bytes());
-    out.extend_from_slice(&(inventory.items.len() as u64).to_le_bytes());
-    for item in &inventory.items {
-        put_str(&mut out, &item.key);
-        put_stamp(&mut out, item.stamp);
-        match &item.size {
-            Ok((w, h)) => {
-                out.push(0);
-                out.extend_from_slice(&w.to_le_bytes());
-                out.extend_from_slice(&h.to_le_bytes());
-            }
-            Err(why) => {
-                out.push(1);
-                put_str(&mut out, why);
-            }
-        }
-        out.extend_from_slice(&item.content.to_le_bytes());
-        match &item.caption {
-            Caption::NotRead => out.push(0),
-            Caption::Missing => out.push(1),
-            Caption::Text(stamp, text) => {
-                out.push(2);
-                put_stamp(&mut out, *stamp);
-                put_str(&mut out, text);
-            }
-            Caption::Unreadable(stamp, why) => {
-                out.push(3);
-                put_stamp(&mut out, *stamp);
-                put_str(&mut out, why);
-            }
-        }
-    }
-    out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
-    write_atomic(path, &out)
-}
-
-/// `bytes` as `path`: a temp file named by this process (ranks or machines may write the same memo), fsync,
-/// rename. Readers see the old memo or the new one, never a part.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let written = fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(CacheError::io(path, e));
-    }
-    Ok(())
-}
-
-/// The memo's rows and creation time; `None` for a missing, foreign, truncated or corrupt file (a fresh scan is
-/// then the only safe answer).
-fn read_memo(path: &Path) -> Result<Option<(Vec<MemoRow>, i64)>> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(CacheError::io(path, e)),
+    let memo_row = |scanned: &Scanned| match scanned {
+        Scanned::Read(_, row) => *row,
+        Scanned::Remembered(row) => Some(*row),
     };
-    if bytes.len() < 28 || &bytes[..8] != MEMO_MAGIC {
-        return Ok(None);
+    let matched = scanned.iter().filter_map(memo_row).count();
+    let removed = memo.as_ref().map_or(0, |memo| memo.len().saturating_sub(matched));
+    let touched = memo.as_ref().map_or(0, |memo| {
+        let same_bytes = |item: &Item, row: usize| item.content != 0 && memo.content(row) == item.content && memo.stamp(row) != item.stamp;
+        scanned.iter().filter(|s| matches!(s, Scanned::Read(item, Some(row)) if same_bytes(item, *row))).count()
+    });
+    let read: Vec<bool> = scanned.iter().map(|s| matches!(s, Scanned::Read(..))).collect();
+    let unchanged = |memo: &Rows| {
+        removed == 0
+            && !read.contains(&true)
+            && memo.others().eq(others.iter().map(String::as_str))
+            && memo.not_utf8().eq(not_utf8.clone())
+    };
+    match memo {
+        Some(memo) if unchanged(&memo) => Inventory { rows: memo, read: Vec::new(), touched: 0, removed: 0, had_memo: true },
+        memo => {
+            let mut builder = RowsBuilder::with_capacity(scanned.len());
+            for scanned in &scanned {
+                match (scanned, &memo) {
+                    (Scanned::Read(item, _), _) => builder.push_item(item),
+                    (Scanned::Remembered(row), Some(memo)) => builder.push_row(memo, *row),
+                    (Scanned::Remembered(_), None) => {} // rows are remembered from a memo only
+                }
+            }
+            let rows = builder.finish(others.iter().map(String::as_str), not_utf8);
+            Inventory { rows, read, touched, removed, had_memo: memo.is_some() }
+        }
     }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(body).to_le_bytes() != crc {
-        return Ok(None);
-    }
-    Ok(parse_memo(&body[8..]))
 }
 
-fn parse_memo(body: &[u8]) -> Option<(Vec<MemoRow>, i64)> {
-    let mut r = Reader { bytes: body, at: 0 };
-    let time = r.i64()?;
-    let count = r.u64()?;
-    let mut rows = Vec::with_capacity(count.min(1 << 24) as usize);
-    for _ in 0..count {
-        let key = r.string()?;
-        let stamp = r.stamp()?;
-        let size = match r.u8()? {
-            0 => Ok((r.u32()?, r.u32()?)),
-            1 => Err(r.string()?),
-            _ => return None,
-        };
-        let content = r.u128()?;
-        let caption = match r.u8()? {
-            0 => Caption::NotRead,
-            1 => Caption::Missing,
-            2 => Caption::Text(r.stamp()?, r.string()?),
-            3 => Caption::Unreadable(r.stamp()?, r.string()?),
-            _ => return None,
-        };
-        rows.push(MemoRow { key, stamp, size, content, caption });
-    }
-    (r.at == body.len()).then_some((rows, time))
-}
-
-struct MemoRow {
-    key: String,
-    stamp: Stamp,
-    size: std::result::Result<(u32, u32), String>,
-    content: u128,
-    caption: Caption,
-}
-
-/// Memo rows by key (the rows are few enough to index by reference).
-struct Remembered<'a> {
-    by_key: foldhash::HashMap<&'a str, &'a MemoRow>,
-}
-
-impl<'a> Remembered<'a> {
-    fn new(rows: &'a [MemoRow]) -> Self {
-        Remembered { by_key: rows.iter().map(|row| (row.key.as_str(), row)).collect() }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a MemoRow> {
-        self.by_key.get(key).copied()
-    }
+/// Writes the memo of `inventory` to `path` atomically, created at `now_ns`; returns its token.
+pub fn write_memo(path: &Path, inventory: &Inventory, now_ns: i64) -> Result<Token> {
+    inventory.rows.write(path, now_ns)
 }
 
 fn unreadable(key: String, why: &str) -> Item {
@@ -329,37 +311,41 @@ fn unreadable(key: String, why: &str) -> Item {
 /// Each listed image's memo row, found by walking the listing and the memo side by side: both are sorted by
 /// components (the memo is written in inventory order), so a restart looks up a million rows in one pass instead
 /// of a million random probes of a hash map. A row out of that order is not found: its file is read again.
-fn rows_in_order<'a>(listing: &[(String, PathBuf)], rows: &'a [MemoRow]) -> Vec<Option<&'a MemoRow>> {
+fn rows_in_order<'k>(keys: impl Iterator<Item = &'k str>, memo: Option<&Rows>) -> Vec<Option<usize>> {
+    let Some(memo) = memo else {
+        return keys.map(|_| None).collect();
+    };
     let mut next = 0;
-    listing
-        .iter()
-        .map(|(key, _)| {
-            while next < rows.len() && by_components(&rows[next].key, key).is_lt() {
-                next += 1;
-            }
-            rows.get(next).filter(|row| row.key == *key)
-        })
-        .collect()
+    keys.map(|key| {
+        while next < memo.len() && by_components(memo.key(next), key).is_lt() {
+            next += 1;
+        }
+        (next < memo.len() && memo.key(next) == key).then_some(next)
+    })
+    .collect()
 }
 
 /// One image: its memo row when the image's and its caption's stamps are unchanged (and not racily new), else a
 /// fresh read of header, bytes and caption.
-fn inspect(key: &str, path: &Path, options: &Options, row: Option<&MemoRow>, memo_time: Option<i64>, folders: &Folders) -> Item {
+fn inspect(key: &str, path: &Path, options: &Options, row: Option<(&Rows, usize)>, folders: &Folders) -> Scanned {
     let caption_path = options.caption_extension.as_ref().map(|ext| path.with_extension(ext.trim_start_matches('.')));
+    let memo_row = row.map(|(_, i)| i);
     if row.is_none() {
         // No row to compare stamps with: each file is opened once and stamped from the open file (a cold scan of a
         // million files spends most of its time in the kernel's path lookups: this halves them).
         if let Some(item) = read_fresh(key, path, caption_path.as_deref()) {
-            return item;
+            return Scanned::Read(item, None);
         }
     }
     let stamp = match folders.stamp(path) {
         Ok(stamp) => stamp,
-        Err(e) => return unreadable(key.to_string(), &format!("cannot read `{}`: {e}", path.display())),
+        Err(e) => return Scanned::Read(unreadable(key.to_string(), &format!("cannot read `{}`: {e}", path.display())), memo_row),
     };
     let caption_stamp = caption_path.as_ref().map(|p| folders.stamp(p).ok());
-    if let Some(item) = from_memo(key, stamp, caption_stamp, row, memo_time) {
-        return item;
+    if let Some((memo, i)) = row {
+        if unchanged(memo, i, stamp, caption_stamp) {
+            return Scanned::Remembered(i);
+        }
     }
     let (size, content) = match fs::read(path) {
         Ok(bytes) => {
@@ -373,7 +359,7 @@ fn inspect(key: &str, path: &Path, options: &Options, row: Option<&MemoRow>, mem
         (Some(_), Some(None)) | (Some(_), None) => Caption::Missing,
         (Some(p), Some(Some(s))) => read_caption(&p, s),
     };
-    Item { key: key.to_string(), stamp, size, content, caption, read: true }
+    Scanned::Read(Item { key: key.to_string(), stamp, size, content, caption, read: true }, memo_row)
 }
 
 /// The inventory of the objects under `prefix` in `bucket` (a `type: aws` dataset): keys are the objects' keys,
@@ -395,25 +381,25 @@ pub fn scan_bucket(
     let mut others: Vec<String> =
         objects.iter().map(|o| o.key.clone()).filter(|k| wanted(&options.other_extensions, k)).collect();
     others.sort_by(|a, b| by_components(a, b));
-    let (memo_rows, memo_time) = match memo.map(read_memo) {
-        Some(Ok(Some((rows, time)))) => (rows, Some(time)),
-        _ => (Vec::new(), None),
-    };
-    let remembered = Remembered::new(&memo_rows);
+    let memo = opened_memo(memo);
+    let rows = rows_in_order(images.iter().copied(), memo.as_ref());
     // SimpleTuner's caption object: os.path.splitext(key)[0] + extension.
     let caption_keys: Vec<Option<String>> = images
         .iter()
         .map(|key| options.caption_extension.as_ref().map(|ext| format!("{}{ext}", python_stem(key))))
         .collect();
-    let mut items: Vec<Option<Item>> = images
+    let mut scanned: Vec<Option<Scanned>> = images
         .iter()
         .zip(&caption_keys)
-        .map(|(key, caption_key)| {
+        .zip(&rows)
+        .map(|((key, caption_key), row)| {
             let caption_stamp = caption_key.as_ref().map(|k| stamps.get(k.as_str()).copied());
-            from_memo(key, stamps[key], caption_stamp, remembered.get(key), memo_time)
+            let memo = memo.as_ref()?;
+            let row = (*row)?;
+            unchanged(memo, row, stamps[key], caption_stamp).then_some(Scanned::Remembered(row))
         })
         .collect();
-    let unread: Vec<usize> = (0..images.len()).filter(|&i| items[i].is_none()).collect();
+    let unread: Vec<usize> = (0..images.len()).filter(|&i| scanned[i].is_none()).collect();
     let image_keys: Vec<String> = unread.iter().map(|&i| images[i].to_string()).collect();
     let caption_reads: Vec<String> =
         unread.iter().filter_map(|&i| caption_keys[i].clone()).filter(|k| stamps.contains_key(k.as_str())).collect();
@@ -438,10 +424,9 @@ pub fn scan_bucket(
                 _ => Caption::Missing,
             },
         };
-        items[i] = Some(Item { key: key.to_string(), stamp: stamps[key], size, content, caption, read: true });
+        scanned[i] = Some(Scanned::Read(Item { key: key.to_string(), stamp: stamps[key], size, content, caption, read: true }, rows[i]));
     }
-    let items: Vec<Item> = items.into_iter().flatten().collect();
-    Ok(tally(items, &memo_rows, &remembered, memo_time.is_some(), Vec::new(), others))
+    Ok(assemble(memo, scanned.into_iter().flatten().collect(), &others, std::iter::empty()))
 }
 
 /// A listed object's stamp: its ETag changes with its bytes, so it stands where a file's inode and ctime would.
@@ -472,24 +457,17 @@ fn python_stem(key: &str) -> &str {
     }
 }
 
-/// The memo's `row` of `key` as an item, when the image's and its caption's stamps (`None`: the strategy reads no
-/// caption; `Some(None)`: there is none) are those it was read with and not racily new.
-fn from_memo(key: &str, stamp: Stamp, caption_stamp: Option<Option<Stamp>>, row: Option<&MemoRow>, memo_time: Option<i64>) -> Option<Item> {
-    let trusted = |s: Stamp| memo_time.is_some_and(|t| s.mtime_ns.max(s.ctime_ns) < t - RACY_WINDOW_NS);
-    let row = row?;
-    let caption_same = match (&caption_stamp, &row.caption) {
-        (None, Caption::NotRead) | (Some(None), Caption::Missing) => true,
-        (Some(Some(s)), Caption::Text(old, _) | Caption::Unreadable(old, _)) => s == old && trusted(*s),
+/// Whether the memo's row `i` holds the image for these stamps: the image's and its caption's (`None`: the
+/// strategy reads no caption; `Some(None)`: there is none) are those it was read with, and not racily new.
+fn unchanged(memo: &Rows, i: usize, stamp: Stamp, caption_stamp: Option<Option<Stamp>>) -> bool {
+    let time = memo.time();
+    let trusted = |s: Stamp| s.mtime_ns.max(s.ctime_ns) < time - RACY_WINDOW_NS;
+    let caption_same = match (caption_stamp, memo.caption(i)) {
+        (None, CaptionRef::NotRead) | (Some(None), CaptionRef::Missing) => true,
+        (Some(Some(s)), CaptionRef::Text(old, _) | CaptionRef::Unreadable(old, _)) => s == old && trusted(s),
         _ => false,
     };
-    (row.stamp == stamp && trusted(stamp) && caption_same).then(|| Item {
-        key: key.to_string(),
-        stamp,
-        size: row.size.clone(),
-        content: row.content,
-        caption: row.caption.clone(),
-        read: false,
-    })
+    memo.stamp(i) == stamp && trusted(stamp) && caption_same
 }
 
 /// `inspect`'s item from one open of the image and of its caption file; None when a file cannot be opened for any
@@ -596,54 +574,6 @@ pub(crate) fn by_components(a: &str, b: &str) -> std::cmp::Ordering {
     a.bytes().map(lowest_slash).cmp(b.bytes().map(lowest_slash))
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn put_stamp(out: &mut Vec<u8>, s: Stamp) {
-    out.extend_from_slice(&s.size.to_le_bytes());
-    out.extend_from_slice(&s.mtime_ns.to_le_bytes());
-    out.extend_from_slice(&s.ctime_ns.to_le_bytes());
-    out.extend_from_slice(&s.inode.to_le_bytes());
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let end = self.at.checked_add(n)?;
-        let out = self.bytes.get(self.at..end)?;
-        self.at = end;
-        Some(out)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn u128(&mut self) -> Option<u128> {
-        Some(u128::from_le_bytes(self.take(16)?.try_into().ok()?))
-    }
-    fn string(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-    fn stamp(&mut self) -> Option<Stamp> {
-        Some(Stamp { size: self.u64()?, mtime_ns: self.i64()?, ctime_ns: self.i64()?, inode: self.u64()? })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,6 +582,10 @@ mod tests {
         let mut out = Vec::new();
         image::RgbImage::new(w, h).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
         out
+    }
+
+    fn items(inventory: &Inventory) -> Vec<Item> {
+        (0..inventory.len()).map(|i| inventory.item(i)).collect()
     }
 
     fn options() -> Options {
@@ -668,12 +602,14 @@ mod tests {
 
     #[test]
     fn memo_rows_are_matched_in_one_ordered_pass_across_additions_and_removals() {
-        let row = |key: &str| MemoRow { key: key.into(), stamp: Stamp::default(), size: Ok((1, 1)), content: 1, caption: Caption::NotRead };
         // sorted by components: "a/…" before "a.b/…" ('/' sorts below every other byte)
-        let memo = [row("a/1.png"), row("a/2.png"), row("a.b/1.png"), row("c.png"), row("e.png")];
-        let listed: Vec<(String, PathBuf)> =
-            ["a/0.png", "a/2.png", "a.b/1.png", "b.png", "e.png", "f.png"].iter().map(|k| (k.to_string(), PathBuf::from(k))).collect();
-        let found: Vec<Option<&str>> = rows_in_order(&listed, &memo).iter().map(|r| r.map(|r| r.key.as_str())).collect();
+        let mut memo = RowsBuilder::with_capacity(5);
+        for key in ["a/1.png", "a/2.png", "a.b/1.png", "c.png", "e.png"] {
+            memo.push(key, Stamp::default(), Ok((1, 1)), 1, CaptionRef::NotRead);
+        }
+        let memo = memo.finish([], []);
+        let listed = ["a/0.png", "a/2.png", "a.b/1.png", "b.png", "e.png", "f.png"];
+        let found: Vec<Option<&str>> = rows_in_order(listed.into_iter(), Some(&memo)).iter().map(|r| r.map(|r| memo.key(r))).collect();
         assert_eq!(found, [None, Some("a/2.png"), Some("a.b/1.png"), None, Some("e.png"), None]);
     }
 
@@ -728,12 +664,12 @@ mod tests {
     fn lists_as_simpletuner_sorted_reads_sizes_and_captions() {
         let dir = folder();
         let inv = scan(dir.path(), &options(), None).unwrap();
-        let keys: Vec<_> = inv.items.iter().map(|i| i.key.as_str()).collect();
+        let keys: Vec<_> = (0..inv.len()).map(|i| inv.key(i)).collect();
         assert_eq!(keys, ["a.png", "b.png", "sub/c.PNG"]);
-        assert_eq!(inv.items[0].size, Ok((3, 5)));
-        assert!(matches!(&inv.items[0].caption, Caption::Text(_, t) if t == "a cat"));
-        assert_eq!(inv.items[1].caption, Caption::Missing);
-        assert_eq!(inv.items[0].content, xxhash_rust::xxh3::xxh3_128(&png(3, 5)));
+        assert_eq!(items(&inv)[0].size, Ok((3, 5)));
+        assert!(matches!(&items(&inv)[0].caption, Caption::Text(_, t) if t == "a cat"));
+        assert_eq!(items(&inv)[1].caption, Caption::Missing);
+        assert_eq!(items(&inv)[0].content, xxhash_rust::xxh3::xxh3_128(&png(3, 5)));
         assert_eq!(inv.read_count(), 3);
     }
 
@@ -747,9 +683,9 @@ mod tests {
         fs::write(dir.path().join("sub/clip.MP4"), b"not read").unwrap();
         fs::write(dir.path().join("notes.md"), b"not listed").unwrap();
         let inv = scan(dir.path(), &options(), None).unwrap();
-        let keys: Vec<_> = inv.items.iter().map(|i| i.key.as_str()).collect();
+        let keys: Vec<_> = (0..inv.len()).map(|i| inv.key(i)).collect();
         assert_eq!(keys, [".hidden/x.png", "a.png", "b.png", "sub/c.PNG"]);
-        assert_eq!(inv.others, ["sub/clip.MP4"]);
+        assert_eq!(inv.others().collect::<Vec<_>>(), ["sub/clip.MP4"]);
     }
 
     #[test]
@@ -778,8 +714,8 @@ mod tests {
         write_memo(&memo, &fresh, 0).unwrap(); // every row untrusted (racily new): each file stat first, then read
         let stat_first = scan(dir.path(), &options(), Some(&memo)).unwrap();
         assert_eq!(stat_first.read_count(), 4);
-        assert_eq!(stat_first.items, fresh.items);
-        assert!(matches!(&fresh.items[2].caption, Caption::Unreadable(_, why) if why.contains("UTF-8")));
+        assert_eq!(items(&stat_first), items(&fresh));
+        assert!(matches!(&items(&fresh)[2].caption, Caption::Unreadable(_, why) if why.contains("UTF-8")));
     }
 
     #[test]
@@ -790,7 +726,7 @@ mod tests {
         write_memo(&memo, &first, later()).unwrap();
         let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
         assert_eq!(again.read_count(), 0);
-        assert_eq!(again.items, first.items.iter().map(|i| Item { read: false, ..i.clone() }).collect::<Vec<_>>());
+        assert_eq!(items(&again), items(&first).iter().map(|i| Item { read: false, ..i.clone() }).collect::<Vec<_>>());
 
         // Touched but unchanged (a copy's new mtime), edited, caption edited, added, removed.
         let a = dir.path().join("a.png");
@@ -800,12 +736,36 @@ mod tests {
         fs::write(dir.path().join("d.png"), png(1, 1)).unwrap();
         fs::remove_file(dir.path().join("sub/c.PNG")).unwrap();
         let changed = scan(dir.path(), &options(), Some(&memo)).unwrap();
-        let keys: Vec<_> = changed.items.iter().map(|i| (i.key.as_str(), i.read)).collect();
+        let keys: Vec<_> = (0..changed.len()).map(|i| (changed.key(i), changed.item(i).read)).collect();
         assert_eq!(keys, [("a.png", true), ("b.png", true), ("d.png", true)]);
-        assert_eq!(changed.items[0].content, first.items[0].content);
-        assert!(matches!(&changed.items[0].caption, Caption::Text(_, t) if t == "a dog"));
-        assert_eq!(changed.items[1].size, Ok((6, 2)));
+        assert_eq!(items(&changed)[0].content, items(&first)[0].content);
+        assert!(matches!(&items(&changed)[0].caption, Caption::Text(_, t) if t == "a dog"));
+        assert_eq!(items(&changed)[1].size, Ok((6, 2)));
         assert_eq!((changed.touched, changed.removed), (1, 1));
+    }
+
+    #[test]
+    fn an_unchanged_folder_is_its_memo_which_other_ranks_take_by_its_token() {
+        let dir = folder();
+        let memo = dir.path().join(".memo");
+        let first = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        assert_eq!(first.memo_token(), None); // read from disk: the memo is to be written
+        let token = write_memo(&memo, &first, later()).unwrap();
+        let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        assert_eq!(again.memo_token(), Some(token));
+        let shared = Inventory::of_memo(&memo, token).unwrap();
+        assert_eq!(items(&shared), items(&again));
+        assert_eq!((shared.read_count(), shared.others().collect::<Vec<_>>()), (0, vec![]));
+        assert!(Inventory::of_memo(&memo, (token.0 + 1, token.1)).is_none());
+        // a file the memo does not know, even one not read (another extension): no longer the memo
+        fs::write(dir.path().join("clip.mp4"), b"x").unwrap();
+        let listed = scan(dir.path(), &options(), Some(&memo)).unwrap();
+        assert_eq!((listed.memo_token(), listed.read_count()), (None, 0));
+        assert_eq!(listed.others().collect::<Vec<_>>(), ["clip.mp4"]);
+        // once rewritten, the previous token no longer names it
+        let token2 = write_memo(&memo, &listed, later()).unwrap();
+        assert!(Inventory::of_memo(&memo, token).is_none());
+        assert_eq!(items(&Inventory::of_memo(&memo, token2).unwrap()), items(&again));
     }
 
     #[test]
@@ -822,7 +782,7 @@ mod tests {
         assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [when, when].as_ptr(), 0) }, 0);
         let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
         assert_eq!(again.read_count(), 1);
-        assert!(matches!(&again.items[0].caption, Caption::Text(_, t) if t == "a dog"));
+        assert!(matches!(&items(&again)[0].caption, Caption::Text(_, t) if t == "a dog"));
     }
 
     #[test]
@@ -831,7 +791,7 @@ mod tests {
         let memo = dir.path().join(".memo");
         let first = scan(dir.path(), &options(), None).unwrap();
         // A memo written in the same tick as the files' mtimes: nothing in it can be trusted.
-        write_memo(&memo, &first, first.items[0].stamp.mtime_ns).unwrap();
+        write_memo(&memo, &first, items(&first)[0].stamp.mtime_ns).unwrap();
         assert_eq!(scan(dir.path(), &options(), Some(&memo)).unwrap().read_count(), 3);
         write_memo(&memo, &first, later()).unwrap();
         let mut bytes = fs::read(&memo).unwrap();
@@ -840,7 +800,7 @@ mod tests {
         fs::write(&memo, &bytes).unwrap();
         let rescanned = scan(dir.path(), &options(), Some(&memo)).unwrap();
         assert_eq!((rescanned.read_count(), rescanned.had_memo), (3, false));
-        fs::write(&memo, b"LCMINV02").unwrap();
+        fs::write(&memo, b"LCMINV03").unwrap();
         assert!(!scan(dir.path(), &options(), Some(&memo)).unwrap().had_memo);
     }
 
@@ -849,7 +809,7 @@ mod tests {
         let dir = folder();
         fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
         let inv = scan(dir.path(), &options(), None).unwrap();
-        let broken = inv.items.iter().find(|i| i.key == "broken.png").unwrap();
+        let broken = items(&inv).into_iter().find(|i| i.key == "broken.png").unwrap();
         assert!(broken.size.as_ref().unwrap_err().contains("broken.png"), "{:?}", broken.size);
     }
 

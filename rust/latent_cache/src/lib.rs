@@ -4,6 +4,7 @@
 pub mod bucket;
 pub mod decode;
 pub mod inventory;
+pub mod memo;
 pub mod plan;
 mod error;
 mod pyrandom;

@@ -2,7 +2,8 @@
 //! the store key of each latent. A plan holds millions of rows; they live here, and the caller asks for objects
 //! only for the rows it works on (what changed, what failed).
 use crate::bucket::{py_float_repr, Bucketer, Sample};
-use crate::inventory::{by_components, Caption, Inventory};
+use crate::inventory::{by_components, Inventory};
+use crate::memo::CaptionRef;
 use crate::store::CacheReader;
 use crate::Result;
 use rayon::prelude::*;
@@ -69,10 +70,12 @@ pub fn plan(inventory: &Inventory, bucketer: &mut Bucketer, rules: &Rules) -> Re
     let mut plan = Plan::default();
     let mut distinct: HashMap<SampleKey, u32> = HashMap::new();
     let mut refused = rules.refused.iter().peekable();
-    for (row, item) in inventory.items.iter().enumerate() {
+    for row in 0..inventory.len() {
+        let caption = inventory.caption(row);
+        let item_size = inventory.size(row);
         let row = row as u32;
         let size = match rules.sizes {
-            Some(sizes) => match (item.size.is_ok(), sizes[row as usize]) {
+            Some(sizes) => match (item_size.is_ok(), sizes[row as usize]) {
                 (false, _) => continue,
                 (true, None) => {
                     plan.left_out.push((row, LeftOut::NoSize));
@@ -80,7 +83,7 @@ pub fn plan(inventory: &Inventory, bucketer: &mut Bucketer, rules: &Rules) -> Re
                 }
                 (true, Some(size)) => size,
             },
-            None => match item.size {
+            None => match item_size {
                 Ok(size) => size,
                 Err(_) => continue,
             },
@@ -93,9 +96,9 @@ pub fn plan(inventory: &Inventory, bucketer: &mut Bucketer, rules: &Rules) -> Re
             Some(LeftOut::AspectBelowMinimum)
         } else if rules.maximum_aspect_ratio.is_some_and(|limit| bucket_ratio(&sample) > limit) {
             Some(LeftOut::AspectAboveMaximum)
-        } else if matches!(item.caption, Caption::Unreadable(..)) {
+        } else if matches!(caption, CaptionRef::Unreadable(..)) {
             Some(LeftOut::CaptionUnreadable)
-        } else if rules.caption_file_required && !matches!(item.caption, Caption::Text(..)) {
+        } else if rules.caption_file_required && !matches!(caption, CaptionRef::Text(..)) {
             Some(LeftOut::CaptionMissing)
         } else {
             while refused.next_if(|&&r| r < row).is_some() {}
@@ -145,20 +148,20 @@ impl Plan {
 
     /// Position of the planned image whose inventory key is `key` (the inventory is sorted by components).
     pub fn position_of(&self, inventory: &Inventory, key: &str) -> Option<usize> {
-        self.rows.binary_search_by(|&row| by_components(&inventory.items[row as usize].key, key)).ok()
+        self.rows.binary_search_by(|&row| by_components(inventory.key(row as usize), key)).ok()
     }
 
     /// Every image's recipe digest (what its latent is a function of, see `recipe_digest`), computed on rayon.
     pub fn recipes(&self, inventory: &Inventory, fingerprint: &str) -> Vec<[u8; 8]> {
         (0..self.len())
             .into_par_iter()
-            .map(|p| recipe_digest(fingerprint, self.sample(p), inventory.items[self.rows[p] as usize].content))
+            .map(|p| recipe_digest(fingerprint, self.sample(p), inventory.content(self.rows[p] as usize)))
             .collect()
     }
 
     /// The store key of planned image `position`: its inventory key, '@', its recipe digest.
     pub fn store_key(&self, inventory: &Inventory, recipes: &[[u8; 8]], position: usize) -> String {
-        format!("{}@{}", inventory.items[self.rows[position] as usize].key, hex(&recipes[position]))
+        format!("{}@{}", inventory.key(self.rows[position] as usize), hex(&recipes[position]))
     }
 
     /// Whether `store` holds the entry `<store key><suffix>` of each planned image (on rayon): its latent for an
@@ -173,12 +176,12 @@ impl Plan {
     pub fn digest(&self, inventory: &Inventory, recipes: &[[u8; 8]]) -> [u8; 32] {
         let mut hasher = Sha256::new();
         for (p, &row) in self.rows.iter().enumerate() {
-            let item = &inventory.items[row as usize];
-            hasher.update((item.key.len() as u64).to_le_bytes());
-            hasher.update(item.key.as_bytes());
+            let key = inventory.key(row as usize);
+            hasher.update((key.len() as u64).to_le_bytes());
+            hasher.update(key.as_bytes());
             hasher.update(recipes[p]);
-            match &item.caption {
-                Caption::Text(_, text) => {
+            match inventory.caption(row as usize) {
+                CaptionRef::Text(_, text) => {
                     hasher.update(b"T");
                     hasher.update((text.len() as u64).to_le_bytes());
                     hasher.update(text.as_bytes());
@@ -200,7 +203,7 @@ impl Plan {
             if n > 0 {
                 metadata.push_str(", ");
             }
-            python_json_string(&mut metadata, folder, &inventory.items[self.rows[p as usize] as usize].key);
+            python_json_string(&mut metadata, folder, inventory.key(self.rows[p as usize] as usize));
             metadata.push_str(": ");
             metadata.push_str(&templates[self.sample_of[p as usize] as usize]);
         }
@@ -216,7 +219,7 @@ impl Plan {
                 if n > 0 {
                     indices.push_str(", ");
                 }
-                python_json_string(&mut indices, folder, &inventory.items[self.rows[p as usize] as usize].key);
+                python_json_string(&mut indices, folder, inventory.key(self.rows[p as usize] as usize));
             }
             indices.push(']');
         }
@@ -260,7 +263,7 @@ impl KeyIndex {
     /// Indexes every planned image of `plan` (about 5 bytes each).
     pub fn new(plan: &Plan, inventory: &Inventory) -> KeyIndex {
         let hasher = FixedState::default();
-        let key_of = |p: u32| inventory.items[plan.rows[p as usize] as usize].key.as_str();
+        let key_of = |p: u32| inventory.key(plan.rows[p as usize] as usize);
         let mut table = HashTable::with_capacity(plan.len());
         for p in 0..plan.len() as u32 {
             table.insert_unique(hasher.hash_one(key_of(p)), p, |&q| hasher.hash_one(key_of(q)));
@@ -270,7 +273,7 @@ impl KeyIndex {
 
     /// The position of the planned image with inventory key `key` (`plan` and `inventory` those it was built on).
     pub fn position_of(&self, plan: &Plan, inventory: &Inventory, key: &str) -> Option<usize> {
-        let found = self.table.find(self.hasher.hash_one(key), |&q| inventory.items[plan.rows[q as usize] as usize].key == key);
+        let found = self.table.find(self.hasher.hash_one(key), |&q| inventory.key(plan.rows[q as usize] as usize) == key);
         found.map(|&q| q as usize)
     }
 }
@@ -339,7 +342,7 @@ pub fn python_json_string(out: &mut String, head: &str, tail: &str) {
 mod tests {
     use super::*;
     use crate::bucket::{BucketConfig, ResolutionType};
-    use crate::inventory::{Item, Stamp};
+    use crate::inventory::{Caption, Item, Stamp};
 
     fn item(key: &str, size: Option<(u32, u32)>, caption: Caption) -> Item {
         Item {
@@ -353,7 +356,7 @@ mod tests {
     }
 
     fn inventory(items: Vec<Item>) -> Inventory {
-        Inventory { items, touched: 0, removed: 0, had_memo: false, not_utf8: vec![], others: vec![] }
+        Inventory::of_items(&items)
     }
 
     fn bucketer(minimum: Option<f64>) -> Bucketer {

@@ -1,6 +1,7 @@
 //! Inventory binding: one folder scanned in Rust, its columns handed to Python.
 use crate::errors::guarded;
-use latent_cache::inventory::{self, Caption, Options};
+use latent_cache::inventory::{self, Inventory, Options};
+use latent_cache::memo::{CaptionRef, Token};
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
@@ -13,51 +14,54 @@ pub struct PyInventory {
 #[pymethods]
 impl PyInventory {
     fn __len__(&self) -> usize {
-        self.inner.items.len()
+        self.inner.len()
     }
 
     /// Keys: paths relative to the folder, '/'-separated.
     #[getter]
     fn keys(&self) -> Vec<&str> {
-        self.inner.items.iter().map(|i| i.key.as_str()).collect()
+        (0..self.inner.len()).map(|i| self.inner.key(i)).collect()
     }
 
     /// The key of image `index`.
     fn key(&self, index: usize) -> PyResult<&str> {
-        let item = self.inner.items.get(index).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no image {index}")))?;
-        Ok(item.key.as_str())
+        if index >= self.inner.len() {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no image {index}")));
+        }
+        Ok(self.inner.key(index))
     }
 
     /// Oriented (W, H) per image, None where the header could not be read (see `errors`).
     #[getter]
     fn sizes(&self) -> Vec<Option<(u32, u32)>> {
-        self.inner.items.iter().map(|i| i.size.as_ref().ok().copied()).collect()
+        (0..self.inner.len()).map(|i| self.inner.size(i).ok()).collect()
     }
 
     /// (index, message) of every image whose header could not be read.
     #[getter]
     fn errors(&self) -> Vec<(usize, &str)> {
-        self.inner.items.iter().enumerate().filter_map(|(n, i)| i.size.as_ref().err().map(|e| (n, e.as_str()))).collect()
+        (0..self.inner.len()).filter_map(|i| self.inner.size(i).err().map(|why| (i, why))).collect()
     }
 
     /// 32 hex digits of each file's content hash (xxh3-128).
     #[getter]
     fn contents(&self) -> Vec<String> {
-        self.inner.items.iter().map(|i| format!("{:032x}", i.content)).collect()
+        (0..self.inner.len()).map(|i| format!("{:032x}", self.inner.content(i))).collect()
     }
 
     /// Caption file per image: its text, or None when there is none or it was not read; unreadable ones are in
     /// `caption_errors`.
     #[getter]
     fn captions(&self) -> Vec<Option<&str>> {
-        self.inner.items.iter().map(|i| if let Caption::Text(_, t) = &i.caption { Some(t.as_str()) } else { None }).collect()
+        let text = |i| if let CaptionRef::Text(_, t) = self.inner.caption(i) { Some(t) } else { None };
+        (0..self.inner.len()).map(text).collect()
     }
 
     /// (index, reason) of every caption file that exists but cannot be read.
     #[getter]
     fn caption_errors(&self) -> Vec<(usize, &str)> {
-        let items = self.inner.items.iter().enumerate();
-        items.filter_map(|(n, i)| if let Caption::Unreadable(_, why) = &i.caption { Some((n, why.as_str())) } else { None }).collect()
+        let why = |i| if let CaptionRef::Unreadable(_, why) = self.inner.caption(i) { Some((i, why)) } else { None };
+        (0..self.inner.len()).filter_map(why).collect()
     }
 
     /// How many images this scan read from disk (new, or stamps changed); the rest came from the memo.
@@ -88,20 +92,27 @@ impl PyInventory {
     #[getter]
     fn not_utf8(&self) -> Vec<Vec<u8>> {
         use std::os::unix::ffi::OsStrExt;
-        self.inner.not_utf8.iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect()
+        self.inner.not_utf8().iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect()
     }
 
     /// Keys of the listed files that are not images read here (`other_extensions`).
     #[getter]
     fn others(&self) -> Vec<&str> {
-        self.inner.others.iter().map(String::as_str).collect()
+        self.inner.others().collect()
+    }
+
+    /// (time, CRC) of the memo this inventory is, as it lies on disk (nothing changed since it was written); None
+    /// when the scan changed anything and the memo is to be written again.
+    #[getter]
+    fn memo_token(&self) -> Option<Token> {
+        self.inner.memo_token()
     }
 
     /// Every listed file (images and others) grouped by folder, as SimpleTuner's local backend lists them:
     /// (the folder's name under `root`, the files' paths under `absolute_root`), folders in key order.
     fn listing(&self, root: &str, absolute_root: &str) -> Vec<(String, Vec<String>)> {
         let join = |base: &str, rest: &str| if base.ends_with('/') { format!("{base}{rest}") } else { format!("{base}/{rest}") };
-        let keys = self.inner.items.iter().map(|i| i.key.as_str()).chain(self.inner.others.iter().map(String::as_str));
+        let keys = (0..self.inner.len()).map(|i| self.inner.key(i)).chain(self.inner.others());
         let mut folders: Vec<(String, Vec<String>)> = Vec::new();
         let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for key in keys {
@@ -115,8 +126,8 @@ impl PyInventory {
         folders
     }
 
-    /// Writes this inventory as the memo at `path` (atomically).
-    fn write_memo(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    /// Writes this inventory as the memo at `path` (atomically); returns the memo's token.
+    fn write_memo(&self, py: Python<'_>, path: PathBuf) -> PyResult<Token> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
         py.allow_threads(|| guarded(|| inventory::write_memo(&path, &self.inner, now)))
     }
@@ -142,4 +153,12 @@ pub fn scan_inventory_py(
         guarded(|| latent_cache::with_threads(threads, || inventory::scan(&data_dir, &options, memo.as_deref()))?)
     })?;
     Ok(PyInventory { inner: inner.into() })
+}
+
+/// The inventory the memo at `path` holds, when its token is `token` (its machine's first rank scanned the folder
+/// and confirmed or wrote that memo in this start): mapped, shared by the ranks of the machine, and no file is
+/// stat'ed again. None when the memo is not that one any more, or cannot be read.
+#[pyfunction(name = "inventory_of_memo")]
+pub fn inventory_of_memo_py(py: Python<'_>, path: PathBuf, token: Token) -> Option<PyInventory> {
+    py.allow_threads(|| Inventory::of_memo(&path, token)).map(|inner| PyInventory { inner: inner.into() })
 }

@@ -5,7 +5,8 @@ use crate::bucket::{sample_dict, PyBucketer};
 use crate::cache::PyCacheReader;
 use crate::errors::guarded;
 use crate::inventory::PyInventory;
-use latent_cache::inventory::{Caption, Inventory};
+use latent_cache::inventory::Inventory;
+use latent_cache::memo::CaptionRef;
 use latent_cache::plan::{self, hex, KeyIndex, LeftOut, Plan, Rules};
 use numpy::{PyArray1, IntoPyArray};
 use pyo3::exceptions::PyValueError;
@@ -70,7 +71,7 @@ impl PyImageTable {
         maximum_aspect_ratio: Option<f64>,
     ) -> PyResult<Self> {
         let inventory = inventory.inner.clone();
-        if sizes.as_ref().is_some_and(|s| s.len() != inventory.items.len()) {
+        if sizes.as_ref().is_some_and(|s| s.len() != inventory.len()) {
             return Err(PyValueError::new_err("sizes must give one entry per inventory row"));
         }
         refused.sort_unstable();
@@ -121,10 +122,11 @@ impl PyImageTable {
             .into_iter()
             .map(|p| {
                 let p = self.position(p)?;
-                let item = &self.inventory.items[self.plan.rows[p] as usize];
-                let text = if let Caption::Text(_, t) = &item.caption { Some(t.as_str()) } else { None };
+                let row = self.plan.rows[p] as usize;
+                let text = if let CaptionRef::Text(_, t) = self.inventory.caption(row) { Some(t) } else { None };
                 let key = recipes.map(|r| self.plan.store_key(&self.inventory, r, p)).unwrap_or_default();
-                Ok((format!("{}{}", self.folder, item.key), item.key.as_str(), text, format!("{:032x}", item.content), key, self.plan.sample_of[p]))
+                let image = self.inventory.key(row);
+                Ok((format!("{}{image}", self.folder), image, text, format!("{:032x}", self.inventory.content(row)), key, self.plan.sample_of[p]))
             })
             .collect()
     }
@@ -167,8 +169,8 @@ impl PyImageTable {
         }).collect::<PyResult<_>>()?;
         let loaded = PyDict::new(py);
         for &p in &positions {
-            let item = &self.inventory.items[self.plan.rows[p as usize] as usize];
-            let path = PyString::new(py, &format!("{}{}", self.folder, item.key));
+            let key = self.inventory.key(self.plan.rows[p as usize] as usize);
+            let path = PyString::new(py, &format!("{}{key}", self.folder));
             loaded.set_item(path, templates[self.plan.sample_of[p as usize] as usize].copy()?)?;
         }
         Ok((PyBytes::new(py, indices.as_bytes()), PyBytes::new(py, metadata.as_bytes()), loaded))
@@ -231,7 +233,7 @@ impl PyServedImages {
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let paths: Vec<String> = (0..self.plan.len())
             .filter(|&p| self.served[p])
-            .map(|p| format!("{}{}", self.folder, self.inventory.items[self.plan.rows[p] as usize].key))
+            .map(|p| format!("{}{}", self.folder, self.inventory.key(self.plan.rows[p] as usize)))
             .collect();
         Ok(PyList::new(py, paths)?.into_any().try_iter()?.into_any())
     }
