@@ -1,6 +1,6 @@
 """Typed surface of the Rust extension `lcm_plugin._latent_cache` (see docs/data-path.md)."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 from typing import Any
 
@@ -125,6 +125,7 @@ class ServedImages:
     def __contains__(self, path: object) -> bool: ...
     def __iter__(self) -> Iterator[str]: ...
     def get(self, path: object) -> str | None: ...
+    def missing_from(self, paths: Iterable[object]) -> list[object]: ...
 
 def decode_batch(
     paths: list[_Path],

@@ -419,8 +419,11 @@ def take_parquet_captions(dataset_id: str, parquet_config) -> dict | None:
 
 def unserved(served: Mapping[str, str], paths: Iterable[str]) -> list[str]:
     """Those of `paths` that `served` (`cached_images`) holds under neither their own name nor os.path.abspath's:
-    one C-level pass over SimpleTuner's million paths, only the misses normalised."""
-    return [path for path in filterfalse(served.__contains__, paths) if os.path.abspath(path) not in served]
+    one pass over SimpleTuner's million paths (in Rust for the shards' own mapping), only the misses normalised."""
+    from lcm_plugin.cache import ServedImages
+
+    missing = served.missing_from(paths) if isinstance(served, ServedImages) else filterfalse(served.__contains__, paths)
+    return [path for path in missing if os.path.abspath(path) not in served]
 
 
 def listed_as(extensions) -> frozenset[str]:

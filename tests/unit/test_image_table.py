@@ -65,9 +65,13 @@ def test_the_served_mapping_finds_every_image_by_path_in_component_order(tmp_pat
     held = dataset.images.table.held(LatentCacheReader(tmp_path / "store").native, "")
     assert held.tolist() == [item.cache_key in {i.cache_key for i in items[1:]} for item in items]
     assert not dataset.images.table.held(LatentCacheReader(tmp_path / "store").native, TIME_IDS).any()
-    for stranger in [str(tmp_path / "data" / "a"), str(tmp_path / "data"), "relative/a/2.png", 7, None,
-                     str(tmp_path / "data" / "a/2.png") + "x"]:
+    strangers = [str(tmp_path / "data" / "a"), str(tmp_path / "data"), "relative/a/2.png", 7, None,
+                 str(tmp_path / "data" / "a/2.png") + "x"]
+    for stranger in strangers:
         assert stranger not in served and served.get(stranger) is None
+    # the bulk form of `in`, over any iterable, keeps the order and the objects given
+    asked = [item.path for item in reversed(items)] + strangers + [items[1].path]
+    assert served.missing_from(iter(asked)) == [path for path in asked if path not in expected]
 
 
 def test_rows_come_back_only_where_asked_and_positions_are_checked(tmp_path):

@@ -37,12 +37,20 @@ from lcm_plugin.cache_build.store import (
 )
 
 TEXT_BATCH = 32  # captions per text-encoder call
+# Objects of an S3 dataset requested ahead of the decoder. A request waits tens of milliseconds on a real bucket,
+# and one VAE batch (SimpleTuner's default vae_batch_size is 4) would leave the build waiting on that latency.
+FETCH_AHEAD_OBJECTS = 64
 
 
-def _decode(batch: Batch, remote, threads: int | None):
+def _fetch(batch: Batch, remote):
+    """(bytes or None per image, [(index, why)]) of `batch`'s objects, fetched concurrently."""
+    return remote.bucket.get_all([item.path for item in batch.items])
+
+
+def _decode(batch: Batch, remote, threads: int | None, fetched=None):
     """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch. An S3
-    dataset's (`remote`) objects are fetched concurrently and decoded from memory as stored, as SimpleTuner decodes
-    them (no EXIF orientation); one that cannot be fetched is an error of its own."""
+    dataset's (`remote`) objects (`fetched`: a future of `_fetch`, else fetched here) are decoded from memory as
+    stored, as SimpleTuner decodes them (no EXIF orientation); one that cannot be fetched is an error of its own."""
     from lcm_plugin.cache import decode_batch, decode_batch_bytes
 
     items = batch.items
@@ -50,7 +58,7 @@ def _decode(batch: Batch, remote, threads: int | None):
                 items[0].sample["target_size"])
     if remote is None:
         return decode_batch([str(item.path) for item in items], *geometry, threads=threads)
-    blobs, failures = remote.bucket.get_all([item.path for item in items])
+    blobs, failures = _fetch(batch, remote) if fetched is None else fetched.result()
     fetched = [i for i, blob in enumerate(blobs) if blob is not None]
     pixels, ok, errors = decode_batch_bytes(
         [blobs[i] for i in fetched], [geometry[0][i] for i in fetched], [geometry[1][i] for i in fetched], geometry[2],
@@ -65,7 +73,8 @@ def encode_images(
     batches: list[Batch], datasets: list[Dataset], settings: RunSettings, prints: Fingerprints,
     options: BuildOptions, rank: int, report: BuildReport, models,
 ) -> None:
-    """Decodes batch i + 1 on a helper thread (the Rust decode releases the GIL) while the VAE encodes batch i."""
+    """Decodes batch i + 1 on a helper thread (the Rust decode releases the GIL) while the VAE encodes batch i; the
+    objects of an S3 dataset's next batches are fetched further ahead (FETCH_AHEAD_OBJECTS)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,13 +125,30 @@ def encode_images(
     bar = tqdm(total=sum(len(b) for b, _, _ in work), unit="img", desc=f"latents (rank {rank})",
                disable=rank != 0 or not work)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder:
-        decoding = {}
+    wanted = [bool(missing) and problem is None for (_, missing, _), problem in zip(work, problems)]
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder,
+          ThreadPoolExecutor(max_workers=FETCH_AHEAD_OBJECTS, thread_name_prefix="lcm-fetch") as fetcher):
+        decoding, fetching = {}, {}
+        fetched_up_to = 0  # batches before this one have been sent to the fetcher (or need no fetch)
+
+        def fetch_ahead(index: int) -> None:
+            nonlocal fetched_up_to
+            fetched_up_to = max(fetched_up_to, index)
+            in_flight = sum(len(work[i][0]) for i in fetching if i >= index)
+            while fetched_up_to < len(work) and in_flight < FETCH_AHEAD_OBJECTS:
+                batch = work[fetched_up_to][0]
+                remote = by_id[batch.dataset].remote
+                if remote is not None and wanted[fetched_up_to]:
+                    fetching[fetched_up_to] = fetcher.submit(_fetch, batch, remote)
+                    in_flight += len(batch)
+                fetched_up_to += 1
 
         def decode_ahead(index: int) -> None:
-            if index < len(work) and work[index][1] and problems[index] is None:
+            if index < len(work) and wanted[index]:
                 batch = work[index][0]
-                decoding[index] = decoder.submit(_decode, batch, by_id[batch.dataset].remote, options.threads)
+                fetch_ahead(index)
+                decoding[index] = decoder.submit(_decode, batch, by_id[batch.dataset].remote, options.threads,
+                                                 fetching.pop(index, None))
 
         decode_ahead(0)
         for index, (batch, missing, incomplete) in enumerate(work):

@@ -276,6 +276,11 @@ impl KeyIndex {
         let found = self.table.find(self.hasher.hash_one(key), |&q| inventory.key(plan.rows[q as usize] as usize) == key);
         found.map(|&q| q as usize)
     }
+
+    /// `position_of` each of `keys` (None stays None), in parallel: the lookups miss the cache more than they compute.
+    pub fn positions_of(&self, plan: &Plan, inventory: &Inventory, keys: &[Option<&str>]) -> Vec<Option<usize>> {
+        keys.par_iter().map(|key| key.and_then(|key| self.position_of(plan, inventory, key))).collect()
+    }
 }
 
 /// First 8 bytes of the SHA-256 of one latent's recipe as canonical JSON (sorted keys, no spaces): the fingerprint

@@ -213,9 +213,13 @@ pub struct PyServedImages {
 }
 
 impl PyServedImages {
+    /// The inventory key of `path`: a str under the folder.
+    fn key_of<'a>(&self, path: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+        path.downcast::<PyString>().ok()?.to_str().ok()?.strip_prefix(&self.folder)
+    }
+
     fn served_position(&self, path: &Bound<'_, PyAny>) -> Option<usize> {
-        let path = path.downcast::<PyString>().ok()?.to_str().ok()?;
-        let p = self.index.position_of(&self.plan, &self.inventory, path.strip_prefix(&self.folder)?)?;
+        let p = self.index.position_of(&self.plan, &self.inventory, self.key_of(path)?)?;
         self.served[p].then_some(p)
     }
 }
@@ -236,6 +240,17 @@ impl PyServedImages {
             .map(|p| format!("{}{}", self.folder, self.inventory.key(self.plan.rows[p] as usize)))
             .collect();
         Ok(PyList::new(py, paths)?.into_any().try_iter()?.into_any())
+    }
+
+    /// Those of `paths` (any iterable) that are not served, in their order: one pass over SimpleTuner's lists of a
+    /// million paths, the lookups in parallel without the GIL.
+    fn missing_from<'py>(&self, py: Python<'py>, paths: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let paths: Vec<Bound<'py, PyAny>> = paths.try_iter()?.collect::<PyResult<_>>()?;
+        let keys: Vec<Option<&str>> = paths.iter().map(|path| self.key_of(path)).collect();
+        let positions = py.allow_threads(|| latent_cache::with_threads(None, || self.index.positions_of(&self.plan, &self.inventory, &keys)));
+        let positions = guarded(|| positions)?;
+        let served = positions.into_iter().map(|p| p.is_some_and(|p| self.served[p]));
+        Ok(paths.into_iter().zip(served).filter(|(_, served)| !served).map(|(path, _)| path).collect())
     }
 
     /// The store key of the latent of `path` (absolute, as the scan names it), None when it is not served.
