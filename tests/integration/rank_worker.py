@@ -57,6 +57,9 @@ def main(model_dir: Path, result: Path) -> None:
         # images each dataset's scan read from disk on this rank (the rest came from the scan memo)
         "scan_reads": {dataset_id: cache.listed[2].read for dataset_id, cache in coverage.datasets.items()
                        if cache.listed is not None},
+        # whether that inventory is the scan memo itself, mapped (its token), rather than rows of this rank's own
+        "memo_mapped": {dataset_id: cache.listed[2].memo_token is not None
+                        for dataset_id, cache in coverage.datasets.items() if cache.listed is not None},
     }))
     dist.destroy_process_group()
 

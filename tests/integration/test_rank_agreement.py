@@ -96,9 +96,10 @@ def test_both_ranks_serve_the_caches_they_built_together(run, tiny_sdxl_dir):
     assert "read latents and text embeddings from the memory-mapped caches (4 image(s) encoded here" in log0, log0
     # each rank's Rust pools get its share of the cores (two ranks on this machine)
     assert {result["rayon_threads"] for result, _ in outcomes} == {str(max(1, os.cpu_count() // WORLD))}
-    # the machine's first rank scanned the folder (though it came late); the other one waited for it and planned from
-    # the memo it wrote, reading nothing
+    # the machine's first rank scanned the folder (though it came late); the other one waited for it and mapped the
+    # memo it wrote (its token), reading nothing
     assert [result["scan_reads"] for result, _ in outcomes] == [{"toy": 8}, {"toy": 0}]
+    assert [result["memo_mapped"] for result, _ in outcomes] == [{"toy": False}, {"toy": True}]
 
 
 @pytest.mark.parametrize(
