@@ -460,19 +460,13 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     themselves), and `dataset.memo_token` names it. A memo whose token is in `shared_memos` (what the machine's
     first rank scanned in this start) is the inventory itself, mapped: nothing is stat'ed. Files with the other
     `listed_extensions` (".ext", lower case) are listed in `dataset.inventory`, not read."""
-    from lcm_plugin.cache import LatentCacheError, inventory_of_memo, scan_inventory
+    from lcm_plugin.cache import LatentCacheError, inventory_of_memo
 
-    textfile = dataset.caption_strategy == "textfile"
     memo = memo_path(dataset)
-    others = sorted(set(listed_extensions) - set(IMAGE_EXTENSIONS))
     try:
-        inventory = next(filter(None, (inventory_of_memo(memo, token) for token in shared_memos)), None)
-        if inventory is None and dataset.remote is not None:  # objects read whole, concurrently; the memo is local
-            inventory = dataset.remote.bucket.scan(dataset.remote.prefix, list(IMAGE_EXTENSIONS),
-                                                   ".txt" if textfile else None, memo, other_extensions=others)
-        elif inventory is None:
-            inventory = scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), ".txt" if textfile else None, memo,
-                                       threads=threads, other_extensions=others)
+        inventory = inventory_of_memo(memo, list(shared_memos)) if shared_memos else None
+        if inventory is None:
+            inventory = _scan(dataset, memo, threads, sorted(set(listed_extensions) - set(IMAGE_EXTENSIONS)))
     except (OSError, LatentCacheError) as error:
         raise BuildError(f"cannot list {dataset.data_dir}: {error}") from None
     if inventory.not_utf8:
@@ -496,6 +490,18 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     dataset.inventory = inventory
     _plan_images(dataset, inventory, seed)
     return dataset
+
+
+def _scan(dataset: Dataset, memo: Path, threads: int | None, others: list[str]):
+    """The inventory of `dataset`'s folder or bucket, reading what its memo does not hold."""
+    from lcm_plugin.cache import scan_inventory
+
+    caption_extension = ".txt" if dataset.caption_strategy == "textfile" else None
+    if dataset.remote is not None:  # objects read whole, concurrently; the memo is local, next to the store
+        return dataset.remote.bucket.scan(dataset.remote.prefix, list(IMAGE_EXTENSIONS), caption_extension, memo,
+                                          other_extensions=others)
+    return scan_inventory(dataset.data_dir, list(IMAGE_EXTENSIONS), caption_extension, memo, threads=threads,
+                          other_extensions=others)
 
 
 def memo_tokens(datasets: list[Dataset]) -> list[tuple[int, int]]:

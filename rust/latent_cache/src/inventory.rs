@@ -147,11 +147,10 @@ impl Inventory {
         self.rows.others()
     }
 
-    /// Files and folders whose names are not UTF-8 (left out: keys, caption names and SimpleTuner's metadata need
-    /// UTF-8, so the caller names them and stops).
-    pub fn not_utf8(&self) -> Vec<PathBuf> {
-        use std::os::unix::ffi::OsStrExt;
-        self.rows.not_utf8().map(|name| PathBuf::from(std::ffi::OsStr::from_bytes(name))).collect()
+    /// Paths (raw bytes) of the files and folders whose names are not UTF-8 (left out: keys, caption names and
+    /// SimpleTuner's metadata need UTF-8, so the caller names them and stops).
+    pub fn not_utf8(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        self.rows.not_utf8()
     }
 
     /// An inventory of `items`, as a scan that read them would give.
@@ -168,11 +167,11 @@ impl Inventory {
         self.rows.token()
     }
 
-    /// The inventory a memo holds, when it is the one whose token is `token`: what the machine's first rank scanned
-    /// (and confirmed or wrote) in this start, taken by the other ranks without a stat. None when the memo cannot be
-    /// read or is another one: the caller scans for itself.
-    pub fn of_memo(path: &Path, token: Token) -> Option<Inventory> {
-        let rows = opened_memo(Some(path)).filter(|rows| rows.token() == Some(token))?;
+    /// The inventory a memo holds, when its token is one of `tokens`: what a machine's first rank scanned (and
+    /// confirmed or wrote) in this start, taken by the other ranks without a stat. None when the memo cannot be read
+    /// or is another one: the caller scans for itself.
+    pub fn of_memo(path: &Path, tokens: &[Token]) -> Option<Inventory> {
+        let rows = Rows::open_if(path, |token| tokens.contains(&token)).ok().flatten()?;
         Some(Inventory { rows, read: Vec::new(), touched: 0, removed: 0, had_memo: true })
     }
 }
@@ -199,7 +198,7 @@ pub fn scan(data_dir: &Path, options: &Options, memo: Option<&Path>) -> Result<I
 
 /// The memo at `path`; none when there is no usable one.
 fn opened_memo(path: Option<&Path>) -> Option<Rows> {
-    path.and_then(|path| Rows::open(path).ok().flatten())
+    path.and_then(|path| Rows::open_if(path, |_| true).ok().flatten())
 }
 
 /// The listed files' folders, each opened once (`O_PATH`), so that a file's stamp is read relative to its folder:
@@ -753,10 +752,10 @@ mod tests {
         let token = write_memo(&memo, &first, later()).unwrap();
         let again = scan(dir.path(), &options(), Some(&memo)).unwrap();
         assert_eq!(again.memo_token(), Some(token));
-        let shared = Inventory::of_memo(&memo, token).unwrap();
+        let shared = Inventory::of_memo(&memo, &[token]).unwrap();
         assert_eq!(items(&shared), items(&again));
         assert_eq!((shared.read_count(), shared.others().collect::<Vec<_>>()), (0, vec![]));
-        assert!(Inventory::of_memo(&memo, (token.0 + 1, token.1)).is_none());
+        assert!(Inventory::of_memo(&memo, &[(token.0 + 1, token.1), (token.0, token.1 ^ 1)]).is_none());
         // a file the memo does not know, even one not read (another extension): no longer the memo
         fs::write(dir.path().join("clip.mp4"), b"x").unwrap();
         let listed = scan(dir.path(), &options(), Some(&memo)).unwrap();
@@ -764,8 +763,8 @@ mod tests {
         assert_eq!(listed.others().collect::<Vec<_>>(), ["clip.mp4"]);
         // once rewritten, the previous token no longer names it
         let token2 = write_memo(&memo, &listed, later()).unwrap();
-        assert!(Inventory::of_memo(&memo, token).is_none());
-        assert_eq!(items(&Inventory::of_memo(&memo, token2).unwrap()), items(&again));
+        assert!(Inventory::of_memo(&memo, &[token]).is_none());
+        assert_eq!(items(&Inventory::of_memo(&memo, &[token, token2]).unwrap()), items(&again));
     }
 
     #[test]

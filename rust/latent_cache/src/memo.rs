@@ -222,9 +222,10 @@ impl Rows {
         Ok((time, crc))
     }
 
-    /// The memo at `path`, mapped; None for a missing, foreign, older, truncated or corrupt file (a fresh scan is
-    /// then the only safe answer). Every string is checked here, once.
-    pub fn open(path: &Path) -> Result<Option<Rows>> {
+    /// The memo at `path`, mapped, if its token passes `wanted` (read from the header and the trailing CRC before
+    /// the whole file is checked); None for a missing, foreign, older, truncated or corrupt file, or an unwanted one
+    /// (a fresh scan is then the only safe answer). Every string is checked here, once.
+    pub fn open_if(path: &Path, wanted: impl Fn(Token) -> bool) -> Result<Option<Rows>> {
         let file = match fs::File::open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -236,16 +237,16 @@ impl Rows {
             Ok(map) => map,
             Err(_) => return Ok(None),
         };
-        Ok(Rows::validated(map))
+        Ok(Rows::validated(map, wanted))
     }
 
-    fn validated(map: memmap2::Mmap) -> Option<Rows> {
+    fn validated(map: memmap2::Mmap, wanted: impl Fn(Token) -> bool) -> Option<Rows> {
         if map.len() < HEADER + 4 || &map[..8] != MAGIC {
             return None;
         }
         let body_end = map.len() - 4;
         let crc = u32::from_le_bytes(map[body_end..].try_into().ok()?);
-        if crc32fast::hash(&map[..body_end]) != crc {
+        if !wanted((i64_at(&map, 8), crc)) || crc32fast::hash(&map[..body_end]) != crc {
             return None;
         }
         let count = usize::try_from(u64_at(&map, 16)).ok()?;
@@ -446,7 +447,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memo");
         let token = rows.write(&path, 1234).unwrap();
-        let mapped = Rows::open(&path).unwrap().unwrap();
+        let mapped = Rows::open_if(&path, |_| true).unwrap().unwrap();
         assert_eq!((mapped.time(), mapped.token()), (1234, Some(token)));
         assert_eq!(owned(&mapped), unread);
         assert_eq!(mapped.others().collect::<Vec<_>>(), ["x.mp4", "sub/y.MOV"]);
@@ -462,18 +463,18 @@ mod tests {
     fn a_damaged_or_foreign_memo_is_no_memo() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memo");
-        assert!(Rows::open(&path).unwrap().is_none());
+        assert!(Rows::open_if(&path, |_| true).unwrap().is_none());
         built(&items()).write(&path, 1).unwrap();
         let good = fs::read(&path).unwrap();
         for cut in [0, 8, HEADER, good.len() / 2, good.len() - 1] {
             fs::write(&path, &good[..cut]).unwrap();
-            assert!(Rows::open(&path).unwrap().is_none(), "cut at {cut}");
+            assert!(Rows::open_if(&path, |_| true).unwrap().is_none(), "cut at {cut}");
         }
         for flip in [9, HEADER + 3, good.len() / 2, good.len() - 2] {
             let mut bad = good.clone();
             bad[flip] ^= 1;
             fs::write(&path, &bad).unwrap();
-            assert!(Rows::open(&path).unwrap().is_none(), "flip at {flip}");
+            assert!(Rows::open_if(&path, |_| true).unwrap().is_none(), "flip at {flip}");
         }
         // a key reference past the blob, with a CRC that matches: refused by the checks, not read out of bounds
         let mut bad = good.clone();
@@ -482,10 +483,10 @@ mod tests {
         let crc = crc32fast::hash(&bad[..body]);
         bad[body..].copy_from_slice(&crc.to_le_bytes());
         fs::write(&path, &bad).unwrap();
-        assert!(Rows::open(&path).unwrap().is_none());
+        assert!(Rows::open_if(&path, |_| true).unwrap().is_none());
         let mut older = good.clone();
         older[..8].copy_from_slice(b"LCMINV03");
         fs::write(&path, &older).unwrap();
-        assert!(Rows::open(&path).unwrap().is_none());
+        assert!(Rows::open_if(&path, |_| true).unwrap().is_none());
     }
 }

@@ -91,8 +91,7 @@ impl PyInventory {
     /// Paths (as bytes) of the entries whose names are not UTF-8; they are not listed.
     #[getter]
     fn not_utf8(&self) -> Vec<Vec<u8>> {
-        use std::os::unix::ffi::OsStrExt;
-        self.inner.not_utf8().iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect()
+        self.inner.not_utf8().map(<[u8]>::to_vec).collect()
     }
 
     /// Keys of the listed files that are not images read here (`other_extensions`).
@@ -155,10 +154,10 @@ pub fn scan_inventory_py(
     Ok(PyInventory { inner: inner.into() })
 }
 
-/// The inventory the memo at `path` holds, when its token is `token` (its machine's first rank scanned the folder
-/// and confirmed or wrote that memo in this start): mapped, shared by the ranks of the machine, and no file is
-/// stat'ed again. None when the memo is not that one any more, or cannot be read.
+/// The inventory the memo at `path` holds, when its token is one of `tokens` (a machine's first rank scanned the
+/// folder and confirmed or wrote that memo in this start): mapped, shared by the ranks of the machine, and no file
+/// is stat'ed again. None when the memo is none of those any more, or cannot be read.
 #[pyfunction(name = "inventory_of_memo")]
-pub fn inventory_of_memo_py(py: Python<'_>, path: PathBuf, token: Token) -> Option<PyInventory> {
-    py.allow_threads(|| Inventory::of_memo(&path, token)).map(|inner| PyInventory { inner: inner.into() })
+pub fn inventory_of_memo_py(py: Python<'_>, path: PathBuf, tokens: Vec<Token>) -> Option<PyInventory> {
+    py.allow_threads(|| Inventory::of_memo(&path, &tokens)).map(|inner| PyInventory { inner: inner.into() })
 }
