@@ -427,18 +427,15 @@ def our_path(bucket, dataset: Dataset, args, keys: list[str] | None = None) -> O
 def our_path_fetch_ahead(bucket, dataset: Dataset, args) -> Outcome:
     """As `cache build` fetches (cache_build/fill.py): the next batches' objects requested while a batch decodes, up
     to FETCH_AHEAD_OBJECTS of them in flight, one get_all per batch (it releases the GIL)."""
-    from lcm_plugin.cache_build.fill import FETCH_AHEAD_OBJECTS
+    from lcm_plugin.cache_build.fill import FETCH_AHEAD_OBJECTS, FetchWindow
 
     outcome = Outcome()
     work = batches(dataset, args.vae_batch)
     with ThreadPoolExecutor(FETCH_AHEAD_OBJECTS, thread_name_prefix="fetch-ahead") as fetcher:
-        pending: dict[int, object] = {}
-        requested = 0
+        window = FetchWindow([len(chunk) for chunk in work],
+                             lambda i: fetcher.submit(bucket.get_all, work[i], args.concurrency))
         for index, chunk in enumerate(work):
-            while requested < len(work) and sum(len(work[i]) for i in pending) < FETCH_AHEAD_OBJECTS:
-                pending[requested] = fetcher.submit(bucket.get_all, work[requested], args.concurrency)
-                requested += 1
-            blobs, _failures = pending.pop(index).result()
+            blobs, _failures = window.take(index).result()
             decode(dataset, chunk, blobs, args.threads, outcome)
     return outcome
 

@@ -42,6 +42,28 @@ TEXT_BATCH = 32  # captions per text-encoder call
 FETCH_AHEAD_OBJECTS = 64
 
 
+class FetchWindow:
+    """Fetches of upcoming batches' objects, kept FETCH_AHEAD_OBJECTS objects ahead of the batch being taken.
+    `sizes[i]`: the objects batch i fetches (0: none); `fetch(i)`: starts batch i's fetch, returns its future."""
+
+    def __init__(self, sizes: list[int], fetch):
+        self.sizes, self.fetch = sizes, fetch
+        self.pending: dict[int, object] = {}  # batch -> its fetch's future, started and not yet taken
+        self.next = 0  # batches before it have been started (or fetch nothing)
+
+    def take(self, index: int):
+        """The future of batch `index`'s objects (None when it fetches nothing), after starting the fetches the
+        window has room for beyond it."""
+        self.next = max(self.next, index)
+        in_flight = sum(self.sizes[i] for i in self.pending)
+        while self.next < len(self.sizes) and in_flight < FETCH_AHEAD_OBJECTS:
+            if self.sizes[self.next]:
+                self.pending[self.next] = self.fetch(self.next)
+                in_flight += self.sizes[self.next]
+            self.next += 1
+        return self.pending.pop(index, None)
+
+
 def _fetch(batch: Batch, remote):
     """(bytes or None per image, [(index, why)]) of `batch`'s objects, fetched concurrently."""
     return remote.bucket.get_all([item.path for item in batch.items])
@@ -128,27 +150,16 @@ def encode_images(
     wanted = [bool(missing) and problem is None for (_, missing, _), problem in zip(work, problems)]
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder,
           ThreadPoolExecutor(max_workers=FETCH_AHEAD_OBJECTS, thread_name_prefix="lcm-fetch") as fetcher):
-        decoding, fetching = {}, {}
-        fetched_up_to = 0  # batches before this one have been sent to the fetcher (or need no fetch)
-
-        def fetch_ahead(index: int) -> None:
-            nonlocal fetched_up_to
-            fetched_up_to = max(fetched_up_to, index)
-            in_flight = sum(len(work[i][0]) for i in fetching if i >= index)
-            while fetched_up_to < len(work) and in_flight < FETCH_AHEAD_OBJECTS:
-                batch = work[fetched_up_to][0]
-                remote = by_id[batch.dataset].remote
-                if remote is not None and wanted[fetched_up_to]:
-                    fetching[fetched_up_to] = fetcher.submit(_fetch, batch, remote)
-                    in_flight += len(batch)
-                fetched_up_to += 1
+        decoding = {}
+        remotes = [by_id[batch.dataset].remote for batch, _, _ in work]
+        window = FetchWindow([len(batch) if remote is not None and wanted[i] else 0
+                              for i, ((batch, _, _), remote) in enumerate(zip(work, remotes))],
+                             lambda i: fetcher.submit(_fetch, work[i][0], remotes[i]))
 
         def decode_ahead(index: int) -> None:
             if index < len(work) and wanted[index]:
-                batch = work[index][0]
-                fetch_ahead(index)
-                decoding[index] = decoder.submit(_decode, batch, by_id[batch.dataset].remote, options.threads,
-                                                 fetching.pop(index, None))
+                decoding[index] = decoder.submit(_decode, work[index][0], remotes[index], options.threads,
+                                                 window.take(index))
 
         decode_ahead(0)
         for index, (batch, missing, incomplete) in enumerate(work):
