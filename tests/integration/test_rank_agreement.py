@@ -86,8 +86,10 @@ def assert_agreed(outcomes: list[tuple[dict, str]]) -> dict:
 
 
 def test_both_ranks_serve_the_caches_they_built_together(run, tiny_sdxl_dir):
-    for image in (run / "data").iterdir():  # older than the scan memo's racy window: its rows are trusted
-        os.utime(image, (time.time() - 60, time.time() - 60))
+    # Images stamped an hour ahead (a clock-skewed sync): a scan of its own on rank 1 would distrust the memo's rows
+    # (racily new) and read all 8 again; only the memo rank 0 shares by its token gives rank 1 its inventory unread.
+    for image in (run / "data").iterdir():
+        os.utime(image, (time.time() + 3600, time.time() + 3600))
     outcomes = run_ranks(run, tiny_sdxl_dir, {}, late={0: 3.0})
     served = assert_agreed(outcomes)
     assert list(served["datasets"]) == ["toy"] and len(served["datasets"]["toy"]) == 8, served
