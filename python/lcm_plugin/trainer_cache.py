@@ -62,19 +62,22 @@ class DatasetCache:
     reader: object  # LatentCacheReader over <cache_dir_vae>/lcm
     # os.path.abspath(image) -> store key of the images read from `reader` (lcm_plugin.cache.ServedImages)
     served: Mapping[str, str]
-    # (metadata file, its stamp as written, its content) of the bucket metadata this process wrote, until SimpleTuner
-    # loads it (`take_bucket_metadata`)
-    written_metadata: tuple | None = None
-    # (data folder, the extensions it was listed for, its inventory) until SimpleTuner lists the folder
-    # (`take_listing`)
+    # the bucket metadata this process wrote (simpletuner_format.WrittenMetadata), until SimpleTuner loads it
+    # (`take_bucket_metadata`)
+    written_metadata: object | None = None
+    # (data folder, or an S3 dataset's key prefix; the extensions it was listed for; its inventory) until SimpleTuner
+    # lists the folder or bucket (`take_listing`)
     listed: tuple | None = None
     # (the parquet source the plan read, its caption cells) of a caption_strategy parquet dataset, until SimpleTuner's
     # ParquetMetadataBackend extracts its captions (`take_parquet_captions`)
     parquet_captions: tuple | None = None
+    in_bucket: bool = False  # a `type: aws` dataset: images are named by their object keys
 
     def key_of(self, image_path: str) -> str | None:
         key = self.served.get(image_path)
-        return self.served.get(os.path.abspath(image_path)) if key is None else key
+        if key is None and not self.in_bucket:
+            key = self.served.get(os.path.abspath(image_path))
+        return key
 
 
 @dataclass
@@ -162,8 +165,8 @@ def uncovered_reason(entry: dict, args) -> str | None:
     dataset_type = entry.get("dataset_type", "image")
     if dataset_type != "image":
         return f"dataset_type {dataset_type!r} (the path covers still images)"
-    if entry.get("type", "local") != "local":
-        return f"type {entry.get('type')!r} (the path reads local folders)"
+    if entry.get("type", "local") not in ("local", "aws"):
+        return f"type {entry.get('type')!r} (the path reads local folders and S3 buckets)"
     if entry.get("conditioning_type") or entry.get("conditioning_data") or getattr(args, "controlnet", False):
         return "conditioning datasets and datasets linked to one are not covered"
     if entry.get("crop_style") == "face" or (getattr(args, "crop_style", None) == "face" and "crop_style" not in entry):
@@ -337,7 +340,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset
     return settings, datasets, prints
 
 
-def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str, tuple],
+def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str, object],
            listed: frozenset[str]) -> None:
     from lcm_plugin.cache import LatentCacheReader
     from lcm_plugin.cache_build.layout import LCM_DIR
@@ -350,9 +353,10 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
         parquet_captions = None
         if dataset.caption_strategy == "parquet":
             parquet_captions = (dataset.parquet, dataset.parquet_table.captions)
+        listed_where = str(dataset.data_dir) if dataset.remote is None else dataset.remote.prefix
         _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, served, written_metadata.get(dataset.id),
-                                                      (str(dataset.data_dir), listed, dataset.inventory) if listed else None,
-                                                      parquet_captions)
+                                                      (listed_where, listed, dataset.inventory) if listed else None,
+                                                      parquet_captions, in_bucket=dataset.remote is not None)
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
@@ -370,32 +374,34 @@ def cached_images(dataset_id: str):
 
 
 def take_bucket_metadata(dataset_id: str, metadata_file: str) -> dict | None:
-    """The bucket metadata this process wrote for a covered dataset, once, if `metadata_file` is that file and
-    nobody rewrote it since (its stamp): what SimpleTuner's `load_image_metadata` would parse from it. None
-    otherwise."""
-    from lcm_plugin.cache_build.simpletuner_format import file_stamp
-
+    """The bucket metadata this process wrote for a covered dataset, once, if `metadata_file` is that file (a path,
+    or an S3 dataset's key) and nobody rewrote it since (its stamp): what SimpleTuner's `load_image_metadata` would
+    parse from it. None otherwise."""
     dataset = _coverage.datasets.get(dataset_id)
     if dataset is None or dataset.written_metadata is None:
         return None
-    path, stamp, metadata = dataset.written_metadata
-    dataset.written_metadata = None
-    if os.path.abspath(metadata_file) != os.path.abspath(path) or file_stamp(path) != stamp:
-        return None
-    return metadata
+    written, dataset.written_metadata = dataset.written_metadata, None
+    return written.metadata if written.is_unchanged(metadata_file) else None
 
 
-def take_listing(dataset_id: str, instance_data_dir: str, file_extensions) -> list[tuple] | None:
-    """What SimpleTuner's LocalDataBackend.list_files would return for a covered dataset's folder, from the scan's
-    inventory, once: [(folder as os.walk names it, [], [absolute file paths])]. None when the folder, the
-    extensions (SimpleTuner's ".ext" normalisation) or the dataset are not the ones the scan listed."""
+def take_listing(dataset_id: str, instance_data_dir, file_extensions) -> list[tuple] | None:
+    """What SimpleTuner's `list_files` would return for a covered dataset's folder (LocalDataBackend:
+    [(folder as os.walk names it, [], [absolute file paths])]) or bucket prefix (S3DataBackend: [(the keys' folder,
+    [], [object keys])]), from the scan's inventory, once. None when the folder or prefix, the extensions
+    (SimpleTuner's ".ext" normalisation) or the dataset are not the ones the scan listed."""
     dataset = _coverage.datasets.get(dataset_id)
-    if dataset is None or dataset.listed is None or not instance_data_dir or not file_extensions:
+    if dataset is None or dataset.listed is None or not file_extensions:
         return None
-    folder, extensions, inventory = dataset.listed
-    if os.path.abspath(instance_data_dir) != folder or listed_as(file_extensions) != extensions:
+    where, extensions, inventory = dataset.listed
+    if dataset.in_bucket:  # S3DataBackend lists its own prefix when given none
+        same_place = isinstance(instance_data_dir, (str, type(None))) and (instance_data_dir or "") == where
+    else:
+        same_place = bool(instance_data_dir) and os.path.abspath(instance_data_dir) == where
+    if not same_place or listed_as(file_extensions) != extensions:
         return None
     dataset.listed = None
+    if dataset.in_bucket:
+        return [(folder, [], keys) for folder, keys in inventory.bucket_listing()]
     return simpletuner_listing(inventory, instance_data_dir)
 
 

@@ -103,6 +103,47 @@ def test_the_listing_and_sizes_are_simpletuners(s3, prefix):
     assert inventory.errors == [] and inventory.read == len(inventory.keys)
 
 
+@pytest.mark.parametrize("prefix", ["images/", "images", "images/sub/", ""])
+def test_the_bucket_listing_is_simpletuners_list_files_in_its_order(s3, prefix):
+    """The trainer's data path answers `S3DataBackend.list_files` from the scan (D7): the same folders, [] and keys,
+    in the same order, for SimpleTuner's extensions."""
+    from lcm_plugin import trainer_cache
+
+    judge = simpletuner_backend(s3.endpoint)
+    listed = judge.list_files(file_extensions=image_file_extensions, instance_data_dir=prefix)
+    others = sorted({f".{ext.lower().lstrip('.')}" for ext in image_file_extensions} - set(IMAGE_EXTENSIONS))
+    inventory = bucket(s3.endpoint).scan(prefix, list(IMAGE_EXTENSIONS), ".txt", other_extensions=others)
+    trainer_cache._coverage.datasets["photos"] = trainer_cache.DatasetCache(
+        "photos", None, {}, listed=(prefix, trainer_cache.listed_as(image_file_extensions), inventory), in_bucket=True)
+    try:
+        assert trainer_cache.take_listing("photos", "elsewhere/", image_file_extensions) is None
+        assert trainer_cache.take_listing("photos", prefix, ["png"]) is None  # not the extensions it listed
+        assert trainer_cache.take_listing("photos", prefix, image_file_extensions) == listed
+        assert trainer_cache.take_listing("photos", prefix, image_file_extensions) is None  # once
+    finally:
+        trainer_cache.reset()
+
+
+def test_bucket_files_are_put_and_their_stamp_is_the_servers(s3, tmp_path):
+    """What the trainer writes into a bucket (SimpleTuner's bucket files) and how it tells that nobody rewrote them:
+    the size and ETag the server reports (boto3's HeadObject is the judge)."""
+    from lcm_plugin.cache_build.simpletuner_format import WrittenMetadata
+
+    client = bucket(s3.endpoint)
+    e_tag = client.put("images/aspect_ratio_bucket_metadata_photos.json", b'{"a": 1}')
+    judged = s3.client.head_object(Bucket=BUCKET, Key="images/aspect_ratio_bucket_metadata_photos.json")
+    assert client.head("images/aspect_ratio_bucket_metadata_photos.json") == (judged["ContentLength"], e_tag)
+    assert e_tag == judged["ETag"] and client.head("images/none.json") is None
+    written = WrittenMetadata("images/aspect_ratio_bucket_metadata_photos.json", (8, e_tag), {"a": 1}, client)
+    assert written.is_unchanged(Path("images/aspect_ratio_bucket_metadata_photos.json"))
+    assert not written.is_unchanged("images/aspect_ratio_bucket_metadata_other.json")
+    s3.client.put_object(Bucket=BUCKET, Key="images/aspect_ratio_bucket_metadata_photos.json", Body=b'{"a": 2}')
+    assert not written.is_unchanged("images/aspect_ratio_bucket_metadata_photos.json")  # same size, another ETag
+    unreachable = WrittenMetadata("k.json", (8, e_tag), {}, S3Bucket("http://127.0.0.1:9", BUCKET, **CREDENTIALS,
+                                                                     retries=0, timeout_s=2))
+    assert not unreachable.is_unchanged("k.json")
+
+
 def test_captions_are_the_caption_objects_bytes(s3):
     judge = simpletuner_backend(s3.endpoint)
     inventory = bucket(s3.endpoint).scan("images/", list(IMAGE_EXTENSIONS), ".txt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -219,13 +220,13 @@ def test_simpletuner_gets_the_bucket_metadata_the_build_wrote_as_it_would_parse_
     items = list(dataset.images)
     failed = dataset.images.positions_of([str(tmp_path / "data" / "z.png")])
     written = write_bucket_metadata(dataset, failed)
-    metadata_file = written[0]
-    assert written[2] == json.loads(metadata_file.read_text())
-    assert metadata_file.read_text() == json.dumps(written[2])  # SimpleTuner's own encoding of the same dicts
-    assert len({id(image) for image in written[2].values()}) == len(names) - 1  # each image's own dict
-    assert set(written[2]) == {item.path for item in items} - {str(tmp_path / "data" / "z.png")}
+    metadata_file = Path(written.name)
+    assert written.metadata == json.loads(metadata_file.read_text())
+    assert metadata_file.read_text() == json.dumps(written.metadata)  # SimpleTuner's own encoding of the same dicts
+    assert len({id(image) for image in written.metadata.values()}) == len(names) - 1  # each image's own dict
+    assert set(written.metadata) == {item.path for item in items} - {str(tmp_path / "data" / "z.png")}
     quoted = next(item for item in items if item.key.startswith("a "))
-    assert written[2][quoted.path]["original_size"] == [64, 64] and written[2][quoted.path]["aspect_ratio"] == 1.0
+    assert written.metadata[quoted.path]["original_size"] == [64, 64] and written.metadata[quoted.path]["aspect_ratio"] == 1.0
     indices = json.loads(bucket_files(dataset)[0].read_text())
     assert indices["config"] == {} and bucket_files(dataset)[0].read_text() == json.dumps(indices)
     buckets = list(dict.fromkeys(item.sample["bucket"] for item in items))  # in order of first appearance
@@ -243,10 +244,10 @@ def test_simpletuner_gets_the_bucket_metadata_the_build_wrote_as_it_would_parse_
     trainer_cache._coverage.datasets["photos"] = trainer_cache.DatasetCache("photos", None, {}, written)
     handed = backend()
     handed.load_image_metadata()
-    assert handed.image_metadata is written[2] and handed.image_metadata_loaded
+    assert handed.image_metadata is written.metadata and handed.image_metadata_loaded
     parsed = backend()
     parsed.load_image_metadata()  # once only: the next load parses the file
-    assert parsed.image_metadata == written[2] and parsed.image_metadata is not written[2]
+    assert parsed.image_metadata == written.metadata and parsed.image_metadata is not written.metadata
 
     trainer_cache._coverage.datasets["photos"] = trainer_cache.DatasetCache("photos", None, {}, written)
     metadata_file.write_text(json.dumps({"other.png": {}}))  # rewritten by someone else since

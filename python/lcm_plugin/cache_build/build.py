@@ -85,9 +85,9 @@ class BuildReport:
     captions: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     failed_on_any_rank: dict[str, str] = field(default_factory=dict)  # file -> reason, gathered from every rank
-    # dataset id -> (metadata file, its stamp as written, its content): SimpleTuner's bucket metadata as rank 0 wrote
-    # it, for a reader in this process that would parse the file again (the trainer's data path)
-    bucket_metadata: dict[str, tuple] = field(default_factory=dict)
+    # dataset id -> SimpleTuner's bucket metadata as rank 0 wrote it (simpletuner_format.WrittenMetadata), for a reader
+    # in this process that would parse the file again (the trainer's data path)
+    bucket_metadata: dict[str, object] = field(default_factory=dict)
     seconds: float = 0.0  # the whole build, model loading included
     encode_seconds: float = 0.0  # decode + VAE encode + write of the images
 

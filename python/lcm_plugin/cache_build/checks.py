@@ -167,6 +167,8 @@ def _remove_stale_bucket_files(dataset: Dataset) -> bool:
     images or sizes differ from the plan; True when it did."""
     from lcm_plugin.cache_build.simpletuner_format import bucket_files, bucket_metadata
 
+    if dataset.remote is not None:  # the trainer rewrites an S3 dataset's files in its bucket at every start
+        return False
     index_file, metadata_file = bucket_files(dataset)
     try:
         index = json.loads(index_file.read_text())

@@ -7,7 +7,8 @@
   `<cache_dir>/<md5(caption)>-sdxl.pt` = {"prompt_embeds": [1, 77, D], "pooled_prompt_embeds": [P]}.
 - Both gzip-compressed when the dataset's compress_cache (else config.json's compress_disk_cache) is on, as
   LocalDataBackend.torch_save does.
-- Bucket metadata (DiscoveryMetadataBackend.save_cache / save_image_metadata), in instance_data_dir:
+- Bucket metadata (DiscoveryMetadataBackend.save_cache / save_image_metadata), in instance_data_dir (for an S3
+  dataset, in its bucket under aws_data_prefix):
   `aspect_ratio_bucket_indices_<id>.json` = {"config": {}, "aspect_ratio_bucket_indices": {bucket: [paths]}}
   and `aspect_ratio_bucket_metadata_<id>.json` = {path: {original_size, crop_coordinates, target_size,
   intermediary_size, aspect_ratio}}. An empty "config" skips SimpleTuner's comparison with a previous dataset
@@ -20,6 +21,7 @@ import gzip
 import hashlib
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,13 +66,19 @@ def write_atomic_parts(path: Path, parts) -> None:
     os.replace(temp, path)
 
 
+BUCKET_FILE_NAMES = ("aspect_ratio_bucket_indices", "aspect_ratio_bucket_metadata")
+
+
 def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
-    """(bucket index, image metadata) file paths of `dataset`, in its instance_data_dir."""
-    folder = dataset.data_dir
-    return (
-        folder / f"aspect_ratio_bucket_indices_{dataset.id}.json",
-        folder / f"aspect_ratio_bucket_metadata_{dataset.id}.json",
-    )
+    """(bucket index, image metadata) file paths of a local `dataset`, in its instance_data_dir."""
+    return tuple(dataset.data_dir / f"{name}_{dataset.id}.json" for name in BUCKET_FILE_NAMES)
+
+
+def bucket_keys(dataset: Dataset) -> tuple[str, str]:
+    """(bucket index, image metadata) object keys of an S3 `dataset`, in its bucket: SimpleTuner's factory names them
+    `Path(os.path.join(aws_data_prefix, name) + f"_{id}.json")` and its S3 backend takes `str()` of that."""
+    return tuple(str(Path(os.path.join(dataset.remote.prefix, name) + f"_{dataset.id}.json"))
+                 for name in BUCKET_FILE_NAMES)
 
 
 def bucket_metadata(dataset: Dataset) -> dict[str, dict]:
@@ -78,18 +86,46 @@ def bucket_metadata(dataset: Dataset) -> dict[str, dict]:
     return dataset.images.table.bucket_files([])[2]
 
 
-def write_bucket_metadata(dataset: Dataset, failed: list[int]) -> tuple[Path, tuple[int, int, int], dict]:
+@dataclass
+class WrittenMetadata:
+    """SimpleTuner's bucket metadata file as `write_bucket_metadata` wrote it: its absolute path (or, for an S3
+    dataset, its key in `bucket`), its stamp as written and what it holds, as `json.loads` would give it back."""
+
+    name: str
+    stamp: tuple
+    metadata: dict
+    bucket: object | None = None  # lcm_plugin.cache.S3Bucket
+
+    def is_unchanged(self, asked) -> bool:
+        """Whether `asked` (SimpleTuner's `metadata_file`) names this file and nobody rewrote it since."""
+        if self.bucket is None:
+            return os.path.abspath(asked) == self.name and file_stamp(self.name) == self.stamp
+        from lcm_plugin.cache import LatentCacheError
+
+        try:
+            return str(asked) == self.name and self.bucket.head(self.name) == self.stamp
+        except LatentCacheError:  # unreachable now: SimpleTuner reads the object itself, and reports
+            return False
+
+
+def write_bucket_metadata(dataset: Dataset, failed: list[int]) -> WrittenMetadata:
     """SimpleTuner's bucket files for the planned images of `dataset` but the `failed` positions (made in Rust,
-    as `json.dumps` writes them). Returns the metadata file, its stamp (size, mtime_ns, inode) as written and what
-    it holds, as `json.loads` would give it back."""
+    as `json.dumps` writes them), in its folder, or in its bucket for an S3 dataset (where SimpleTuner keeps them)."""
     from lcm_plugin.cache_build.faults import fault_point
 
     indices, metadata_text, metadata = dataset.images.table.bucket_files(failed)
+    if dataset.remote is not None:
+        bucket = dataset.remote.bucket
+        index_key, metadata_key = bucket_keys(dataset)
+        bucket.put(index_key, indices)
+        fault_point("buckets")
+        e_tag = bucket.put(metadata_key, metadata_text)
+        return WrittenMetadata(metadata_key, (len(metadata_text), e_tag), metadata, bucket)
     index_file, metadata_file = bucket_files(dataset)
     write_atomic(index_file, indices)
     fault_point("buckets")
     write_atomic(metadata_file, metadata_text)
-    return metadata_file, file_stamp(metadata_file), metadata
+    return WrittenMetadata(os.path.abspath(metadata_file), file_stamp(metadata_file), metadata)
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:

@@ -42,6 +42,9 @@ def surfaces() -> dict:
     local_backend = require(import_surface("simpletuner.helpers.data_backend.local"), "LocalDataBackend",
                             "simpletuner.helpers.data_backend.local")
     require(local_backend, "list_files", "LocalDataBackend")
+    aws_backend = require(import_surface("simpletuner.helpers.data_backend.aws"), "S3DataBackend",
+                          "simpletuner.helpers.data_backend.aws")
+    require(aws_backend, "list_files", "S3DataBackend")
     parquet = require(import_surface("simpletuner.helpers.metadata.backends.parquet"), "ParquetMetadataBackend",
                       "simpletuner.helpers.metadata.backends.parquet")
     require(parquet, "_extract_captions_to_fast_list", "ParquetMetadataBackend")
@@ -50,7 +53,8 @@ def surfaces() -> dict:
     require(metadata_base, "_ensure_metadata_for_cached_buckets", "MetadataBackend")
     require(import_surface("simpletuner.helpers.training"), "image_file_extensions", "simpletuner.helpers.training")
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
-            "factory": factory, "discovery": discovery, "local_backend": local_backend, "parquet": parquet,
+            "factory": factory, "discovery": discovery, "local_backend": local_backend, "aws_backend": aws_backend,
+            "parquet": parquet,
             "metadata_base": metadata_base}
 
 
@@ -280,11 +284,12 @@ def _written_metadata_handed_over(original):
 
 
 def _listing_from_the_scan(original):
-    """D7: SimpleTuner lists a dataset's folder (os.walk, a path join per file) right after the build's scan listed
-    it; the scan's inventory answers instead, once, for the folder and extensions it listed."""
+    """D7: SimpleTuner lists a dataset's folder (os.walk, a path join per file) or bucket prefix (a paginated
+    ListObjectsV2, 1,000 keys a request) right after the build's scan listed it; the scan's inventory answers
+    instead, once, for the folder or prefix and extensions it listed."""
 
     @functools.wraps(original)
-    def list_files(self, file_extensions, instance_data_dir):
+    def list_files(self, file_extensions, instance_data_dir=None):
         from lcm_plugin import trainer_cache
 
         listing = trainer_cache.take_listing(getattr(self, "id", None), instance_data_dir, file_extensions)
@@ -351,6 +356,7 @@ _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
     ("discovery", "load_image_metadata", _written_metadata_handed_over),
     ("local_backend", "list_files", _listing_from_the_scan),
+    ("aws_backend", "list_files", _listing_from_the_scan),
     ("parquet", "_extract_captions_to_fast_list", _parquet_captions_from_the_plan),
     ("metadata_base", "_ensure_metadata_for_cached_buckets", _metadata_check_by_sets),
     ("vae_cache", "_reduce_bucket", _reduce_unprocessed_only),

@@ -39,7 +39,9 @@ Data path (every run the switch selects; `data_path_patches.py`; the logic is
 falls through to SimpleTuner's own for the rest, and for any image or caption the shards do not hold:
 D1. `training.trainer.configure_multi_databackend` (the trainer's call, after its VAE and text encoders are loaded
     and before any data backend is configured) first builds the memory-mapped caches with those models and writes
-    SimpleTuner's bucket metadata (`trainer_cache.prepare`).
+    SimpleTuner's bucket metadata (`trainer_cache.prepare`): in the dataset's folder, or for a `type: aws` dataset in
+    its bucket, where SimpleTuner keeps it. An S3 dataset's latents are served from a local store
+    (`<cache_dir_vae>/lcm` on the machine), not from `.pt` objects in the bucket.
 D2. `VAECache.discover_unprocessed_files` leaves out the images the shards hold, so `process_buckets` encodes
     nothing for them (it still runs, with its bucket shuffle); its `_reduce_bucket` runs on a bucket's unprocessed
     images only (SimpleTuner's answer, which it computes with a cache file name per image of the bucket), and its
@@ -56,10 +58,12 @@ D5. `FactoryRegistry._process_text_embeddings` (caption collection, one caption 
     encoded the captions of every planned image, so SimpleTuner would find nothing to encode. Only what it leaves
     behind is set (`hash_filenames` in the dataset's config).
 D6. `DiscoveryMetadataBackend.load_image_metadata` takes the bucket metadata the build wrote this start as the dicts
-    it wrote, instead of parsing the file again, while the file's stamp is the one written (once per dataset).
-D7. `LocalDataBackend.list_files` answers SimpleTuner's listing of a covered dataset's folder (os.walk and a path
-    join per file, for every image, video and audio extension it knows) from the build's scan, which listed the same
-    files by the same rules a moment before (once per dataset; other folders and extension lists are SimpleTuner's).
+    it wrote, instead of parsing the file again, while the file's stamp (an object's size and ETag) is the one
+    written (once per dataset).
+D7. `LocalDataBackend.list_files` and `S3DataBackend.list_files` answer SimpleTuner's listing of a covered dataset's
+    folder (os.walk and a path join per file) or bucket prefix (paginated ListObjectsV2), for every image, video and
+    audio extension it knows, from the build's scan, which listed the same files by the same rules a moment before
+    (once per dataset; other folders, prefixes and extension lists are SimpleTuner's).
 D8. `ParquetMetadataBackend._extract_captions_to_fast_list` (a pass over every row of a `metadata_backend: parquet`
     table) takes the captions the plan read from the same file by column, for a covered dataset whose `parquet`
     block is the one planned (once per dataset).

@@ -160,6 +160,29 @@ impl Bucket {
         }
     }
 
+    /// Writes `data` as the object `key` (one PUT, retried as reads are) and returns its ETag. SimpleTuner keeps an S3
+    /// dataset's bucket files in the bucket; the trainer's data path writes them there as SimpleTuner would.
+    pub fn put(&self, key: &str, data: Vec<u8>) -> Result<Option<String>> {
+        let location = ObjectPath::parse(key).map_err(|e| self.error(key, e))?;
+        let written = self.runtime.block_on(self.store.put(&location, data.into())).map_err(|e| self.error(key, e))?;
+        Ok(written.e_tag)
+    }
+
+    /// The object `key` as listed (size, ETag, last modification), or None when there is none.
+    pub fn head(&self, key: &str) -> Result<Option<Object>> {
+        let location = ObjectPath::parse(key).map_err(|e| self.error(key, e))?;
+        match self.runtime.block_on(self.store.head(&location)) {
+            Ok(meta) => Ok(Some(Object {
+                key: key.to_string(),
+                size: meta.size,
+                e_tag: meta.e_tag,
+                last_modified_ns: meta.last_modified.timestamp_nanos_opt().unwrap_or(0),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
     fn error(&self, prefix: &str, e: impl std::fmt::Display) -> CacheError {
         CacheError::Remote { location: format!("s3://{}/{prefix}", self.name), reason: e.to_string() }
     }
@@ -190,5 +213,8 @@ mod tests {
         assert!(got.iter().all(|r| r.is_err()));
         let listed = bucket.list("images/").unwrap_err().to_string();
         assert!(listed.contains("s3://data/images/"), "{listed}");
+        let written = bucket.put("images/a.json", b"{}".to_vec()).unwrap_err().to_string();
+        assert!(written.contains("s3://data/images/a.json"), "{written}");
+        assert!(bucket.head("images/a.json").is_err());
     }
 }

@@ -112,17 +112,17 @@ impl PyInventory {
     fn listing(&self, root: &str, absolute_root: &str) -> Vec<(String, Vec<String>)> {
         let join = |base: &str, rest: &str| if base.ends_with('/') { format!("{base}{rest}") } else { format!("{base}/{rest}") };
         let keys = (0..self.inner.len()).map(|i| self.inner.key(i)).chain(self.inner.others());
-        let mut folders: Vec<(String, Vec<String>)> = Vec::new();
-        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        for key in keys {
-            let folder = key.rsplit_once('/').map_or("", |(folder, _)| folder);
-            let slot = *index.entry(folder).or_insert_with(|| {
-                folders.push((if folder.is_empty() { root.to_string() } else { join(root, folder) }, Vec::new()));
-                folders.len() - 1
-            });
-            folders[slot].1.push(join(absolute_root, key));
-        }
-        folders
+        by_folder(keys, |folder| if folder.is_empty() { root.to_string() } else { join(root, folder) }, |key| {
+            join(absolute_root, key)
+        })
+    }
+
+    /// Every listed object (images and others) as SimpleTuner's S3 backend lists a bucket: grouped by the key's
+    /// folder (everything before its last '/', "" for none), folders and keys in key order, each file its whole key.
+    fn bucket_listing(&self) -> Vec<(String, Vec<String>)> {
+        let mut keys: Vec<&str> = (0..self.inner.len()).map(|i| self.inner.key(i)).chain(self.inner.others()).collect();
+        keys.sort_unstable();
+        by_folder(keys, str::to_string, str::to_string)
     }
 
     /// Writes this inventory as the memo at `path` (atomically); returns the memo's token.
@@ -160,4 +160,24 @@ pub fn scan_inventory_py(
 #[pyfunction(name = "inventory_of_memo")]
 pub fn inventory_of_memo_py(py: Python<'_>, path: PathBuf, tokens: Vec<Token>) -> Option<PyInventory> {
     py.allow_threads(|| Inventory::of_memo(&path, &tokens)).map(|inner| PyInventory { inner: inner.into() })
+}
+
+/// `keys` grouped by their folder (everything before the last '/'), folders in the order they first appear: each
+/// folder named by `folder_name`, each file by `file_name`.
+fn by_folder<'a>(
+    keys: impl IntoIterator<Item = &'a str>,
+    folder_name: impl Fn(&str) -> String,
+    file_name: impl Fn(&str) -> String,
+) -> Vec<(String, Vec<String>)> {
+    let mut folders: Vec<(String, Vec<String>)> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for key in keys {
+        let folder = key.rsplit_once('/').map_or("", |(folder, _)| folder);
+        let slot = *index.entry(folder).or_insert_with(|| {
+            folders.push((folder_name(folder), Vec::new()));
+            folders.len() - 1
+        });
+        folders[slot].1.push(file_name(key));
+    }
+    folders
 }

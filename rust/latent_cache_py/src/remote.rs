@@ -78,6 +78,17 @@ impl PyS3Bucket {
         Ok((objects, errors))
     }
 
+    /// Writes `data` as the object `key`; returns its ETag (None if the server gives none).
+    fn put(&self, py: Python<'_>, key: &str, data: Vec<u8>) -> PyResult<Option<String>> {
+        py.allow_threads(|| guarded(|| self.inner.put(key, data)))
+    }
+
+    /// (size, ETag) of the object `key`, or None when there is none.
+    fn head(&self, py: Python<'_>, key: &str) -> PyResult<Option<(u64, Option<String>)>> {
+        let object = py.allow_threads(|| guarded(|| self.inner.head(key)))?;
+        Ok(object.map(|o| (o.size, o.e_tag)))
+    }
+
     /// The inventory of the objects under `prefix` (inventory::scan_bucket): keys are object keys; objects whose
     /// stamps the memo at `memo` holds are not fetched again.
     #[pyo3(signature = (prefix, extensions, caption_extension=None, memo=None, other_extensions=Vec::new(), concurrency=32))]
