@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from lcm_plugin.cache import Bucketer, LatentCacheReader, LatentCacheWriter, decode_batch_bytes
+from trainer_run import train_once
 
 torch.set_num_threads(1)
 
@@ -420,52 +421,6 @@ def write_run(root: Path, model_dir: Path, sizes: list[tuple[int, int]], resolut
     return root
 
 
-# SimpleTuner 4.10.1 can hang at exit after a run over many files (a multiprocessing queue's finalizer joins a
-# feeder thread nobody reads); a run that logged its step is given this long to exit, then stopped.
-EXIT_GRACE_S = 120
-
-
-def train_once(run: Path, data_path: str) -> tuple[float, float, bool]:
-    """(wall seconds of a 1-step `simpletuner train` up to its exit or its step, seconds of its data preparation as
-    the plugin logs it: the trainer's `configure_multi_databackend` call, the same span on either path, whether it
-    had to be stopped after its step)."""
-    import re
-    import signal
-    import subprocess
-    import sys
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no", SIMPLETUNER_LCM_DATA_PATH=data_path)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    metrics = run / "output" / "training_metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    log = run / f"train-{data_path}.log"
-
-    def stepped() -> bool:  # SimpleTuner can exit 0 after a failed run: judge it by the step it logged
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        return any(json.loads(line).get("step") for line in lines if line.endswith("}"))
-
-    start = time.perf_counter()
-    with log.open("w") as out:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "simpletuner"), "train"], cwd=run, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        stepped_at = None
-        while process.poll() is None:
-            time.sleep(1)
-            if stepped_at is None and stepped():
-                stepped_at = time.perf_counter()
-            elif stepped_at is not None and time.perf_counter() - stepped_at > EXIT_GRACE_S:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                print(f"    ({run.name}, {data_path}: stopped {EXIT_GRACE_S} s after its step; it had not exited)", flush=True)
-    stopped = process.returncode == -signal.SIGKILL and stepped_at is not None
-    seconds = (stepped_at if stopped else time.perf_counter()) - start
-    output = log.read_text(errors="replace")
-    prepared = re.findall(r"data preparation took ([0-9.]+) s", output)
-    if not stepped() or len(prepared) != 1 or (process.returncode != 0 and stepped_at is None):
-        raise SystemExit(f"simpletuner train ({data_path}) in {run} failed:\n{output[-3000:]}")
-    return seconds, float(prepared[0]), stopped
-
-
 def part_a(quick: bool) -> None:
     """Data preparation = the trainer's configure_multi_databackend call (scan, bucketing, decode, VAE and text
     encode, cache writes, the start-up checks of existing caches), timed inside the trainer; start-up = the rest
@@ -490,14 +445,14 @@ def part_a(quick: bool) -> None:
             for path in paths:  # each path gets its own fresh folder (SimpleTuner writes metadata into it)
                 run = write_run(Path(tmp) / f"{n}-{path}", model, sizes, resolution, fmt)
                 cold = train_once(run, path)
-                if cold[2]:  # stopped before its exit, SimpleTuner may lack its last metadata writes: one uncounted run
+                if cold.stopped:  # stopped before its exit, SimpleTuner may lack its last metadata writes: one uncounted run
                     train_once(run, path)
                 runs[path] = (cold, train_once(run, path))
-                (cold_wall, cold, _), (warm_wall, warm, _) = runs[path]
+                (cold_wall, cold, *_), (warm_wall, warm, *_) = runs[path]
                 print(f"    ({label}, {path}: cold run {cold_wall:.1f} s of which data {cold:.2f} s; warm run {warm_wall:.1f} s of which data {warm:.2f} s)", flush=True)
             print(f"  {label}")
             for path, name in (("simpletuner", "stock "), ("rust", "plugin")):
-                (cold_wall, cold, _), (warm_wall, warm, _) = runs[path]
+                (cold_wall, cold, *_), (warm_wall, warm, *_) = runs[path]
                 print(f"    {name}: start-up {cold_wall - cold:6.1f} s   data prep cold {cold:8.2f} s   warm {warm:7.2f} s")
             for phase, index, target in (("cold", 0, 2), ("warm", 1, 5)):
                 stock, ours = runs["simpletuner"][index][1], runs["rust"][index][1]

@@ -41,7 +41,7 @@ def test_an_unknown_switch_value_names_the_variable_and_the_valid_values():
         ({"dataset_type": "conditioning"}, {}, "dataset_type 'conditioning'"),
         ({"conditioning_data": "edges"}, {}, "conditioning"),
         ({}, {"controlnet": True}, "conditioning"),
-        ({"type": "aws"}, {}, "type 'aws'"),
+        ({"type": "huggingface"}, {}, "type 'huggingface'"),
         ({"crop_style": "face"}, {}, "crop_style 'face'"),
         ({}, {"crop_style": "face"}, "crop_style 'face'"),
         ({"vae_cache_ondemand": True}, {}, "vae_cache_ondemand"),
@@ -62,6 +62,7 @@ def test_a_dataset_the_path_does_not_cover_gets_its_reason(change, args_change, 
 
 def test_a_plain_local_image_dataset_is_covered():
     assert trainer_cache.uncovered_reason(LOCAL, ARGS) is None
+    assert trainer_cache.uncovered_reason({**LOCAL, "type": "aws"}, ARGS) is None  # the bucket is the build's to read
     # the dataset's own setting wins over the run's: on-demand for the run, not for this dataset
     assert trainer_cache.uncovered_reason({**LOCAL, "vae_cache_ondemand": False},
                                           SimpleNamespace(**{**vars(ARGS), "vae_cache_ondemand": True})) is None
