@@ -414,8 +414,9 @@ def take_parquet_captions(dataset_id: str, parquet_config) -> dict | None:
     if dataset is None or dataset.parquet_captions is None or not isinstance(parquet_config, dict):
         return None
     source, captions = dataset.parquet_captions
-    planned = (str(source.path), source.filename_column, source.caption_column, source.identifier_includes_extension)
-    asked = (os.path.abspath(str(parquet_config.get("path", ""))), parquet_config.get("filename_column"),
+    planned = (source.path, source.filename_column, source.caption_column, source.identifier_includes_extension)
+    path = str(parquet_config.get("path", ""))
+    asked = (path if source.bucket is not None else os.path.abspath(path), parquet_config.get("filename_column"),
              parquet_config.get("caption_column"), bool(parquet_config.get("identifier_includes_extension", False)))
     if asked != planned:
         return None

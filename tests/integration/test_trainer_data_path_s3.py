@@ -56,8 +56,8 @@ def s3():
         yield server, proxy
 
 
-def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucket: str) -> Path:
-    """The local test's run, its dataset moved into `bucket` under PREFIX (images and caption files), the entry
+def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucket: str, folder: str = PREFIX) -> Path:
+    """The local test's run, its dataset moved into `bucket` under `folder` (images and caption files), the entry
     rewritten to SimpleTuner's `type: aws` keys; the VAE cache is the relative `cache/vae` (a key prefix in the bucket
     on SimpleTuner's path, a local folder of the run on ours)."""
     server, proxy = s3
@@ -65,7 +65,7 @@ def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucke
     client = server.client()
     client.create_bucket(Bucket=bucket)
     for path in sorted((run / "data").iterdir()):
-        client.put_object(Bucket=bucket, Key=PREFIX + path.name, Body=path.read_bytes())
+        client.put_object(Bucket=bucket, Key=folder + path.name, Body=path.read_bytes())
     shutil.move(run / "data", run / "local-copy")  # the oracles read these; the trainers cannot
     backends_file = run / "config" / "multidatabackend.json"
     backends = json.loads(backends_file.read_text())
@@ -78,12 +78,12 @@ def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucke
     return run
 
 
-def local_samples(run: Path, batch: dict) -> list[dict]:
+def local_samples(run: Path, batch: dict, folder: str = PREFIX) -> list[dict]:
     """`samples(batch)`, each named by the local copy of its object (the oracles read files)."""
     out = samples(batch)
     for sample in out:
-        assert sample["path"].startswith(PREFIX), sample["path"]
-        sample["path"] = str(run / "local-copy" / sample["path"][len(PREFIX):])
+        assert sample["path"].startswith(folder), sample["path"]
+        sample["path"] = str(run / "local-copy" / sample["path"][len(folder):])
     return out
 
 
@@ -202,4 +202,41 @@ def test_a_restart_on_our_path_reads_no_image_object(ours, simpletuner_state, te
     assert len(resumed) == STEPS - RESUME_AT
     for batch in resumed.values():
         for sample in local_samples(run, batch):
+            assert_simpletuner_geometry_and_text(sample, text_oracle)
+
+
+def test_an_s3_dataset_sized_and_captioned_by_a_parquet_object_trains_on_our_path(tmp_path, model_dir, s3,
+                                                                                  simpletuner_state, text_oracle):
+    """`metadata_backend: parquet` and `caption_strategy: parquet` on an S3 dataset, the table an object of the
+    bucket: the build reads it by column and buckets by its sizes; the trainer's batches hold SimpleTuner's geometry
+    of each image and the encoders' embeddings of its caption from the table. The objects lie at the bucket's root:
+    SimpleTuner looks a size up by the file name's stem and a caption by the key below aws_data_prefix, one id for
+    both only there."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    bucket = BUCKET + "-parquet"
+    run = write_s3_run(tmp_path / "run", model_dir, s3, max_train_steps=3, bucket=bucket, folder="")
+    images = sorted((run / "local-copy").glob("*.jpg"))
+    sizes = [Image.open(path).size for path in images]
+    table = pa.table({"file": [path.stem for path in images], "width": [w for w, _ in sizes],
+                      "height": [h for _, h in sizes],
+                      "caption": [path.with_suffix(".txt").read_text() for path in images]})
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    s3[0].client().put_object(Bucket=bucket, Key="photos.parquet", Body=out.getvalue())
+    backends_file = run / "config" / "multidatabackend.json"
+    backends = json.loads(backends_file.read_text())
+    backends[0] |= {"metadata_backend": "parquet", "caption_strategy": "parquet",
+                    "parquet": {"path": "photos.parquet", "filename_column": "file", "caption_column": "caption"}}
+    backends_file.write_text(json.dumps(backends, indent=2))
+    log, recorded = train(run, tmp_path / "records", None)
+    assert f"{SERVED} ({len(SIZES)} image(s) encoded here, 0 already cached)" in log, log[-4000:]
+    assert not list(run.rglob("*.pt")) and not [key for key in keys(s3, bucket) if key.endswith(".pt")]
+    assert len(recorded) == 3
+    for batch in recorded.values():
+        for sample in local_samples(run, batch, folder=""):
             assert_simpletuner_geometry_and_text(sample, text_oracle)

@@ -10,8 +10,10 @@ can only come from the table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,14 +123,19 @@ class _Geometry:
         return SimpleNamespace(aspect_ratio=1.0, intermediary_size=(1, 1), crop_coordinates=(0, 0), target_size=(1, 1))
 
 
-def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict, dict]:
+def simpletuners(root: Path, entry: dict, monkeypatch, data_backend=None) -> tuple[dict, dict, dict]:
     """SimpleTuner's sizes (path -> original size, for the images it buckets), captions (path -> captions, for the
     images whose caption it finds) and caption cache (`_extract_captions_to_fast_list`'s dict) of the same run, the
-    trainer started in `root`."""
+    trainer started in `root`; `data_backend`: SimpleTuner's S3DataBackend of a `type: aws` entry."""
     monkeypatch.chdir(root)
     monkeypatch.setattr(simpletuner_parquet, "TrainingSample", _Geometry)
-    data_backend = LocalDataBackend(accelerator=SimpleNamespace(), id=DATASET)
-    listing = data_backend.list_files(file_extensions=image_file_extensions, instance_data_dir=entry["instance_data_dir"])
+    if data_backend is None:
+        data_backend = LocalDataBackend(accelerator=SimpleNamespace(), id=DATASET)
+        folder = entry["instance_data_dir"]
+        metadata_folder = folder.strip().rstrip("/")  # FactoryRegistry's local rule
+    else:  # FactoryRegistry's aws rule: the key prefix, as it is
+        folder = metadata_folder = entry["aws_data_prefix"]
+    listing = data_backend.list_files(file_extensions=image_file_extensions, instance_data_dir=folder)
     paths = [path for _, _, files in listing for path in files]
     args = SimpleNamespace(parquet_caption_column=None, parquet_filename_column=None)
     configure_parquet_database(json.loads(json.dumps(entry)), args, data_backend)
@@ -138,12 +145,13 @@ def simpletuners(root: Path, entry: dict, monkeypatch) -> tuple[dict, dict, dict
     backend.is_json_lines = backend.is_json_file = False
     backend.num_frames_column = backend.fps_column = None
     backend.delete_unwanted_images = False
-    backend.instance_data_dir = entry["instance_data_dir"].strip().rstrip("/")  # FactoryRegistry's local rule
+    backend.instance_data_dir = metadata_folder
     backend.meets_resolution_requirements = lambda image_metadata: True
     backend.load_parquet_database()
     backend.caption_cache = backend._extract_captions_to_fast_list()
     StateTracker.register_data_backend({"id": DATASET, "metadata_backend": backend})
-    StateTracker.set_data_backend_config(DATASET, {"instance_data_dir": entry["instance_data_dir"]})
+    StateTracker.set_data_backend_config(  # FactoryRegistry: an aws entry's config takes the prefix
+        DATASET, {"instance_data_dir": entry.get("instance_data_dir", entry.get("aws_data_prefix", ""))})
     sizes, captions = {}, {}
     for path in paths:
         metadata: dict = {}
@@ -232,4 +240,66 @@ def test_what_the_mirror_does_not_read_names_its_key(tmp_path, change, message):
     entry["parquet"] = {key: value for key, value in (entry["parquet"] | change).items() if value is not None}
     (root / "config" / "multidatabackend.json").write_text(json.dumps([entry, TEXT]))
     with pytest.raises(BuildError, match=message):
+        ours(root)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from s3_server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+def s3_run(tmp_path: Path, server, *, prefix: str, includes_extension: bool, list_captions: bool):
+    """write_run's files and table as objects of a bucket of their own: the images under `prefix`, the table at
+    `meta.parquet`; the entry a `type: aws` one. Returns (root, entry, SimpleTuner's S3DataBackend of it)."""
+    from simpletuner.helpers.data_backend.aws import S3DataBackend
+
+    root, entry = write_run(tmp_path, includes_extension=includes_extension, relative_folder=False,
+                            list_captions=list_captions)
+    bucket = "parquet-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16]
+    client = server.client()
+    client.create_bucket(Bucket=bucket)
+    for file in FILES:
+        client.put_object(Bucket=bucket, Key=prefix + file, Body=(root / "data" / file).read_bytes())
+    client.put_object(Bucket=bucket, Key="meta.parquet", Body=(root / "meta.parquet").read_bytes())
+    entry = {key: value for key, value in entry.items() if key != "instance_data_dir"} | {
+        "type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": prefix, "aws_region_name": "us-east-1",
+        "aws_endpoint_url": server.endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+        "cache_dir_vae": "cache/vae", "parquet": entry["parquet"] | {"path": "meta.parquet"}}
+    (root / "config" / "multidatabackend.json").write_text(json.dumps([entry, TEXT]))
+    data_backend = S3DataBackend(id=DATASET, bucket_name=bucket, accelerator=None, endpoint_url=server.endpoint,
+                                 aws_access_key_id="test", aws_secret_access_key="test", read_retry_interval=0,
+                                 data_prefix=prefix)
+    return root, entry, data_backend
+
+
+@pytest.mark.parametrize("prefix", ["", "data/"])
+@pytest.mark.parametrize("includes_extension", [False, True])
+@pytest.mark.parametrize("list_captions", [False, True])
+def test_an_s3_datasets_sizes_and_captions_are_simpletuners(tmp_path, monkeypatch, s3_server, prefix,
+                                                             includes_extension, list_captions):
+    """The table is an object of the bucket, read by column from memory; SimpleTuner's S3 backend, its
+    ParquetMetadataBackend and prompt handler on the same bucket are the judges, with the key prefix cut out of ids
+    as its factory's aws rules set the folders."""
+    root, entry, data_backend = s3_run(tmp_path, s3_server, prefix=prefix, includes_extension=includes_extension,
+                                       list_captions=list_captions)
+    expected_sizes, expected_captions, caption_cache = simpletuners(root, entry, monkeypatch, data_backend)
+    sizes, captions, left_out = ours(root)
+    both = expected_sizes.keys() & expected_captions.keys()
+    assert both and set(sizes) == both
+    assert sizes == {key: expected_sizes[key] for key in both}
+    assert captions == {key: expected_captions[key] for key in both}
+    assert left_out == {prefix + file for file in FILES} - both
+    assert sizes[prefix + "a.png"] == (640, 480)  # the table's size, not the file's
+    assert plan(root).parquet_table.captions == caption_cache and caption_cache
+
+
+def test_an_s3_table_that_is_not_there_is_named(tmp_path, s3_server):
+    root, entry, _ = s3_run(tmp_path, s3_server, prefix="", includes_extension=False, list_captions=False)
+    entry["parquet"]["path"] = "absent.parquet"
+    (root / "config" / "multidatabackend.json").write_text(json.dumps([entry, TEXT]))
+    with pytest.raises(BuildError, match=r"/0/parquet/path: cannot read absent\.parquet in S3Bucket\(.*not found"):
         ours(root)

@@ -37,7 +37,7 @@ class ParquetError(Exception):
 class ParquetSource:
     """A dataset entry's `parquet` block, with SimpleTuner's defaults."""
 
-    path: Path
+    path: str  # absolute; for an S3 dataset, the object's key in `bucket` (SimpleTuner reads it through the backend)
     filename_column: str
     caption_column: str | None  # None: captions come from elsewhere (caption_strategy other than parquet)
     fallback_caption_column: str | None  # with full cells (nulls are refused), only lifts the empty-string check
@@ -49,6 +49,7 @@ class ParquetSource:
     metadata_folder: str
     caption_folder: str
     entry: str  # "<multidatabackend.json>: /<index>/parquet", for messages
+    bucket: object | None = None  # lcm_plugin.cache.S3Bucket of a `type: aws` dataset
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class ParquetTable:
     captions: dict[str, str | list[str]]
 
 
-def parquet_source(entry: dict, index: int, file: str, root: Path) -> ParquetSource:
-    """The `parquet` block of multidatabackend.json entry number `index`; ParquetError naming what it cannot take."""
+def parquet_source(entry: dict, index: int, file: str, root: Path, bucket=None) -> ParquetSource:
+    """The `parquet` block of multidatabackend.json entry number `index`; ParquetError naming what it cannot take.
+    `bucket`: the S3Bucket of a `type: aws` entry, whose `parquet.path` is then an object key in it."""
     block = entry.get("parquet")
     if not isinstance(block, dict) or not isinstance(block.get("path"), str) or not block["path"]:
         raise ParquetError(f"{file}: {pointer(index, 'parquet', 'path')}: metadata_backend parquet needs the file")
@@ -79,20 +81,26 @@ def parquet_source(entry: dict, index: int, file: str, root: Path) -> ParquetSou
     if entry.get("caption_strategy") == "parquet" and (not isinstance(caption, str) or not caption):
         raise ParquetError(f"{file}: {pointer(index, 'parquet', 'caption_column')}: cache build reads captions from "
                            "one column: give its name")
-    folder = str(entry.get("instance_data_dir") or entry.get("instance_data_root") or "")
-    # The prompt handler reads the backend config's instance_data_dir, which is the entry's key alone.
-    caption_folder = entry.get("instance_data_dir")
+    if bucket is None:  # FactoryRegistry strips a local folder and one trailing "/"
+        metadata_folder = str(entry.get("instance_data_dir") or entry.get("instance_data_root") or "").strip().rstrip("/")
+        # The prompt handler reads the backend config's instance_data_dir, which is the entry's key alone.
+        caption_folder = entry.get("instance_data_dir")
+        path = os.path.abspath(root / os.path.expanduser(path))
+    else:  # FactoryRegistry: an S3 dataset's metadata backend and its config's instance_data_dir are its key prefix
+        metadata_folder = str(entry.get("aws_data_prefix") or "")
+        caption_folder = entry.get("instance_data_dir", entry.get("aws_data_prefix", ""))
     return ParquetSource(
-        path=Path(os.path.abspath(root / os.path.expanduser(path))),
+        path=path,
         filename_column=filename_column,
         caption_column=caption,
         fallback_caption_column=(block.get("fallback_caption_column") or None) if caption else None,
         width_column=block.get("width_column", "width"),
         height_column=block.get("height_column", "height"),
         identifier_includes_extension=bool(block.get("identifier_includes_extension", False)),
-        metadata_folder=folder.strip().rstrip("/"),
+        metadata_folder=metadata_folder,
         caption_folder=caption_folder if isinstance(caption_folder, str) else "",
         entry=f"{file}: {pointer(index, 'parquet')}",
+        bucket=bucket,
     )
 
 
@@ -121,9 +129,15 @@ def read_table(source: ParquetSource) -> ParquetTable:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    where = f"{source.path}"
+    where = source.path if source.bucket is None else f"{source.path} in {source.bucket!r}"
+    opened = lambda: source.path  # noqa: E731
+    if source.bucket is not None:
+        (data,), errors = source.bucket.get_all([source.path])
+        if errors:
+            raise ParquetError(f"{source.entry}/path: cannot read {where}: {errors[0][1]}")
+        opened = lambda: pa.BufferReader(data)  # noqa: E731 - read from memory, by column, as from a file
     try:
-        schema = pq.read_schema(source.path)
+        schema = pq.read_schema(opened())
     except (OSError, pa.ArrowException) as error:
         raise ParquetError(f"{source.entry}/path: cannot read {where}: {error}") from None
     wanted = [source.filename_column, source.width_column, source.height_column, source.caption_column]
@@ -131,7 +145,7 @@ def read_table(source: ParquetSource) -> ParquetTable:
         if name is not None and name not in schema.names:
             raise ParquetError(f"{where}: no column {name!r} (named in {source.entry})")
     try:
-        table = pq.read_table(source.path, columns=[name for name in dict.fromkeys(wanted) if name in schema.names])
+        table = pq.read_table(opened(), columns=[name for name in dict.fromkeys(wanted) if name in schema.names])
     except (OSError, pa.ArrowException) as error:
         raise ParquetError(f"{where}: {error}") from None
 

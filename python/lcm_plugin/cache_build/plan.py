@@ -304,14 +304,13 @@ def dataset_of(
     if strategy == "instanceprompt" and not entry.get("instance_prompt"):
         raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
     metadata_backend = entry.get("metadata_backend") or "discovery"
-    if remote is not None and (metadata_backend == "parquet" or strategy == "parquet"):
-        raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build does not read a parquet table "
-                         "for an S3 dataset yet (SimpleTuner's own caching takes it)")
     if metadata_backend not in SIZED_BY:
         raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build reads image sizes by discovery "
                          f"or from a parquet file (got {metadata_backend!r})")
     try:
-        parquet = parquet_source(entry, index, file, settings.root) if metadata_backend == "parquet" else None
+        parquet = None
+        if metadata_backend == "parquet":
+            parquet = parquet_source(entry, index, file, settings.root, remote.bucket if remote is not None else None)
     except ParquetError as error:
         raise BuildError(str(error)) from None
     vae_cache = entry.get("cache_dir_vae") or os.path.join(
@@ -548,7 +547,7 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
 
 # Why `ImageTable` leaves out an image, as SimpleTuner's filters would name it.
 _EXCLUDED = {
-    "no_size": lambda dataset: f"no row in {dataset.parquet.path.name} (metadata_missing)",
+    "no_size": lambda dataset: f"no row in {os.path.basename(dataset.parquet.path)} (metadata_missing)",
     "too_small": lambda dataset: "below minimum_image_size",
     "aspect_below_minimum": lambda dataset: f"bucket below minimum_aspect_ratio {dataset.minimum_aspect_ratio:g}",
     "aspect_above_maximum": lambda dataset: f"bucket above maximum_aspect_ratio {dataset.maximum_aspect_ratio:g}",
