@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from s3_server import S3Server  # noqa: E402
+from s3_server import FaultProxy, S3Server  # noqa: E402
 
 from lcm_plugin.cache import LatentCacheReader  # noqa: E402
 from lcm_plugin.cache_build import BuildOptions, build  # noqa: E402
@@ -120,8 +123,9 @@ def test_an_s3_dataset_builds_the_store_a_folder_of_the_same_files_builds(s3, tm
 @pytest.mark.parametrize(("change", "expected"), [
     ({"aws_secret_access_key": None}, "aws_access_key_id: no credentials"),
     ({"aws_data_prefix": ["a/", "b/"]}, "aws_data_prefix: give one key prefix"),
-    ({"metadata_backend": "parquet"}, "metadata_backend: cache build does not read a parquet table for an S3"),
-], ids=["no-credentials", "prefix-list", "parquet"])
+    ({"metadata_backend": "parquet", "parquet": {"path": "absent.parquet", "filename_column": "file"}},
+     r"parquet/path: cannot read absent.parquet in S3Bucket\(\"photos\" at .*not found"),
+], ids=["no-credentials", "prefix-list", "parquet-object-missing"])
 def test_what_an_s3_dataset_cannot_be_is_named_by_its_key(s3, tmp_path, tiny_sdxl_dir, monkeypatch, change, expected):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     entry = aws_entry(s3.endpoint, **change)
@@ -141,3 +145,53 @@ def test_a_missing_aws_key_and_the_simpletuner_format_are_refused(s3, tmp_path, 
     with pytest.raises(BuildError, match="--format simpletuner writes SimpleTuner's files next to local images"):
         build(BuildOptions(write_run(tmp_path / "b", tiny_sdxl_dir, aws_entry(s3.endpoint)), simpletuner_format=True),
               log=print)
+
+
+def test_faults_are_ridden_out_and_an_object_that_stays_broken_is_skipped_by_its_key(s3, tmp_path, tiny_sdxl_dir):
+    """Through a proxy that injects faults: 500s, a dropped connection, a cut body and a slow answer are retried; an
+    object that answers 500 to every try is skipped with one line naming its key, and the others are built. Once it
+    answers again, the rerun encodes it alone. The store then holds what a build that saw no fault holds: the same
+    entries, equal up to float noise (the first build's VAE batches lacked the broken image, so their compositions
+    differ from the clean build's, and a CPU convolution's last bits follow the batch)."""
+    clean = write_run(tmp_path / "clean", tiny_sdxl_dir, aws_entry(s3.endpoint))
+    build(BuildOptions(clean), log=print)
+    with FaultProxy(s3.endpoint) as proxy:
+        run = write_run(tmp_path / "faulty", tiny_sdxl_dir, aws_entry(proxy.endpoint))
+        proxy.fail("images/img0.png", "500", "drop")
+        proxy.fail("images/img1.png", "truncate", "503")
+        proxy.fail("images/img2.png", "slow:0.5")
+        proxy.fail("images/img5.png", *["500"] * 40)
+        report = build(BuildOptions(run), log=print)
+        # what the CLI prints as "skipped <key>: <why>", one line
+        assert [path for path, _ in report.failed] == ["images/img5.png"], report.failed
+        (why,) = [why for _, why in report.failed]
+        assert "\n" not in why and "500" in why and KEY_ID not in why and SECRET not in why, why
+        assert report.encoded == 7
+        for key in ("images/img0.png", "images/img1.png", "images/img2.png"):
+            assert proxy.faults_left(key) == 0, key
+        proxy.clear()
+        rerun = build(BuildOptions(run), log=print)
+    assert (rerun.encoded, rerun.reused, rerun.failed) == (1, 7, [])
+    ours, theirs = entries(run), entries(clean)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_a_killed_s3_build_resumes_to_the_store_of_an_uninterrupted_one(s3, tmp_path, tiny_sdxl_dir):
+    """kill -9 of the build (its own SIGKILL at the sixth stored entry; 1 KB shards, so each entry before it is
+    committed), then a rerun: what was committed is kept, and nothing is lost, duplicated or stale against an
+    uninterrupted build of the same objects."""
+    clean = write_run(tmp_path / "clean", tiny_sdxl_dir, aws_entry(s3.endpoint))
+    build(BuildOptions(clean), log=print)
+    run = write_run(tmp_path / "killed", tiny_sdxl_dir, aws_entry(s3.endpoint))
+    env = dict(os.environ, LCM_CACHE_BUILD_FAULT="put:6")
+    killed = subprocess.run([sys.executable, "-m", "lcm_plugin.cli", "cache", "build", str(run), "--shard-mb", "0.001"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    rerun = build(BuildOptions(run, shard_bytes=1024), log=print)
+    assert 0 < rerun.encoded < 8 and not rerun.failed
+    ours, theirs = entries(run), entries(clean)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)

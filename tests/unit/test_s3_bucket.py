@@ -208,6 +208,27 @@ def test_a_restart_fetches_only_what_changed(s3, tmp_path):
     assert dict(zip(changed.keys, changed.captions))["images/sub/b.jpg"] == "a new caption"
 
 
+def test_an_object_that_could_not_be_fetched_is_fetched_again_by_the_restart(s3, tmp_path):
+    """A network failure is not remembered as the object's answer: the memo of a scan that could not fetch an image
+    or a caption makes the next scan fetch those again (and only those), while a changed-nothing object is not."""
+    memo = tmp_path / "memo"
+    s3.proxy.fail("images/a.png", *["500"] * 10)
+    s3.proxy.fail("images/sub/b.txt", *["500"] * 10)
+    first = bucket(s3.proxy.endpoint, retries=1).scan("images/", list(IMAGE_EXTENSIONS), ".txt", memo=memo)
+    assert [first.keys[i] for i, _ in first.errors] == ["images/a.png"] and first.caption_errors
+    first.write_memo(memo)
+    time.sleep(2.1)  # rows written within the memo's racy window are read again
+    first.write_memo(memo)
+    s3.proxy.clear()
+    again = bucket(s3.proxy.endpoint).scan("images/", list(IMAGE_EXTENSIONS), ".txt", memo=memo)
+    assert again.errors == [] and again.caption_errors == []
+    assert again.read == 2  # a.png (with its caption), and b.jpg for its caption
+    assert sorted(key for method, key in s3.proxy.requests if method == "GET" and key) == [
+        "images/a.png", "images/a.txt", "images/sub/b.jpg", "images/sub/b.txt"]
+    captions = dict(zip(again.keys, again.captions))
+    assert captions["images/sub/b.jpg"] == "two lines\nof caption é" and again.sizes[again.keys.index("images/a.png")]
+
+
 def test_an_unreachable_server_is_one_error_naming_the_bucket():
     with pytest.raises(RemoteReadError, match=r"s3://photos/images/"):
         S3Bucket("http://127.0.0.1:9", BUCKET, **CREDENTIALS, retries=0, timeout_s=2).scan("images/", [".png"])

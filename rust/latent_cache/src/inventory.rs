@@ -407,23 +407,26 @@ pub fn scan_bucket(
         caption_reads.iter().cloned().zip(bucket.get_all(&caption_reads, concurrency)).collect();
     for (&i, bytes) in unread.iter().zip(fetched) {
         let key = images[i];
-        let (size, content) = match bytes {
+        // An object that could not be fetched keeps no stamp in the memo (as an unreadable local file): the next scan
+        // fetches it again, for a network error passes. Bytes whose header cannot be read are remembered as such.
+        let (size, content, stamp) = match bytes {
             Ok(bytes) => {
                 let header = std::panic::catch_unwind(|| crate::scan::header_from_bytes(Path::new(key), &bytes))
                     .unwrap_or_else(|_| Err(CacheError::config("header", "header parser panicked")));
-                (header.map(|h| (h.width, h.height)).map_err(|e| e.to_string()), xxhash_rust::xxh3::xxh3_128(&bytes))
+                let size = header.map(|h| (h.width, h.height)).map_err(|e| e.to_string());
+                (size, xxhash_rust::xxh3::xxh3_128(&bytes), stamps[key])
             }
-            Err(why) => (Err(format!("cannot read s3 object `{key}`: {why}")), 0),
+            Err(why) => (Err(format!("cannot read s3 object `{key}`: {why}")), 0, Stamp::default()),
         };
         let caption = match &caption_keys[i] {
             None => Caption::NotRead,
             Some(caption_key) => match (stamps.get(caption_key.as_str()), captions.remove(caption_key)) {
                 (Some(&stamp), Some(Ok(bytes))) => caption_text(stamp, bytes),
-                (Some(&stamp), Some(Err(why))) => Caption::Unreadable(stamp, why),
+                (Some(_), Some(Err(why))) => Caption::Unreadable(Stamp::default(), why),
                 _ => Caption::Missing,
             },
         };
-        scanned[i] = Some(Scanned::Read(Item { key: key.to_string(), stamp: stamps[key], size, content, caption, read: true }, rows[i]));
+        scanned[i] = Some(Scanned::Read(Item { key: key.to_string(), stamp, size, content, caption, read: true }, rows[i]));
     }
     Ok(assemble(memo, scanned.into_iter().flatten().collect(), &others, std::iter::empty()))
 }

@@ -150,13 +150,13 @@ impl Bucket {
         let response = match self.store.get(&location).await {
             Ok(response) => response,
             Err(object_store::Error::NotFound { .. }) => return Err("not found (deleted since it was listed?)".into()),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(one_line(e)),
         };
         let expected = response.meta.size;
         match response.bytes().await {
             Ok(bytes) if bytes.len() as u64 == expected => Ok(bytes.to_vec()),
             Ok(bytes) => Err(format!("{} of its {expected} bytes arrived", bytes.len())),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(one_line(e)),
         }
     }
 
@@ -184,8 +184,25 @@ impl Bucket {
     }
 
     fn error(&self, prefix: &str, e: impl std::fmt::Display) -> CacheError {
-        CacheError::Remote { location: format!("s3://{}/{prefix}", self.name), reason: e.to_string() }
+        CacheError::Remote { location: format!("s3://{}/{prefix}", self.name), reason: one_line(e) }
     }
+}
+
+/// An error as one line of a report: a server's XML error document (S3 puts one in the body of a failed answer, and
+/// the client quotes it) reduced to its code and message, and every run of whitespace to one space.
+fn one_line(error: impl std::fmt::Display) -> String {
+    let text = error.to_string();
+    let text = match (text.find("<?xml"), xml_text(&text, "Code"), xml_text(&text, "Message")) {
+        (Some(at), Some(code), Some(message)) => format!("{}{code}: {message}", &text[..at]),
+        _ => text,
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn xml_text<'a>(text: &'a str, element: &str) -> Option<&'a str> {
+    let start = text.find(&format!("<{element}>"))? + element.len() + 2;
+    let end = start + text[start..].find(&format!("</{element}>"))?;
+    Some(&text[start..end])
 }
 
 #[cfg(test)]
@@ -203,6 +220,21 @@ mod tests {
         };
         Bucket::open(&config, Patience { retries: 1, backoff: Duration::from_millis(1), timeout: Duration::from_secs(2) })
             .unwrap()
+    }
+
+    #[test]
+    fn a_servers_error_document_becomes_one_line_with_its_code_and_message() {
+        let quoted = "Error performing GET http://h/b/k in 1.3s, after 5 retries - Server returned non-2xx status \
+                      code: 500 Internal Server Error: <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>\
+                      InternalError</Code><Message>We encountered an internal error.</Message><RequestId>7</RequestId>\
+                      </Error>";
+        assert_eq!(
+            one_line(quoted),
+            "Error performing GET http://h/b/k in 1.3s, after 5 retries - Server returned non-2xx status code: 500 \
+             Internal Server Error: InternalError: We encountered an internal error."
+        );
+        assert_eq!(one_line("a\n  b\t c"), "a b c");
+        assert_eq!(one_line("<?xml no elements"), "<?xml no elements");
     }
 
     #[test]
