@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -185,7 +186,9 @@ def test_a_killed_s3_build_resumes_to_the_store_of_an_uninterrupted_one(s3, tmp_
     clean = write_run(tmp_path / "clean", tiny_sdxl_dir, aws_entry(s3.endpoint))
     build(BuildOptions(clean), log=print)
     run = write_run(tmp_path / "killed", tiny_sdxl_dir, aws_entry(s3.endpoint))
-    env = dict(os.environ, LCM_CACHE_BUILD_FAULT="put:6")
+    # The killed build's torch pool as large as this process's (conftest sizes it per xdist worker): a convolution's
+    # last bits follow the thread count, and the comparison is bit for bit.
+    env = dict(os.environ, LCM_CACHE_BUILD_FAULT="put:6", OMP_NUM_THREADS=str(torch.get_num_threads()))
     killed = subprocess.run([sys.executable, "-m", "lcm_plugin.cli", "cache", "build", str(run), "--shard-mb", "0.001"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]

@@ -39,9 +39,11 @@ from test_trainer_data_path import (  # noqa: F401 - model_dir, simpletuner_stat
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from s3_server import ACCESS_KEY, REGION, SECRET_KEY, FaultProxy, S3Server  # noqa: E402
+from s3_server import REGION, FaultProxy, S3Server  # noqa: E402
 
 BUCKET = "training-data"
+# moto checks no signature: credentials that no log line or file may show
+KEY_ID, SECRET = "AKIDTRAINERNEVERSHOWN", "SECRETTRAINERNEVERSHOWN"
 # The objects' folder. The dataset's aws_data_prefix is "" (the whole bucket): SimpleTuner 4.10.1's sampler joins
 # aws_data_prefix to keys that already start with it (`_sample_path`: photos/photos/photo04.jpg has no metadata), so
 # a stock run with any other prefix stops at its first batch, on either path.
@@ -72,7 +74,7 @@ def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucke
     entry = backends[0]
     del entry["instance_data_dir"]
     entry.update(type="aws", aws_bucket_name=bucket, aws_data_prefix="", aws_region_name=REGION,
-                 aws_endpoint_url=proxy.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                 aws_endpoint_url=proxy.endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
                  cache_dir_vae="cache/vae")
     backends_file.write_text(json.dumps(backends, indent=2))
     return run
@@ -148,6 +150,11 @@ def test_our_path_serves_the_bucket_from_a_local_store_and_writes_no_pt(ours, s3
     manifest = json.loads((run / "cache" / "vae" / "lcm" / "manifest.json").read_text())
     assert sorted(entry["image"] for entry in manifest["images"]) == sorted(
         f"{PREFIX}photo{i:02d}{IMAGE_SUFFIX}" for i in range(len(SIZES)))
+    ours_lines = [line for log in (first_log, resumed_log) for line in log.splitlines() if "simpletuner-lcm" in line]
+    written = [path.read_bytes() for path in (run / "cache").rglob("*") if path.is_file()]
+    for secret in (KEY_ID, SECRET):
+        assert not [line for line in ours_lines if secret in line]
+        assert not [data for data in written if secret.encode() in data]
 
 
 def test_our_bucket_files_in_the_bucket_are_simpletuners(reference, ours, s3):
