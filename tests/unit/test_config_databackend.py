@@ -239,3 +239,20 @@ def test_an_s3_image_dataset_with_a_key_prefix_is_warned_of_simpletuners_sampler
     assert [(p.pointer, p.severity) for p in problems] == [("/0/aws_data_prefix", "warning")], problems
     assert "photos/photos/a.png" in problems[0].message and 'use ""' in problems[0].message
     assert check_backends([{**image, "aws_data_prefix": ""}, TEXT], "m.json", inherited_settings({})) == []
+
+
+def test_an_s3_secret_in_the_file_is_warned_of_simpletuners_debug_log():
+    """SimpleTuner's factory logs every entry whole ("Configuring data backend: <id>: {...}"; found in the debug.log
+    of tests/integration/test_trainer_data_path_s3.py's runs): a secret in the file ends up there; null and the
+    environment do not."""
+    aws = {"type": "aws", "aws_bucket_name": "b", "aws_region_name": None, "aws_endpoint_url": None,
+           "aws_access_key_id": "AKID", "aws_secret_access_key": "s3cr3t", "aws_session_token": "t0k3n",
+           "aws_data_prefix": ""}
+    image = {key: value for key, value in IMAGES.items() if key != "instance_data_dir"} | aws
+    problems = check_backends([image, TEXT], "m.json", inherited_settings({}))
+    assert [(p.pointer, p.severity) for p in problems] == [("/0/aws_secret_access_key", "warning"),
+                                                           ("/0/aws_session_token", "warning")], problems
+    assert "AWS_SECRET_ACCESS_KEY" in problems[0].message and "s3cr3t" not in problems[0].message
+    assert "AWS_SESSION_TOKEN" in problems[1].message
+    nulls = image | {"aws_secret_access_key": None, "aws_session_token": None}
+    assert check_backends([nulls, TEXT], "m.json", inherited_settings({})) == []

@@ -426,6 +426,13 @@ def _type_problems(entry: dict, model: type[_Entry], where, file: str) -> list[P
             problems.append(Problem(file, where("type"), "caption datasets cannot use a csv backend"))
     if storage == "webshart" and not (entry.get("source") or (entry.get("webshart") or {}).get("source")):
         problems.append(Problem(file, where(), "type 'webshart' requires 'source'"))
+    for key, variable in (("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"), ("aws_session_token", "AWS_SESSION_TOKEN")):
+        if storage == "aws" and isinstance(entry.get(key), str) and entry[key]:
+            problems.append(Problem(
+                file, where(key),
+                f"SimpleTuner 4.10.1 writes each dataset entry whole to debug.log when it starts (\"Configuring data "
+                f"backend\"), this secret included; give null and set {variable} (SimpleTuner's client and the plugin "
+                "both read it)", "warning"))
     prefix = entry.get("aws_data_prefix")
     if storage == "aws" and model is MediaEntry and prefix and entry.get("dataset_type", "image") == "image":
         shown = prefix if isinstance(prefix, str) else str(prefix[0])
