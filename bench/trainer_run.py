@@ -52,7 +52,8 @@ def train_once(run: Path, data_path: str) -> TrainerRun:
             elif stepped_at is not None and time.perf_counter() - stepped_at > EXIT_GRACE_S:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                print(f"    ({run.name}, {data_path}: stopped {EXIT_GRACE_S} s after its step; it had not exited)", flush=True)
+                print(f"    ({run.name}, {data_path}: stopped {EXIT_GRACE_S} s after its step; it had not exited)",
+                      flush=True)
     ended = time.perf_counter()
     stopped = process.returncode == -signal.SIGKILL and stepped_at is not None
     output = log.read_text(errors="replace")

@@ -60,7 +60,8 @@ class DatasetCache:
 
     id: str
     reader: object  # LatentCacheReader over <cache_dir_vae>/lcm
-    # os.path.abspath(image) -> store key of the images read from `reader` (lcm_plugin.cache.ServedImages)
+    # SimpleTuner's name of an image (os.path.abspath of its file; an S3 dataset's object key) -> its store key, for
+    # the images read from `reader` (lcm_plugin.cache.ServedImages)
     served: Mapping[str, str]
     # the bucket metadata this process wrote (simpletuner_format.WrittenMetadata), until SimpleTuner loads it
     # (`take_bucket_metadata`)

@@ -82,7 +82,8 @@ def parquet_source(entry: dict, index: int, file: str, root: Path, bucket=None) 
         raise ParquetError(f"{file}: {pointer(index, 'parquet', 'caption_column')}: cache build reads captions from "
                            "one column: give its name")
     if bucket is None:  # FactoryRegistry strips a local folder and one trailing "/"
-        metadata_folder = str(entry.get("instance_data_dir") or entry.get("instance_data_root") or "").strip().rstrip("/")
+        folder = str(entry.get("instance_data_dir") or entry.get("instance_data_root") or "")
+        metadata_folder = folder.strip().rstrip("/")
         # The prompt handler reads the backend config's instance_data_dir, which is the entry's key alone.
         caption_folder = entry.get("instance_data_dir")
         path = os.path.abspath(root / os.path.expanduser(path))

@@ -426,7 +426,8 @@ def _type_problems(entry: dict, model: type[_Entry], where, file: str) -> list[P
             problems.append(Problem(file, where("type"), "caption datasets cannot use a csv backend"))
     if storage == "webshart" and not (entry.get("source") or (entry.get("webshart") or {}).get("source")):
         problems.append(Problem(file, where(), "type 'webshart' requires 'source'"))
-    for key, variable in (("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"), ("aws_session_token", "AWS_SESSION_TOKEN")):
+    secrets = (("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"), ("aws_session_token", "AWS_SESSION_TOKEN"))
+    for key, variable in secrets:
         if storage == "aws" and isinstance(entry.get(key), str) and entry[key]:
             problems.append(Problem(
                 file, where(key),
