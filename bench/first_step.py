@@ -7,8 +7,8 @@ issue 19, item 6: "cold time to first step >= 2x faster than stock", S3 kind).
 `--images 100` is a smoke run.
 
 - Data: `--images` photo-like JPEGs of six sizes (bench/sources.py's), each with a caption object (`.txt`), keys
-  `images/<n>.jpg`; the dataset's `aws_data_prefix` is "" (SimpleTuner 4.10.1's sampler breaks on any other, see
-  docs/data-path.md).
+  `images/<n>.jpg`; the dataset's `aws_data_prefix` is "": upstream SimpleTuner 4.10.1 trains on no other (the
+  plugin's patch S1 fixes that), so the stock path runs exactly as upstream's.
 - Server: moto in a process of its own (bench/sources.py's), adding the latency to every request. It takes writes,
   which both paths make (SimpleTuner puts a latent object per image and its bucket files, the plugin its bucket files),
   and costs ~3 ms of CPU per request: SimpleTuner's path makes more requests, so the server slows it more.

@@ -8,6 +8,8 @@ tests/s3_server.py), trained on SimpleTuner's own path and on the plugin's.
   SimpleTuner keeps them), and its samples equal SimpleTuner's image by image: bucket, crop, time_ids and text
   embeddings bit for bit, latents within the resize bound of the local test.
 - Its restart reads no image object: the scan memo holds every object's stamp, the store every latent.
+- Our run's dataset lists the bucket under the key prefix "photos/" (SimpleTuner's lists it whole), which trains only
+  with install.py's S1.
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ from s3_server import REGION, FaultProxy, S3Server  # noqa: E402
 BUCKET = "training-data"
 # moto checks no signature: credentials that no log line or file may show
 KEY_ID, SECRET = "AKIDTRAINERNEVERSHOWN", "SECRETTRAINERNEVERSHOWN"
-# The objects' folder. The dataset's aws_data_prefix is "" (the whole bucket): SimpleTuner 4.10.1's sampler joins
-# aws_data_prefix to keys that already start with it (`_sample_path`: photos/photos/photo04.jpg has no metadata), so
-# a stock run with any other prefix stops at its first batch, on either path.
+# The objects' folder. SimpleTuner's run lists the whole bucket (aws_data_prefix ""), ours lists this prefix:
+# SimpleTuner 4.10.1's sampler alone stops at the first batch with any prefix but "" (install.py S1).
 PREFIX = "photos/"
 IMAGE_SUFFIX = ".jpg"
 
@@ -58,7 +59,8 @@ def s3():
         yield server, proxy
 
 
-def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucket: str, folder: str = PREFIX) -> Path:
+def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucket: str, folder: str = PREFIX,
+                 data_prefix: str = "") -> Path:
     """The local test's run, its dataset moved into `bucket` under `folder` (images and caption files), the entry
     rewritten to SimpleTuner's `type: aws` keys; the VAE cache is the relative `cache/vae` (a key prefix in the bucket
     on SimpleTuner's path, a local folder of the run on ours)."""
@@ -73,7 +75,7 @@ def write_s3_run(root: Path, model_dir: Path, s3, *, max_train_steps: int, bucke
     backends = json.loads(backends_file.read_text())
     entry = backends[0]
     del entry["instance_data_dir"]
-    entry.update(type="aws", aws_bucket_name=bucket, aws_data_prefix="", aws_region_name=REGION,
+    entry.update(type="aws", aws_bucket_name=bucket, aws_data_prefix=data_prefix, aws_region_name=REGION,
                  aws_endpoint_url=proxy.endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
                  cache_dir_vae="cache/vae")
     backends_file.write_text(json.dumps(backends, indent=2))
@@ -118,7 +120,8 @@ def ours(tmp_path_factory, model_dir, s3):
     resumed up to STEPS. (run, first log, resumed log, records of both, image GETs of each start)."""
     proxy = s3[1]
     root = tmp_path_factory.mktemp("s3-ours")
-    run = write_s3_run(root / "run", model_dir, s3, max_train_steps=RESUME_AT, bucket=BUCKET + "-ours")
+    run = write_s3_run(root / "run", model_dir, s3, max_train_steps=RESUME_AT, bucket=BUCKET + "-ours",
+                       data_prefix=PREFIX)
     before_first = len(proxy.requests)
     first_log, first = train(run, root / "records-first", None)
     set_config(run, max_train_steps=STEPS, resume_from_checkpoint="latest")
@@ -161,8 +164,8 @@ def test_our_bucket_files_in_the_bucket_are_simpletuners(reference, ours, s3):
     """The bucket files our build wrote into the bucket hold what SimpleTuner's own discovery wrote into its bucket:
     the same images in the same buckets, the same metadata per image."""
     names = (f"aspect_ratio_bucket_indices_{BACKEND_ID}.json", f"aspect_ratio_bucket_metadata_{BACKEND_ID}.json")
-    theirs = [bucket_json(s3, BUCKET + "-reference", name) for name in names]
-    ours_ = [bucket_json(s3, BUCKET + "-ours", name) for name in names]
+    theirs = [bucket_json(s3, BUCKET + "-reference", name) for name in names]  # aws_data_prefix "": the root
+    ours_ = [bucket_json(s3, BUCKET + "-ours", PREFIX + name) for name in names]  # under aws_data_prefix
     buckets = ours_[0]["aspect_ratio_bucket_indices"]
     assert {bucket: sorted(paths) for bucket, paths in buckets.items()} == {
         bucket: sorted(paths) for bucket, paths in theirs[0]["aspect_ratio_bucket_indices"].items()}

@@ -228,19 +228,6 @@ def test_schema_key_is_accepted_in_entries():
     assert _errors([{**IMAGES, "$schema": "x"}, TEXT]) == []
 
 
-def test_an_s3_image_dataset_with_a_key_prefix_is_warned_of_simpletuners_sampler():
-    """SimpleTuner 4.10.1's sampler (`_sample_path`) joins aws_data_prefix to keys that start with it: a run with a
-    prefix stops at its first batch (seen in tests/integration/test_trainer_data_path_s3.py's first attempt); its
-    own docs use ""."""
-    aws = {"type": "aws", "aws_bucket_name": "b", "aws_region_name": None, "aws_endpoint_url": None,
-           "aws_access_key_id": None, "aws_secret_access_key": None}
-    image = {key: value for key, value in IMAGES.items() if key != "instance_data_dir"} | aws
-    problems = check_backends([{**image, "aws_data_prefix": "photos/"}, TEXT], "m.json", inherited_settings({}))
-    assert [(p.pointer, p.severity) for p in problems] == [("/0/aws_data_prefix", "warning")], problems
-    assert "photos/photos/a.png" in problems[0].message and 'use ""' in problems[0].message
-    assert check_backends([{**image, "aws_data_prefix": ""}, TEXT], "m.json", inherited_settings({})) == []
-
-
 def test_an_s3_secret_in_the_file_is_warned_of_simpletuners_debug_log():
     """SimpleTuner's factory logs every entry whole ("Configuring data backend: <id>: {...}"; found in the debug.log
     of tests/integration/test_trainer_data_path_s3.py's runs): a secret in the file ends up there; null and the

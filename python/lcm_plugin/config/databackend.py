@@ -434,14 +434,6 @@ def _type_problems(entry: dict, model: type[_Entry], where, file: str) -> list[P
                 f"SimpleTuner 4.10.1 writes each dataset entry whole to debug.log when it starts (\"Configuring data "
                 f"backend\"), this secret included; give null and set {variable} (SimpleTuner's client and the plugin "
                 "both read it)", "warning"))
-    prefix = entry.get("aws_data_prefix")
-    if storage == "aws" and model is MediaEntry and prefix and entry.get("dataset_type", "image") == "image":
-        shown = prefix if isinstance(prefix, str) else str(prefix[0])
-        problems.append(Problem(
-            file, where("aws_data_prefix"),
-            f"SimpleTuner 4.10.1's sampler joins aws_data_prefix to object keys that already start with it "
-            f"({shown.rstrip('/')}/{shown.rstrip('/')}/a.png) and stops at the first batch (\"did not have its "
-            "metadata\"); use \"\" (the whole bucket) with a bucket of the dataset's own", "warning"))
     return problems
 
 

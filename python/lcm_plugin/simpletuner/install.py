@@ -80,6 +80,13 @@ F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDif
     `from_pretrained` is unchanged (it sees the original signature). Skipped for a class whose `__init__` no
     longer requires the two arguments.
 
+Sampler (every run, LCM or not; `sampler_patches.py`):
+S1. `MultiAspectSampler._sample_path` names an S3 dataset's sample by its object key as it is. Upstream joins the
+    dataset's `instance_data_dir` (for `type: aws`, its `aws_data_prefix`) to every sample name: a local sample's
+    absolute path survives the join, but an object key already starts with the prefix, and the joined name
+    (`photos/photos/a.jpg`) has no metadata, so an S3 dataset with any prefix but `""` stops at its first batch
+    ("did not have its metadata"). With the prefix `""` the join changed nothing, and nothing changes.
+
 Quality check (LCM runs with `lcm.quality_check.enabled`; `quality_check_patches.py`; the logic is
 `lcm_plugin.quality_check`):
 Q1. `Validation.finalize_validation` (called once per validation, on the processes that ran it, while the pipeline
@@ -97,7 +104,13 @@ import logging
 import sys
 import types
 
-from lcm_plugin.simpletuner import data_path_patches, family_patches, quality_check_patches, run_output_patches
+from lcm_plugin.simpletuner import (
+    data_path_patches,
+    family_patches,
+    quality_check_patches,
+    run_output_patches,
+    sampler_patches,
+)
 from lcm_plugin.simpletuner.run_config import METHOD, lcm_block, lcm_config_from_block, parse_distillation_config
 from lcm_plugin.simpletuner.run_config import running_config_path
 from lcm_plugin.simpletuner.surfaces import (
@@ -116,7 +129,7 @@ ALIAS_MODULE = "simpletuner.helpers.distillation.lcm.distiller"
 # The patch groups beyond the distiller's own (1-7 above), in the order install() applies them: each module checks
 # its SimpleTuner surfaces (`surfaces()`, before anything changes), patches them (`patch(surfaces, saved)`) and puts
 # them back (`restore(saved)`).
-PATCH_GROUPS = (data_path_patches, run_output_patches, family_patches, quality_check_patches)
+PATCH_GROUPS = (data_path_patches, run_output_patches, family_patches, sampler_patches, quality_check_patches)
 
 # Originals saved by install() and put back by uninstall(); None while not installed.
 _saved: dict | None = None
