@@ -136,6 +136,9 @@ class Dataset:
     parquet: ParquetSource | None = None
     parquet_table: ParquetTable | None = None  # set by scan_dataset
     remote: S3Source | None = None  # type aws: the images are this bucket's objects, named by their keys
+    # what SimpleTuner's bucket file names end in (`_<suffix>.json`): the entry's cache_file_suffix, its id when the
+    # key is absent, nothing when it is null (FactoryRegistry and MetadataBackend.__init__)
+    bucket_file_suffix: str | None = None
 
     def image_path(self, key: str) -> str:
         """An image's name in SimpleTuner's metadata and in messages: its path (local) or its object key (S3)."""
@@ -313,6 +316,7 @@ def dataset_of(
             parquet = parquet_source(entry, index, file, settings.root, remote.bucket if remote is not None else None)
     except ParquetError as error:
         raise BuildError(str(error)) from None
+    suffix = entry.get("cache_file_suffix", entry["id"])
     vae_cache = entry.get("cache_dir_vae") or os.path.join(
         str(settings.inherited["output_dir"]), "cache", "vae", settings.model_family, entry["id"]
     )
@@ -331,6 +335,7 @@ def dataset_of(
         maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
         parquet=parquet,
         remote=remote,
+        bucket_file_suffix=None if suffix is None else str(suffix),
     )
 
 

@@ -9,8 +9,9 @@
   LocalDataBackend.torch_save does.
 - Bucket metadata (DiscoveryMetadataBackend.save_cache / save_image_metadata), in instance_data_dir (for an S3
   dataset, in its bucket under aws_data_prefix):
-  `aspect_ratio_bucket_indices_<id>.json` = {"config": {}, "aspect_ratio_bucket_indices": {bucket: [paths]}}
-  and `aspect_ratio_bucket_metadata_<id>.json` = {path: {original_size, crop_coordinates, target_size,
+  `aspect_ratio_bucket_indices_<suffix>.json` (the suffix: cache_file_suffix, else the id) = {"config": {},
+  "aspect_ratio_bucket_indices": {bucket: [paths]}}
+  and `aspect_ratio_bucket_metadata_<suffix>.json` = {path: {original_size, crop_coordinates, target_size,
   intermediary_size, aspect_ratio}}. An empty "config" skips SimpleTuner's comparison with a previous dataset
   config; the trainer writes its own on its next save.
 """
@@ -69,16 +70,20 @@ def write_atomic_parts(path: Path, parts) -> None:
 BUCKET_FILE_NAMES = ("aspect_ratio_bucket_indices", "aspect_ratio_bucket_metadata")
 
 
+def _file_names(dataset: Dataset) -> list[str]:
+    suffix = "" if dataset.bucket_file_suffix is None else f"_{dataset.bucket_file_suffix}"
+    return [f"{name}{suffix}.json" for name in BUCKET_FILE_NAMES]
+
+
 def bucket_files(dataset: Dataset) -> tuple[Path, Path]:
     """(bucket index, image metadata) file paths of a local `dataset`, in its instance_data_dir."""
-    return tuple(dataset.data_dir / f"{name}_{dataset.id}.json" for name in BUCKET_FILE_NAMES)
+    return tuple(dataset.data_dir / name for name in _file_names(dataset))
 
 
 def bucket_keys(dataset: Dataset) -> tuple[str, str]:
     """(bucket index, image metadata) object keys of an S3 `dataset`, in its bucket: SimpleTuner's factory names them
-    `Path(os.path.join(aws_data_prefix, name) + f"_{id}.json")` and its S3 backend takes `str()` of that."""
-    return tuple(str(Path(os.path.join(dataset.remote.prefix, name) + f"_{dataset.id}.json"))
-                 for name in BUCKET_FILE_NAMES)
+    `Path(os.path.join(aws_data_prefix, name) + "_<suffix>.json")` and its S3 backend takes `str()` of that."""
+    return tuple(str(Path(os.path.join(dataset.remote.prefix, name))) for name in _file_names(dataset))
 
 
 def bucket_metadata(dataset: Dataset) -> dict[str, dict]:
