@@ -438,24 +438,31 @@ def by_image(recorded: dict) -> dict[str, list[dict]]:
     return out
 
 
-def test_our_samples_equal_simpletuners_image_by_image(reference, ours, simpletuner_state, vae_oracle):
-    """Every image both runs drew: bucket metadata, time_ids and prompt embeddings bit-equal, latents within the
-    resize bound. (The batch order differs, see test_our_batches_draw_as_simpletuners_sampler.)"""
-    theirs, recorded = by_image(reference[2]), by_image(ours[3])
-    common = sorted(set(theirs) & set(recorded))
-    assert len(common) >= 8, (sorted(theirs), sorted(recorded))
+def assert_samples_equal_image_by_image(theirs: dict[str, dict], ours: dict[str, dict], vae_oracle) -> None:
+    """Image name -> its first recorded sample on SimpleTuner's path and on ours: for every image both drew, bucket
+    metadata, time_ids and text embeddings bit-equal where the caption was not dropped on either, latents within the
+    resize bound."""
+    common = sorted(set(theirs) & set(ours))
+    assert len(common) >= 8, (sorted(theirs), sorted(ours))
     compared_time_ids = 0
     for name in common:
-        ref, ours_ = theirs[name][0], recorded[name][0]
+        ref, ours_ = theirs[name], ours[name]
         assert {k: ours_["metadata"][k] for k in METADATA_KEYS} == {k: ref["metadata"][k] for k in METADATA_KEYS}
         if ours_["prompt"] == ref["prompt"]:  # caption dropout zeroes time_ids
             assert ours_["time_ids"].dtype == ref["time_ids"].dtype and torch.equal(ours_["time_ids"], ref["time_ids"])
             assert torch.equal(ours_["prompt_embeds"], ref["prompt_embeds"]), name
+            assert torch.equal(ours_["pooled"], ref["pooled"]), name
             compared_time_ids += 1
         assert ours_["latent"].shape == ref["latent"].shape and ours_["latent"].dtype == ref["latent"].dtype
         difference = float((ours_["latent"] - ref["latent"]).abs().max())
         assert difference <= latent_bound(ref, vae_oracle), (name, difference)
     assert compared_time_ids >= 6
+
+
+def test_our_samples_equal_simpletuners_image_by_image(reference, ours, simpletuner_state, vae_oracle):
+    """Every image both runs drew (the batch order differs, see test_our_batches_draw_as_simpletuners_sampler)."""
+    first = lambda recorded: {name: drawn[0] for name, drawn in by_image(recorded).items()}  # noqa: E731
+    assert_samples_equal_image_by_image(first(reference[2]), first(ours[3]), vae_oracle)
 
 
 def test_our_pooled_text_embeddings_are_bit_equal_to_simpletuners(reference, ours):

@@ -28,8 +28,8 @@ from test_trainer_data_path import (  # noqa: F401 - model_dir, simpletuner_stat
     SERVED,
     SIZES,
     STEPS,
+    assert_samples_equal_image_by_image,
     assert_simpletuner_geometry_and_text,
-    latent_bound,
     model_dir,
     samples,
     set_config,
@@ -176,8 +176,6 @@ def test_our_bucket_files_in_the_bucket_are_simpletuners(reference, ours, s3):
 
 
 def test_our_samples_equal_simpletuners_image_by_image(reference, ours, simpletuner_state, vae_oracle):
-    import torch
-
     def by_image(run: Path, recorded: dict) -> dict[str, dict]:
         out = {}
         for key in sorted(recorded):
@@ -185,22 +183,7 @@ def test_our_samples_equal_simpletuners_image_by_image(reference, ours, simpletu
                 out.setdefault(Path(sample["path"]).name, sample)
         return out
 
-    theirs, recorded = by_image(reference[0], reference[2]), by_image(ours[0], ours[3])
-    common = sorted(set(theirs) & set(recorded))
-    assert len(common) >= 8, (sorted(theirs), sorted(recorded))
-    compared = 0
-    for name in common:
-        ref, ours_ = theirs[name], recorded[name]
-        assert {k: ours_["metadata"][k] for k in METADATA_KEYS} == {k: ref["metadata"][k] for k in METADATA_KEYS}
-        if ours_["prompt"] == ref["prompt"]:
-            assert torch.equal(ours_["time_ids"], ref["time_ids"]), name
-            assert torch.equal(ours_["prompt_embeds"], ref["prompt_embeds"]), name
-            assert torch.equal(ours_["pooled"], ref["pooled"]), name
-            compared += 1
-        assert ours_["latent"].shape == ref["latent"].shape and ours_["latent"].dtype == ref["latent"].dtype
-        difference = float((ours_["latent"] - ref["latent"]).abs().max())
-        assert difference <= latent_bound(ref, vae_oracle), (name, difference)
-    assert compared >= 6
+    assert_samples_equal_image_by_image(by_image(reference[0], reference[2]), by_image(ours[0], ours[3]), vae_oracle)
 
 
 def test_a_restart_on_our_path_reads_no_image_object(ours, simpletuner_state, text_oracle):

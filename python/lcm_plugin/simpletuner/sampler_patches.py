@@ -30,11 +30,10 @@ def _object_keys_kept(original):
 
 def patch(surfaces: dict, saved: dict) -> None:
     sampler = surfaces["sampler"]
-    saved["sampler"] = sampler.__dict__["_sample_path"]
-    sampler._sample_path = _object_keys_kept(saved["sampler"])
+    saved["sampler"] = (sampler, sampler.__dict__["_sample_path"])
+    sampler._sample_path = _object_keys_kept(saved["sampler"][1])
 
 
 def restore(saved: dict) -> None:
-    from simpletuner.helpers.multiaspect.sampler import MultiAspectSampler
-
-    MultiAspectSampler._sample_path = saved["sampler"]
+    sampler, original = saved["sampler"]
+    sampler._sample_path = original
