@@ -1,5 +1,6 @@
 """Typed surface of the Rust extension `lcm_plugin._latent_cache` (see docs/data-path.md)."""
 
+from collections.abc import Callable as _Callable
 from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 from typing import Any
@@ -60,6 +61,16 @@ def scan_inventory(
     memo: _Path | None = None,
     threads: int | None = None,
     other_extensions: list[str] = ...,
+) -> Inventory: ...
+
+def scan_blobs(
+    keys: list[str],
+    stamps: list[tuple[int, int, int, int]],
+    read: _Callable[[list[str]], tuple[list[bytes | None], list[tuple[int, str]]]],
+    memo: _Path | None = None,
+    oriented: bool = True,
+    chunk: int = 256,
+    threads: int | None = None,
 ) -> Inventory: ...
 
 class S3Bucket:

@@ -45,6 +45,7 @@ from lcm_plugin._latent_cache import (
     decode_batch_bytes,
     inventory_of_memo,
     read_header,
+    scan_blobs,
     scan_inventory,
     scan_sizes,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "decode_batch",
     "decode_batch_bytes",
     "read_header",
+    "scan_blobs",
     "scan_inventory",
     "scan_sizes",
     "verify",

@@ -72,11 +72,15 @@ class DatasetCache:
     # (the parquet source the plan read, its caption cells) of a caption_strategy parquet dataset, until SimpleTuner's
     # ParquetMetadataBackend extracts its captions (`take_parquet_captions`)
     parquet_captions: tuple | None = None
-    in_bucket: bool = False  # a `type: aws` dataset: images are named by their object keys
+    kind: str = "local"  # the entry's type: only a local dataset's images are named by their file paths
+
+    @property
+    def in_bucket(self) -> bool:
+        return self.kind == "aws"
 
     def key_of(self, image_path: str) -> str | None:
         key = self.served.get(image_path)
-        if key is None and not self.in_bucket:
+        if key is None and self.kind == "local":
             key = self.served.get(os.path.abspath(image_path))
         return key
 
@@ -166,8 +170,11 @@ def uncovered_reason(entry: dict, args) -> str | None:
     dataset_type = entry.get("dataset_type", "image")
     if dataset_type != "image":
         return f"dataset_type {dataset_type!r} (the path covers still images)"
-    if entry.get("type", "local") not in ("local", "aws"):
-        return f"type {entry.get('type')!r} (the path reads local folders and S3 buckets)"
+    from lcm_plugin.cache_build.plan import PACKED_KINDS, SIZED_BY
+
+    if entry.get("type", "local") not in ("local", "aws", *PACKED_KINDS):
+        return (f"type {entry.get('type')!r} (the path reads local folders, S3 buckets, webshart shards and Hugging "
+                "Face datasets on disk)")
     if entry.get("conditioning_type") or entry.get("conditioning_data") or getattr(args, "controlnet", False):
         return "conditioning datasets and datasets linked to one are not covered"
     if entry.get("crop_style") == "face" or (getattr(args, "crop_style", None) == "face" and "crop_style" not in entry):
@@ -179,10 +186,9 @@ def uncovered_reason(entry: dict, args) -> str | None:
     words = [word for word in SKIPPED_DISCOVERY if word in skipped]
     if words:
         return f"skip_file_discovery {', '.join(words)}"
-    from lcm_plugin.cache_build.plan import SIZED_BY
-
-    if (entry.get("metadata_backend") or "discovery") not in SIZED_BY:
-        return f"metadata_backend {entry.get('metadata_backend')!r} (the path sizes images by their headers or a parquet)"
+    own = entry.get("type") if entry.get("type") in PACKED_KINDS else None
+    if (entry.get("metadata_backend") or "discovery") not in ((own,) if own else set(SIZED_BY) - set(PACKED_KINDS)):
+        return f"metadata_backend {entry.get('metadata_backend')!r} (the path sizes images by their headers, a parquet table or a packed source's index)"
     if entry.get("scan_for_errors"):
         return "scan_for_errors (it checks SimpleTuner's per-file cache)"
     if entry.get("only_instance_prompt") or getattr(args, "only_instance_prompt", False):
@@ -355,9 +361,12 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
         if dataset.caption_strategy == "parquet":
             parquet_captions = (dataset.parquet, dataset.parquet_table.captions)
         listed_where = str(dataset.data_dir) if dataset.remote is None else dataset.remote.prefix
+        # A packed source's listing stays SimpleTuner's (its backend names samples from its own index).
+        answered = listed and dataset.packed is None
+        kind = "aws" if dataset.remote is not None else dataset.packed.kind if dataset.packed is not None else "local"
         _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, served, written_metadata.get(dataset.id),
-                                                      (listed_where, listed, dataset.inventory) if listed else None,
-                                                      parquet_captions, in_bucket=dataset.remote is not None)
+                                                      (listed_where, listed, dataset.inventory) if answered else None,
+                                                      parquet_captions, kind=kind)
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),

@@ -114,7 +114,7 @@ def test_the_bucket_listing_is_simpletuners_list_files_in_its_order(s3, prefix):
     others = sorted({f".{ext.lower().lstrip('.')}" for ext in image_file_extensions} - set(IMAGE_EXTENSIONS))
     inventory = bucket(s3.endpoint).scan(prefix, list(IMAGE_EXTENSIONS), ".txt", other_extensions=others)
     trainer_cache._coverage.datasets["photos"] = trainer_cache.DatasetCache(
-        "photos", None, {}, listed=(prefix, trainer_cache.listed_as(image_file_extensions), inventory), in_bucket=True)
+        "photos", None, {}, listed=(prefix, trainer_cache.listed_as(image_file_extensions), inventory), kind="aws")
     try:
         assert trainer_cache.take_listing("photos", "elsewhere/", image_file_extensions) is None
         assert trainer_cache.take_listing("photos", prefix, ["png"]) is None  # not the extensions it listed

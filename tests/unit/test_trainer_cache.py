@@ -41,7 +41,7 @@ def test_an_unknown_switch_value_names_the_variable_and_the_valid_values():
         ({"dataset_type": "conditioning"}, {}, "dataset_type 'conditioning'"),
         ({"conditioning_data": "edges"}, {}, "conditioning"),
         ({}, {"controlnet": True}, "conditioning"),
-        ({"type": "huggingface"}, {}, "type 'huggingface'"),
+        ({"type": "csv"}, {}, "type 'csv'"),
         ({"crop_style": "face"}, {}, "crop_style 'face'"),
         ({}, {"crop_style": "face"}, "crop_style 'face'"),
         ({"vae_cache_ondemand": True}, {}, "vae_cache_ondemand"),

@@ -159,9 +159,10 @@ def build(options: BuildOptions, log=print) -> BuildReport:
         with Phase(group, "planning"):
             settings, datasets, prints = planned or plan_run(options.config_dir, options.threads,
                                                              shared=shared_memos(first.shared))
-            remote = next((d for d in datasets if d.remote is not None), None)
-            if options.simpletuner_format and remote is not None:
-                raise BuildError(f"{settings.backend_path}: dataset {remote.id!r} is in an S3 bucket: --format "
+            elsewhere = next((d for d in datasets if d.image_reader() is not None), None)
+            if options.simpletuner_format and elsewhere is not None:
+                where = "an S3 bucket" if elsewhere.remote is not None else f"{elsewhere.packed.kind} files"
+                raise BuildError(f"{settings.backend_path}: dataset {elsewhere.id!r} is in {where}: --format "
                                  "simpletuner writes SimpleTuner's files next to local images only; build without it")
         report = build_planned(
             settings, datasets, prints, options, rank=rank, world=world, group=group, models=FileModels(settings),

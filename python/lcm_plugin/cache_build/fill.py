@@ -64,30 +64,32 @@ class FetchWindow:
         return self.pending.pop(index, None)
 
 
-def _fetch(batch: Batch, remote):
-    """(bytes or None per image, [(index, why)]) of `batch`'s objects, fetched concurrently."""
-    return remote.bucket.get_all([item.path for item in batch.items])
+def _fetch(batch: Batch, dataset: Dataset):
+    """(bytes or None per image, [(index, why)]) of `batch`'s images, read by name (an S3 dataset's objects,
+    concurrently; a packed source's samples)."""
+    return dataset.image_reader()([item.path for item in batch.items])
 
 
-def _decode(batch: Batch, remote, threads: int | None, fetched=None):
-    """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch. An S3
-    dataset's (`remote`) objects (`fetched`: a future of `_fetch`, else fetched here) are decoded from memory as
-    stored, as SimpleTuner decodes them (no EXIF orientation); one that cannot be fetched is an error of its own."""
+def _decode(batch: Batch, dataset: Dataset, threads: int | None, fetched=None):
+    """(pixels, ok, errors) of `decode_batch` for every image of `batch`: the same images give the same batch. Images
+    read by name (`fetched`: a future of `_fetch`, else read here) are decoded from memory, oriented as SimpleTuner's
+    backend for the dataset orients them (an S3 object never); one that cannot be read is an error of its own."""
     from lcm_plugin.cache import decode_batch, decode_batch_bytes
 
     items = batch.items
     geometry = ([item.sample["resize_size"] for item in items], [item.sample["crop_coordinates"] for item in items],
                 items[0].sample["target_size"])
-    if remote is None:
+    if dataset.image_reader() is None:
         return decode_batch([str(item.path) for item in items], *geometry, threads=threads)
-    blobs, failures = _fetch(batch, remote) if fetched is None else fetched.result()
+    blobs, failures = _fetch(batch, dataset) if fetched is None else fetched.result()
     fetched = [i for i, blob in enumerate(blobs) if blob is not None]
     pixels, ok, errors = decode_batch_bytes(
         [blobs[i] for i in fetched], [geometry[0][i] for i in fetched], [geometry[1][i] for i in fetched], geometry[2],
-        names=[items[i].path for i in fetched], threads=threads, oriented=False,
+        names=[items[i].path for i in fetched], threads=threads, oriented=dataset.oriented(),
     )
     errors = [(fetched[i], message) for i, message in errors]
-    errors += [(i, f"cannot read s3 object {items[i].path!r}: {why}") for i, why in failures]
+    what = "s3 object" if dataset.remote is not None else f"{dataset.packed.kind} sample"
+    errors += [(i, f"cannot read {what} {items[i].path!r}: {why}") for i, why in failures]
     return pixels, [fetched[i] for i in ok], sorted(errors)
 
 
@@ -151,14 +153,14 @@ def encode_images(
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcm-decode") as decoder,
           ThreadPoolExecutor(max_workers=FETCH_AHEAD_OBJECTS, thread_name_prefix="lcm-fetch") as fetcher):
         decoding = {}
-        remotes = [by_id[batch.dataset].remote for batch, _, _ in work]
-        window = FetchWindow([len(batch) if remote is not None and wanted[i] else 0
-                              for i, ((batch, _, _), remote) in enumerate(zip(work, remotes))],
-                             lambda i: fetcher.submit(_fetch, work[i][0], remotes[i]))
+        of_work = [by_id[batch.dataset] for batch, _, _ in work]
+        window = FetchWindow([len(batch) if dataset.image_reader() is not None and wanted[i] else 0
+                              for i, ((batch, _, _), dataset) in enumerate(zip(work, of_work))],
+                             lambda i: fetcher.submit(_fetch, work[i][0], of_work[i]))
 
         def decode_ahead(index: int) -> None:
             if index < len(work) and wanted[index]:
-                decoding[index] = decoder.submit(_decode, work[index][0], remotes[index], options.threads,
+                decoding[index] = decoder.submit(_decode, work[index][0], of_work[index], options.threads,
                                                  window.take(index))
 
         decode_ahead(0)

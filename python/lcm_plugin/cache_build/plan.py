@@ -49,10 +49,13 @@ BUCKET_KEYS = (
     "maximum_image_size",
     "target_downsample_size",
 )
-CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet")
+CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet", "huggingface", "webshart")
 # SimpleTuner's metadata backends a plan reads sizes for: the images' headers (discovery; "json" and "filesystem"
-# are its other names) or a parquet table's columns.
-SIZED_BY = ("discovery", "json", "filesystem", "parquet")
+# are its other names), a parquet table's columns, or a packed source's own index (its kind's backend).
+SIZED_BY = ("discovery", "json", "filesystem", "parquet", "huggingface", "webshart")
+# Dataset kinds whose images lie inside other files on local disk, read through the source's own index: their
+# captions and sizes come from it (caption_strategy and metadata_backend named as the kind).
+PACKED_KINDS = ("webshart", "huggingface")
 
 
 class BuildError(Exception):
@@ -107,6 +110,21 @@ class S3Source:
         return f"s3://{self.name}/{self.prefix}"
 
 
+@dataclass(frozen=True)
+class PackedSource:
+    """Where a `type: webshart` or `type: huggingface` dataset's images are: inside tar shards or table files on
+    local disk, listed and read by `reader` (cache_build.webshart_source / hf_source: `name`, `listing()`,
+    `read(keys)`), named by SimpleTuner's names of its samples."""
+
+    kind: str
+    reader: object
+    oriented: bool  # whether SimpleTuner sees the images after their EXIF orientation (sizes, pixels)
+    error: type  # what the reader raises for input it cannot read (its message names the file and key)
+
+    def __str__(self) -> str:
+        return self.reader.name
+
+
 @dataclass
 class Dataset:
     """An enabled image dataset of multidatabackend.json (a local folder, or an S3 bucket's prefix: `remote`) and the
@@ -136,13 +154,28 @@ class Dataset:
     parquet: ParquetSource | None = None
     parquet_table: ParquetTable | None = None  # set by scan_dataset
     remote: S3Source | None = None  # type aws: the images are this bucket's objects, named by their keys
+    packed: PackedSource | None = None  # type webshart / huggingface: the images are samples of shards or tables
+    listing: object = None  # the packed source's SourceListing (keys, stamps, sizes, captions), set by scan_dataset
     # what SimpleTuner's bucket file names end in (`_<suffix>.json`): the entry's cache_file_suffix, its id when the
     # key is absent, nothing when it is null (FactoryRegistry and MetadataBackend.__init__)
     bucket_file_suffix: str | None = None
 
     def image_path(self, key: str) -> str:
-        """An image's name in SimpleTuner's metadata and in messages: its path (local) or its object key (S3)."""
-        return key if self.remote is not None else os.path.join(str(self.data_dir), key)
+        """An image's name in SimpleTuner's metadata and in messages: its path (local), its object key (S3) or
+        SimpleTuner's name of the sample (a packed source)."""
+        return key if self.remote is not None or self.packed is not None else os.path.join(str(self.data_dir), key)
+
+    def image_reader(self):
+        """What reads images by name from memory (`read(names) -> (bytes or None per name, [(position, why)])`), or
+        None: a local folder's files are decoded from their paths."""
+        if self.remote is not None:
+            return self.remote.bucket.get_all
+        return None if self.packed is None else self.packed.reader.read
+
+    def oriented(self) -> bool:
+        """Whether SimpleTuner applies an image's EXIF orientation: always to a local file, never to an S3 object
+        (its backend decodes the bytes whole), as its backend does for a packed source."""
+        return self.packed.oriented if self.packed is not None else self.remote is None
 
 
 @dataclass(frozen=True)
@@ -282,12 +315,14 @@ def dataset_of(
     file = str(settings.backend_path)
     by_id, default_text = text_entries
     kind = entry.get("type", "local")
-    if kind not in ("local", "aws"):
-        raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local folders and S3 buckets "
-                         f"(type local or aws; got {kind!r})")
+    if kind not in ("local", "aws", *PACKED_KINDS):
+        raise BuildError(f"{file}: {pointer(index, 'type')}: cache build reads local folders, S3 buckets, webshart "
+                         f"shards and Hugging Face datasets on disk (type local, aws, webshart or huggingface; "
+                         f"got {kind!r})")
     remote = _s3_source(entry, index, file) if kind == "aws" else None
-    if remote is not None:
-        data_dir = Path(str(remote))
+    packed = _packed_source(kind, entry, index, file, settings.root) if kind in PACKED_KINDS else None
+    if remote is not None or packed is not None:
+        data_dir = Path(str(remote or packed))
     else:
         data_dir = entry.get("instance_data_dir") or entry.get("instance_data_root")
         if not isinstance(data_dir, str):
@@ -299,17 +334,18 @@ def dataset_of(
     if text_entry is None or not text_entry.get("cache_dir"):
         raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
     strategy = entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename"
-    if strategy not in CAPTION_STRATEGIES:
-        raise BuildError(
-            f"{file}: {pointer(index, 'caption_strategy')}: cache build reads captions with "
-            f"{', '.join(CAPTION_STRATEGIES)} (got {strategy!r})"
-        )
     if strategy == "instanceprompt" and not entry.get("instance_prompt"):
         raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
     metadata_backend = entry.get("metadata_backend") or "discovery"
-    if metadata_backend not in SIZED_BY:
-        raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build reads image sizes by discovery "
-                         f"or from a parquet file (got {metadata_backend!r})")
+    own = kind if packed is not None else None  # the one strategy and metadata backend a packed kind is read with
+    strategies = (own, "instanceprompt") if own else tuple(set(CAPTION_STRATEGIES) - set(PACKED_KINDS))
+    if strategy not in strategies:
+        raise BuildError(f"{file}: {pointer(index, 'caption_strategy')}: cache build reads the captions of a "
+                         f"{kind} dataset with {' or '.join(map(repr, sorted(strategies)))} (got {strategy!r})")
+    backends = (own,) if own else tuple(set(SIZED_BY) - set(PACKED_KINDS))
+    if metadata_backend not in backends:
+        raise BuildError(f"{file}: {pointer(index, 'metadata_backend')}: cache build reads the sizes of a {kind} "
+                         f"dataset with {' or '.join(map(repr, sorted(backends)))} (got {metadata_backend!r})")
     try:
         parquet = None
         if metadata_backend == "parquet":
@@ -335,6 +371,7 @@ def dataset_of(
         maximum_aspect_ratio=_aspect_limit(entry, "maximum_aspect_ratio", file, index),
         parquet=parquet,
         remote=remote,
+        packed=packed,
         bucket_file_suffix=None if suffix is None else str(suffix),
     )
 
@@ -364,6 +401,21 @@ def _s3_source(entry: dict, index: int, file: str) -> S3Source:
     except LatentCacheError as error:
         raise BuildError(f"{file}: {pointer(index, 'aws_endpoint_url')}: {error}") from None
     return S3Source(bucket, name, prefix)
+
+
+def _packed_source(kind: str, entry: dict, index: int, file: str, root: Path) -> PackedSource:
+    """The shards or tables of a webshart or huggingface entry, as SimpleTuner's backend for the kind reads them."""
+    if kind == "webshart":
+        from lcm_plugin.cache_build.webshart_source import WebshartError as SourceError
+        from lcm_plugin.cache_build.webshart_source import webshart_source as open_source
+    else:
+        from lcm_plugin.cache_build.hf_source import HuggingfaceError as SourceError
+        from lcm_plugin.cache_build.hf_source import hf_source as open_source
+    try:
+        reader = open_source(entry, index, file, root)
+    except SourceError as error:
+        raise BuildError(str(error)) from None
+    return PackedSource(kind, reader, oriented=reader.oriented, error=SourceError)
 
 
 def _aspect_limit(entry: dict, name: str, file: str, index: int) -> float | None:
@@ -411,6 +463,8 @@ def captions_of(path: str | Path, dataset: Dataset, text: str | None) -> tuple[s
         return (dataset.instance_prompt.strip(),)
     if dataset.caption_strategy == "parquet":
         return _parquet_captions(path, dataset)
+    if dataset.caption_strategy in PACKED_KINDS:
+        return _packed_captions(str(path), dataset)
     prepend = dataset.prepend_instance_prompt and dataset.instance_prompt
     if text is not None and not prepend and "\n" not in text and dataset.caption_strategy == "textfile":
         return (text.strip(),)  # the common case, once per image of millions
@@ -439,12 +493,24 @@ def _parquet_captions(path: str | Path, dataset: Dataset) -> tuple[str, ...]:
     return captions
 
 
+def _packed_captions(name: str, dataset: Dataset) -> tuple[str, ...]:
+    """A packed source's captions of sample `name`, as its listing gives them (SimpleTuner's for the kind)."""
+    captions = dataset.listing.captions.get(name)
+    if not captions:
+        why = dataset.listing.missing_captions.get(name, "no caption")
+        raise BuildError(f"{dataset.packed}: {name}: {why} (caption_strategy {dataset.caption_strategy})")
+    return captions
+
+
 def caption_rule(dataset: Dataset) -> str:
     """What turns an image's caption file (or name) into its captions, besides the file itself: the strategy, the
     instance prompt and, for parquet captions, a digest of the table's captions."""
     rule = [dataset.caption_strategy, dataset.instance_prompt or "", str(dataset.prepend_instance_prompt)]
     if dataset.caption_strategy == "parquet":
         cells = json.dumps(dataset.parquet_table.captions, sort_keys=True, default=str)
+        rule.append(hashlib.sha256(cells.encode()).hexdigest())
+    if dataset.caption_strategy in PACKED_KINDS:
+        cells = json.dumps(dataset.listing.captions, sort_keys=True)
         rule.append(hashlib.sha256(cells.encode()).hexdigest())
     return repr(rule)
 
@@ -467,6 +533,11 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
     from lcm_plugin.cache import LatentCacheError, inventory_of_memo
 
     memo = memo_path(dataset)
+    if dataset.packed is not None:  # the source's index: keys, stamps, sizes and captions, before any image
+        try:
+            dataset.listing = dataset.packed.reader.listing()
+        except dataset.packed.error as error:
+            raise BuildError(str(error)) from None
     try:
         inventory = inventory_of_memo(memo, list(shared_memos)) if shared_memos else None
         if inventory is None:
@@ -498,8 +569,12 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
 
 def _scan(dataset: Dataset, memo: Path, threads: int | None, others: list[str]):
     """The inventory of `dataset`'s folder or bucket, reading what its memo does not hold."""
-    from lcm_plugin.cache import scan_inventory
+    from lcm_plugin.cache import scan_blobs, scan_inventory
 
+    if dataset.packed is not None:  # samples read from memory, a chunk at a time, through the source's reader
+        listing = dataset.listing
+        return scan_blobs(listing.keys, listing.stamps, dataset.packed.reader.read, memo,
+                          oriented=dataset.packed.oriented, threads=threads)
     caption_extension = ".txt" if dataset.caption_strategy == "textfile" else None
     if dataset.remote is not None:  # objects read whole, concurrently; the memo is local, next to the store
         return dataset.remote.bucket.scan(dataset.remote.prefix, list(IMAGE_EXTENSIONS), caption_extension, memo,
@@ -526,10 +601,12 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
     dataset.skipped += [(Path(dataset.image_path(inventory.key(i))), message) for i, message in inventory.errors]
     # The folder is absolute and normalised, the keys are names read from it: a join needs no normalising. An S3
     # dataset's images are named by their keys alone.
-    folder = "" if dataset.remote is not None else os.path.join(str(dataset.data_dir), "")
+    folder = "" if dataset.image_reader() is not None else os.path.join(str(dataset.data_dir), "")
     sizes, refused = None, {}
     if dataset.parquet is not None:
         sizes, refused = _parquet_rows(dataset, folder, inventory.keys)
+    elif dataset.packed is not None:
+        sizes, refused = _packed_rows(dataset, inventory.keys)
     table = ImageTable(inventory, folder, Bucketer(dataset.bucket_config, seed=seed), sizes=sizes,
                        caption_file_required=dataset.caption_strategy == "textfile", refused=list(refused),
                        minimum_aspect_ratio=dataset.minimum_aspect_ratio,
@@ -552,11 +629,28 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
 
 # Why `ImageTable` leaves out an image, as SimpleTuner's filters would name it.
 _EXCLUDED = {
-    "no_size": lambda dataset: f"no row in {os.path.basename(dataset.parquet.path)} (metadata_missing)",
+    "no_size": lambda dataset: (f"no row in {os.path.basename(dataset.parquet.path)} (metadata_missing)"
+                                if dataset.parquet is not None else f"no size in {dataset.packed}'s index"),
     "too_small": lambda dataset: "below minimum_image_size",
     "aspect_below_minimum": lambda dataset: f"bucket below minimum_aspect_ratio {dataset.minimum_aspect_ratio:g}",
     "aspect_above_maximum": lambda dataset: f"bucket above maximum_aspect_ratio {dataset.maximum_aspect_ratio:g}",
 }
+
+
+def _packed_rows(dataset: Dataset, keys: list[str]) -> tuple[list | None, dict[int, str]]:
+    """Per inventory row, the size a packed source's index gives it (None for every row: its metadata backend reads
+    the image itself), and the rows it gives no caption for (with why)."""
+    listing = dataset.listing
+    sizes = None
+    if any(size is not None for size in listing.sizes):
+        by_key = dict(zip(listing.keys, listing.sizes))
+        sizes = [by_key.get(key) for key in keys]
+    refused = {}
+    if dataset.caption_strategy in PACKED_KINDS:
+        for row, key in enumerate(keys):
+            if not listing.captions.get(key):
+                refused[row] = f"{listing.missing_captions.get(key, 'no caption')} (caption_strategy {dataset.caption_strategy})"
+    return sizes, refused
 
 
 def _parquet_rows(dataset: Dataset, folder: str, keys: list[str]) -> tuple[list, dict[int, str]]:

@@ -409,15 +409,7 @@ pub fn scan_bucket(
         let key = images[i];
         // An object that could not be fetched keeps no stamp in the memo (as an unreadable local file): the next scan
         // fetches it again, for a network error passes. Bytes whose header cannot be read are remembered as such.
-        let (size, content, stamp) = match bytes {
-            Ok(bytes) => {
-                let header = std::panic::catch_unwind(|| crate::scan::header_from_bytes(Path::new(key), &bytes))
-                    .unwrap_or_else(|_| Err(CacheError::config("header", "header parser panicked")));
-                let size = header.map(|h| (h.width, h.height)).map_err(|e| e.to_string());
-                (size, xxhash_rust::xxh3::xxh3_128(&bytes), stamps[key])
-            }
-            Err(why) => (Err(format!("cannot read s3 object `{key}`: {why}")), 0, Stamp::default()),
-        };
+        let (size, content, stamp) = measured(key, stamps[key], bytes.map_err(|why| format!("cannot read s3 object `{key}`: {why}")), false);
         let caption = match &caption_keys[i] {
             None => Caption::NotRead,
             Some(caption_key) => match (stamps.get(caption_key.as_str()), captions.remove(caption_key)) {
@@ -429,6 +421,81 @@ pub fn scan_bucket(
         scanned[i] = Some(Scanned::Read(Item { key: key.to_string(), stamp, size, content, caption, read: true }, rows[i]));
     }
     Ok(assemble(memo, scanned.into_iter().flatten().collect(), &others, std::iter::empty()))
+}
+
+/// An image's size, content hash and stamp from its bytes, or why they could not be read (no size, no hash, and a
+/// default stamp: never remembered, so the next scan reads it again, for a read error may pass). Bytes whose header
+/// cannot be read are remembered as such. `oriented`: the size after the EXIF orientation, as PIL's `exif_transpose`
+/// gives it; else as stored.
+fn measured(
+    key: &str,
+    stamp: Stamp,
+    bytes: std::result::Result<Vec<u8>, String>,
+    oriented: bool,
+) -> (std::result::Result<(u32, u32), String>, u128, Stamp) {
+    match bytes {
+        Ok(bytes) => {
+            let header = std::panic::catch_unwind(|| crate::scan::header_from_bytes(Path::new(key), &bytes))
+                .unwrap_or_else(|_| Err(CacheError::config("header", "header parser panicked")));
+            let size = header
+                .map(|h| if oriented { h.oriented_size() } else { (h.width, h.height) })
+                .map_err(|e| e.to_string());
+            (size, xxhash_rust::xxh3::xxh3_128(&bytes), stamp)
+        }
+        Err(why) => (Err(why), 0, Stamp::default()),
+    }
+}
+
+/// How a packed source's samples are read: `keys` -> per key, its bytes or why they cannot be read; Err stops the
+/// scan (the reader itself failed, not one sample).
+pub type ReadBlobs<'a> = dyn FnMut(&[String]) -> Result<Vec<std::result::Result<Vec<u8>, String>>> + 'a;
+
+/// The inventory of samples held inside other files (a webshart dataset's tar members, a Hugging Face dataset's
+/// table rows), listed by their source's own index: `listed` holds each sample's key (SimpleTuner's name of it) and
+/// a stamp of the place its bytes lie in, which changes whenever they may have. Samples the memo at `memo` does not
+/// hold for their stamps are read through `read`, `chunk` at a time, their headers and hashes computed on rayon.
+pub fn scan_blobs(
+    mut listed: Vec<(String, Stamp)>,
+    memo: Option<&Path>,
+    oriented: bool,
+    chunk: usize,
+    read: &mut ReadBlobs<'_>,
+) -> Result<Inventory> {
+    listed.sort_by(|a, b| by_components(&a.0, &b.0));
+    if let Some(pair) = listed.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(CacheError::config("keys", format!("the source lists `{}` twice", pair[0].0)));
+    }
+    let memo = opened_memo(memo);
+    let rows = rows_in_order(listed.iter().map(|(key, _)| key.as_str()), memo.as_ref());
+    let mut scanned: Vec<Option<Scanned>> = listed
+        .iter()
+        .zip(&rows)
+        .map(|((_, stamp), row)| {
+            let (memo, row) = (memo.as_ref()?, (*row)?);
+            unchanged(memo, row, *stamp, None).then_some(Scanned::Remembered(row))
+        })
+        .collect();
+    let unread: Vec<usize> = (0..listed.len()).filter(|&i| scanned[i].is_none()).collect();
+    for part in unread.chunks(chunk.max(1)) {
+        let keys: Vec<String> = part.iter().map(|&i| listed[i].0.clone()).collect();
+        let blobs = read(&keys)?;
+        if blobs.len() != keys.len() {
+            return Err(CacheError::config("read", format!("the source gave {} samples for {} keys", blobs.len(), keys.len())));
+        }
+        let items: Vec<Item> = part
+            .par_iter()
+            .zip(blobs.into_par_iter())
+            .map(|(&i, bytes)| {
+                let (key, stamp) = (&listed[i].0, listed[i].1);
+                let (size, content, stamp) = measured(key, stamp, bytes.map_err(|why| format!("cannot read `{key}`: {why}")), oriented);
+                Item { key: key.clone(), stamp, size, content, caption: Caption::NotRead, read: true }
+            })
+            .collect();
+        for (&i, item) in part.iter().zip(items) {
+            scanned[i] = Some(Scanned::Read(item, rows[i]));
+        }
+    }
+    Ok(assemble(memo, scanned.into_iter().flatten().collect(), &[], std::iter::empty()))
 }
 
 /// A listed object's stamp: its ETag changes with its bytes, so it stands where a file's inode and ctime would.
@@ -813,6 +880,34 @@ mod tests {
         let inv = scan(dir.path(), &options(), None).unwrap();
         let broken = items(&inv).into_iter().find(|i| i.key == "broken.png").unwrap();
         assert!(broken.size.as_ref().unwrap_err().contains("broken.png"), "{:?}", broken.size);
+    }
+
+    #[test]
+    fn packed_samples_are_read_once_then_only_when_their_stamps_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let memo = dir.path().join(".memo");
+        let stamp = |size: u64| Stamp { size, mtime_ns: 1, ctime_ns: 1, inode: 7 };
+        let blobs = |n: u32| -> Vec<u8> { png(n, 2 * n) };
+        let listed = |last: u64| vec![("10.jpg".to_string(), stamp(10)), ("2.jpg".to_string(), stamp(2)), ("1.jpg".to_string(), stamp(last))];
+        let asked = std::cell::RefCell::new(Vec::<Vec<String>>::new());
+        let mut read = |keys: &[String]| -> Result<Vec<std::result::Result<Vec<u8>, String>>> {
+            asked.borrow_mut().push(keys.to_vec());
+            Ok(keys.iter().map(|k| if k == "2.jpg" { Err("gone".to_string()) } else { Ok(blobs(k.len() as u32)) }).collect())
+        };
+        let first = scan_blobs(listed(1), Some(&memo), false, 2, &mut read).unwrap();
+        // Sorted as the keys' components sort, read two at a time; the failed read is a row without a stamp.
+        assert_eq!(items(&first).iter().map(|i| i.key.as_str()).collect::<Vec<_>>(), ["1.jpg", "10.jpg", "2.jpg"]);
+        assert_eq!(items(&first)[1].size, Ok((6, 12)));
+        assert!(items(&first)[2].size.as_ref().unwrap_err().contains("cannot read `2.jpg`: gone"));
+        assert_eq!(items(&first)[2].stamp, Stamp::default());
+        write_memo(&memo, &first, later()).unwrap();
+        let again = scan_blobs(listed(1), Some(&memo), false, 2, &mut read).unwrap();
+        let changed = scan_blobs(listed(99), Some(&memo), false, 2, &mut read).unwrap();
+        assert_eq!((again.read_count(), changed.read_count()), (1, 2));
+        assert_eq!(*asked.borrow(), [vec!["1.jpg", "10.jpg"], vec!["2.jpg"], vec!["2.jpg"], vec!["1.jpg", "2.jpg"]]);
+        let twice = vec![("a".to_string(), stamp(1)), ("a".to_string(), stamp(1))];
+        let Err(twice) = scan_blobs(twice, None, false, 2, &mut read) else { panic!("a key listed twice was taken") };
+        assert!(twice.to_string().contains("`a` twice"), "{twice}");
     }
 
     /// A memo time past the racy window of files written now (their ctime cannot be dated back), as a memo written

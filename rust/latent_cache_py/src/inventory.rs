@@ -154,6 +154,68 @@ pub fn scan_inventory_py(
     Ok(PyInventory { inner: inner.into() })
 }
 
+/// The inventory of samples held inside other files (tar members, table rows), listed by their source: `keys`
+/// (SimpleTuner's names) and per key the stamp `(size, mtime_ns, ctime_ns, place)` of where its bytes lie. What the
+/// memo lacks for those stamps is read by calling `read(keys)`, `chunk` keys at a time, which returns
+/// `(bytes or None per key, [(position, why)])` as `S3Bucket.get_all` does; headers and hashes are computed without
+/// the GIL. `oriented`: sizes after the EXIF orientation (as SimpleTuner's metadata backend for the source sees them).
+#[pyfunction(name = "scan_blobs")]
+#[pyo3(signature = (keys, stamps, read, memo=None, oriented=true, chunk=256, threads=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_blobs_py(
+    py: Python<'_>,
+    keys: Vec<String>,
+    stamps: Vec<(u64, i64, i64, u64)>,
+    read: PyObject,
+    memo: Option<PathBuf>,
+    oriented: bool,
+    chunk: usize,
+    threads: Option<usize>,
+) -> PyResult<PyInventory> {
+    if keys.len() != stamps.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("{} keys but {} stamps", keys.len(), stamps.len())));
+    }
+    let listed: Vec<(String, inventory::Stamp)> = keys
+        .into_iter()
+        .zip(stamps)
+        .map(|(key, (size, mtime_ns, ctime_ns, inode))| (key, inventory::Stamp { size, mtime_ns, ctime_ns, inode }))
+        .collect();
+    let mut failure: Option<PyErr> = None;
+    let mut read_chunk = |keys: &[String]| -> latent_cache::Result<Vec<Result<Vec<u8>, String>>> {
+        Python::with_gil(|py| {
+            let answered = read
+                .call1(py, (keys.to_vec(),))
+                .and_then(|answer| answer.extract::<(Vec<Option<Vec<u8>>>, Vec<(usize, String)>)>(py));
+            match answered {
+                Ok((blobs, errors)) => {
+                    let mut why: std::collections::HashMap<usize, String> = errors.into_iter().collect();
+                    Ok(blobs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, blob)| blob.ok_or_else(|| why.remove(&i).unwrap_or_else(|| "not read".to_string())))
+                        .collect())
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    failure = Some(error);
+                    Err(latent_cache::CacheError::config("read", message))
+                }
+            }
+        })
+    };
+    let scanned = py.allow_threads(|| {
+        guarded(|| {
+            latent_cache::with_threads(threads, || {
+                inventory::scan_blobs(listed, memo.as_deref(), oriented, chunk, &mut read_chunk)
+            })?
+        })
+    });
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    Ok(PyInventory { inner: scanned?.into() })
+}
+
 /// The inventory the memo at `path` holds, when its token is one of `tokens` (a machine's first rank scanned the
 /// folder and confirmed or wrote that memo in this start): mapped, shared by the ranks of the machine, and no file
 /// is stat'ed again. None when the memo is none of those any more, or cannot be read.

@@ -17,7 +17,7 @@ mod _latent_cache {
     #[pymodule_export]
     use crate::scan::{read_header_py, scan_sizes_py};
     #[pymodule_export]
-    use crate::inventory::{inventory_of_memo_py, scan_inventory_py, PyInventory};
+    use crate::inventory::{inventory_of_memo_py, scan_blobs_py, scan_inventory_py, PyInventory};
     #[pymodule_export]
     use crate::bucket::PyBucketer;
     #[pymodule_export]
