@@ -397,8 +397,10 @@ def simpletuner_path(backend, dataset: Dataset, keys: list[str] | None = None) -
     return outcome
 
 
-def decode(dataset: Dataset, chunk: list[str], blobs: list, threads: int | None, outcome: Outcome) -> None:
-    """As fill.py `_decode` after its fetch: the fetched blobs of one VAE batch to its bucket's pixels."""
+def decode(dataset: Dataset, chunk: list[str], blobs: list, threads: int | None, outcome: Outcome,
+           oriented: bool = False) -> None:
+    """As fill.py `_decode` after its fetch: the fetched blobs of one VAE batch to its bucket's pixels (`oriented`:
+    after their EXIF orientation, as SimpleTuner reads the kind; never for S3 objects)."""
     from lcm_plugin.cache import decode_batch_bytes
 
     fetched = [i for i, blob in enumerate(blobs) if blob is not None]
@@ -406,7 +408,7 @@ def decode(dataset: Dataset, chunk: list[str], blobs: list, threads: int | None,
     samples = [dataset.geometry[chunk[i]] for i in fetched]
     pixels, ok, errors = decode_batch_bytes(
         [blobs[i] for i in fetched], [s["resize_size"] for s in samples], [s["crop_coordinates"] for s in samples],
-        samples[0]["target_size"], names=[chunk[i] for i in fetched], threads=threads, oriented=False,
+        samples[0]["target_size"], names=[chunk[i] for i in fetched], threads=threads, oriented=oriented,
     )
     outcome.failed += [chunk[fetched[i]] for i, _ in errors]
     height, width = pixels.shape[1:3]  # (images, height, width, RGB)
@@ -575,7 +577,9 @@ def report(args, dataset: Dataset, results: list[Measure], wall: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10_000, help="images in the bucket (300: a smoke run)")
+    parser.add_argument("--images", type=int, default=10_000, help="images per kind (300: a smoke run)")
+    parser.add_argument("--kinds", default="s3,webshart,huggingface",
+                        help="any of s3, webshart, huggingface (the last two: bench/packed_sources.py)")
     parser.add_argument("--latencies-ms", default=f"0,{TARGET_LATENCY_MS:g}", help="added per-request latencies")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"any of {', '.join(SERVERS)}")
     parser.add_argument("--vae-batch", type=int, default=32, help="our images per fetch + decode (a VAE batch)")
@@ -586,10 +590,15 @@ def main() -> None:
     if args.serve:
         {"moto": serve_moto, "fast": serve_fast}[args.serve]()
         return
+    import packed_sources
+
     latencies = [float(v) for v in args.latencies_ms.split(",")]
     servers = args.servers.split(",")
     if unknown := set(servers) - set(SERVERS):
         parser.error(f"unknown server(s) {sorted(unknown)}")
+    kinds = args.kinds.split(",")
+    if unknown := set(kinds) - {"s3", *packed_sources.KINDS}:
+        parser.error(f"unknown kind(s) {sorted(unknown)}")
 
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"cpu count: {os.cpu_count()}; load average at the start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -598,8 +607,12 @@ def main() -> None:
     total = sum(map(len, dataset.objects.values()))
     print(f"{len(dataset.keys)} JPEGs, {total / 1e6:.0f} MB ({total / len(dataset.keys) / 1e3:.0f} kB each); "
           f"buckets: {', '.join(f'{w}x{h}: {len(k)}' for (w, h), k in dataset.by_bucket().items())}")
-    results = [m for server in servers for m in run_server(server, dataset, args, latencies)]
-    report(args, dataset, results, time.perf_counter() - started)
+    packed = [packed_sources.run_kind(kind, dataset, args) for kind in kinds if kind in packed_sources.KINDS]
+    if "s3" in kinds:
+        results = [m for server in servers for m in run_server(server, dataset, args, latencies)]
+        report(args, dataset, results, time.perf_counter() - started)
+    if packed:
+        packed_sources.report(packed, args)
 
 
 if __name__ == "__main__":

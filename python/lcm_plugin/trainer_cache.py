@@ -82,7 +82,20 @@ class DatasetCache:
         key = self.served.get(image_path)
         if key is None and self.kind == "local":
             key = self.served.get(os.path.abspath(image_path))
+        if key is None and self.kind == "webshart":
+            key = self.served.get(webshart_sample_id(image_path))
         return key
+
+
+def webshart_sample_id(image_path: str) -> str:
+    """SimpleTuner's name of a webshart sample in a path its sampler or a path join made of it
+    (`WebshartDataBackend.normalize_sample_id`: from the `webshart://` marker on, or `webshart:/` as a path
+    normalisation leaves it)."""
+    marker = image_path.find("webshart://")
+    if marker >= 0:
+        return image_path[marker:]
+    marker = image_path.find("webshart:/")
+    return "webshart://" + image_path[marker + len("webshart:/"):] if marker >= 0 else image_path
 
 
 @dataclass

@@ -373,14 +373,16 @@ def pillow_lanczos_pixels(path: str, metadata: dict) -> np.ndarray:
     return resized[top:top + h, left:left + w]
 
 
-def latent_bound(sample: dict, vae_oracle) -> float:
+def latent_bound(sample: dict, vae_oracle, simpletuner_input: str | None = None) -> float:
     """How far the plugin's latent of this image may be from SimpleTuner's: the VAE's response to the difference
     between the plugin's pixels and SimpleTuner's, plus float noise. The plugin's pixels must themselves be a
-    faithful Lanczos (>= MIN_LANCZOS_PSNR to Pillow's), so a broken resize cannot widen the bound."""
+    faithful Lanczos (>= MIN_LANCZOS_PSNR to Pillow's), so a broken resize cannot widen the bound.
+    `simpletuner_input`: the file SimpleTuner's VAE cache decodes, when its backend hands it other bytes than the
+    image file's (a Hugging Face dataset's rows)."""
     ours_ = plugin_pixels(sample["path"], sample["metadata"])
     lanczos = pillow_lanczos_pixels(sample["path"], sample["metadata"])
     assert psnr(ours_, lanczos) >= MIN_LANCZOS_PSNR, (sample["path"], psnr(ours_, lanczos))
-    theirs = simpletuner_pixels(sample["path"], sample["metadata"])
+    theirs = simpletuner_pixels(simpletuner_input or sample["path"], sample["metadata"])
     dtype = sample["latent"].dtype
     noise = FLOAT_NOISE if dtype == torch.float32 else BF16_NOISE
     return float((vae_oracle(ours_, dtype) - vae_oracle(theirs, dtype)).abs().max()) + noise
@@ -438,10 +440,12 @@ def by_image(recorded: dict) -> dict[str, list[dict]]:
     return out
 
 
-def assert_samples_equal_image_by_image(theirs: dict[str, dict], ours: dict[str, dict], vae_oracle) -> None:
+def assert_samples_equal_image_by_image(theirs: dict[str, dict], ours: dict[str, dict], vae_oracle,
+                                        bound=None) -> None:
     """Image name -> its first recorded sample on SimpleTuner's path and on ours: for every image both drew, bucket
     metadata, time_ids and text embeddings bit-equal where the caption was not dropped on either, latents within the
-    resize bound."""
+    resize bound (`bound(sample, vae_oracle)`, `latent_bound` unless given)."""
+    bound = bound or latent_bound
     common = sorted(set(theirs) & set(ours))
     assert len(common) >= 8, (sorted(theirs), sorted(ours))
     compared_time_ids = 0
@@ -455,7 +459,7 @@ def assert_samples_equal_image_by_image(theirs: dict[str, dict], ours: dict[str,
             compared_time_ids += 1
         assert ours_["latent"].shape == ref["latent"].shape and ours_["latent"].dtype == ref["latent"].dtype
         difference = float((ours_["latent"] - ref["latent"]).abs().max())
-        assert difference <= latent_bound(ref, vae_oracle), (name, difference)
+        assert difference <= bound(ref, vae_oracle), (name, difference)
     assert compared_time_ids >= 6
 
 

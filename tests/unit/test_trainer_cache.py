@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -170,3 +171,12 @@ def test_sd1x_prompts_are_encoded_as_the_stable_diffusion_pipeline_encodes_them(
     embeds, pooled = encode_prompts([pipeline.tokenizer], [pipeline.text_encoder], prompts, "sd1x")
     assert pooled is None and embeds.shape == expected.shape == (3, 77, pipeline.text_encoder.config.hidden_size)
     assert torch.equal(embeds, expected)
+
+
+@pytest.mark.parametrize("path", ["webshart://1/5/a.jpg", "cache/webshart/photos/webshart://1/5/a.jpg",
+                                  str(Path("/data/webshart://0/12/sub/b.png")), "/data/webshart:/0/3/c.jpg",
+                                  "plain.jpg", "webshart:/x"])
+def test_a_webshart_sample_is_found_by_simpletuners_name_of_it(path):
+    from simpletuner.helpers.data_backend.webshart import WebshartDataBackend
+
+    assert trainer_cache.webshart_sample_id(path) == WebshartDataBackend.normalize_sample_id(path)

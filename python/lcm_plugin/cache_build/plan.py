@@ -118,8 +118,12 @@ class PackedSource:
 
     kind: str
     reader: object
-    oriented: bool  # whether SimpleTuner sees the images after their EXIF orientation (sizes, pixels)
     error: type  # what the reader raises for input it cannot read (its message names the file and key)
+
+    @property
+    def oriented(self) -> bool:
+        """Whether SimpleTuner sees the images after their EXIF orientation (sizes, pixels); known once listed."""
+        return self.reader.oriented
 
     def __str__(self) -> str:
         return self.reader.name
@@ -243,7 +247,7 @@ def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[R
             config_path, "aspect_bucket_alignment", setting("aspect_bucket_alignment"), 64, 1
         ),
         aspect_bucket_rounding=_integer(config_path, "aspect_bucket_rounding", setting("aspect_bucket_rounding"), 2, 0),
-        inherited=inherited_settings(raw_config) | {"output_dir": setting("output_dir")},
+        inherited=inherited_settings(raw_config) | {"output_dir": setting("output_dir"), "cache_dir": setting("cache_dir")},
     )
     if settings.model_family not in families:
         raise BuildError(
@@ -320,7 +324,7 @@ def dataset_of(
                          f"shards and Hugging Face datasets on disk (type local, aws, webshart or huggingface; "
                          f"got {kind!r})")
     remote = _s3_source(entry, index, file) if kind == "aws" else None
-    packed = _packed_source(kind, entry, index, file, settings.root) if kind in PACKED_KINDS else None
+    packed = _packed_source(kind, entry, index, file, settings) if kind in PACKED_KINDS else None
     if remote is not None or packed is not None:
         data_dir = Path(str(remote or packed))
     else:
@@ -333,10 +337,12 @@ def dataset_of(
     text_entry = by_id.get(entry["text_embeds"]) if "text_embeds" in entry else default_text
     if text_entry is None or not text_entry.get("cache_dir"):
         raise BuildError(f"{file}: {pointer(index)}: no text_embeds dataset with a cache_dir for {entry['id']!r}")
-    strategy = entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename"
+    # A packed kind's own strategy when the entry names none (SimpleTuner's factory), as its reader has it.
+    strategy = (packed.reader.caption_strategy if packed is not None else
+                entry.get("caption_strategy") or settings.inherited.get("caption_strategy") or "filename")
     if strategy == "instanceprompt" and not entry.get("instance_prompt"):
         raise BuildError(f"{file}: {pointer(index, 'instance_prompt')}: caption_strategy instanceprompt needs it")
-    metadata_backend = entry.get("metadata_backend") or "discovery"
+    metadata_backend = entry.get("metadata_backend") or (kind if packed is not None else "discovery")
     own = kind if packed is not None else None  # the one strategy and metadata backend a packed kind is read with
     strategies = (own, "instanceprompt") if own else tuple(set(CAPTION_STRATEGIES) - set(PACKED_KINDS))
     if strategy not in strategies:
@@ -403,7 +409,7 @@ def _s3_source(entry: dict, index: int, file: str) -> S3Source:
     return S3Source(bucket, name, prefix)
 
 
-def _packed_source(kind: str, entry: dict, index: int, file: str, root: Path) -> PackedSource:
+def _packed_source(kind: str, entry: dict, index: int, file: str, settings: RunSettings) -> PackedSource:
     """The shards or tables of a webshart or huggingface entry, as SimpleTuner's backend for the kind reads them."""
     if kind == "webshart":
         from lcm_plugin.cache_build.webshart_source import WebshartError as SourceError
@@ -411,11 +417,13 @@ def _packed_source(kind: str, entry: dict, index: int, file: str, root: Path) ->
     else:
         from lcm_plugin.cache_build.hf_source import HuggingfaceError as SourceError
         from lcm_plugin.cache_build.hf_source import hf_source as open_source
+    # SimpleTuner's cache_dir (config.json's, else <output_dir>/cache): where its files of the dataset go by default.
+    cache_dir = settings.inherited.get("cache_dir") or os.path.join(str(settings.inherited["output_dir"]), "cache")
     try:
-        reader = open_source(entry, index, file, root)
+        reader = open_source(entry, index, file, settings.root, cache_dir=cache_dir)
     except SourceError as error:
         raise BuildError(str(error)) from None
-    return PackedSource(kind, reader, oriented=reader.oriented, error=SourceError)
+    return PackedSource(kind, reader, error=SourceError)
 
 
 def _aspect_limit(entry: dict, name: str, file: str, index: int) -> float | None:
@@ -459,12 +467,12 @@ def captions_of(path: str | Path, dataset: Dataset, text: str | None) -> tuple[s
     `text` is the caption file's content as the scan read it (bytes decoded as UTF-8, no newline translation, as
     SimpleTuner's LocalDataBackend.read + PromptHandler do), None when there is none. Raises BuildError naming the
     caption file when a textfile caption is missing."""
+    if dataset.packed is not None:  # its reader gives SimpleTuner's captions for either of its strategies
+        return _packed_captions(str(path), dataset)
     if dataset.caption_strategy == "instanceprompt":
         return (dataset.instance_prompt.strip(),)
     if dataset.caption_strategy == "parquet":
         return _parquet_captions(path, dataset)
-    if dataset.caption_strategy in PACKED_KINDS:
-        return _packed_captions(str(path), dataset)
     prepend = dataset.prepend_instance_prompt and dataset.instance_prompt
     if text is not None and not prepend and "\n" not in text and dataset.caption_strategy == "textfile":
         return (text.strip(),)  # the common case, once per image of millions
@@ -509,7 +517,7 @@ def caption_rule(dataset: Dataset) -> str:
     if dataset.caption_strategy == "parquet":
         cells = json.dumps(dataset.parquet_table.captions, sort_keys=True, default=str)
         rule.append(hashlib.sha256(cells.encode()).hexdigest())
-    if dataset.caption_strategy in PACKED_KINDS:
+    if dataset.packed is not None:
         cells = json.dumps(dataset.listing.captions, sort_keys=True)
         rule.append(hashlib.sha256(cells.encode()).hexdigest())
     return repr(rule)
@@ -538,6 +546,10 @@ def scan_dataset(dataset: Dataset, seed: int, threads: int | None = None, *, rem
             dataset.listing = dataset.packed.reader.listing()
         except dataset.packed.error as error:
             raise BuildError(str(error)) from None
+        others = getattr(dataset.listing, "other_samples", None)
+        if others:  # SimpleTuner would train them; the decoder reads none of their formats
+            raise BuildError(f"{dataset.packed}: {len(others)} sample(s) in formats cache build does not decode "
+                             f"(e.g. {next(iter(others))}; it reads {', '.join(IMAGE_EXTENSIONS)})")
     try:
         inventory = inventory_of_memo(memo, list(shared_memos)) if shared_memos else None
         if inventory is None:
@@ -645,11 +657,8 @@ def _packed_rows(dataset: Dataset, keys: list[str]) -> tuple[list | None, dict[i
     if any(size is not None for size in listing.sizes):
         by_key = dict(zip(listing.keys, listing.sizes))
         sizes = [by_key.get(key) for key in keys]
-    refused = {}
-    if dataset.caption_strategy in PACKED_KINDS:
-        for row, key in enumerate(keys):
-            if not listing.captions.get(key):
-                refused[row] = f"{listing.missing_captions.get(key, 'no caption')} (caption_strategy {dataset.caption_strategy})"
+    refused = {row: f"{listing.missing_captions.get(key, 'no caption')} (caption_strategy {dataset.caption_strategy})"
+               for row, key in enumerate(keys) if not listing.captions.get(key)}
     return sizes, refused
 
 
