@@ -1,8 +1,9 @@
-"""Cold time to the first training step of `simpletuner train` on a dataset in an S3 bucket: SimpleTuner 4.10.1's own
-path against the plugin's, on the same objects of the same server with 20 ms added to every request (not a test;
-issue 19, item 6: "cold time to first step >= 2x faster than stock", S3 kind).
+"""Cold time to the first training step of `simpletuner train` on a dataset in an S3 bucket, in webshart shards or in
+a local Hugging Face dataset: SimpleTuner 4.10.1's own path against the plugin's, on the same data (not a test;
+issue 19, item 6: "cold time to first step >= 2x faster than stock", each kind).
 
-    .venv/bin/python bench/first_step.py [--images 2000] [--latency-ms 20] [--resolution 256]
+    .venv/bin/python bench/first_step.py [--kind s3|webshart|huggingface] [--images 2000] [--latency-ms 20]
+        [--resolution 256]
 
 `--images 100` is a smoke run.
 
@@ -12,6 +13,9 @@ issue 19, item 6: "cold time to first step >= 2x faster than stock", S3 kind).
 - Server: moto in a process of its own (bench/sources.py's), adding the latency to every request. It takes writes,
   which both paths make (SimpleTuner puts a latent object per image and its bucket files, the plugin its bucket files),
   and costs ~3 ms of CPU per request: SimpleTuner's path makes more requests, so the server slows it more.
+- `--kind webshart` / `huggingface`: the same JPEGs as tar shards with their webshart index, or as parquet files of
+  a Hugging Face dataset (bench/packed_sources.py writes both, 1,000 images per file), captions in the index or a
+  `caption` column; no server.
 - Runs: a tiny SDXL, LCM-LoRA, CPU, 1 step, batch 1, crop to `--resolution` (pixel_area). Each path gets a bucket of
   its own with the same objects and a fresh run folder; cold (nothing cached), then warm (the same folder and
   bucket again). One uncounted run first: the first trainer start on a machine pays for bytecode and file caches.
@@ -56,16 +60,34 @@ def fill_bucket(endpoint: str, bucket: str, data: dict[str, bytes]) -> None:
         list(pool.map(lambda item: client.put_object(Bucket=bucket, Key=item[0], Body=item[1]), data.items()))
 
 
-def write_run(root: Path, model_dir: Path, endpoint: str, bucket: str, resolution: int) -> Path:
+def s3_entry(endpoint: str, bucket: str) -> dict:
+    return {"type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "", "aws_region_name": "us-east-1",
+            "aws_endpoint_url": endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+            "caption_strategy": "textfile", "metadata_backend": "discovery"}
+
+
+def packed_entry(kind: str, folder: Path, data: dict[str, bytes]) -> dict:
+    """The images of `data` written as `kind` under `folder` (captions in the index or a column); the entry's keys."""
+    from packed_sources import write_shards, write_table
+    from sources import Dataset
+
+    images = {key: body for key, body in data.items() if key.endswith(".jpg")}
+    dataset = Dataset(images, {key: (0, 0) for key in images}, {key: {"target_size": (0, 0)} for key in images})
+    entry, _ = (write_shards if kind == "webshart" else write_table)(dataset, folder)
+    entry.pop("id")
+    if kind == "webshart":  # SimpleTuner keeps a webshart dataset's files in cache/webshart/<id> of its working folder
+        entry["webshart"] = {"cache_dir": str(folder.parent / "cache" / "webshart")}
+    return entry
+
+
+def write_run(root: Path, model_dir: Path, entry: dict, resolution: int) -> Path:
     (root / "config").mkdir(parents=True)
     backends = [
         {
-            "id": "photos", "type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "",
-            "aws_region_name": "us-east-1", "aws_endpoint_url": endpoint, "aws_access_key_id": "test",
-            "aws_secret_access_key": "test",
+            "id": "photos", **entry,
             "crop": True, "crop_style": "center", "crop_aspect": "preserve", "resolution": resolution,
             "resolution_type": "pixel_area", "minimum_image_size": resolution // 2, "cache_dir_vae": "cache/vae",
-            "caption_strategy": "textfile", "metadata_backend": "discovery", "repeats": 0,
+            "repeats": 0,
         },
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
          "cache_dir": str(root / "cache" / "text")},
@@ -87,6 +109,7 @@ def write_run(root: Path, model_dir: Path, endpoint: str, bucket: str, resolutio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kind", choices=("s3", "webshart", "huggingface"), default="s3")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--resolution", type=int, default=256)
@@ -96,28 +119,36 @@ def main() -> None:
 
     started = time.perf_counter()
     data = objects(args.images)
-    server = ServerProcess("moto")
+    server = ServerProcess("moto") if args.kind == "s3" else None
     results = {}
+
+    def dataset(root: Path, name: str, data: dict[str, bytes]) -> dict:
+        if server is None:
+            return packed_entry(args.kind, root / "data", data)
+        server.set_latency(0)
+        fill_bucket(server.endpoint, name, data)
+        server.set_latency(args.latency_ms)
+        return s3_entry(server.endpoint, name)
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = save_tiny_sdxl(Path(tmp) / "model", seed=0, vocabulary=CAPTION_WORDS)
-            fill_bucket(server.endpoint, "warm-up", dict(list(data.items())[:16]))
-            train_once(write_run(Path(tmp) / "warm-up", model, server.endpoint, "warm-up", args.resolution),
-                       "simpletuner")
+            warm_up = dataset(Path(tmp) / "warm-up", "warm-up", dict(list(data.items())[:16]))
+            train_once(write_run(Path(tmp) / "warm-up", model, warm_up, args.resolution), "simpletuner")
             for path in ("simpletuner", "rust"):
-                bucket = f"first-step-{path}"
-                server.set_latency(0)
-                fill_bucket(server.endpoint, bucket, data)
-                server.set_latency(args.latency_ms)
-                run = write_run(Path(tmp) / path, model, server.endpoint, bucket, args.resolution)
+                entry = dataset(Path(tmp) / path, f"first-step-{path}", data)
+                run = write_run(Path(tmp) / path, model, entry, args.resolution)
                 results[path] = (train_once(run, path), train_once(run, path))
                 for phase, result in zip(("cold", "warm"), results[path]):
                     print(f"  {path} {phase}: first step {result.first_step:.1f} s, data preparation "
                           f"{result.data_seconds:.2f} s", flush=True)
     finally:
-        server.stop()
-    print(f"\n{args.images} JPEGs in a moto bucket, {args.latency_ms:g} ms added per request, tiny SDXL on the CPU, "
-          f"{args.resolution} px; load {os.getloadavg()[0]:.1f}; {time.perf_counter() - started:.0f} s in all\n")
+        if server is not None:
+            server.stop()
+    where = {"s3": f"in a moto bucket, {args.latency_ms:g} ms added per request", "webshart": "in webshart shards",
+             "huggingface": "in a Hugging Face dataset (parquet)"}[args.kind]
+    print(f"\n{args.images} JPEGs {where}, tiny SDXL on the CPU, {args.resolution} px; "
+          f"load {os.getloadavg()[0]:.1f}; {time.perf_counter() - started:.0f} s in all\n")
     print("| phase | measure | SimpleTuner 4.10.1 | simpletuner-lcm | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for index, phase in enumerate(("cold", "warm")):
@@ -126,7 +157,7 @@ def main() -> None:
             theirs, mine = getattr(stock, field), getattr(ours, field)
             print(f"| {phase} | {name} | {theirs:.1f} s | {mine:.1f} s | {theirs / mine:.2f}x |")
     ratio = results["simpletuner"][0].first_step / results["rust"][0].first_step
-    print(f"\ncold time to first step: {ratio:.2f}x (target >= {TARGET_RATIO:g}x) "
+    print(f"\n{args.kind}: cold time to first step: {ratio:.2f}x (target >= {TARGET_RATIO:g}x) "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}")
 
 
