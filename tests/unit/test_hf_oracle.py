@@ -30,7 +30,10 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_datasets  # noqa: E402
 
-from lcm_plugin.cache_build.hf_source import HuggingfaceError, SourceListing, hf_source  # noqa: E402
+from packed_oracle import Geometry, listed  # noqa: E402
+
+from lcm_plugin.cache_build.hf_source import HuggingfaceError, hf_source  # noqa: E402
+from lcm_plugin.cache_build.packed import SourceListing  # noqa: E402
 
 from simpletuner.helpers.data_backend.builders.huggingface import HuggingfaceBackendBuilder  # noqa: E402
 from simpletuner.helpers.data_backend.config import create_backend_config  # noqa: E402
@@ -42,7 +45,6 @@ from simpletuner.helpers.training import image_file_extensions  # noqa: E402
 from simpletuner.helpers.training.state_tracker import StateTracker  # noqa: E402
 
 DATASET = "photos"
-FILE = "config/multidatabackend.json"
 ORIENTATION = hf_datasets.EXIF_ORIENTATION
 ROTATED, EMPTY_IMAGE, EMPTY_WIDTH, CORRUPT = 4, 21, 9, 5  # rows of hf_datasets.rows() the cases change
 
@@ -95,18 +97,7 @@ def entry_of(layout: str = "photos", block: dict | None = None, **changes) -> di
 
 
 def ours(root: Path, entry: dict, **options):
-    source = hf_source(json.loads(json.dumps(entry)), 0, FILE, root, **options)
-    return source, source.listing()
-
-
-class _Geometry:
-    """Stands in for TrainingSample: the bucketer's geometry is judged in test_bucketing_oracle; here, the size."""
-
-    def __init__(self, **_):
-        pass
-
-    def prepare(self):
-        return SimpleNamespace(aspect_ratio=1.0, intermediary_size=(1, 1), crop_coordinates=(0, 0), target_size=(1, 1))
+    return listed(hf_source, root, entry, **options)
 
 
 class _Anything:
@@ -161,7 +152,7 @@ def simpletuners(root: Path, entry: dict, monkeypatch, cache_dir: str | None = N
     """SimpleTuner's backends for `entry`, started in `root` as its factory starts them, and what they decide."""
     args = trainer_args(root, cache_dir)
     state(monkeypatch, root, args)
-    monkeypatch.setattr(simpletuner_huggingface, "TrainingSample", _Geometry)
+    monkeypatch.setattr(simpletuner_huggingface, "TrainingSample", Geometry)
     monkeypatch.setattr(simpletuner_huggingface.HuggingfaceMetadataBackend, "meets_resolution_requirements",
                         lambda self, image_metadata: True)
     entry = json.loads(json.dumps(entry))

@@ -24,9 +24,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from webshart_shards import photo, photo_shards, write_index, Shard  # noqa: E402
 
-from lcm_plugin.cache_build.webshart_source import (  # noqa: E402
-    IMAGE_EXTENSIONS, SourceListing, WebshartError, webshart_source,
-)
+from packed_oracle import FILE, Geometry, listed  # noqa: E402
+
+from lcm_plugin.cache_build.packed import SourceListing  # noqa: E402
+from lcm_plugin.cache_build.webshart_source import IMAGE_EXTENSIONS, WebshartError, webshart_source  # noqa: E402
 
 from simpletuner.helpers.data_backend.builders.webshart import WebshartBackendBuilder  # noqa: E402
 from simpletuner.helpers.data_backend.config import create_backend_config  # noqa: E402
@@ -36,7 +37,6 @@ from simpletuner.helpers.training import image_file_extensions  # noqa: E402
 from simpletuner.helpers.training.state_tracker import StateTracker  # noqa: E402
 
 DATASET = "shards"
-FILE = "config/multidatabackend.json"
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +68,7 @@ def entry_of(**changes) -> dict:
 
 
 def ours(root: Path, entry: dict, **options):
-    source = webshart_source(json.loads(json.dumps(entry)), 0, FILE, root, **options)
-    return source, source.listing()
-
-
-class _Geometry:
-    """Stands in for TrainingSample: the bucketer's geometry is judged in test_bucketing_oracle; here, the size."""
-
-    def __init__(self, **_):
-        pass
-
-    def prepare(self):
-        return SimpleNamespace(aspect_ratio=1.0, intermediary_size=(1, 1), crop_coordinates=(0, 0), target_size=(1, 1))
+    return listed(webshart_source, root, entry, **options)
 
 
 class Theirs(SimpleNamespace):
@@ -94,7 +83,7 @@ class Theirs(SimpleNamespace):
 def simpletuners(root: Path, entry: dict, monkeypatch, args_cache_dir: str | None = None) -> Theirs:
     """SimpleTuner's backends for `entry`, started in `root` as the factory starts them, and what they decide."""
     monkeypatch.chdir(root)
-    monkeypatch.setattr(simpletuner_webshart, "TrainingSample", _Geometry)
+    monkeypatch.setattr(simpletuner_webshart, "TrainingSample", Geometry)
     monkeypatch.setattr(simpletuner_webshart.WebshartMetadataBackend, "meets_resolution_requirements",
                         lambda self, image_metadata: True)
     monkeypatch.setattr(StateTracker, "args", SimpleNamespace(output_dir=str(root / "output")))

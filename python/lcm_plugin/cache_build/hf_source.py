@@ -38,11 +38,12 @@ import io
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lcm_plugin.cache_build.packed import SourceListing, entry_block, place_stamps
 from lcm_plugin.config.problems import pointer
 
 # SimpleTuner's list_files name for row i of an image dataset (HuggingfaceDatasetsBackend's default_extension).
@@ -65,19 +66,6 @@ class HuggingfaceError(Exception):
 
 
 @dataclass(frozen=True)
-class SourceListing:
-    keys: list[str]  # SimpleTuner's sample names (`<row>.jpg`), in its list_files order (row order)
-    # per key: (the data file's size, its mtime_ns, its ctime_ns, u64 mixing its inode and the row's place in it)
-    stamps: list[tuple[int, int, int, int]]
-    # per key: (W, H) from the size columns, which SimpleTuner's metadata backend buckets by; None: it takes the
-    # size of the image `datasets` decodes (EXIF orientation applied), or never buckets the row (see `left_out`)
-    sizes: list[tuple[int, int] | None]
-    captions: dict[str, tuple[str, ...]]  # key -> captions as SimpleTuner's prompt handler gives them
-    missing_captions: dict[str, str]  # key -> why SimpleTuner has no caption for it
-    left_out: dict[str, str] = field(default_factory=dict)  # key -> why SimpleTuner's metadata backend skips it
-
-
-@dataclass(frozen=True)
 class _File:
     path: str  # absolute
     rows: int
@@ -91,20 +79,7 @@ def hf_source(entry: dict, index: int, file: str, root: Path, *, cache_dir: str 
     SimpleTuner runs, which relative paths are relative to). `cache_dir`: the run's `cache_dir` setting (SimpleTuner
     defaults it to `<output_dir>/cache`), which places SimpleTuner's bucket files when the entry names no
     cache_dir."""
-    at = lambda *parts: f"{file}: {pointer(index, *parts)}"  # noqa: E731
-    if entry.get("type") != "huggingface":
-        raise HuggingfaceError(f"{at('type')}: not a huggingface dataset")
-    block = entry.get("huggingface")
-    if block is None:
-        block = {}
-    if not isinstance(block, dict):
-        raise HuggingfaceError(f"{at('huggingface')}: must be an object")
-    dataset_id = entry.get("id")
-    if not isinstance(dataset_id, str) or not dataset_id:
-        raise HuggingfaceError(f"{at('id')}: a huggingface dataset needs an id")
-    dataset_type = entry.get("dataset_type", "image")
-    if dataset_type not in (None, "image"):
-        raise HuggingfaceError(f"{at('dataset_type')}: cache build reads image datasets (got {dataset_type!r})")
+    at, block, dataset_id = entry_block(entry, index, file, "huggingface", HuggingfaceError)
 
     # ImageBackendConfig.from_dict: the data backend's settings from the entry's own key first, then the block;
     # streaming and cache_dir the other way round. The metadata backend reads its columns from the block alone.
@@ -407,13 +382,16 @@ class HuggingfaceSource:
     # -- listing ----------------------------------------------------------------------------------------------
 
     def listing(self) -> SourceListing:
+        """The split as SimpleTuner sees it: keys `<row>.jpg` in row order; stamps (the data file's size, mtime_ns,
+        ctime_ns, its inode mixed with the row's place in it); sizes from the size columns, None where SimpleTuner
+        takes the size of the image `datasets` decodes (EXIF orientation applied) or never buckets the row."""
         files = self._layout()
         total = sum(item.rows for item in files)
         keys = [f"{row}.{EXTENSION}" for row in range(total)]
         stamps: list[tuple[int, int, int, int]] = []
         for item in files:
             size, mtime, ctime, inode = item.stat
-            mixed = _mix(inode, np.arange(item.rows, dtype=np.uint64)).tolist()
+            mixed = place_stamps(inode, np.arange(item.rows, dtype=np.uint64)).tolist()
             stamps.extend((size, mtime, ctime, value) for value in mixed)
         sizes: list[tuple[int, int] | None] = [None] * total
         left_out: dict[str, str] = {}
@@ -758,15 +736,3 @@ def _unopenable(data: bytes) -> str | None:
     except Exception as error:  # noqa: BLE001 - PIL raises many kinds for bad bytes
         return f"not an image PIL opens ({type(error).__name__}: {error})"
     return None
-
-
-def _mix(inode: int, rows: np.ndarray) -> np.ndarray:
-    """A 64-bit value per row that changes with the file's inode or the row's place in it (splitmix64 of both)."""
-    with np.errstate(over="ignore"):
-        x = np.uint64(inode & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + rows.astype(np.uint64)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x

@@ -626,7 +626,9 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
     unreadable_captions = dict(inventory.caption_errors)
     for row, why in table.left_out:
         path = dataset.image_path(inventory.key(row))
-        if why in _EXCLUDED:
+        if why == "no_size" and dataset.packed is not None:  # its reader says why SimpleTuner never buckets it
+            dataset.excluded.append((Path(path), dataset.listing.left_out.get(path, "no size in its index")))
+        elif why in _EXCLUDED:
             dataset.excluded.append((Path(path), _EXCLUDED[why](dataset)))
         elif why == "caption_unreadable":
             dataset.skipped.append((Path(path), f"caption file {caption_file(path)} unreadable "
@@ -641,8 +643,7 @@ def _plan_images(dataset: Dataset, inventory, seed: int) -> None:
 
 # Why `ImageTable` leaves out an image, as SimpleTuner's filters would name it.
 _EXCLUDED = {
-    "no_size": lambda dataset: (f"no row in {os.path.basename(dataset.parquet.path)} (metadata_missing)"
-                                if dataset.parquet is not None else f"no size in {dataset.packed}'s index"),
+    "no_size": lambda dataset: f"no row in {os.path.basename(dataset.parquet.path)} (metadata_missing)",
     "too_small": lambda dataset: "below minimum_image_size",
     "aspect_below_minimum": lambda dataset: f"bucket below minimum_aspect_ratio {dataset.minimum_aspect_ratio:g}",
     "aspect_above_maximum": lambda dataset: f"bucket above maximum_aspect_ratio {dataset.maximum_aspect_ratio:g}",

@@ -48,6 +48,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from lcm_plugin.cache_build.packed import SourceListing, entry_block, place_stamps
+
 # The still images the cache build decodes; SimpleTuner lists more (video, audio, every Pillow format), which
 # `SourceListing.other_samples` reports when the index sizes them.
 from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
@@ -71,24 +73,6 @@ class WebshartError(Exception):
     """A webshart dataset or index the mirror does not read; the message names the file and key (or shard)."""
 
 
-@dataclass(frozen=True)
-class SourceListing:
-    keys: list[str]  # SimpleTuner's sample names of the images, in WebshartDataBackend.list_files order
-    # per key: (length, tar mtime_ns, tar ctime_ns, u64 mixing the tar's inode and the member's offset)
-    stamps: list[tuple[int, int, int, int]]
-    # per key: the (W, H) SimpleTuner's metadata backend buckets it by (the index's); None: never bucketed (the
-    # reason in `left_out`): SimpleTuner never reads a webshart image to size it
-    sizes: list[tuple[int, int] | None]
-    captions: dict[str, tuple[str, ...]]  # sized key -> its captions as SimpleTuner's prompt handler gives them
-    # sized key -> why SimpleTuner has no caption for it: it leaves the image out of its buckets, or drops it when
-    # gathering captions (PromptHandler.get_all_captions' images_missing_captions, or captions that are all blank)
-    missing_captions: dict[str, str]
-    left_out: dict[str, str] = field(default_factory=dict)  # key -> why SimpleTuner never buckets it
-    # samples SimpleTuner buckets (the index sizes them) whose extension is not one of the reader's images
-    other_samples: tuple[str, ...] = ()
-    unindexed: tuple[str, ...] = ()  # tars under the folder that discovery leaves out (no index)
-
-
 @dataclass
 class _Shard:
     name: str  # relative to the source folder, without ".tar"
@@ -106,20 +90,7 @@ def webshart_source(entry: dict, index: int, file: str, root: Path, *, cache_dir
     SimpleTuner runs, which relative paths are relative to). `cache_dir`: the run's `cache_dir` setting (SimpleTuner
     defaults it to `<output_dir>/cache`), which places webshart's metadata cache when the entry names no
     `cache_dir`. `extensions`: the image extensions to list (lower case, with the dot)."""
-    at = lambda *parts: f"{file}: {pointer(index, *parts)}"  # noqa: E731
-    if entry.get("type") != "webshart":
-        raise WebshartError(f"{at('type')}: not a webshart dataset")
-    block = entry.get("webshart")
-    if block is None:
-        block = {}
-    if not isinstance(block, dict):
-        raise WebshartError(f"{at('webshart')}: must be an object")
-    dataset_id = entry.get("id")
-    if not isinstance(dataset_id, str) or not dataset_id:
-        raise WebshartError(f"{at('id')}: a webshart dataset needs an id")
-    dataset_type = entry.get("dataset_type", "image")
-    if dataset_type not in (None, "image"):
-        raise WebshartError(f"{at('dataset_type')}: cache build reads image datasets (got {dataset_type!r})")
+    at, block, dataset_id = entry_block(entry, index, file, "webshart", WebshartError)
 
     # Where SimpleTuner takes each setting from (ImageBackendConfig.from_dict): source and metadata from the entry's
     # own key first, then the webshart block; cache_dir and max_file_size the other way round; caption_key and the
@@ -320,7 +291,9 @@ class WebshartSource:
     def listing(self) -> SourceListing:
         """The dataset as SimpleTuner sees it now: each shard's index read once (no image decoded; a `.txt` or
         JSON sidecar read only where SimpleTuner reads one for a caption). WebshartError for what SimpleTuner
-        would stop on too (no indexed shard, an index webshart refuses, a caption it fails reading)."""
+        would stop on too (no indexed shard, an index webshart refuses, a caption it fails reading). Stamps are
+        (the member's length, the tar's mtime_ns and ctime_ns, its inode mixed with the member's offset); a size
+        of None is never bucketed (SimpleTuner never reads a webshart image to size it)."""
         shards, unindexed = self._discover()
         keys: list[str] = []
         stamps: list[tuple[int, int, int, int]] = []
@@ -385,7 +358,7 @@ class WebshartSource:
             if listed:
                 picked = np.array(listed, dtype=np.int64)
                 lengths = shard.lengths[picked]
-                mixed = _mix(stat.st_ino, shard.offsets[picked])
+                mixed = place_stamps(stat.st_ino, shard.offsets[picked])
                 stamps.extend(zip(lengths.tolist(), [stat.st_mtime_ns] * len(listed), [stat.st_ctime_ns] * len(listed),
                                   mixed.tolist()))
         self._shards = shards
@@ -682,18 +655,6 @@ def _normalized(caption) -> list[str]:
 
 def _instance_prompts(prompt) -> list[str]:
     return [prompt.strip()] if isinstance(prompt, str) else [str(value).strip() for value in prompt]
-
-
-def _mix(inode: int, offsets: np.ndarray) -> np.ndarray:
-    """A 64-bit value per member that changes with the tar's inode or the member's offset (splitmix64 of both)."""
-    with np.errstate(over="ignore"):
-        x = np.uint64(inode & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + offsets.astype(np.uint64)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
 
 
 def _locate(key: str, shards: list[_Shard]) -> tuple[int, int, int] | str:
