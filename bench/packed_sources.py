@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sources import SIMPLETUNER_READ_BATCH, Dataset, Outcome, batches, decode  # noqa: E402
+from sources import SIMPLETUNER_READ_BATCH, Dataset, Outcome, batches, decode, simpletuner_path  # noqa: E402
 
 KINDS = ("webshart", "huggingface")
 PER_FILE = 1000  # images per tar shard / parquet file
@@ -110,17 +110,6 @@ def our_source(kind: str, entry: dict, root: Path):
     from lcm_plugin.cache_build.hf_source import hf_source
 
     return hf_source(entry, 0, "multidatabackend.json", root, cache_dir=str(root / "cache"))
-
-
-def simpletuner_path(backend, dataset: Dataset) -> Outcome:
-    outcome = Outcome()
-    for chunk in batches(dataset, SIMPLETUNER_READ_BATCH):
-        available, images = backend.read_image_batch(chunk)
-        for key, image in zip(available, images):
-            outcome.shapes[key] = image.size
-        outcome.failed += sorted(set(chunk) - set(available))
-    outcome.images = len(outcome.shapes)
-    return outcome
 
 
 def our_path(source, dataset: Dataset, args, oriented: bool) -> Outcome:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcm_plugin.cache_build.packed import SourceListing, entry_block, place_stamps
+from lcm_plugin.cache_build.packed import SourceListing, caption_settings, entry_block, place_stamps
 from lcm_plugin.config.problems import pointer
 
 # SimpleTuner's list_files name for row i of an image dataset (HuggingfaceDatasetsBackend's default_extension).
@@ -109,23 +109,7 @@ def hf_source(entry: dict, index: int, file: str, root: Path, *, cache_dir: str 
     for key, why in _UNCOVERED_BLOCK_KEYS.items():
         if block.get(key):
             raise HuggingfaceError(f"{at('huggingface', key)}: not read by cache build ({why})")
-    metadata_backend = entry.get("metadata_backend")
-    if metadata_backend not in (None, "huggingface"):
-        raise HuggingfaceError(f"{at('metadata_backend')}: a huggingface dataset's metadata_backend is huggingface "
-                               f"(got {metadata_backend!r})")
-    strategy = entry.get("caption_strategy") or "huggingface"  # the factory's default for this type
-    if strategy not in ("huggingface", "instanceprompt"):
-        raise HuggingfaceError(f"{at('caption_strategy')}: a huggingface dataset's caption_strategy is huggingface "
-                               f"or instanceprompt (got {strategy!r})")
-    instance_prompt = entry.get("instance_prompt")
-    prepend = bool(entry.get("prepend_instance_prompt", False))
-    if strategy == "instanceprompt":
-        prompts = [instance_prompt] if isinstance(instance_prompt, str) else instance_prompt
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not any(
-                p.strip() for p in prompts):
-            raise HuggingfaceError(f"{at('instance_prompt')}: caption_strategy instanceprompt needs a prompt")
-    elif prepend and instance_prompt is not None and not isinstance(instance_prompt, str):
-        raise HuggingfaceError(f"{at('instance_prompt')}: prepend_instance_prompt needs a string")
+    strategy, instance_prompt, prepend = caption_settings(entry, at, "huggingface", HuggingfaceError)
 
     for key in ("caption_column", "fallback_caption_column", "width_column", "height_column", "description_column"):
         if key in entry:  # HuggingfaceMetadataBackend reads these from hf_config (the block) alone

@@ -64,3 +64,26 @@ def entry_block(entry: dict, index: int, file: str, kind: str, error: type[Excep
     if dataset_type not in (None, "image"):
         raise error(f"{at('dataset_type')}: cache build reads image datasets (got {dataset_type!r})")
     return at, block, dataset_id
+
+
+def caption_settings(entry: dict, at, kind: str, error: type) -> tuple[str, str | list[str] | None, bool]:
+    """(caption_strategy, instance_prompt, prepend_instance_prompt) of a `type: <kind>` entry, as SimpleTuner's
+    factory takes them: the kind's own strategy when none is named, or instanceprompt with a prompt; its metadata
+    backend can only be the kind's own. `error` names the key (`at(key)`) of what it refuses."""
+    metadata_backend = entry.get("metadata_backend")
+    if metadata_backend not in (None, kind):
+        raise error(f"{at('metadata_backend')}: a {kind} dataset's metadata_backend is {kind} (got {metadata_backend!r})")
+    strategy = entry.get("caption_strategy") or kind  # the factory's default for the type
+    if strategy not in (kind, "instanceprompt"):
+        raise error(f"{at('caption_strategy')}: a {kind} dataset's caption_strategy is {kind} or instanceprompt "
+                    f"(got {strategy!r})")
+    instance_prompt = entry.get("instance_prompt")
+    prepend = bool(entry.get("prepend_instance_prompt", False))
+    if strategy == "instanceprompt":
+        prompts = [instance_prompt] if isinstance(instance_prompt, str) else instance_prompt
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not any(
+                p.strip() for p in prompts):
+            raise error(f"{at('instance_prompt')}: caption_strategy instanceprompt needs a prompt")
+    elif prepend and instance_prompt is not None and not isinstance(instance_prompt, str):
+        raise error(f"{at('instance_prompt')}: prepend_instance_prompt needs a string")
+    return strategy, instance_prompt, prepend

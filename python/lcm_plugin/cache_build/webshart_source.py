@@ -48,7 +48,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from lcm_plugin.cache_build.packed import SourceListing, entry_block, place_stamps
+from lcm_plugin.cache_build.packed import SourceListing, caption_settings, entry_block, place_stamps
 
 # The still images the cache build decodes; SimpleTuner lists more (video, audio, every Pillow format), which
 # `SourceListing.other_samples` reports when the index sizes them.
@@ -137,23 +137,7 @@ def webshart_source(entry: dict, index: int, file: str, root: Path, *, cache_dir
     if "caption_key" in entry:
         raise WebshartError(f"{at('caption_key')}: SimpleTuner reads the caption key from webshart.caption_key "
                             "only; move it there")
-    metadata_backend = entry.get("metadata_backend")
-    if metadata_backend not in (None, "webshart"):
-        raise WebshartError(f"{at('metadata_backend')}: a webshart dataset's metadata_backend is webshart "
-                            f"(got {metadata_backend!r})")
-    strategy = entry.get("caption_strategy") or "webshart"  # SimpleTuner's factory: webshart when absent
-    if strategy not in ("webshart", "instanceprompt"):
-        raise WebshartError(f"{at('caption_strategy')}: a webshart dataset's caption_strategy is webshart or "
-                            f"instanceprompt (got {strategy!r})")
-    instance_prompt = entry.get("instance_prompt")
-    prepend = bool(entry.get("prepend_instance_prompt", False))
-    if strategy == "instanceprompt":
-        prompts = [instance_prompt] if isinstance(instance_prompt, str) else instance_prompt
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not any(
-                p.strip() for p in prompts):
-            raise WebshartError(f"{at('instance_prompt')}: caption_strategy instanceprompt needs a prompt")
-    elif prepend and instance_prompt is not None and not isinstance(instance_prompt, str):
-        raise WebshartError(f"{at('instance_prompt')}: prepend_instance_prompt needs a string")
+    strategy, instance_prompt, prepend = caption_settings(entry, at, "webshart", WebshartError)
 
     caption_key = block.get("caption_key")
     if caption_key is not None:
