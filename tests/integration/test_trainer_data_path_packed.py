@@ -10,7 +10,8 @@ SimpleTuner's own path and on the plugin's (one run for both kinds: each start o
   builds the local store, and its samples equal SimpleTuner's image by image: bucket, crop, time_ids and text
   embeddings bit for bit, latents within the local test's resize bound.
 - SimpleTuner's own metadata backend buckets the samples on both paths; the plugin writes no bucket file for them.
-- A restart encodes nothing: the scan memo holds every sample's stamp (its file's, and its place in it).
+- One start of ours: a restart of either kind is the scan memo's and the store's, judged by
+  test_cache_build_packed.py (a rerun reads no row) and by the local and S3 trainer tests.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from webshart_shards import Shard, write_index  # noqa: E402
 
 from test_simpletuner_train import assert_lcm_run, run_stock_trainer  # noqa: E402
 from test_trainer_data_path import (  # noqa: E402, F401 - model_dir, simpletuner_state, text_oracle, vae_oracle
-    RESUME_AT,
     SERVED,
     SIZES,
     STEPS,
@@ -38,7 +38,6 @@ from test_trainer_data_path import (  # noqa: E402, F401 - model_dir, simpletune
     records,
     recording_env,
     samples,
-    set_config,
     simpletuner_state,
     text_oracle,
     vae_oracle,
@@ -141,15 +140,11 @@ def reference(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory, model_dir):
-    """The plugin's path (an LCM run, the switch unset) on both: RESUME_AT steps, then resumed up to STEPS.
-    (run, first log, resumed log, records of both)."""
+    """The plugin's path (an LCM run, the switch unset) on both, STEPS steps: (run, log, records)."""
     root = tmp_path_factory.mktemp("packed-ours")
-    run = write_packed_run(root / "run", model_dir, max_train_steps=RESUME_AT)
-    first_log, first = train(run, root / "records-first", None)
-    set_config(run, max_train_steps=STEPS, resume_from_checkpoint="latest")
-    (run / "output" / "training_metrics.jsonl").unlink()
-    resumed_log, resumed = train(run, root / "records-resumed", None)
-    return run, first_log, resumed_log, {**first, **resumed}
+    run = write_packed_run(root / "run", model_dir, max_train_steps=STEPS)
+    log, recorded = train(run, root / "records", None)
+    return run, log, recorded
 
 
 def test_simpletuners_path_is_its_own_functions(reference, simpletuner_state, text_oracle):
@@ -162,9 +157,8 @@ def test_simpletuners_path_is_its_own_functions(reference, simpletuner_state, te
 
 
 def test_our_path_serves_the_samples_from_the_store_and_writes_no_pt(ours):
-    run, first_log, resumed_log, _ = ours
-    assert f"{SERVED} ({len(SIZES)} image(s) encoded here, 0 already cached)" in first_log, first_log[-4000:]
-    assert f"(0 image(s) encoded here, {len(SIZES)} already cached)" in resumed_log, resumed_log[-4000:]
+    run, log, _ = ours
+    assert f"{SERVED} ({len(SIZES)} image(s) encoded here, 0 already cached)" in log, log[-4000:]
     assert not list(run.rglob("*.pt"))
     names = {kind: sorted(local_file(run, entry["image"]).name for entry in json.loads(
         (run / "cache" / "vae" / kind / "lcm" / "manifest.json").read_text())["images"]) for kind in KINDS}
@@ -189,16 +183,7 @@ def test_our_samples_equal_simpletuners_image_by_image(reference, ours, simpletu
                 ImageOps.exif_transpose(image).save(view, "PNG")
         return latent_bound(sample, vae_oracle, simpletuner_input=str(view))
 
-    theirs, ours_ = by_image(run, recorded), by_image(ours[0], ours[3])
+    theirs, ours_ = by_image(run, recorded), by_image(ours[0], ours[2])
     assert_samples_equal_image_by_image(theirs, ours_, vae_oracle, bound=as_simpletuner_reads_it)
     compared = {kind_of(name) for name in set(theirs) & set(ours_)}
     assert compared == set(KINDS), compared
-
-
-def test_a_restart_on_our_path_trains_on_simpletuners_geometry_and_text(ours, simpletuner_state, text_oracle):
-    run, _, resumed_log, recorded = ours
-    resumed = {key: batch for key, batch in recorded.items() if key[1] >= RESUME_AT}
-    assert len(resumed) == STEPS - RESUME_AT, resumed_log[-4000:]
-    for batch in resumed.values():
-        for sample in local_samples(run, batch):
-            assert_simpletuner_geometry_and_text(sample, text_oracle)
