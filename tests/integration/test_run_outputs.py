@@ -15,15 +15,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_lcm_training_dir
+from conftest import stock_trainer_env, write_lcm_training_dir
+from test_simpletuner_train import run_stock_trainer
 from lcm_plugin import outputs
 from lcm_plugin.config import LcmConfig
 from lcm_plugin.inference import lcm_scheduler
@@ -42,22 +41,15 @@ STEPS = 3
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def run_stock_trainer(run_dir: Path, changes: dict) -> Path:
-    """Apply `changes` to the run's config.json, run `simpletuner train` there, return its output folder."""
-    from lcm_plugin.demo.run import trainer_env
-
+def train_with(run_dir: Path, changes: dict) -> Path:
+    """Apply `changes` to the run's config.json, run the stock trainer there, return its output folder."""
     config_file = run_dir / "config" / "config.json"
     config = json.loads(config_file.read_text())
     config["distillation_config"] = {"lcm": LCM_BLOCK}
     # "WxH": SimpleTuner reads a bare number under 128 as megapixels.
     config.update(validation_prompt=PROMPT, validation_resolution=f"{SIZE}x{SIZE}", **changes)
     config_file.write_text(json.dumps(config, indent=2))
-    env = trainer_env()
-    env.pop("SIMPLETUNER_LCM_DISABLE", None)
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([str(Path(sys.executable).parent / "simpletuner"), "train"], cwd=run_dir, env=env,
-                            capture_output=True, text=True, timeout=540)
-    (run_dir / "simpletuner.log").write_text(result.stdout + result.stderr)
+    (run_dir / "simpletuner.log").write_text(run_stock_trainer(run_dir, stock_trainer_env()))
     return run_dir / "output"
 
 
@@ -68,7 +60,7 @@ def log_tail(output: Path) -> str:
 @pytest.fixture(scope="module")
 def lora_output(tmp_path_factory, tiny_sdxl_dir) -> Path:
     root = write_lcm_training_dir(tmp_path_factory.mktemp("lora") / "run", tiny_sdxl_dir, max_train_steps=STEPS)
-    output = run_stock_trainer(root, {"lora_format": "comfyui", "checkpoint_step_interval": 2})
+    output = train_with(root, {"lora_format": "comfyui", "checkpoint_step_interval": 2})
     assert (output / LORA_FILE).is_file() and (output / "README.md").is_file(), log_tail(output)
     return output
 
@@ -76,7 +68,7 @@ def lora_output(tmp_path_factory, tiny_sdxl_dir) -> Path:
 @pytest.fixture(scope="module")
 def full_output(tmp_path_factory, tiny_sdxl_dir) -> Path:
     root = write_lcm_training_dir(tmp_path_factory.mktemp("full") / "run", tiny_sdxl_dir, max_train_steps=STEPS)
-    output = run_stock_trainer(root, {"model_type": "full"})
+    output = train_with(root, {"model_type": "full"})
     assert (output / "pipeline" / "model_index.json").is_file(), log_tail(output)
     return output
 

@@ -40,7 +40,7 @@ from PIL import Image
 
 from conftest import simpletuner_sdxl_text_model, stock_trainer_env
 from photo_dataset import VOCABULARY, write_photo_dataset
-from test_simpletuner_train import assert_lcm_run, run_stock_trainer
+from test_simpletuner_train import assert_lcm_run, run_simpletuner_cli, run_stock_trainer
 
 RECORDER_DIR = Path(__file__).parent / "batch_recorder"
 BACKEND_ID = "photos"
@@ -207,7 +207,8 @@ def samples(batch: dict) -> list[dict]:
 
 
 def train(run: Path, record_dir: Path, data_path: str | None, *, processes: int = 1) -> tuple[str, dict]:
-    log = run_stock_trainer(run, recording_env(record_dir, data_path, processes=processes))
+    launch = run_stock_trainer if processes == 1 else run_simpletuner_cli
+    log = launch(run, recording_env(record_dir, data_path, processes=processes))
     assert_lcm_run(log, run / "output")
     return log, records(record_dir)
 
