@@ -1,4 +1,5 @@
-"""The sampler for a distilled student: LCMScheduler (LCM) or TCDScheduler (TCD, PCM) on the training grid."""
+"""The sampler for a distilled student: LCMScheduler (LCM) or TCDScheduler (TCD, PCM) on the training grid; on the flow
+path FlowMatchLCMScheduler (LCM) or Euler through the phase edges (PCM)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,46 @@ def tcd_scheduler(scheduler_config, *, num_ddim_timesteps: int, timestep_scaling
     return scheduler
 
 
+@functools.cache
+def _phased_flow_scheduler_class():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class PhasedFlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
+        """FlowMatchEulerDiscreteScheduler whose steps start on the training grid's points `phase_sigmas` picks (the
+        phase edges at `pcm_phases` steps), whatever sigmas the pipeline proposes (Flux's pipeline proposes its own
+        linspace); each step is Euler, x + (sigma_next - sigma) v, deterministic."""
+
+        num_ddim_timesteps = 50
+
+        def phase_sigmas(self, num_inference_steps: int) -> list[float]:
+            """The unshifted sigmas of the sampler's `num_inference_steps` starting points, as
+            `set_timesteps(sigmas=...)` takes them: the N-point grid's positions floor(s N / steps), s = 0..steps-1,
+            from the top (phase_start_indices); the scheduler's shift (or Flux's mu) then shifts them onto the grid
+            FlowSkipSchedule trains on."""
+            import numpy as np
+
+            from lcm_plugin.lcm.pcm import phase_start_indices
+
+            unshifted = np.linspace(self.sigma_max, self.sigma_min, self.num_ddim_timesteps)
+            positions = phase_start_indices(num_ddim_timesteps=self.num_ddim_timesteps, phases=num_inference_steps)
+            return [float(sigma) for sigma in unshifted[positions.numpy()]]
+
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            steps = num_inference_steps or len(sigmas if sigmas is not None else timesteps)
+            super().set_timesteps(device=device, sigmas=self.phase_sigmas(steps), mu=mu)
+
+    return PhasedFlowMatchEulerScheduler
+
+
+def phased_flow_scheduler(scheduler_config, *, num_ddim_timesteps: int):
+    """PCM's sampler on the flow path: Euler from the top of the teacher's N-point sigma grid through the phase edges
+    (at `pcm_phases` steps; other step counts take the grid points floor(s N / steps) from the top, as the PCM
+    reference's SD3 scheduler does), the last step to the data."""
+    scheduler = _phased_flow_scheduler_class().from_config(scheduler_config)
+    scheduler.num_ddim_timesteps = num_ddim_timesteps
+    return scheduler
+
+
 def is_flow_matching(scheduler_config) -> bool:
     """Whether a training noise scheduler config is a rectified-flow one (diffusers' FlowMatch* schedulers: SD3, Flux)."""
     return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
@@ -64,8 +105,11 @@ def variant_scheduler(scheduler_config, lcm: LcmConfig):
     """The validation sampler of `lcm.variant`: LCMScheduler (lcm), TCDScheduler at tcd_gamma (tcd), or
     TCDScheduler at gamma 0 (pcm: deterministic jumps, from phase top to phase edge at pcm_phases steps). A flow
     teacher's LCM student samples with FlowMatchLCMScheduler on the teacher's own shifted schedule: x0 = x - sigma v,
-    then fresh noise to the next sigma, the flow form of LCM's multistep sampling."""
+    then fresh noise to the next sigma, the flow form of LCM's multistep sampling; its PCM student with Euler steps
+    through the phase edges (phased_flow_scheduler)."""
     if is_flow_matching(scheduler_config):
+        if lcm.variant == "pcm":
+            return phased_flow_scheduler(scheduler_config, num_ddim_timesteps=lcm.num_ddim_timesteps)
         from diffusers import FlowMatchLCMScheduler
 
         return FlowMatchLCMScheduler.from_config(scheduler_config)

@@ -58,6 +58,16 @@ def pipeline_eta(training_scheduler_config, lcm: LcmConfig) -> float | None:
     return getattr(variant_scheduler(training_scheduler_config, lcm), "gamma", None)
 
 
+def pipeline_sigmas(training_scheduler_config, lcm: LcmConfig, steps: int = CARD_STEPS) -> list[float] | None:
+    """The `sigmas` a diffusers pipeline call needs to sample a flow PCM student at `steps` as validation does (its
+    phase edges on the training grid, unshifted as the pipeline's FlowMatchEulerDiscreteScheduler takes them); None
+    for every other sampler, which finds its steps itself."""
+    from lcm_plugin.inference import variant_scheduler
+
+    scheduler = variant_scheduler(training_scheduler_config, lcm)
+    return scheduler.phase_sigmas(steps) if hasattr(scheduler, "phase_sigmas") else None
+
+
 def scheduler_class(scheduler_config: dict) -> type:
     """The diffusers scheduler class a config's `_class_name` names."""
     import diffusers
@@ -76,11 +86,12 @@ def scheduler_settings(scheduler_config: dict) -> dict:
 
 def scheduler_overrides(scheduler_config: dict, base_scheduler_config: dict | None) -> dict:
     """Keyword arguments so that `<its class>.from_config(base_scheduler_config, **overrides)` equals
-    `scheduler_config`: `original_inference_steps` and `timestep_scaling` always (a wrong value silently moves the
-    timesteps), plus every setting the base model's config would get wrong. With no base config known, every
+    `scheduler_config`: `original_inference_steps` and `timestep_scaling` always where the class has them (a wrong
+    value silently moves the timesteps), plus every setting the base model's config would get wrong. With no base config known, every
     setting is spelled out."""
     settings = scheduler_settings(scheduler_config)
-    overrides = {key: settings[key] for key in ("original_inference_steps", "timestep_scaling")}
+    # The flow schedulers have neither: their grid is the base model's own shifted schedule.
+    overrides = {key: settings[key] for key in ("original_inference_steps", "timestep_scaling") if key in settings}
     if base_scheduler_config is None:
         return {**overrides, **settings}
     rebuilt_from_base = scheduler_class(scheduler_config).from_config(dict(base_scheduler_config))
@@ -182,6 +193,8 @@ class CardSettings:
         transformer), for a full model saved without text encoders.
     guidance_scale: the pipeline call's; 0 (guidance distilled in), or a guidance-embedding model's trained value
         (Flux: flux_guidance_value).
+    sigmas: from `pipeline_sigmas`: passed to the pipeline call instead of a step count (a flow PCM student's phase
+        edges); None otherwise.
     """
 
     model_id: str
@@ -198,6 +211,7 @@ class CardSettings:
     eta: float | None = None
     denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel")
     guidance_scale: float = 0.0
+    sigmas: tuple[float, ...] | None = None
 
 
 def _python_literal(value) -> str:
@@ -210,6 +224,7 @@ def inference_snippet(settings: CardSettings) -> str:
     components = not lora and settings.base_model_id is not None
     scheduler = settings.scheduler_class
     sampler = scheduler.removesuffix("Scheduler")
+    flow = scheduler.startswith("FlowMatch")
     denoiser, denoiser_class = settings.denoiser
     imports = (f"AutoencoderKL, DiffusionPipeline, {scheduler}, {denoiser_class}" if components
                else f"DiffusionPipeline, {scheduler}" if lora else "DiffusionPipeline")
@@ -238,8 +253,9 @@ def inference_snippet(settings: CardSettings) -> str:
         lines.append("pipeline = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)")
     if lora:
         lines += [
-            f"# Sample with {sampler} on the grid the LoRA was trained on; another scheduler, or another",
-            f"# original_inference_steps, gives non-{sampler} or shifted-timestep samples.",
+            *([f"# Sample with {sampler} on the base model's flow schedule, as the LoRA was trained."] if flow else [
+                f"# Sample with {sampler} on the grid the LoRA was trained on; another scheduler, or another",
+                f"# original_inference_steps, gives non-{sampler} or shifted-timestep samples."]),
             f"pipeline.scheduler = {scheduler}.from_config(",
             "    pipeline.scheduler.config,",
             *(f"    {key}={_python_literal(value)}," for key, value in settings.scheduler_overrides.items()),
@@ -256,7 +272,8 @@ def inference_snippet(settings: CardSettings) -> str:
         f"prompt = {_python_literal(settings.prompt)}",
         "image = pipeline(",
         "    prompt=prompt,",
-        f"    num_inference_steps={CARD_STEPS},  # 1 to 8 steps work",
+        (f"    sigmas={list(settings.sigmas)!r},  # the phase edges of the training grid"
+         if settings.sigmas else f"    num_inference_steps={CARD_STEPS},  # 1 to 8 steps work"),
         (f"    guidance_scale={settings.guidance_scale!r},  # the guidance input the model was distilled at"
          if settings.guidance_scale else
          "    guidance_scale=0.0,  # guidance is distilled in; no CFG, so a negative prompt would have no effect"),
@@ -277,12 +294,16 @@ def inference_section(settings: CardSettings) -> str:
     kind = "an LCM-LoRA" if settings.adapter_id is not None else "a latent consistency model (LCM)"
     variant = "" if lcm.variant == "lcm" else f", variant {lcm.variant}"
     eta = "" if settings.eta is None else f" with `eta={settings.eta!r}` in the pipeline call (TCD's gamma)"
+    grid = ("the base model's own flow schedule" if settings.scheduler_class.startswith("FlowMatch") else
+            f"the training grid (`original_inference_steps={lcm.num_ddim_timesteps}`)")
+    steps = (f"at the {len(settings.sigmas)} sigmas below (the phase edges of the training grid; the scheduler "
+             "shifts them as it shifts its own)" if settings.sigmas else
+             f"{CARD_STEPS} steps (1 to 8 work; more are not better)")
     text = (
         f"This is {kind} distilled with simpletuner-lcm (num_ddim_timesteps={lcm.num_ddim_timesteps}, "
         f"timestep_scaling_factor={lcm.timestep_scaling_factor:g}, teacher guidance scale "
-        f"{lcm.w_min:g}-{lcm.w_max:g}{variant}). Sample it with diffusers' `{settings.scheduler_class}` on the "
-        f"training grid (`original_inference_steps={lcm.num_ddim_timesteps}`){eta}, {CARD_STEPS} steps (1 to 8 "
-        "work; more are not better), guidance scale 0 and no negative prompt.\n\n"
+        f"{lcm.w_min:g}-{lcm.w_max:g}{variant}). Sample it with diffusers' `{settings.scheduler_class}` on {grid}{eta}, "
+        f"{steps}, guidance scale 0 and no negative prompt.\n\n"
         f"```python\n{inference_snippet(settings)}```\n"
     )
     if settings.comfyui_lora:

@@ -84,10 +84,12 @@ def reference_grid(num_ddim_timesteps: int) -> torch.Tensor:
     return scheduler.sigmas.double().flip(0)  # ascending, the terminal 0 first
 
 
-def reference_step(transformer, batch, sigma_from, sigma_to, w, *, teacher=None, target_network=None):
+def reference_step(transformer, batch, sigma_from, sigma_to, w, *, teacher=None, target_network=None, sigma_end=None):
     """(loss, target) of one LCM step written from the equations (module docstring). LoRA: the teacher is
     `transformer` with adapters off, the target the student itself; full model: the given `teacher` and
-    `target_network`."""
+    `target_network`. PCM: both sides map to `sigma_end` instead of the data, x + (sigma_end - sigma) v."""
+    if sigma_end is None:
+        sigma_end = torch.zeros_like(sigma_from)
     x0, eps = batch["latents"], batch["noise"]
     column = lambda s: s.reshape(-1, 1, 1, 1).to(x0.dtype)
 
@@ -108,8 +110,8 @@ def reference_step(transformer, batch, sigma_from, sigma_to, w, *, teacher=None,
             transformer.enable_adapters()
         v = v_u + column(w) * (v_c - v_u)
         x_n = x_t + column(sigma_to - sigma_from) * v
-        target = x_n - column(sigma_to) * velocity(target_network or transformer, x_n, sigma_to)
-    f = x_t - column(sigma_from) * velocity(transformer, x_t, sigma_from)
+        target = x_n + column(sigma_end - sigma_to) * velocity(target_network or transformer, x_n, sigma_to)
+    f = x_t + column(sigma_end - sigma_from) * velocity(transformer, x_t, sigma_from)
     loss = F.mse_loss(f.float(), target.float())
     loss.backward()
     return loss, target
@@ -166,6 +168,29 @@ def test_the_flow_step_equals_the_reference(batch_size, monkeypatch):
     reference_loss, target = reference_step(reference, sd3_batch(batch_size, torch.float64, 7), sigma_from,
                                             sigma_to, w.double())
     # diffusers holds its sigmas in float32, the distiller's grid is the same formula in float64: 1e-5, not exact.
+    assert_same_step(prepared, loss, lora_grads(transformer), target, reference_loss, lora_grads(reference))
+
+
+def test_the_pcm_flow_step_maps_both_sides_to_the_phase_edge(monkeypatch):
+    """variant pcm: the step of the reference with sigma_end = the lower edge of the step's phase, written here: of
+    the 10 grid intervals, 2 phases start at intervals 0 and 5, so the edges are the grid's sigma 0 and its 5th
+    point; a step ending on an edge has the target x_n itself."""
+    config = LcmConfig(num_ddim_timesteps=10, variant="pcm", pcm_phases=2)
+    transformer = tiny_lora_transformer(torch.float64)
+    model = FakeSd3Model(transformer)
+    distiller = LcmDistiller(model, noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+                             config=config)
+    batch_size = 16  # draws both phases and a step ending on the upper edge
+    prepared, loss, w = our_step(distiller, model, sd3_batch(batch_size, torch.float64, 7), monkeypatch)
+    loss.backward()
+
+    grid = reference_grid(config.num_ddim_timesteps)
+    sigma_from, sigma_to = solver_sigmas(prepared, grid)
+    edge = torch.where(sigma_to >= grid[5], grid[5], grid[0])
+    assert set(edge.tolist()) == {grid[0].item(), grid[5].item()} and bool((sigma_to == grid[5]).any())
+    reference = tiny_lora_transformer(torch.float64)
+    reference_loss, target = reference_step(reference, sd3_batch(batch_size, torch.float64, 7), sigma_from, sigma_to,
+                                            w.double(), sigma_end=edge)
     assert_same_step(prepared, loss, lora_grads(transformer), target, reference_loss, lora_grads(reference))
 
 

@@ -149,7 +149,7 @@ def test_unsupported_models_are_refused_clearly(installed):
         create({"lcm": LCM_BLOCK}, model=flux)
     sd3 = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
     sd3.config.model_family = "sd3"
-    with pytest.raises(ValueError, match="tcd / pcm variants"):
+    with pytest.raises(ValueError, match="variant 'tcd' is defined on a diffusion .* use variant 'lcm' or 'pcm'"):
         create({"lcm": LCM_BLOCK | {"variant": "tcd"}}, model=sd3)
     with pytest.raises(ValueError, match="model_type 'embedding' is not supported"):
         create({"lcm": LCM_BLOCK}, model_type="embedding")

@@ -404,3 +404,53 @@ def test_card_snippets_sample_as_validation(lcm, tmp_path, monkeypatch):
         without_eta = "\n".join(line for line in full_code.splitlines() if not line.lstrip().startswith("eta="))
         card = run_card_snippet(without_eta, tmp_path, monkeypatch)
         assert not np.array_equal(np.asarray(card["image"]), expected)
+
+
+FLOW_PCM = LcmConfig(num_ddim_timesteps=10, variant="pcm", pcm_phases=2)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_flow_pcm_student_samples_by_euler_through_the_phase_edges_of_the_teachers_grid(family):
+    """Validation's sampler and the card's pipeline call (FlowMatchEulerDiscreteScheduler, `sigmas=`) both start
+    their steps on the teacher's 10-point grid (diffusers' own `set_timesteps(10)` of the base scheduler, Flux's at
+    its mu): at 2 steps on the phase edges, positions 0 and 5 from the top; at 4 steps on positions floor(s 10 / 4);
+    each step Euler, x + (sigma_next - sigma) v."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from lcm_plugin.inference import variant_scheduler
+    from lcm_plugin.tiny_flow import FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
+
+    base = dict(SD3_SCHEDULER_CONFIG if family == "sd3" else FLUX_SCHEDULER_CONFIG)
+    mu = calculate_shift(64, base["base_image_seq_len"], base["max_image_seq_len"], base["base_shift"],
+                         base["max_shift"]) if family == "flux" else None
+    grid = FlowMatchEulerDiscreteScheduler.from_config(base)
+    grid.set_timesteps(10, mu=mu)
+    sampler = variant_scheduler(base, FLOW_PCM)
+    for steps, positions in ((2, [0, 5, 10]), (4, [0, 2, 5, 7, 10])):
+        sampler.set_timesteps(steps, mu=mu)
+        torch.testing.assert_close(sampler.sigmas, grid.sigmas[positions], rtol=0, atol=1e-6)
+    sample, velocity = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    stepped = sampler.step(velocity, sampler.timesteps[1], sample).prev_sample
+    torch.testing.assert_close(stepped, sample + (sampler.sigmas[2] - sampler.sigmas[1]) * velocity)
+
+    config = outputs.validation_scheduler_config(base, FLOW_PCM)
+    assert config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert outputs.scheduler_overrides(config, base) == {}
+    sigmas = outputs.pipeline_sigmas(base, FLOW_PCM)
+    card = FlowMatchEulerDiscreteScheduler.from_config(config)
+    card.set_timesteps(sigmas=sigmas, mu=mu)
+    torch.testing.assert_close(card.sigmas, sampler.sigmas, rtol=0, atol=0)  # sampler at CARD_STEPS (4) above
+    code = outputs.inference_snippet(card_settings(lcm=FLOW_PCM, scheduler_class=config["_class_name"],
+                                                   scheduler_overrides={}, sigmas=tuple(sigmas)))
+    call = keywords(pipeline_calls(code)["pipeline"])
+    assert "num_inference_steps" not in call
+    assert ast.literal_eval(next(k.value for k in pipeline_calls(code)["pipeline"].keywords if k.arg == "sigmas")) \
+        == sigmas
+
+
+def test_the_other_samplers_take_no_sigmas():
+    from lcm_plugin.tiny_flow import SD3_SCHEDULER_CONFIG
+
+    assert outputs.pipeline_sigmas(dict(SD3_SCHEDULER_CONFIG), LcmConfig()) is None
+    assert outputs.pipeline_sigmas(training_scheduler_config(), PCM) is None

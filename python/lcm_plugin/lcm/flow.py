@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from lcm_plugin.lcm.guidance import apply_guidance
+from lcm_plugin.lcm.pcm import phase_edge_below, phase_start_indices
 
 SOLVERS = ("euler", "heun")
 # (x, sigma [B]) -> the teacher's velocity: one tensor for a guidance-distilled teacher (Flux: the scale is the
@@ -191,6 +192,17 @@ def flow_solver_step(teacher: VelocityFn, x: torch.Tensor, sigma_from: torch.Ten
         return x_euler
     v_to = guided_velocity(teacher(x_euler, sigma_to), guidance_scale)
     return heun_step(x, v_from, v_to, sigma_from, sigma_to)
+
+
+def flow_phase_edge_sigmas(n: torch.Tensor, schedule: FlowSkipSchedule, *, phases: int) -> torch.Tensor:
+    """PCM on the flow path (pcm.py): for solver steps n [B] (from sigmas[n + 1] to sigmas[n]), the sigma of the lower
+    edge of n's phase [B], sigmas[e_j] with e_j = floor(j N / phases) the largest phase start <= n (0: the data).
+
+    Student and target both map there with flow_consistency_function(..., sigma_end): the target at sigma_n = the edge
+    is x_n itself (the jump is 0), PCM's boundary condition.
+    """
+    starts = phase_start_indices(num_ddim_timesteps=schedule.sigmas.shape[0] - 1, phases=phases, device=n.device)
+    return schedule.sigmas[phase_edge_below(n, starts)]
 
 
 class FlowConsistencyPair(NamedTuple):

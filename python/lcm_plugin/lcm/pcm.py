@@ -12,6 +12,9 @@ not towards x_0. A k-step sampler then visits exactly the phase edges, and every
   target is x_hat_{t_n} unchanged: the boundary condition (the reference's c_skip = 1 there).
 - Sampling: with phases dividing the solver grid, LCMScheduler / TCDScheduler / trailing DDIM at k steps
   visit exactly the phase tops and edges; TCDScheduler at gamma 0 (deterministic) is the reference's sampler.
+- On the flow path (flow.py, flow_phase_edge_sigmas) the phases split the teacher's sigma grid the same way, and the
+  DDIM jump to the edge is the flow consistency function's; the sampler is Euler through the edges (the PCM
+  reference's SD3 scheduler, `pcm_fm_deterministic_scheduler.py`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,19 @@ import torch
 from lcm_plugin.lcm.solver import ddim_step
 
 
-def phase_edges(*, num_ddim_timesteps: int, phases: int, skip_k: int,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """The lower edge timestep of each phase, ascending, int64 [phases] on `device`; the first is 0."""
+def phase_start_indices(*, num_ddim_timesteps: int, phases: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The solver index e_j = floor(j N / phases) each phase starts at, ascending, int64 [phases]; the first is 0."""
     if not 1 <= phases <= num_ddim_timesteps:
         raise ValueError(
             f"phases must be in 1..{num_ddim_timesteps} (num_ddim_timesteps: each phase needs a solver step), got {phases}"
         )
-    start_index = torch.div(torch.arange(phases, device=device) * num_ddim_timesteps, phases, rounding_mode="floor")
+    return torch.div(torch.arange(phases, device=device) * num_ddim_timesteps, phases, rounding_mode="floor")
+
+
+def phase_edges(*, num_ddim_timesteps: int, phases: int, skip_k: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The lower edge timestep of each phase, ascending, int64 [phases] on `device`; the first is 0."""
+    start_index = phase_start_indices(num_ddim_timesteps=num_ddim_timesteps, phases=phases, device=device)
     return (start_index * skip_k - 1).clamp(min=0)
 
 

@@ -25,9 +25,10 @@ script (whose float32 alpha/sigma tables promote bf16 model outputs); UNet input
 nothing is ever float64. Doing the arithmetic in bf16 instead moves SDXL-scale targets by ~5% (relative L2,
 bench/step_gpu.py on an H100): x0 = (x_t - sigma_t eps) / alpha_t cancels badly at large t.
 
-Flow-matching teachers (SD3, LoRA, variant lcm; `flow_refusal` names what else is refused): the same three calls on
-the rectified-flow path (lcm_plugin.lcm.flow): x_t at a grid sigma of the teacher's own shifted schedule, one guided
-Euler step of the teacher, f = x - sigma v for student and target. Every network call goes through SimpleTuner's own
+Flow-matching teachers (FLOW_FAMILIES, variants lcm and pcm; `flow_refusal` names what else is refused): the same
+three calls on the rectified-flow path (lcm_plugin.lcm.flow): x_t at a grid sigma of the teacher's own shifted
+schedule, one guided Euler step of the teacher, f = x + (sigma_end - sigma) v for student and target (LCM: sigma_end
+0; PCM: the lower edge of the step's phase). Every network call goes through SimpleTuner's own
 forward (`model_predict`) on a copy of the batch, so the family's input packing stays SimpleTuner's.
 
 Full-model distillation (model_type "full") follows diffusers' `train_lcm_distill_sdxl_wds.py` in its networks:
@@ -64,6 +65,7 @@ from lcm_plugin.lcm import (
     end_timesteps,
     flow_consistency_function,
     flow_noise,
+    flow_phase_edge_sigmas,
     flow_solver_step,
     sample_guidance_scale,
     student_consistency_output,
@@ -73,6 +75,7 @@ LCM_TARGET_KEY = "lcm_target"
 LCM_X_T_KEY = "lcm_x_t"
 LCM_T_END_KEY = "lcm_t_end"
 LCM_SIGMA_KEY = "lcm_sigma"  # flow families: sigma_n_plus_k, where the student's consistency function starts
+LCM_SIGMA_END_KEY = "lcm_sigma_end"  # flow families: where it maps to (None: the data, LCM; PCM: the phase edge)
 # Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a
 # batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2), or the guidance embedding the model itself takes
 # ("embedded", Flux: SimpleTuner passes flux_guidance_value to every call, so teacher, target and student share it).
@@ -98,18 +101,19 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
 
 def flow_refusal(model_family, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
     """Why an LCM run of a flow-matching model cannot run yet (one line), or None: the FLOW_FAMILIES with the LCM
-    variant are covered, LoRA and full (Flux with one guidance value for every call of a step: flux_guidance_mode
+    and PCM variants are covered, LoRA and full (Flux with one guidance value for every call of a step: flux_guidance_mode
     constant)."""
     if model_family not in FLOW_FAMILIES:
         why = f"model_family {model_family!r} is a flow-matching family it does not cover yet"
-    elif config.variant != "lcm":
-        why = "the tcd / pcm variants are not covered for flow-matching families yet"
+    elif config.variant == "tcd":
+        why = ("variant 'tcd' is defined on a diffusion (epsilon / v) schedule, not on the flow path (TCD's paper); "
+               "use variant 'lcm' or 'pcm'")
     elif model_family == "flux" and flux_guidance_mode != "constant":
         why = ("flux_guidance_mode 'random-range' draws a new guidance value at every forward, so the teacher, its "
                "target and the student would each see another; set flux_guidance_mode 'constant' (flux_guidance_value)")
     else:
         return None
-    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM (LoRA and full) of "
+    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM and PCM (LoRA and full) of "
             f"{', '.join(FLOW_FAMILIES)} among flow-matching families, and every epsilon / v_prediction family")
 
 
@@ -285,7 +289,11 @@ class LcmDistiller(DistillationBase):
         unet_dtype = latents.dtype
         arithmetic_dtype = torch.promote_types(latents.dtype, torch.float32)
         schedule = self._flow_schedule_for(latents, arithmetic_dtype)
-        sigma_n_plus_k, sigma_n = schedule.sample_step(latents.shape[0])
+        n = schedule.sample_index(latents.shape[0])
+        sigma_n_plus_k, sigma_n = schedule.step_sigmas(n)
+        # LCM maps both sides to the data (None: f = x - sigma v), PCM to the lower edge of the step's phase.
+        sigma_end = (flow_phase_edge_sigmas(n, schedule, phases=self.lcm_config.pcm_phases)
+                     if self.lcm_config.variant == "pcm" else None)
         # A guidance-distilled teacher takes its guidance as a model input; only a CFG teacher draws w_min..w_max.
         guided_by_cfg = FLOW_FAMILIES[self.teacher_model.config.model_family] == "cfg"
         guidance_scale = sample_guidance_scale(
@@ -311,7 +319,8 @@ class LcmDistiller(DistillationBase):
         batch["timesteps"] = sigma_n_plus_k * self.noise_scheduler.config.num_train_timesteps
         batch[LCM_X_T_KEY] = x_t
         batch[LCM_SIGMA_KEY] = sigma_n_plus_k
-        batch[LCM_TARGET_KEY] = flow_consistency_function(x_n, target_velocity, sigma_n).detach()
+        batch[LCM_SIGMA_END_KEY] = sigma_end
+        batch[LCM_TARGET_KEY] = flow_consistency_function(x_n, target_velocity, sigma_n, sigma_end).detach()
         return batch
 
     def prepare_batch(self, batch, model=None, state=None):
@@ -391,7 +400,8 @@ class LcmDistiller(DistillationBase):
         x_t = prepared_batch[LCM_X_T_KEY]
         if self.is_flow_matching:
             prediction = flow_consistency_function(
-                x_t, model_output["model_prediction"].to(x_t.dtype), prepared_batch[LCM_SIGMA_KEY]
+                x_t, model_output["model_prediction"].to(x_t.dtype), prepared_batch[LCM_SIGMA_KEY],
+                prepared_batch[LCM_SIGMA_END_KEY],
             )
         else:
             prediction = student_consistency_output(

@@ -79,6 +79,7 @@ def _lcm_code_example(original):
             scheduler_overrides=overrides,
             scheduler_class=scheduler_config["_class_name"],
             eta=outputs.pipeline_eta(model.noise_schedule.config, lcm),
+            sigmas=outputs.pipeline_sigmas(model.noise_schedule.config, lcm),
             prompt=args.validation_prompt or outputs.DEFAULT_PROMPT,
             seed=args.validation_seed or args.seed or 42,
             width=width,
