@@ -1,8 +1,10 @@
-"""A full-model LCM of the flow families through the stock trainer (issue 21): SD3 (classifier-free guidance) and Flux
-(its own guidance input), 3 steps each on the tiny offline models of lcm_plugin.tiny_flow. The step itself (frozen
-teacher, float32 EMA target, student) is checked against the equations in tests/unit/test_distiller_flow.py; here the
-run must train and hand over what samples as it is: the model card's code loads the trained transformer and the
-scheduler the student was trained for, and samples differently from the base model.
+"""A full-model LCM of the flow families through the stock trainer (issue 21): SD3 (classifier-free guidance) with the
+PCM variant and Flux (its own guidance input) with LCM's, 3 steps each on the tiny offline models of
+lcm_plugin.tiny_flow. The step itself (frozen teacher, float32 EMA target, student; PCM's phase edges) is checked
+against the equations in tests/unit/test_distiller_flow.py; here the run must train and hand over what samples as it
+is: the model card's code loads the trained transformer and the sampler the student was trained for
+(FlowMatchLCMScheduler; for PCM FlowMatchEulerDiscreteScheduler at the phase edges' sigmas), and samples differently
+from the base model.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from test_family_matrix import FULL_MODEL_CONFIG
 from test_simpletuner_train import lcm_losses, run_stock_trainer
 
 STEPS = 3
-# family -> (config.json keys, the pipeline call's guidance_scale). Flux samples at the guidance input it was
-# distilled at; SD3's LCM student samples without classifier-free guidance.
+# family -> (config.json keys, the LCM block's variant keys, the pipeline call's guidance_scale). Flux samples at the
+# guidance input it was distilled at; SD3's student samples without classifier-free guidance.
 FAMILIES = {
-    "sd3": ({}, 0.0),
-    "flux": ({"flux_guidance_value": 3.5}, 3.5),
+    "sd3": ({}, {"variant": "pcm", "pcm_phases": 2}, 0.0),
+    "flux": ({"flux_guidance_value": 3.5}, {}, 3.5),
 }
 
 
@@ -42,36 +44,49 @@ def full_run(request, tmp_path_factory):
     config.update({"model_family": family, "model_flavour": None, "validation_resolution": "64x64",
                    **FAMILIES[family][0], **FULL_MODEL_CONFIG})
     config.pop("pretrained_vae_model_name_or_path", None)
+    config["distillation_config"]["lcm"].update(FAMILIES[family][1])
     config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
     return family, run, model, run_stock_trainer(run, stock_trainer_env())
 
 
 def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path, monkeypatch):
-    """The card's code, run as a user would: the saved transformer, VAE and FlowMatchLCMScheduler on the base model's
-    text encoders; the scheduler keeps the teacher's grid, the transformer is trained and samples differently."""
-    from diffusers import FlowMatchLCMScheduler
+    """The card's code, run as a user would: the saved transformer, VAE and scheduler on the base model's text
+    encoders; the scheduler keeps the teacher's grid (PCM: its call passes the phase edges validation samples at),
+    the transformer is trained and samples differently."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
     from test_run_outputs import card_snippet, run_snippet
+
+    from lcm_plugin import outputs
+    from lcm_plugin.config import LcmConfig
 
     family, run, model, log = full_run
     losses = lcm_losses(run / "output" / "training_metrics.jsonl")
     assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
     card = run / "output" / "pipeline" / "README.md"
     assert card.is_file(), log[-4000:]
-    variables = run_snippet(card_snippet(card.read_text()), tmp_path, monkeypatch)
+    code = card_snippet(card.read_text())
+    variables = run_snippet(code, tmp_path, monkeypatch)
     pipeline = variables["pipeline"]
     assert variables["image"].size == (64, 64)
 
-    assert isinstance(pipeline.scheduler, FlowMatchLCMScheduler), type(pipeline.scheduler)
     base_transformer = type(pipeline.transformer).from_pretrained(model, subfolder="transformer")
     base_scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     for key in ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "num_train_timesteps"):
         assert pipeline.scheduler.config[key] == base_scheduler[key], key
+    lcm = LcmConfig(**json.loads((run / "config" / "config.json").read_text())["distillation_config"]["lcm"])
+    sigmas = outputs.pipeline_sigmas(base_scheduler, lcm)
+    if lcm.variant == "pcm":
+        assert type(pipeline.scheduler) is FlowMatchEulerDiscreteScheduler
+        assert f"sigmas={sigmas!r}" in code, code
+    else:
+        assert isinstance(pipeline.scheduler, FlowMatchLCMScheduler), type(pipeline.scheduler)
     trained = pipeline.transformer.state_dict()
     assert max((trained[name] - weight).abs().max().item() for name, weight in base_transformer.state_dict().items()) > 0
 
     def image() -> np.ndarray:
-        return np.asarray(pipeline("red circle", num_inference_steps=4, guidance_scale=FAMILIES[family][1], height=64,
-                                   width=64, generator=torch.Generator().manual_seed(0), output_type="np").images[0])
+        steps = {"sigmas": sigmas} if sigmas else {"num_inference_steps": 4}
+        return np.asarray(pipeline("red circle", guidance_scale=FAMILIES[family][2], height=64, width=64,
+                                   generator=torch.Generator().manual_seed(0), output_type="np", **steps).images[0])
 
     trained_image = image()
     pipeline.transformer = base_transformer
