@@ -268,6 +268,49 @@ def test_exact_teacher_and_student_agree_up_to_the_local_error(solver, order):
             - exact_x0(x_start, start)).abs().max() > 0.1
 
 
+def exact_flow_map(x, sigma, sigma_end):
+    """The ODE's own map from x at sigma to sigma_end: z = (x - (1 - sigma) mu) / r(sigma) is kept."""
+    s, e = _col(sigma, x), _col(sigma_end, x)
+    return (1 - e) * MU + _r(e) * (x - (1 - s) * MU) / _r(s)
+
+
+@pytest.mark.parametrize("phases", [2, 5])
+def test_a_perfect_pcm_student_samples_the_odes_endpoint_through_the_phase_edges(phases):
+    """PCM on the flow path: a student that maps each grid point exactly onto the lower edge of its training step's
+    phase (flow_phase_edge_sigmas), sampled by the validation sampler at `phases` steps, lands on the closed-form
+    endpoint mu + s x_1: the sampler's points are the training phase edges. Stepping it through other points
+    (FlowMatchEuler's own 2-step grid) does not land there."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lcm_plugin.inference import phased_flow_scheduler
+    from lcm_plugin.lcm import flow_phase_edge_sigmas
+
+    schedule = FlowSkipSchedule.from_scheduler_config(SD3, 10)
+    grid = schedule.sigmas  # ascending, 0 first
+
+    def student_velocity(x, sigma):
+        i = int(torch.isclose(grid, torch.as_tensor(sigma, dtype=torch.float64), atol=1e-6).nonzero()[0])
+        edge = flow_phase_edge_sigmas(torch.tensor([i - 1]), schedule, phases=phases)  # the step from grid[i]
+        return (exact_flow_map(x, sigma, edge) - x) / _col(edge - sigma, x)
+
+    def sample(sampler, x):
+        for timestep in sampler.timesteps:
+            sigma = float(sampler.sigmas[sampler.step_index or 0])
+            x = sampler.step(student_velocity(x, torch.tensor([sigma], dtype=torch.float64)), timestep, x).prev_sample
+        return x
+
+    x_1 = torch.randn(16, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    sampler = phased_flow_scheduler(FlowMatchEulerDiscreteScheduler(**SD3).config, num_ddim_timesteps=10)
+    sampler.set_timesteps(phases)
+    sampler.sigmas = sampler.sigmas.double()
+    torch.testing.assert_close(sample(sampler, x_1), MU + S * x_1, rtol=0, atol=1e-5)
+    if phases == 2:  # FlowMatchEuler's own 2 steps go from 1 to the grid's lowest point, past the upper phase's edge
+        plain = FlowMatchEulerDiscreteScheduler(**SD3)
+        plain.set_timesteps(2)
+        plain.sigmas = plain.sigmas.double()
+        assert (sample(plain, x_1) - (MU + S * x_1)).abs().max() > 0.05
+
+
 def test_boundary_condition_is_exact():
     gen = torch.Generator().manual_seed(6)
     for dtype in (torch.float64, torch.bfloat16):
