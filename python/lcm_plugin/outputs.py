@@ -87,8 +87,8 @@ def scheduler_settings(scheduler_config: dict) -> dict:
 def scheduler_overrides(scheduler_config: dict, base_scheduler_config: dict | None) -> dict:
     """Keyword arguments so that `<its class>.from_config(base_scheduler_config, **overrides)` equals
     `scheduler_config`: `original_inference_steps` and `timestep_scaling` always where the class has them (a wrong
-    value silently moves the timesteps), plus every setting the base model's config would get wrong. With no base config known, every
-    setting is spelled out."""
+    value silently moves the timesteps), plus every setting the base model's config would get wrong. With no base
+    config known, every setting is spelled out."""
     settings = scheduler_settings(scheduler_config)
     # The flow schedulers have neither: their grid is the base model's own shifted schedule.
     overrides = {key: settings[key] for key in ("original_inference_steps", "timestep_scaling") if key in settings}
@@ -302,8 +302,8 @@ def inference_section(settings: CardSettings) -> str:
     text = (
         f"This is {kind} distilled with simpletuner-lcm (num_ddim_timesteps={lcm.num_ddim_timesteps}, "
         f"timestep_scaling_factor={lcm.timestep_scaling_factor:g}, teacher guidance scale "
-        f"{lcm.w_min:g}-{lcm.w_max:g}{variant}). Sample it with diffusers' `{settings.scheduler_class}` on {grid}{eta}, "
-        f"{steps}, guidance scale 0 and no negative prompt.\n\n"
+        f"{lcm.w_min:g}-{lcm.w_max:g}{variant}). Sample it with diffusers' `{settings.scheduler_class}` on "
+        f"{grid}{eta}, {steps}, guidance scale 0 and no negative prompt.\n\n"
         f"```python\n{inference_snippet(settings)}```\n"
     )
     if settings.comfyui_lora:

@@ -1,4 +1,4 @@
-"""Tiny SD3, Flux, Chroma and Lumina 2 (flow-matching) pipelines built from configs, fully offline.
+"""Tiny SD3, Flux, Chroma, Lumina 2 and AuraFlow (flow-matching) pipelines built from configs, fully offline.
 
 Same component layout as the real checkpoints, at 1-2 MB, for tests that must never reach a model hub:
 
@@ -18,6 +18,10 @@ Same component layout as the real checkpoints, at 1-2 MB, for tests that must ne
     Lumina 2 (Alpha-VLLM/Lumina-Image-2.0): a `Lumina2Transformer2DModel` (GQA, refiner layers); a Gemma 2 encoder
         (`Gemma2Model`, text_encoder/) and a byte-fallback BPE tokenizer (tokenizer/, padded on the right); Flux's VAE
         factors; the scheduler at a fixed shift of 6.
+    AuraFlow (fal/AuraFlow, SimpleTuner's terminusresearch/auraflow-v0.3): an `AuraFlowTransformer2DModel` (MM-DiT
+        joint blocks, then single blocks on the joined sequence); a UMT5 encoder (`UMT5EncoderModel`, text_encoder/,
+        Pile-T5's) and its Llama-class byte-fallback BPE tokenizer (tokenizer/, `LlamaTokenizerFast`); SDXL's
+        4-channel VAE (AutoencoderKL with quant convs, scaling 0.13025); the scheduler at a fixed shift of 1.73.
 
 The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the components together:
 
@@ -33,13 +37,19 @@ The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the componen
     Lumina 2: Gemma's hidden size == cap_feat_dim; sum(axes_dim_rope) == hidden_size / num_attention_heads;
         axes_lens[0] > the prompt length (256, Lumina2.check_user_config), as caption positions come first; the
         tokenizer pads on the right, as the transformer reads a caption as its first mask-sum tokens.
+    AuraFlow: UMT5 d_model == joint_attention_dim; caption_projection_dim == num_attention_heads *
+        attention_head_dim; pos_embed_max_size a square >= the patches of the largest latent (16 x 16 here).
     All: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
-        channels (SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train (SimpleTuner forces
-        aspect_bucket_alignment 64 for both), 64 px gives 8x8 latents (SD3: 4x4 patches; Flux: 16 packed tokens).
+        channels (AuraFlow: SDXL's 4; SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train
+        (SimpleTuner forces aspect_bucket_alignment 64 for every one), 64 px gives 8x8 latents (SD3, AuraFlow: 4x4
+        patches; Flux: 16 packed tokens).
     T5 tokenizer: SimpleTuner loads `T5TokenizerFast` from tokenizer_3/ (SD3) or tokenizer_2/ (Flux), AutoTokenizer
         from tokenizer/ (Chroma); it pads T5 prompts to 154 tokens for SD3 and to 512 for Flux and Chroma
         (model_max_length 512 here). Gemma tokenizer: SimpleTuner loads `PreTrainedTokenizerFast` from tokenizer/.
+        Llama-class tokenizer: SimpleTuner loads `LlamaTokenizerFast` from tokenizer/ and pads AuraFlow prompts to 120.
     SimpleTuner trains every one at its own flow_schedule_shift (default 3.0), not the folder's scheduler shift.
+    SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
+    (terminusresearch/auraflow-v0.3), whatever pretrained_model_name_or_path says.
 """
 
 from __future__ import annotations
@@ -51,10 +61,11 @@ from pathlib import Path
 from lcm_plugin.tiny_sdxl import clip_text_config, tiny_vae, write_clip_tokenizer
 
 __all__ = [
-    "FAMILIES", "FLUX_SCHEDULER_CONFIG", "FLUX_VAE_FACTORS", "LUMINA2_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG",
-    "SD3_VAE_FACTORS", "T5_MAX_TOKENS", "chroma_transformer_config", "flux_transformer_config",
-    "lumina2_transformer_config", "save_tiny_chroma", "save_tiny_flow", "save_tiny_flux", "save_tiny_lumina2",
-    "save_tiny_sd3", "sd3_transformer_config", "write_gemma_tokenizer", "write_t5_tokenizer",
+    "AURAFLOW_SCHEDULER_CONFIG", "FAMILIES", "FLUX_SCHEDULER_CONFIG", "FLUX_VAE_FACTORS", "LUMINA2_SCHEDULER_CONFIG",
+    "SD3_SCHEDULER_CONFIG", "SD3_VAE_FACTORS", "SDXL_VAE_FACTORS", "T5_MAX_TOKENS", "auraflow_transformer_config",
+    "chroma_transformer_config", "flux_transformer_config", "lumina2_transformer_config", "save_tiny_auraflow",
+    "save_tiny_chroma", "save_tiny_flow", "save_tiny_flux", "save_tiny_lumina2", "save_tiny_sd3",
+    "sd3_transformer_config", "write_gemma_tokenizer", "write_llama_tokenizer", "write_t5_tokenizer",
 ]
 
 # stable-diffusion-3.5-medium's scheduler/scheduler_config.json (3.0 and 3.5 large ship the same).
@@ -83,9 +94,17 @@ LUMINA2_SCHEDULER_CONFIG = {
     "shift": 6.0,
 }
 
+# AuraFlow's scheduler/scheduler_config.json (v0.1 to v0.3): a fixed shift of 1.73.
+AURAFLOW_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.73,
+}
+
 # vae/config.json latent normalisation: latents = (encode(x) - shift_factor) * scaling_factor.
 SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
 FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+SDXL_VAE_FACTORS = {"scaling_factor": 0.13025}  # AuraFlow's VAE is SDXL's
 
 LATENT_CHANNELS = 16
 T5_MAX_TOKENS = 512  # T5 v1.1 XXL tokenizer's model_max_length in both checkpoints
@@ -99,9 +118,12 @@ FLUX_CLIP_HIDDEN = 32
 FLUX_T5_D_MODEL = 64
 CHROMA_T5_D_MODEL = 64
 LUMINA2_GEMMA_HIDDEN = 32
+AURAFLOW_UMT5_D_MODEL = 32
 
 # T5's special pieces, at the ids T5 v1.1 has them (transformers 5's T5Tokenizer hard-codes unk_id 2).
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+# Pile-T5's (Llama's vocabulary): <unk>=0 <s>=1 </s>=2. It names no pad token; its UMT5 config's pad_token_id is 1.
+LLAMA_UNK, LLAMA_BOS, LLAMA_EOS = "<unk>", "<s>", "</s>"
 _T5_SPACE = "\u2581"  # SentencePiece's word-boundary mark
 BPE_MAX_TOKENS = 512
 
@@ -145,25 +167,17 @@ def write_t5_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     return folder
 
 
-def write_gemma_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
-    """Write Gemma's SentencePiece-style byte-fallback BPE tokenizer (tokenizer.json + configs), built with
-    `tokenizers`: <pad>=0 <eos>=1 <bos>=2 <unk>=3, spaces normalised to the word mark, <bos> first, as Gemma 2 2B and
-    Lumina-Image-2.0's tokenizer/.
-
-    Vocabulary: the specials, the 256 byte-fallback pieces <0x00>..<0xFF>, the word mark, every printable ASCII
+def _byte_fallback_bpe(specials: list[str], unk_token: str, words: tuple[str, ...]):
+    """A SentencePiece-style byte-fallback BPE `tokenizers.Tokenizer` (no pipeline yet) and its vocabulary:
+    `specials` at ids 0.., the 256 byte-fallback pieces <0x00>..<0xFF>, the word mark, every printable ASCII
     character with and without the mark, and each of `words` after the mark ("\u2581red") as one piece, built by
     left-to-right merges that always start from a marked piece (so no merge of a word's tail can pre-empt another
-    word's). The pipeline is the one transformers 5's GemmaTokenizer builds around a
-    tokenizer.json's vocabulary and merges, so the named class, AutoTokenizer and PreTrainedTokenizerFast (what
-    SimpleTuner loads for Lumina2) give the same ids. Padding is on the right: Lumina2's transformer reads a caption
-    as its first mask-sum tokens. No tokenizer.model: nothing needs sentencepiece.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    word's)."""
+    from tokenizers import Tokenizer
     from tokenizers.models import BPE
 
-    special = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
     characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
-    pieces = list(special.values()) + [f"<0x{b:02X}>" for b in range(256)] + [_T5_SPACE] + characters
+    pieces = list(specials) + [f"<0x{b:02X}>" for b in range(256)] + [_T5_SPACE] + characters
     pieces += [_T5_SPACE + c for c in characters]
     merges = [(_T5_SPACE, c) for c in characters]
     for word in sorted(set(words)):
@@ -175,8 +189,26 @@ def write_gemma_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
             current += ch
             pieces.append(current)
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), fuse_unk=True,
-                              unk_token=special["unk_token"], byte_fallback=True))
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), fuse_unk=True, unk_token=unk_token,
+                              byte_fallback=True))
+    return tokenizer, vocab
+
+
+def write_gemma_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write Gemma's SentencePiece-style byte-fallback BPE tokenizer (tokenizer.json + configs), built with
+    `tokenizers`: <pad>=0 <eos>=1 <bos>=2 <unk>=3, spaces normalised to the word mark, <bos> first, as Gemma 2 2B and
+    Lumina-Image-2.0's tokenizer/.
+
+    Vocabulary and merges: _byte_fallback_bpe's, the specials first. The pipeline is the one transformers 5's
+    GemmaTokenizer builds around a tokenizer.json's vocabulary and merges, so the named class, AutoTokenizer and
+    PreTrainedTokenizerFast (what SimpleTuner loads for Lumina2) give the same ids. Padding is on the right:
+    Lumina2's transformer reads a caption as its first mask-sum tokens. No tokenizer.model: nothing needs
+    sentencepiece.
+    """
+    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+
+    special = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+    tokenizer, vocab = _byte_fallback_bpe(list(special.values()), special["unk_token"], words)
     tokenizer.normalizer = normalizers.Replace(" ", _T5_SPACE)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     tokenizer.decoder = decoders.Sequence([decoders.Replace(_T5_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -195,11 +227,48 @@ def write_gemma_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     return folder
 
 
-def t5_config(vocab_size: int, d_model: int):
-    """T5EncoderModel config in T5 v1.1's style (gated-gelu, untied embeddings), two layers."""
-    from transformers import T5Config
+def write_llama_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write a Llama-class byte-fallback BPE tokenizer (tokenizer.json + configs), built with `tokenizers`, as
+    Pile-T5's, which AuraFlow's UMT5 encoder reads: <unk>=0 <s>=1 </s>=2, no <s> first, </s> last, padded on the
+    right with <s> (id 1: Pile-T5 names no pad token; its UMT5 config pads with 1).
 
-    return T5Config(
+    Vocabulary and merges: _byte_fallback_bpe's, the specials first. The pipeline is the one transformers 5's
+    LlamaTokenizer builds around a tokenizer.json's vocabulary and merges (no normaliser, the word mark before the
+    first word only), so transformers 4's LlamaTokenizerFast (which runs tokenizer.json as is) and 5's give the same
+    ids. No tokenizer.model: nothing needs sentencepiece.
+    """
+    from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+
+    specials = [LLAMA_UNK, LLAMA_BOS, LLAMA_EOS]
+    tokenizer, vocab = _byte_fallback_bpe(specials, LLAMA_UNK, words)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_T5_SPACE, prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(_T5_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(content=" ", left=1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {LLAMA_EOS}", pair=f"$A {LLAMA_EOS} $B:1 {LLAMA_EOS}:1",
+        special_tokens=[(LLAMA_EOS, vocab[LLAMA_EOS])],
+    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    special = {"unk_token": LLAMA_UNK, "bos_token": LLAMA_BOS, "eos_token": LLAMA_EOS, "pad_token": LLAMA_BOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": False, "add_eos_token": True,
+        "add_prefix_space": True, "legacy": False, "padding_side": "right", "model_max_length": BPE_MAX_TOKENS,
+        "clean_up_tokenization_spaces": False,
+    }))
+    return folder
+
+
+def t5_config(vocab_size: int, d_model: int, *, umt5: bool = False):
+    """T5EncoderModel config in T5 v1.1's style (gated-gelu, untied embeddings), two layers. With `umt5`, a UMT5Config
+    of the same sizes (Pile-T5's blocks: a relative position bias in every layer) with Pile-T5's special ids."""
+    from transformers import T5Config, UMT5Config
+
+    config_class, pad_id, eos_id = (UMT5Config, 1, 2) if umt5 else (T5Config, 0, 1)
+    return config_class(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=16,
@@ -211,8 +280,8 @@ def t5_config(vocab_size: int, d_model: int):
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
         dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
         decoder_start_token_id=0,
     )
 
@@ -289,25 +358,24 @@ def _t5(folder: Path, vocabulary: tuple[str, ...], d_model: int):
 
 
 def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: dict, t5_tokenizer: str | None,
-          gemma_tokenizer: str | None = None) -> Path:
+          gemma_tokenizer: str | None = None, llama_tokenizer: str | None = None) -> Path:
     """save_pretrained, then the tokenizer files as written above: transformers 5 saves only tokenizer.json for
     CLIP (4.x loaders, SimpleTuner's among them, want vocab.json/merges.txt too) and may add files to T5's (and to
-    the Gemma tokenizer's, in subfolder `gemma_tokenizer`)."""
+    the Gemma or Llama tokenizer's, in subfolder `gemma_tokenizer` or `llama_tokenizer`)."""
     pipeline.save_pretrained(str(folder))
     for name, options in clip_tokenizers.items():
         write_clip_tokenizer(folder / name, vocabulary, **options)
-    # transformers 5 names its T5 / Gemma tokenizer classes without "Fast" (the Fast names are aliases); in
+    # transformers 5 names its T5 / Gemma / Llama tokenizer classes without "Fast" (the Fast names are aliases); in
     # 4.x those are the sentencepiece classes, which need a .model file. The real checkpoints name the fast
     # classes, as here.
     fast_classes = {}
-    if t5_tokenizer is not None:
-        shutil.rmtree(folder / t5_tokenizer)
-        write_t5_tokenizer(folder / t5_tokenizer, vocabulary)
-        fast_classes[t5_tokenizer] = "T5TokenizerFast"
-    if gemma_tokenizer is not None:
-        shutil.rmtree(folder / gemma_tokenizer)
-        write_gemma_tokenizer(folder / gemma_tokenizer, vocabulary)
-        fast_classes[gemma_tokenizer] = "GemmaTokenizerFast"
+    for subfolder, write, fast_class in ((t5_tokenizer, write_t5_tokenizer, "T5TokenizerFast"),
+                                         (gemma_tokenizer, write_gemma_tokenizer, "GemmaTokenizerFast"),
+                                         (llama_tokenizer, write_llama_tokenizer, "LlamaTokenizerFast")):
+        if subfolder is not None:
+            shutil.rmtree(folder / subfolder)
+            write(folder / subfolder, vocabulary)
+            fast_classes[subfolder] = fast_class
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
     index.update({name: ["transformers", cls] for name, cls in fast_classes.items()})
@@ -462,11 +530,52 @@ def save_tiny_lumina2(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...
     return _save(pipeline, folder, vocabulary, {}, None, gemma_tokenizer="tokenizer")
 
 
+def auraflow_transformer_config() -> dict:
+    """AuraFlowTransformer2DModel config: 1 joint (MM-DiT) + 1 single block, width 32 (2 heads of 16), 2 x 2 patches
+    of SDXL's 4-channel latents."""
+    heads, head_dim = 2, 16
+    return dict(
+        sample_size=8,  # latent size the pipeline defaults to: 64 px
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=AURAFLOW_UMT5_D_MODEL,
+        caption_projection_dim=heads * head_dim,
+        pos_embed_max_size=256,  # a 16 x 16 grid of patches: latents up to 32 x 32, images up to 256 px
+    )
+
+
+def save_tiny_auraflow(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers AuraFlow folder (fal/AuraFlow layout: a UMT5 encoder and its Llama-class tokenizer,
+    SDXL's VAE, shift 1.73; random weights, ~1 MB) to `folder`."""
+    import torch
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import LlamaTokenizerFast, UMT5EncoderModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = LlamaTokenizerFast.from_pretrained(str(write_llama_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = AuraFlowPipeline(
+        transformer=AuraFlowTransformer2DModel(**auraflow_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(AURAFLOW_SCHEDULER_CONFIG),
+        vae=tiny_vae(4, **SDXL_VAE_FACTORS),
+        text_encoder=UMT5EncoderModel(t5_config(len(tokenizer), AURAFLOW_UMT5_D_MODEL, umt5=True)),
+        tokenizer=tokenizer,
+    )
+    return _save(pipeline, folder, vocabulary, {}, None, llama_tokenizer="tokenizer")
+
+
 # SimpleTuner model_family -> writer.
-FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma, "lumina2": save_tiny_lumina2}
+FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma, "lumina2": save_tiny_lumina2,
+            "auraflow": save_tiny_auraflow}
 
 
 def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
-    """The writer for SimpleTuner's model_family name: "sd3", "flux", "chroma" or "lumina2" (FAMILIES)."""
+    """The writer for SimpleTuner's model_family name: "sd3", "flux", "chroma", "lumina2" or "auraflow" (FAMILIES)."""
     return FAMILIES[family](folder, seed, vocabulary=vocabulary)
 

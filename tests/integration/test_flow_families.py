@@ -1,7 +1,7 @@
-"""LCM-LoRA of the rectified-flow families (SD3, Flux, Chroma, Lumina 2) through the stock `simpletuner train` (issue
-21): each tiny offline model (lcm_plugin.tiny_flow) trains 2 steps with the plugin's distiller; its step is the one
-tests/unit/test_distiller_flow.py proves equal to the equations; here: it runs inside SimpleTuner's trainer and what
-the run hands over samples with the flow LCM scheduler in the family's diffusers pipeline."""
+"""LCM-LoRA of the rectified-flow families (SD3, Flux, Chroma, Lumina 2, AuraFlow) through the stock `simpletuner
+train` (issue 21): each tiny offline model (lcm_plugin.tiny_flow) trains 2 steps with the plugin's distiller; its step
+is the one tests/unit/test_distiller_flow.py proves equal to the equations; here: it runs inside SimpleTuner's trainer
+and what the run hands over samples with the flow LCM scheduler in the family's diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -130,7 +130,24 @@ CFG_FAMILIES = {
     "chroma": ("ChromaPipeline", {}),
     # Lumina-Image-2.0 samples at shift 6; SimpleTuner's training schedule takes flow_schedule_shift (default 3).
     "lumina2": ("Lumina2Pipeline", {"flow_schedule_shift": 6.0}),
+    "auraflow": ("AuraFlowPipeline", {"flow_schedule_shift": 1.73}),  # AuraFlow's scheduler shift
 }
+# SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
+# (helpers/models/auraflow/model.py:95, TEXT_ENCODER_CONFIGURATION's "path", which common.py's
+# _resolve_text_encoder_path prefers), whatever pretrained_model_name_or_path says: an offline hub cache holds the
+# tiny folder under that name.
+HUB_TEXT_ENCODERS = {"auraflow": "terminusresearch/auraflow-v0.3"}
+
+
+def offline_hub_cache(cache: Path, repo_id: str, model: Path) -> Path:
+    """A huggingface_hub cache (HF_HUB_CACHE) whose `repo_id` main revision is the folder `model`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / commit).symlink_to(model, target_is_directory=True)
+    return cache
 
 
 @pytest.fixture(scope="module", params=list(CFG_FAMILIES))
@@ -146,7 +163,10 @@ def cfg_family_run(request, tmp_path_factory):
     config.update({"model_family": family, "model_flavour": None, **CFG_FAMILIES[family][1]})
     config.pop("pretrained_vae_model_name_or_path", None)
     config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
-    return family, run, model, run_stock_trainer(run, stock_trainer_env())
+    env = stock_trainer_env()
+    if family in HUB_TEXT_ENCODERS:
+        env["HF_HUB_CACHE"] = str(offline_hub_cache(run / "hub", HUB_TEXT_ENCODERS[family], model))
+    return family, run, model, run_stock_trainer(run, env)
 
 
 def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cfg_family_run):

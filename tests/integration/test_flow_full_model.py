@@ -81,7 +81,7 @@ def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path
     else:
         assert isinstance(pipeline.scheduler, FlowMatchLCMScheduler), type(pipeline.scheduler)
     trained = pipeline.transformer.state_dict()
-    assert max((trained[name] - weight).abs().max().item() for name, weight in base_transformer.state_dict().items()) > 0
+    assert max((trained[name] - base).abs().max().item() for name, base in base_transformer.state_dict().items()) > 0
 
     def image() -> np.ndarray:
         steps = {"sigmas": sigmas} if sigmas else {"num_inference_steps": 4}
