@@ -46,8 +46,9 @@ $(BUILD_STAMP): $(DEPS_STAMP) pyproject.toml $(RUST_SOURCES) $(HOOK_FILES)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
 	touch $@
 
+# Beside pip under `make -j2`, cargo would find make's jobserver advertised but not passed to it: it keeps its own.
 rust-test:
-	cargo test --workspace --locked
+	MAKEFLAGS= cargo test --workspace --locked
 
 # Most tests wait on one single-threaded trainer subprocess: two workers keep both cores of a CI machine busy.
 PYTEST_WORKERS ?= 2
