@@ -16,44 +16,71 @@ from test_simpletuner_train import LORA_FILE, lcm_losses, run_stock_trainer
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory) -> Path:
+def flow_run(root: Path, family: str, *, steps: int = STEPS, config: dict | None = None,
+             lcm: dict | None = None) -> tuple[Path, Path, str]:
+    """The family's tiny offline model (lcm_plugin.tiny_flow) and an LCM run of it through the stock trainer:
+    conftest's CPU LoRA run with the family's `model_family`, then `config` keys (None removes a key) and `lcm` keys
+    of the LCM block. (run folder, model folder, log)."""
     from lcm_plugin.demo import shapes
-    from lcm_plugin.tiny_flow import save_tiny_sd3
+    from lcm_plugin.tiny_flow import save_tiny_flow
 
-    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "model", vocabulary=shapes.VOCABULARY)
+    model = save_tiny_flow(family, root / "model", vocabulary=shapes.VOCABULARY)
+    run = write_lcm_training_dir(root / "run", model, max_train_steps=steps)
+    config_file = run / "config" / "config.json"
+    settings = json.loads(config_file.read_text())
+    settings.update({"model_family": family, "model_flavour": None, **(config or {})})
+    settings.pop("pretrained_vae_model_name_or_path", None)
+    settings["distillation_config"]["lcm"].update(lcm or {})
+    config_file.write_text(json.dumps({key: value for key, value in settings.items() if value is not None}, indent=2))
+    env = stock_trainer_env()
+    if family in HUB_TEXT_ENCODERS:
+        env["HF_HUB_CACHE"] = str(offline_hub_cache(run / "hub", HUB_TEXT_ENCODERS[family], model))
+    return run, model, run_stock_trainer(run, env)
+
+
+
+# SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
+# (helpers/models/auraflow/model.py:95, TEXT_ENCODER_CONFIGURATION's "path", which common.py's
+# _resolve_text_encoder_path prefers), whatever pretrained_model_name_or_path says: an offline hub cache holds the
+# tiny folder under that name.
+HUB_TEXT_ENCODERS = {"auraflow": "terminusresearch/auraflow-v0.3"}
+
+
+def offline_hub_cache(cache: Path, repo_id: str, model: Path) -> Path:
+    """A huggingface_hub cache (HF_HUB_CACHE) whose `repo_id` main revision is the folder `model`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / commit).symlink_to(model, target_is_directory=True)
+    return cache
 
 
 @pytest.fixture(scope="module")
-def sd3_run(tmp_path_factory, tiny_sd3_dir):
-    run = write_lcm_training_dir(tmp_path_factory.mktemp("sd3-lcm"), tiny_sd3_dir, max_train_steps=STEPS)
-    config_file = run / "config" / "config.json"
-    config = json.loads(config_file.read_text())
-    config.update({"model_family": "sd3", "model_flavour": None})
-    config.pop("pretrained_vae_model_name_or_path", None)
-    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
-    return run, run_stock_trainer(run, stock_trainer_env())
+def sd3_run(tmp_path_factory):
+    return flow_run(tmp_path_factory.mktemp("sd3-lcm"), "sd3")
 
 
 def test_sd3_lcm_lora_trains_through_the_stock_trainer(sd3_run):
-    run, log = sd3_run
+    run, _, log = sd3_run
     losses = lcm_losses(run / "output" / "training_metrics.jsonl")
     assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
     assert (run / "output" / LORA_FILE).is_file(), log[-4000:]
 
 
-def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run, tiny_sd3_dir):
+def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run):
     import torch
     from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
     from safetensors import safe_open
 
-    run, _ = sd3_run
+    run, model, _ = sd3_run
     with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
         metadata = lora.metadata()
     scheduler_config = json.loads(metadata["lcm.scheduler_config"])
     assert scheduler_config["_class_name"] == "FlowMatchLCMScheduler", metadata
     assert scheduler_config["shift"] == 3.0
-    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    pipeline = StableDiffusion3Pipeline.from_pretrained(model)
     pipeline.scheduler = FlowMatchLCMScheduler.from_config(scheduler_config)
     pipeline.load_lora_weights(run / "output")
     image = pipeline("red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
@@ -62,23 +89,13 @@ def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run, tiny
 
 
 def test_the_data_path_falls_back_for_sd3_with_one_line(sd3_run):
-    _, log = sd3_run
+    _, _, log = sd3_run
     assert "every dataset uses SimpleTuner's own caching: model_family 'sd3'" in log, log[-4000:]
 
 
 @pytest.fixture(scope="module")
 def flux_run(tmp_path_factory):
-    from lcm_plugin.demo import shapes
-    from lcm_plugin.tiny_flow import save_tiny_flux
-
-    model = save_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model", vocabulary=shapes.VOCABULARY)
-    run = write_lcm_training_dir(tmp_path_factory.mktemp("flux-lcm"), model, max_train_steps=STEPS)
-    config_file = run / "config" / "config.json"
-    config = json.loads(config_file.read_text())
-    config.update({"model_family": "flux", "model_flavour": None, "flux_guidance_value": 3.5})
-    config.pop("pretrained_vae_model_name_or_path", None)
-    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
-    return run, model, run_stock_trainer(run, stock_trainer_env())
+    return flow_run(tmp_path_factory.mktemp("flux-lcm"), "flux", config={"flux_guidance_value": 3.5})
 
 
 def test_flux_lcm_lora_trains_with_its_own_guidance_input_and_samples(flux_run):
@@ -132,41 +149,11 @@ CFG_FAMILIES = {
     "lumina2": ("Lumina2Pipeline", {"flow_schedule_shift": 6.0}),
     "auraflow": ("AuraFlowPipeline", {"flow_schedule_shift": 1.73}),  # AuraFlow's scheduler shift
 }
-# SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
-# (helpers/models/auraflow/model.py:95, TEXT_ENCODER_CONFIGURATION's "path", which common.py's
-# _resolve_text_encoder_path prefers), whatever pretrained_model_name_or_path says: an offline hub cache holds the
-# tiny folder under that name.
-HUB_TEXT_ENCODERS = {"auraflow": "terminusresearch/auraflow-v0.3"}
-
-
-def offline_hub_cache(cache: Path, repo_id: str, model: Path) -> Path:
-    """A huggingface_hub cache (HF_HUB_CACHE) whose `repo_id` main revision is the folder `model`."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots").mkdir()
-    (repo / "snapshots" / commit).symlink_to(model, target_is_directory=True)
-    return cache
-
 
 @pytest.fixture(scope="module", params=list(CFG_FAMILIES))
 def cfg_family_run(request, tmp_path_factory):
-    from lcm_plugin.demo import shapes
-    from lcm_plugin.tiny_flow import save_tiny_flow
-
     family = request.param
-    model = save_tiny_flow(family, tmp_path_factory.mktemp(f"tiny-{family}") / "model", vocabulary=shapes.VOCABULARY)
-    run = write_lcm_training_dir(tmp_path_factory.mktemp(f"{family}-lcm"), model, max_train_steps=STEPS)
-    config_file = run / "config" / "config.json"
-    config = json.loads(config_file.read_text())
-    config.update({"model_family": family, "model_flavour": None, **CFG_FAMILIES[family][1]})
-    config.pop("pretrained_vae_model_name_or_path", None)
-    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
-    env = stock_trainer_env()
-    if family in HUB_TEXT_ENCODERS:
-        env["HF_HUB_CACHE"] = str(offline_hub_cache(run / "hub", HUB_TEXT_ENCODERS[family], model))
-    return family, run, model, run_stock_trainer(run, env)
+    return family, *flow_run(tmp_path_factory.mktemp(f"{family}-lcm"), family, config=CFG_FAMILIES[family][1])
 
 
 def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cfg_family_run):

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import stock_trainer_env, write_lcm_training_dir
 from test_family_matrix import FULL_MODEL_CONFIG
-from test_simpletuner_train import lcm_losses, run_stock_trainer
+from test_flow_families import flow_run
+from test_simpletuner_train import lcm_losses
 
 STEPS = 3
 # family -> (config.json keys, the LCM block's variant keys, the pipeline call's guidance_scale). Flux samples at the
@@ -32,21 +31,12 @@ FAMILIES = {
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def full_run(request, tmp_path_factory):
-    from lcm_plugin.demo import shapes
-    from lcm_plugin.tiny_flow import save_tiny_flow
-
     family = request.param
-    model = save_tiny_flow(family, tmp_path_factory.mktemp(f"tiny-{family}") / "model", vocabulary=shapes.VOCABULARY)
-    run = write_lcm_training_dir(tmp_path_factory.mktemp(f"{family}-full"), model, max_train_steps=STEPS)
-    config_file = run / "config" / "config.json"
-    config = json.loads(config_file.read_text())
+    config, lcm, _ = FAMILIES[family]
     # validation_resolution: the card samples at it.
-    config.update({"model_family": family, "model_flavour": None, "validation_resolution": "64x64",
-                   **FAMILIES[family][0], **FULL_MODEL_CONFIG})
-    config.pop("pretrained_vae_model_name_or_path", None)
-    config["distillation_config"]["lcm"].update(FAMILIES[family][1])
-    config_file.write_text(json.dumps({key: value for key, value in config.items() if value is not None}, indent=2))
-    return family, run, model, run_stock_trainer(run, stock_trainer_env())
+    run, model, log = flow_run(tmp_path_factory.mktemp(f"{family}-full"), family, steps=STEPS, lcm=lcm,
+                               config={"validation_resolution": "64x64", **config, **FULL_MODEL_CONFIG})
+    return family, run, model, log
 
 
 def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path, monkeypatch):
