@@ -33,10 +33,26 @@ FAMILIES = {
 def full_run(request, tmp_path_factory):
     family = request.param
     config, lcm, _ = FAMILIES[family]
-    # validation_resolution: the card samples at it.
+    # SimpleTuner's validation at the last step samples with the distiller's scheduler; the card samples at its
+    # resolution.
+    validation = {"validation_disable": None, "validation_step_interval": STEPS, "validation_prompt": "red circle",
+                  "validation_resolution": "64x64", "validation_num_inference_steps": 2, "validation_guidance": 1.0,
+                  "num_validation_images": 1, "disable_benchmark": True}
     run, model, log = flow_run(tmp_path_factory.mktemp(f"{family}-full"), family, steps=STEPS, lcm=lcm,
-                               config={"validation_resolution": "64x64", **config, **FULL_MODEL_CONFIG})
+                               config={**validation, **config, **FULL_MODEL_CONFIG})
     return family, run, model, log
+
+
+def test_simpletuners_validation_samples_the_flow_student(full_run):
+    """Validation at the last step runs in SimpleTuner's own pipeline with the distiller's scheduler (`get_scheduler`:
+    the phased Euler sampler for PCM, FlowMatchLCMScheduler for LCM, which take the pipeline's proposed sigmas and
+    Flux's mu); the quality check says in one line that it skips flow runs."""
+    from lcm_plugin.simpletuner.quality_check_patches import FLOW_SKIPPED
+
+    family, run, _, log = full_run
+    images = sorted((run / "output" / "validation_images").glob("*.png"))
+    assert images, log[-4000:]
+    assert FLOW_SKIPPED in log
 
 
 def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path, monkeypatch):
