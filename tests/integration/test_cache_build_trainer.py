@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from conftest import write_lcm_training_dir
+from test_simpletuner_train import run_stock_trainer
 
 # The plugin data path's summary line (trainer_cache.prepare), rank 0.
 SERVED = re.compile(r"simpletuner-lcm data path: datasets .* \((\d+) image\(s\) encoded here, (\d+) already cached\)")
@@ -52,7 +53,7 @@ def seed_run(tmp_path: Path, model_dir: Path, **config) -> Path:
 
 
 def run_tool(env: dict[str, str], *args: str, cwd: Path | None = None) -> str:
-    """Run a command of this venv (`simpletuner-lcm`, `simpletuner`); its output, after checking it succeeded."""
+    """Run a command of this venv (`simpletuner-lcm`); its output, after checking it succeeded."""
     bin_dir = Path(env["PATH"].split(":", 1)[0])
     result = subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=540)
@@ -72,7 +73,7 @@ def test_stock_trainer_reuses_the_simpletuner_format_cache(tmp_path, tiny_sdxl_d
     ours = loader.torch_load(str(dropout_file))
 
     trainer_env["SIMPLETUNER_LCM_DATA_PATH"] = "simpletuner"  # SimpleTuner's own caching reads these files
-    log = run_tool(trainer_env, "simpletuner", "train", cwd=run)
+    log = run_stock_trainer(run, trainer_env)
     assert (run / "output" / "training_metrics.jsonl").is_file(), log[-4000:]
     # Nothing re-encoded: the same files (inode and mtime), and no new ones.
     after = cache_files(run)
@@ -97,7 +98,7 @@ def test_plugin_data_path_encodes_nothing_after_cache_build(tmp_path, tiny_sdxl_
     manifest = run / "cache" / "vae" / "lcm" / "manifest.json"
     manifest_text = manifest.read_text()
 
-    log = run_tool(trainer_env, "simpletuner", "train", cwd=run)
+    log = run_stock_trainer(run, trainer_env)
     assert (run / "output" / "training_metrics.jsonl").is_file(), log[-4000:]
     plugin_lines = "\n".join(line for line in log.splitlines() if "simpletuner-lcm data path" in line)
     served = [match.groups() for match in SERVED.finditer(log)]

@@ -3,9 +3,9 @@
 `simpletuner train` starts SimpleTuner's train.py through two launcher processes, its CLI and `accelerate launch`,
 which cost ~20 s of a 2-core CPU per run and hand train.py nothing but environment variables. The tests start
 train.py as they would, in one process (`run_stock_trainer`); the first test here checks that train.py starts with
-the environment `simpletuner train` gives it. Runs of several processes, and the runs that show the user's commands
-(test_cache_build_trainer.py), go through `simpletuner train` itself. The .pth hook arms the plugin inside train.py
-on both launches: test_family_matrix.py trains every family, LoRA and full, with it.
+the environment `simpletuner train` gives it. Runs of several processes go through `simpletuner train` itself. The .pth
+hook arms the plugin inside train.py on both launches: test_family_matrix.py trains every family, LoRA and full, with
+it.
 
 SimpleTuner's train.py can exit 0 after a failure, so the run is judged by its output files: the metrics log
 (report_to "simpletuner" writes output/training_metrics.jsonl) and the LoRA weights.
