@@ -1,13 +1,15 @@
-"""The tiny SD3, Flux, Chroma and Lumina 2 folders (lcm_plugin.tiny_flow) load and run in diffusers and in
+"""The tiny SD3, Flux, Chroma, Lumina 2 and AuraFlow folders (lcm_plugin.tiny_flow) load and run in diffusers and in
 SimpleTuner 4.10.1.
 
 diffusers: the family's own pipeline class loads each folder from its local path and samples a 64x64 image in one
-step. SimpleTuner: its model class for `model_family: sd3` / `flux` / `chroma` / `lumina2` (`model_type: lora`),
-built from a config parsed
+step. SimpleTuner: its model class for `model_family: sd3` / `flux` / `chroma` / `lumina2` / `auraflow`
+(`model_type: lora`), built from a config parsed
 by its own `parse_cmdline_args` as the trainer builds it, loads the folder with the functions the trainer calls
 (`check_user_config`, `load_text_encoder` with `load_text_tokenizer`, `load_vae`, `load_model`); its own prompt
 encoding then feeds its own `prepare_batch` / `model_predict` / `loss` on latents from the folder's VAE, so the
 text encoders' output sizes are checked against what the transformer takes, by a forward and a backward.
+SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names, whatever the
+folder: an offline hub cache serves the tiny folder under that name (HUB_TEXT_ENCODERS).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import pytest
 import torch
 
 from lcm_plugin.tiny_flow import (
+    AURAFLOW_SCHEDULER_CONFIG,
     FLUX_SCHEDULER_CONFIG,
     FLUX_VAE_FACTORS,
     LUMINA2_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
     SD3_VAE_FACTORS,
+    SDXL_VAE_FACTORS,
     save_tiny_flow,
     write_gemma_tokenizer,
     write_t5_tokenizer,
@@ -38,8 +42,9 @@ SIZE = 64
 CLIP_TOKENS = 77
 
 # family -> what the real checkpoint's model_index.json names, its T5 (or other last text encoder's) subfolders,
-# scheduler and VAE factors; SimpleTuner's class, its tokenizer_max_length after check_user_config, the prompt length
-# its encoding gives, its tokenizer / encoder classes, and the transformer weights that take the prompt.
+# scheduler, VAE latent channels and factors; SimpleTuner's class, its tokenizer_max_length after check_user_config,
+# the prompt length its encoding gives, its tokenizer / encoder classes, and the transformer weights that take the
+# prompt.
 FAMILIES = {
     "sd3": dict(
         pipeline="StableDiffusion3Pipeline",
@@ -53,6 +58,7 @@ FAMILIES = {
         t5=("text_encoder_3", "tokenizer_3"),
         scheduler=SD3_SCHEDULER_CONFIG,
         vae=SD3_VAE_FACTORS,
+        latent_channels=16,
         simpletuner_class="SD3",
         t5_tokens=154,  # SD3.check_user_config's T5 length
         prompt_tokens=CLIP_TOKENS + 154,
@@ -70,6 +76,7 @@ FAMILIES = {
         t5=("text_encoder_2", "tokenizer_2"),
         scheduler=FLUX_SCHEDULER_CONFIG,
         vae=FLUX_VAE_FACTORS,
+        latent_channels=16,
         simpletuner_class="Flux",
         t5_tokens=512,  # Flux.check_user_config's T5 length
         prompt_tokens=512,
@@ -87,6 +94,7 @@ FAMILIES = {
         t5=("text_encoder", "tokenizer"),
         scheduler=FLUX_SCHEDULER_CONFIG,
         vae=FLUX_VAE_FACTORS,
+        latent_channels=16,
         simpletuner_class="Chroma",
         t5_tokens=None,  # Chroma sets none; its _encode_prompts pads T5 prompts to 512
         prompt_tokens=512,
@@ -104,6 +112,7 @@ FAMILIES = {
         t5=("text_encoder", "tokenizer"),  # Gemma 2, not T5
         scheduler=LUMINA2_SCHEDULER_CONFIG,
         vae=FLUX_VAE_FACTORS,
+        latent_channels=16,
         simpletuner_class="Lumina2",
         t5_tokens=256,  # Lumina2.check_user_config's Gemma length
         prompt_tokens=256,
@@ -111,7 +120,46 @@ FAMILIES = {
         encoders=("Gemma2Model",),
         text_weights=("time_caption_embed.caption_embedder.1.weight", "context_refiner.0.attn.to_q.weight"),
     ),
+    "auraflow": dict(
+        pipeline="AuraFlowPipeline",
+        index={  # fal/AuraFlow-v0.3's model_index.json
+            "transformer": "AuraFlowTransformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "UMT5EncoderModel",
+            "tokenizer": "LlamaTokenizerFast",
+        },
+        t5=("text_encoder", "tokenizer"),  # Pile-T5 (UMT5 blocks) and its Llama-class tokenizer
+        scheduler=AURAFLOW_SCHEDULER_CONFIG,
+        vae=SDXL_VAE_FACTORS,  # AuraFlow ships SDXL's VAE
+        latent_channels=4,  # Auraflow.LATENT_CHANNEL_COUNT
+        simpletuner_class="Auraflow",
+        t5_tokens=120,  # Auraflow.check_user_config's length (768 only for the pony flavour)
+        prompt_tokens=120,
+        tokenizers=("LlamaTokenizerFast",),  # Auraflow.TEXT_ENCODER_CONFIGURATION
+        encoders=("UMT5EncoderModel",),
+        # No pooled prompt; the caption projection, then the joint blocks' text stream.
+        text_weights=("context_embedder.weight", "joint_transformer_blocks.0.attn.add_q_proj.weight"),
+    ),
 }
+
+# SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
+# (helpers/models/auraflow/model.py:95, TEXT_ENCODER_CONFIGURATION's "path", which common.py's
+# _resolve_text_encoder_path prefers to pretrained_model_name_or_path; no config key overrides it for AuraFlow).
+# As tests/integration/test_flow_families.py does for a trainer subprocess, an offline hub cache holds the tiny folder
+# under that name.
+HUB_TEXT_ENCODERS = {"auraflow": "terminusresearch/auraflow-v0.3"}
+
+
+def offline_hub_cache(cache: Path, repo_id: str, model: Path) -> Path:
+    """A huggingface_hub cache whose `repo_id` main revision is the folder `model`: test_flow_families'
+    offline_hub_cache, repeated here as that module cannot be imported from a unit test (it imports the
+    integration tests' conftest and test_simpletuner_train)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / commit).symlink_to(model, target_is_directory=True)
+    return cache
 
 
 def read_json(path: Path) -> dict:
@@ -142,9 +190,12 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     assert scheduler.get("use_dynamic_shifting", False) is spec["scheduler"].get("use_dynamic_shifting", False)
 
     vae = read_json(folder / "vae" / "config.json")
-    assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # latents 1/8 of the image
+    assert vae["latent_channels"] == spec["latent_channels"] and len(vae["block_out_channels"]) == 4  # latents 1/8
     assert {k: vae[k] for k in spec["vae"]} == spec["vae"]
-    assert vae["use_quant_conv"] is False and vae["use_post_quant_conv"] is False
+    # SD3's and Flux's 16-channel VAEs have no quant convs; SDXL's (AuraFlow's) has both, and no shift factor.
+    quant_convs = spec["latent_channels"] == 4
+    assert vae["use_quant_conv"] is quant_convs and vae["use_post_quant_conv"] is quant_convs
+    assert (vae.get("shift_factor") is None) is quant_convs
 
     transformer = read_json(folder / "transformer" / "config.json")
     if family == "lumina2":
@@ -160,9 +211,17 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     t5 = read_json(folder / spec["t5"][0] / "config.json")
     assert t5["d_model"] == transformer["joint_attention_dim"]
     assert t5["feed_forward_proj"] == "gated-gelu"  # T5 v1.1
-    assert not (folder / spec["t5"][1] / "spiece.model").exists()  # built offline, no sentencepiece model
+    # Built offline, no sentencepiece model (T5's spiece.model, Pile-T5's Llama tokenizer.model).
+    assert not list((folder / spec["t5"][1]).glob("*.model"))
     width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
-    if family == "chroma":
+    if family == "auraflow":
+        assert t5["model_type"] == "umt5"  # Pile-T5: a relative position bias in every layer
+        assert read_json(folder / "tokenizer" / "tokenizer_config.json")["padding_side"] == "right"
+        assert transformer["caption_projection_dim"] == width
+        assert transformer["in_channels"] == transformer["out_channels"] == 4 and transformer["patch_size"] == 2
+        side = math.isqrt(transformer["pos_embed_max_size"])
+        assert side * side == transformer["pos_embed_max_size"] and side >= SIZE // 8 // 2  # a square of patches
+    elif family == "chroma":
         assert transformer["in_channels"] == 4 * 16 and transformer["patch_size"] == 1  # Flux's 2x2 packing
         assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
         assert transformer["approximator_num_channels"] % 4 == 0
@@ -289,8 +348,22 @@ def load_with_simpletuner(family: str, folder: Path, root: Path, **settings):
 @pytest.fixture(scope="module")
 def simpletuner_models(model_dirs, tmp_path_factory):
     """family -> SimpleTuner's model object with the folder loaded as its trainer loads it (CPU, fp32)."""
-    return {family: load_with_simpletuner(family, folder, tmp_path_factory.mktemp(f"simpletuner-{family}"))
-            for family, folder in model_dirs.items()}
+    import huggingface_hub.constants
+
+    models = {}
+    for family, folder in model_dirs.items():
+        root = tmp_path_factory.mktemp(f"simpletuner-{family}")
+        with pytest.MonkeyPatch.context() as patch:
+            if family in HUB_TEXT_ENCODERS:
+                # huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE from the environment once, at import; its
+                # hf_hub_download / snapshot_download / is_offline_mode and transformers' cached_files read these
+                # module constants at each call (diffusers, which copies HF_HUB_OFFLINE at import, loads only the
+                # local folder here). Patched for the load only: the encoder and tokenizer are in memory after it.
+                cache = offline_hub_cache(root / "hub", HUB_TEXT_ENCODERS[family], folder)
+                patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+                patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+            models[family] = load_with_simpletuner(family, folder, root)
+    return models
 
 
 def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_models, model_dirs, family):
@@ -316,7 +389,7 @@ def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_mod
     state = model.model.state_dict()
     assert saved.keys() <= state.keys()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
-    assert model.vae.config.latent_channels == model.LATENT_CHANNEL_COUNT == 16
+    assert model.vae.config.latent_channels == model.LATENT_CHANNEL_COUNT == spec["latent_channels"]
     assert model.AUTOENCODER_SCALING_FACTOR == spec["vae"]["scaling_factor"]
 
 
@@ -342,6 +415,11 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
         assert pooled.shape == (2, transformer.pooled_projection_dim)
     else:
         assert pooled is None  # one sequence of prompt states, no pooled embedding
+    if family == "auraflow":
+        # The transformer takes no mask: the pipeline zeroes the padding's states, so only the prompt's reach it.
+        padding = ~mask.bool()
+        assert padding.any() and torch.count_nonzero(prompt_embeds[padding]) == 0
+        assert torch.count_nonzero(prompt_embeds[~padding]) > 0
     if family == "lumina2":
         # Right-padded, as the transformer reads the first mask-sum tokens; the system prompt comes first.
         assert bool((mask[:, :-1] >= mask[:, 1:]).all()) and mask[:, 0].all() and not mask[:, -1].any()
@@ -349,7 +427,7 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     pixels = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         latents = model.scale_vae_latents_for_cache(model.vae.encode(pixels).latent_dist.sample(), model.vae)
-    assert latents.shape == (2, 16, SIZE // 8, SIZE // 8)
+    assert latents.shape == (2, spec["latent_channels"], SIZE // 8, SIZE // 8)
     batch = {"prompt_embeds": prompt_embeds, "add_text_embeds": pooled, "latent_batch": latents,
              "encoder_attention_mask": mask, "batch_time_ids": None}
     torch.manual_seed(0)
