@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import stock_trainer_env, write_lcm_training_dir
 from test_simpletuner_train import LORA_FILE, lcm_losses, run_stock_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hub_cache import HUB_TEXT_ENCODERS, offline_hub_cache  # noqa: E402
 
 STEPS = 2
 
@@ -37,24 +41,6 @@ def flow_run(root: Path, family: str, *, steps: int = STEPS, config: dict | None
         env["HF_HUB_CACHE"] = str(offline_hub_cache(run / "hub", HUB_TEXT_ENCODERS[family], model))
     return run, model, run_stock_trainer(run, env)
 
-
-
-# SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
-# (helpers/models/auraflow/model.py:95, TEXT_ENCODER_CONFIGURATION's "path", which common.py's
-# _resolve_text_encoder_path prefers), whatever pretrained_model_name_or_path says: an offline hub cache holds the
-# tiny folder under that name.
-HUB_TEXT_ENCODERS = {"auraflow": "terminusresearch/auraflow-v0.3"}
-
-
-def offline_hub_cache(cache: Path, repo_id: str, model: Path) -> Path:
-    """A huggingface_hub cache (HF_HUB_CACHE) whose `repo_id` main revision is the folder `model`."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots").mkdir()
-    (repo / "snapshots" / commit).symlink_to(model, target_is_directory=True)
-    return cache
 
 
 @pytest.fixture(scope="module")

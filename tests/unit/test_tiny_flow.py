@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hub_cache import HUB_TEXT_ENCODERS, offline_hub_cache  # noqa: E402
 
 from lcm_plugin.tiny_flow import (
     AURAFLOW_SCHEDULER_CONFIG,
@@ -140,27 +144,6 @@ FAMILIES = {
         text_weights=("context_embedder.weight", "joint_transformer_blocks.0.attn.add_q_proj.weight"),
     ),
 }
-
-# SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
-# (helpers/models/auraflow/model.py:95, TEXT_ENCODER_CONFIGURATION's "path", which common.py's
-# _resolve_text_encoder_path prefers to pretrained_model_name_or_path; no config key overrides it for AuraFlow).
-# As tests/integration/test_flow_families.py does for a trainer subprocess, an offline hub cache holds the tiny folder
-# under that name.
-HUB_TEXT_ENCODERS = {"auraflow": "terminusresearch/auraflow-v0.3"}
-
-
-def offline_hub_cache(cache: Path, repo_id: str, model: Path) -> Path:
-    """A huggingface_hub cache whose `repo_id` main revision is the folder `model`: test_flow_families'
-    offline_hub_cache, repeated here as that module cannot be imported from a unit test (it imports the
-    integration tests' conftest and test_simpletuner_train)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots").mkdir()
-    (repo / "snapshots" / commit).symlink_to(model, target_is_directory=True)
-    return cache
-
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
