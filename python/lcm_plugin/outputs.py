@@ -213,6 +213,13 @@ class CardSettings:
     guidance_scale: float = 0.0
     sigmas: tuple[float, ...] | None = None
 
+    @property
+    def flow(self) -> bool:
+        """Whether the sampler is a flow-matching one, whose grid is the base model's own shifted schedule."""
+        from lcm_plugin.inference import is_flow_matching
+
+        return is_flow_matching({"_class_name": self.scheduler_class})
+
 
 def _python_literal(value) -> str:
     return repr(value) if not isinstance(value, str) else json.dumps(value)
@@ -224,7 +231,6 @@ def inference_snippet(settings: CardSettings) -> str:
     components = not lora and settings.base_model_id is not None
     scheduler = settings.scheduler_class
     sampler = scheduler.removesuffix("Scheduler")
-    flow = scheduler.startswith("FlowMatch")
     denoiser, denoiser_class = settings.denoiser
     imports = (f"AutoencoderKL, DiffusionPipeline, {scheduler}, {denoiser_class}" if components
                else f"DiffusionPipeline, {scheduler}" if lora else "DiffusionPipeline")
@@ -253,9 +259,10 @@ def inference_snippet(settings: CardSettings) -> str:
         lines.append("pipeline = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)")
     if lora:
         lines += [
-            *([f"# Sample with {sampler} on the base model's flow schedule, as the LoRA was trained."] if flow else [
-                f"# Sample with {sampler} on the grid the LoRA was trained on; another scheduler, or another",
-                f"# original_inference_steps, gives non-{sampler} or shifted-timestep samples."]),
+            *([f"# Sample with {sampler} on the base model's flow schedule, as the LoRA was trained."]
+              if settings.flow else
+              [f"# Sample with {sampler} on the grid the LoRA was trained on; another scheduler, or another",
+               f"# original_inference_steps, gives non-{sampler} or shifted-timestep samples."]),
             f"pipeline.scheduler = {scheduler}.from_config(",
             "    pipeline.scheduler.config,",
             *(f"    {key}={_python_literal(value)}," for key, value in settings.scheduler_overrides.items()),
@@ -294,7 +301,7 @@ def inference_section(settings: CardSettings) -> str:
     kind = "an LCM-LoRA" if settings.adapter_id is not None else "a latent consistency model (LCM)"
     variant = "" if lcm.variant == "lcm" else f", variant {lcm.variant}"
     eta = "" if settings.eta is None else f" with `eta={settings.eta!r}` in the pipeline call (TCD's gamma)"
-    grid = ("the base model's own flow schedule" if settings.scheduler_class.startswith("FlowMatch") else
+    grid = ("the base model's own flow schedule" if settings.flow else
             f"the training grid (`original_inference_steps={lcm.num_ddim_timesteps}`)")
     steps = (f"at the {len(settings.sigmas)} sigmas below (the phase edges of the training grid; the scheduler "
              "shifts them as it shifts its own)" if settings.sigmas else

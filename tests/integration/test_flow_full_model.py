@@ -9,6 +9,7 @@ from the base model.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 
@@ -62,7 +63,6 @@ def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
     from test_run_outputs import card_snippet, run_snippet
 
-    from lcm_plugin import outputs
     from lcm_plugin.config import LcmConfig
 
     family, run, model, log = full_run
@@ -80,12 +80,22 @@ def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path
     for key in ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "num_train_timesteps"):
         assert pipeline.scheduler.config[key] == base_scheduler[key], key
     lcm = LcmConfig(**json.loads((run / "config" / "config.json").read_text())["distillation_config"]["lcm"])
-    sigmas = outputs.pipeline_sigmas(base_scheduler, lcm)
+    call = next(node for node in ast.walk(ast.parse(code))
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "pipeline")
+    sigmas = next((ast.literal_eval(k.value) for k in call.keywords if k.arg == "sigmas"), None)
     if lcm.variant == "pcm":
         assert type(pipeline.scheduler) is FlowMatchEulerDiscreteScheduler
-        assert f"sigmas={sigmas!r}" in code, code
+        # The card's sigmas, shifted by the base scheduler, are the points of diffusers' own N-step grid that PCM's
+        # sampler starts its 4 steps at: floor(s N / 4) from the top, s = 0..3.
+        grid = FlowMatchEulerDiscreteScheduler.from_config(base_scheduler)
+        grid.set_timesteps(lcm.num_ddim_timesteps)
+        card = FlowMatchEulerDiscreteScheduler.from_config(base_scheduler)
+        card.set_timesteps(sigmas=sigmas)
+        positions = [s * lcm.num_ddim_timesteps // 4 for s in range(4)] + [lcm.num_ddim_timesteps]
+        torch.testing.assert_close(card.sigmas, grid.sigmas[positions], rtol=0, atol=1e-6)
     else:
         assert isinstance(pipeline.scheduler, FlowMatchLCMScheduler), type(pipeline.scheduler)
+        assert sigmas is None
     trained = pipeline.transformer.state_dict()
     assert max((trained[name] - base).abs().max().item() for name, base in base_transformer.state_dict().items()) > 0
 
