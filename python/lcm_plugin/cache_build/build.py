@@ -132,10 +132,16 @@ class _Group:
         dist.all_gather_object(parts, value)
         return [x for part in parts for x in part]
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """`finished`: every rank got through every phase, so all of them meet in a last barrier first. Then no rank
+        tears gloo down while another's last gather is in flight, and gloo's worker threads have let go of that
+        gather's tensors before the interpreter finalises: a worker releasing a Python-made tensor then aborts the
+        process ("terminate called without an active exception", seen once in CI on rank 0)."""
         if self.world > 1:
             import torch.distributed as dist
 
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -150,6 +156,7 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     from lcm_plugin.cache_build.ranks import Phase
 
     group = _Group(world)
+    finished = False
     try:
         # Each machine's first rank plans first and writes the scan memos; its other ranks plan from them.
         first_on_machine = int(os.environ.get("LOCAL_RANK", rank)) == 0
@@ -170,8 +177,9 @@ def build(options: BuildOptions, log=print) -> BuildReport:
         )
         if rank == 0 and options.prune:
             prune_stores(datasets, prints, options.shard_bytes, log)
+        finished = True
     finally:
-        group.close()
+        group.close(finished)
     report.seconds = time.perf_counter() - start
     return report
 
