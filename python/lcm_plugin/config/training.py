@@ -27,6 +27,7 @@ from lcm_plugin.config.argv import (
     training_folder,
 )
 from lcm_plugin.config.catalogue import load_catalogue
+from lcm_plugin.config.families import flow_refusal, flow_refusal_reason, is_flow_family
 from lcm_plugin.config.lcm import LcmConfig, settings_at
 from lcm_plugin.config.problems import Problem, did_you_mean, pointer
 
@@ -565,7 +566,7 @@ def _lcm_block_problems(
     if not isinstance(block, dict):
         return problems + [Problem(file, pointer(*base), f"expected an object of LCM settings, got {block!r}")]
     try:
-        LcmConfig.model_validate(block)
+        lcm = LcmConfig.model_validate(block)
     except ValidationError as error:
         for issue in error.errors():
             where = pointer(*base, *issue["loc"]) if isinstance(raw, dict) else pointer(*base)
@@ -576,4 +577,22 @@ def _lcm_block_problems(
             else:
                 message = (f"{name}: " if not isinstance(raw, dict) else "") + _pydantic_message(issue)
             problems.append(Problem(file, where, message))
-    return problems
+        return problems
+    variant_at = pointer(*base, "variant") if isinstance(raw, dict) else pointer(*base)
+    return problems + _flow_family_problems(settings, landed, file, lcm, variant_at)
+
+
+def _flow_family_problems(settings: dict, landed: dict[str, str], file: str, lcm: LcmConfig,
+                          variant_at: str) -> list[Problem]:
+    """The trainer's refusal of a flow-matching run it cannot distil, before the model loads (config.families).
+    `variant_at`: the pointer of the lcm block's variant."""
+    family = settings.get("model_family")
+    if not is_flow_family(family):
+        return []
+    guidance_mode = str(settings.get("flux_guidance_mode") or "constant")
+    reason = flow_refusal_reason(family, lcm, guidance_mode)
+    if reason is None:
+        return []
+    setting = reason[0]
+    where = variant_at if setting == "variant" else pointer(landed[setting]) if setting in landed else ""
+    return [Problem(file, where, flow_refusal(family, lcm, guidance_mode))]

@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from simpletuner.helpers.distillation.common import DistillationBase
 
 from lcm_plugin.config import LcmConfig
+from lcm_plugin.config.families import FLOW_FAMILIES, flow_refusal
 from lcm_plugin.lcm import (
     DDIMSkipSchedule,
     FlowSkipSchedule,
@@ -76,11 +77,6 @@ LCM_X_T_KEY = "lcm_x_t"
 LCM_T_END_KEY = "lcm_t_end"
 LCM_SIGMA_KEY = "lcm_sigma"  # flow families: sigma_n_plus_k, where the student's consistency function starts
 LCM_SIGMA_END_KEY = "lcm_sigma_end"  # flow families: where it maps to (None: the data, LCM; PCM: the phase edge)
-# Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a
-# batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2, AuraFlow), or the guidance embedding the model itself
-# takes ("embedded", Flux: SimpleTuner passes flux_guidance_value to every call, so teacher, target and student share
-# it).
-FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded", "chroma": "cfg", "lumina2": "cfg", "auraflow": "cfg"}
 # Batch entries that carry the prompt, zeroed for the unconditional branch of a flow teacher (SD3's joint
 # CLIP + T5 states and pooled CLIP embedding), as the ε-families' uncond gets zero prompt embeddings.
 # "prompt_embeds" is the text-embed cache's entry that SimpleTuner's ModelFoundation.prepare_batch copies to the
@@ -98,24 +94,6 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
     """A gradient-free copy with the same weights and device, in `dtype` (default: the module's own)."""
     copied = copy.deepcopy(module).requires_grad_(False)
     return copied if dtype is None else copied.to(dtype)
-
-
-def flow_refusal(model_family, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
-    """Why an LCM run of a flow-matching model cannot run yet (one line), or None: the FLOW_FAMILIES with the LCM
-    and PCM variants are covered, LoRA and full (Flux with one guidance value for every call of a step:
-    flux_guidance_mode constant)."""
-    if model_family not in FLOW_FAMILIES:
-        why = f"model_family {model_family!r} is a flow-matching family it does not cover yet"
-    elif config.variant == "tcd":
-        why = ("variant 'tcd' is defined on a diffusion (epsilon / v) schedule, not on the flow path (TCD's paper); "
-               "use variant 'lcm' or 'pcm'")
-    elif model_family == "flux" and flux_guidance_mode != "constant":
-        why = ("flux_guidance_mode 'random-range' draws a new guidance value at every forward, so the teacher, its "
-               "target and the student would each see another; set flux_guidance_mode 'constant' (flux_guidance_value)")
-    else:
-        return None
-    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM and PCM (LoRA and full) of "
-            f"{', '.join(FLOW_FAMILIES)} among flow-matching families, and every epsilon / v_prediction family")
 
 
 def sharded_training(accelerator) -> str | None:

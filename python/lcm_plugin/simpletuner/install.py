@@ -150,7 +150,7 @@ def validate_before_model_load(trainer) -> None:
     lcm_config = lcm_config_from_block(lcm_block(getattr(config, "distillation_config", None)))
     prediction_type = getattr(trainer.model, "PREDICTION_TYPE", None)
     if prediction_type is not None and prediction_type.is_flow_prediction:
-        from lcm_plugin.simpletuner.distiller import flow_refusal
+        from lcm_plugin.config.families import flow_refusal
 
         refusal = flow_refusal(config.model_family, lcm_config, getattr(config, "flux_guidance_mode", "constant"))
         if refusal:

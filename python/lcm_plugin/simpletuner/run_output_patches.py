@@ -29,7 +29,7 @@ def _flow_card_settings(model, args) -> dict:
     """A flow family's card: its distilled component is a transformer (SimpleTuner's own class, named as diffusers'
     class of the same weights and config, which is what a user loads), and Flux samples at the guidance input it was
     distilled with. Empty for the UNet families."""
-    from lcm_plugin.simpletuner.distiller import FLOW_FAMILIES
+    from lcm_plugin.config.families import FLOW_FAMILIES
 
     family = getattr(args, "model_family", None)
     if family not in FLOW_FAMILIES:
