@@ -15,6 +15,14 @@ start-up. Latents are the VAE posterior's samples, as SimpleTuner caches them.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py            # the full table
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py --quick    # a smoke run of every row
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py --family sd3   # the flow rows (issue 21)
+
+--family sd3 does the same on the demo's flow teacher (lcm_plugin/demo/assets/flow_teacher, a tiny SD3 trained on the
+same shapes by scripts/train_demo_teacher.py --family sd3): the teacher's rows are its own sampler, Euler on its
+shifted grid (FlowMatchEulerDiscreteScheduler), guided at the same CFG scale, its reference Euler-50; the students
+are the flow variants (LCM, LCM + EMA target, PCM; TCD is refused on the flow path) sampled with their variant's
+flow scheduler, trained on SimpleTuner's SD3 latents ((sample - shift_factor) * scaling_factor) and the SD3
+transformer call of SimpleTuner's SD3 model class.
 
 One torch thread by default (OMP_NUM_THREADS): on a busy 2-core machine two threads spin against each other and
 a forward of the demo UNet takes 5 s instead of 0.1 s.
@@ -42,6 +50,7 @@ STEP_COUNTS = (1, 2, 4, 8)
 EXACT_STEP_COUNTS = (2, 4)
 REFERENCE_NOISE_SEED, EVALUATION_NOISE_SEED = 100, 200
 DEMO_TRAINING = demo_run.DEFAULT_TRAINING  # the bench trains as the demo does, in this process
+DATASET_ROWS = demo_run.DATASET_SIZE
 ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # SimpleTuner's default for lora_type standard on SDXL
 # SimpleTuner's peft_lora_target_modules can name these: attention, feed-forward, ResNet and the UNet's in/out convs.
 EVERY_LAYER_LORA_TARGETS = (*ATTENTION_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -67,6 +76,12 @@ VARIANTS = (
             lora_targets=EVERY_LAYER_LORA_TARGETS, learning_rate=3e-4),
 )
 
+FLOW_VARIANTS = (
+    Variant("LCM"),
+    Variant("LCM + EMA target", {"lora_target_ema": True}),
+    Variant("PCM (2 phases)", {"variant": "pcm", "pcm_phases": 2}),
+)
+
 
 class BenchModel:
     """The parts of SimpleTuner's SDXL model object LcmDistiller and DistillationBase use."""
@@ -88,25 +103,52 @@ class BenchModel:
         return {"model_prediction": prediction}
 
 
-def encode_dataset(pipeline):
-    """The demo dataset as SimpleTuner caches it: VAE posterior samples times the scaling factor, text embeds."""
-    import torch
+class FlowBenchModel:
+    """The parts of SimpleTuner's SD3 model object LcmDistiller and DistillationBase use."""
 
-    from lcm_plugin.demo import sampling
+    def __init__(self, transformer):
+        from simpletuner.helpers.models.common import PredictionTypes
+
+        self.transformer = transformer
+        self.PREDICTION_TYPE = PredictionTypes.FLOW_MATCHING
+        self.config = SimpleNamespace(lora_type="standard", model_family="sd3")
+
+    def get_trained_component(self):
+        return self.transformer
+
+    def model_predict(self, batch):
+        # SimpleTuner's SD3._model_predict_single call.
+        prediction = self.transformer(hidden_states=batch["noisy_latents"], timestep=batch["timesteps"],
+                                      encoder_hidden_states=batch["encoder_hidden_states"],
+                                      pooled_projections=batch["add_text_embeds"], return_dict=False)[0]
+        return {"model_prediction": prediction}
+
+
+def dataset_latents(vae):
+    """The demo dataset's latents as SimpleTuner caches them: VAE posterior samples, (sample - shift) * scale."""
+    import torch
 
     images, captions = shapes.sample_images(demo_run.DATASET_SIZE, demo_run.DATASET_SEED)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     generator = torch.Generator().manual_seed(demo_run.DATASET_SEED)
     with torch.no_grad():
-        latents = torch.cat([
-            pipeline.vae.encode(chunk).latent_dist.sample(generator) for chunk in pixels.split(128)
-        ]) * pipeline.vae.config.scaling_factor
+        samples = torch.cat([vae.encode(chunk).latent_dist.sample(generator) for chunk in pixels.split(128)])
+    return (samples - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor, captions
+
+
+def encode_dataset(pipeline):
+    """The demo dataset as SimpleTuner caches it for SDXL: latents and text embeds."""
+    from lcm_plugin.demo import sampling
+
+    latents, captions = dataset_latents(pipeline.vae)
     return latents, sampling.encode(pipeline, captions, shapes.IMAGE_SIZE)
 
 
-def train_student(pipeline, latents, cond, variant: Variant, lcm_block: dict, *, steps: int, seed: int, log):
-    """A LoRA student of `variant` trained for `steps` optimizer steps by LcmDistiller; returns (unet, distiller,
-    s/step)."""
+def train_student(network, model_class, noise_scheduler, batch_of, variant: Variant, lcm_block: dict, *, steps: int,
+                  seed: int, log):
+    """A LoRA student of `variant` on a copy of `network` (the teacher's UNet or transformer, wrapped in
+    `model_class`), trained for `steps` optimizer steps by LcmDistiller on `batch_of(index, generator)`; returns
+    (network, distiller, s/step)."""
     import torch
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
@@ -115,31 +157,23 @@ def train_student(pipeline, latents, cond, variant: Variant, lcm_block: dict, *,
     from lcm_plugin.simpletuner.distiller import LcmDistiller
 
     torch.manual_seed(seed)
-    unet = copy.deepcopy(pipeline.unet)
-    unet.requires_grad_(False)
+    network = copy.deepcopy(network)
+    network.requires_grad_(False)
     rank = DEMO_TRAINING.lora_rank
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(variant.lora_targets)))
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                   target_modules=list(variant.lora_targets)))
+    trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=variant.learning_rate, weight_decay=0.01)
     # What SimpleTuner's get_lr_scheduler builds for the demo's lr_scheduler "linear": warm-up, then decay to 0.
     scheduler = get_scheduler(DEMO_TRAINING.lr_scheduler, optimizer, num_warmup_steps=max(steps // 10, 1),
                               num_training_steps=steps)
-    lcm = LcmConfig.model_validate(lcm_block)
-    model = BenchModel(unet, pipeline.scheduler.config.prediction_type)
-    from diffusers import DDPMScheduler
-
-    distiller = LcmDistiller(model, noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config), config=lcm)
+    model = model_class(network)
+    distiller = LcmDistiller(model, noise_scheduler=noise_scheduler, config=LcmConfig.model_validate(lcm_block))
     generator = torch.Generator().manual_seed(seed)
     started = time.monotonic()
     for step in range(steps):
-        index = torch.randint(0, len(latents), (DEMO_TRAINING.train_batch_size,), generator=generator)
-        batch = {
-            "latents": latents[index],
-            "noise": torch.randn(latents[index].shape, generator=generator),
-            "encoder_hidden_states": cond.prompt_embeds[index],
-            "added_cond_kwargs": {"text_embeds": cond.pooled[index], "time_ids": cond.time_ids[index]},
-        }
+        batch = batch_of(torch.randint(0, DATASET_ROWS, (DEMO_TRAINING.train_batch_size,), generator=generator),
+                         generator)
         prepared = distiller.prepare_batch(batch, model, {"global_step": step})
         loss, _ = distiller.compute_distill_loss(prepared, model.model_predict(prepared), None)
         loss.backward()
@@ -150,8 +184,8 @@ def train_student(pipeline, latents, cond, variant: Variant, lcm_block: dict, *,
         distiller.post_training_step(model, step)
         if (step + 1) % max(steps // 4, 1) == 0:
             log(f"    step {step + 1}/{steps}: lcm_loss {loss.item():.3e}")
-    unet.requires_grad_(False)
-    return unet, distiller, (time.monotonic() - started) / steps
+    network.requires_grad_(False)
+    return network, distiller, (time.monotonic() - started) / steps
 
 
 def cell(comparison) -> str:
@@ -159,52 +193,26 @@ def cell(comparison) -> str:
     return f"{comparison.fd.value:7.1f} [{comparison.fd.low:6.1f},{comparison.fd.high:6.1f}]{mark}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="60 steps, one seed, 48 samples: checks every row runs")
-    parser.add_argument("--steps", type=int, default=DEMO_TRAINING.max_train_steps,
-                        help="optimizer steps per student (default: the demo's); 10 students at 0.06-0.3 s/step here")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
-    parser.add_argument("--samples", type=int, default=144, help="samples per row (the demo's metric count)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.seeds, args.samples = 60, [0], 48
-
+def sdxl_bench(args, seed_lcm: dict, guidance_scale: float, log):
+    """The SDXL teacher's rows (DDIM, exact consistency) and its students' trainer and sampler."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import logging as diffusers_logging
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
     from lcm_plugin.demo import sampling
-    from lcm_plugin.demo.run import teacher_guidance_scale
 
-    diffusers_logging.set_verbosity_error()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    wall_started = time.monotonic()
-
-    def log(message: str) -> None:
-        print(f"[{time.monotonic() - wall_started:6.0f}s] {message}", flush=True)
-
-    seed_lcm = json.loads(demo_config.SEED_CONFIG.read_text())["distillation_config"]["lcm"]
-    guidance_scale = teacher_guidance_scale(seed_lcm)
-    pipeline = StableDiffusionXLPipeline.from_pretrained(str(demo_config.ASSETS / "teacher"))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(demo_config.TEACHER))
     pipeline.set_progress_bar_config(disable=True)
     latents, train_cond = encode_dataset(pipeline)
     prompts = [shapes.PROMPTS[i % len(shapes.PROMPTS)] for i in range(args.samples)]
     cond = sampling.encode(pipeline, prompts, shapes.IMAGE_SIZE)
-    size = shapes.IMAGE_SIZE // 8
-
-    def noise(seed: int):
-        return torch.randn(args.samples, 4, size, size, generator=torch.Generator().manual_seed(seed))
+    noise = noise_of(args.samples, pipeline.unet.config.in_channels)
 
     def teacher(seed: int, steps: int) -> np.ndarray:
         sampled = sampling.sample_ddim(pipeline.unet, pipeline.scheduler.config, noise(seed), cond, steps=steps,
                                        guidance_scale=guidance_scale)
         return quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
 
-    reference = teacher(REFERENCE_NOISE_SEED, 50)
-    floor = teacher(EVALUATION_NOISE_SEED, 50)
-    rows = {f"teacher DDIM {steps}": teacher(EVALUATION_NOISE_SEED, steps) for steps in STEP_COUNTS}
-    log(f"teacher sets sampled ({args.samples} samples each, CFG scale {guidance_scale:g})")
+    reference, floor, rows = teacher_sets(teacher, "teacher DDIM", args.samples, guidance_scale, log)
 
     exact_samplers = {"exact consistency, LCM sampler": 1.0, "exact consistency, TCD 0.3": 0.3}
     for label, gamma in exact_samplers.items():
@@ -217,31 +225,158 @@ def main() -> None:
             rows[f"{label} {steps}"] = quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
     log(f"exact-consistency rows sampled ({', '.join(exact_samplers)})")
 
+    def batch_of(index, generator) -> dict:
+        return {
+            "latents": latents[index],
+            "noise": torch.randn(latents[index].shape, generator=generator),
+            "encoder_hidden_states": train_cond.prompt_embeds[index],
+            "added_cond_kwargs": {"text_embeds": train_cond.pooled[index], "time_ids": train_cond.time_ids[index]},
+        }
+
+    def student(variant: Variant, seed: int):
+        unet, distiller, seconds_per_step = train_student(
+            pipeline.unet, lambda unet: BenchModel(unet, pipeline.scheduler.config.prediction_type),
+            DDPMScheduler.from_config(pipeline.scheduler.config), batch_of, variant, {**seed_lcm, **variant.lcm},
+            steps=args.steps, seed=seed, log=log,
+        )
+
+        def sample(steps: int) -> np.ndarray:
+            sampled = sampling.sample_student(unet, distiller.get_scheduler(), noise(EVALUATION_NOISE_SEED), cond,
+                                              steps=steps, generator=torch.Generator().manual_seed(EVALUATION_NOISE_SEED + 1))
+            return quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
+
+        return sample, seconds_per_step
+
+    return Bench("DDIM", reference, floor, rows, ["teacher DDIM", *exact_samplers], VARIANTS, student)
+
+
+def sd3_bench(args, seed_lcm: dict, guidance_scale: float, log):
+    """The SD3 flow teacher's rows (Euler on its shifted grid) and its students' trainer and sampler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from lcm_plugin.demo import flow_sampling, sampling
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(str(demo_config.FLOW_TEACHER))
+    pipeline.set_progress_bar_config(disable=True)
+    tokens = demo_config.FLOW_TEACHER_T5_TOKENS
+    latents, captions = dataset_latents(pipeline.vae)
+    train_cond = flow_sampling.encode(pipeline, captions, tokens)
+    prompts = [shapes.PROMPTS[i % len(shapes.PROMPTS)] for i in range(args.samples)]
+    cond = flow_sampling.encode(pipeline, prompts, tokens)
+    noise = noise_of(args.samples, pipeline.transformer.config.in_channels)
+    transformer, scheduler_config = pipeline.transformer, pipeline.scheduler.config
+
+    def teacher(seed: int, steps: int) -> np.ndarray:
+        sampled = flow_sampling.sample_euler(transformer, scheduler_config, noise(seed), cond, steps=steps,
+                                             guidance_scale=guidance_scale)
+        return quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
+
+    reference, floor, rows = teacher_sets(teacher, "teacher Euler", args.samples, guidance_scale, log)
+
+    def batch_of(index, generator) -> dict:
+        return {
+            "latents": latents[index],
+            "noise": torch.randn(latents[index].shape, generator=generator),
+            "encoder_hidden_states": train_cond.prompt_embeds[index],
+            "add_text_embeds": train_cond.pooled[index],
+        }
+
+    def student(variant: Variant, seed: int):
+        network, distiller, seconds_per_step = train_student(
+            transformer, FlowBenchModel, FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), batch_of,
+            variant, {**seed_lcm, **variant.lcm}, steps=args.steps, seed=seed, log=log,
+        )
+
+        def sample(steps: int) -> np.ndarray:
+            sampled = flow_sampling.sample_student(
+                network, distiller.get_scheduler(), noise(EVALUATION_NOISE_SEED), cond, steps=steps,
+                generator=torch.Generator().manual_seed(EVALUATION_NOISE_SEED + 1),
+            )
+            return quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
+
+        return sample, seconds_per_step
+
+    return Bench("Euler", reference, floor, rows, ["teacher Euler"], FLOW_VARIANTS, student)
+
+
+def teacher_sets(teacher, label: str, samples: int, guidance_scale: float, log):
+    """The features of `teacher(noise seed, steps)`: its 50-step reference and floor, and a row per step count."""
+    reference = teacher(REFERENCE_NOISE_SEED, 50)
+    floor = teacher(EVALUATION_NOISE_SEED, 50)
+    rows = {f"{label} {steps}": teacher(EVALUATION_NOISE_SEED, steps) for steps in STEP_COUNTS}
+    log(f"teacher sets sampled ({samples} samples each, CFG scale {guidance_scale:g})")
+    return reference, floor, rows
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One family's table: the teacher's sampler name, its reference and floor features, its rows' features and
+    labels, the variants to train and `student(variant, seed)` -> (sample(steps) -> features, s/step)."""
+
+    sampler: str
+    reference: np.ndarray
+    floor: np.ndarray
+    rows: dict
+    teacher_labels: list[str]
+    variants: tuple[Variant, ...]
+    student: object
+
+
+def noise_of(samples: int, channels: int):
+    import torch
+
+    size = shapes.IMAGE_SIZE // 8
+    return lambda seed: torch.randn(samples, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("sdxl", "sd3"), default="sdxl",
+                        help="the demo's SDXL teacher, or its SD3 flow teacher (assets/flow_teacher)")
+    parser.add_argument("--quick", action="store_true", help="60 steps, one seed, 48 samples: checks every row runs")
+    parser.add_argument("--steps", type=int, default=DEMO_TRAINING.max_train_steps,
+                        help="optimizer steps per student (default: the demo's); 10 students at 0.06-0.3 s/step here")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    parser.add_argument("--samples", type=int, default=144, help="samples per row (the demo's metric count)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.samples = 60, [0], 48
+
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from lcm_plugin.demo.run import teacher_guidance_scale
+
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    wall_started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - wall_started:6.0f}s] {message}", flush=True)
+
+    seed_lcm = json.loads(demo_config.SEED_CONFIG.read_text())["distillation_config"]["lcm"]
+    guidance_scale = teacher_guidance_scale(seed_lcm)
+    bench = (sdxl_bench if args.family == "sdxl" else sd3_bench)(args, seed_lcm, guidance_scale, log)
+    rows = dict(bench.rows)
     timings = {}
-    for variant in VARIANTS:
+    for variant in bench.variants:
         for seed in args.seeds:
             log(f"training {variant.label}, seed {seed}, {args.steps} steps")
-            unet, distiller, seconds_per_step = train_student(
-                pipeline, latents, train_cond, variant, {**seed_lcm, **variant.lcm}, steps=args.steps, seed=seed,
-                log=log,
-            )
-            timings[f"{variant.label} (seed {seed})"] = seconds_per_step
+            sample, timings[f"{variant.label} (seed {seed})"] = bench.student(variant, seed)
             for steps in STEP_COUNTS:
-                sampled = sampling.sample_student(unet, distiller.get_scheduler(), noise(EVALUATION_NOISE_SEED), cond,
-                                                  steps=steps, generator=torch.Generator().manual_seed(EVALUATION_NOISE_SEED + 1))
-                rows[f"{variant.label} (seed {seed}) {steps}"] = quality.image_features(
-                    sampling.decode(pipeline.vae, sampled).numpy()
-                )
-    comparisons = quality.compare_to_reference(reference, floor, rows)
+                rows[f"{variant.label} (seed {seed}) {steps}"] = sample(steps)
+    comparisons = quality.compare_to_reference(bench.reference, bench.floor, rows)
     floor_estimate = next(iter(comparisons.values())).floor
 
-    labels = ["teacher DDIM", *exact_samplers] + [f"{v.label} (seed {s})" for v in VARIANTS for s in args.seeds]
+    labels = bench.teacher_labels + [f"{v.label} (seed {s})" for v in bench.variants for s in args.seeds]
     header = f"{'sampler':<34}" + "".join(f"{f'{steps} step' + ('s' if steps > 1 else ''):^26}" for steps in STEP_COUNTS)
+    reference_sampler = f"{bench.sampler}-50"
     lines = [
-        f"FD to the teacher's DDIM-50 samples (CFG {guidance_scale:g}, reference noise seed {REFERENCE_NOISE_SEED}); "
-        f"{args.samples} samples per cell, every cell on noise seed {EVALUATION_NOISE_SEED}.",
-        f"Floor (DDIM-50 on the cells' noise): {floor_estimate.value:.1f}, a sampler matching the teacher scores in "
-        f"[{floor_estimate.low:.1f}, {floor_estimate.high:.1f}]. * = within the floor's range.",
+        f"{args.family}: FD to the teacher's {reference_sampler} samples (CFG {guidance_scale:g}, reference noise seed "
+        f"{REFERENCE_NOISE_SEED}); {args.samples} samples per cell, every cell on noise seed {EVALUATION_NOISE_SEED}.",
+        f"Floor ({reference_sampler} on the cells' noise): {floor_estimate.value:.1f}, a sampler matching the teacher "
+        f"scores in [{floor_estimate.low:.1f}, {floor_estimate.high:.1f}]. * = within the floor's range.",
         f"Students: {args.steps} LoRA steps per training seed; cells: FD [95% bootstrap interval].",
         header,
     ]

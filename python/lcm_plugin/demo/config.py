@@ -17,6 +17,9 @@ from lcm_plugin.demo import shapes
 ASSETS = Path(__file__).parent / "assets"
 SEED_CONFIG = ASSETS / "seed_config.json"
 SEED_BACKENDS = ASSETS / "seed_multidatabackend.json"
+TEACHER = ASSETS / "teacher"  # the tiny SDXL teacher (scripts/train_demo_teacher.py)
+FLOW_TEACHER = ASSETS / "flow_teacher"  # the tiny SD3 teacher (scripts/train_demo_teacher.py --family sd3)
+FLOW_TEACHER_T5_TOKENS = 16  # the T5 prompt length it was trained with (its prompts are three words)
 
 # Seed keys with no meaning in an offline, validation-free CPU run.
 DROPPED_KEYS = (

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lcm_plugin.demo import config, shapes
 
-TEACHER_DIR = config.ASSETS / "teacher"
+TEACHER_DIR = config.TEACHER
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DATASET_SIZE = 512
 DATASET_SEED = 1

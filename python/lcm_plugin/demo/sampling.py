@@ -140,9 +140,11 @@ def sample_exact_consistency(unet, scheduler_config: dict, noise: torch.Tensor, 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Latents [B, 4, h, w] (scaled) -> uint8 images [B, 8h, 8w, 3]."""
+    """Latents [B, C, h, w], (sample - shift_factor) * scaling_factor (SDXL's VAE has no shift) -> uint8 images
+    [B, 8h, 8w, 3]."""
+    shift = vae.config.shift_factor or 0.0
     images = [
-        vae.decode(chunk / vae.config.scaling_factor).sample for chunk in latents.split(batch_size)
+        vae.decode(chunk / vae.config.scaling_factor + shift).sample for chunk in latents.split(batch_size)
     ]
     pixels = (torch.cat(images).clamp(-1, 1) + 1) * 127.5
     return pixels.round().to(torch.uint8).permute(0, 2, 3, 1)
