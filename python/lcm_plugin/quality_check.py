@@ -16,6 +16,7 @@ the validation pipeline, the teacher network, the scheduler, the prompt embeddin
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -43,14 +44,16 @@ FREE_MEMORY_SHARE = 0.8
 
 @dataclass(frozen=True)
 class Sampler:
-    """One row: the teacher with DDIM (trailing spacing, CFG) or the student with its own scheduler, no CFG."""
+    """One row: the teacher with its own sampler (CFG; `teacher_sampler`: DDIM with trailing spacing, or Euler on a
+    flow teacher's shifted grid) or the student with its own scheduler, no CFG."""
 
     model: Literal["teacher", "student"]
     steps: int
+    teacher_sampler: str = field(default="DDIM", compare=False)  # names the row; the metric stays the same
 
     @property
     def label(self) -> str:
-        name = "teacher DDIM" if self.model == "teacher" else "student"
+        name = f"teacher {self.teacher_sampler}" if self.model == "teacher" else "student"
         return f"{name} {self.steps} step{'s' if self.steps > 1 else ''}"
 
     @property
@@ -85,16 +88,18 @@ class QualityCheck:
 
     settings: QualityCheckConfig
     clock: Callable[[], float] = time.monotonic
+    teacher_sampler: str = "DDIM"  # "Euler" for a flow teacher (pipeline_sampler's teacher rows)
     _teacher: _TeacherSets | None = field(default=None, init=False)
     _previous: tuple[float, int] | None = field(default=None, init=False)  # (clock at its end, global step)
 
     @property
     def reference_sampler(self) -> Sampler:
-        return Sampler("teacher", self.settings.reference_steps)
+        return Sampler("teacher", self.settings.reference_steps, self.teacher_sampler)
 
     @property
     def rows(self) -> tuple[Sampler, ...]:
-        return tuple(Sampler(model, steps) for model in ("teacher", "student") for steps in self.settings.steps)
+        return tuple(Sampler(model, steps, self.teacher_sampler) for model in ("teacher", "student")
+                     for steps in self.settings.steps)
 
     def run(self, sample: SampleFunction, *, step: int) -> QualityReport:
         """Sample what is missing, score every row against the reference, and time it all."""
@@ -246,14 +251,14 @@ def free_accelerator_bytes(device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _activation_dtype_bytes(pipeline) -> int:
-    """Bytes per activation element when sampling: the wider of the UNet's and the VAE's dtypes. The pipeline decodes a
-    float16 VAE that sets `force_upcast` (SDXL's) in float32."""
+def _activation_dtype_bytes(pipeline, denoiser) -> int:
+    """Bytes per activation element when sampling: the wider of the denoiser's (UNet or transformer) and the VAE's
+    dtypes. The pipeline decodes a float16 VAE that sets `force_upcast` (SDXL's) in float32."""
     import torch
 
     vae = pipeline.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    return max(pipeline.unet.dtype.itemsize, 4 if upcast else vae.dtype.itemsize)
+    return max(denoiser.dtype.itemsize, 4 if upcast else vae.dtype.itemsize)
 
 
 def _chunked_decode(vae, batch: int) -> Callable:
@@ -308,33 +313,50 @@ def pipeline_sampler(
     training_scheduler_config,
     guidance_scale: float,
 ) -> SampleFunction:
-    """A SampleFunction over a diffusers text-to-image pipeline (SDXL, SD 1.x/2.x).
+    """A SampleFunction over a diffusers text-to-image pipeline (SDXL, SD 1.x/2.x; SD3 among flow teachers).
 
     conditioning: batched prompt embeddings for every sample (`cycled_conditioning`). teacher_unet: a context that
-    yields the teacher network (the LoRA run's UNet with adapters off, or the full-model run's frozen copy).
-    student_scheduler: a fresh validation scheduler of the distiller. The teacher uses classifier-free guidance
-    with the LCM unconditional input (zero embeddings), the student none: guidance was distilled into it.
+    yields the teacher network (the LoRA run's UNet or transformer with adapters off, or the full-model run's frozen
+    copy). student_scheduler: a fresh validation scheduler of the distiller. The teacher uses classifier-free guidance
+    with the LCM unconditional input (zero embeddings), the student none: guidance was distilled into it. The
+    teacher's sampler is DDIM (trailing spacing) on an epsilon / v teacher, Euler on its own shifted grid
+    (`FlowMatchEulerDiscreteScheduler`, the SD3 pipeline's) on a flow teacher.
     Each set is sampled in pipeline calls and VAE decodes sized by `sampling_batches` to the memory free at its start.
     """
     import torch
-    from diffusers import DDIMScheduler
+
+    from lcm_plugin.inference import is_flow_matching
+
+    flow = is_flow_matching(training_scheduler_config)
+    denoiser = "transformer" if flow else "unet"
+
+    def teacher_scheduler():
+        if flow:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler_config)
+        from diffusers import DDIMScheduler
+
+        # Trailing spacing starts every step count at t = 999 (SDXL's "leading" starts DDIM-1 at t = 1).
+        return DDIMScheduler.from_config(training_scheduler_config, timestep_spacing="trailing")
 
     def sample(sampler: Sampler, noise_seed: int) -> np.ndarray:
-        unet = pipeline.unet
+        network_in_place = getattr(pipeline, denoiser)
         samples = len(next(iter(conditioning.values())))
-        shape = (samples, unet.config.in_channels, height // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed))  # sample i: its slice i
         generators = _sample_generators(noise_seed, samples)
+        noise = None
+        if not flow:  # sample i: its slice i (a flow pipeline draws sample i's noise from generator i, packed or not)
+            shape = (samples, network_in_place.config.in_channels, height // pipeline.vae_scale_factor,
+                     width // pipeline.vae_scale_factor)
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed))
         if sampler.model == "teacher":
-            # Trailing spacing starts every step count at t = 999 (SDXL's "leading" starts DDIM-1 at t = 1).
-            scheduler = DDIMScheduler.from_config(training_scheduler_config, timestep_spacing="trailing")
-            network, scale = teacher_unet(), guidance_scale
+            scheduler, network, scale = teacher_scheduler(), teacher_unet(), guidance_scale
         else:
-            scheduler, network, scale = student_scheduler(), nullcontext(unet), 1.0
-        sample_batch, decode_batch = sampling_batches(free_accelerator_bytes(unet.device), width, height,
-                                                      _activation_dtype_bytes(pipeline), guided=scale > 1.0)
+            scheduler, network, scale = student_scheduler(), nullcontext(network_in_place), 1.0
+        sample_batch, decode_batch = sampling_batches(free_accelerator_bytes(network_in_place.device), width, height,
+                                                      _activation_dtype_bytes(pipeline, network_in_place), guided=scale > 1.0)
         images = []
-        with (network as model, _swapped(pipeline, unet=model, scheduler=scheduler),
+        with (network as model, _swapped(pipeline, **{denoiser: model}, scheduler=scheduler),
               _swapped(pipeline.vae, decode=_chunked_decode(pipeline.vae, decode_batch)), torch.no_grad()):
             for start in range(0, samples, sample_batch):
                 batch = slice(start, start + sample_batch)
@@ -342,18 +364,32 @@ def pipeline_sampler(
                 if scale > 1.0:
                     inputs |= {f"negative_{key}": torch.zeros_like(value)
                                for key, value in inputs.items() if key.endswith("embeds")}
-                output = pipeline(
-                    prompt=None,
-                    latents=noise[batch].to(unet.device, unet.dtype),
-                    num_inference_steps=sampler.steps,
-                    guidance_scale=scale,
-                    width=width,
-                    height=height,
-                    generator=generators[batch],
-                    output_type="np",
-                    **inputs,
-                ).images
+                if noise is not None:
+                    inputs["latents"] = noise[batch].to(network_in_place.device, network_in_place.dtype)
+                with _fresh_noise_from(scheduler, generators[batch]) if flow else nullcontext():
+                    output = pipeline(
+                        prompt=None,
+                        num_inference_steps=sampler.steps,
+                        guidance_scale=scale,
+                        width=width,
+                        height=height,
+                        generator=generators[batch],
+                        output_type="np",
+                        **inputs,
+                    ).images
                 images.append((np.clip(np.asarray(output, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8))
         return np.concatenate(images)
 
     return sample
+
+
+def _fresh_noise_from(scheduler, generators: list):
+    """The scheduler's steps draw their fresh noise (FlowMatchLCMScheduler's renoising) from `generators`, one per
+    sample: flow pipelines call `scheduler.step` without their generator, so it would come from torch's global one,
+    which the batch sizes and everything else drawing from it would change."""
+    import inspect
+
+    step = scheduler.step
+    if "generator" not in inspect.signature(step).parameters:
+        return nullcontext()
+    return _swapped(scheduler, step=functools.partial(step, generator=generators))

@@ -26,7 +26,8 @@ class QualityCheckConfig(BaseModel):
         [1, 2, 4, 8],
         min_length=1,
         description="Step counts at which the student (the distiller's validation scheduler) and the teacher "
-        "(DDIM, trailing spacing) are sampled. Each must be at most num_ddim_timesteps.",
+        "(DDIM, trailing spacing; Euler on a flow teacher's shifted grid) are sampled. Each must be at most "
+        "num_ddim_timesteps.",
         examples=[[1, 2, 4, 8]],
     )
     samples: int = Field(
@@ -39,7 +40,8 @@ class QualityCheckConfig(BaseModel):
     reference_steps: int = Field(
         50,
         ge=1,
-        description="DDIM steps of the reference sampler (the teacher's many-step samples) and of the floor. "
+        description="Steps of the reference sampler (the teacher's many-step samples: DDIM, or Euler on a flow "
+        "teacher) and of the floor. "
         "The teacher's sets are sampled once per run, at the first validation, then reused.",
         examples=[50],
     )

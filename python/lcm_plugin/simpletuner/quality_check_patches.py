@@ -15,9 +15,13 @@ logger = logging.getLogger("simpletuner-lcm")
 # One lcm_plugin.quality_check.QualityCheck per Validation object (one per run): it keeps the teacher's sets.
 _quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _skip_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
+# Flow families whose validation pipeline the check samples as it is: prompt and pooled embeddings, zeros for the
+# unconditional branch, the teacher's Euler. The others' pipelines also take attention masks (Chroma, Lumina 2,
+# AuraFlow) or an embedded guidance instead of CFG (Flux), which the check does not hand them yet.
+QUALITY_CHECK_FLOW_FAMILIES = ("sd3",)
 FLOW_SKIPPED = (
-    "simpletuner-lcm: the LCM quality check samples UNet teachers with DDIM; it is skipped for this flow-matching "
-    "model. Set distillation_config.lcm.quality_check.enabled to false to silence this line."
+    "simpletuner-lcm: the LCM quality check covers SD3 among flow-matching families; it is skipped for model_family "
+    "{family!r}. Set distillation_config.lcm.quality_check.enabled to false to silence this line."
 )
 SHARDED_SKIPPED = (
     "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the UNet's parameters are sharded across the "
@@ -72,8 +76,11 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         return
     main_process = getattr(validation.accelerator, "is_main_process", True)
     sharding = sharded_training(validation.accelerator)
+    flow = getattr(validation.distiller, "is_flow_matching", False)
+    family = getattr(config, "model_family", None)
     skipped = (SHARDED_SKIPPED.format(sharding=sharding) if sharding is not None
-               else FLOW_SKIPPED if getattr(validation.distiller, "is_flow_matching", False) else None)
+               else FLOW_SKIPPED.format(family=family) if flow and family not in QUALITY_CHECK_FLOW_FAMILIES
+               else None)
     if skipped is not None:
         if main_process and validation not in _skip_warned:
             _skip_warned.add(validation)
@@ -94,7 +101,8 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         return
     check = _quality_checks.get(validation)
     if check is None:
-        check = _quality_checks[validation] = quality_check.QualityCheck(settings.quality_check)
+        check = _quality_checks[validation] = quality_check.QualityCheck(settings.quality_check,
+                                                                         teacher_sampler="Euler" if flow else "DDIM")
     per_prompt = [
         validation._gather_prompt_embeds(item.prompt, item.shortname, None, cache_shortname=item.shortname)
         for item in items

@@ -1,0 +1,98 @@
+"""The in-training quality check on a flow-matching teacher (issue 21): `quality_check.pipeline_sampler` over the SD3
+pipeline samples the teacher's rows by Euler on its shifted grid and the student with its flow scheduler, each
+sample's noise (the initial one and LCM's renoising) depending on its seed and index only."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from lcm_plugin import quality_check
+from lcm_plugin.config import LcmConfig
+from lcm_plugin.demo import config, shapes
+from lcm_plugin.inference import variant_scheduler
+from lcm_plugin.quality_check import METRIC_PREFIX, Sampler
+
+
+@pytest.fixture(scope="module")
+def flow_teacher():
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    pipeline = StableDiffusion3Pipeline.from_pretrained(str(config.FLOW_TEACHER))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def sampler_over(pipeline, samples: int, lcm: LcmConfig):
+    per_prompt = []
+    for prompt in shapes.PROMPTS:
+        prompt_embeds, _, pooled, _ = pipeline.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
+                                                             max_sequence_length=config.FLOW_TEACHER_T5_TOKENS)
+        per_prompt.append({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled})
+    return quality_check.pipeline_sampler(
+        pipeline,
+        conditioning=quality_check.cycled_conditioning(per_prompt, samples),
+        width=shapes.IMAGE_SIZE,
+        height=shapes.IMAGE_SIZE,
+        teacher_unet=lambda: nullcontext(pipeline.transformer),
+        student_scheduler=lambda: variant_scheduler(pipeline.scheduler.config, lcm),
+        training_scheduler_config=pipeline.scheduler.config,
+        guidance_scale=(lcm.w_min + lcm.w_max) / 2,
+    )
+
+
+@contextmanager
+def noise_output(transformer):
+    """The transformer predicts Gaussian noise whatever its input: a student that learnt nothing useful."""
+    generator = torch.Generator().manual_seed(5)
+    handle = transformer.register_forward_hook(
+        lambda module, args, output: (torch.randn(output[0].shape, generator=generator),) + tuple(output[1:])
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_flow_student_that_outputs_noise_scores_above_the_floor(flow_teacher):
+    lcm = LcmConfig(w_min=1.0, w_max=12.0, quality_check={"steps": [1, 2], "samples": 12, "reference_steps": 4})
+    sample = sampler_over(flow_teacher, lcm.quality_check.samples, lcm)
+
+    def broken_student(row: Sampler, seed: int) -> np.ndarray:
+        if row.model == "teacher":
+            return sample(row, seed)
+        with noise_output(flow_teacher.transformer):
+            return sample(row, seed)
+
+    report = quality_check.QualityCheck(lcm.quality_check, teacher_sampler="Euler").run(broken_student, step=0)
+    floor_high = report.metrics[f"{METRIC_PREFIX}floor_high"]
+    for steps in lcm.quality_check.steps:
+        assert report.metrics[f"{METRIC_PREFIX}student_fd_{steps}step"] > floor_high, report.summary
+    assert report.metrics[f"{METRIC_PREFIX}teacher_fd_2step"] < report.metrics[f"{METRIC_PREFIX}student_fd_2step"]
+    assert "FD to the teacher Euler 4 steps teacher samples" in report.summary
+    assert "teacher Euler 1 step" in report.summary
+
+
+def test_each_flow_sample_depends_on_its_seed_and_index_only(flow_teacher, monkeypatch):
+    """LCM's renoising between the steps comes from the sample's own generator: the same seed gives the same images
+    (to the last bit of the kernels) whatever the batches, and another seed other images (torch's global generator, which the SD3 pipeline's own
+    scheduler.step call would use, advances between the calls)."""
+    lcm = LcmConfig()
+    sample = sampler_over(flow_teacher, 10, lcm)
+    scheduler_before = flow_teacher.scheduler
+    row = Sampler("student", 2)
+    first = sample(row, 7)  # batches of 8 and 2 (SAMPLE_BATCH)
+    monkeypatch.setattr(quality_check, "SAMPLE_BATCH", 3)
+    again = sample(row, 7)  # batches of 3, 3, 3 and 1
+    assert first.shape == (10, 64, 64, 3) and first.dtype == np.uint8
+    # Equal up to the last bit of the kernels, which the batch size changes (a level or two of 255).
+    assert np.abs(first.astype(int) - again).max() <= 2
+    assert np.abs(first.astype(int) - sample(row, 8)).mean() > 1.0
+    teacher_row = Sampler("teacher", 2)
+    np.testing.assert_array_equal(sample(teacher_row, 7), sample(teacher_row, 7))
+    assert flow_teacher.scheduler is scheduler_before  # the pipeline is handed back as it was
