@@ -48,6 +48,7 @@ from lcm_plugin.demo import run as demo_run
 STEP_COUNTS = (1, 2, 4, 8)
 # The exact-consistency rows: at 1 step they are the teacher's DDIM-50 itself, and 8 steps cost ~200 guided calls.
 EXACT_STEP_COUNTS = (2, 4)
+FLOW_EXACT_STEP_COUNTS = (2, 4, 8)  # FlowMatchLCMScheduler's 2 steps are nearly its 1 (its grid ends at sigma 0.009)
 REFERENCE_NOISE_SEED, EVALUATION_NOISE_SEED = 100, 200
 DEMO_TRAINING = demo_run.DEFAULT_TRAINING  # the bench trains as the demo does, in this process
 DATASET_ROWS = demo_run.DATASET_SIZE
@@ -255,7 +256,9 @@ def sd3_bench(args, seed_lcm: dict, guidance_scale: float, log):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+    from lcm_plugin.config import LcmConfig
     from lcm_plugin.demo import flow_sampling, sampling
+    from lcm_plugin.inference import variant_scheduler
 
     pipeline = StableDiffusion3Pipeline.from_pretrained(str(demo_config.FLOW_TEACHER))
     pipeline.set_progress_bar_config(disable=True)
@@ -273,6 +276,18 @@ def sd3_bench(args, seed_lcm: dict, guidance_scale: float, log):
         return quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
 
     reference, floor, rows = teacher_sets(teacher, "teacher Euler", args.samples, guidance_scale, log)
+
+    # A perfect LCM student in FlowMatchLCMScheduler (a perfect PCM student in its phased Euler is the Euler-50).
+    exact_label = "exact consistency, LCM sampler"
+    for steps in FLOW_EXACT_STEP_COUNTS:
+        sampled = flow_sampling.sample_exact_consistency(
+            transformer, variant_scheduler(scheduler_config, LcmConfig.model_validate(seed_lcm)), scheduler_config,
+            noise(EVALUATION_NOISE_SEED), cond, steps=steps, to_data=True, guidance_scale=guidance_scale,
+            num_ddim_timesteps=seed_lcm["num_ddim_timesteps"],
+            generator=torch.Generator().manual_seed(EVALUATION_NOISE_SEED + 1),
+        )
+        rows[f"{exact_label} {steps}"] = quality.image_features(sampling.decode(pipeline.vae, sampled).numpy())
+    log(f"exact-consistency rows sampled ({exact_label})")
 
     def batch_of(index, generator) -> dict:
         return {
@@ -297,7 +312,7 @@ def sd3_bench(args, seed_lcm: dict, guidance_scale: float, log):
 
         return sample, seconds_per_step
 
-    return Bench("Euler", reference, floor, rows, ["teacher Euler"], FLOW_VARIANTS, student)
+    return Bench("Euler", reference, floor, rows, ["teacher Euler", exact_label], FLOW_VARIANTS, student)
 
 
 def teacher_sets(teacher, label: str, samples: int, guidance_scale: float, log):

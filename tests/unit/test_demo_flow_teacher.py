@@ -102,3 +102,35 @@ def test_flow_teacher_draws_the_prompted_colour(teacher):
     images = sampling.decode(teacher.vae, latents).numpy()
     hits = sum(_nearest_colour(_foreground(image)) == prompt.split()[1] for image, prompt in zip(images, prompts))
     assert hits >= 11, hits
+
+
+@pytest.mark.parametrize(("variant", "steps"), [("lcm", 1), ("pcm", 2), ("pcm", 4)])
+def test_a_perfect_student_whose_steps_follow_the_grid_is_the_teachers_euler(teacher, variant, steps):
+    """LCM at one step maps the noise to the ODE's end; PCM's steps start on grid points and run the ODE between
+    them: both are the teacher's Euler on its whole grid, diffusers' loop (test_euler_sampler_is_...)."""
+    prompts = list(shapes.PROMPTS[:3])
+    cond, start = conditioning(teacher, prompts), noise(len(prompts), seed=3)
+    lcm = LcmConfig(variant=variant, pcm_phases=2, num_ddim_timesteps=12)
+    perfect = flow_sampling.sample_exact_consistency(
+        teacher.transformer, variant_scheduler(teacher.scheduler.config, lcm), teacher.scheduler.config, start, cond,
+        steps=steps, to_data=variant == "lcm", guidance_scale=4.0, num_ddim_timesteps=12,
+        generator=torch.Generator().manual_seed(0))
+    euler = pipeline_latents(teacher, cond, start, steps=12, guidance_scale=4.0, output_type="latent")
+    torch.testing.assert_close(perfect, euler, rtol=1e-4, atol=1e-4)
+
+
+def test_a_perfect_lcm_student_renoises_between_its_steps(teacher):
+    prompts = list(shapes.PROMPTS[:3])
+    cond, start = conditioning(teacher, prompts), noise(len(prompts), seed=3)
+    lcm = LcmConfig(num_ddim_timesteps=12)
+
+    def perfect(seed: int) -> torch.Tensor:
+        return flow_sampling.sample_exact_consistency(
+            teacher.transformer, variant_scheduler(teacher.scheduler.config, lcm), teacher.scheduler.config, start,
+            cond, steps=4, to_data=True, guidance_scale=4.0, num_ddim_timesteps=12,
+            generator=torch.Generator().manual_seed(seed))
+
+    euler = pipeline_latents(teacher, cond, start, steps=12, guidance_scale=4.0, output_type="latent")
+    first, again, other = perfect(0), perfect(0), perfect(1)
+    torch.testing.assert_close(first, again)
+    assert (first - euler).abs().mean() > 0.05 and (first - other).abs().mean() > 0.05

@@ -75,3 +75,37 @@ def sample_student(transformer, scheduler, noise: torch.Tensor, cond: FlowCondit
     for t in scheduler.timesteps:
         latents = scheduler.step(velocity(transformer, latents, t, cond), t, latents, generator=generator).prev_sample
     return latents
+
+
+@torch.no_grad()
+def sample_exact_consistency(transformer, scheduler, scheduler_config: dict, noise: torch.Tensor,
+                             cond: FlowConditioning, *, steps: int, to_data: bool, guidance_scale: float,
+                             num_ddim_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """A perfect student in a student's `scheduler`: at each of its steps the consistency function is the teacher's
+    guided Euler ODE on the training grid (the teacher's own N-step sigmas), from the step's sigma to the data
+    (`to_data`: LCM's x0 = x - sigma v, which FlowMatchLCMScheduler renoises) or to the step's next sigma (PCM's
+    phased Euler). The velocity handed to `scheduler.step` is the one that lands it there.
+
+    No student sampled by that scheduler can do better: what its row keeps above the floor is the sampler's own cost.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    grid = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    grid.set_timesteps(num_ddim_timesteps)
+    grid_sigmas = [float(sigma) for sigma in grid.sigmas]  # descending, the terminal 0 last
+
+    def solve(x: torch.Tensor, sigma: float, end: float) -> torch.Tensor:
+        """Guided Euler from `sigma` through the grid's points below it down to `end`."""
+        points = [sigma, *(g for g in grid_sigmas if end < g < sigma), end]
+        for high, low in zip(points, points[1:]):
+            x = x + (low - high) * guided_velocity(transformer, x, torch.tensor(high * 1000), cond, guidance_scale)
+        return x
+
+    scheduler.set_timesteps(steps)
+    latents = noise
+    for index, t in enumerate(scheduler.timesteps):
+        sigma, sigma_next = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
+        end = 0.0 if to_data else sigma_next
+        velocity_to_end = (latents - solve(latents, sigma, end)) / (sigma - end)
+        latents = scheduler.step(velocity_to_end, t, latents, generator=generator).prev_sample
+    return latents
