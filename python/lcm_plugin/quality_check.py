@@ -207,11 +207,13 @@ def comparison_grid(rows: list[tuple[str, np.ndarray]]):
 
 def cycled_conditioning(per_prompt: list[Mapping[str, object]], samples: int) -> dict[str, object]:
     """Batched pipeline inputs for `samples` samples, sample i with prompt i % len(per_prompt).
-    per_prompt: one dict of tensors [1, ...] per prompt (the pipeline's prompt_embeds, pooled_prompt_embeds, ...)."""
+    per_prompt: one dict of tensors [1, ...] per prompt (the pipeline's prompt_embeds, pooled_prompt_embeds, ...);
+    an input set to None (Flux's prompt_mask without masked training) is left to the pipeline's default."""
     import torch
 
     order = [per_prompt[i % len(per_prompt)] for i in range(samples)]
-    return {key: torch.cat([inputs[key] for inputs in order]) for key in per_prompt[0]}
+    return {key: torch.cat([inputs[key] for inputs in order]) for key, value in per_prompt[0].items()
+            if value is not None}
 
 
 def sampling_batches(free_bytes: int | None, width: int, height: int, dtype_bytes: int, *, guided: bool
@@ -312,13 +314,16 @@ def pipeline_sampler(
     student_scheduler: Callable[[], object],
     training_scheduler_config,
     guidance_scale: float,
+    embedded_guidance: bool = False,
 ) -> SampleFunction:
     """A SampleFunction over a diffusers text-to-image pipeline (SDXL, SD 1.x/2.x; SD3 among flow teachers).
 
     conditioning: batched prompt embeddings for every sample (`cycled_conditioning`). teacher_unet: a context that
     yields the teacher network (the LoRA run's UNet or transformer with adapters off, or the full-model run's frozen
     copy). student_scheduler: a fresh validation scheduler of the distiller. The teacher uses classifier-free guidance
-    with the LCM unconditional input (zero embeddings), the student none: guidance was distilled into it. The
+    with the LCM unconditional input (zero embeddings; attention masks stay the prompt's), the student none: guidance
+    was distilled into it. `embedded_guidance` (Flux): `guidance_scale` is the model's own guidance input, which
+    teacher and student both take (the student was distilled at it), with no unconditional branch. The
     teacher's sampler is DDIM (trailing spacing) on an epsilon / v teacher, Euler on its own shifted grid
     (`FlowMatchEulerDiscreteScheduler`, the SD3 pipeline's) on a flow teacher.
     Each set is sampled in pipeline calls and VAE decodes sized by `sampling_batches` to the memory free at its start.
@@ -352,18 +357,20 @@ def pipeline_sampler(
         if sampler.model == "teacher":
             scheduler, network, scale = teacher_scheduler(), teacher_unet(), guidance_scale
         else:
-            scheduler, network, scale = student_scheduler(), nullcontext(network_in_place), 1.0
+            scheduler, network = student_scheduler(), nullcontext(network_in_place)
+            scale = guidance_scale if embedded_guidance else 1.0
+        guided = scale > 1.0 and not embedded_guidance  # classifier-free guidance: an unconditional half
         sample_batch, decode_batch = sampling_batches(free_accelerator_bytes(network_in_place.device), width, height,
-                                                      _activation_dtype_bytes(pipeline, network_in_place), guided=scale > 1.0)
+                                                      _activation_dtype_bytes(pipeline, network_in_place), guided=guided)
         images = []
         with (network as model, _swapped(pipeline, **{denoiser: model}, scheduler=scheduler),
               _swapped(pipeline.vae, decode=_chunked_decode(pipeline.vae, decode_batch)), torch.no_grad()):
             for start in range(0, samples, sample_batch):
                 batch = slice(start, start + sample_batch)
                 inputs = {key: value[batch] for key, value in conditioning.items()}
-                if scale > 1.0:
-                    inputs |= {f"negative_{key}": torch.zeros_like(value)
-                               for key, value in inputs.items() if key.endswith("embeds")}
+                if guided:
+                    inputs |= {f"negative_{key}": torch.zeros_like(value) if key.endswith("embeds") else value
+                               for key, value in inputs.items() if key.endswith(("embeds", "attention_mask"))}
                 if noise is not None:
                     inputs["latents"] = noise[batch].to(network_in_place.device, network_in_place.dtype)
                 with _fresh_noise_from(scheduler, generators[batch]) if flow else nullcontext():

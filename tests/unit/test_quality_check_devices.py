@@ -231,14 +231,14 @@ def test_a_flow_run_of_a_family_the_check_does_not_cover_skips_it_with_one_line(
                                                                                    caplog):
     validation = FakeValidation(demo_teacher, FakeAccelerator(rank=0), tmp_path)
     validation.distiller.is_flow_matching = True
-    validation.config.model_family = "flux"
+    validation.config.model_family = "chroma"
     with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
         for _ in range(2):
             quality_check_patches._run_quality_check(validation, SURFACES)
     assert unet_calls == []
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-    assert warnings == [quality_check_patches.FLOW_SKIPPED.format(family="flux")]
-    assert "model_family 'flux'" in warnings[0]
+    assert warnings == [quality_check_patches.FLOW_SKIPPED.format(family="chroma")]
+    assert "model_family 'chroma'" in warnings[0]
 
 
 def test_under_zero2_rank_0_checks(demo_teacher, unet_calls, tmp_path):

@@ -96,3 +96,40 @@ def test_each_flow_sample_depends_on_its_seed_and_index_only(flow_teacher, monke
     teacher_row = Sampler("teacher", 2)
     np.testing.assert_array_equal(sample(teacher_row, 7), sample(teacher_row, 7))
     assert flow_teacher.scheduler is scheduler_before  # the pipeline is handed back as it was
+
+
+def test_flux_is_sampled_at_its_guidance_input_without_an_unconditional_branch(tmp_path, monkeypatch):
+    """Flux's guidance is a model input that teacher, target and student all took (flux_guidance_value): both rows
+    pass it as the pipeline's guidance_scale and no negative prompt; an input SimpleTuner leaves None (prompt_mask
+    without masked training) is left out."""
+    from diffusers import FluxPipeline
+
+    from lcm_plugin.tiny_flow import save_tiny_flux
+
+    pipeline = FluxPipeline.from_pretrained(str(save_tiny_flux(tmp_path / "flux", vocabulary=shapes.VOCABULARY)))
+    pipeline.set_progress_bar_config(disable=True)
+    per_prompt = []
+    for prompt in shapes.PROMPTS[:2]:
+        prompt_embeds, pooled, _ = pipeline.encode_prompt(prompt, None, max_sequence_length=16)
+        per_prompt.append({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "prompt_mask": None})
+    calls = []
+    original = FluxPipeline.__call__
+
+    def recorded(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "__call__", recorded)
+    lcm = LcmConfig()
+    sample = quality_check.pipeline_sampler(
+        pipeline, conditioning=quality_check.cycled_conditioning(per_prompt, 3), width=64, height=64,
+        teacher_unet=lambda: nullcontext(pipeline.transformer),
+        student_scheduler=lambda: variant_scheduler(pipeline.scheduler.config, lcm),
+        training_scheduler_config=pipeline.scheduler.config, guidance_scale=3.5, embedded_guidance=True,
+    )
+    teacher_images = sample(Sampler("teacher", 2), 7)
+    student_images = sample(Sampler("student", 2), 7)
+    assert teacher_images.shape == student_images.shape == (3, 64, 64, 3)
+    assert [call["guidance_scale"] for call in calls] == [3.5, 3.5]
+    assert all(not key.startswith("negative_") and key != "prompt_mask" for call in calls for key in call)
+    np.testing.assert_array_equal(student_images, sample(Sampler("student", 2), 7))

@@ -15,13 +15,13 @@ logger = logging.getLogger("simpletuner-lcm")
 # One lcm_plugin.quality_check.QualityCheck per Validation object (one per run): it keeps the teacher's sets.
 _quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _skip_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
-# Flow families whose validation pipeline the check samples as it is: prompt and pooled embeddings, zeros for the
-# unconditional branch, the teacher's Euler. The others' pipelines also take attention masks (Chroma, Lumina 2,
-# AuraFlow) or an embedded guidance instead of CFG (Flux), which the check does not hand them yet.
-QUALITY_CHECK_FLOW_FAMILIES = ("sd3",)
+# Flow families whose validation pipeline the check samples, tested through the stock trainer: SD3 (zeros for the
+# unconditional branch) and Flux (its guidance input, flux_guidance_value, for teacher and student). The teacher's
+# sampler is Euler on its own grid.
+QUALITY_CHECK_FLOW_FAMILIES = ("sd3", "flux")
 FLOW_SKIPPED = (
-    "simpletuner-lcm: the LCM quality check covers SD3 among flow-matching families; it is skipped for model_family "
-    "{family!r}. Set distillation_config.lcm.quality_check.enabled to false to silence this line."
+    "simpletuner-lcm: the LCM quality check covers SD3 and Flux among flow-matching families; it is skipped for "
+    "model_family {family!r}. Set distillation_config.lcm.quality_check.enabled to false to silence this line."
 )
 SHARDED_SKIPPED = (
     "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the UNet's parameters are sharded across the "
@@ -121,9 +121,7 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         teacher_unet=distiller._teacher,
         student_scheduler=distiller.get_scheduler,
         training_scheduler_config=distiller.noise_scheduler.config,
-        # A student without a guidance input distils the teacher averaged over U[w_min, w_max]: CFG is linear in
-        # the scale, so that is the teacher at the mean scale (as in the demo).
-        guidance_scale=(settings.w_min + settings.w_max) / 2.0,
+        **_guidance(config, settings, family),
     )
     step = surfaces["state_tracker"].get_global_step()
     with validation_autocast(validation):
@@ -139,6 +137,17 @@ def _run_quality_check(validation, surfaces: dict) -> None:
     )
     logger.info("simpletuner-lcm: LCM quality grid (rows: sampler, columns: sample) saved to %s", path)
     images.log_images_to_trackers(validation.accelerator, {label: [report.grid]}, [(width, height)], config)
+
+
+def _guidance(config, settings, family) -> dict:
+    """pipeline_sampler's guidance for the run's family."""
+    from lcm_plugin.config.families import FLOW_FAMILIES
+
+    if FLOW_FAMILIES.get(family) == "embedded":  # Flux: teacher, target and student all took flux_guidance_value
+        return {"guidance_scale": float(config.flux_guidance_value), "embedded_guidance": True}
+    # A student without a guidance input distils the teacher averaged over U[w_min, w_max]: CFG is linear in the
+    # scale, so that is the teacher at the mean scale (as in the demo).
+    return {"guidance_scale": (settings.w_min + settings.w_max) / 2.0}
 
 
 def validation_autocast(validation):
