@@ -316,7 +316,7 @@ def pipeline_sampler(
     guidance_scale: float,
     embedded_guidance: bool = False,
 ) -> SampleFunction:
-    """A SampleFunction over a diffusers text-to-image pipeline (SDXL, SD 1.x/2.x; SD3 among flow teachers).
+    """A SampleFunction over a diffusers text-to-image pipeline (SDXL, SD 1.x/2.x, and the flow families').
 
     conditioning: batched prompt embeddings for every sample (`cycled_conditioning`). teacher_unet: a context that
     yields the teacher network (the LoRA run's UNet or transformer with adapters off, or the full-model run's frozen
@@ -325,7 +325,7 @@ def pipeline_sampler(
     was distilled into it. `embedded_guidance` (Flux): `guidance_scale` is the model's own guidance input, which
     teacher and student both take (the student was distilled at it), with no unconditional branch. The
     teacher's sampler is DDIM (trailing spacing) on an epsilon / v teacher, Euler on its own shifted grid
-    (`FlowMatchEulerDiscreteScheduler`, the SD3 pipeline's) on a flow teacher.
+    (`FlowMatchEulerDiscreteScheduler`, the flow pipelines') on a flow teacher.
     Each set is sampled in pipeline calls and VAE decodes sized by `sampling_batches` to the memory free at its start.
     """
     import torch

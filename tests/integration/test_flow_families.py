@@ -18,6 +18,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hub_cache import HUB_TEXT_ENCODERS, offline_hub_cache  # noqa: E402
 
 STEPS = 2
+# The in-training quality check at a validation, small: Euler teacher rows (with CFG, or Flux's guidance input).
+QUALITY_CHECK = {"steps": [1, 2], "samples": 8, "reference_steps": 4}
+
+
+def validation_at(step: int) -> dict:
+    """config.json keys for one SimpleTuner validation at `step` (it samples with the distiller's scheduler and runs
+    the quality check), one small image."""
+    return {"validation_disable": None, "validation_step_interval": step, "validation_prompt": "red circle",
+            "validation_resolution": "64x64", "validation_num_inference_steps": 2, "validation_guidance": 1.0,
+            "num_validation_images": 1, "disable_benchmark": True}
+
+
+def assert_the_quality_check_ran(run: Path, log: str, step: int) -> None:
+    """The check ran at the validation of `step`, logged its table and metrics and saved its grid."""
+    from lcm_plugin.quality_check import METRIC_PREFIX
+
+    assert not any(line in log for line in ("the LCM quality check failed", "quality check is skipped",
+                                            "quality check skipped")), log[-4000:]
+    assert "FD to the teacher Euler 4 steps teacher samples" in log, log[-4000:]
+    metrics = {}
+    for line in (run / "output" / "training_metrics.jsonl").read_text().splitlines():
+        metrics.update({key: value for key, value in json.loads(line).get("metrics", {}).items()
+                        if key.startswith(METRIC_PREFIX)})
+    expected = {f"{METRIC_PREFIX}{model}_fd_{steps}step" for model in ("teacher", "student") for steps in (1, 2)}
+    assert expected <= set(metrics) and all(math.isfinite(metrics[key]) for key in expected), sorted(metrics)
+    assert (run / "output" / "validation_images" / f"step_{step}_lcm_quality_grid.png").is_file()
 
 
 def flow_run(root: Path, family: str, *, steps: int = STEPS, config: dict | None = None,
@@ -139,7 +165,9 @@ CFG_FAMILIES = {
 @pytest.fixture(scope="module", params=list(CFG_FAMILIES))
 def cfg_family_run(request, tmp_path_factory):
     family = request.param
-    return family, *flow_run(tmp_path_factory.mktemp(f"{family}-lcm"), family, config=CFG_FAMILIES[family][1])
+    return family, *flow_run(tmp_path_factory.mktemp(f"{family}-lcm"), family,
+                             config={**validation_at(STEPS), **CFG_FAMILIES[family][1]},
+                             lcm={"quality_check": QUALITY_CHECK})
 
 
 def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cfg_family_run):
@@ -152,6 +180,7 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     losses = lcm_losses(run / "output" / "training_metrics.jsonl")
     assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
     assert f"every dataset uses SimpleTuner's own caching: model_family '{family}'" in log, log[-4000:]
+    assert_the_quality_check_ran(run, log, STEPS)
     with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
         metadata, keys = lora.metadata(), list(lora.keys())
     assert keys and all(key.startswith("transformer.") for key in keys)

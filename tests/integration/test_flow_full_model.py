@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from test_family_matrix import FULL_MODEL_CONFIG
-from test_flow_families import flow_run
+from test_flow_families import QUALITY_CHECK, assert_the_quality_check_ran, flow_run, validation_at
 from test_simpletuner_train import lcm_losses
 
 STEPS = 3
@@ -28,9 +28,7 @@ FAMILIES = {
     "sd3": ({}, {"variant": "pcm", "pcm_phases": 2}, 0.0),
     "flux": ({"flux_guidance_value": 3.5}, {}, 3.5),
 }
-# The in-training quality check at that validation, small: Euler teacher rows, SD3's with CFG, Flux's at its
-# guidance input.
-QUALITY_CHECK = {"steps": [1, 2], "samples": 8, "reference_steps": 4}
+
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -39,12 +37,9 @@ def full_run(request, tmp_path_factory):
     config, lcm, _ = FAMILIES[family]
     # SimpleTuner's validation at the last step samples with the distiller's scheduler; the card samples at its
     # resolution.
-    validation = {"validation_disable": None, "validation_step_interval": STEPS, "validation_prompt": "red circle",
-                  "validation_resolution": "64x64", "validation_num_inference_steps": 2, "validation_guidance": 1.0,
-                  "num_validation_images": 1, "disable_benchmark": True}
     run, model, log = flow_run(tmp_path_factory.mktemp(f"{family}-full"), family, steps=STEPS,
                                lcm={**lcm, "quality_check": QUALITY_CHECK},
-                               config={**validation, **config, **FULL_MODEL_CONFIG})
+                               config={**validation_at(STEPS), **config, **FULL_MODEL_CONFIG})
     return family, run, model, log
 
 
@@ -52,21 +47,10 @@ def test_simpletuners_validation_samples_the_flow_student(full_run):
     """Validation at the last step runs in SimpleTuner's own pipeline with the distiller's scheduler (`get_scheduler`:
     the phased Euler sampler for PCM, FlowMatchLCMScheduler for LCM, which take the pipeline's proposed sigmas and
     Flux's mu); the quality check scores the student against its teacher's Euler samples and logs its metrics."""
-    from lcm_plugin.quality_check import METRIC_PREFIX
-
     family, run, _, log = full_run
     images = sorted((run / "output" / "validation_images").glob("*.png"))
     assert images, log[-4000:]
-    assert not any(line in log for line in ("the LCM quality check failed", "quality check is skipped",
-                                            "quality check skipped")), log[-4000:]
-    assert "FD to the teacher Euler 4 steps teacher samples" in log, log[-4000:]
-    metrics = {}
-    for line in (run / "output" / "training_metrics.jsonl").read_text().splitlines():
-        metrics.update({key: value for key, value in json.loads(line).get("metrics", {}).items()
-                        if key.startswith(METRIC_PREFIX)})
-    expected = {f"{METRIC_PREFIX}{model}_fd_{steps}step" for model in ("teacher", "student") for steps in (1, 2)}
-    assert expected <= set(metrics) and all(math.isfinite(metrics[key]) for key in expected), sorted(metrics)
-    assert (run / "output" / "validation_images" / f"step_{STEPS}_lcm_quality_grid.png").is_file()
+    assert_the_quality_check_ran(run, log, STEPS)
 
 
 def test_a_full_model_flow_lcm_samples_through_its_model_card(full_run, tmp_path, monkeypatch):

@@ -227,20 +227,6 @@ def test_when_sharded_every_rank_skips_and_rank_0_says_why_once(demo_teacher, un
         assert "distillation_config.lcm.quality_check.enabled" in warnings[0]
 
 
-def test_a_flow_run_of_a_family_the_check_does_not_cover_skips_it_with_one_line(demo_teacher, unet_calls, tmp_path,
-                                                                                   caplog):
-    validation = FakeValidation(demo_teacher, FakeAccelerator(rank=0), tmp_path)
-    validation.distiller.is_flow_matching = True
-    validation.config.model_family = "chroma"
-    with caplog.at_level(logging.INFO, logger="simpletuner-lcm"):
-        for _ in range(2):
-            quality_check_patches._run_quality_check(validation, SURFACES)
-    assert unet_calls == []
-    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-    assert warnings == [quality_check_patches.FLOW_SKIPPED.format(family="chroma")]
-    assert "model_family 'chroma'" in warnings[0]
-
-
 def test_under_zero2_rank_0_checks(demo_teacher, unet_calls, tmp_path):
     accelerator = FakeAccelerator(rank=0, zero_stage=2)  # whole parameters on every rank
     quality_check_patches._run_quality_check(FakeValidation(demo_teacher, accelerator, tmp_path), SURFACES)

@@ -15,14 +15,6 @@ logger = logging.getLogger("simpletuner-lcm")
 # One lcm_plugin.quality_check.QualityCheck per Validation object (one per run): it keeps the teacher's sets.
 _quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _skip_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
-# Flow families whose validation pipeline the check samples, tested through the stock trainer: SD3 (zeros for the
-# unconditional branch) and Flux (its guidance input, flux_guidance_value, for teacher and student). The teacher's
-# sampler is Euler on its own grid.
-QUALITY_CHECK_FLOW_FAMILIES = ("sd3", "flux")
-FLOW_SKIPPED = (
-    "simpletuner-lcm: the LCM quality check covers SD3 and Flux among flow-matching families; it is skipped for "
-    "model_family {family!r}. Set distillation_config.lcm.quality_check.enabled to false to silence this line."
-)
 SHARDED_SKIPPED = (
     "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the UNet's parameters are sharded across the "
     "ranks, so each of its forwards needs every rank, and the check samples on rank 0 alone. Set "
@@ -76,15 +68,10 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         return
     main_process = getattr(validation.accelerator, "is_main_process", True)
     sharding = sharded_training(validation.accelerator)
-    flow = getattr(validation.distiller, "is_flow_matching", False)
-    family = getattr(config, "model_family", None)
-    skipped = (SHARDED_SKIPPED.format(sharding=sharding) if sharding is not None
-               else FLOW_SKIPPED.format(family=family) if flow and family not in QUALITY_CHECK_FLOW_FAMILIES
-               else None)
-    if skipped is not None:
+    if sharding is not None:
         if main_process and validation not in _skip_warned:
             _skip_warned.add(validation)
-            logger.warning(skipped)
+            logger.warning(SHARDED_SKIPPED.format(sharding=sharding))
         return
     # Under plain DDP SimpleTuner calls finalize_validation on rank 0 only, or on every rank after a batch-parallel
     # validation (validation_multigpu's default). The check runs on rank 0 and uses no collective: the other ranks go
@@ -101,6 +88,7 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         return
     check = _quality_checks.get(validation)
     if check is None:
+        flow = getattr(validation.distiller, "is_flow_matching", False)
         check = _quality_checks[validation] = quality_check.QualityCheck(settings.quality_check,
                                                                          teacher_sampler="Euler" if flow else "DDIM")
     per_prompt = [
@@ -121,7 +109,7 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         teacher_unet=distiller._teacher,
         student_scheduler=distiller.get_scheduler,
         training_scheduler_config=distiller.noise_scheduler.config,
-        **_guidance(config, settings, family),
+        **_guidance(config, settings),
     )
     step = surfaces["state_tracker"].get_global_step()
     with validation_autocast(validation):
@@ -139,11 +127,12 @@ def _run_quality_check(validation, surfaces: dict) -> None:
     images.log_images_to_trackers(validation.accelerator, {label: [report.grid]}, [(width, height)], config)
 
 
-def _guidance(config, settings, family) -> dict:
+def _guidance(config, settings) -> dict:
     """pipeline_sampler's guidance for the run's family."""
     from lcm_plugin.config.families import FLOW_FAMILIES
 
-    if FLOW_FAMILIES.get(family) == "embedded":  # Flux: teacher, target and student all took flux_guidance_value
+    # Flux: teacher, target and student all took flux_guidance_value as the model's guidance input.
+    if FLOW_FAMILIES.get(getattr(config, "model_family", None)) == "embedded":
         return {"guidance_scale": float(config.flux_guidance_value), "embedded_guidance": True}
     # A student without a guidance input distils the teacher averaged over U[w_min, w_max]: CFG is linear in the
     # scale, so that is the teacher at the mean scale (as in the demo).
