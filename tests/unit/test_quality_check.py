@@ -143,7 +143,7 @@ def _conditioning(pipeline, samples: int) -> dict:
 
 @contextmanager
 def _noise_output(unet):
-    """The UNet predicts Gaussian noise whatever its input: a student that learnt nothing useful."""
+    """The UNet (or transformer) predicts Gaussian noise whatever its input: a student that learnt nothing useful."""
     generator = torch.Generator().manual_seed(5)
     handle = unet.register_forward_hook(
         lambda module, args, output: (torch.randn(output[0].shape, generator=generator),) + tuple(output[1:])

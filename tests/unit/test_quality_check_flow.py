@@ -4,7 +4,7 @@ sample's noise (the initial one and LCM's renoising) depending on its seed and i
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,6 +15,8 @@ from lcm_plugin.config import LcmConfig
 from lcm_plugin.demo import config, shapes
 from lcm_plugin.inference import variant_scheduler
 from lcm_plugin.quality_check import METRIC_PREFIX, Sampler
+
+from test_quality_check import _noise_output
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +48,6 @@ def sampler_over(pipeline, samples: int, lcm: LcmConfig):
     )
 
 
-@contextmanager
-def noise_output(transformer):
-    """The transformer predicts Gaussian noise whatever its input: a student that learnt nothing useful."""
-    generator = torch.Generator().manual_seed(5)
-    handle = transformer.register_forward_hook(
-        lambda module, args, output: (torch.randn(output[0].shape, generator=generator),) + tuple(output[1:])
-    )
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def test_a_flow_student_that_outputs_noise_scores_above_the_floor(flow_teacher):
     lcm = LcmConfig(w_min=1.0, w_max=12.0, quality_check={"steps": [1, 2], "samples": 12, "reference_steps": 4})
     sample = sampler_over(flow_teacher, lcm.quality_check.samples, lcm)
@@ -66,7 +55,7 @@ def test_a_flow_student_that_outputs_noise_scores_above_the_floor(flow_teacher):
     def broken_student(row: Sampler, seed: int) -> np.ndarray:
         if row.model == "teacher":
             return sample(row, seed)
-        with noise_output(flow_teacher.transformer):
+        with _noise_output(flow_teacher.transformer):
             return sample(row, seed)
 
     report = quality_check.QualityCheck(lcm.quality_check, teacher_sampler="Euler").run(broken_student, step=0)
