@@ -310,7 +310,7 @@ def pipeline_sampler(
     conditioning: Mapping[str, object],
     width: int,
     height: int,
-    teacher_unet: Callable[[], AbstractContextManager],
+    teacher_network: Callable[[], AbstractContextManager],
     student_scheduler: Callable[[], object],
     training_scheduler_config,
     guidance_scale: float,
@@ -318,7 +318,7 @@ def pipeline_sampler(
 ) -> SampleFunction:
     """A SampleFunction over a diffusers text-to-image pipeline (SDXL, SD 1.x/2.x, and the flow families').
 
-    conditioning: batched prompt embeddings for every sample (`cycled_conditioning`). teacher_unet: a context that
+    conditioning: batched prompt embeddings for every sample (`cycled_conditioning`). teacher_network: a context that
     yields the teacher network (the LoRA run's UNet or transformer with adapters off, or the full-model run's frozen
     copy). student_scheduler: a fresh validation scheduler of the distiller. The teacher uses classifier-free guidance
     with the LCM unconditional input (zero embeddings; attention masks stay the prompt's), the student none: guidance
@@ -355,7 +355,7 @@ def pipeline_sampler(
                      width // pipeline.vae_scale_factor)
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed))
         if sampler.model == "teacher":
-            scheduler, network, scale = teacher_scheduler(), teacher_unet(), guidance_scale
+            scheduler, network, scale = teacher_scheduler(), teacher_network(), guidance_scale
         else:
             scheduler, network = student_scheduler(), nullcontext(network_in_place)
             scale = guidance_scale if embedded_guidance else 1.0

@@ -162,7 +162,7 @@ def test_a_student_that_outputs_noise_scores_above_the_floor_with_the_real_pipel
         conditioning=_conditioning(demo_teacher, settings.samples),
         width=shapes.IMAGE_SIZE,
         height=shapes.IMAGE_SIZE,
-        teacher_unet=lambda: nullcontext(demo_teacher.unet),
+        teacher_network=lambda: nullcontext(demo_teacher.unet),
         student_scheduler=lambda: lcm_scheduler(demo_teacher.scheduler.config, num_ddim_timesteps=50,
                                                 timestep_scaling=10.0),
         training_scheduler_config=demo_teacher.scheduler.config,
@@ -190,7 +190,7 @@ def test_sampler_draws_the_same_images_for_the_same_seed_and_other_images_for_an
     conditioning = _conditioning(demo_teacher, 2)
     sample = quality_check.pipeline_sampler(
         demo_teacher, conditioning=conditioning, width=64, height=64,
-        teacher_unet=lambda: nullcontext(demo_teacher.unet),
+        teacher_network=lambda: nullcontext(demo_teacher.unet),
         student_scheduler=lambda: lcm_scheduler(demo_teacher.scheduler.config, num_ddim_timesteps=50,
                                                 timestep_scaling=10.0),
         training_scheduler_config=demo_teacher.scheduler.config, guidance_scale=6.5,

@@ -66,7 +66,7 @@ def _sampler(pipeline, samples: int):
     per_prompt = [_embeds(pipeline, prompt) for prompt in shapes.PROMPTS[:3]]
     return quality_check.pipeline_sampler(
         pipeline, conditioning=quality_check.cycled_conditioning(per_prompt, samples), width=SIZE, height=SIZE,
-        teacher_unet=lambda: nullcontext(pipeline.unet), student_scheduler=_student_scheduler(pipeline),
+        teacher_network=lambda: nullcontext(pipeline.unet), student_scheduler=_student_scheduler(pipeline),
         training_scheduler_config=pipeline.scheduler.config, guidance_scale=6.5,
     )
 

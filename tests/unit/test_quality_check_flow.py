@@ -41,7 +41,7 @@ def sampler_over(pipeline, samples: int, lcm: LcmConfig):
         conditioning=quality_check.cycled_conditioning(per_prompt, samples),
         width=shapes.IMAGE_SIZE,
         height=shapes.IMAGE_SIZE,
-        teacher_unet=lambda: nullcontext(pipeline.transformer),
+        teacher_network=lambda: nullcontext(pipeline.transformer),
         student_scheduler=lambda: variant_scheduler(pipeline.scheduler.config, lcm),
         training_scheduler_config=pipeline.scheduler.config,
         guidance_scale=(lcm.w_min + lcm.w_max) / 2,
@@ -112,7 +112,7 @@ def test_flux_is_sampled_at_its_guidance_input_without_an_unconditional_branch(t
     lcm = LcmConfig()
     sample = quality_check.pipeline_sampler(
         pipeline, conditioning=quality_check.cycled_conditioning(per_prompt, 3), width=64, height=64,
-        teacher_unet=lambda: nullcontext(pipeline.transformer),
+        teacher_network=lambda: nullcontext(pipeline.transformer),
         student_scheduler=lambda: variant_scheduler(pipeline.scheduler.config, lcm),
         training_scheduler_config=pipeline.scheduler.config, guidance_scale=3.5, embedded_guidance=True,
     )

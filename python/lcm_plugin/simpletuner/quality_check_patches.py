@@ -106,7 +106,7 @@ def _run_quality_check(validation, surfaces: dict) -> None:
         conditioning=quality_check.cycled_conditioning(per_prompt, settings.quality_check.samples),
         width=width,
         height=height,
-        teacher_unet=distiller._teacher,
+        teacher_network=distiller._teacher,
         student_scheduler=distiller.get_scheduler,
         training_scheduler_config=distiller.noise_scheduler.config,
         **_guidance(config, settings),
