@@ -16,8 +16,8 @@ logger = logging.getLogger("simpletuner-lcm")
 _quality_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _skip_warned: weakref.WeakSet = weakref.WeakSet()  # the Validation objects whose run was told the check is skipped
 SHARDED_SKIPPED = (
-    "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the UNet's parameters are sharded across the "
-    "ranks, so each of its forwards needs every rank, and the check samples on rank 0 alone. Set "
+    "simpletuner-lcm: the LCM quality check is skipped under {sharding}: the trained network's parameters are "
+    "sharded across the ranks, so each of its forwards needs every rank, and the check samples on rank 0 alone. Set "
     "distillation_config.lcm.quality_check.enabled to false to turn it off and silence this line."
 )
 UNCONDITIONAL_SHORTNAME = "unconditional"  # validation.prepare_validation_prompt_list's empty-prompt entry
