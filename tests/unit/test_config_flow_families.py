@@ -72,3 +72,33 @@ def test_flow_families_are_those_simpletuners_model_classes_train_by_flow_matchi
     flow_by_class = json.loads(answer.read_text())
     assert len(flow_by_class) > 30 and sum(flow_by_class.values()) > 20
     assert {family: is_flow_family(family) for family in flow_by_class} == flow_by_class
+
+
+def test_simpletuners_shipped_flow_examples_turned_into_lcm_runs_get_the_trainers_refusal_or_none():
+    """Each of SimpleTuner's own example configs of a flow-matching family, with distillation_method 'lcm' added:
+    a covered family passes with PCM and is refused at its variant with TCD; any other flow family is refused at
+    /model_family."""
+    from lcm_plugin.config.argv import examples_root
+    from lcm_plugin.config.families import FLOW_FAMILIES, is_flow_family
+
+    seen = set()
+    for path in sorted(examples_root().glob("*/config.json")):
+        try:  # a few shipped examples are not strict JSON (SimpleTuner's own loader is lenient): not our input here
+            example = json.loads(path.read_text())
+        except ValueError:
+            continue
+        family = str(example.get("model_family") or "").lower() if isinstance(example, dict) else ""
+        if not is_flow_family(family):
+            continue
+        seen.add(family)
+        for variant in ("pcm", "tcd"):
+            config = {**example, "distillation_method": "lcm", "distillation_config": {"lcm": {"variant": variant}}}
+            found = [problem for problem in check_training_config(config, str(path), path.parent)
+                     if REFUSAL in problem.message]
+            if family not in FLOW_FAMILIES:
+                assert [problem.pointer for problem in found] == ["/model_family"], (path, found)
+            elif variant == "tcd":
+                assert [problem.pointer for problem in found] == ["/distillation_config/lcm/variant"], (path, found)
+            elif family != "flux" or example.get("flux_guidance_mode", "constant") == "constant":
+                assert found == [], (path, found)
+    assert {"sd3", "flux", "qwen_image"} <= seen, sorted(seen)

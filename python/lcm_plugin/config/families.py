@@ -40,9 +40,12 @@ def flow_refusal_reason(model_family, config: LcmConfig, flux_guidance_mode: str
 def flow_refusal(model_family, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
     """`flow_refusal_reason` as the one line the trainer and `validate` print, or None."""
     reason = flow_refusal_reason(model_family, config, flux_guidance_mode)
-    if reason is None:
-        return None
-    return (f"distillation_method 'lcm' (simpletuner-lcm): {reason[1]}; it covers LCM and PCM (LoRA and full) of "
+    return None if reason is None else refusal_line(reason[1])
+
+
+def refusal_line(why: str) -> str:
+    """The refusal's one line around `why` (the second item of `flow_refusal_reason`)."""
+    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM and PCM (LoRA and full) of "
             f"{', '.join(FLOW_FAMILIES)} among flow-matching families, and every epsilon / v_prediction family")
 
 

@@ -27,7 +27,7 @@ from lcm_plugin.config.argv import (
     training_folder,
 )
 from lcm_plugin.config.catalogue import load_catalogue
-from lcm_plugin.config.families import flow_refusal, flow_refusal_reason, is_flow_family
+from lcm_plugin.config.families import flow_refusal_reason, is_flow_family, refusal_line
 from lcm_plugin.config.lcm import LcmConfig, settings_at
 from lcm_plugin.config.problems import Problem, did_you_mean, pointer
 
@@ -593,6 +593,6 @@ def _flow_family_problems(settings: dict, landed: dict[str, str], file: str, lcm
     reason = flow_refusal_reason(family, lcm, guidance_mode)
     if reason is None:
         return []
-    setting = reason[0]
+    setting, why = reason
     where = variant_at if setting == "variant" else pointer(landed[setting]) if setting in landed else ""
-    return [Problem(file, where, flow_refusal(family, lcm, guidance_mode))]
+    return [Problem(file, where, refusal_line(why))]
