@@ -61,8 +61,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_path import CAPTION_WORDS, EXIT_GRACE_S, load_average, write_run
+from data_path import CAPTION_WORDS, load_average, write_run
 from scale_data import change_images, ensure_master, link_copy, plan_changes
+from trainer_run import EXIT_GRACE_S
 
 RESOLUTION = 64
 SWITCH = "SIMPLETUNER_LCM_DATA_PATH"
