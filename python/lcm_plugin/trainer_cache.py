@@ -73,6 +73,12 @@ class DatasetCache:
     # ParquetMetadataBackend extracts its captions (`take_parquet_captions`)
     parquet_captions: tuple | None = None
     kind: str = "local"  # the entry's type: only a local dataset's images are named by their file paths
+    # SimpleTuner's bucket index file as this process wrote it (simpletuner_format.WrittenIndex; local datasets)
+    written_index: object | None = None
+    listing_answered: bool = False  # `take_listing` answered SimpleTuner's listing of the dataset
+    # SimpleTuner's list of the dataset's files, once its bucket refresh is known to find nothing new in it
+    # (`finds_nothing_new`), until it checks its buckets against the list (`misses_nothing`)
+    refresh_listing: object | None = None
 
     @property
     def in_bucket(self) -> bool:
@@ -377,9 +383,11 @@ def _serve(datasets, prints, failed: dict[str, str], written_metadata: dict[str,
         # A packed source's listing stays SimpleTuner's (its backend names samples from its own index).
         answered = listed and dataset.packed is None
         kind = "aws" if dataset.remote is not None else dataset.packed.kind if dataset.packed is not None else "local"
-        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, served, written_metadata.get(dataset.id),
+        written = written_metadata.get(dataset.id)
+        _coverage.datasets[dataset.id] = DatasetCache(dataset.id, reader, served, written,
                                                       (listed_where, listed, dataset.inventory) if answered else None,
-                                                      parquet_captions, kind=kind)
+                                                      parquet_captions, kind=kind,
+                                                      written_index=getattr(written, "index", None))
         folder = os.path.abspath(dataset.text_cache_dir)
         if folder not in _coverage.texts:
             _coverage.texts[folder] = TextCache(LatentCacheReader(dataset.text_cache_dir / LCM_DIR, verify=False),
@@ -423,9 +431,44 @@ def take_listing(dataset_id: str, instance_data_dir, file_extensions) -> list[tu
     if not same_place or listed_as(file_extensions) != extensions:
         return None
     dataset.listed = None
+    dataset.listing_answered = True
     if dataset.in_bucket:
         return [(folder, [], keys) for folder, keys in inventory.bucket_listing()]
     return simpletuner_listing(inventory, instance_data_dir)
+
+
+def answers_bucket_refresh(dataset_id: str) -> bool:
+    """Whether SimpleTuner's bucket refresh of a local covered dataset may be answered (`finds_nothing_new`): this
+    process wrote its bucket index file, and the scan still waits to answer SimpleTuner's listing of its folder."""
+    dataset = _coverage.datasets.get(dataset_id)
+    return dataset is not None and dataset.written_index is not None and dataset.listed is not None
+
+
+def finds_nothing_new(dataset_id: str, files, cache_file, buckets) -> bool:
+    """Whether SimpleTuner's discovery finds no new file in `files` (its list of the dataset's files, as
+    `StateTracker.set_image_files` keeps it) against `buckets`, by counting: the list is the scan's answer
+    (`take_listing`), every image the scan listed is in the bucket index file this process wrote, and `buckets` were
+    read from that file, unchanged (`WrittenIndex.is_loaded_in`). The buckets hold listed images only, each once,
+    so equal counts mean equal sets."""
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or dataset.written_index is None or not dataset.listing_answered:
+        return False
+    index = dataset.written_index
+    if len(files) != sum(index.sizes.values()) or not index.is_loaded_in(cache_file, buckets):
+        return False
+    dataset.refresh_listing = files
+    return True
+
+
+def misses_nothing(dataset_id: str, files, cache_file, buckets) -> bool:
+    """Whether every image of `buckets` is in `files` and none is there twice (SimpleTuner's
+    `update_buckets_with_existing_files` would remove nothing): `files` is the list `finds_nothing_new` judged, once,
+    and the buckets are still the ones read from the index file."""
+    dataset = _coverage.datasets.get(dataset_id)
+    if dataset is None or dataset.refresh_listing is None:
+        return False
+    judged, dataset.refresh_listing = dataset.refresh_listing, None
+    return judged is files and dataset.written_index.is_loaded_in(cache_file, buckets)
 
 
 def take_parquet_captions(dataset_id: str, parquet_config) -> dict | None:

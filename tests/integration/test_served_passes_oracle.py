@@ -332,6 +332,55 @@ def _seam_instrument() -> None:
                     "shortcut": shortcut})
         return ensure_metadata(self)
 
+    from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    answers = {}  # what the D10 judges answered in the latest call, by name
+
+    def spied(name):
+        judge = getattr(trainer_cache, name)
+
+        def answer(*args):
+            answers[name] = judge(*args)
+            return answers[name]
+
+        setattr(trainer_cache, name, answer)
+
+    spied("finds_nothing_new")
+    spied("misses_nothing")
+    discover_new, discover_new_original = pair(DiscoveryMetadataBackend, "_discover_new_files")
+
+    def discover_new_recorded(self, for_metadata=False, ignore_existing_cache=False):
+        answers.pop("finds_nothing_new", None)
+        ours = list(discover_new(self, for_metadata, ignore_existing_cache))
+        shortcut = answers.get("finds_nothing_new") is True
+        # SimpleTuner's own discovery, on the listing the patched call kept (D7's oracle judges the listing itself)
+        theirs = list(discover_new_original(self, for_metadata, ignore_existing_cache))
+        listed = StateTracker.get_image_files(data_backend_id=self.data_backend.id) or {}
+        _seam_emit({"seam": "D10_discover", "dataset": self.id, "shortcut": shortcut, "listed": sorted(listed),
+                    "original": sorted(theirs), "patched": sorted(ours)})
+        return ours
+
+    update, update_original = pair(MetadataBackend, "update_buckets_with_existing_files")
+
+    def update_recorded(self, existing_files):
+        def state():
+            with open(self.cache_file, "rb") as saved:
+                return {str(b): list(p) for b, p in self.aspect_ratio_bucket_indices.items()}, saved.read().decode()
+
+        before = {bucket: list(paths) for bucket, paths in self.aspect_ratio_bucket_indices.items()}
+        answers.pop("misses_nothing", None)
+        update(self, existing_files)
+        ours = state()
+        shortcut = answers.get("misses_nothing") is True
+        self.aspect_ratio_bucket_indices = {bucket: list(paths) for bucket, paths in before.items()}
+        update_original(self, existing_files)
+        theirs = state()
+        _seam_emit({"seam": "D10_update", "dataset": self.id, "shortcut": shortcut, "before": before,
+                    "original": theirs[0], "patched": ours[0], "same_file": theirs[1] == ours[1]})
+
+    DiscoveryMetadataBackend._discover_new_files = discover_new_recorded
+    MetadataBackend.update_buckets_with_existing_files = update_recorded
     MetadataBackend._ensure_metadata_for_cached_buckets = ensure_metadata_recorded
     LocalDataBackend.list_files = list_files_recorded
     FactoryRegistry._process_text_embeddings = process_text_embeddings
@@ -431,7 +480,8 @@ def test_the_stock_trainer_trained_two_steps_on_the_plugins_path(run):
     assert {e["method"]: e["wraps_saved"] for e in of(events, "saved")} == {
         "FactoryRegistry._process_text_embeddings": True, "VAECache.discover_unprocessed_files": True,
         "VAECache._reduce_bucket": True, "VAECache.build_vae_cache_filename_map": True,
-        "LocalDataBackend.list_files": True, "MetadataBackend._ensure_metadata_for_cached_buckets": True}
+        "LocalDataBackend.list_files": True, "MetadataBackend._ensure_metadata_for_cached_buckets": True,
+        "DiscoveryMetadataBackend._discover_new_files": True, "MetadataBackend.update_buckets_with_existing_files": True}
 
 
 def test_the_shards_serve_exactly_the_usable_images(run):
@@ -594,3 +644,21 @@ def test_d9_the_metadata_check_is_answered_by_sets_only_when_simpletuners_lookup
         for event in checks:
             assert not (event["shortcut"] and event["missing"]), event
         assert any(e["shortcut"] and e["bucketed"] for e in checks), checks
+
+
+def test_d10_the_bucket_refresh_finds_what_simpletuners_own_finds_and_skips_its_sets_only_when_nothing_is_new(run):
+    _, kinds, _, events = run
+    for dataset in ("clean", "mixed"):
+        discovered, updated = of(events, "D10_discover", dataset), of(events, "D10_update", dataset)
+        assert len(discovered) == len(updated) == 1, dataset  # one refresh per dataset, on the only rank
+        discovered, updated = discovered[0], updated[0]
+        assert discovered["patched"] == discovered["original"], dataset
+        assert updated["patched"] == updated["original"] and updated["same_file"], dataset
+        # the shortcut is taken where every listed image is bucketed, and only there
+        bucketed = set().union(*updated["before"].values())
+        assert discovered["shortcut"] is updated["shortcut"] is (set(discovered["listed"]) == bucketed), dataset
+    clean, mixed = of(events, "D10_discover", "clean")[0], of(events, "D10_discover", "mixed")[0]
+    assert clean["shortcut"] and clean["patched"] == [] and set(clean["listed"]) == served_set(kinds, "clean")
+    # what the build did not bucket (a TIFF, a corrupt and a too-small PNG) is new to SimpleTuner: its own pass runs
+    assert not mixed["shortcut"]
+    assert set(mixed["original"]) == {os.path.abspath(p) for p in kinds["mixed"]["tiff"] + kinds["mixed"]["unusable"]}

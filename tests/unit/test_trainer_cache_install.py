@@ -234,6 +234,16 @@ def test_simpletuner_gets_the_bucket_metadata_the_build_wrote_as_it_would_parse_
         bucket: [item.path for item in items if item.sample["bucket"] == bucket and item.key != "z.png"]
         for bucket in buckets
     }
+    # D10 knows the index file as written: its buckets' sizes, and whether SimpleTuner's buckets are what it holds
+    index = written.index
+    assert index.sizes == {bucket: len(paths) for bucket, paths in indices["aspect_ratio_bucket_indices"].items()}
+    assert index.is_loaded_in(str(bucket_files(dataset)[0]), indices["aspect_ratio_bucket_indices"])
+    shorter = {bucket: paths[1:] for bucket, paths in indices["aspect_ratio_bucket_indices"].items()}
+    assert not index.is_loaded_in(str(bucket_files(dataset)[0]), shorter)
+    assert not index.is_loaded_in(str(metadata_file), indices["aspect_ratio_bucket_indices"])
+    index_file = bucket_files(dataset)[0]
+    os.utime(index_file, ns=(index_file.stat().st_atime_ns, index_file.stat().st_mtime_ns + 1))  # rewritten since
+    assert not index.is_loaded_in(str(index_file), indices["aspect_ratio_bucket_indices"])
 
     def backend() -> DiscoveryMetadataBackend:
         fake = object.__new__(DiscoveryMetadataBackend)

@@ -92,14 +92,33 @@ def bucket_metadata(dataset: Dataset) -> dict[str, dict]:
 
 
 @dataclass
+class WrittenIndex:
+    """SimpleTuner's bucket index file of a local dataset as `write_bucket_metadata` wrote it: its absolute path, its
+    stamp as written and how many images each of its buckets holds."""
+
+    name: str
+    stamp: tuple
+    sizes: dict[str, int]
+
+    def is_loaded_in(self, asked, buckets) -> bool:
+        """Whether `asked` (SimpleTuner's `cache_file`) names this file, nobody rewrote it since, and `buckets` (its
+        `aspect_ratio_bucket_indices`) have this file's buckets and sizes: what SimpleTuner read from it."""
+        return (isinstance(buckets, dict) and os.path.abspath(asked) == self.name
+                and file_stamp(self.name) == self.stamp
+                and {str(bucket): len(paths) for bucket, paths in buckets.items()} == self.sizes)
+
+
+@dataclass
 class WrittenMetadata:
     """SimpleTuner's bucket metadata file as `write_bucket_metadata` wrote it: its absolute path (or, for an S3
-    dataset, its key in `bucket`), its stamp as written and what it holds, as `json.loads` would give it back."""
+    dataset, its key in `bucket`), its stamp as written and what it holds, as `json.loads` would give it back; for a
+    local dataset, the bucket index file written with it."""
 
     name: str
     stamp: tuple
     metadata: dict
     bucket: object | None = None  # lcm_plugin.cache.S3Bucket
+    index: WrittenIndex | None = None
 
     def is_unchanged(self, asked) -> bool:
         """Whether `asked` (SimpleTuner's `metadata_file`) names this file and nobody rewrote it since."""
@@ -128,9 +147,22 @@ def write_bucket_metadata(dataset: Dataset, failed: list[int]) -> WrittenMetadat
         return WrittenMetadata(metadata_key, (len(metadata_text), e_tag), metadata, bucket)
     index_file, metadata_file = bucket_files(dataset)
     write_atomic(index_file, indices)
+    index = WrittenIndex(os.path.abspath(index_file), file_stamp(index_file), bucket_sizes(dataset, failed))
     fault_point("buckets")
     write_atomic(metadata_file, metadata_text)
-    return WrittenMetadata(os.path.abspath(metadata_file), file_stamp(metadata_file), metadata)
+    return WrittenMetadata(os.path.abspath(metadata_file), file_stamp(metadata_file), metadata, index=index)
+
+
+def bucket_sizes(dataset: Dataset, failed: list[int]) -> dict[str, int]:
+    """How many images each bucket of `dataset`'s bucket index file holds (its planned images but the `failed`
+    positions)."""
+    import numpy as np
+
+    table = dataset.images.table
+    sizes: dict[str, int] = {}
+    for bucket, positions in table.batches(max(1, len(table))):
+        sizes[bucket] = sizes.get(bucket, 0) + len(positions) - int(np.isin(positions, failed).sum())
+    return {bucket: size for bucket, size in sizes.items() if size}
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:

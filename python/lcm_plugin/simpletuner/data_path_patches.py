@@ -1,4 +1,4 @@
-"""Data path patches D1-D9 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
+"""Data path patches D1-D10 (the table is in install.py's docstring; the logic is `lcm_plugin.trainer_cache`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ logger = logging.getLogger("simpletuner-lcm")
 
 
 def surfaces() -> dict:
-    """The SimpleTuner objects D1-D9 patch, checked (install() calls this before it changes anything)."""
+    """The SimpleTuner objects D1-D10 patch, checked (install() calls this before it changes anything)."""
     trainer_module = import_surface("simpletuner.helpers.training.trainer")
     require(trainer_module, "configure_multi_databackend", "simpletuner.helpers.training.trainer")
     collate = import_surface("simpletuner.helpers.training.collate")
@@ -38,7 +38,8 @@ def surfaces() -> dict:
         require(factory, name, "FactoryRegistry")
     discovery = require(import_surface("simpletuner.helpers.metadata.backends.discovery"), "DiscoveryMetadataBackend",
                         "simpletuner.helpers.metadata.backends.discovery")
-    require(discovery, "load_image_metadata", "DiscoveryMetadataBackend")
+    for name in ("load_image_metadata", "_discover_new_files", "save_cache"):
+        require(discovery, name, "DiscoveryMetadataBackend")
     local_backend = require(import_surface("simpletuner.helpers.data_backend.local"), "LocalDataBackend",
                             "simpletuner.helpers.data_backend.local")
     require(local_backend, "list_files", "LocalDataBackend")
@@ -50,7 +51,12 @@ def surfaces() -> dict:
     require(parquet, "_extract_captions_to_fast_list", "ParquetMetadataBackend")
     metadata_base = require(import_surface("simpletuner.helpers.metadata.backends.base"), "MetadataBackend",
                             "simpletuner.helpers.metadata.backends.base")
-    require(metadata_base, "_ensure_metadata_for_cached_buckets", "MetadataBackend")
+    for name in ("_ensure_metadata_for_cached_buckets", "update_buckets_with_existing_files"):
+        require(metadata_base, name, "MetadataBackend")
+    state_tracker = require(import_surface("simpletuner.helpers.training.state_tracker"), "StateTracker",
+                            "simpletuner.helpers.training.state_tracker")
+    for name in ("get_image_files", "set_image_files"):
+        require(state_tracker, name, "StateTracker")
     require(import_surface("simpletuner.helpers.training"), "image_file_extensions", "simpletuner.helpers.training")
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
             "factory": factory, "discovery": discovery, "local_backend": local_backend, "aws_backend": aws_backend,
@@ -329,6 +335,48 @@ def _metadata_check_by_sets(original):
     return _ensure_metadata_for_cached_buckets
 
 
+def _nothing_new_discovered(original):
+    """D10, discovery: at every start SimpleTuner's bucket refresh lists the folder, then builds sets of the listing
+    and of every bucketed image to find the new files; when the listing is the scan's (D7) and every image it lists is
+    in the bucket index file the build wrote and SimpleTuner read, it finds none, and the sets are skipped. The
+    listing is kept as SimpleTuner keeps it (`StateTracker.set_image_files`: its other ranks and passes read it)."""
+
+    @functools.wraps(original)
+    def _discover_new_files(self, for_metadata: bool = False, ignore_existing_cache: bool = False):
+        from simpletuner.helpers.training import image_file_extensions
+        from simpletuner.helpers.training.state_tracker import StateTracker
+
+        from lcm_plugin import trainer_cache
+
+        dataset_id = self.data_backend.id
+        if (not for_metadata and not ignore_existing_cache and trainer_cache.answers_bucket_refresh(dataset_id)
+                and StateTracker.get_image_files(data_backend_id=dataset_id) is None):
+            listing = self.data_backend.list_files(instance_data_dir=self.instance_data_dir,
+                                                   file_extensions=image_file_extensions)
+            files = StateTracker.set_image_files(listing, data_backend_id=dataset_id)
+            if trainer_cache.finds_nothing_new(dataset_id, files, self.cache_file, self.aspect_ratio_bucket_indices):
+                return []
+        return original(self, for_metadata, ignore_existing_cache)  # on the listing kept above, if any
+
+    return _discover_new_files
+
+
+def _nothing_missing_removed(original):
+    """D10, the check after discovery: SimpleTuner filters every bucket by membership in its listing and drops
+    duplicates, then saves the buckets; after D10's discovery found the listing and the buckets to be the same
+    images, each once, only the save is left."""
+
+    @functools.wraps(original)
+    def update_buckets_with_existing_files(self, existing_files):
+        from lcm_plugin import trainer_cache
+
+        if trainer_cache.misses_nothing(self.id, existing_files, self.cache_file, self.aspect_ratio_bucket_indices):
+            return self.save_cache()
+        return original(self, existing_files)
+
+    return update_buckets_with_existing_files
+
+
 def _text_embeddings_unless_served(original):
     """D5: a dataset whose every bucketed image the shards serve has every caption there too (the build encodes the
     captions of every planned image); SimpleTuner's caption collection and start-up encode (a file read and a
@@ -355,6 +403,8 @@ def _text_embeddings_unless_served(original):
 _DATA_PATH_METHODS = (
     ("factory", "_process_text_embeddings", _text_embeddings_unless_served),
     ("discovery", "load_image_metadata", _written_metadata_handed_over),
+    ("discovery", "_discover_new_files", _nothing_new_discovered),
+    ("metadata_base", "update_buckets_with_existing_files", _nothing_missing_removed),
     ("local_backend", "list_files", _listing_from_the_scan),
     ("aws_backend", "list_files", _listing_from_the_scan),
     ("parquet", "_extract_captions_to_fast_list", _parquet_captions_from_the_plan),

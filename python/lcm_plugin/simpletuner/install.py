@@ -70,6 +70,12 @@ D8. `ParquetMetadataBackend._extract_captions_to_fast_list` (a pass over every r
 D9. `MetadataBackend._ensure_metadata_for_cached_buckets` (a metadata lookup, with a path resolution, per bucketed
     image after every discovery) answers by set operations for a covered dataset whose every bucketed image has
     metadata under its own path; otherwise SimpleTuner's own check runs.
+D10. `DiscoveryMetadataBackend._discover_new_files` and `MetadataBackend.update_buckets_with_existing_files` (the bucket
+    refresh on each machine's first rank: sets of the folder's listing and of every bucketed image, then a membership
+    filter of every bucket) find nothing new and nothing missing without the sets or the filter, when SimpleTuner's
+    listing is the scan's (D7), every listed image is in the bucket index file the build wrote this start, and the
+    buckets SimpleTuner holds were read from that file unchanged (its stamp and bucket sizes). The listing is still
+    kept (`StateTracker.set_image_files`) and the buckets still saved (`save_cache`), as SimpleTuner's refresh does.
 
 Model families (every run, LCM or not; `family_patches.py`):
 F1. The SD 1.x pipeline classes (`models.sd1x.pipeline`, as listed in `StableDiffusion1.PIPELINE_CLASSES`) build
