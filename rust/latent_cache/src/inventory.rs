@@ -717,40 +717,26 @@ mod tests {
     }
 
     #[test]
-    fn stamps_read_relative_to_the_folder_are_those_of_the_whole_path() {
+    fn stamps_and_bytes_read_relative_to_the_folder_are_those_of_the_whole_path() {
         let dir = folder();
         std::os::unix::fs::symlink(dir.path().join("a.png"), dir.path().join("sub/link.png")).unwrap();
         let paths = ["a.png", "a.txt", "sub/c.PNG", "sub/link.png"].map(|name| dir.path().join(name));
         let folders = Folders::open(paths.iter().map(PathBuf::as_path));
         assert_eq!(folders.open.len(), 2);
         for path in &paths {
-            assert_eq!(folders.stamp(path).unwrap(), Stamp::of(&fs::metadata(path).unwrap()), "{}", path.display());
+            let whole = (Stamp::of(&fs::metadata(path).unwrap()), fs::read(path).unwrap());
+            assert_eq!(folders.stamp(path).unwrap(), whole.0, "{}", path.display());
+            assert_eq!(read_stamped(path, &folders).unwrap(), whole, "{}", path.display());
         }
         let missing = dir.path().join("sub/gone.png");
         assert_eq!(folders.stamp(&missing).unwrap_err().kind(), std::io::ErrorKind::NotFound);
-        // a folder never opened is stamped through its whole path
+        assert_eq!(folders.open_file(&missing).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        // a folder never opened is stamped and read through its whole path
         let other = tempfile::tempdir().unwrap();
         fs::write(other.path().join("x.png"), png(1, 1)).unwrap();
         let x = other.path().join("x.png");
         assert_eq!(folders.stamp(&x).unwrap(), Stamp::of(&fs::metadata(&x).unwrap()));
-    }
-
-    #[test]
-    fn files_opened_relative_to_the_folder_are_those_of_the_whole_path() {
-        let dir = folder();
-        std::os::unix::fs::symlink(dir.path().join("a.png"), dir.path().join("sub/link.png")).unwrap();
-        let paths = ["a.png", "a.txt", "sub/c.PNG", "sub/link.png"].map(|name| dir.path().join(name));
-        let folders = Folders::open(paths.iter().map(PathBuf::as_path));
-        for path in &paths {
-            let (stamp, bytes) = read_stamped(path, &folders).unwrap();
-            assert_eq!((stamp, bytes), (Stamp::of(&fs::metadata(path).unwrap()), fs::read(path).unwrap()), "{}", path.display());
-        }
-        let missing = dir.path().join("sub/gone.png");
-        assert_eq!(folders.open_file(&missing).unwrap_err().kind(), std::io::ErrorKind::NotFound);
-        // a file in a folder never opened is opened through its whole path
-        let other = tempfile::tempdir().unwrap();
-        fs::write(other.path().join("x.png"), png(1, 1)).unwrap();
-        assert_eq!(read_stamped(&other.path().join("x.png"), &folders).unwrap().1, png(1, 1));
+        assert_eq!(read_stamped(&x, &folders).unwrap().1, png(1, 1));
     }
 
     #[test]
