@@ -225,17 +225,25 @@ impl Folders {
         Folders { open }
     }
 
+    /// `path`'s opened folder and its file name as the `*at` calls take it; None when the folder was not opened.
+    fn in_folder(&self, path: &Path) -> Option<std::io::Result<(std::os::unix::io::RawFd, std::ffi::CString)>> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::io::AsRawFd;
+        let folder = path.parent().and_then(|p| self.open.get(p))?;
+        let name = std::ffi::CString::new(path.file_name()?.as_bytes());
+        Some(name.map(|name| (folder.as_raw_fd(), name)).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))
+    }
+
     /// `path` opened for reading relative to its folder (one component looked up, not the whole path); through the
     /// whole path when its folder was not opened.
     fn open_file(&self, path: &Path) -> std::io::Result<fs::File> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::io::{AsRawFd, FromRawFd};
-        let (Some(folder), Some(name)) = (path.parent().and_then(|p| self.open.get(p)), path.file_name()) else {
+        use std::os::unix::io::FromRawFd;
+        let Some(found) = self.in_folder(path) else {
             return fs::File::open(path);
         };
-        let name = std::ffi::CString::new(name.as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let (folder, name) = found?;
         // SAFETY: `name` is NUL-terminated and `folder` is open.
-        let fd = unsafe { libc::openat(folder.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        let fd = unsafe { libc::openat(folder, name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -245,15 +253,13 @@ impl Folders {
 
     /// The stamp of `path` (links followed, as `fs::metadata`).
     fn stamp(&self, path: &Path) -> std::io::Result<Stamp> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::io::AsRawFd;
-        let (Some(folder), Some(name)) = (path.parent().and_then(|p| self.open.get(p)), path.file_name()) else {
+        let Some(found) = self.in_folder(path) else {
             return fs::metadata(path).map(|meta| Stamp::of(&meta));
         };
-        let name = std::ffi::CString::new(name.as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let (folder, name) = found?;
         let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: `name` is NUL-terminated, `stat` is written by the call before it is read, `folder` is open.
-        if unsafe { libc::fstatat(folder.as_raw_fd(), name.as_ptr(), stat.as_mut_ptr(), 0) } != 0 {
+        if unsafe { libc::fstatat(folder, name.as_ptr(), stat.as_mut_ptr(), 0) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: fstatat returned 0, so it filled `stat`.
@@ -365,7 +371,7 @@ fn inspect(key: &str, path: &Path, options: &Options, row: Option<(&Rows, usize)
             return Scanned::Remembered(i);
         }
     }
-    let (size, content) = match fs::read(path) {
+    let (size, content) = match folders.open_file(path).and_then(|mut file| read_stamped_size(&mut file, stamp.size)) {
         Ok(bytes) => {
             let size = crate::scan::header_from_bytes(path, &bytes).map(|h| h.oriented_size()).map_err(|e| e.to_string());
             (size, xxhash_rust::xxh3::xxh3_128(&bytes))
