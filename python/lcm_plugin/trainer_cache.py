@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import chain, filterfalse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,8 +29,9 @@ logger = logging.getLogger("simpletuner-lcm")
 
 SWITCH = "SIMPLETUNER_LCM_DATA_PATH"
 RUST, SIMPLETUNER = "rust", "simpletuner"
-# Model families whose latents and text embeddings the build produces as SimpleTuner does.
-FAMILIES = ("sdxl", "sd1x")
+# Model families whose latents and text embeddings the build produces as SimpleTuner does (the flow families' captions
+# through the trainer's own model: layout.MODEL_ENCODED_FAMILIES).
+FAMILIES = ("sdxl", "sd1x", "sd3", "flux", "chroma", "lumina2", "auraflow")
 # Entries that describe caches or captions, not training samples: never logged as fallbacks.
 NOT_SAMPLES = ("text_embeds", "image_embeds", "conditioning_image_embeds", "distillation_cache", "caption")
 # skip_file_discovery words that ask SimpleTuner not to (re)build a cache or the buckets: honoured by its own path.
@@ -148,11 +149,16 @@ def reset() -> None:
 
 @dataclass
 class TrainerModels:
-    """The trainer's own VAE and text encoders (already on its device), handed to the build."""
+    """The trainer's own VAE and text encoders (already on its device), handed to the build; for the families whose
+    captions SimpleTuner's model encodes itself (layout.MODEL_ENCODED_FAMILIES), that encoding too."""
 
     vae_model: object
     tokenizers: list
     encoders: list
+    # one caption -> the dict SimpleTuner's text cache would save for it (None: the build encodes with `encoders`)
+    encode_caption: Callable[[str], dict] | None = None
+    # (name, value) pairs of the settings `encode_caption` depends on, for the text fingerprint
+    text_options: tuple = ()
 
     def vae(self):
         return self.vae_model
@@ -300,6 +306,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset
     `shared_memos`: the tokens of the memos the machines' first ranks scanned (`scan_dataset`)."""
     from lcm_plugin.cache import BucketConfigError
     from lcm_plugin.cache_build.fingerprint import fingerprints, name_entries
+    from lcm_plugin.cache_build.layout import MODEL_ENCODED_FAMILIES
     from lcm_plugin.cache_build.plan import (
         BuildError,
         dataset_of,
@@ -329,8 +336,17 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset
     except BuildError as error:
         fall_back("every dataset", str(error))
         return None
-    # The trainer's models decide the dtypes: the fingerprint records what the entries really are.
-    settings = replace(settings, vae_dtype=vae_dtype, text_dtype=text_dtype)
+    if family in MODEL_ENCODED_FAMILIES and models.encode_caption is None:
+        fall_back("every dataset", f"the trainer's {family} model does not encode captions for its text cache")
+        return None
+    # The trainer's models and settings decide: the fingerprint records what the entries really are, the VAE is the
+    # one SimpleTuner loaded (its `vae_path`: SD3 and Flux drop an SDXL VAE for their own) and the buckets follow the
+    # alignment its model may have overridden (SD3 and Flux force 64).
+    trainer_vae = getattr(args, "vae_path", None)
+    settings = replace(settings, vae_dtype=vae_dtype, text_dtype=text_dtype, text_options=models.text_options,
+                       vae_path=trainer_vae if isinstance(trainer_vae, str) and trainer_vae else settings.vae_path,
+                       aspect_bucket_alignment=int(getattr(args, "aspect_bucket_alignment",
+                                                           settings.aspect_bucket_alignment)))
     text_entries = text_embed_entries(entries)
     datasets = []
     for index, entry in enumerate(entries):
@@ -559,15 +575,15 @@ def has_text_embeddings(cache_dir: str, file_name: str) -> bool:
 
 def text_embeddings(cache_dir: str, file_name: str) -> dict | None:
     """What SimpleTuner's text cache file `file_name` would hold, from the store: {"prompt_embeds": [1, 77, D],
-    "pooled_prompt_embeds": [P]} for SDXL, {"prompt_embeds": [1, 77, D]} for SD 1.x/2.x; None when the store
-    does not hold it."""
-    from lcm_plugin.cache_build.layout import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TEXT_PARTS
+    "pooled_prompt_embeds": [P]} for SDXL, {"prompt_embeds": [1, 77, D]} for SD 1.x/2.x, the dict its model
+    encoded for the others (layout.TEXT_PARTS); None when the store does not hold it."""
+    from lcm_plugin.cache_build.layout import MODEL_ENCODED_FAMILIES, TEXT_PARTS
 
     store = text_cache(cache_dir)
     key = store.entry_of(file_name) if store else None
     if key is None:
         return None
-    embeddings = {"prompt_embeds": store.reader.get_torch(key + PROMPT_EMBEDS)[None]}
-    if POOLED_PROMPT_EMBEDS in TEXT_PARTS[store.family]:
-        embeddings["pooled_prompt_embeds"] = store.reader.get_torch(key + POOLED_PROMPT_EMBEDS)
+    embeddings = {part[1:]: store.reader.get_torch(key + part) for part in TEXT_PARTS[store.family]}
+    if store.family not in MODEL_ENCODED_FAMILIES:  # stored without the batch axis SimpleTuner's file has
+        embeddings["prompt_embeds"] = embeddings["prompt_embeds"][None]
     return embeddings

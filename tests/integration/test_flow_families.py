@@ -47,14 +47,17 @@ def assert_the_quality_check_ran(run: Path, log: str, step: int) -> None:
 
 
 def flow_run(root: Path, family: str, *, steps: int = STEPS, config: dict | None = None,
-             lcm: dict | None = None) -> tuple[Path, Path, str]:
-    """The family's tiny offline model (lcm_plugin.tiny_flow) and an LCM run of it through the stock trainer:
-    conftest's CPU LoRA run with the family's `model_family`, then `config` keys (None removes a key) and `lcm` keys
-    of the LCM block. (run folder, model folder, log)."""
+             lcm: dict | None = None, model: Path | None = None, data_path: str | None = None) -> tuple[Path, Path, str]:
+    """The family's tiny offline model (lcm_plugin.tiny_flow, its VAE's posterior made near-deterministic), or
+    `model` if given, and an LCM run of it through the stock trainer: conftest's CPU LoRA run with the family's
+    `model_family`, then `config` keys (None removes a key) and `lcm` keys of the LCM block; `data_path`: the value of
+    SIMPLETUNER_LCM_DATA_PATH (None: unset, the plugin's path). (run folder, model folder, log)."""
     from lcm_plugin.demo import shapes
     from lcm_plugin.tiny_flow import save_tiny_flow
 
-    model = save_tiny_flow(family, root / "model", vocabulary=shapes.VOCABULARY)
+    if model is None:
+        model = save_tiny_flow(family, root / "model", vocabulary=shapes.VOCABULARY)
+        near_deterministic_posterior(model / "vae")
     run = write_lcm_training_dir(root / "run", model, max_train_steps=steps)
     config_file = run / "config" / "config.json"
     settings = json.loads(config_file.read_text())
@@ -63,10 +66,87 @@ def flow_run(root: Path, family: str, *, steps: int = STEPS, config: dict | None
     settings["distillation_config"]["lcm"].update(lcm or {})
     config_file.write_text(json.dumps({key: value for key, value in settings.items() if value is not None}, indent=2))
     env = stock_trainer_env()
+    if data_path is not None:
+        env["SIMPLETUNER_LCM_DATA_PATH"] = data_path
     if family in HUB_TEXT_ENCODERS:
         env["HF_HUB_CACHE"] = str(offline_hub_cache(run / "hub", HUB_TEXT_ENCODERS[family], model))
     return run, model, run_stock_trainer(run, env)
 
+
+def near_deterministic_posterior(vae_folder: Path) -> None:
+    """Make the VAE's posterior log-variance -30 (DiagonalGaussianDistribution's floor: a standard deviation of
+    3e-7) for every input, as the SDXL test model's is: SimpleTuner samples the posterior with the global RNG, the
+    plugin with a generator per image, so only then can their latents be compared value by value."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    last = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out  # the moments' last layer
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        last.weight[channels:] = 0.0
+        last.bias[channels:] = -1000.0
+    vae.save_pretrained(vae_folder)
+
+
+SERVED_LINE = "datasets 'shapes' read latents and text embeddings from the memory-mapped caches"
+# The same PNG pixels through the same fp32 VAE; only the kernels differ (the plugin encodes channels-last): up to
+# 1.1e-4 measured on SD3's latents (scaling factor 1.53). A missing shift would be off by 0.04 (Flux) to 0.09 (SD3).
+LATENT_TOLERANCE = 5e-4
+
+
+def assert_the_caches_are_simpletuners(family: str, ours: Path, theirs: Path) -> None:
+    """What the plugin's path hands SimpleTuner from its stores (trainer_cache.text_embeddings, behind the patched
+    TextEmbeddingCache.load_from_cache, and the latents) against the files SimpleTuner's own caches wrote for the
+    same data and model: every caption's text embeddings equal (the same keys, dtypes and values), every latent
+    within LATENT_TOLERANCE (both shifted and scaled by the VAE's factors)."""
+    import hashlib
+    import os
+
+    import torch
+    from simpletuner.helpers.data_backend.local import LocalDataBackend
+
+    from lcm_plugin import trainer_cache
+    from lcm_plugin.cache import LatentCacheReader
+
+    loader = LocalDataBackend(accelerator=None, id="judge", compress_cache=True)  # compress_disk_cache default
+    assert sorted((ours / "cache" / "vae").rglob("*.pt")) == [], "the covered dataset went to SimpleTuner's .pt files"
+    text_folder = ours / "cache" / "text"
+    texts = LatentCacheReader(text_folder / "lcm")
+    entries = {key.partition("/")[0] for key in texts.keys() if "/" in key}
+    (digest,) = {entry.partition("@")[2] for entry in entries}
+    names = sorted(f"{entry.partition('@')[0]}-{family}.pt" for entry in entries)
+    # SimpleTuner writes only its validation prompts' files; the stock run (no validation) writes the captions'
+    assert not {f.name for f in text_folder.glob("*.pt")} & set(names), "captions went to SimpleTuner's .pt files"
+    stock_texts = sorted((theirs / "cache" / "text").glob(f"*-{family}.pt"))
+    assert names == [f.name for f in stock_texts]
+    trainer_cache.reset()
+    trainer_cache.coverage().texts[os.path.abspath(text_folder)] = trainer_cache.TextCache(texts, digest, family)
+    try:
+        for stock_file in stock_texts:
+            served = trainer_cache.text_embeddings(str(text_folder), stock_file.name)
+            expected = loader.torch_load(str(stock_file))
+            assert sorted(served) == sorted(expected), stock_file.name
+            for name, value in expected.items():
+                assert served[name].dtype == value.dtype and torch.equal(served[name], value), (stock_file.name, name)
+    finally:
+        trainer_cache.reset()
+    latents = LatentCacheReader(ours / "cache" / "vae" / "lcm")
+    images = {key.partition("@")[0]: key for key in latents.keys() if "#" not in key and "/" not in key}
+    stock_latents = sorted((theirs / "cache" / "vae").rglob("*.pt"))
+    assert len(stock_latents) == len(images) == 4, (stock_latents, images)
+    for image, key in images.items():  # SimpleTuner names a latent by the sha256 of its image's stem
+        (stock_file,) = [f for f in stock_latents if f.stem == hashlib.sha256(Path(image).stem.encode()).hexdigest()]
+        expected = loader.torch_load(str(stock_file))
+        expected = expected["latents"] if isinstance(expected, dict) else expected
+        torch.testing.assert_close(latents.get_torch(key), expected, atol=LATENT_TOLERANCE, rtol=0)
+
+
+def stock_caches(family: str, model: Path, root: Path, config: dict | None = None) -> Path:
+    """The run folder of the same run on SimpleTuner's own caching (SIMPLETUNER_LCM_DATA_PATH=simpletuner)."""
+    run, _, log = flow_run(root, family, model=model, config=config, data_path="simpletuner")
+    assert "memory-mapped caches" not in log and lcm_losses(run / "output" / "training_metrics.jsonl"), log[-4000:]
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +180,10 @@ def test_the_lora_records_the_flow_lcm_sampler_and_samples_with_it(sd3_run):
     assert image.shape == (64, 64, 3) and bool((image >= 0).all())
 
 
-def test_the_data_path_falls_back_for_sd3_with_one_line(sd3_run):
-    _, _, log = sd3_run
-    assert "every dataset uses SimpleTuner's own caching: model_family 'sd3'" in log, log[-4000:]
+def test_sd3_trains_from_the_stores_with_simpletuners_own_caches(sd3_run, tmp_path):
+    run, model, log = sd3_run
+    assert SERVED_LINE in log and "4 image(s) encoded here" in log, log[-4000:]
+    assert_the_caches_are_simpletuners("sd3", run, stock_caches("sd3", model, tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +204,12 @@ def test_flux_lcm_lora_trains_with_its_own_guidance_input_and_samples(flux_run):
     image = pipeline("red circle", num_inference_steps=4, guidance_scale=3.5, height=64, width=64,
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_flux_trains_from_the_stores_with_simpletuners_own_caches(flux_run, tmp_path):
+    run, model, log = flux_run
+    assert SERVED_LINE in log, log[-4000:]
+    assert_the_caches_are_simpletuners("flux", run, stock_caches("flux", model, tmp_path, {"flux_guidance_value": 3.5}))
 
 
 def test_the_card_snippet_of_a_flux_lora_samples_at_its_guidance(flux_run, tmp_path, monkeypatch):
@@ -179,7 +266,7 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     family, run, model, log = cfg_family_run
     losses = lcm_losses(run / "output" / "training_metrics.jsonl")
     assert len(losses) >= STEPS and all(math.isfinite(v) and v >= 0 for v in losses.values()), log[-4000:]
-    assert f"every dataset uses SimpleTuner's own caching: model_family '{family}'" in log, log[-4000:]
+    assert SERVED_LINE in log, log[-4000:]
     assert_the_quality_check_ran(run, log, STEPS)
     with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
         metadata, keys = lora.metadata(), list(lora.keys())
@@ -195,3 +282,8 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     image = pipeline("red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (64, 64, 3) and bool((image >= 0).all())
+
+
+def test_a_cfg_family_trains_from_the_stores_with_simpletuners_own_caches(cfg_family_run, tmp_path):
+    family, run, model, _ = cfg_family_run
+    assert_the_caches_are_simpletuners(family, run, stock_caches(family, model, tmp_path, CFG_FAMILIES[family][1]))

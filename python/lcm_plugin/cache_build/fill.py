@@ -263,11 +263,16 @@ def encode_captions(
             }
             write_pt(writer, key, text_cache_path(folder, caption), value, compress[folder])
     if any(chunks for _, _, chunks, _ in work):
+        encode_caption = getattr(models, "encode_caption", None)
         tokenizers, encoders = models.text_encoders()
         bar = tqdm(total=sum(len(c) for _, _, chunks, _ in work for c in chunks), unit="caption",
                    desc=f"text (rank {rank})", disable=rank != 0)
         for folder, writer, chunks, _ in work:
             for chunk in chunks:
+                if encode_caption is not None:
+                    put_model_encoded(writer, chunk, encode_caption, prints, report)
+                    bar.update(len(chunk))
+                    continue
                 prompt_embeds, pooled = encode_prompts(tokenizers, encoders, chunk, prints.family)
                 fault_point("encoded")
                 for index, (caption, embeds) in enumerate(zip(chunk, prompt_embeds)):
@@ -286,6 +291,29 @@ def encode_captions(
     for _, writer, _, _ in work:
         fault_point("commit")
         writer.close()
+
+
+def put_model_encoded(writer, captions: list[str], encode_caption, prints: Fingerprints, report: BuildReport) -> None:
+    """Each caption's text cache dict as the trainer's SimpleTuner model encodes it (`encode_caption`), one caption
+    per call as its text cache encodes them, each part stored as the dict holds it (layout.MODEL_ENCODED_FAMILIES).
+    A dict whose parts are not the family's (another SimpleTuner release) stops the build: nothing is guessed."""
+    import torch
+
+    expected = {part[1:] for part in prints.text_parts}
+    for caption in captions:
+        key = text_entry(caption, prints.text_digest)
+        encoded = encode_caption(caption)
+        fault_point("encoded")
+        if not (isinstance(encoded, dict) and set(encoded) == expected
+                and all(isinstance(value, torch.Tensor) for value in encoded.values())):
+            found = sorted(encoded) if isinstance(encoded, dict) else type(encoded).__name__
+            raise BuildError(f"SimpleTuner's {prints.family} model encodes a caption as {found}, not the tensors "
+                             f"{sorted(expected)} this path stores")
+        if key + PROMPT_EMBEDS not in writer:
+            report.captions += 1
+        for part in prints.text_parts:
+            if key + part not in writer:
+                put(writer, key + part, encoded[part[1:]].detach().cpu().contiguous())
 
 
 def load_model(loader, path: str, dtype: str, what: str):

@@ -189,13 +189,25 @@ def latent_geometry(vae_path: str, vae_dtype: str) -> tuple[int, int, str]:
     return int(config.get("latent_channels", 4)), factor, "F32" if vae_dtype == "fp32" else "BF16"
 
 
-def text_fingerprint(model_path: str, text_dtype: str) -> dict:
-    """Everything shared by all text embeddings of a cache that determines their values (the caption is the key)."""
-    return {
+# Every subfolder a family's text encoders and tokenizers load from (absent ones are skipped: SDXL has no third).
+TEXT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def text_fingerprint(model_path: str, text_dtype: str, text_options: tuple = ()) -> dict:
+    """Everything shared by all text embeddings of a cache that determines their values (the caption is the key).
+    `text_options`: (name, value) pairs of the trainer's settings that its model's encoder reads (RunSettings); its
+    `text_encoder_paths` are models other than `model_path` that text encoders load from (AuraFlow's)."""
+    fingerprint = {
         "recipe_version": RECIPE_VERSION,
-        "text_encoders": model_identity(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
+        "text_encoders": model_identity(model_path, TEXT_SUBFOLDERS),
         "text_dtype": text_dtype,
     }
+    if text_options:  # absent for the families encoded here: their caches keep the digests they were written with
+        options = dict(text_options)
+        options["text_encoder_paths"] = {path: model_identity(path, TEXT_SUBFOLDERS)
+                                         for path in options.get("text_encoder_paths", ())}
+        fingerprint["text_options"] = options
+    return fingerprint
 
 
 def latent_recipe(fingerprint_digest: str, sample: dict, content: str) -> dict:
@@ -222,6 +234,7 @@ _WHY = {
     "seed": "seed changed",
     "text_encoders": "the text encoders or tokenizers changed",
     "text_dtype": "the text encoder dtype (mixed_precision) changed",
+    "text_options": "the text encoder's settings (t5_padding, tokenizer_max_length or SimpleTuner's version) changed",
     "content": "the image file's content changed",
     "original_size": "the image size changed",
     "target_size": "the target size changed (resolution settings)",
@@ -277,7 +290,7 @@ def fingerprints(settings: RunSettings) -> Fingerprints:
 
     try:
         latent = latent_fingerprint(settings.vae_path, settings.vae_dtype, settings.seed)
-        text = text_fingerprint(settings.model_path, settings.text_dtype)
+        text = text_fingerprint(settings.model_path, settings.text_dtype, settings.text_options)
         shape = latent_geometry(settings.vae_path, settings.vae_dtype)
     except IdentityError as error:
         raise BuildError(f"cannot identify the models of {settings.config_path}: {error}") from None

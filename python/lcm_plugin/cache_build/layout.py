@@ -15,7 +15,19 @@ TIME_IDS = "#time_ids"  # latent key + this suffix: SDXL add_time_ids of the ima
 PROMPT_EMBEDS = "/prompt_embeds"
 POOLED_PROMPT_EMBEDS = "/pooled_prompt_embeds"
 # model_family -> the parts of a caption entry, as the family's SimpleTuner text cache file holds them.
-TEXT_PARTS = {"sdxl": (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS), "sd1x": (PROMPT_EMBEDS,)}
+TEXT_PARTS = {
+    "sdxl": (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS),
+    "sd1x": (PROMPT_EMBEDS,),
+    "sd3": (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS),
+    "flux": (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, "/time_ids", "/attention_masks"),
+    "chroma": (PROMPT_EMBEDS, "/attention_masks"),
+    "lumina2": (PROMPT_EMBEDS, "/prompt_attention_mask"),
+    "auraflow": (PROMPT_EMBEDS, "/prompt_attention_mask"),
+}
+# Families whose captions the trainer's own SimpleTuner model encodes (its `encode_text_batch`, then
+# `pack_text_embeddings_for_cache`, as its text cache does); each part is stored as that dict holds it. SDXL's and
+# SD 1.x's are encoded here (cache_build/encode.py), their prompt_embeds stored without the batch axis.
+MODEL_ENCODED_FAMILIES = ("sd3", "flux", "chroma", "lumina2", "auraflow")
 # latent or caption key + this + "<size>.<mtime_ns>.<inode>": the SimpleTuner-format file of that entry that
 # this build wrote. A file whose stat matches a record is ours and holds that entry.
 PT_RECORD = "#pt@"

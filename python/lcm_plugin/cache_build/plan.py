@@ -58,6 +58,10 @@ SIZED_BY = ("discovery", "json", "filesystem", "parquet", "huggingface", "websha
 PACKED_KINDS = ("webshart", "huggingface")
 
 
+# model_family -> its number of text encoders (SimpleTuner's text_encoder_N_precision keys); SD 1.x/2.x have one CLIP
+TEXT_ENCODER_COUNTS = {"sdxl": 2, "sd3": 3, "flux": 2}
+
+
 class BuildError(Exception):
     """A problem with the user's input that stops the build; the message names the file and key."""
 
@@ -80,6 +84,9 @@ class RunSettings:
     aspect_bucket_alignment: int
     aspect_bucket_rounding: int
     inherited: dict
+    # (name, value) pairs of the settings the trainer's own model encodes captions with (MODEL_ENCODED_FAMILIES),
+    # recorded in the text fingerprint; () for the families encoded here
+    text_options: tuple = ()
 
 
 @dataclass(slots=True)
@@ -256,7 +263,7 @@ def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[R
         )
     # SimpleTuner quantises these text encoders before it caches their embeddings (Trainer.run: init_precision(
     # preprocessing_models_only=True) before init_data_backend); the build's are not quantised.
-    encoders = 2 if settings.model_family == "sdxl" else 1  # SD 1.x/2.x have one CLIP
+    encoders = TEXT_ENCODER_COUNTS.get(settings.model_family, 1)
     for number in range(1, encoders + 1):
         key = f"text_encoder_{number}_precision"
         if setting(key) != "no_change":

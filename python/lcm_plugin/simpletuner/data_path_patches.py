@@ -58,6 +58,11 @@ def surfaces() -> dict:
     for name in ("get_image_files", "set_image_files"):
         require(state_tracker, name, "StateTracker")
     require(import_surface("simpletuner.helpers.training"), "image_file_extensions", "simpletuner.helpers.training")
+    foundation = require(import_surface("simpletuner.helpers.models.common"), "ModelFoundation",
+                         "simpletuner.helpers.models.common")
+    for name in ("encode_text_batch", "pack_text_embeddings_for_cache", "text_embed_cache_namespace",
+                 "requires_text_embed_image_context", "requires_text_embed_resolution_context"):
+        require(foundation, name, "ModelFoundation")  # model_caption_encoding calls them (read, not patched)
     return {"trainer_module": trainer_module, "collate": collate, "vae_cache": vae_cache, "text_cache": text_cache,
             "factory": factory, "discovery": discovery, "local_backend": local_backend, "aws_backend": aws_backend,
             "parquet": parquet,
@@ -103,13 +108,41 @@ def _building_configure(original):
     return configure_multi_databackend
 
 
+def model_caption_encoding(model, config) -> tuple:
+    """(encode_caption, text_options) for TrainerModels: one caption encoded as SimpleTuner's TextEmbeddingCache
+    encodes it at `text_encoder_batch_size` 1 (`model.encode_text_batch([caption])`, then
+    `pack_text_embeddings_for_cache`, as `save_to_cache` does), and the settings that encoding reads; (None, ()) for
+    the families whose captions the build encodes itself, and for a model whose encoding needs per-image context,
+    JSON prompts or a cache namespace (the build passes no metadata; the trainer's data path then falls back)."""
+    from importlib.metadata import version
+
+    from lcm_plugin.cache_build.layout import MODEL_ENCODED_FAMILIES
+
+    if str(getattr(config, "model_family", "")) not in MODEL_ENCODED_FAMILIES or model is None:
+        return None, ()
+    context = ("requires_text_embed_image_context", "requires_text_embed_resolution_context")
+    if any(getattr(model, name)() for name in context) or model.text_embed_cache_namespace() is not None:
+        return None, ()
+
+    def encode_caption(caption: str) -> dict:
+        encoded = model.encode_text_batch([caption], is_negative_prompt=False, prompt_contexts=[{}])
+        return model.pack_text_embeddings_for_cache(encoded)
+
+    encoders = getattr(model, "TEXT_ENCODER_CONFIGURATION", None) or {}
+    options = (("encoded_by", f"simpletuner {version('simpletuner')} {type(model).__name__}"),
+               ("t5_padding", str(getattr(config, "t5_padding", None))),
+               ("tokenizer_max_length", getattr(config, "tokenizer_max_length", None)),
+               ("text_encoder_paths", tuple(sorted({str(e["path"]) for e in encoders.values() if e.get("path")}))))
+    return encode_caption, options
+
+
 def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) -> None:
     from lcm_plugin import trainer_cache
     from lcm_plugin.cache_build.ranks import RanksDisagree, threads_per_rank
 
     rank = accelerator.process_index
     models = trainer_cache.TrainerModels(getattr(model, "vae", None), list(tokenizers or []),
-                                         list(text_encoders or []))
+                                         list(text_encoders or []), *model_caption_encoding(model, config))
     try:
         # Every rank on this machine runs its own Rust pools: each gets its share of the cores, not all of them. A
         # RAYON_NUM_THREADS the user set sizes every pool instead (None: rayon's global pool, which reads it).
