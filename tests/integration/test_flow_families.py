@@ -47,7 +47,8 @@ def assert_the_quality_check_ran(run: Path, log: str, step: int) -> None:
 
 
 def flow_run(root: Path, family: str, *, steps: int = STEPS, config: dict | None = None,
-             lcm: dict | None = None, model: Path | None = None, data_path: str | None = None) -> tuple[Path, Path, str]:
+             lcm: dict | None = None, model: Path | None = None,
+             data_path: str | None = None) -> tuple[Path, Path, str]:
     """The family's tiny offline model (lcm_plugin.tiny_flow, its VAE's posterior made near-deterministic), or
     `model` if given, and an LCM run of it through the stock trainer: conftest's CPU LoRA run with the family's
     `model_family`, then `config` keys (None removes a key) and `lcm` keys of the LCM block; `data_path`: the value of

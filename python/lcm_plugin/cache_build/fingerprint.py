@@ -234,7 +234,8 @@ _WHY = {
     "seed": "seed changed",
     "text_encoders": "the text encoders or tokenizers changed",
     "text_dtype": "the text encoder dtype (mixed_precision) changed",
-    "text_options": "the text encoder's settings (t5_padding, tokenizer_max_length or SimpleTuner's version) changed",
+    "text_options": "the text encoders' settings (SimpleTuner's version, t5_padding, tokenizer_max_length, "
+                    "quantisation) changed",
     "content": "the image file's content changed",
     "original_size": "the image size changed",
     "target_size": "the target size changed (resolution settings)",

@@ -18,6 +18,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lcm_plugin.cache_build.layout import MODEL_ENCODED_FAMILIES
 from lcm_plugin.cache_build.parquet import (
     ParquetError,
     ParquetSource,
@@ -56,10 +57,6 @@ SIZED_BY = ("discovery", "json", "filesystem", "parquet", "huggingface", "websha
 # Dataset kinds whose images lie inside other files on local disk, read through the source's own index: their
 # captions and sizes come from it (caption_strategy and metadata_backend named as the kind).
 PACKED_KINDS = ("webshart", "huggingface")
-
-
-# model_family -> its number of text encoders (SimpleTuner's text_encoder_N_precision keys); SD 1.x/2.x have one CLIP
-TEXT_ENCODER_COUNTS = {"sdxl": 2, "sd3": 3, "flux": 2}
 
 
 class BuildError(Exception):
@@ -262,8 +259,9 @@ def read_run(config_dir: Path, families: tuple[str, ...] = ("sdxl",)) -> tuple[R
             f"(got {settings.model_family!r})"
         )
     # SimpleTuner quantises these text encoders before it caches their embeddings (Trainer.run: init_precision(
-    # preprocessing_models_only=True) before init_data_backend); the build's are not quantised.
-    encoders = TEXT_ENCODER_COUNTS.get(settings.model_family, 1)
+    # preprocessing_models_only=True) before init_data_backend); the build's are not quantised. (The families whose
+    # captions the trainer's own model encodes are encoded by its quantised encoders, as SimpleTuner's cache is.)
+    encoders = 0 if settings.model_family in MODEL_ENCODED_FAMILIES else 2 if settings.model_family == "sdxl" else 1
     for number in range(1, encoders + 1):
         key = f"text_encoder_{number}_precision"
         if setting(key) != "no_change":

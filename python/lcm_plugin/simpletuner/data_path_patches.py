@@ -132,7 +132,10 @@ def model_caption_encoding(model, config) -> tuple:
     options = (("encoded_by", f"simpletuner {version('simpletuner')} {type(model).__name__}"),
                ("t5_padding", str(getattr(config, "t5_padding", None))),
                ("tokenizer_max_length", getattr(config, "tokenizer_max_length", None)),
-               ("text_encoder_paths", tuple(sorted({str(e["path"]) for e in encoders.values() if e.get("path")}))))
+               ("text_encoder_paths", tuple(sorted({str(e["path"]) for e in encoders.values() if e.get("path")}))),
+               # SimpleTuner quantises the encoders before its text cache runs; so are the ones encode_caption calls
+               ("text_encoder_precisions", tuple(str(getattr(config, f"text_encoder_{number}_precision", None))
+                                                 for number in range(1, len(encoders) + 1))))
     return encode_caption, options
 
 
