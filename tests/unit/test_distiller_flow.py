@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, SD3Transformer2DModel
 from lcm_plugin.config import LcmConfig
+from lcm_plugin.config.families import FLOW_FAMILIES
 from lcm_plugin.inference import variant_scheduler
 from lcm_plugin.simpletuner.distiller import LCM_SIGMA_KEY, LcmDistiller
 from lcm_plugin.tiny_flow import SD3_SCHEDULER_CONFIG, sd3_transformer_config
@@ -363,4 +364,87 @@ def test_the_sd3_step_equals_the_reference_through_simpletuners_sd3_model(tmp_pa
 
     sigma_from, sigma_to = (s.float() for s in solver_sigmas(prepared, reference_grid(config.num_ddim_timesteps)))
     reference_loss, target = reference_step(transformer, inputs, sigma_from, sigma_to, w)
+    assert_same_step(prepared, loss, ours, target, reference_loss, lora_grads(transformer))
+
+
+def collated(text: dict, latents: torch.Tensor) -> dict:
+    """The batch SimpleTuner's collate builds from a family's text cache entries (`_format_text_embedding`'s dict,
+    batched) and latents: the entries `collate_fn` names (prompt and pooled embeddings, the mask under any of the
+    family's names)."""
+    mask = next((text[key] for key in ("attention_masks", "prompt_attention_mask", "attention_mask") if key in text),
+                None)
+    return {"prompt_embeds": text["prompt_embeds"], "add_text_embeds": text.get("pooled_prompt_embeds"),
+            "encoder_attention_mask": mask, "latent_batch": latents, "batch_time_ids": None}
+
+
+CFG_FLOW_FAMILIES = [family for family, guidance in FLOW_FAMILIES.items() if guidance == "cfg" and family != "sd3"]
+
+
+@pytest.mark.parametrize("family", CFG_FLOW_FAMILIES)
+def test_a_cfg_family_step_equals_the_reference_through_simpletuners_model(family, tmp_path, monkeypatch):
+    """Every other CFG flow family through SimpleTuner's own class (its prepare_batch, its forward): the reference
+    makes the teacher's cond and uncond calls separately, the uncond one with the caption's embeddings zeroed (every
+    tensor collate made from them but the attention mask, which is kept), on diffusers' grid for the model's own
+    training schedule; then the module docstring's equations."""
+    import huggingface_hub.constants
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from hub_cache import HUB_TEXT_ENCODERS, offline_hub_cache
+    from test_tiny_flow import load_with_simpletuner
+
+    from lcm_plugin.demo import shapes
+    from lcm_plugin.tiny_flow import save_tiny_flow
+
+    folder = save_tiny_flow(family, tmp_path / family, vocabulary=shapes.VOCABULARY)
+    with monkeypatch.context() as patch:
+        if family in HUB_TEXT_ENCODERS:  # its text encoder loads from a hub repo (test_tiny_flow says how)
+            cache = offline_hub_cache(tmp_path / "hub", HUB_TEXT_ENCODERS[family], folder)
+            patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+            patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        model = load_with_simpletuner(family, folder, tmp_path)
+    transformer = model.model
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    config = LcmConfig(num_ddim_timesteps=10)
+    distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=config)
+    with torch.no_grad():
+        text = model._format_text_embedding(model._encode_prompts(list(shapes.PROMPTS[:2])))
+    channels = model.LATENT_CHANNEL_COUNT
+    torch.manual_seed(0)
+    batch = model.prepare_batch(collated(text, torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))),
+                                {"global_step": 0})
+    inputs = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    prepared, loss, w = our_step(distiller, model, batch, monkeypatch)
+    loss.backward()
+    ours = lora_grads(transformer)
+    transformer.zero_grad(set_to_none=True)
+
+    schedule = model.noise_schedule.config
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(schedule)
+    if schedule.get("use_dynamic_shifting"):
+        scheduler.set_timesteps(config.num_ddim_timesteps, mu=calculate_shift(
+            16, schedule.base_image_seq_len, schedule.max_image_seq_len, schedule.base_shift, schedule.max_shift))
+    else:
+        scheduler.set_timesteps(config.num_ddim_timesteps)
+    sigma_from, sigma_to = (s.float() for s in solver_sigmas(prepared, scheduler.sigmas.double().flip(0)))
+    caption_entries = ("encoder_hidden_states", "prompt_embeds", "add_text_embeds")
+
+    def velocity(x, sigma, *, uncond=False):
+        call = {key: torch.zeros_like(value) if uncond and key in caption_entries and isinstance(value, torch.Tensor)
+                else value for key, value in inputs.items()}
+        call.update(noisy_latents=x, timesteps=sigma * 1000)
+        return model.model_predict(call)["model_prediction"]
+
+    column = lambda s: s.reshape(-1, 1, 1, 1)
+    x_t = (1 - column(sigma_from)) * inputs["latents"] + column(sigma_from) * inputs["noise"]
+    with torch.no_grad():
+        transformer.disable_adapters()
+        v_c, v_u = velocity(x_t, sigma_from), velocity(x_t, sigma_from, uncond=True)
+        transformer.enable_adapters()
+        x_n = x_t + column(sigma_to - sigma_from) * (v_u + column(w) * (v_c - v_u))
+        target = x_n - column(sigma_to) * velocity(x_n, sigma_to)
+    reference_loss = F.mse_loss(x_t - column(sigma_from) * velocity(x_t, sigma_from), target)
+    reference_loss.backward()
     assert_same_step(prepared, loss, ours, target, reference_loss, lora_grads(transformer))
