@@ -207,13 +207,16 @@ def comparison_grid(rows: list[tuple[str, np.ndarray]]):
 
 def cycled_conditioning(per_prompt: list[Mapping[str, object]], samples: int) -> dict[str, object]:
     """Batched pipeline inputs for `samples` samples, sample i with prompt i % len(per_prompt).
-    per_prompt: one dict of tensors [1, ...] per prompt (the pipeline's prompt_embeds, pooled_prompt_embeds, ...);
-    an input set to None (Flux's prompt_mask without masked training) is left to the pipeline's default."""
+    per_prompt: one dict of tensors [1, ...] per prompt (the pipeline's prompt_embeds, pooled_prompt_embeds, ...), or
+    of one-item lists of per-sample tensors (Z-Image's prompt_embeds: each prompt's masked tokens, [L_i, D]), which
+    stay lists; an input set to None (Flux's prompt_mask without masked training) is left to the pipeline's
+    default."""
     import torch
 
     order = [per_prompt[i % len(per_prompt)] for i in range(samples)]
-    return {key: torch.cat([inputs[key] for inputs in order]) for key, value in per_prompt[0].items()
-            if value is not None}
+    return {key: [item for inputs in order for item in inputs[key]] if isinstance(value, list)
+            else torch.cat([inputs[key] for inputs in order])
+            for key, value in per_prompt[0].items() if value is not None}
 
 
 def sampling_batches(free_bytes: int | None, width: int, height: int, dtype_bytes: int, *, guided: bool
@@ -369,7 +372,7 @@ def pipeline_sampler(
                 batch = slice(start, start + sample_batch)
                 inputs = {key: value[batch] for key, value in conditioning.items()}
                 if guided:
-                    inputs |= {f"negative_{key}": torch.zeros_like(value) if key.endswith("embeds") else value
+                    inputs |= {f"negative_{key}": _zeros_like(value) if key.endswith("embeds") else value
                                for key, value in inputs.items() if key.endswith(("embeds", "attention_mask"))}
                 if noise is not None:
                     inputs["latents"] = noise[batch].to(network_in_place.device, network_in_place.dtype)
@@ -388,6 +391,13 @@ def pipeline_sampler(
         return np.concatenate(images)
 
     return sample
+
+
+def _zeros_like(value):
+    """The LCM unconditional input for a prompt input: zeros of its shape (per sample for a list of tensors)."""
+    import torch
+
+    return [torch.zeros_like(item) for item in value] if isinstance(value, list) else torch.zeros_like(value)
 
 
 def _fresh_noise_from(scheduler, generators: list):

@@ -22,6 +22,15 @@ Same component layout as the real checkpoints, at 1-2 MB, for tests that must ne
         joint blocks, then single blocks on the joined sequence); a UMT5 encoder (`UMT5EncoderModel`, text_encoder/,
         Pile-T5's) and its Llama-class byte-fallback BPE tokenizer (tokenizer/, `LlamaTokenizerFast`); SDXL's
         4-channel VAE (AutoencoderKL with quant convs, scaling 0.13025); the scheduler at a fixed shift of 1.73.
+    Z-Image (Tongyi-MAI/Z-Image-Turbo): a `ZImageTransformer2DModel` (refiner layers per stream, then the joint
+        layers); a Qwen3 causal LM (`Qwen3ForCausalLM`, text_encoder/) and a byte-level BPE tokenizer (tokenizer/,
+        `Qwen2Tokenizer`, Qwen3's chat template); Flux's VAE factors; the scheduler at a fixed shift of 3. About 2 MB:
+        the transformer's timestep MLP is 1024 wide whatever its width.
+    Qwen-Image (Qwen/Qwen-Image, SimpleTuner's v1.0 flavour): a `QwenImageTransformer2DModel` (MM-DiT blocks on 2 x 2
+        packed latents); a Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, text_encoder/, with its one-block vision
+        tower) and a byte-level BPE tokenizer (tokenizer/, `Qwen2Tokenizer`, with the vision specials); the 3-D
+        `AutoencoderKLQwenImage` (16 channels, latents_mean / latents_std, no scaling factor); the scheduler with
+        dynamic shifting and a terminal sigma of 0.02. No processor/: its text-to-image pipeline takes none.
 
 The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the components together:
 
@@ -39,6 +48,12 @@ The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the componen
         tokenizer pads on the right, as the transformer reads a caption as its first mask-sum tokens.
     AuraFlow: UMT5 d_model == joint_attention_dim; caption_projection_dim == num_attention_heads *
         attention_head_dim; pos_embed_max_size a square >= the patches of the largest latent (16 x 16 here).
+    Z-Image: Qwen3's hidden size == cap_feat_dim, and >= 2 layers (Z-Image reads the second-to-last hidden states);
+        sum(axes_dims) == dim / n_heads; axes_lens[0] > the prompt length (512, Z-Image's _encode_prompts) + 1, as
+        caption positions come first; the transformer takes each caption's masked tokens only.
+    Qwen-Image: Qwen2.5-VL's text width == joint_attention_dim == its vision tower's out_hidden_size; its mrope
+        sections sum to half the head size; in_channels == 4 * z_dim (2 x 2 packing), sum(axes_dims_rope) ==
+        attention_head_dim; the template's system turn tokenizes to the 34 tokens the pipeline drops.
     All: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
         channels (AuraFlow: SDXL's 4; SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train
         (SimpleTuner forces aspect_bucket_alignment 64 for every one), 64 px gives 8x8 latents (SD3, AuraFlow: 4x4
@@ -47,7 +62,8 @@ The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the componen
         from tokenizer/ (Chroma); it pads T5 prompts to 154 tokens for SD3 and to 512 for Flux and Chroma
         (model_max_length 512 here). Gemma tokenizer: SimpleTuner loads `PreTrainedTokenizerFast` from tokenizer/.
         Llama-class tokenizer: SimpleTuner loads `LlamaTokenizerFast` from tokenizer/ and pads AuraFlow prompts to 120.
-    SimpleTuner trains every one at its own flow_schedule_shift (default 3.0), not the folder's scheduler shift.
+    SimpleTuner trains every one at its own flow_schedule_shift (default 3.0), not the folder's scheduler shift;
+    Qwen-Image on its own hard-coded schedule (the folder's values, whatever flow_schedule_shift says).
     SimpleTuner 4.10.1 loads AuraFlow's text encoder and tokenizer from the hub repo its class names
     (terminusresearch/auraflow-v0.3), whatever pretrained_model_name_or_path says.
 """
@@ -66,6 +82,10 @@ __all__ = [
     "chroma_transformer_config", "flux_transformer_config", "lumina2_transformer_config", "save_tiny_auraflow",
     "save_tiny_chroma", "save_tiny_flow", "save_tiny_flux", "save_tiny_lumina2", "save_tiny_sd3",
     "sd3_transformer_config", "write_gemma_tokenizer", "write_llama_tokenizer", "write_t5_tokenizer",
+    "QWEN_IMAGE_SCHEDULER_CONFIG", "qwen_image_transformer_config", "save_tiny_qwen_image",
+    "write_qwen2_5_vl_tokenizer",
+    "Z_IMAGE_SCHEDULER_CONFIG", "qwen3_config", "save_tiny_z_image", "write_qwen_tokenizer",
+    "z_image_transformer_config",
 ]
 
 # stable-diffusion-3.5-medium's scheduler/scheduler_config.json (3.0 and 3.5 large ship the same).
@@ -101,6 +121,15 @@ AURAFLOW_SCHEDULER_CONFIG = {
     "shift": 1.73,
 }
 
+# Z-Image-Turbo's scheduler/scheduler_config.json: a fixed shift of 3, no dynamic shifting (its pipeline passes a mu
+# that the scheduler then ignores).
+Z_IMAGE_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": False,
+}
+
 # vae/config.json latent normalisation: latents = (encode(x) - shift_factor) * scaling_factor.
 SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
 FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
@@ -119,6 +148,7 @@ FLUX_T5_D_MODEL = 64
 CHROMA_T5_D_MODEL = 64
 LUMINA2_GEMMA_HIDDEN = 32
 AURAFLOW_UMT5_D_MODEL = 32
+Z_IMAGE_QWEN3_HIDDEN = 32
 
 # T5's special pieces, at the ids T5 v1.1 has them (transformers 5's T5Tokenizer hard-codes unk_id 2).
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
@@ -262,6 +292,83 @@ def write_llama_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     return folder
 
 
+# Qwen2/Qwen3's specials (Qwen3-4B's tokenizer: <|endoftext|> pads, <|im_end|> ends a turn; no BOS, no UNK).
+QWEN_ENDOFTEXT, QWEN_IM_START, QWEN_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN_SPECIALS = (QWEN_ENDOFTEXT, QWEN_IM_START, QWEN_IM_END, "<think>", "</think>")
+# Qwen2Tokenizer's pre-tokenizer split (transformers' PRETOKENIZE_REGEX), before the byte-level mapping.
+QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                          r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen3's chat template for what Z-Image sends (one user message, add_generation_prompt): ChatML turns, and the
+# empty think block only when enable_thinking is false (Z-Image passes true, so none).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _byte_level_pieces() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (`bytes_to_unicode`), which byte-level BPE vocabularies are spelt in."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+    kept += list(range(ord("\xae"), ord("\xff") + 1))
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
+def write_qwen_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write a Qwen2/Qwen3-style byte-level BPE tokenizer (tokenizer.json, vocab.json, merges.txt + configs), built
+    with `tokenizers`, with Qwen3's chat template: the 256 byte-level pieces, each of `words` and the ChatML roles as
+    one piece with and without a leading space ("\u0120red", "red"), then the specials (QWEN_SPECIALS); no BOS or
+    EOS added, padded on the right with <|endoftext|>, as Qwen3-4B's tokenizer (Z-Image's).
+
+    The pipeline (NFC, the regex split, ByteLevel without prefix space, ByteLevel decoder) is the one transformers
+    5's Qwen2Tokenizer builds around a tokenizer.json's vocabulary and merges, so it, AutoTokenizer and transformers
+    4's Qwen2TokenizerFast give the same ids; 4.x's slow Qwen2Tokenizer reads vocab.json and merges.txt."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    byte_pieces = _byte_level_pieces()
+    space = byte_pieces[ord(" ")]  # "\u0120"
+    pieces = list(byte_pieces.values())
+    spaced, plain = [], []  # merges: the spaced words' chains first, so a word's own chain always completes
+    for word in sorted(set(words) | {"user", "assistant", "system"}):
+        if not word or any(ch.isspace() for ch in word) or not word.isascii():
+            continue
+        for merges, current in ((spaced, space), (plain, "")):
+            for ch in word:
+                if current:
+                    merges.append((current, ch))
+                current += ch
+                pieces.append(current)
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    merges = list(dict.fromkeys(spaced + plain))
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                              end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"eos_token": QWEN_IM_END, "pad_token": QWEN_ENDOFTEXT}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", **special, "bos_token": None, "unk_token": None,
+        "add_prefix_space": False, "errors": "replace", "padding_side": "right", "split_special_tokens": False,
+        "model_max_length": 131072, "clean_up_tokenization_spaces": False, "chat_template": QWEN3_CHAT_TEMPLATE,
+    }))
+    return folder
+
+
 def t5_config(vocab_size: int, d_model: int, *, umt5: bool = False):
     """T5EncoderModel config in T5 v1.1's style (gated-gelu, untied embeddings), two layers. With `umt5`, a UMT5Config
     of the same sizes (Pile-T5's blocks: a relative position bias in every layer) with Pile-T5's special ids."""
@@ -358,10 +465,11 @@ def _t5(folder: Path, vocabulary: tuple[str, ...], d_model: int):
 
 
 def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: dict, t5_tokenizer: str | None,
-          gemma_tokenizer: str | None = None, llama_tokenizer: str | None = None) -> Path:
+          gemma_tokenizer: str | None = None, llama_tokenizer: str | None = None,
+          qwen_tokenizer: str | None = None) -> Path:
     """save_pretrained, then the tokenizer files as written above: transformers 5 saves only tokenizer.json for
     CLIP (4.x loaders, SimpleTuner's among them, want vocab.json/merges.txt too) and may add files to T5's (and to
-    the Gemma or Llama tokenizer's, in subfolder `gemma_tokenizer` or `llama_tokenizer`)."""
+    the Gemma, Llama or Qwen tokenizer's, in subfolder `gemma_tokenizer`, `llama_tokenizer` or `qwen_tokenizer`)."""
     pipeline.save_pretrained(str(folder))
     for name, options in clip_tokenizers.items():
         write_clip_tokenizer(folder / name, vocabulary, **options)
@@ -371,7 +479,9 @@ def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: 
     fast_classes = {}
     for subfolder, write, fast_class in ((t5_tokenizer, write_t5_tokenizer, "T5TokenizerFast"),
                                          (gemma_tokenizer, write_gemma_tokenizer, "GemmaTokenizerFast"),
-                                         (llama_tokenizer, write_llama_tokenizer, "LlamaTokenizerFast")):
+                                         (llama_tokenizer, write_llama_tokenizer, "LlamaTokenizerFast"),
+                                         # a byte-level BPE with vocab.json and merges.txt: 4.x's class loads too
+                                         (qwen_tokenizer, write_qwen_tokenizer, "Qwen2Tokenizer")):
         if subfolder is not None:
             shutil.rmtree(folder / subfolder)
             write(folder / subfolder, vocabulary)
@@ -570,12 +680,211 @@ def save_tiny_auraflow(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ..
     return _save(pipeline, folder, vocabulary, {}, None, llama_tokenizer="tokenizer")
 
 
+def qwen3_config(vocab_size: int, hidden: int):
+    """Qwen3ForCausalLM config in Qwen3-4B's style (GQA, q/k norm, tied embeddings), two layers: Z-Image reads the
+    second-to-last hidden states, here the first layer's."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=vocab_size - len(QWEN_SPECIALS) + QWEN_SPECIALS.index(QWEN_IM_END),
+        pad_token_id=vocab_size - len(QWEN_SPECIALS) + QWEN_SPECIALS.index(QWEN_ENDOFTEXT),
+    )
+
+
+def z_image_transformer_config() -> dict:
+    """ZImageTransformer2DModel config: 1 main + 1 refiner layer per stream, width 32 (2 heads of 16), 2 x 2 patches
+    of the 16-channel latents."""
+    return dict(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=LATENT_CHANNELS,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        qk_norm=True,
+        cap_feat_dim=Z_IMAGE_QWEN3_HIDDEN,
+        axes_dims=(4, 6, 6),  # sums to the head size, as (32, 48, 48) to 128
+        axes_lens=(1024, 512, 512),  # caption positions come first: > tokenizer_max_length (512) + 1
+    )
+
+
+def save_tiny_z_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Z-Image folder (Tongyi-MAI/Z-Image-Turbo layout: a Qwen3 causal LM and its
+    byte-level BPE tokenizer with Qwen3's chat template, Flux's VAE, shift 3; random weights, ~2 MB, most of it the
+    timestep embedder's fixed 1024-wide MLP) to `folder`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = ZImagePipeline(
+        transformer=ZImageTransformer2DModel(**z_image_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(Z_IMAGE_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
+        text_encoder=Qwen3ForCausalLM(qwen3_config(len(tokenizer), Z_IMAGE_QWEN3_HIDDEN)),
+        tokenizer=tokenizer,
+    )
+    return _save(pipeline, folder, vocabulary, {}, None, qwen_tokenizer="tokenizer")
+
+
+# Qwen/Qwen-Image's scheduler/scheduler_config.json (SimpleTuner 4.10.1 trains on the same values, hard-coded in
+# QwenImage.setup_training_noise_schedule): the shift follows the image's token count (mu, up to 8192 tokens), and
+# the shifted schedule is stretched to end at sigma 0.02 (shift_terminal).
+QWEN_IMAGE_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+# diffusers' QwenImagePipeline.prompt_template_encode: its first QWEN_IMAGE_TEMPLATE_TOKENS tokens (the system turn
+# and "<|im_start|>user\n", prompt_template_encode_start_idx) are dropped from the encoder's last hidden states.
+QWEN_IMAGE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                       "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                       "<|im_end|>\n<|im_start|>assistant\n")
+QWEN_IMAGE_TEMPLATE_TOKENS = 34
+# Qwen2.5-VL's vision specials, after the text ones (ids 151652-151656 in the real vocabulary).
+QWEN_VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_IMAGE_TEXT_HIDDEN = 32
+
+
+def write_qwen2_5_vl_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write Qwen2.5-VL's tokenizer as Qwen-Image ships it (tokenizer/, `Qwen2Tokenizer`): write_qwen_tokenizer's
+    byte-level BPE with every word of Qwen-Image's prompt template as one piece as well as `words`, so that the
+    template's system turn is QWEN_IMAGE_TEMPLATE_TOKENS tokens as with the real vocabulary (the pipeline's fixed drop
+    leaves exactly the prompt), plus the vision specials (QWEN_VISION_SPECIALS) the text encoder's config names; no
+    chat template (Qwen-Image formats its prompt itself)."""
+    import re
+
+    from tokenizers import AddedToken, Tokenizer
+
+    template_words = re.findall(r"[A-Za-z]+", re.sub(r"<\|\w+\|>", " ", QWEN_IMAGE_TEMPLATE.format("")))
+    folder = write_qwen_tokenizer(folder, tuple(words) + tuple(template_words))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_VISION_SPECIALS])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps({**config, "model_max_length": 32768}))
+    return folder
+
+
+def qwen2_5_vl_config(tokenizer, hidden: int):
+    """Qwen2_5_VLConfig in Qwen2.5-VL's style (GQA, multimodal RoPE, untied head): two text layers of width `hidden`
+    (2 heads of 16, 1 kv head; mrope sections summing to half the head size, as (16, 24, 24) to 64) and a one-block
+    vision tower (patch 14, 2 x 2 merge) projecting to `hidden`; the special ids are the tokenizer's."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token)
+           for token in (QWEN_ENDOFTEXT, QWEN_IM_END, *QWEN_VISION_SPECIALS)}
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids[QWEN_ENDOFTEXT], eos_token_id=ids[QWEN_IM_END], pad_token_id=ids[QWEN_ENDOFTEXT],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def qwen_image_transformer_config() -> dict:
+    """QwenImageTransformer2DModel config: 2 MM-DiT blocks, width 32 (2 heads of 16), 2 x 2 packed latents."""
+    return dict(
+        patch_size=2,
+        in_channels=4 * LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=QWEN_IMAGE_TEXT_HIDDEN,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) to 128
+    )
+
+
+def tiny_qwen_image_vae():
+    """AutoencoderKLQwenImage (Wan 2.1's causal 3-D VAE) at base width 4, one res block per level: 16 latent channels,
+    8x spatial downsampling (4 levels), Qwen-Image's default latents_mean / latents_std."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True])
+
+
+def save_tiny_qwen_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Qwen-Image folder (Qwen/Qwen-Image layout, SimpleTuner's v1.0 flavour: a Qwen2.5-VL
+    text encoder with its vision tower and tokenizer, the Qwen-Image VAE, the dynamically shifted scheduler with a
+    terminal sigma; random weights, ~1 MB) to `folder`. No processor/: the text-to-image pipeline takes none."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen2_5_vl_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(**qwen_image_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG),
+        vae=tiny_qwen_image_vae(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, QWEN_IMAGE_TEXT_HIDDEN)),
+        tokenizer=tokenizer,
+    )
+    pipeline.save_pretrained(str(folder))
+    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
+    write_qwen2_5_vl_tokenizer(folder / "tokenizer", vocabulary)
+    # diffusers 0.42 writes the Qwen-Image-2512 / Edit options (all off), which SimpleTuner's own transformer class
+    # does not take (it warns); Qwen/Qwen-Image's config has none of them.
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
+        if config.get(key) is False:
+            del config[key]
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return folder
+
+
 # SimpleTuner model_family -> writer.
 FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma, "lumina2": save_tiny_lumina2,
-            "auraflow": save_tiny_auraflow}
+            "auraflow": save_tiny_auraflow, "z_image": save_tiny_z_image,
+            "qwen_image": save_tiny_qwen_image}
 
 
 def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
-    """The writer for SimpleTuner's model_family name: "sd3", "flux", "chroma", "lumina2" or "auraflow" (FAMILIES)."""
+    """The writer for SimpleTuner's model_family name: "sd3", "flux", "chroma", "lumina2", "auraflow" or "z_image"
+    (FAMILIES)."""
     return FAMILIES[family](folder, seed, vocabulary=vocabulary)
 

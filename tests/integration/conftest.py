@@ -138,6 +138,26 @@ def lcm_training_dir(tmp_path, tiny_sdxl_dir) -> Path:
     return write_lcm_training_dir(tmp_path / "run", tiny_sdxl_dir, max_train_steps=3)
 
 
+def computed_once(tmp_path_factory, name: str, compute):
+    """`compute(folder)` (a JSON value) for this test session, computed once whichever pytest-xdist worker asks first,
+    the others waiting on a file lock and reading it back: a module fixture that runs a trainer would otherwise run
+    once on each worker its tests were spread over."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / f"once-{name}"
+    with FileLock(f"{folder}.lock"):
+        answer = folder / "answer.json"
+        if answer.is_file():
+            return json.loads(answer.read_text())
+        folder.mkdir()
+        value = compute(folder)
+        answer.write_text(json.dumps(value))
+        return value
+
+
 def stock_trainer_env() -> dict[str, str]:
     """Environment for a CPU `simpletuner train`: this venv's tools first on PATH (the CLI spawns `accelerate`),
     the plugin armed with its default data path whatever the caller's environment says."""

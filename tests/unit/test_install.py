@@ -139,9 +139,13 @@ def test_bad_lcm_settings_name_the_key_and_what_is_valid(installed):
 
 
 def test_unsupported_models_are_refused_clearly(installed):
-    qwen = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
-    qwen.config.model_family = "qwen_image"
-    with pytest.raises(ValueError, match="model_family 'qwen_image' is a flow-matching family it does not cover yet"):
+    wan = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
+    wan.config.model_family = "wan"
+    with pytest.raises(ValueError, match="model_family 'wan' is a flow-matching family it does not cover yet"):
+        create({"lcm": LCM_BLOCK}, model=wan)
+    qwen = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)  # a covered family in a flavour it does not cover
+    qwen.config.model_family, qwen.config.model_flavour = "qwen_image", "v2.1"
+    with pytest.raises(ValueError, match="qwen_image model_flavour 'v2.1' is Qwen-Image-2.1"):
         create({"lcm": LCM_BLOCK}, model=qwen)
     flux = fake_sdxl_model(PredictionTypes.FLOW_MATCHING)
     flux.config.model_family, flux.config.flux_guidance_mode = "flux", "random-range"

@@ -86,6 +86,25 @@ def test_grid_equals_diffusers_sigmas_dynamic_shift(n, image_seq_len, time_shift
     assert (schedule.sigmas.flip(0)[:-1] - other).abs().max() > 1e-2
 
 
+# SimpleTuner 4.10.1's Qwen-Image training schedule (qwen_image/model.py setup_training_noise_schedule, as
+# Qwen/Qwen-Image's scheduler_config.json): dynamic shifting, then stretched to end at shift_terminal 0.02.
+QWEN_IMAGE = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+              "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+              "time_shift_type": "exponential"}
+
+
+@pytest.mark.parametrize("image_seq_len", [16, 1024, 4096])
+@pytest.mark.parametrize("n", [2, 8, 50])
+def test_grid_equals_diffusers_sigmas_with_a_terminal_shift(n, image_seq_len):
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE)
+    scheduler.set_timesteps(n, mu=calculate_shift(image_seq_len, 256, 8192, 0.5, 0.9))
+    schedule = FlowSkipSchedule.from_scheduler_config(scheduler.config, n, image_seq_len=image_seq_len)
+    torch.testing.assert_close(schedule.sigmas.flip(0), scheduler.sigmas.double(), rtol=0, atol=1e-6)
+    assert schedule.sigmas[1].item() == pytest.approx(0.02) and schedule.sigmas[-1].item() == pytest.approx(1.0)
+    unstretched = flow_sigma_grid(n, **{**QWEN_IMAGE, "shift_terminal": None}, image_seq_len=image_seq_len)
+    assert (schedule.sigmas.flip(0)[:-1] - unstretched).abs().max() > 1e-3
+
+
 def test_grid_refuses_what_it_cannot_reproduce():
     with pytest.raises(ValueError, match="image_seq_len"):
         FlowSkipSchedule.from_scheduler_config(FLUX, 8)

@@ -122,6 +122,18 @@ def test_cycled_conditioning_gives_sample_i_the_prompt_i_mod_count():
     assert batched["pooled_prompt_embeds"][:, 0].tolist() == [0, 1, 2, 0, 1, 2, 0]
 
 
+def test_cycled_conditioning_keeps_per_sample_lists_as_lists():
+    """Z-Image's pipeline takes prompt_embeds as a list of each prompt's masked tokens, of different lengths; the
+    unconditional input is zeros of each sample's shape."""
+    per_prompt = [{"prompt_embeds": [torch.full((2 + i, 3), float(i + 1))]} for i in range(2)]
+    batched = quality_check.cycled_conditioning(per_prompt, 3)
+    assert isinstance(batched["prompt_embeds"], list)
+    assert [tuple(t.shape) for t in batched["prompt_embeds"]] == [(2, 3), (3, 3), (2, 3)]
+    assert [t[0, 0].item() for t in batched["prompt_embeds"][1:3]] == [2.0, 1.0]  # slicing a list: samples 1 and 2
+    zeros = quality_check._zeros_like(batched["prompt_embeds"][1:3])
+    assert [tuple(t.shape) for t in zeros] == [(3, 3), (2, 3)] and not any(t.any() for t in zeros)
+
+
 @pytest.fixture(scope="module")
 def demo_teacher():
     from diffusers import StableDiffusionXLPipeline

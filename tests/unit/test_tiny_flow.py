@@ -1,5 +1,5 @@
-"""The tiny SD3, Flux, Chroma, Lumina 2 and AuraFlow folders (lcm_plugin.tiny_flow) load and run in diffusers and in
-SimpleTuner 4.10.1.
+"""The tiny SD3, Flux, Chroma, Lumina 2, AuraFlow and Z-Image folders (lcm_plugin.tiny_flow) load and run in diffusers
+and in SimpleTuner 4.10.1.
 
 diffusers: the family's own pipeline class loads each folder from its local path and samples a 64x64 image in one
 step. SimpleTuner: its model class for `model_family: sd3` / `flux` / `chroma` / `lumina2` / `auraflow`
@@ -35,8 +35,14 @@ from lcm_plugin.tiny_flow import (
     SD3_SCHEDULER_CONFIG,
     SD3_VAE_FACTORS,
     SDXL_VAE_FACTORS,
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    QWEN_IMAGE_TEMPLATE,
+    QWEN_IMAGE_TEMPLATE_TOKENS,
+    Z_IMAGE_SCHEDULER_CONFIG,
     save_tiny_flow,
     write_gemma_tokenizer,
+    write_qwen2_5_vl_tokenizer,
+    write_qwen_tokenizer,
     write_t5_tokenizer,
 )
 
@@ -143,6 +149,44 @@ FAMILIES = {
         # No pooled prompt; the caption projection, then the joint blocks' text stream.
         text_weights=("context_embedder.weight", "joint_transformer_blocks.0.attn.add_q_proj.weight"),
     ),
+    "z_image": dict(
+        pipeline="ZImagePipeline",
+        index={  # Tongyi-MAI/Z-Image-Turbo's components
+            "transformer": "ZImageTransformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen3ForCausalLM",
+            "tokenizer": "Qwen2Tokenizer",
+        },
+        t5=("text_encoder", "tokenizer"),  # Qwen3, not T5
+        scheduler=Z_IMAGE_SCHEDULER_CONFIG,
+        vae=FLUX_VAE_FACTORS,  # Z-Image ships Flux's VAE
+        latent_channels=16,
+        simpletuner_class="ZImage",
+        t5_tokens=None,  # Z-Image sets none; its _encode_prompts pads the chat-templated prompt to 512
+        prompt_tokens=512,
+        tokenizers=("Qwen2Tokenizer",),  # AutoTokenizer from tokenizer/
+        encoders=("Qwen3ForCausalLM",),  # AutoModelForCausalLM from text_encoder/
+        # The caption embedder, then the caption stream's refiner; the masked prompt tokens only reach them.
+        text_weights=("cap_embedder.1.weight", "context_refiner.0.attention.to_q.weight"),
+    ),
+    "qwen_image": dict(
+        pipeline="QwenImagePipeline",
+        index={  # Qwen/Qwen-Image's model_index.json (SimpleTuner's v1.0 flavour)
+            "transformer": "QwenImageTransformer2DModel", "vae": "AutoencoderKLQwenImage",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen2_5_VLForConditionalGeneration",
+            "tokenizer": "Qwen2Tokenizer",
+        },
+        t5=("text_encoder", "tokenizer"),  # Qwen2.5-VL, not T5
+        scheduler=QWEN_IMAGE_SCHEDULER_CONFIG,
+        vae={},  # no scaling or shift factor: latents are normalised by the VAE's latents_mean / latents_std
+        latent_channels=16,
+        simpletuner_class="QwenImage",
+        t5_tokens=None,  # Qwen-Image sets none; its pipeline pads the prompt's states to 1024 (max_sequence_length)
+        prompt_tokens=1024,
+        tokenizers=("Qwen2Tokenizer",),  # QwenImage.TEXT_ENCODER_CONFIGURATION
+        encoders=("Qwen2_5_VLForConditionalGeneration",),
+        # The text input's norm and projection, then the MM-DiT blocks' text stream.
+        text_weights=("txt_in.weight", "transformer_blocks.0.attn.add_q_proj.weight"),
+    ),
 }
 
 def read_json(path: Path) -> dict:
@@ -173,6 +217,9 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     assert scheduler.get("use_dynamic_shifting", False) is spec["scheduler"].get("use_dynamic_shifting", False)
 
     vae = read_json(folder / "vae" / "config.json")
+    if family == "qwen_image":
+        assert_the_qwen_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+        return
     assert vae["latent_channels"] == spec["latent_channels"] and len(vae["block_out_channels"]) == 4  # latents 1/8
     assert {k: vae[k] for k in spec["vae"]} == spec["vae"]
     # SD3's and Flux's 16-channel VAEs have no quant convs; SDXL's (AuraFlow's) has both, and no shift factor.
@@ -190,6 +237,19 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
         assert sum(transformer["axes_dim_rope"]) == head
         assert transformer["axes_lens"][0] > 256  # caption positions first, up to tokenizer_max_length
         assert transformer["in_channels"] == 16 and transformer["patch_size"] == 2
+        return
+    if family == "z_image":
+        qwen = read_json(folder / "text_encoder" / "config.json")
+        assert qwen["model_type"] == "qwen3" and qwen["hidden_size"] == transformer["cap_feat_dim"]
+        assert qwen["num_hidden_layers"] >= 2  # Z-Image reads the second-to-last hidden states
+        tokenizer = read_json(folder / "tokenizer" / "tokenizer_config.json")
+        assert tokenizer["padding_side"] == "right" and "enable_thinking" in tokenizer["chat_template"]
+        assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()
+        head = transformer["dim"] // transformer["n_heads"]
+        assert sum(transformer["axes_dims"]) == head
+        assert transformer["axes_lens"][0] > 512 + 1  # caption positions first, up to the 512-token prompt
+        assert transformer["in_channels"] == 16 and transformer["all_patch_size"] == [2]
+        assert "siglip_feat_dim" not in transformer  # as the real config; SimpleTuner's class does not take it
         return
     t5 = read_json(folder / spec["t5"][0] / "config.json")
     assert t5["d_model"] == transformer["joint_attention_dim"]
@@ -226,6 +286,49 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
         assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
         assert transformer["guidance_embeds"] is True  # FLUX.1-dev
         assert "out_channels" not in transformer  # as FLUX.1-dev's config; SimpleTuner's class does not take it
+
+
+def assert_the_qwen_image_folder_is_consistent(folder: Path, vae: dict, transformer: dict) -> None:
+    """Qwen-Image's sizes: Qwen2.5-VL's text width == joint_attention_dim, its vision tower projects to it; the 3-D
+    VAE's 16 latent channels (z_dim, 8x down: 3 downsamples) packed 2 x 2 into in_channels; the rope axes sum to the
+    head size; the transformer config names only what SimpleTuner's class takes."""
+    qwen = read_json(folder / "text_encoder" / "config.json")
+    assert qwen["model_type"] == "qwen2_5_vl"
+    assert qwen["text_config"]["hidden_size"] == transformer["joint_attention_dim"]
+    assert qwen["vision_config"]["out_hidden_size"] == transformer["joint_attention_dim"]
+    text = qwen["text_config"]
+    head = text["hidden_size"] // text["num_attention_heads"]
+    assert 2 * sum(text["rope_parameters"]["mrope_section"]) == head  # multimodal RoPE over the whole head
+    tokenizer = read_json(folder / "tokenizer" / "tokenizer_config.json")
+    assert tokenizer["tokenizer_class"] == "Qwen2Tokenizer" and tokenizer["padding_side"] == "right"
+    assert vae["z_dim"] == 16 and len(vae["dim_mult"]) == 4 and len(vae["temperal_downsample"]) == 3
+    assert len(vae["latents_mean"]) == len(vae["latents_std"]) == vae["z_dim"]
+    assert transformer["in_channels"] == 4 * vae["z_dim"] and transformer["out_channels"] == vae["z_dim"]
+    assert transformer["patch_size"] == 2 and sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+    assert not {"zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"} & set(transformer)
+    assert not (folder / "processor").exists()  # the text-to-image pipeline takes no processor
+
+
+def test_qwen2_5_vl_tokenizer_drops_exactly_the_template_as_qwen_image_does(tmp_path):
+    from transformers import AutoTokenizer, Qwen2Tokenizer
+
+    folder = write_qwen2_5_vl_tokenizer(tmp_path / "qwen2_5_vl", VOCABULARY)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
+    assert type(AutoTokenizer.from_pretrained(str(folder))) is Qwen2Tokenizer
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.bos_token is None and tokenizer.padding_side == "right"
+    prefix = QWEN_IMAGE_TEMPLATE.partition("{}")[0]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prefix).input_ids)
+    assert len(tokens) == QWEN_IMAGE_TEMPLATE_TOKENS  # what the real vocabulary gives: the pipeline drops that many
+    newline = "\u010a"  # byte-level "\n"
+    assert tokens[:4] == ["<|im_start|>", "system", newline, "Describe"]
+    assert tokens[-3:] == ["<|im_start|>", "user", newline]
+    ids = tokenizer([QWEN_IMAGE_TEMPLATE.format(p) for p in ("red circle", "a blue square")], padding=True).input_ids
+    prompt = tokenizer.convert_ids_to_tokens(ids[0])[QWEN_IMAGE_TEMPLATE_TOKENS:]
+    assert prompt[:3] == ["red", "\u0120circle", "<|im_end|>"]
+    assert tokenizer.decode(ids[1], skip_special_tokens=False) == QWEN_IMAGE_TEMPLATE.format("a blue square")
+    for special in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"):
+        assert tokenizer.convert_ids_to_tokens(tokenizer(special).input_ids) == [special]
 
 
 def test_t5_tokenizer_is_built_offline(tmp_path):
@@ -267,6 +370,32 @@ def test_gemma_tokenizer_is_built_offline(tmp_path):
     assert tokenizer.decode(encoded.input_ids[1], skip_special_tokens=True).strip() == "Blue squares é"
 
 
+def test_qwen_tokenizer_is_built_offline_with_qwen3s_chat_template(tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    folder = write_qwen_tokenizer(tmp_path / "qwen", VOCABULARY)
+    loaded = [cls.from_pretrained(str(folder)) for cls in (Qwen2Tokenizer, AutoTokenizer, PreTrainedTokenizerFast)]
+    assert type(loaded[1]) is Qwen2Tokenizer
+    tokenizer = loaded[0]
+    # As Z-Image's _encode_prompts (SimpleTuner's and diffusers') asks for it.
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "red circle"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+    assert text == "<|im_start|>user\nred circle<|im_end|>\n<|im_start|>assistant\n"
+    unthinking = tokenizer.apply_chat_template([{"role": "user", "content": "red circle"}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=False)
+    assert unthinking == text + "<think>\n\n</think>\n\n"
+    encodings = [t([text, "Blue squares é"], padding="max_length", max_length=16) for t in loaded]
+    assert all(e.input_ids == encodings[0].input_ids for e in encodings)  # one pipeline, whatever loads it
+    encoded = encodings[0]
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[0])
+    assert tokens[:6] == ["<|im_start|>", "user", "\u010a", "red", "\u0120circle", "<|im_end|>"]  # no BOS
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert tokens[-1] == "<|endoftext|>" and encoded.attention_mask[0] == [1] * 10 + [0] * 6  # right padding
+    other = tokenizer.convert_ids_to_tokens(encoded.input_ids[1])
+    assert "\u0120square" in other and "\u00c3" in other  # byte-level: no unknowns
+    assert tokenizer.decode(encoded.input_ids[1], skip_special_tokens=True) == "Blue squares é"
+
+
 def test_same_seed_writes_the_same_weights(model_dirs, tmp_path):
     from safetensors.torch import load_file
 
@@ -286,11 +415,13 @@ def test_diffusers_pipeline_samples_a_64px_image(model_dirs, family):
 
     pipeline = getattr(diffusers, FAMILIES[family]["pipeline"]).from_pretrained(str(model_dirs[family]))
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(PROMPTS[0], num_inference_steps=1, height=SIZE, width=SIZE, output_type="np",
+    # Qwen-Image's terminal stretch divides by 1 - sigma_last, 0 for a one-step schedule (NaN in diffusers): 2 steps.
+    steps = 2 if family == "qwen_image" else 1
+    images = pipeline(PROMPTS[0], num_inference_steps=steps, height=SIZE, width=SIZE, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, SIZE, SIZE, 3)
     assert np.isfinite(images).all()
-    pil = pipeline(PROMPTS[0], num_inference_steps=1, height=SIZE, width=SIZE,
+    pil = pipeline(PROMPTS[0], num_inference_steps=steps, height=SIZE, width=SIZE,
                    generator=torch.Generator().manual_seed(0)).images[0]
     assert pil.size == (SIZE, SIZE)
 
@@ -357,8 +488,13 @@ def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_mod
     assert type(model).__name__ == spec["simpletuner_class"]
     assert model.config.tokenizer_max_length == spec["t5_tokens"]
     # SimpleTuner's training schedule is the folder's with `shift` replaced by flow_schedule_shift (default 3.0),
-    # whatever the folder says (Lumina 2: 6.0).
-    assert model.noise_schedule.config.shift == model.config.flow_schedule_shift == 3.0
+    # whatever the folder says (Lumina 2: 6.0); Qwen-Image's is its own, hard-coded (Qwen/Qwen-Image's), whatever
+    # the folder or flow_schedule_shift say.
+    if family == "qwen_image":
+        assert {k: model.noise_schedule.config[k] for k in spec["scheduler"] if k != "_class_name"} == {
+            k: v for k, v in spec["scheduler"].items() if k != "_class_name"}
+    else:
+        assert model.noise_schedule.config.shift == model.config.flow_schedule_shift == 3.0
     assert model.noise_schedule.config.use_dynamic_shifting is spec["scheduler"].get("use_dynamic_shifting", False)
     # transformers 5's T5TokenizerFast is T5Tokenizer, its PreTrainedTokenizerFast is TokenizersBackend: by identity.
     assert [type(t) for t in model.tokenizers] == [getattr(transformers, name) for name in spec["tokenizers"]]
@@ -372,8 +508,9 @@ def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_mod
     state = model.model.state_dict()
     assert saved.keys() <= state.keys()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
-    assert model.vae.config.latent_channels == model.LATENT_CHANNEL_COUNT == spec["latent_channels"]
-    assert model.AUTOENCODER_SCALING_FACTOR == spec["vae"]["scaling_factor"]
+    vae_channels = model.vae.config.z_dim if family == "qwen_image" else model.vae.config.latent_channels
+    assert vae_channels == model.LATENT_CHANNEL_COUNT == spec["latent_channels"]
+    assert model.AUTOENCODER_SCALING_FACTOR == spec["vae"].get("scaling_factor", 1.0)
 
 
 def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpletuner_models, family):
@@ -384,8 +521,8 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
         embeds = model._format_text_embedding(model._encode_prompts(PROMPTS))
     prompt_embeds, pooled = embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds")
     # SimpleTuner's collate turns either mask key into the batch's encoder_attention_mask.
-    mask = embeds.get("attention_masks", embeds.get("prompt_attention_mask"))
-    width = transformer.cap_feat_dim if family == "lumina2" else transformer.joint_attention_dim
+    mask = embeds.get("attention_masks", embeds.get("prompt_attention_mask", embeds.get("attention_mask")))
+    width = transformer.cap_feat_dim if family in ("lumina2", "z_image") else transformer.joint_attention_dim
     assert prompt_embeds.shape == (2, spec["prompt_tokens"], width)
     if family == "sd3":
         # CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's states.
@@ -406,10 +543,18 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     if family == "lumina2":
         # Right-padded, as the transformer reads the first mask-sum tokens; the system prompt comes first.
         assert bool((mask[:, :-1] >= mask[:, 1:]).all()) and mask[:, 0].all() and not mask[:, -1].any()
+    if family == "z_image":
+        # The chat-templated prompt, right-padded; the transformer takes each row's masked tokens only.
+        assert mask.dtype == torch.bool and bool((mask[:, :-1] >= mask[:, 1:]).all()) and not mask[:, -1].any()
 
     pixels = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        latents = model.scale_vae_latents_for_cache(model.vae.encode(pixels).latent_dist.sample(), model.vae)
+        # SimpleTuner's VAE cache: its pre- and post-encode hooks (Qwen-Image: a frame axis, then latents_mean /
+        # latents_std), the posterior's sample, its scaling hook.
+        encoded = model.vae.encode(model.pre_vae_encode_transform_sample(pixels))
+        encoded = model.post_vae_encode_transform_sample(encoded)
+        encoded = encoded.latent_dist.sample() if hasattr(encoded, "latent_dist") else encoded
+        latents = model.scale_vae_latents_for_cache(encoded, model.vae)
     assert latents.shape == (2, spec["latent_channels"], SIZE // 8, SIZE // 8)
     batch = {"prompt_embeds": prompt_embeds, "add_text_embeds": pooled, "latent_batch": latents,
              "encoder_attention_mask": mask, "batch_time_ids": None}

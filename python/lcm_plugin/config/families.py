@@ -10,36 +10,97 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from lcm_plugin.config.lcm import LcmConfig
 
 # Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a
-# batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2, AuraFlow), or the guidance embedding the model itself
-# takes ("embedded", Flux: SimpleTuner passes flux_guidance_value to every call, so teacher, target and student share
-# it).
-FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded", "chroma": "cfg", "lumina2": "cfg", "auraflow": "cfg"}
+# batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2, AuraFlow, Z-Image, Qwen-Image), or the guidance
+# embedding the model itself takes ("embedded", Flux: SimpleTuner passes flux_guidance_value to every call, so teacher,
+# target and student share it).
+FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded", "chroma": "cfg", "lumina2": "cfg", "auraflow": "cfg",
+                 "z_image": "cfg", "qwen_image": "cfg"}
+# Flavours (SimpleTuner's model_flavour) of a covered family that are not covered, and why. Qwen-Image: v1.0
+# (Qwen/Qwen-Image) and v2.0 (Qwen-Image-2512) are, the text-to-image models with a Qwen2.5-VL encoder, the 16-channel
+# VAE and 2 x 2 packed latents (SimpleTuner's QwenImage class with model_flavour unset and a model path runs them).
+_QWEN_IMAGE_EDIT = ("is an image-editing flavour: its reference images reach the transformer as per-sample control "
+                    "latents that the teacher's doubled cond / uncond batch does not repeat")
+UNCOVERED_FLAVOURS = {
+    "qwen_image": {
+        "v2.1": ("is Qwen-Image-2.1 (Qwen3-VL, 64-channel VAE, 1 x 1 patches: its resolution-dependent shift counts "
+                 "4x the tokens of the 2 x 2 packing the LCM grid counts, and SimpleTuner adds a hub assistant LoRA "
+                 "to LoRA runs that the teacher, adapters off, would lose)"),
+        "edit-v1": _QWEN_IMAGE_EDIT, "edit-v2": _QWEN_IMAGE_EDIT, "edit-v2+": _QWEN_IMAGE_EDIT,
+        "edit-v3": _QWEN_IMAGE_EDIT,
+    },
+}
+COVERED_FLAVOURS = {"qwen_image": ("v1.0", "v2.0")}
+# SimpleTuner's DEFAULT_MODEL_FLAVOUR, which it takes only when pretrained_model_name_or_path is unset.
+DEFAULT_FLAVOURS = {"qwen_image": "v2.1", "z_image": "turbo-ostris-v2", "flux": "krea"}
+# Flavours whose LoRA runs SimpleTuner gives a fixed "assistant" adapter inside the trained network (its
+# `_maybe_load_assistant_lora`: the family's ASSISTANT_LORA_FLAVOURS, from assistant_lora_path or the flavour's default
+# repo; `disable_assistant_lora` turns it off): family -> (flavours, those with a default repo). The LCM teacher is
+# that network with its adapters off, so it would lose the assistant while the student keeps it.
+ASSISTANT_LORA_FLAVOURS = {
+    "flux": (("schnell",), ("schnell",)),
+    "z_image": (("turbo", "turbo-ostris-v2"), ("turbo", "turbo-ostris-v2")),
+    "qwen_image": (("v2.0", "v2.1"), ("v2.1",)),
+}
 
 
-def flow_refusal_reason(model_family, config: LcmConfig, flux_guidance_mode: str = "constant") -> tuple[str, str] | None:
-    """(the setting to change, why) for an LCM run of a flow-matching model that cannot run yet, or None: the
-    FLOW_FAMILIES with the LCM and PCM variants are covered, LoRA and full (Flux with one guidance value for every
-    call of a step: flux_guidance_mode constant)."""
+def effective_flavour(model_family, model_flavour=None, model_path=None) -> str | None:
+    """The flavour SimpleTuner runs: `model_flavour`, else its default for the family when no model path is given
+    (ModelFoundation.setup_model_flavour), else None (the family's base code path)."""
+    if model_flavour:
+        return str(model_flavour)
+    return None if model_path else DEFAULT_FLAVOURS.get(model_family)
+
+
+def loads_assistant_lora(setting: Callable[[str], object]) -> str | None:
+    """The flavour whose assistant adapter SimpleTuner loads into this run's trained network, or None."""
+    family = setting("model_family")
+    flavours, with_default = ASSISTANT_LORA_FLAVOURS.get(family, ((), ()))
+    flavour = effective_flavour(family, setting("model_flavour"), setting("pretrained_model_name_or_path"))
+    if str(setting("model_type") or "").lower() != "lora" or setting("disable_assistant_lora") or flavour not in flavours:
+        return None
+    return flavour if setting("assistant_lora_path") or flavour in with_default else None
+
+
+def flow_refusal_reason(config: LcmConfig, setting: Callable[[str], object]) -> tuple[str, str] | None:
+    """(the setting to change, why) for an LCM run of a flow-matching model that cannot run yet, or None. `setting`:
+    the run's SimpleTuner setting of a name (config.json's value or the trainer's argument; None where unset). The
+    FLOW_FAMILIES with the LCM and PCM variants are covered, LoRA and full (Flux with one guidance value for every call
+    of a step: flux_guidance_mode constant), except the UNCOVERED_FLAVOURS (`model_flavour`, or SimpleTuner's default
+    flavour where pretrained_model_name_or_path is unset) and LoRA runs that load an assistant adapter."""
+    model_family = setting("model_family")
     if model_family not in FLOW_FAMILIES:
         return "model_family", f"model_family {model_family!r} is a flow-matching family it does not cover yet"
+    flavour = effective_flavour(model_family, setting("model_flavour"), setting("pretrained_model_name_or_path"))
+    if flavour in UNCOVERED_FLAVOURS.get(model_family, {}):
+        covered = " or ".join(repr(name) for name in COVERED_FLAVOURS[model_family])
+        why = UNCOVERED_FLAVOURS[model_family][flavour]
+        return "model_flavour", (f"{model_family} model_flavour {flavour!r} {why}; set model_flavour {covered} "
+                                 "(or leave it unset with a model path)")
+    assisted = loads_assistant_lora(setting)
+    if assisted is not None:
+        return "model_flavour", (
+            f"a LoRA run of {model_family} model_flavour {assisted!r} gets SimpleTuner's assistant adapter inside the "
+            "trained network, which the LCM teacher (the network with its adapters off) would lose while the student "
+            "keeps it; distil the base (undistilled) flavour, or set disable_assistant_lora: true")
     if config.variant == "tcd":
         return "variant", ("variant 'tcd' is defined on a diffusion (epsilon / v) schedule, not on the flow path "
                            "(TCD's paper); use variant 'lcm' or 'pcm'")
-    if model_family == "flux" and flux_guidance_mode != "constant":
+    if model_family == "flux" and (setting("flux_guidance_mode") or "constant") != "constant":
         return "flux_guidance_mode", (
             "flux_guidance_mode 'random-range' draws a new guidance value at every forward, so the teacher, its "
             "target and the student would each see another; set flux_guidance_mode 'constant' (flux_guidance_value)")
     return None
 
 
-def flow_refusal(model_family, config: LcmConfig, flux_guidance_mode: str = "constant") -> str | None:
+def flow_refusal(config: LcmConfig, setting: Callable[[str], object]) -> str | None:
     """`flow_refusal_reason` as the one line the trainer and `validate` print, or None."""
-    reason = flow_refusal_reason(model_family, config, flux_guidance_mode)
+    reason = flow_refusal_reason(config, setting)
     return None if reason is None else refusal_line(reason[1])
 
 

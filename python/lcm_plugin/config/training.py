@@ -589,8 +589,7 @@ def _flow_family_problems(settings: dict, landed: dict[str, str], file: str, lcm
     family = settings.get("model_family")
     if not is_flow_family(family):
         return []
-    guidance_mode = str(settings.get("flux_guidance_mode") or "constant")
-    reason = flow_refusal_reason(family, lcm, guidance_mode)
+    reason = flow_refusal_reason(lcm, settings.get)
     if reason is None:
         return []
     setting, why = reason

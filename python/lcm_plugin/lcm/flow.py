@@ -33,9 +33,9 @@ SOLVERS = ("euler", "heun")
 # model's `guidance` input, closed over by the callable), or (cond, uncond) for classifier-free guidance.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 # Scheduler options that change the sigmas and that flow_sigma_grid does not implement.
-_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
 _GRID_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-              "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+              "base_image_seq_len", "max_image_seq_len", "time_shift_type", "shift_terminal")
 
 
 def _col(c: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -57,13 +57,16 @@ def dynamic_shift_mu(image_seq_len: int, *, base_shift: float = 0.5, max_shift: 
 def flow_sigma_grid(num_ddim_timesteps: int, *, num_train_timesteps: int = 1000, shift: float = 1.0,
                     use_dynamic_shifting: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
                     base_image_seq_len: int = 256, max_image_seq_len: int = 4096, image_seq_len: int | None = None,
-                    time_shift_type: str = "exponential") -> torch.Tensor:
+                    time_shift_type: str = "exponential", shift_terminal: float | None = None) -> torch.Tensor:
     """The N solver sigmas, descending from 1, float64 [N]: the teacher scheduler's own inference grid,
     FlowMatchEulerDiscreteScheduler(**config).set_timesteps(N, mu=dynamic_shift_mu(image_seq_len)).sigmas[:-1].
 
     As diffusers: linspace from the training sigmas' max (1) to their min, then shifted. With a static shift the
     training sigmas are already shifted, so the smallest solver sigma is shift applied twice to 1 / T (0.0089, not
     0.0030, for SD3's shift 3): reproduced, as it is the grid the teacher samples on.
+
+    With `shift_terminal` (Qwen-Image's 0.02), the shifted grid is then stretched so that its last sigma is exactly
+    shift_terminal, 1 - sigma scaled by a constant (diffusers' `stretch_shift_to_terminal`); the top stays 1.
     """
     if num_ddim_timesteps < 1:
         raise ValueError(f"num_ddim_timesteps must be >= 1, got {num_ddim_timesteps}")
@@ -84,7 +87,11 @@ def flow_sigma_grid(num_ddim_timesteps: int, *, num_train_timesteps: int = 1000,
             return shift * sigmas / (1 + (shift - 1) * sigmas)
 
     sigma_min = 1.0 / num_train_timesteps if use_dynamic_shifting else shifted(1.0 / num_train_timesteps)
-    return shifted(torch.linspace(1.0, sigma_min, num_ddim_timesteps, dtype=torch.float64))
+    sigmas = shifted(torch.linspace(1.0, sigma_min, num_ddim_timesteps, dtype=torch.float64))
+    if shift_terminal and num_ddim_timesteps > 1:  # one point is sigma 1 alone: nothing to stretch
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus * ((1 - shift_terminal) / one_minus[-1])
+    return sigmas
 
 
 @dataclass(frozen=True)

@@ -151,14 +151,18 @@ class LcmDistiller(DistillationBase):
         super().__init__(teacher_model, student_model, config.model_dump())
         if self.is_flow_matching:
             model_config = getattr(teacher_model, "config", None)
-            refusal = flow_refusal(getattr(model_config, "model_family", None), config,
-                                   getattr(model_config, "flux_guidance_mode", "constant"))
+            refusal = flow_refusal(config, lambda name: getattr(model_config, name, None))
             if refusal:
                 raise ValueError(refusal)
         if student_model is not None:
             raise ValueError("LcmDistiller trains SimpleTuner's own model: pass no separate student_model")
         self.lcm_config = config
         self.noise_scheduler = noise_scheduler
+        if "_class_name" not in noise_scheduler.config and hasattr(noise_scheduler, "register_to_config"):
+            # A scheduler SimpleTuner builds in code (Qwen-Image's) has no `_class_name` in its config, which one
+            # loaded from a folder has; the validation sampler, the quality check and the LoRA metadata tell a flow
+            # schedule by that name (inference.is_flow_matching). Recorded as a loaded one records it.
+            noise_scheduler.register_to_config(_class_name=type(noise_scheduler).__name__)
         # The ε / v families' parameterisation (a flow teacher predicts the velocity; its config has no such key).
         self.prediction_type = None if self.is_flow_matching else noise_scheduler.config.prediction_type
         # float64 tables; per-step copies in the arithmetic dtype/device are cached in _schedules. A flow teacher's

@@ -158,7 +158,7 @@ def validate_before_model_load(trainer) -> None:
     if prediction_type is not None and prediction_type.is_flow_prediction:
         from lcm_plugin.config.families import flow_refusal
 
-        refusal = flow_refusal(config.model_family, lcm_config, getattr(config, "flux_guidance_mode", "constant"))
+        refusal = flow_refusal(lcm_config, lambda name: getattr(config, name, None))
         if refusal:
             raise ValueError(refusal)
     _check_model_type(config.model_type)
