@@ -57,12 +57,18 @@ class FakeSd3Model:
 def tiny_lora_transformer(dtype: torch.dtype) -> SD3Transformer2DModel:
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**sd3_transformer_config())
+    return with_moving_lora(transformer).to(dtype)
+
+
+def with_moving_lora(transformer):
+    """`transformer` with LoRA adapters whose B matrices are drawn too: the adapters matter, so a target computed
+    with the teacher (adapters off) instead of the student cannot pass."""
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    with torch.no_grad():  # make the adapters matter: a target computed with the teacher cannot pass
+    with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.2)
-    return transformer.to(dtype)
+    return transformer
 
 
 def sd3_batch(batch_size: int, dtype: torch.dtype, seed: int) -> dict:
@@ -282,12 +288,7 @@ def test_the_flux_step_equals_the_reference_through_simpletuners_flux_model(tmp_
 
     folder = save_tiny_flux(tmp_path / "flux", vocabulary=shapes.VOCABULARY)
     model = load_with_simpletuner("flux", folder, tmp_path, flux_guidance_value=3.5)
-    transformer = model.model
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.2)
+    transformer = with_moving_lora(model.model)
     distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=LcmConfig(num_ddim_timesteps=10))
     with torch.no_grad():
         embeds = model._format_text_embedding(model._encode_prompts(list(shapes.PROMPTS[:2])))
@@ -341,12 +342,7 @@ def test_the_sd3_step_equals_the_reference_through_simpletuners_sd3_model(tmp_pa
     from lcm_plugin.tiny_flow import save_tiny_sd3
 
     model = load_with_simpletuner("sd3", save_tiny_sd3(tmp_path / "sd3", vocabulary=shapes.VOCABULARY), tmp_path)
-    transformer = model.model
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.2)
+    transformer = with_moving_lora(model.model)
     config = LcmConfig(num_ddim_timesteps=10)
     distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=config)
     with torch.no_grad():
@@ -401,12 +397,7 @@ def test_a_cfg_family_step_equals_the_reference_through_simpletuners_model(famil
             patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
             patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         model = load_with_simpletuner(family, folder, tmp_path)
-    transformer = model.model
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.2)
+    transformer = with_moving_lora(model.model)
     config = LcmConfig(num_ddim_timesteps=10)
     distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=config)
     with torch.no_grad():
