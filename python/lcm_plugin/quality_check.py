@@ -210,13 +210,22 @@ def cycled_conditioning(per_prompt: list[Mapping[str, object]], samples: int) ->
     per_prompt: one dict of tensors [1, ...] per prompt (the pipeline's prompt_embeds, pooled_prompt_embeds, ...), or
     of one-item lists of per-sample tensors (Z-Image's prompt_embeds: each prompt's masked tokens, [L_i, D]), which
     stay lists; an input set to None (Flux's prompt_mask without masked training) is left to the pipeline's
-    default."""
+    default; a tensor without the batch axis of 1 (LongCat-Image's text_ids: the text's rope positions, the same for
+    every prompt) is one `SharedInput` for every sample."""
     import torch
 
     order = [per_prompt[i % len(per_prompt)] for i in range(samples)]
     return {key: [item for inputs in order for item in inputs[key]] if isinstance(value, list)
+            else SharedInput(value) if value.ndim and value.shape[0] != 1
             else torch.cat([inputs[key] for inputs in order])
             for key, value in per_prompt[0].items() if value is not None}
+
+
+@dataclass(frozen=True)
+class SharedInput:
+    """A pipeline input with no batch axis (`cycled_conditioning`): every pipeline call takes it whole."""
+
+    value: object
 
 
 def sampling_batches(free_bytes: int | None, width: int, height: int, dtype_bytes: int, *, guided: bool
@@ -370,7 +379,8 @@ def pipeline_sampler(
               _swapped(pipeline.vae, decode=_chunked_decode(pipeline.vae, decode_batch)), torch.no_grad()):
             for start in range(0, samples, sample_batch):
                 batch = slice(start, start + sample_batch)
-                inputs = {key: value[batch] for key, value in conditioning.items()}
+                inputs = {key: value.value if isinstance(value, SharedInput) else value[batch]
+                          for key, value in conditioning.items()}
                 if guided:
                     inputs |= {f"negative_{key}": _zeros_like(value) if key.endswith("embeds") else value
                                for key, value in inputs.items() if key.endswith(("embeds", "attention_mask"))}

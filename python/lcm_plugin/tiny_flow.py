@@ -26,11 +26,20 @@ Same component layout as the real checkpoints, at 1-2 MB, for tests that must ne
         layers); a Qwen3 causal LM (`Qwen3ForCausalLM`, text_encoder/) and a byte-level BPE tokenizer (tokenizer/,
         `Qwen2Tokenizer`, Qwen3's chat template); Flux's VAE factors; the scheduler at a fixed shift of 3. About 2 MB:
         the transformer's timestep MLP is 1024 wide whatever its width.
+    Z-Image Omni (SimpleTuner's z_image_omni, TONGYI-Lab/Z-Image-Base): Z-Image's components, its transformer with the
+        SigLIP stream (`siglip_feat_dim`), plus a one-layer `Siglip2VisionModel` (siglip/) and `Siglip2ImageProcessor`
+        (siglip_processor/), which `ZImageOmniPipeline` takes (reference images only reach them); the scheduler at
+        Z-Image base's fixed shift of 6.
     Qwen-Image (Qwen/Qwen-Image, SimpleTuner's v1.0 flavour): a `QwenImageTransformer2DModel` (MM-DiT blocks on 2 x 2
         packed latents); a Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, text_encoder/, with its one-block vision
         tower) and a byte-level BPE tokenizer (tokenizer/, `Qwen2Tokenizer`, with the vision specials); the 3-D
         `AutoencoderKLQwenImage` (16 channels, latents_mean / latents_std, no scaling factor); the scheduler with
         dynamic shifting and a terminal sigma of 0.02. No processor/: its text-to-image pipeline takes none.
+    LongCat-Image (meituan-longcat/LongCat-Image, SimpleTuner's "final" flavour): a `LongCatImageTransformer2DModel`
+        (Flux's double and single stream blocks, no guidance or pooled input); Qwen-Image's Qwen2.5-VL text encoder
+        (text_encoder/), its tokenizer (tokenizer/, with LongCat's template words) and a `Qwen2VLProcessor`
+        (text_processor/: the pipelines' prompt rewrite; SimpleTuner loads it for every pipeline); Flux's VAE and
+        dynamically shifted scheduler (the pipeline's calculate_shift defaults are Flux's).
 
 The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the components together:
 
@@ -50,10 +59,14 @@ The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the componen
         attention_head_dim; pos_embed_max_size a square >= the patches of the largest latent (16 x 16 here).
     Z-Image: Qwen3's hidden size == cap_feat_dim, and >= 2 layers (Z-Image reads the second-to-last hidden states);
         sum(axes_dims) == dim / n_heads; axes_lens[0] > the prompt length (512, Z-Image's _encode_prompts) + 1, as
-        caption positions come first; the transformer takes each caption's masked tokens only.
+        caption positions come first; the transformer takes each caption's masked tokens only. Omni: also SigLIP 2's
+        hidden size == siglip_feat_dim.
     Qwen-Image: Qwen2.5-VL's text width == joint_attention_dim == its vision tower's out_hidden_size; its mrope
         sections sum to half the head size; in_channels == 4 * z_dim (2 x 2 packing), sum(axes_dims_rope) ==
         attention_head_dim; the template's system turn tokenizes to the 34 tokens the pipeline drops.
+    LongCat-Image: Qwen2.5-VL's text width == joint_attention_dim; in_channels == 4 * VAE latent channels,
+        sum(axes_dims_rope) == attention_head_dim, as Flux; the template's prefix and suffix tokenize to the 36 and 5
+        tokens SimpleTuner drops, leaving the prompt's 512.
     All: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
         channels (AuraFlow: SDXL's 4; SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train
         (SimpleTuner forces aspect_bucket_alignment 64 for every one), 64 px gives 8x8 latents (SD3, AuraFlow: 4x4
@@ -85,7 +98,9 @@ __all__ = [
     "QWEN_IMAGE_SCHEDULER_CONFIG", "qwen_image_transformer_config", "save_tiny_qwen_image",
     "write_qwen2_5_vl_tokenizer",
     "Z_IMAGE_SCHEDULER_CONFIG", "qwen3_config", "save_tiny_z_image", "write_qwen_tokenizer",
-    "z_image_transformer_config",
+    "z_image_transformer_config", "Z_IMAGE_OMNI_SCHEDULER_CONFIG", "save_tiny_z_image_omni",
+    "LONGCAT_IMAGE_TEMPLATE", "LONGCAT_IMAGE_TEMPLATE_TOKENS", "longcat_image_transformer_config",
+    "save_tiny_longcat_image", "write_longcat_image_tokenizer",
 ]
 
 # stable-diffusion-3.5-medium's scheduler/scheduler_config.json (3.0 and 3.5 large ship the same).
@@ -129,6 +144,9 @@ Z_IMAGE_SCHEDULER_CONFIG = {
     "shift": 3.0,
     "use_dynamic_shifting": False,
 }
+# Z-Image (base, Tongyi-MAI/Z-Image)'s scheduler/scheduler_config.json, the one the Omni base is sampled with: a fixed
+# shift of 6, no dynamic shifting.
+Z_IMAGE_OMNI_SCHEDULER_CONFIG = {**Z_IMAGE_SCHEDULER_CONFIG, "shift": 6.0}
 
 # vae/config.json latent normalisation: latents = (encode(x) - shift_factor) * scaling_factor.
 SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
@@ -149,6 +167,7 @@ CHROMA_T5_D_MODEL = 64
 LUMINA2_GEMMA_HIDDEN = 32
 AURAFLOW_UMT5_D_MODEL = 32
 Z_IMAGE_QWEN3_HIDDEN = 32
+Z_IMAGE_OMNI_SIGLIP_HIDDEN = 16  # SigLIP 2's width == the transformer's siglip_feat_dim (real: 1152)
 
 # T5's special pieces, at the ids T5 v1.1 has them (transformers 5's T5Tokenizer hard-codes unk_id 2).
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
@@ -742,6 +761,41 @@ def save_tiny_z_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...
     return _save(pipeline, folder, vocabulary, {}, None, qwen_tokenizer="tokenizer")
 
 
+def save_tiny_z_image_omni(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Z-Image Omni folder (SimpleTuner's z_image_omni, TONGYI-Lab/Z-Image-Base layout:
+    save_tiny_z_image's transformer with its SigLIP stream (siglip_feat_dim), text encoder, tokenizer and VAE, plus a
+    one-layer SigLIP 2 vision tower (siglip/) and its image processor (siglip_processor/), which both pipelines take
+    (reference images only reach them); the scheduler at Z-Image base's fixed shift of 6; random weights, ~2 MB)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline, ZImageTransformer2DModel
+    from transformers import (
+        Qwen2Tokenizer,
+        Qwen3ForCausalLM,
+        Siglip2ImageProcessor,
+        Siglip2VisionConfig,
+        Siglip2VisionModel,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
+    siglip = Siglip2VisionModel(Siglip2VisionConfig(
+        hidden_size=Z_IMAGE_OMNI_SIGLIP_HIDDEN, intermediate_size=2 * Z_IMAGE_OMNI_SIGLIP_HIDDEN, num_hidden_layers=1,
+        num_attention_heads=2, patch_size=16, num_patches=16))
+    pipeline = ZImageOmniPipeline(
+        transformer=ZImageTransformer2DModel(**z_image_transformer_config(),
+                                             siglip_feat_dim=Z_IMAGE_OMNI_SIGLIP_HIDDEN),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(Z_IMAGE_OMNI_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
+        text_encoder=Qwen3ForCausalLM(qwen3_config(len(tokenizer), Z_IMAGE_QWEN3_HIDDEN)),
+        tokenizer=tokenizer,
+        siglip=siglip,
+        siglip_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=16),
+    )
+    return _save(pipeline, folder, vocabulary, {}, None, qwen_tokenizer="tokenizer")
+
+
 # Qwen/Qwen-Image's scheduler/scheduler_config.json (SimpleTuner 4.10.1 trains on the same values, hard-coded in
 # QwenImage.setup_training_noise_schedule): the shift follows the image's token count (mu, up to 8192 tokens), and
 # the shifted schedule is stretched to end at sigma 0.02 (shift_terminal).
@@ -877,10 +931,98 @@ def save_tiny_qwen_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, 
     return folder
 
 
+# LongCat-Image's prompt template (diffusers' and SimpleTuner's LongCatImagePipeline: prompt_template_encode_prefix /
+# _suffix around the prompt's 512 padded tokens). SimpleTuner drops a fixed 36 tokens before the prompt and 5 after it
+# from the encoder's last hidden states (prompt_template_encode_start_idx / _end_idx; diffusers counts them), so the
+# tokenizer must give the prefix and suffix exactly LONGCAT_IMAGE_TEMPLATE_TOKENS tokens, as the real vocabulary does.
+LONGCAT_IMAGE_TEMPLATE = ("<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt based "
+                          "on an image content, suitable for input to a text-to-image model.<|im_end|>\n"
+                          "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+LONGCAT_IMAGE_TEMPLATE_TOKENS = (36, 5)
+LONGCAT_IMAGE_TEXT_HIDDEN = 32
+_CHAT_ROLES = ("assistant", "system", "user")
+# Qwen2-VL's chat template for what LongCat's prompt rewrite sends (text and image parts, a default system turn):
+# its text_processor/ (Qwen2VLProcessor) needs one.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- elif part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_longcat_image_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write Qwen2.5-VL's tokenizer as LongCat-Image ships it (tokenizer/, text_processor/):
+    write_qwen2_5_vl_tokenizer's with one piece per word of LongCat's template ("text-to-image": "-to", "-image";
+    "captioning": "caption", "ing") as well as `words`, and the chat roles' merges ranked first among the unspaced
+    words', so that the template's prefix and suffix are LONGCAT_IMAGE_TEMPLATE_TOKENS tokens (an unspaced
+    "assistant" one token, whatever the words)."""
+    import re
+
+    folder = Path(folder)
+    template = re.findall(r"-?[A-Za-z]+", re.sub(r"<\|\w+\|>", " ", LONGCAT_IMAGE_TEMPLATE.format("")))
+    template = [word for word in template if word != "captioning"] + ["caption", "ing"]
+    write_qwen2_5_vl_tokenizer(folder, tuple(words) + tuple(template))
+    roles = [[role[:i], role[i]] for role in _CHAT_ROLES for i in range(1, len(role))]
+    tokenizer_file = folder / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    merges = [merge for merge in tokenizer["model"]["merges"] if merge not in roles]
+    unspaced = next(i for i, (left, _) in enumerate(merges) if not left.startswith("\u0120"))
+    merges[unspaced:unspaced] = roles  # after the spaced words' chains, which start at a leading space only
+    tokenizer["model"]["merges"] = merges
+    tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return folder
+
+
+def longcat_image_transformer_config() -> dict:
+    """LongCatImageTransformer2DModel config: Flux's stream layout (1 double + 2 single stream blocks, width 32, 2 x 2
+    packed latents), no guidance or pooled input; the text width is Qwen2.5-VL's."""
+    return dict(**_flux_streams(), joint_attention_dim=LONGCAT_IMAGE_TEXT_HIDDEN,
+                pooled_projection_dim=LONGCAT_IMAGE_TEXT_HIDDEN)
+
+
+def save_tiny_longcat_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers LongCat-Image folder (meituan-longcat/LongCat-Image layout, SimpleTuner's "final"
+    flavour: a Qwen2.5-VL text encoder with its vision tower, its tokenizer (tokenizer/) and processor
+    (text_processor/, `Qwen2VLProcessor`, which the pipelines load for their prompt rewrite), Flux's VAE and
+    dynamically shifted scheduler; random weights, ~1.2 MB) to `folder`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_longcat_image_tokenizer(folder / "tokenizer", vocabulary)))
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    pipeline = LongCatImagePipeline(
+        transformer=LongCatImageTransformer2DModel(**longcat_image_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG),
+        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, LONGCAT_IMAGE_TEXT_HIDDEN)),
+        tokenizer=tokenizer,
+        text_processor=processor,
+    )
+    pipeline.save_pretrained(str(folder))
+    # transformers 5 rewrites the tokenizer's files (tokenizer.json and its config only): keep the ones written here
+    shutil.rmtree(folder / "tokenizer")
+    write_longcat_image_tokenizer(folder / "tokenizer", vocabulary)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / "text_processor" / name).unlink(missing_ok=True)
+    write_longcat_image_tokenizer(folder / "text_processor", vocabulary)
+    return folder
+
+
 # SimpleTuner model_family -> writer.
 FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma, "lumina2": save_tiny_lumina2,
-            "auraflow": save_tiny_auraflow, "z_image": save_tiny_z_image,
-            "qwen_image": save_tiny_qwen_image}
+            "auraflow": save_tiny_auraflow, "z_image": save_tiny_z_image, "z_image_omni": save_tiny_z_image_omni,
+            "qwen_image": save_tiny_qwen_image, "longcat_image": save_tiny_longcat_image}
 
 
 def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:

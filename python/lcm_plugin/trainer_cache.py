@@ -31,7 +31,8 @@ SWITCH = "SIMPLETUNER_LCM_DATA_PATH"
 RUST, SIMPLETUNER = "rust", "simpletuner"
 # Model families whose latents and text embeddings the build produces as SimpleTuner does (the flow families' captions
 # through the trainer's own model: layout.MODEL_ENCODED_FAMILIES).
-FAMILIES = ("sdxl", "sd1x", "sd3", "flux", "chroma", "lumina2", "auraflow", "z_image")
+FAMILIES = ("sdxl", "sd1x", "sd3", "flux", "chroma", "lumina2", "auraflow", "z_image", "z_image_omni",
+            "longcat_image")
 # Entries that describe caches or captions, not training samples: never logged as fallbacks.
 NOT_SAMPLES = ("text_embeds", "image_embeds", "conditioning_image_embeds", "distillation_cache", "caption")
 # skip_file_discovery words that ask SimpleTuner not to (re)build a cache or the buckets: honoured by its own path.

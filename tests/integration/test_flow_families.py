@@ -262,7 +262,17 @@ CFG_FAMILIES = {
     "qwen_image": ("QwenImagePipeline", {}),
     # Z-Image-Turbo's scheduler shift (3.0, SimpleTuner's default too); no model_flavour, so no assistant LoRA.
     "z_image": ("ZImagePipeline", {"flow_schedule_shift": 3.0}),
+    # Z-Image base's scheduler shift (6.0); no model_flavour with a local folder (the class's default, "base", has
+    # no assistant LoRA). Text-to-image only: no conditioning dataset, so the SigLIP tower never runs. Gradient
+    # checkpointing off: SimpleTuner 4.10.1's Omni transformer passes its noise refiner keyword arguments that
+    # diffusers' checkpoint function does not take (a TypeError at the first step, with or without the plugin).
+    "z_image_omni": ("ZImageOmniPipeline", {"flow_schedule_shift": 6.0, "gradient_checkpointing": False}),
+    # SimpleTuner's "final" flavour (no model_flavour with a local folder): Flux's dynamically shifted scheduler, so
+    # SimpleTuner's training schedule takes flow_schedule_shift (default 3), as Chroma's.
+    "longcat_image": ("LongCatImagePipeline", {}),
 }
+# Keyword arguments of a family's pipeline call: LongCat's rewrites the prompt with its text encoder by default.
+PIPELINE_CALLS = {"longcat_image": {"enable_prompt_rewrite": False}}
 
 # The schedule the student is distilled on where SimpleTuner does not take the folder's at flow_schedule_shift:
 # Qwen-Image's own (QwenImage.setup_training_noise_schedule, as Qwen/Qwen-Image's scheduler): the shift follows the
@@ -270,6 +280,13 @@ CFG_FAMILIES = {
 TRAINING_SCHEDULES = {
     "qwen_image": {"shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
                    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02},
+}
+
+# Families whose stock validation fails in SimpleTuner 4.10.1 before the quality check can run (the run trains on):
+# its error. Z-Image Omni: get_pipeline(load_base_model=False) builds ZImageOmniPipeline from the loaded components
+# only, and that pipeline requires the SigLIP tower and processor, which nothing passes.
+STOCK_VALIDATION_FAILS = {
+    "z_image_omni": "missing 2 required positional arguments: 'siglip' and 'siglip_processor'",
 }
 
 
@@ -303,7 +320,10 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     else:  # one line, and SimpleTuner's own caches
         assert f"every dataset uses SimpleTuner's own caching: model_family {family!r}" in log, log[-4000:]
         assert SERVED_LINE not in log and sorted((run / "cache" / "vae").rglob("*.pt")), log[-4000:]
-    assert_the_quality_check_ran(run, log, STEPS)
+    if family in STOCK_VALIDATION_FAILS:  # SimpleTuner's own error (fails here once fixed upstream)
+        assert f"Validation run failed at step {STEPS}" in log and STOCK_VALIDATION_FAILS[family] in log, log[-4000:]
+    else:
+        assert_the_quality_check_ran(run, log, STEPS)
     with safe_open(str(run / "output" / LORA_FILE), "pt") as lora:
         metadata, keys = lora.metadata(), list(lora.keys())
     assert keys and all(key.startswith("transformer.") for key in keys)
@@ -314,10 +334,17 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     assert {key: scheduler_config.get(key) for key in expected} == expected, scheduler_config
     pipeline = getattr(diffusers, CFG_FAMILIES[family][0]).from_pretrained(model)
     pipeline.scheduler = FlowMatchLCMScheduler.from_config(scheduler_config)
-    pipeline.load_lora_weights(run / "output")
-    assert pipeline.get_list_adapters() == {"transformer": ["default_0"]}
-    image = pipeline("red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
-                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    if hasattr(pipeline, "load_lora_weights"):
+        pipeline.load_lora_weights(run / "output")
+        assert pipeline.get_list_adapters() == {"transformer": ["default_0"]}
+    else:  # diffusers' LongCatImagePipeline has no LoRA loader: its transformer's PEFT loader takes the file
+        pipeline.transformer.load_lora_adapter(run / "output" / LORA_FILE, prefix="transformer",
+                                               adapter_name="default_0")
+        assert list(pipeline.transformer.peft_config) == ["default_0"]
+    # By keyword: ZImageOmniPipeline takes reference images first.
+    image = pipeline(prompt="red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0), output_type="np",
+                     **PIPELINE_CALLS.get(family, {})).images[0]
     assert image.shape == (64, 64, 3) and bool((image >= 0).all())
 
 

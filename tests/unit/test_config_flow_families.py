@@ -51,6 +51,8 @@ def refusals(config: dict) -> list:
     (lcm_run("qwen_image", model_flavour="v2.1"), "/model_flavour",
      "qwen_image model_flavour 'v2.1' is Qwen-Image-2.1"),
     (lcm_run("qwen_image", "pcm", model_flavour="edit-v2+"), "/model_flavour", "'edit-v2+' is an image-editing"),
+    (lcm_run("longcat_image", model_flavour="edit"), "/model_flavour",
+     "longcat_image model_flavour 'edit' is an image-editing"),
     ({key: value for key, value in lcm_run("qwen_image").items() if key != "pretrained_model_name_or_path"}, "",
      "model_flavour 'v2.1'"),
     (lcm_run("wan", "pcm"), "/model_family", "model_family 'wan'"),
@@ -79,6 +81,9 @@ def test_the_string_form_of_the_block_is_pointed_at_as_a_whole():
     lcm_run("sd3", "pcm"), lcm_run("flux"), lcm_run("auraflow"), lcm_run("z_image", "pcm"), lcm_run("sdxl", "tcd"),
     lcm_run("qwen_image"), lcm_run("qwen_image", "pcm", model_flavour="v1.0"),
     lcm_run("qwen_image", model_flavour="v2.0"),
+    # LongCat-Image's text-to-image flavours, and its default ("final") without a model path
+    lcm_run("longcat_image"), lcm_run("longcat_image", "pcm", model_flavour="dev"),
+    {key: value for key, value in lcm_run("longcat_image").items() if key != "pretrained_model_name_or_path"},
     lcm_run("sd1x", "tcd"),
     lcm_run("flux", "pcm", flux_guidance_mode="constant"),
     # no assistant adapter: turned off, a full-model run, or a flavour whose default repo is none

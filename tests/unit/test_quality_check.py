@@ -134,6 +134,15 @@ def test_cycled_conditioning_keeps_per_sample_lists_as_lists():
     assert [tuple(t.shape) for t in zeros] == [(3, 3), (2, 3)] and not any(t.any() for t in zeros)
 
 
+def test_cycled_conditioning_passes_an_input_without_batch_axis_whole():
+    """LongCat-Image's pipeline takes text_ids, the text's rope positions [L, 3], once for the whole batch."""
+    positions = torch.arange(15.0).reshape(5, 3)
+    per_prompt = [{"prompt_embeds": torch.full((1, 5, 2), float(i)), "text_ids": positions} for i in range(2)]
+    batched = quality_check.cycled_conditioning(per_prompt, 3)
+    assert batched["prompt_embeds"].shape == (3, 5, 2)
+    assert isinstance(batched["text_ids"], quality_check.SharedInput) and batched["text_ids"].value is positions
+
+
 @pytest.fixture(scope="module")
 def demo_teacher():
     from diffusers import StableDiffusionXLPipeline

@@ -31,6 +31,8 @@ from lcm_plugin.tiny_flow import (
     AURAFLOW_SCHEDULER_CONFIG,
     FLUX_SCHEDULER_CONFIG,
     FLUX_VAE_FACTORS,
+    LONGCAT_IMAGE_TEMPLATE,
+    LONGCAT_IMAGE_TEMPLATE_TOKENS,
     LUMINA2_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
     SD3_VAE_FACTORS,
@@ -38,9 +40,11 @@ from lcm_plugin.tiny_flow import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     QWEN_IMAGE_TEMPLATE,
     QWEN_IMAGE_TEMPLATE_TOKENS,
+    Z_IMAGE_OMNI_SCHEDULER_CONFIG,
     Z_IMAGE_SCHEDULER_CONFIG,
     save_tiny_flow,
     write_gemma_tokenizer,
+    write_longcat_image_tokenizer,
     write_qwen2_5_vl_tokenizer,
     write_qwen_tokenizer,
     write_t5_tokenizer,
@@ -168,6 +172,25 @@ FAMILIES = {
         # The caption embedder, then the caption stream's refiner; the masked prompt tokens only reach them.
         text_weights=("cap_embedder.1.weight", "context_refiner.0.attention.to_q.weight"),
     ),
+    "z_image_omni": dict(
+        pipeline="ZImageOmniPipeline",
+        index={  # Z-Image's components, plus the SigLIP 2 tower and processor both Omni pipelines take
+            "transformer": "ZImageTransformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen3ForCausalLM",
+            "tokenizer": "Qwen2Tokenizer", "siglip": "Siglip2VisionModel",
+            "siglip_processor": "Siglip2ImageProcessor",
+        },
+        t5=("text_encoder", "tokenizer"),  # Qwen3, not T5
+        scheduler=Z_IMAGE_OMNI_SCHEDULER_CONFIG,  # Z-Image base's fixed shift of 6
+        vae=FLUX_VAE_FACTORS,
+        latent_channels=16,
+        simpletuner_class="ZImageOmni",
+        t5_tokens=None,  # its _encode_prompts pads the ChatML-wrapped prompt to 512, as Z-Image's
+        prompt_tokens=512,
+        tokenizers=("Qwen2Tokenizer",),  # AutoTokenizer from tokenizer/
+        encoders=("Qwen3ForCausalLM",),  # AutoModelForCausalLM from text_encoder/
+        text_weights=("cap_embedder.1.weight", "context_refiner.0.attention.to_q.weight"),
+    ),
     "qwen_image": dict(
         pipeline="QwenImagePipeline",
         index={  # Qwen/Qwen-Image's model_index.json (SimpleTuner's v1.0 flavour)
@@ -186,6 +209,27 @@ FAMILIES = {
         encoders=("Qwen2_5_VLForConditionalGeneration",),
         # The text input's norm and projection, then the MM-DiT blocks' text stream.
         text_weights=("txt_in.weight", "transformer_blocks.0.attn.add_q_proj.weight"),
+    ),
+    "longcat_image": dict(
+        pipeline="LongCatImagePipeline",
+        index={  # meituan-longcat/LongCat-Image's components (SimpleTuner's "final" flavour)
+            "transformer": "LongCatImageTransformer2DModel", "vae": "AutoencoderKL",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen2_5_VLForConditionalGeneration",
+            "tokenizer": "Qwen2Tokenizer", "text_processor": "Qwen2VLProcessor",
+        },
+        t5=("text_encoder", "tokenizer"),  # Qwen2.5-VL, not T5
+        scheduler=FLUX_SCHEDULER_CONFIG,
+        vae=FLUX_VAE_FACTORS,  # LongCat-Image ships Flux's VAE
+        latent_channels=16,
+        simpletuner_class="LongCatImage",
+        t5_tokens=None,  # LongCat sets none; its pipeline pads the prompt to 512 tokens inside its fixed template
+        prompt_tokens=512,
+        tokenizers=("Qwen2Tokenizer",),  # LongCatImage.TEXT_ENCODER_CONFIGURATION
+        encoders=("Qwen2_5_VLForConditionalGeneration",),
+        # The caption projection, then the double stream blocks' text stream.
+        text_weights=("context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight"),
+        # diffusers' pipeline rewrites the prompt with the text encoder by default (512 generated tokens)
+        call={"enable_prompt_rewrite": False},
     ),
 }
 
@@ -228,6 +272,9 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     assert (vae.get("shift_factor") is None) is quant_convs
 
     transformer = read_json(folder / "transformer" / "config.json")
+    if family == "longcat_image":
+        assert_the_longcat_image_folder_is_consistent(folder, transformer)
+        return
     if family == "lumina2":
         gemma = read_json(folder / "text_encoder" / "config.json")
         assert gemma["model_type"] == "gemma2" and gemma["hidden_size"] == transformer["cap_feat_dim"]
@@ -238,7 +285,7 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
         assert transformer["axes_lens"][0] > 256  # caption positions first, up to tokenizer_max_length
         assert transformer["in_channels"] == 16 and transformer["patch_size"] == 2
         return
-    if family == "z_image":
+    if family in ("z_image", "z_image_omni"):
         qwen = read_json(folder / "text_encoder" / "config.json")
         assert qwen["model_type"] == "qwen3" and qwen["hidden_size"] == transformer["cap_feat_dim"]
         assert qwen["num_hidden_layers"] >= 2  # Z-Image reads the second-to-last hidden states
@@ -249,7 +296,16 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
         assert sum(transformer["axes_dims"]) == head
         assert transformer["axes_lens"][0] > 512 + 1  # caption positions first, up to the 512-token prompt
         assert transformer["in_channels"] == 16 and transformer["all_patch_size"] == [2]
-        assert "siglip_feat_dim" not in transformer  # as the real config; SimpleTuner's class does not take it
+        if family == "z_image":
+            assert "siglip_feat_dim" not in transformer  # as the real config; SimpleTuner's class does not take it
+            return
+        # The SigLIP stream: the vision tower's width is the transformer's siglip_feat_dim.
+        siglip = read_json(folder / "siglip" / "config.json")
+        assert siglip["model_type"] == "siglip2_vision_model"
+        assert siglip["hidden_size"] == transformer["siglip_feat_dim"]
+        processor = read_json(folder / "siglip_processor" / "preprocessor_config.json")
+        assert processor["image_processor_type"] == "Siglip2ImageProcessor"
+        assert processor["patch_size"] == siglip["patch_size"] and processor["max_num_patches"] == siglip["num_patches"]
         return
     t5 = read_json(folder / spec["t5"][0] / "config.json")
     assert t5["d_model"] == transformer["joint_attention_dim"]
@@ -307,6 +363,41 @@ def assert_the_qwen_image_folder_is_consistent(folder: Path, vae: dict, transfor
     assert transformer["patch_size"] == 2 and sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
     assert not {"zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"} & set(transformer)
     assert not (folder / "processor").exists()  # the text-to-image pipeline takes no processor
+
+
+def assert_the_longcat_image_folder_is_consistent(folder: Path, transformer: dict) -> None:
+    """LongCat-Image's sizes: Qwen2.5-VL's text width == joint_attention_dim, its vision tower projects to it; Flux's
+    2 x 2 packing and rope axes; text_processor/ loads with AutoProcessor (as SimpleTuner loads it) over the same
+    tokenizer, with a chat template (the prompt rewrite's)."""
+    from transformers import AutoProcessor, Qwen2Tokenizer, Qwen2VLProcessor
+
+    qwen = read_json(folder / "text_encoder" / "config.json")
+    assert qwen["model_type"] == "qwen2_5_vl"
+    assert qwen["text_config"]["hidden_size"] == transformer["joint_attention_dim"]
+    assert qwen["vision_config"]["out_hidden_size"] == transformer["joint_attention_dim"]
+    assert transformer["in_channels"] == 4 * 16 and transformer["patch_size"] == 1  # 2x2 packed latents
+    assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+    processor = AutoProcessor.from_pretrained(str(folder), subfolder="text_processor")
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(folder / "tokenizer"))
+    assert type(processor) is Qwen2VLProcessor and processor.chat_template
+    assert processor.tokenizer(LONGCAT_IMAGE_TEMPLATE).input_ids == tokenizer(LONGCAT_IMAGE_TEMPLATE).input_ids
+
+
+def test_longcat_tokenizer_drops_exactly_the_template_as_simpletuners_pipeline_does(tmp_path):
+    """SimpleTuner's LongCatImagePipeline.encode_prompt drops a fixed 36 tokens before the prompt and 5 after it."""
+    from transformers import Qwen2Tokenizer
+
+    from lcm_plugin.demo import shapes
+
+    prefix, _, suffix = LONGCAT_IMAGE_TEMPLATE.partition("{}")
+    for words in ((), VOCABULARY, shapes.VOCABULARY):
+        folder = write_longcat_image_tokenizer(tmp_path / str(len(words)), words)
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
+        tokens = [tokenizer.convert_ids_to_tokens(tokenizer(part, add_special_tokens=False).input_ids)
+                  for part in (prefix, suffix)]
+        assert tuple(map(len, tokens)) == LONGCAT_IMAGE_TEMPLATE_TOKENS, tokens
+        assert tokens[1] == ["<|im_end|>", "\u010a", "<|im_start|>", "assistant", "\u010a"]
+        assert tokens[0][:4] == ["<|im_start|>", "system", "\u010a", "As"] and tokens[0][-2:] == ["user", "\u010a"]
 
 
 def test_qwen2_5_vl_tokenizer_drops_exactly_the_template_as_qwen_image_does(tmp_path):
@@ -417,13 +508,25 @@ def test_diffusers_pipeline_samples_a_64px_image(model_dirs, family):
     pipeline.set_progress_bar_config(disable=True)
     # Qwen-Image's terminal stretch divides by 1 - sigma_last, 0 for a one-step schedule (NaN in diffusers): 2 steps.
     steps = 2 if family == "qwen_image" else 1
-    images = pipeline(PROMPTS[0], num_inference_steps=steps, height=SIZE, width=SIZE, output_type="np",
-                      generator=torch.Generator().manual_seed(0)).images
+    call = FAMILIES[family].get("call", {})
+    images = pipeline(prompt=PROMPTS[0], num_inference_steps=steps, height=SIZE, width=SIZE, output_type="np",
+                      generator=torch.Generator().manual_seed(0), **call).images
     assert images.shape == (1, SIZE, SIZE, 3)
     assert np.isfinite(images).all()
-    pil = pipeline(PROMPTS[0], num_inference_steps=steps, height=SIZE, width=SIZE,
-                   generator=torch.Generator().manual_seed(0)).images[0]
+    pil = pipeline(prompt=PROMPTS[0], num_inference_steps=steps, height=SIZE, width=SIZE,
+                   generator=torch.Generator().manual_seed(0), **call).images[0]
     assert pil.size == (SIZE, SIZE)
+
+
+def encode_captions(model, prompts: list[str]) -> dict:
+    """`model._format_text_embedding(model._encode_prompts(prompts))`, a row per prompt. LongCat-Image's encode_prompt
+    encodes only its first prompt (SimpleTuner's text cache calls it one caption at a time, at its default
+    text_encoder_batch_size 1): one call per caption then, the prompt_embeds batched by its collate_prompt_embeds."""
+    embeds = model._format_text_embedding(model._encode_prompts(list(prompts)))
+    if embeds["prompt_embeds"].shape[0] == len(prompts):
+        return embeds
+    each = [model._format_text_embedding(model._encode_prompts([prompt])) for prompt in prompts]
+    return {**each[0], **model.collate_prompt_embeds(each)}
 
 
 def load_with_simpletuner(family: str, folder: Path, root: Path, **settings):
@@ -518,17 +621,21 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     spec = FAMILIES[family]
     transformer = model.model.config
     with torch.no_grad():
-        embeds = model._format_text_embedding(model._encode_prompts(PROMPTS))
+        embeds = encode_captions(model, PROMPTS)
     prompt_embeds, pooled = embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds")
     # SimpleTuner's collate turns either mask key into the batch's encoder_attention_mask.
     mask = embeds.get("attention_masks", embeds.get("prompt_attention_mask", embeds.get("attention_mask")))
-    width = transformer.cap_feat_dim if family in ("lumina2", "z_image") else transformer.joint_attention_dim
+    width = (transformer.cap_feat_dim if family in ("lumina2", "z_image", "z_image_omni")
+             else transformer.joint_attention_dim)
     assert prompt_embeds.shape == (2, spec["prompt_tokens"], width)
     if family == "sd3":
         # CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's states.
         clip_width = sum(encoder.config.hidden_size for encoder in model.text_encoders[:2])
         assert torch.count_nonzero(prompt_embeds[:, :CLIP_TOKENS, clip_width:]) == 0
         assert torch.count_nonzero(prompt_embeds[:, :CLIP_TOKENS, :clip_width]) > 0
+    elif family == "longcat_image":
+        # No mask: the transformer attends to the prompt's padded 512 states; the template's were dropped.
+        assert mask is None and embeds["text_ids"].shape == (spec["prompt_tokens"], 3)
     else:
         assert mask.shape == (2, spec["prompt_tokens"])
     if family in ("sd3", "flux"):
@@ -543,7 +650,7 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     if family == "lumina2":
         # Right-padded, as the transformer reads the first mask-sum tokens; the system prompt comes first.
         assert bool((mask[:, :-1] >= mask[:, 1:]).all()) and mask[:, 0].all() and not mask[:, -1].any()
-    if family == "z_image":
+    if family in ("z_image", "z_image_omni"):
         # The chat-templated prompt, right-padded; the transformer takes each row's masked tokens only.
         assert mask.dtype == torch.bool and bool((mask[:, :-1] >= mask[:, 1:]).all()) and not mask[:, -1].any()
 

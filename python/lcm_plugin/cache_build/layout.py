@@ -24,11 +24,13 @@ TEXT_PARTS = {
     "lumina2": (PROMPT_EMBEDS, "/prompt_attention_mask"),
     "auraflow": (PROMPT_EMBEDS, "/prompt_attention_mask"),
     "z_image": (PROMPT_EMBEDS, "/attention_mask"),
+    "z_image_omni": (PROMPT_EMBEDS, "/attention_mask"),
+    "longcat_image": (PROMPT_EMBEDS, "/text_ids"),  # no mask; the text's rope positions (float64)
 }
 # Families whose captions the trainer's own SimpleTuner model encodes (its `encode_text_batch`, then
 # `pack_text_embeddings_for_cache`, as its text cache does); each part is stored as that dict holds it. SDXL's and
 # SD 1.x's are encoded here (cache_build/encode.py), their prompt_embeds stored without the batch axis.
-MODEL_ENCODED_FAMILIES = ("sd3", "flux", "chroma", "lumina2", "auraflow", "z_image")
+MODEL_ENCODED_FAMILIES = ("sd3", "flux", "chroma", "lumina2", "auraflow", "z_image", "z_image_omni", "longcat_image")
 # latent or caption key + this + "<size>.<mtime_ns>.<inode>": the SimpleTuner-format file of that entry that
 # this build wrote. A file whose stat matches a record is ours and holds that entry.
 PT_RECORD = "#pt@"

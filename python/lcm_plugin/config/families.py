@@ -16,11 +16,11 @@ from pathlib import Path
 from lcm_plugin.config.lcm import LcmConfig
 
 # Flow families the LCM step covers (LoRA and full), and how their teacher is guided: classifier-free guidance on a
-# batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2, AuraFlow, Z-Image, Qwen-Image), or the guidance
-# embedding the model itself takes ("embedded", Flux: SimpleTuner passes flux_guidance_value to every call, so teacher,
-# target and student share it).
+# batch of cond and uncond rows ("cfg": SD3, Chroma, Lumina 2, AuraFlow, Z-Image, Z-Image Omni, Qwen-Image,
+# LongCat-Image), or the guidance embedding the model itself takes ("embedded", Flux: SimpleTuner passes
+# flux_guidance_value to every call, so teacher, target and student share it).
 FLOW_FAMILIES = {"sd3": "cfg", "flux": "embedded", "chroma": "cfg", "lumina2": "cfg", "auraflow": "cfg",
-                 "z_image": "cfg", "qwen_image": "cfg"}
+                 "z_image": "cfg", "z_image_omni": "cfg", "qwen_image": "cfg", "longcat_image": "cfg"}
 # Flavours (SimpleTuner's model_flavour) of a covered family that are not covered, and why. Qwen-Image: v1.0
 # (Qwen/Qwen-Image) and v2.0 (Qwen-Image-2512) are, the text-to-image models with a Qwen2.5-VL encoder, the 16-channel
 # VAE and 2 x 2 packed latents (SimpleTuner's QwenImage class with model_flavour unset and a model path runs them).
@@ -34,10 +34,14 @@ UNCOVERED_FLAVOURS = {
         "edit-v1": _QWEN_IMAGE_EDIT, "edit-v2": _QWEN_IMAGE_EDIT, "edit-v2+": _QWEN_IMAGE_EDIT,
         "edit-v3": _QWEN_IMAGE_EDIT,
     },
+    # LongCat-Image: "final" (meituan-longcat/LongCat-Image) and "dev" (LongCat-Image-Dev) are text-to-image; "edit"
+    # feeds its reference image's latents to the transformer per sample, as Qwen-Image's edit flavours.
+    "longcat_image": {"edit": _QWEN_IMAGE_EDIT},
 }
-COVERED_FLAVOURS = {"qwen_image": ("v1.0", "v2.0")}
+COVERED_FLAVOURS = {"qwen_image": ("v1.0", "v2.0"), "longcat_image": ("final", "dev")}
 # SimpleTuner's DEFAULT_MODEL_FLAVOUR, which it takes only when pretrained_model_name_or_path is unset.
-DEFAULT_FLAVOURS = {"qwen_image": "v2.1", "z_image": "turbo-ostris-v2", "flux": "krea"}
+DEFAULT_FLAVOURS = {"qwen_image": "v2.1", "z_image": "turbo-ostris-v2", "z_image_omni": "base", "flux": "krea",
+                    "longcat_image": "final"}
 # Flavours whose LoRA runs SimpleTuner gives a fixed "assistant" adapter inside the trained network (its
 # `_maybe_load_assistant_lora`: the family's ASSISTANT_LORA_FLAVOURS, from assistant_lora_path or the flavour's default
 # repo; `disable_assistant_lora` turns it off): family -> (flavours, those with a default repo). The LCM teacher is
