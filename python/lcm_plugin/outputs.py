@@ -195,6 +195,8 @@ class CardSettings:
         (Flux: flux_guidance_value).
     sigmas: from `pipeline_sigmas`: passed to the pipeline call instead of a step count (a flow PCM student's phase
         edges); None otherwise.
+    lora_into_denoiser: the diffusers pipeline of the base model has no LoRA loader (LongCat-Image's): the card loads
+        and fuses the adapter in the denoiser itself.
     """
 
     model_id: str
@@ -212,6 +214,7 @@ class CardSettings:
     denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel")
     guidance_scale: float = 0.0
     sigmas: tuple[float, ...] | None = None
+    lora_into_denoiser: bool = False
 
     @property
     def flow(self) -> bool:
@@ -267,9 +270,12 @@ def inference_snippet(settings: CardSettings) -> str:
             "    pipeline.scheduler.config,",
             *(f"    {key}={_python_literal(value)}," for key, value in settings.scheduler_overrides.items()),
             ")",
-            "pipeline.load_lora_weights(adapter_id)",
+            *([f"# This pipeline class has no LoRA loader: the adapter goes into its {denoiser}.",
+               f'pipeline.{denoiser}.load_lora_adapter(adapter_id, weight_name="pytorch_lora_weights.safetensors",',
+               f'                                         prefix="{denoiser}")']
+              if settings.lora_into_denoiser else ["pipeline.load_lora_weights(adapter_id)"]),
             f"# Optional: merge the LoRA into the {denoiser} (same images, no LoRA cost per step).",
-            "pipeline.fuse_lora()",
+            f"pipeline.{denoiser}.fuse_lora()" if settings.lora_into_denoiser else "pipeline.fuse_lora()",
         ]
     elif not components:
         lines.append(f"# The saved pipeline's scheduler is the {scheduler} the model was distilled for.")

@@ -348,6 +348,18 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     assert image.shape == (64, 64, 3) and bool((image >= 0).all())
 
 
+def test_the_model_card_of_a_cfg_family_lora_samples_as_written(cfg_family_run, tmp_path, monkeypatch):
+    """The card the run wrote (output/README.md), its code run as a user would: the base model and the LoRA it names,
+    loaded by the pipeline's LoRA loader or, where diffusers' pipeline has none (LongCat-Image), its transformer's."""
+    from test_run_outputs import card_snippet, run_snippet
+
+    family, run, _, _ = cfg_family_run
+    code = card_snippet((run / "output" / "README.md").read_text())
+    assert ("pipeline.transformer.load_lora_adapter(" in code) == (family == "longcat_image"), code
+    variables = run_snippet(code, tmp_path, monkeypatch, prompt="red circle")
+    assert variables["image"].size == (64, 64)  # the validation resolution
+
+
 @pytest.mark.parametrize("cfg_family_run", data_path_families(CFG_FAMILIES), indirect=True)
 def test_a_cfg_family_trains_from_the_stores_with_simpletuners_own_caches(cfg_family_run, tmp_path):
     family, run, model, _ = cfg_family_run

@@ -35,9 +35,22 @@ def _flow_card_settings(model, args) -> dict:
     if family not in FLOW_FAMILIES:
         return {}
     settings = {"denoiser": ("transformer", type(model.get_trained_component()).__name__)}
+    pipeline = _diffusers_text_to_image_pipeline(model)
+    if pipeline is not None and not hasattr(pipeline, "load_lora_weights"):
+        settings["lora_into_denoiser"] = True
     if FLOW_FAMILIES[family] == "embedded":
         settings["guidance_scale"] = float(getattr(args, "flux_guidance_value", 1.0))
     return settings
+
+
+def _diffusers_text_to_image_pipeline(model):
+    """diffusers' class of the model's text-to-image pipeline (the one a card's `DiffusionPipeline.from_pretrained`
+    gives: SimpleTuner vendors its own copies under the same names), or None when diffusers has none."""
+    import diffusers
+    from simpletuner.helpers.models.common import PipelineTypes
+
+    pipeline = (getattr(model, "PIPELINE_CLASSES", None) or {}).get(PipelineTypes.TEXT2IMG)
+    return getattr(diffusers, pipeline.__name__, None) if pipeline is not None else None
 
 
 def _base_scheduler_config(model) -> dict | None:
