@@ -417,6 +417,16 @@ def tiny_flow_vae(factors: dict):
     return tiny_vae(LATENT_CHANNELS, use_quant_conv=False, use_post_quant_conv=False, **factors)
 
 
+def _seeded_folder(folder: Path, seed: int) -> Path:
+    """`folder`, created, with torch's global generator seeded: a writer's random weights follow from `seed`."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    return folder
+
+
 def sd3_transformer_config() -> dict:
     """SD3Transformer2DModel config: 2 blocks (the first dual-attention, as SD3.5), width 32 (4 heads of 8)."""
     heads, head_dim = 4, 8
@@ -519,12 +529,9 @@ def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: 
 
 def save_tiny_sd3(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
     """Write a loadable diffusers SD3 folder (SD3.5-medium layout, random weights, ~2 MB) to `folder`."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     clip_l, tokenizer, options_l = _clip(folder / "tokenizer", vocabulary, SD3_CLIP_L_HIDDEN, with_projection=True,
                                          hidden_act="quick_gelu")
     clip_g, tokenizer_2, options_g = _clip(folder / "tokenizer_2", vocabulary, SD3_CLIP_G_HIDDEN,
@@ -547,12 +554,9 @@ def save_tiny_sd3(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = 
 def save_tiny_flux(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
     """Write a loadable diffusers Flux folder (FLUX.1-dev layout: guidance embedding, dynamic shifting; random
     weights, ~1.5 MB) to `folder`."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     clip, tokenizer, options = _clip(folder / "tokenizer", vocabulary, FLUX_CLIP_HIDDEN, with_projection=False,
                                      hidden_act="quick_gelu")
     t5, tokenizer_2 = _t5(folder / "tokenizer_2", vocabulary, FLUX_T5_D_MODEL)
@@ -583,12 +587,9 @@ def chroma_transformer_config() -> dict:
 def save_tiny_chroma(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
     """Write a loadable diffusers Chroma folder (lodestones/Chroma1-HD layout: one T5 encoder, no CLIP, Flux's VAE
     factors and dynamically shifted scheduler; random weights, ~1 MB) to `folder`."""
-    import torch
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     t5, tokenizer = _t5(folder / "tokenizer", vocabulary, CHROMA_T5_D_MODEL)
     pipeline = ChromaPipeline(
         transformer=ChromaTransformer2DModel(**chroma_transformer_config()),
@@ -641,13 +642,10 @@ def lumina2_transformer_config() -> dict:
 def save_tiny_lumina2(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
     """Write a loadable diffusers Lumina 2 folder (Alpha-VLLM/Lumina-Image-2.0 layout: a Gemma 2 encoder and its BPE
     tokenizer, Flux's VAE factors, shift 6; random weights, ~1 MB) to `folder`."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
     from transformers import Gemma2Model, GemmaTokenizerFast
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     tokenizer = GemmaTokenizerFast.from_pretrained(str(write_gemma_tokenizer(folder / "tokenizer", vocabulary)))
     pipeline = Lumina2Pipeline(
         transformer=Lumina2Transformer2DModel(**lumina2_transformer_config()),
@@ -681,13 +679,10 @@ def auraflow_transformer_config() -> dict:
 def save_tiny_auraflow(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
     """Write a loadable diffusers AuraFlow folder (fal/AuraFlow layout: a UMT5 encoder and its Llama-class tokenizer,
     SDXL's VAE, shift 1.73; random weights, ~1 MB) to `folder`."""
-    import torch
     from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import LlamaTokenizerFast, UMT5EncoderModel
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     tokenizer = LlamaTokenizerFast.from_pretrained(str(write_llama_tokenizer(folder / "tokenizer", vocabulary)))
     pipeline = AuraFlowPipeline(
         transformer=AuraFlowTransformer2DModel(**auraflow_transformer_config()),
@@ -743,13 +738,10 @@ def save_tiny_z_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...
     """Write a loadable diffusers Z-Image folder (Tongyi-MAI/Z-Image-Turbo layout: a Qwen3 causal LM and its
     byte-level BPE tokenizer with Qwen3's chat template, Flux's VAE, shift 3; random weights, ~2 MB, most of it the
     timestep embedder's fixed 1024-wide MLP) to `folder`."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
     pipeline = ZImagePipeline(
         transformer=ZImageTransformer2DModel(**z_image_transformer_config()),
@@ -766,7 +758,6 @@ def save_tiny_z_image_omni(folder: Path, seed: int = 0, *, vocabulary: tuple[str
     save_tiny_z_image's transformer with its SigLIP stream (siglip_feat_dim), text encoder, tokenizer and VAE, plus a
     one-layer SigLIP 2 vision tower (siglip/) and its image processor (siglip_processor/), which both pipelines take
     (reference images only reach them); the scheduler at Z-Image base's fixed shift of 6; random weights, ~2 MB)."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline, ZImageTransformer2DModel
     from transformers import (
         Qwen2Tokenizer,
@@ -776,9 +767,7 @@ def save_tiny_z_image_omni(folder: Path, seed: int = 0, *, vocabulary: tuple[str
         Siglip2VisionModel,
     )
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
     siglip = Siglip2VisionModel(Siglip2VisionConfig(
         hidden_size=Z_IMAGE_OMNI_SIGLIP_HIDDEN, intermediate_size=2 * Z_IMAGE_OMNI_SIGLIP_HIDDEN, num_hidden_layers=1,
@@ -902,13 +891,10 @@ def save_tiny_qwen_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, 
     """Write a loadable diffusers Qwen-Image folder (Qwen/Qwen-Image layout, SimpleTuner's v1.0 flavour: a Qwen2.5-VL
     text encoder with its vision tower and tokenizer, the Qwen-Image VAE, the dynamically shifted scheduler with a
     terminal sigma; random weights, ~1 MB) to `folder`. No processor/: the text-to-image pipeline takes none."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen2_5_vl_tokenizer(folder / "tokenizer", vocabulary)))
     pipeline = QwenImagePipeline(
         transformer=QwenImageTransformer2DModel(**qwen_image_transformer_config()),
@@ -990,14 +976,11 @@ def save_tiny_longcat_image(folder: Path, seed: int = 0, *, vocabulary: tuple[st
     flavour: a Qwen2.5-VL text encoder with its vision tower, its tokenizer (tokenizer/) and processor
     (text_processor/, `Qwen2VLProcessor`, which the pipelines load for their prompt rewrite), Flux's VAE and
     dynamically shifted scheduler; random weights, ~1.2 MB) to `folder`."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    folder = _seeded_folder(folder, seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(str(write_longcat_image_tokenizer(folder / "tokenizer", vocabulary)))
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                  video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
