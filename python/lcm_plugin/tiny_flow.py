@@ -1,4 +1,5 @@
-"""Tiny SD3, Flux, Chroma, Lumina 2 and AuraFlow (flow-matching) pipelines built from configs, fully offline.
+"""Tiny flow-matching pipelines (SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image and Omni, Qwen-Image, LongCat-Image)
+built from configs, fully offline.
 
 Same component layout as the real checkpoints, at 1-2 MB, for tests that must never reach a model hub:
 

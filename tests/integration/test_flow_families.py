@@ -1,4 +1,5 @@
-"""LCM-LoRA of the rectified-flow families (SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image) through the stock
+"""LCM-LoRA of the rectified-flow families (SD3, Flux, Chroma, Lumina 2, AuraFlow, the Z-Images, LongCat-Image,
+Qwen-Image) through the stock
 `simpletuner train` (issue 21): each tiny offline model (lcm_plugin.tiny_flow) trains 2 steps with the plugin's
 distiller; its step is the one tests/unit/test_distiller_flow.py proves equal to the equations; here: it runs inside
 SimpleTuner's trainer and what the run hands over samples with the flow LCM scheduler in the family's diffusers

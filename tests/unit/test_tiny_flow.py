@@ -1,9 +1,9 @@
-"""The tiny SD3, Flux, Chroma, Lumina 2, AuraFlow and Z-Image folders (lcm_plugin.tiny_flow) load and run in diffusers
+"""The tiny SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image (and Omni), LongCat-Image and Qwen-Image folders
+(lcm_plugin.tiny_flow) load and run in diffusers
 and in SimpleTuner 4.10.1.
 
 diffusers: the family's own pipeline class loads each folder from its local path and samples a 64x64 image in one
-step. SimpleTuner: its model class for `model_family: sd3` / `flux` / `chroma` / `lumina2` / `auraflow`
-(`model_type: lora`), built from a config parsed
+step. SimpleTuner: its model class for the folder's `model_family` (`model_type: lora`), built from a config parsed
 by its own `parse_cmdline_args` as the trainer builds it, loads the folder with the functions the trainer calls
 (`check_user_config`, `load_text_encoder` with `load_text_tokenizer`, `load_vae`, `load_model`); its own prompt
 encoding then feeds its own `prepare_batch` / `model_predict` / `loss` on latents from the folder's VAE, so the
