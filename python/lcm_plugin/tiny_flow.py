@@ -735,22 +735,31 @@ def z_image_transformer_config() -> dict:
     )
 
 
-def save_tiny_z_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
-    """Write a loadable diffusers Z-Image folder (Tongyi-MAI/Z-Image-Turbo layout: a Qwen3 causal LM and its
-    byte-level BPE tokenizer with Qwen3's chat template, Flux's VAE, shift 3; random weights, ~2 MB, most of it the
-    timestep embedder's fixed 1024-wide MLP) to `folder`."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+def _z_image_components(folder: Path, vocabulary: tuple[str, ...], scheduler_config: dict, **transformer) -> dict:
+    """The components Z-Image and Z-Image Omni share, for their pipelines: the transformer (z_image_transformer_config
+    and `transformer`), the scheduler from `scheduler_config`, Flux's VAE, the Qwen3 causal LM and its tokenizer
+    (written to folder/tokenizer)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
-    folder = _seeded_folder(folder, seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
-    pipeline = ZImagePipeline(
-        transformer=ZImageTransformer2DModel(**z_image_transformer_config()),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(Z_IMAGE_SCHEDULER_CONFIG),
+    return dict(
+        transformer=ZImageTransformer2DModel(**z_image_transformer_config(), **transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
         vae=tiny_flow_vae(FLUX_VAE_FACTORS),
         text_encoder=Qwen3ForCausalLM(qwen3_config(len(tokenizer), Z_IMAGE_QWEN3_HIDDEN)),
         tokenizer=tokenizer,
     )
+
+
+def save_tiny_z_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Z-Image folder (Tongyi-MAI/Z-Image-Turbo layout: a Qwen3 causal LM and its
+    byte-level BPE tokenizer with Qwen3's chat template, Flux's VAE, shift 3; random weights, ~2 MB, most of it the
+    timestep embedder's fixed 1024-wide MLP) to `folder`."""
+    from diffusers import ZImagePipeline
+
+    folder = _seeded_folder(folder, seed)
+    pipeline = ZImagePipeline(**_z_image_components(folder, vocabulary, Z_IMAGE_SCHEDULER_CONFIG))
     return _save(pipeline, folder, vocabulary, {}, None, qwen_tokenizer="tokenizer")
 
 
@@ -759,27 +768,16 @@ def save_tiny_z_image_omni(folder: Path, seed: int = 0, *, vocabulary: tuple[str
     save_tiny_z_image's transformer with its SigLIP stream (siglip_feat_dim), text encoder, tokenizer and VAE, plus a
     one-layer SigLIP 2 vision tower (siglip/) and its image processor (siglip_processor/), which both pipelines take
     (reference images only reach them); the scheduler at Z-Image base's fixed shift of 6; random weights, ~2 MB)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline, ZImageTransformer2DModel
-    from transformers import (
-        Qwen2Tokenizer,
-        Qwen3ForCausalLM,
-        Siglip2ImageProcessor,
-        Siglip2VisionConfig,
-        Siglip2VisionModel,
-    )
+    from diffusers import ZImageOmniPipeline
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
     folder = _seeded_folder(folder, seed)
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
     siglip = Siglip2VisionModel(Siglip2VisionConfig(
         hidden_size=Z_IMAGE_OMNI_SIGLIP_HIDDEN, intermediate_size=2 * Z_IMAGE_OMNI_SIGLIP_HIDDEN, num_hidden_layers=1,
         num_attention_heads=2, patch_size=16, num_patches=16))
     pipeline = ZImageOmniPipeline(
-        transformer=ZImageTransformer2DModel(**z_image_transformer_config(),
-                                             siglip_feat_dim=Z_IMAGE_OMNI_SIGLIP_HIDDEN),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(Z_IMAGE_OMNI_SCHEDULER_CONFIG),
-        vae=tiny_flow_vae(FLUX_VAE_FACTORS),
-        text_encoder=Qwen3ForCausalLM(qwen3_config(len(tokenizer), Z_IMAGE_QWEN3_HIDDEN)),
-        tokenizer=tokenizer,
+        **_z_image_components(folder, vocabulary, Z_IMAGE_OMNI_SCHEDULER_CONFIG,
+                              siglip_feat_dim=Z_IMAGE_OMNI_SIGLIP_HIDDEN),
         siglip=siglip,
         siglip_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=16),
     )

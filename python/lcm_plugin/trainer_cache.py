@@ -29,10 +29,6 @@ logger = logging.getLogger("simpletuner-lcm")
 
 SWITCH = "SIMPLETUNER_LCM_DATA_PATH"
 RUST, SIMPLETUNER = "rust", "simpletuner"
-# Model families whose latents and text embeddings the build produces as SimpleTuner does (the flow families' captions
-# through the trainer's own model: layout.MODEL_ENCODED_FAMILIES).
-FAMILIES = ("sdxl", "sd1x", "sd3", "flux", "chroma", "lumina2", "auraflow", "z_image", "z_image_omni",
-            "longcat_image")
 # Entries that describe caches or captions, not training samples: never logged as fallbacks.
 NOT_SAMPLES = ("text_embeds", "image_embeds", "conditioning_image_embeds", "distillation_cache", "caption")
 # skip_file_discovery words that ask SimpleTuner not to (re)build a cache or the buckets: honoured by its own path.
@@ -307,7 +303,7 @@ def _plan(config_path, args, models: TrainerModels, rank: int, listed: frozenset
     `shared_memos`: the tokens of the memos the machines' first ranks scanned (`scan_dataset`)."""
     from lcm_plugin.cache import BucketConfigError
     from lcm_plugin.cache_build.fingerprint import fingerprints, name_entries
-    from lcm_plugin.cache_build.layout import MODEL_ENCODED_FAMILIES
+    from lcm_plugin.cache_build.layout import FAMILIES, MODEL_ENCODED_FAMILIES
     from lcm_plugin.cache_build.plan import (
         BuildError,
         dataset_of,

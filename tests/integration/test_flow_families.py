@@ -292,9 +292,9 @@ STOCK_VALIDATION_FAILS = {
 
 
 def data_path_families(families) -> list[str]:
-    """The families whose datasets the plugin's data path serves (trainer_cache.FAMILIES); the others train on
-    SimpleTuner's own caches (Qwen-Image: its 3-D VAE's latents_mean / latents_std normalisation is not the build's)."""
-    from lcm_plugin.trainer_cache import FAMILIES
+    """The families whose datasets the plugin's data path serves (layout.FAMILIES); the others train on SimpleTuner's
+    own caches (Qwen-Image: its 3-D VAE's latents_mean / latents_std normalisation is not the build's)."""
+    from lcm_plugin.cache_build.layout import FAMILIES
 
     return [family for family in families if family in FAMILIES]
 

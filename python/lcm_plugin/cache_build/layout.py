@@ -31,6 +31,8 @@ TEXT_PARTS = {
 # `pack_text_embeddings_for_cache`, as its text cache does); each part is stored as that dict holds it. SDXL's and
 # SD 1.x's are encoded here (cache_build/encode.py), their prompt_embeds stored without the batch axis.
 MODEL_ENCODED_FAMILIES = ("sd3", "flux", "chroma", "lumina2", "auraflow", "z_image", "z_image_omni", "longcat_image")
+# Model families whose latents and text embeddings the trainer's data path produces as SimpleTuner does.
+FAMILIES = ("sdxl", "sd1x", *MODEL_ENCODED_FAMILIES)
 # latent or caption key + this + "<size>.<mtime_ns>.<inode>": the SimpleTuner-format file of that entry that
 # this build wrote. A file whose stat matches a record is ours and holds that entry.
 PT_RECORD = "#pt@"
