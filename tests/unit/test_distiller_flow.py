@@ -409,7 +409,13 @@ def test_a_cfg_family_step_equals_the_reference_through_simpletuners_model(famil
     batch = model.prepare_batch(collated(text, torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))),
                                 {"global_step": 0})
     inputs = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    # The image tokens the transformer is given (the family's own packing), for the reference's mu
+    sequence_lengths = set()
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: sequence_lengths.add(kwargs["hidden_states"].shape[1])
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None, with_kwargs=True)
     prepared, loss, w = our_step(distiller, model, batch, monkeypatch)
+    hook.remove()
     loss.backward()
     ours = lora_grads(transformer)
     transformer.zero_grad(set_to_none=True)
@@ -417,8 +423,9 @@ def test_a_cfg_family_step_equals_the_reference_through_simpletuners_model(famil
     schedule = model.noise_schedule.config
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(schedule)
     if schedule.get("use_dynamic_shifting"):
+        (tokens,) = sequence_lengths
         scheduler.set_timesteps(config.num_ddim_timesteps, mu=calculate_shift(
-            16, schedule.base_image_seq_len, schedule.max_image_seq_len, schedule.base_shift, schedule.max_shift))
+            tokens, schedule.base_image_seq_len, schedule.max_image_seq_len, schedule.base_shift, schedule.max_shift))
     else:
         scheduler.set_timesteps(config.num_ddim_timesteps)
     sigma_from, sigma_to = (s.float() for s in solver_sigmas(prepared, scheduler.sigmas.double().flip(0)))

@@ -227,8 +227,12 @@ class LcmDistiller(DistillationBase):
 
     def _flow_schedule_for(self, latents: torch.Tensor, dtype: torch.dtype) -> FlowSkipSchedule:
         config = self.noise_scheduler.config
-        # Dynamic shifting (Flux) sets mu from the transformer's token count: 2 x 2 latent patches.
-        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) if config.get("use_dynamic_shifting") else None
+        # Dynamic shifting sets mu from the transformer's token count. Every such family feeds its transformer a
+        # latent's channels and patches packed into in_channels-wide tokens (Flux, Qwen-Image: 2 x 2 patches of 16
+        # channels; Flux 2: its VAE's 128 already patchified channels, one token each).
+        tokens = None
+        if config.get("use_dynamic_shifting"):
+            tokens = latents[0].numel() // self.teacher_model.get_trained_component().config.in_channels
         key = (tokens, latents.device, dtype)
         if key not in self._schedules:
             grid = FlowSkipSchedule.from_scheduler_config(config, self.lcm_config.num_ddim_timesteps,
