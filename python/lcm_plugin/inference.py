@@ -101,6 +101,20 @@ def is_flow_matching(scheduler_config) -> bool:
     return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
 
 
+def pipeline_cfg_scale(pipeline_class: type, scale: float) -> float:
+    """`scale`, a CFG scale w of uncond + w (cond - uncond) (1: unguided), as `pipeline_class` takes it: one that
+    still guides at 1 (its do_classifier_free_guidance, asked at 1) reads its scale g as cond + g (cond - uncond)
+    (Krea 2's), which is w - 1 (0: unguided)."""
+    from types import SimpleNamespace
+
+    rule = getattr(pipeline_class, "do_classifier_free_guidance", None)
+    try:
+        offset = isinstance(rule, property) and bool(rule.fget(SimpleNamespace(_guidance_scale=1.0)))
+    except AttributeError:  # a rule that reads more of the pipeline first: the usual convention
+        offset = False
+    return scale - 1.0 if offset else scale
+
+
 def variant_scheduler(scheduler_config, lcm: LcmConfig):
     """The validation sampler of `lcm.variant`: LCMScheduler (lcm), TCDScheduler at tcd_gamma (tcd), or
     TCDScheduler at gamma 0 (pcm: deterministic jumps, from phase top to phase edge at pcm_phases steps). A flow

@@ -191,12 +191,17 @@ class CardSettings:
     eta: from `pipeline_eta`: passed to the pipeline call (TCD's gamma); None for LCM.
     denoiser: the pipeline component that was distilled and its diffusers class (a UNet, or a flow family's
         transformer), for a full model saved without text encoders.
-    guidance_scale: the pipeline call's; 0 (guidance distilled in), or a guidance-embedding model's trained value
-        (Flux: flux_guidance_value).
+    guidance_scale: the pipeline call's; 0: guidance distilled in (the card passes unguided_scale, no CFG), or a
+        guidance-embedding model's trained value (Flux: flux_guidance_value).
+    unguided_scale: the pipeline's scale for no CFG: 1, CFG's identity (uncond + 1 (cond - uncond) = cond), or 0 in
+        a pipeline that guides at every scale above 0 (its cond + g (cond - uncond): Krea 2's;
+        inference.pipeline_cfg_scale).
     sigmas: from `pipeline_sigmas`: passed to the pipeline call instead of a step count (a flow PCM student's phase
         edges); None otherwise.
     lora_into_denoiser: the diffusers pipeline of the base model has no LoRA loader (LongCat-Image's): the card loads
         and fuses the adapter in the denoiser itself.
+    pipeline_class: (module, class) of the base model's pipeline where diffusers has none of its name (SimpleTuner's
+        own, FLUX.3's): the card imports it as DiffusionPipeline, as SimpleTuner's own card does; None: diffusers'.
     """
 
     model_id: str
@@ -213,8 +218,10 @@ class CardSettings:
     eta: float | None = None
     denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel")
     guidance_scale: float = 0.0
+    unguided_scale: float = 1.0
     sigmas: tuple[float, ...] | None = None
     lora_into_denoiser: bool = False
+    pipeline_class: tuple[str, str] | None = None
 
     @property
     def flow(self) -> bool:
@@ -235,9 +242,14 @@ def inference_snippet(settings: CardSettings) -> str:
     scheduler = settings.scheduler_class
     sampler = scheduler.removesuffix("Scheduler")
     denoiser, denoiser_class = settings.denoiser
-    imports = (f"AutoencoderKL, DiffusionPipeline, {scheduler}, {denoiser_class}" if components
-               else f"DiffusionPipeline, {scheduler}" if lora else "DiffusionPipeline")
-    lines = ["import torch", f"from diffusers import {imports}", "", f"model_id = {_python_literal(settings.model_id)}"]
+    imports = (["AutoencoderKL", "DiffusionPipeline", scheduler, denoiser_class] if components
+               else ["DiffusionPipeline", scheduler] if lora else ["DiffusionPipeline"])
+    if settings.pipeline_class is not None:
+        imports.remove("DiffusionPipeline")
+    lines = ["import torch", *([f"from diffusers import {', '.join(imports)}"] if imports else [])]
+    if settings.pipeline_class is not None:
+        lines.append(f"from {settings.pipeline_class[0]} import {settings.pipeline_class[1]} as DiffusionPipeline")
+    lines += ["", f"model_id = {_python_literal(settings.model_id)}"]
     if lora:
         lines.append(f"adapter_id = {_python_literal(settings.adapter_id)}")
     if components:
@@ -287,9 +299,13 @@ def inference_snippet(settings: CardSettings) -> str:
         "    prompt=prompt,",
         (f"    sigmas={list(settings.sigmas)!r},  # the phase edges of the training grid"
          if settings.sigmas else f"    num_inference_steps={CARD_STEPS},  # 1 to 8 steps work"),
+        # 1, CFG's identity, runs no CFG in the pipelines that read their scale as CFG's w; 0 only in those that turn
+        # CFG off below 1 (diffusers'), not in one that guides at any scale but 1 (SimpleTuner's MOSS-Image's); those
+        # that read it as cond + g (cond - uncond) (Krea 2's) guide at any scale but 0 (unguided_scale).
         (f"    guidance_scale={settings.guidance_scale!r},  # the guidance input the model was distilled at"
          if settings.guidance_scale else
-         "    guidance_scale=0.0,  # guidance is distilled in; no CFG, so a negative prompt would have no effect"),
+         f"    guidance_scale={settings.unguided_scale!r},  # guidance is distilled in; no CFG, so a negative prompt "
+         "would have no effect"),
         *([f"    eta={settings.eta!r},  # TCD's gamma, as validation sampled (0 = deterministic)"]
           if settings.eta is not None else []),
         f"    generator=torch.Generator(device=device).manual_seed({settings.seed}),",
@@ -316,7 +332,7 @@ def inference_section(settings: CardSettings) -> str:
         f"This is {kind} distilled with simpletuner-lcm (num_ddim_timesteps={lcm.num_ddim_timesteps}, "
         f"timestep_scaling_factor={lcm.timestep_scaling_factor:g}, teacher guidance scale "
         f"{lcm.w_min:g}-{lcm.w_max:g}{variant}). Sample it with diffusers' `{settings.scheduler_class}` on "
-        f"{grid}{eta}, {steps}, guidance scale 0 and no negative prompt.\n\n"
+        f"{grid}{eta}, {steps}, guidance scale {settings.unguided_scale:g} (no CFG) and no negative prompt.\n\n"
         f"```python\n{inference_snippet(settings)}```\n"
     )
     if settings.comfyui_lora:

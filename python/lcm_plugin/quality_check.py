@@ -381,26 +381,54 @@ def pipeline_sampler(
                 batch = slice(start, start + sample_batch)
                 inputs = {key: value.value if isinstance(value, SharedInput) else value[batch]
                           for key, value in conditioning.items()}
-                if guided:
+                if guided:  # masks by either name: prompt_attention_mask, prompt_embeds_mask (Qwen-Image, Krea 2)
                     inputs |= {f"negative_{key}": _zeros_like(value) if key.endswith("embeds") else value
-                               for key, value in inputs.items() if key.endswith(("embeds", "attention_mask"))}
+                               for key, value in inputs.items()
+                               if key.endswith(("embeds", "attention_mask", "embeds_mask"))}
                 if noise is not None:
                     inputs["latents"] = noise[batch].to(network_in_place.device, network_in_place.dtype)
                 with _fresh_noise_from(scheduler, generators[batch]) if flow else nullcontext():
                     output = pipeline(
                         prompt=None,
                         num_inference_steps=sampler.steps,
-                        guidance_scale=scale,
                         width=width,
                         height=height,
                         generator=generators[batch],
                         output_type="np",
-                        **inputs,
+                        **_guidance_arguments(pipeline, scale, embedded=embedded_guidance),
+                        **_call_arguments(pipeline, inputs),
                     ).images
                 images.append((np.clip(np.asarray(output, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8))
         return np.concatenate(images)
 
     return sample
+
+
+def _guidance_arguments(pipeline, scale: float, *, embedded: bool) -> dict:
+    """The pipeline call's guidance for `scale`: the model's own guidance input (`embedded`), else a CFG scale w (1:
+    unguided). SimpleTuner's own Flux and Flux 2 pipelines take CFG as `guidance_scale_real` (their `guidance_scale`
+    feeds the guidance embedding, which a model without one ignores) and skip it on the first `no_cfg_until_timestep`
+    steps: here it guides every step, as the distiller's teacher does."""
+    import inspect
+
+    from lcm_plugin.inference import pipeline_cfg_scale
+
+    if embedded:
+        return {"guidance_scale": scale}
+    if "guidance_scale_real" in inspect.signature(pipeline.__call__).parameters:
+        return {"guidance_scale_real": scale, "no_cfg_until_timestep": 0}
+    return {"guidance_scale": pipeline_cfg_scale(type(pipeline), scale)}
+
+
+def _call_arguments(pipeline, inputs: dict) -> dict:
+    """`inputs` less what the pipeline's call does not take (SimpleTuner's Flux 2 pipeline: the text cache's attention
+    mask, which its transformer never reads), as SimpleTuner's validation filters its own call's arguments."""
+    import inspect
+
+    parameters = inspect.signature(pipeline.__call__).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return inputs
+    return {key: value for key, value in inputs.items() if key in parameters}
 
 
 def _zeros_like(value):

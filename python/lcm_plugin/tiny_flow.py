@@ -1,5 +1,5 @@
-"""Tiny flow-matching pipelines (SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image and Omni, Qwen-Image, LongCat-Image)
-built from configs, fully offline.
+"""Tiny flow-matching pipelines (SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image and Omni, Qwen-Image, LongCat-Image,
+ERNIE-Image, FLUX.3 Image Klein, FLUX.2-klein, Krea 2) built from configs, fully offline.
 
 Same component layout as the real checkpoints, at 1-2 MB, for tests that must never reach a model hub:
 
@@ -41,6 +41,31 @@ Same component layout as the real checkpoints, at 1-2 MB, for tests that must ne
         (text_encoder/), its tokenizer (tokenizer/, with LongCat's template words) and a `Qwen2VLProcessor`
         (text_processor/: the pipelines' prompt rewrite; SimpleTuner loads it for every pipeline); Flux's VAE and
         dynamically shifted scheduler (the pipeline's calculate_shift defaults are Flux's).
+    Krea 2 (krea/Krea-2-Raw, SimpleTuner's "raw" flavour): a `Krea2Transformer2DModel` (text fusion blocks, then
+        single-stream blocks on 2 x 2 packed latents); a Qwen3-VL (`Qwen3VLModel`, text_encoder/, 36 text layers and
+        a one-block vision tower) and its byte-level BPE tokenizer (tokenizer/, with Qwen-Image's template words);
+        Qwen-Image's 3-D VAE; the scheduler with dynamic shifting up to 6400 tokens.
+    MOSS-Image (OpenMOSS-Team/MOSS-Image-SFT, SimpleTuner's "sft" flavour): SimpleTuner's own `MOSSImagePipeline`
+        (diffusers has none) and `MOSSImageTransformer` (single-stream blocks on the VAE's 128 patchified channels,
+        one token per latent pixel, after a text projection of two blocks); a Qwen3.5 (`Qwen3_5Model`, text_encoder/,
+        a linear- and a full-attention layer, a one-block vision tower) and Qwen3's tokenizer and chat template
+        (tokenizer/); FLUX.2's VAE; `MOSSImageScheduler` at its shift of 5.
+    ERNIE-Image (baidu/ERNIE-Image, SimpleTuner's "base" flavour): an `ErnieImageTransformer2DModel` (single-stream
+        shared-AdaLN layers on the VAE's 128 patchified channels, one token per latent pixel); a `Mistral3Model`
+        (text_encoder/: Ministral 3's text blocks, a one-layer Pixtral tower) and a Tekken-style byte-level BPE
+        tokenizer (tokenizer/, `TokenizersBackend`); FLUX.2's VAE; the scheduler at a fixed shift of 4. About 45 MB:
+        the text width must be Ministral 3's 3072, and the vision projector is square in it. No prompt enhancer.
+    FLUX.3 Image Klein base (black-forest-labs/flux-3-image-klein-base, SimpleTuner's flux3_image "klein-base"):
+        SimpleTuner's own `Flux3ImagePipeline` (diffusers has none) and `Flux3ImageTransformer2DModel` (a block per
+        stream, then joint blocks, on the VAE's 128 patchified channels, one token per latent pixel); a Qwen3-VL
+        (`Qwen3VLModel`, text_encoder/, 32 text layers and a one-block vision tower) with its byte-level BPE tokenizer
+        and chat template in the same folder (the pipeline and SimpleTuner load it from there; the index names
+        none); FLUX.2's VAE; the scheduler at a fixed shift of 6.93. About 1 MB.
+    FLUX.2-klein base (black-forest-labs/FLUX.2-klein-base-4B, SimpleTuner's flux2 "klein-4b" / "klein-9b"):
+        `Flux2KleinPipeline` (is_distilled false) with a `Flux2Transformer2DModel` (a double and a single stream block
+        on the VAE's 128 patchified channels, one token per latent pixel, no guidance embedding); a Qwen3 causal LM
+        (`Qwen3ForCausalLM`, text_encoder/, 27 layers) and its byte-level BPE tokenizer with Qwen3's chat template
+        (tokenizer/); FLUX.2's VAE; Flux's dynamically shifted scheduler. About 1 MB.
 
 The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the components together:
 
@@ -68,6 +93,22 @@ The sizes that must agree, as SimpleTuner 4.10.1 and diffusers wire the componen
     LongCat-Image: Qwen2.5-VL's text width == joint_attention_dim; in_channels == 4 * VAE latent channels,
         sum(axes_dims_rope) == attention_head_dim, as Flux; the template's prefix and suffix tokenize to the 36 and 5
         tokens SimpleTuner drops, leaving the prompt's 512.
+    Krea 2: Qwen3-VL's text width == text_hidden_dim, its layers > max(text_encoder_select_layers) and the number of
+        taps == num_text_layers (prompt states are [tokens, taps, width]); in_channels == 4 * z_dim (2 x 2 packing),
+        sum(axes_dims_rope) == attention_head_dim; the template's system turn and assistant suffix tokenize to the 34
+        and 5 tokens the pipeline counts, leaving the prompt's 512.
+    MOSS-Image: Qwen3.5's text width == text_dim; latent_channels == 4 * the VAE's 32 (2 x 2 patchified, 16x down);
+        dim / num_heads a multiple of 8; more than 22 blocks (the pipeline's default uncond_skip_layers names 22).
+    ERNIE-Image: Ministral 3's width == text_in_dim == 3072 (SimpleTuner's Ernie.TEXT_EMBED_DIM), >= 2 text layers
+        (the second-to-last hidden states are read); in_channels == 4 * the VAE's 32 (2 x 2 patchified, 16x down);
+        sum(rope_axes_dim) == hidden_size / num_attention_heads; the modulation and output layers not zero (diffusers
+        zero-initialises them, which would make every prediction 0).
+    FLUX.3 Image Klein: joint_attention_dim == 8 * Qwen3-VL's width (SimpleTuner concatenates the hidden states of
+        layers 4, 8, ..., 32: text.TEXT_LAYERS), so >= 32 text layers; in_channels == cond_in_channels == 4 * the
+        VAE's 32 (2 x 2 patchified, 16x down); sum(axes_dims_rope) == attention_head_dim; flow_map off (the base).
+    FLUX.2-klein: joint_attention_dim == 3 * Qwen3's width (SimpleTuner and the pipeline stack the hidden states of
+        layers 9, 18 and 27), so >= 27 text layers; in_channels == 4 * the VAE's 32 (2 x 2 patchified, 16x down);
+        sum(axes_dims_rope) == attention_head_dim; guidance_embeds off (the base, sampled with CFG).
     All: the VAE has 4 blocks (latents 1/8 of the image, as SimpleTuner's Flux unpacking assumes), 16 latent
         channels (AuraFlow: SDXL's 4; SimpleTuner's LATENT_CHANNEL_COUNT); images a multiple of 64 px train
         (SimpleTuner forces aspect_bucket_alignment 64 for every one), 64 px gives 8x8 latents (SD3, AuraFlow: 4x4
@@ -102,6 +143,14 @@ __all__ = [
     "z_image_transformer_config", "Z_IMAGE_OMNI_SCHEDULER_CONFIG", "save_tiny_z_image_omni",
     "LONGCAT_IMAGE_TEMPLATE", "LONGCAT_IMAGE_TEMPLATE_TOKENS", "longcat_image_transformer_config",
     "save_tiny_longcat_image", "write_longcat_image_tokenizer",
+    "KREA2_SCHEDULER_CONFIG", "KREA2_TEXT_LAYERS", "krea2_transformer_config",
+    "save_tiny_krea2", "write_krea2_tokenizer",
+    "MOSS_IMAGE_SCHEDULER_CONFIG", "moss_image_transformer_config", "qwen3_5_config", "save_tiny_moss_image",
+    "ERNIE_SCHEDULER_CONFIG", "ernie_transformer_config", "mistral3_config", "save_tiny_ernie", "tiny_flux2_vae",
+    "write_tekken_tokenizer",
+    "FLUX3_IMAGE_SCHEDULER_CONFIG", "FLUX3_IMAGE_TEXT_LAYERS", "QWEN3_VL_CHAT_TEMPLATE",
+    "flux3_image_transformer_config", "qwen3_vl_config", "save_tiny_flux3_image", "write_qwen3_vl_tokenizer",
+    "FLUX2_KLEIN_TEXT_LAYERS", "flux2_klein_transformer_config", "save_tiny_flux2_klein",
 ]
 
 # stable-diffusion-3.5-medium's scheduler/scheduler_config.json (3.0 and 3.5 large ship the same).
@@ -695,16 +744,16 @@ def save_tiny_auraflow(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ..
     return _save(pipeline, folder, vocabulary, {}, None, llama_tokenizer="tokenizer")
 
 
-def qwen3_config(vocab_size: int, hidden: int):
-    """Qwen3ForCausalLM config in Qwen3-4B's style (GQA, q/k norm, tied embeddings), two layers: Z-Image reads the
-    second-to-last hidden states, here the first layer's."""
+def qwen3_config(vocab_size: int, hidden: int, layers: int = 2):
+    """Qwen3ForCausalLM config in Qwen3-4B's style (GQA, q/k norm, tied embeddings), two layers unless told: Z-Image
+    reads the second-to-last hidden states, here the first layer's."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
@@ -951,6 +1000,12 @@ def write_longcat_image_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> 
     template = re.findall(r"-?[A-Za-z]+", re.sub(r"<\|\w+\|>", " ", LONGCAT_IMAGE_TEMPLATE.format("")))
     template = [word for word in template if word != "captioning"] + ["caption", "ing"]
     write_qwen2_5_vl_tokenizer(folder, tuple(words) + tuple(template))
+    return _rank_chat_roles_first(folder)
+
+
+def _rank_chat_roles_first(folder: Path) -> Path:
+    """Move the chat roles' merges in `folder`'s byte-level BPE (write_qwen_tokenizer's) first among the unspaced
+    words', so that an unspaced "assistant" (a template's suffix) is one token whatever the other words' merges."""
     roles = [[role[:i], role[i]] for role in _CHAT_ROLES for i in range(1, len(role))]
     tokenizer_file = folder / "tokenizer.json"
     tokenizer = json.loads(tokenizer_file.read_text())
@@ -1001,10 +1056,459 @@ def save_tiny_longcat_image(folder: Path, seed: int = 0, *, vocabulary: tuple[st
     return folder
 
 
+# baidu/ERNIE-Image's scheduler/scheduler_config.json: a fixed shift of 4, no dynamic shifting (its pipeline passes
+# the plain linear sigmas, which the scheduler shifts).
+ERNIE_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 4.0,
+    "use_dynamic_shifting": False,
+}
+# Mistral's Tekken specials, at their real ids (Ministral 3's): [IMG] (10) is the text encoder's image_token_index.
+TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>")
+# Ministral 3's text width: SimpleTuner's Ernie refuses prompt states of any other (TEXT_EMBED_DIM), so the tiny
+# encoder keeps it and is narrow everywhere else (one head of 8, an 8-wide MLP).
+ERNIE_TEXT_HIDDEN = 3072
+
+
+def write_tekken_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write a Tekken-style byte-level BPE tokenizer (tokenizer.json + config) as ERNIE-Image ships it (tokenizer/,
+    `TokenizersBackend`), built with `tokenizers`: the Tekken specials first (TEKKEN_SPECIALS), the 256 byte-level
+    pieces, each of `words` as one piece with and without a leading space; <s> first, no </s>, padded on the right
+    with <pad>. SimpleTuner builds a `PreTrainedTokenizerFast` from tokenizer.json and the config's special tokens;
+    diffusers loads the folder with AutoTokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    byte_pieces = _byte_level_pieces()
+    space = byte_pieces[ord(" ")]
+    pieces = list(TEKKEN_SPECIALS) + list(byte_pieces.values())
+    spaced, plain = [], []
+    for word in sorted(set(words)):
+        if not word or any(ch.isspace() for ch in word) or not word.isascii():
+            continue
+        for merges, current in ((spaced, space), (plain, "")):
+            for ch in word:
+                if current:
+                    merges.append((current, ch))
+                current += ch
+                pieces.append(current)
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=list(dict.fromkeys(spaced + plain)), unk_token="<unk>",
+                              fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TEKKEN_SPECIALS])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "backend": "tokenizers", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 2048, "clean_up_tokenization_spaces": False,
+        "legacy": True, "add_prefix_space": None,
+    }))
+    return folder
+
+
+def mistral3_config(tokenizer):
+    """Mistral3Config as ERNIE-Image's text_encoder/ (a Ministral 3 text model, "mistral" blocks, and a Pixtral vision
+    tower it never uses for prompts): two text layers of width ERNIE_TEXT_HIDDEN (SimpleTuner and the pipeline read
+    the second-to-last hidden states), tied embeddings; a one-layer vision tower of width 16. The projector's square
+    3072 x 3072 layer is most of the folder's ~45 MB."""
+    from transformers import Mistral3Config
+
+    return Mistral3Config(
+        text_config=dict(
+            model_type="mistral", vocab_size=len(tokenizer), hidden_size=ERNIE_TEXT_HIDDEN, intermediate_size=8,
+            num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+            max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            sliding_window=None, tie_word_embeddings=True,
+        ),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=28, patch_size=14),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), multimodal_projector_bias=False,
+        projector_hidden_act="gelu", spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=True,
+    )
+
+
+def ernie_transformer_config() -> dict:
+    """ErnieImageTransformer2DModel config: 1 single-stream layer, width 32 (2 heads of 16), on the 128 channels of
+    2 x 2 patchified 32-channel latents (patch_size 1); the text input is Ministral 3's width."""
+    return dict(hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=64, in_channels=128,
+                out_channels=128, patch_size=1, text_in_dim=ERNIE_TEXT_HIDDEN, rope_theta=256,
+                rope_axes_dim=(4, 6, 6))  # sums to the head size, as (32, 48, 48) to 128
+
+
+def tiny_flux2_vae():
+    """AutoencoderKLFlux2 (FLUX.2's VAE, ERNIE-Image's) at width 8: 32 latent channels, 8x spatial downsampling (4
+    blocks), the batch norm over its 2 x 2 patchified 128 channels."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                              latent_channels=32)
+
+
+def save_tiny_ernie(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers ERNIE-Image folder (baidu/ERNIE-Image layout, SimpleTuner's "base" flavour: a
+    Mistral3Model text encoder, its Tekken-style tokenizer, FLUX.2's VAE, the scheduler at a fixed shift of 4; random
+    weights, ~45 MB) to `folder`. No pe/ or pe_tokenizer/: the prompt enhancer (a 3B Ministral 3 causal LM) is optional
+    in the pipeline, and SimpleTuner loads neither."""
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import Mistral3Model, PreTrainedTokenizerFast
+
+    folder = _seeded_folder(folder, seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(write_tekken_tokenizer(folder / "tokenizer", vocabulary)))
+    transformer = ErnieImageTransformer2DModel(**ernie_transformer_config())
+    # diffusers zero-initialises the modulation and the output layer, so an untrained transformer predicts 0
+    # whatever its input; a trained checkpoint's are not zero.
+    for layer in (transformer.adaLN_modulation[-1], transformer.final_linear):
+        layer.reset_parameters()
+    pipeline = ErnieImagePipeline(
+        transformer=transformer,
+        vae=tiny_flux2_vae(),
+        text_encoder=Mistral3Model(mistral3_config(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(ERNIE_SCHEDULER_CONFIG),
+    )
+    pipeline.save_pretrained(str(folder))
+    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
+    write_tekken_tokenizer(folder / "tokenizer", vocabulary)
+    # diffusers 0.42 writes `decoder_block_out_channels: null`, which SimpleTuner's own AutoencoderKLFlux2 class does
+    # not take (it warns); the real config has no such key.
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, sort_keys=True))
+    return folder
+
+
+# FLUX.3 Image Klein (SimpleTuner's flux3_image): the static shift its pipeline samples and SimpleTuner trains at
+# (FLOW_SHIFT, which Flux3Image forces on flow_schedule_shift), no dynamic shifting.
+FLUX3_IMAGE_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 6.93,
+    "use_dynamic_shifting": False,
+}
+# Qwen3-VL's hidden states SimpleTuner's flux3_image text encoding concatenates (its text.TEXT_LAYERS): the encoder
+# needs that many layers, and the transformer's text input is that many times its width.
+FLUX3_IMAGE_TEXT_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)
+FLUX3_IMAGE_TEXT_HIDDEN = 16
+# Qwen3-VL's chat template for what flux3_image sends (one user turn of text parts, add_generation_prompt): ChatML
+# turns, no default system turn.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- elif part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_qwen3_vl_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write Qwen3-VL's tokenizer: write_qwen_tokenizer's byte-level BPE with the vision specials
+    (QWEN_VISION_SPECIALS) the text encoder's config names and Qwen3-VL's chat template, which takes a message's
+    content as a list of parts."""
+    from tokenizers import AddedToken, Tokenizer
+
+    folder = write_qwen_tokenizer(folder, words)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_VISION_SPECIALS])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "chat_template": QWEN3_VL_CHAT_TEMPLATE, "model_max_length": 262144}))
+    return folder
+
+
+def qwen3_vl_config(tokenizer, hidden: int, layers: int = max(FLUX3_IMAGE_TEXT_LAYERS)):
+    """Qwen3VLConfig in Qwen3-VL-4B's style (GQA, interleaved multimodal RoPE, tied embeddings): `layers` text layers
+    (default: as many as FLUX3_IMAGE_TEXT_LAYERS reads) of width `hidden` (2 heads of 8, 1 kv head; mrope sections
+    summing to half the head size, as (24, 20, 20) to 64) and a one-block vision tower (patch 16, 2 x 2 merge, one
+    deepstack layer) projecting to `hidden`; the special ids are the tokenizer's."""
+    from transformers import Qwen3VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token)
+           for token in (QWEN_ENDOFTEXT, QWEN_IM_END, *QWEN_VISION_SPECIALS)}
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            max_position_embeddings=262144, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True},
+            bos_token_id=ids[QWEN_ENDOFTEXT], eos_token_id=ids[QWEN_IM_END], pad_token_id=ids[QWEN_ENDOFTEXT],
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def flux3_image_transformer_config() -> dict:
+    """SimpleTuner's Flux3ImageTransformer2DModel config: 1 per-stream + 1 joint block, width 32 (2 heads of 16), the
+    VAE's 2 x 2 patchified 128 channels per token; the text width is the concatenated Qwen3-VL layers'."""
+    return dict(
+        in_channels=128,
+        cond_in_channels=128,
+        joint_attention_dim=len(FLUX3_IMAGE_TEXT_LAYERS) * FLUX3_IMAGE_TEXT_HIDDEN,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim, as (32, 32, 32, 32) to 128
+        timestep_channels=32,
+    )
+
+
+def save_tiny_flux3_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a FLUX.3 Image Klein base folder (SimpleTuner's flux3_image "klein-base" flavour, which diffusers has no
+    pipeline for: SimpleTuner's Flux3ImagePipeline writes and loads it) to `folder`: its transformer, a Qwen3-VL text
+    encoder (`Qwen3VLModel`, text_encoder/, with its tokenizer beside it, where the pipeline and SimpleTuner load it
+    from), FLUX.2's VAE (`AutoencoderKLFlux2`: 32 latent channels, 2 x 2 patchified and batch-normalised to 128) and
+    the scheduler at the fixed shift 6.93; random weights, ~1 MB."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from simpletuner.helpers.models.flux3_image.pipeline import Flux3ImagePipeline
+    from simpletuner.helpers.models.flux3_image.transformer import Flux3ImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3VLModel
+
+    folder = _seeded_folder(folder, seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen3_vl_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = Flux3ImagePipeline(
+        transformer=Flux3ImageTransformer2DModel(**flux3_image_transformer_config()),
+        vae=tiny_flux2_vae(),
+        text_encoder=Qwen3VLModel(qwen3_vl_config(tokenizer, FLUX3_IMAGE_TEXT_HIDDEN)),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX3_IMAGE_SCHEDULER_CONFIG),
+    )
+    pipeline.save_pretrained(str(folder))
+    # The pipeline and SimpleTuner read the tokenizer from text_encoder/ (so the index names none), and
+    # transformers 5 rewrites its files: the ones written here, there.
+    shutil.rmtree(folder / "tokenizer")
+    write_qwen3_vl_tokenizer(folder / "text_encoder", vocabulary)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    del index["tokenizer"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # diffusers 0.42 writes `decoder_block_out_channels: null`, which SimpleTuner's own AutoencoderKLFlux2 class does
+    # not take (it warns).
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, sort_keys=True))
+    return folder
+
+
+# krea/Krea-2-Raw's scheduler/scheduler_config.json (SimpleTuner trains on it with `shift`, which dynamic shifting
+# ignores, replaced by flow_schedule_shift): the shift follows the image's token count (mu, from 256 to 6400 tokens:
+# 256 to 1280 px), no terminal stretch.
+KREA2_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 6400,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+# Krea2Pipeline's default text_encoder_select_layers (Qwen3-VL-4B's hidden states stacked per token as the
+# transformer's text input). SimpleTuner builds the pipeline it encodes prompts with from the loaded components alone
+# (get_pipeline(load_base_model=False)), so the default holds whatever model_index.json says: the text encoder needs
+# the 4B's 36 layers and the transformer these 12 taps.
+KREA2_TEXT_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
+KREA2_TEXT_HIDDEN = 16
+
+
+def write_krea2_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """Write Qwen3-VL's tokenizer as Krea 2 ships it (tokenizer/): write_qwen3_vl_tokenizer's with every word of
+    Qwen-Image's template as one piece as well as `words`, and the chat roles' merges ranked first among the unspaced
+    words', so that the template's system turn is QWEN_IMAGE_TEMPLATE_TOKENS tokens and its assistant suffix 5, as
+    with the real vocabulary: Krea2Pipeline's template is Qwen-Image's, and it counts both (it drops the first and pads
+    the prompt to 512 less the second before appending it)."""
+    import re
+
+    template = re.findall(r"[A-Za-z]+", re.sub(r"<\|\w+\|>", " ", QWEN_IMAGE_TEMPLATE.format("")))
+    return _rank_chat_roles_first(write_qwen3_vl_tokenizer(Path(folder), tuple(words) + tuple(template)))
+
+
+def krea2_transformer_config() -> dict:
+    """Krea2Transformer2DModel config: 1 single-stream block, width 32 (2 heads of 16, 1 kv head), 2 x 2 packed
+    latents; a text fusion of 1 block across the 12 tapped layers and 1 across the tokens, at Qwen3-VL's width."""
+    return dict(
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        timestep_embed_dim=16,
+        text_hidden_dim=KREA2_TEXT_HIDDEN,
+        num_text_layers=len(KREA2_TEXT_LAYERS),
+        text_num_attention_heads=2,
+        text_num_key_value_heads=2,
+        text_intermediate_size=32,
+        num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (32, 48, 48) to 128
+    )
+
+
+def save_tiny_krea2(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers Krea 2 folder (krea/Krea-2-Raw layout, SimpleTuner's "raw" flavour: a Qwen3-VL text
+    encoder (`Qwen3VLModel`, 36 layers) with its vision tower and tokenizer, the Qwen-Image VAE, the dynamically
+    shifted scheduler; random weights, ~1.5 MB) to `folder`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3VLModel
+
+    folder = _seeded_folder(folder, seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_krea2_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = Krea2Pipeline(
+        transformer=Krea2Transformer2DModel(**krea2_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(KREA2_SCHEDULER_CONFIG),
+        vae=tiny_qwen_image_vae(),
+        text_encoder=Qwen3VLModel(qwen3_vl_config(tokenizer, KREA2_TEXT_HIDDEN, layers=max(KREA2_TEXT_LAYERS) + 1)),
+        tokenizer=tokenizer,
+        text_encoder_select_layers=KREA2_TEXT_LAYERS,
+    )
+    pipeline.save_pretrained(str(folder))
+    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
+    write_krea2_tokenizer(folder / "tokenizer", vocabulary)
+    return folder
+
+
+# Qwen3's hidden states FLUX.2-klein's prompt stacks (SimpleTuner's KLEIN_OUTPUT_LAYERS, the pipeline's default
+# text_encoder_out_layers): the encoder needs that many layers, and the transformer's text input is 3x its width.
+FLUX2_KLEIN_TEXT_LAYERS = (9, 18, 27)
+FLUX2_KLEIN_QWEN3_HIDDEN = 16
+
+
+def flux2_klein_transformer_config() -> dict:
+    """Flux2Transformer2DModel config as FLUX.2-klein's (no guidance embedding): 1 double + 1 single stream block,
+    width 32 (2 heads of 16), the VAE's 2 x 2 patchified 128 channels per token; the text width is the stacked Qwen3
+    layers'."""
+    return dict(in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=len(FLUX2_KLEIN_TEXT_LAYERS) * FLUX2_KLEIN_QWEN3_HIDDEN,
+                timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),  # sums to the head size, as 4 x 32 to 128
+                guidance_embeds=False)
+
+
+def save_tiny_flux2_klein(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a loadable diffusers FLUX.2-klein base folder (black-forest-labs/FLUX.2-klein-base-4B layout, SimpleTuner's
+    flux2 "klein-4b" / "klein-9b" flavours: `Flux2KleinPipeline` with is_distilled false, a Qwen3 causal LM of 27
+    layers and its tokenizer with Qwen3's chat template, FLUX.2's VAE, Flux's dynamically shifted scheduler; random
+    weights, ~1 MB) to `folder`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
+
+    folder = _seeded_folder(folder, seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = Flux2KleinPipeline(
+        transformer=Flux2Transformer2DModel(**flux2_klein_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG),
+        vae=tiny_flux2_vae(),
+        text_encoder=Qwen3ForCausalLM(qwen3_config(len(tokenizer), FLUX2_KLEIN_QWEN3_HIDDEN,
+                                                   layers=max(FLUX2_KLEIN_TEXT_LAYERS))),
+        tokenizer=tokenizer,
+        is_distilled=False,
+    )
+    _save(pipeline, folder, vocabulary, {}, None, qwen_tokenizer="tokenizer")
+    index_file = folder / "model_index.json"  # the real index names the fast class (one class in transformers 5)
+    index_file.write_text(json.dumps({**json.loads(index_file.read_text()),
+                                      "tokenizer": ["transformers", "Qwen2TokenizerFast"]}, indent=2, sort_keys=True))
+    return folder
+
+
+# MOSSImageScheduler's options (OpenMOSS's sampling grid: linear sigmas shifted once by 5, then the terminal zero);
+# SimpleTuner trains on its own unshifted schedule, whatever the folder says (MOSSImage.setup_training_noise_schedule).
+MOSS_IMAGE_SCHEDULER_CONFIG = {"_class_name": "MOSSImageScheduler", "num_train_timesteps": 1000, "shift": 5.0}
+MOSS_IMAGE_TEXT_HIDDEN = 32
+# OpenMOSS's recommended negative-branch skip layer (the pipeline's default uncond_skip_layers, SimpleTuner's
+# moss_image_uncond_skip_layers): every pipeline call checks that it names a block, so the tiny transformer keeps it.
+MOSS_IMAGE_UNCOND_SKIP_LAYER = 22
+
+
+def qwen3_5_config(tokenizer, hidden: int):
+    """Qwen3_5Config as MOSS-Image's text_encoder/ (`Qwen3_5Model`: Qwen3.5's text model and its vision tower): two
+    text layers of width `hidden` (Qwen3.5's pattern, a Gated DeltaNet linear-attention layer then a full-attention
+    one; 2 heads of 16, 1 kv head, a quarter of the head rotary with the mrope sections summing to its half) and a
+    one-block vision tower projecting to `hidden`; the special ids are the tokenizer's."""
+    from transformers import Qwen3_5Config
+
+    return Qwen3_5Config(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            layer_types=["linear_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+            linear_value_head_dim=8, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+            pad_token_id=tokenizer.convert_tokens_to_ids(QWEN_ENDOFTEXT),
+            eos_token_id=tokenizer.convert_tokens_to_ids(QWEN_IM_END),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           patch_size=16, num_position_embeddings=16),
+        tie_word_embeddings=False,
+    )
+
+
+def moss_image_transformer_config() -> dict:
+    """MOSSImageTransformer config: MOSS_IMAGE_UNCOND_SKIP_LAYER + 1 blocks (real: 42), width 16 (2 heads of 8,
+    the smallest head the class takes), on the VAE's 128 patchified latent channels; the text input is Qwen3.5's
+    width."""
+    return dict(dim=16, ffn_dim=32, num_heads=2, num_layers=MOSS_IMAGE_UNCOND_SKIP_LAYER + 1,
+                text_dim=MOSS_IMAGE_TEXT_HIDDEN, freq_dim=16, latent_channels=128)
+
+
+def save_tiny_moss_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
+    """Write a MOSS-Image folder (SimpleTuner's "sft" flavour, as its own `MOSSImagePipeline.from_pretrained` reads
+    one; diffusers has no MOSS pipeline: SimpleTuner's `MOSSImageTransformer`, a Qwen3.5 text encoder
+    (`Qwen3_5Model`) with Qwen3's byte-level BPE tokenizer and chat template, FLUX.2's VAE, `MOSSImageScheduler`;
+    random weights, ~0.8 MB) to `folder`."""
+    from simpletuner.helpers.models.moss_image.pipeline import MOSSImagePipeline, MOSSImageScheduler
+    from simpletuner.helpers.models.moss_image.transformer import MOSSImageTransformer
+    from transformers import Qwen2Tokenizer, Qwen3_5Model
+
+    folder = _seeded_folder(folder, seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(write_qwen_tokenizer(folder / "tokenizer", vocabulary)))
+    pipeline = MOSSImagePipeline(
+        transformer=MOSSImageTransformer(**moss_image_transformer_config()),
+        scheduler=MOSSImageScheduler.from_config(MOSS_IMAGE_SCHEDULER_CONFIG),
+        vae=tiny_flux2_vae(),
+        text_encoder=Qwen3_5Model(qwen3_5_config(tokenizer, MOSS_IMAGE_TEXT_HIDDEN)),
+        tokenizer=tokenizer,
+    )
+    pipeline.save_pretrained(str(folder))
+    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
+    write_qwen_tokenizer(folder / "tokenizer", vocabulary)
+    # MOSSImageScheduler's config holds FlowMatchEulerDiscreteScheduler's options too, which its own __init__ does
+    # not take (it warns at every load): only the ones it takes.
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**MOSS_IMAGE_SCHEDULER_CONFIG, "_diffusers_version": pipeline.scheduler.config["_diffusers_version"]},
+        indent=2, sort_keys=True))
+    return folder
+
+
 # SimpleTuner model_family -> writer.
 FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_chroma, "lumina2": save_tiny_lumina2,
             "auraflow": save_tiny_auraflow, "z_image": save_tiny_z_image, "z_image_omni": save_tiny_z_image_omni,
-            "qwen_image": save_tiny_qwen_image, "longcat_image": save_tiny_longcat_image}
+            "qwen_image": save_tiny_qwen_image, "longcat_image": save_tiny_longcat_image, "ernie": save_tiny_ernie,
+            "flux3_image": save_tiny_flux3_image, "krea2": save_tiny_krea2, "flux2": save_tiny_flux2_klein,
+            "moss_image": save_tiny_moss_image}
 
 
 def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:

@@ -1,9 +1,9 @@
 """LCM-LoRA of the rectified-flow families (SD3, Flux, Chroma, Lumina 2, AuraFlow, the Z-Images, LongCat-Image,
-Qwen-Image) through the stock
+Qwen-Image, ERNIE-Image, FLUX.3 Image Klein) through the stock
 `simpletuner train` (issue 21): each tiny offline model (lcm_plugin.tiny_flow) trains 2 steps with the plugin's
 distiller; its step is the one tests/unit/test_distiller_flow.py proves equal to the equations; here: it runs inside
 SimpleTuner's trainer and what the run hands over samples with the flow LCM scheduler in the family's diffusers
-pipeline."""
+pipeline (SimpleTuner's own where diffusers has none)."""
 
 from __future__ import annotations
 
@@ -87,11 +87,14 @@ def near_deterministic_posterior(vae_folder: Path) -> None:
     """Make the VAE's posterior log-variance -30 (DiagonalGaussianDistribution's floor: a standard deviation of
     3e-7) for every input, as the SDXL test model's is: SimpleTuner samples the posterior with the global RNG, the
     plugin with a generator per image, so only then can their latents be compared value by value."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+    from diffusers import AutoencoderKLQwenImage
 
-    qwen = json.loads((vae_folder / "config.json").read_text())["_class_name"] == AutoencoderKLQwenImage.__name__
-    vae = (AutoencoderKLQwenImage if qwen else AutoencoderKL).from_pretrained(vae_folder)
+    # The folder's own class: FLUX.2's VAE (ERNIE-Image's) keeps batch-norm statistics AutoencoderKL would drop.
+    vae_class = getattr(diffusers, json.loads((vae_folder / "config.json").read_text())["_class_name"])
+    qwen = vae_class is AutoencoderKLQwenImage
+    vae = vae_class.from_pretrained(vae_folder)
     last = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out  # the moments' last layer
     channels = vae.config.z_dim if qwen else vae.config.latent_channels  # Qwen-Image's 3-D VAE: z_dim
     with torch.no_grad():
@@ -271,16 +274,49 @@ CFG_FAMILIES = {
     # SimpleTuner's "final" flavour (no model_flavour with a local folder): Flux's dynamically shifted scheduler, so
     # SimpleTuner's training schedule takes flow_schedule_shift (default 3), as Chroma's.
     "longcat_image": ("LongCatImagePipeline", {}),
+    # baidu/ERNIE-Image's scheduler shift (4.0, fixed); SimpleTuner's "base" flavour (no model_flavour with a local
+    # folder: no assistant LoRA). FLUX.2's VAE and its batch-norm statistics: SimpleTuner's own caches.
+    "ernie": ("ErnieImagePipeline", {"flow_schedule_shift": 4.0}),
+    # FLUX.3 Image Klein base (SimpleTuner's default flavour, no assistant LoRA; no model_flavour with a local folder)
+    # at its pipeline's shift (FLOW_SHIFT, 6.93, which SimpleTuner forces anyway); diffusers has no FLUX.3 pipeline,
+    # SimpleTuner's own samples it. FLUX.2's VAE and its batch-norm statistics: SimpleTuner's own caches.
+    "flux3_image": ("simpletuner.helpers.models.flux3_image.pipeline.Flux3ImagePipeline",
+                    {"flow_schedule_shift": 6.93}),
+    # MOSS-Image's "sft" flavour (no model_flavour with a local folder: text-to-image); SimpleTuner forces its
+    # unshifted training schedule (TRAINING_SCHEDULES). diffusers has no MOSS pipeline, SimpleTuner's own samples it.
+    # FLUX.2's VAE and its batch-norm statistics: SimpleTuner's own caches.
+    "moss_image": ("simpletuner.helpers.models.moss_image.pipeline.MOSSImagePipeline", {}),
+    # Krea 2 raw (no model_flavour with a local folder; the class has no flavour-specific code): its dynamically
+    # shifted scheduler (TRAINING_SCHEDULES). Its pipeline guides at any scale above 0 (cond + g (cond - uncond)), so
+    # SimpleTuner's validation samples the student unguided at 0. Qwen-Image's VAE normalisation: SimpleTuner's caches.
+    "krea2": ("Krea2Pipeline", {"validation_guidance": 0.0}),
+    # FLUX.2-klein base (klein-4b: the same code path as klein-9b), named: with a model path and no model_flavour
+    # SimpleTuner runs dev's. Its dynamically shifted scheduler (TRAINING_SCHEDULES). FLUX.2's VAE and its batch-norm
+    # statistics: SimpleTuner's own caches.
+    "flux2": ("Flux2KleinPipeline", {"model_flavour": "klein-4b"}),
 }
 # Keyword arguments of a family's pipeline call: LongCat's rewrites the prompt with its text encoder by default.
 PIPELINE_CALLS = {"longcat_image": {"enable_prompt_rewrite": False}}
 
-# The schedule the student is distilled on where SimpleTuner does not take the folder's at flow_schedule_shift:
+# The schedule the student is distilled on where SimpleTuner does not take the folder's at flow_schedule_shift, or
+# where that is dynamically shifted (Krea 2's):
 # Qwen-Image's own (QwenImage.setup_training_noise_schedule, as Qwen/Qwen-Image's scheduler): the shift follows the
 # latent's token count (mu: 16 tokens at 64 px), then the grid is stretched to end at sigma 0.02.
 TRAINING_SCHEDULES = {
     "qwen_image": {"shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
                    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02},
+    # FLUX.3's own (Flux3Image.setup_training_noise_schedule): flow_schedule_shift, never dynamically shifted.
+    "flux3_image": {"shift": 6.93, "use_dynamic_shifting": False},
+    # MOSS-Image's own (MOSSImage.setup_training_noise_schedule): unshifted, whatever flow_schedule_shift says; its
+    # pipeline samples at moss_image_validation_shift (5) instead.
+    "moss_image": {"shift": 1.0, "use_dynamic_shifting": False},
+    # Krea 2: the folder's at flow_schedule_shift, which its dynamic shifting ignores: mu follows the transformer's
+    # token count (16 at 64 px) between krea/Krea-2-Raw's bounds.
+    "krea2": {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+              "max_image_seq_len": 6400, "time_shift_type": "exponential"},
+    # FLUX.2-klein: the folder's (Flux's bounds) at flow_schedule_shift, which its dynamic shifting ignores.
+    "flux2": {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+              "max_image_seq_len": 4096},
 }
 
 # Families whose stock validation fails in SimpleTuner 4.10.1 before the quality check can run (the run trains on):
@@ -308,10 +344,14 @@ def cfg_family_run(request, tmp_path_factory):
 
 
 def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cfg_family_run):
+    import importlib
+
     import diffusers
     import torch
     from diffusers import FlowMatchLCMScheduler
     from safetensors import safe_open
+
+    from lcm_plugin.inference import pipeline_cfg_scale
 
     family, run, model, log = cfg_family_run
     losses = lcm_losses(run / "output" / "training_metrics.jsonl")
@@ -333,7 +373,9 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
     # The grid the student was distilled on: SimpleTuner's training schedule (the folder's, at flow_schedule_shift).
     expected = TRAINING_SCHEDULES.get(family, {"shift": CFG_FAMILIES[family][1].get("flow_schedule_shift", 3.0)})
     assert {key: scheduler_config.get(key) for key in expected} == expected, scheduler_config
-    pipeline = getattr(diffusers, CFG_FAMILIES[family][0]).from_pretrained(model)
+    # A dotted name: the family's pipeline where diffusers has none (SimpleTuner's own).
+    module, _, name = CFG_FAMILIES[family][0].rpartition(".")
+    pipeline = getattr(importlib.import_module(module) if module else diffusers, name).from_pretrained(model)
     pipeline.scheduler = FlowMatchLCMScheduler.from_config(scheduler_config)
     if hasattr(pipeline, "load_lora_weights"):
         pipeline.load_lora_weights(run / "output")
@@ -342,11 +384,14 @@ def test_a_cfg_family_lcm_lora_trains_and_samples_with_the_flow_lcm_scheduler(cf
         pipeline.transformer.load_lora_adapter(run / "output" / LORA_FILE, prefix="transformer",
                                                adapter_name="default_0")
         assert list(pipeline.transformer.peft_config) == ["default_0"]
-    # By keyword: ZImageOmniPipeline takes reference images first.
-    image = pipeline(prompt="red circle", num_inference_steps=4, guidance_scale=0.0, height=64, width=64,
-                     generator=torch.Generator().manual_seed(0), output_type="np",
+    # By keyword: ZImageOmniPipeline takes reference images first. Unguided: guidance 1 (CFG's identity), except in a
+    # pipeline that reads its scale as cond + g (cond - uncond) (diffusers' Z-Image's, Krea 2's): 0 there; 0 elsewhere
+    # would guide MOSS-Image's to its unconditional branch alone.
+    image = pipeline(prompt="red circle", num_inference_steps=4, guidance_scale=pipeline_cfg_scale(type(pipeline), 1.0),
+                     height=64, width=64, generator=torch.Generator().manual_seed(0), output_type="np",
                      **PIPELINE_CALLS.get(family, {})).images[0]
     assert image.shape == (64, 64, 3) and bool((image >= 0).all())
+    assert_sampled_unguided(pipeline)
 
 
 def test_the_model_card_of_a_cfg_family_lora_samples_as_written(cfg_family_run, tmp_path, monkeypatch):
@@ -357,8 +402,19 @@ def test_the_model_card_of_a_cfg_family_lora_samples_as_written(cfg_family_run, 
     family, run, _, _ = cfg_family_run
     code = card_snippet((run / "output" / "README.md").read_text())
     assert ("pipeline.transformer.load_lora_adapter(" in code) == (family == "longcat_image"), code
+    # Where diffusers has no pipeline of the family's (a dotted name in CFG_FAMILIES), SimpleTuner's own loads it.
+    assert (f"{CFG_FAMILIES[family][0].rpartition('.')[2]} as DiffusionPipeline" in code) == (
+        "." in CFG_FAMILIES[family][0]), code
     variables = run_snippet(code, tmp_path, monkeypatch, prompt="red circle")
     assert variables["image"].size == (64, 64)  # the validation resolution
+    assert_sampled_unguided(variables["pipeline"])
+
+
+def assert_sampled_unguided(pipeline) -> None:
+    """By the pipeline's own rule (its do_classifier_free_guidance, at the scale of its last call), where it has one:
+    the student, guidance distilled in, was sampled without CFG."""
+    if isinstance(getattr(type(pipeline), "do_classifier_free_guidance", None), property):
+        assert not pipeline.do_classifier_free_guidance, getattr(pipeline, "_guidance_scale", None)
 
 
 @pytest.mark.parametrize("cfg_family_run", data_path_families(CFG_FAMILIES), indirect=True)

@@ -156,7 +156,7 @@ def test_lora_card_snippet_samples_as_our_lcm_sampler(lora_output, tiny_sdxl_dir
     assert namespace["prompt"] == PROMPT
     seed = int(re.search(r"manual_seed\((\d+)\)", code).group(1))
     steps = int(re.search(r"num_inference_steps=(\d+)", code).group(1))
-    assert (steps, re.search(r"guidance_scale=([\d.]+)", code).group(1)) == (4, "0.0")
+    assert (steps, re.search(r"guidance_scale=([\d.]+)", code).group(1)) == (4, "1.0")
 
     reference = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
     reference.load_lora_weights(str(lora_output), weight_name=LORA_FILE)

@@ -64,6 +64,21 @@ def refusals(config: dict) -> list:
     (lcm_run("flux", model_flavour="schnell"), "/model_flavour", "disable_assistant_lora: true"),
     (lcm_run("qwen_image", model_flavour="v2.0", assistant_lora_path="some/adapter"), "/model_flavour",
      "'v2.0' gets SimpleTuner's assistant adapter"),
+    # FLUX.3 Image Klein's distilled flavour is a flow-map model, whatever the assistant LoRA setting
+    (lcm_run("flux3_image", model_flavour="klein", disable_assistant_lora=True), "/model_flavour",
+     "flux3_image model_flavour 'klein' is the distilled flow-map checkpoint"),
+    # ERNIE-Image-Turbo's assistant adapter, which SimpleTuner loads only from a given path (no default repo)
+    (lcm_run("ernie", model_flavour="turbo", assistant_lora_path="some/adapter"), "/model_flavour",
+     "ernie model_flavour 'turbo' gets SimpleTuner's assistant adapter"),
+    (lcm_run("moss_image", "pcm", model_flavour="sft-edit"), "/model_flavour",
+     "moss_image model_flavour 'sft-edit' is an image-editing"),
+    # FLUX.2-dev (guidance-distilled), also what SimpleTuner runs with model_flavour unset and a model path
+    (lcm_run("flux2", model_flavour="dev"), "/model_flavour", "flux2 model_flavour 'dev' is FLUX.2-dev"),
+    (lcm_run("flux2", "pcm"), "", "SimpleTuner runs it with model_flavour unset and a model path); set model_flavour "
+     "'klein-4b' or 'klein-9b';"),
+    # Krea-2-Turbo, the TDM-distilled checkpoint (no assistant LoRA: SimpleTuner's Krea2 class has none)
+    (lcm_run("krea2", "pcm", model_flavour="turbo"), "/model_flavour",
+     "krea2 model_flavour 'turbo' is Krea-2-Turbo, the few-step TDM-distilled checkpoint"),
 ])
 def test_a_refused_flow_run_is_an_error_at_the_key_to_change(config, where, words):
     (problem,) = refusals(config)
@@ -90,6 +105,22 @@ def test_the_string_form_of_the_block_is_pointed_at_as_a_whole():
     lcm_run("z_image", model_flavour="turbo", disable_assistant_lora=True),
     {**lcm_run("z_image", model_flavour="turbo"), "model_type": "full"},
     lcm_run("z_image", model_flavour="base"), lcm_run("flux", model_flavour="dev"),
+    # FLUX.3 Image Klein base, named or SimpleTuner's default without a model path
+    lcm_run("flux3_image", "pcm", model_flavour="klein-base"),
+    {key: value for key, value in lcm_run("flux3_image").items() if key != "pretrained_model_name_or_path"},
+    # ERNIE-Image base, named or SimpleTuner's default without a model path; Turbo without an assistant_lora_path
+    lcm_run("ernie", "pcm", model_flavour="base"),
+    {key: value for key, value in lcm_run("ernie").items() if key != "pretrained_model_name_or_path"},
+    lcm_run("ernie", model_flavour="turbo"),
+    # MOSS-Image's text-to-image flavours, and its default ("sft") without a model path
+    lcm_run("moss_image", "pcm", model_flavour="base"),
+    {key: value for key, value in lcm_run("moss_image").items() if key != "pretrained_model_name_or_path"},
+    # FLUX.2-klein base, either size, and SimpleTuner's default ("klein-9b") without a model path
+    lcm_run("flux2", model_flavour="klein-4b"), lcm_run("flux2", "pcm", model_flavour="klein-9b"),
+    {key: value for key, value in lcm_run("flux2").items() if key != "pretrained_model_name_or_path"},
+    # Krea 2 raw, named or SimpleTuner's default without a model path
+    lcm_run("krea2", "pcm", model_flavour="raw"),
+    {key: value for key, value in lcm_run("krea2").items() if key != "pretrained_model_name_or_path"},
 ])
 def test_covered_runs_pass(config):
     assert refusals(config) == []

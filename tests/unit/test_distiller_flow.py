@@ -60,10 +60,10 @@ def tiny_lora_transformer(dtype: torch.dtype) -> SD3Transformer2DModel:
     return with_moving_lora(transformer).to(dtype)
 
 
-def with_moving_lora(transformer):
-    """`transformer` with LoRA adapters whose B matrices are drawn too: the adapters matter, so a target computed
-    with the teacher (adapters off) instead of the student cannot pass."""
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+def with_moving_lora(transformer, targets: list[str] = LORA_TARGETS):
+    """`transformer` with LoRA adapters on `targets` whose B matrices are drawn too: the adapters matter, so a target
+    computed with the teacher (adapters off) instead of the student cannot pass."""
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
@@ -399,7 +399,8 @@ def test_a_cfg_family_step_equals_the_reference_through_simpletuners_model(famil
             patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
             patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         model = load_with_simpletuner(family, folder, tmp_path)
-    transformer = with_moving_lora(model.model)
+    # SimpleTuner's own LoRA targets for the family (MOSS-Image's blocks have no to_q / to_k / to_v)
+    transformer = with_moving_lora(model.model, model.DEFAULT_LORA_TARGET)
     config = LcmConfig(num_ddim_timesteps=10)
     distiller = LcmDistiller(model, noise_scheduler=model.noise_schedule, config=config)
     with torch.no_grad():

@@ -186,7 +186,7 @@ def test_lora_snippet_samples_lcm_at_four_steps_without_guidance_or_negative_pro
     code = outputs.inference_snippet(card_settings())
     calls = pipeline_calls(code)
     assert keywords(calls["LCMScheduler.from_config"]) == {"original_inference_steps": 25, "timestep_scaling": 7.5}
-    assert keywords(calls["pipeline"]) == {"num_inference_steps": 4, "guidance_scale": 0.0, "width": 64, "height": 48}
+    assert keywords(calls["pipeline"]) == {"num_inference_steps": 4, "guidance_scale": 1.0, "width": 64, "height": 48}
     assert "negative_prompt" not in code
     assert "pipeline.load_lora_weights" in calls and "pipeline.fuse_lora" in calls
     # The scheduler is set before the LoRA loads and the pipeline samples; the prompt survives its quotes.
@@ -203,7 +203,20 @@ def test_full_model_snippet_uses_the_saved_pipeline_scheduler():
     calls = pipeline_calls(code)
     assert "LCMScheduler.from_config" not in calls and "pipeline.load_lora_weights" not in calls
     assert ast.unparse(calls["DiffusionPipeline.from_pretrained"].args[0]) == "model_id"
-    assert keywords(calls["pipeline"])["guidance_scale"] == 0.0
+    assert keywords(calls["pipeline"])["guidance_scale"] == 1.0
+
+
+def test_a_pipeline_diffusers_lacks_is_imported_from_its_module_in_diffusers_place():
+    """FLUX.3's card: diffusers has no Flux3ImagePipeline, so DiffusionPipeline.from_pretrained cannot resolve the
+    folder's model_index.json; SimpleTuner's class loads it, under the name the rest of the snippet uses."""
+    module = "simpletuner.helpers.models.flux3_image.pipeline"
+    code = outputs.inference_snippet(card_settings(pipeline_class=(module, "Flux3ImagePipeline"),
+                                                   scheduler_class="FlowMatchLCMScheduler"))
+    imports = {(node.module, alias.name, alias.asname) for node in ast.walk(ast.parse(code))
+               if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert imports == {("diffusers", "FlowMatchLCMScheduler", None),
+                       (module, "Flux3ImagePipeline", "DiffusionPipeline")}
+    assert "DiffusionPipeline.from_pretrained" in pipeline_calls(code)
 
 
 def test_full_model_without_text_encoders_takes_them_from_the_base_model():
@@ -215,7 +228,7 @@ def test_full_model_without_text_encoders_takes_them_from_the_base_model():
     assert {keyword.arg for keyword in load.keywords} == {"unet", "vae", "scheduler", "torch_dtype"}
     scheduler_call = ast.unparse(calls["LCMScheduler.from_pretrained"])
     assert scheduler_call == "LCMScheduler.from_pretrained(model_id, subfolder='scheduler')"
-    assert 'base_model_id = "base/sdxl"' in code and keywords(calls["pipeline"])["guidance_scale"] == 0.0
+    assert 'base_model_id = "base/sdxl"' in code and keywords(calls["pipeline"])["guidance_scale"] == 1.0
 
 
 def test_section_states_the_trained_settings_and_comfyui_sampler_only_for_comfyui_files():
@@ -313,7 +326,7 @@ def test_tcd_snippet_rebuilds_tcd_and_passes_gamma_as_eta(lcm, gamma):
     calls = pipeline_calls(code)
     assert "LCMScheduler" not in code
     assert keywords(calls["TCDScheduler.from_config"]) == {"original_inference_steps": 25, "timestep_scaling": 7.5}
-    assert keywords(calls["pipeline"]) == {"num_inference_steps": 4, "guidance_scale": 0.0, "eta": gamma,
+    assert keywords(calls["pipeline"]) == {"num_inference_steps": 4, "guidance_scale": 1.0, "eta": gamma,
                                            "width": 64, "height": 48}
     section = outputs.inference_section(tcd_card_settings(lcm, comfyui_lora=True))
     assert "`TCDScheduler`" in section and f"`eta={gamma!r}`" in section and "validated with TCDScheduler" in section

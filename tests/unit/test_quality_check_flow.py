@@ -122,3 +122,53 @@ def test_flux_is_sampled_at_its_guidance_input_without_an_unconditional_branch(t
     assert [call["guidance_scale"] for call in calls] == [3.5, 3.5]
     assert all(not key.startswith("negative_") and key != "prompt_mask" for call in calls for key in call)
     np.testing.assert_array_equal(student_images, sample(Sampler("student", 2), 7))
+
+
+def test_simpletuners_flux2_pipeline_guides_the_teacher_with_its_real_cfg_from_the_first_step(tmp_path, monkeypatch):
+    """SimpleTuner's own Flux 2 pipeline (what its validation samples FLUX.2-klein with) takes CFG as
+    guidance_scale_real, skipped on the first no_cfg_until_timestep steps, and no attention mask: the teacher's rows
+    guide every step at w with the LCM unconditional input (zero prompt embeddings), the student's not at all, and
+    the mask SimpleTuner's Flux2.convert_text_embed_for_pipeline hands over is left out."""
+    import functools
+
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from simpletuner.helpers.models.flux2.pipeline import Flux2Pipeline
+    from simpletuner.helpers.models.flux2.transformer import Flux2Transformer2DModel
+
+    from lcm_plugin.tiny_flow import save_tiny_flux2_klein
+
+    folder = save_tiny_flux2_klein(tmp_path / "flux2", vocabulary=shapes.VOCABULARY)
+    pipeline = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+        vae=AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae"), text_encoder=None, tokenizer=None,
+        transformer=Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer"),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    width = pipeline.transformer.config.joint_attention_dim
+    per_prompt = [{"prompt_embeds": torch.randn(1, 8, width, generator=generator),
+                   "attention_mask": torch.ones(1, 8, dtype=torch.long)} for _ in range(2)]
+    calls = []
+    original = Flux2Pipeline.__call__
+
+    @functools.wraps(original)  # its signature, which the sampler reads
+    def recorded(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2Pipeline, "__call__", recorded)
+    lcm = LcmConfig()
+    sample = quality_check.pipeline_sampler(
+        pipeline, conditioning=quality_check.cycled_conditioning(per_prompt, 3), width=64, height=64,
+        teacher_network=lambda: nullcontext(pipeline.transformer),
+        student_scheduler=lambda: variant_scheduler(pipeline.scheduler.config, lcm),
+        training_scheduler_config=pipeline.scheduler.config, guidance_scale=4.5,
+    )
+    assert sample(Sampler("teacher", 2), 7).shape == sample(Sampler("student", 2), 7).shape == (3, 64, 64, 3)
+    teacher, student = calls
+    assert (teacher["guidance_scale_real"], student["guidance_scale_real"]) == (4.5, 1.0)
+    assert teacher["no_cfg_until_timestep"] == student["no_cfg_until_timestep"] == 0
+    assert teacher["negative_prompt_embeds"].shape == teacher["prompt_embeds"].shape
+    assert torch.count_nonzero(teacher["negative_prompt_embeds"]) == 0
+    assert not any(key.startswith("negative_") for key in student)
+    assert not any(key.endswith("attention_mask") for call in calls for key in call)

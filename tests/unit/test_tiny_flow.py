@@ -1,9 +1,9 @@
-"""The tiny SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image (and Omni), LongCat-Image and Qwen-Image folders
-(lcm_plugin.tiny_flow) load and run in diffusers
+"""The tiny SD3, Flux, Chroma, Lumina 2, AuraFlow, Z-Image (and Omni), LongCat-Image, Qwen-Image, ERNIE-Image,
+FLUX.3 Image Klein and Krea 2 folders (lcm_plugin.tiny_flow) load and run in diffusers
 and in SimpleTuner 4.10.1.
 
-diffusers: the family's own pipeline class loads each folder from its local path and samples a 64x64 image in one
-step. SimpleTuner: its model class for the folder's `model_family` (`model_type: lora`), built from a config parsed
+diffusers: the family's own pipeline class (SimpleTuner's, where diffusers has none: FLUX.3, MOSS-Image) loads each
+folder from its local path and samples a 64x64 image in one step. SimpleTuner: its model class for the folder's `model_family` (`model_type: lora`), built from a config parsed
 by its own `parse_cmdline_args` as the trainer builds it, loads the folder with the functions the trainer calls
 (`check_user_config`, `load_text_encoder` with `load_text_tokenizer`, `load_vae`, `load_model`); its own prompt
 encoding then feeds its own `prepare_batch` / `model_predict` / `loss` on latents from the folder's VAE, so the
@@ -29,11 +29,15 @@ from hub_cache import HUB_TEXT_ENCODERS, offline_hub_cache  # noqa: E402
 
 from lcm_plugin.tiny_flow import (
     AURAFLOW_SCHEDULER_CONFIG,
+    ERNIE_SCHEDULER_CONFIG,
+    FLUX3_IMAGE_SCHEDULER_CONFIG,
     FLUX_SCHEDULER_CONFIG,
     FLUX_VAE_FACTORS,
+    KREA2_SCHEDULER_CONFIG,
     LONGCAT_IMAGE_TEMPLATE,
     LONGCAT_IMAGE_TEMPLATE_TOKENS,
     LUMINA2_SCHEDULER_CONFIG,
+    MOSS_IMAGE_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
     SD3_VAE_FACTORS,
     SDXL_VAE_FACTORS,
@@ -48,6 +52,7 @@ from lcm_plugin.tiny_flow import (
     write_qwen2_5_vl_tokenizer,
     write_qwen_tokenizer,
     write_t5_tokenizer,
+    write_tekken_tokenizer,
 )
 
 VOCABULARY = ("red", "blue", "circle", "square")
@@ -231,6 +236,111 @@ FAMILIES = {
         # diffusers' pipeline rewrites the prompt with the text encoder by default (512 generated tokens)
         call={"enable_prompt_rewrite": False},
     ),
+    "flux3_image": dict(
+        # diffusers has no FLUX.3 pipeline: SimpleTuner's own (its Flux3Image.PIPELINE_CLASSES) loads the folder.
+        pipeline="Flux3ImagePipeline",
+        pipeline_module="simpletuner.helpers.models.flux3_image.pipeline",
+        index={  # what Flux3ImagePipeline.from_pretrained loads (the tokenizer from text_encoder/, unnamed)
+            "transformer": "Flux3ImageTransformer2DModel", "vae": "AutoencoderKLFlux2",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen3VLModel",
+        },
+        t5=("text_encoder", "text_encoder"),  # Qwen3-VL, not T5; its tokenizer sits beside it
+        scheduler=FLUX3_IMAGE_SCHEDULER_CONFIG,
+        training_shift=6.93,  # Flux3Image forces flow_schedule_shift to its pipeline's FLOW_SHIFT
+        vae={},  # no scaling or shift factor: latents are normalised by the VAE's batch-norm statistics
+        latent_channels=128,  # the VAE's 32, 2 x 2 patchified (Flux3Image.LATENT_CHANNEL_COUNT)
+        vae_scale=16,  # 8x down, then the patchify
+        simpletuner_class="Flux3Image",
+        t5_tokens=8192,  # Flux3Image's default tokenizer_max_length (text.MAX_TEXT_LENGTH)
+        prompt_tokens=80,  # the chat-templated prompt, padded to a multiple of 80 (text.TEXT_PADDING_MULTIPLE)
+        tokenizers=("Qwen2Tokenizer",),  # AutoTokenizer from text_encoder/
+        encoders=("Qwen3VLModel",),
+        # The caption projection, then the text stream's own block.
+        text_weights=("context_embedder.weight", "txt_mode_blocks.0.attn.to_q.weight"),
+    ),
+    "ernie": dict(
+        pipeline="ErnieImagePipeline",
+        index={  # baidu/ERNIE-Image's model_index.json, less its optional prompt enhancer (pe, pe_tokenizer)
+            "transformer": "ErnieImageTransformer2DModel", "vae": "AutoencoderKLFlux2",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Mistral3Model",
+            "tokenizer": "TokenizersBackend",
+        },
+        t5=("text_encoder", "tokenizer"),  # Ministral 3 (in a Mistral3Model), not T5
+        scheduler=ERNIE_SCHEDULER_CONFIG,
+        vae={},  # no scaling or shift factor: latents are normalised by the VAE's batch-norm statistics
+        latent_channels=128,  # the VAE's 32, 2 x 2 patchified (Ernie.LATENT_CHANNEL_COUNT)
+        vae_scale=16,  # 8x down, then the patchify
+        simpletuner_class="Ernie",
+        t5_tokens=None,  # Ernie sets none; its _encode_prompts pads a batch to its longest prompt
+        prompt_tokens=3,  # <s> and the two words
+        tokenizers=("PreTrainedTokenizerFast",),  # Ernie builds one from tokenizer.json
+        encoders=("Mistral3Model",),  # AutoModel from text_encoder/, with SimpleTuner's Mistral3Config
+        # The text projection, then the single stream's attention over text and image tokens.
+        text_weights=("text_proj.weight", "layers.0.self_attention.to_k.weight"),
+    ),
+    "krea2": dict(
+        pipeline="Krea2Pipeline",
+        index={  # krea/Krea-2-Raw's components (SimpleTuner's "raw" flavour)
+            "transformer": "Krea2Transformer2DModel", "vae": "AutoencoderKLQwenImage",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen3VLModel",
+            "tokenizer": "Qwen2Tokenizer",
+        },
+        t5=("text_encoder", "tokenizer"),  # Qwen3-VL, not T5
+        scheduler=KREA2_SCHEDULER_CONFIG,
+        vae={},  # no scaling or shift factor: latents are normalised by the VAE's latents_mean / latents_std
+        latent_channels=16,
+        simpletuner_class="Krea2",
+        t5_tokens=None,  # Krea 2 sets none; its pipeline pads the prompt into a fixed 512-token block
+        prompt_tokens=512,
+        tokenizers=("Qwen2Tokenizer",),  # AutoTokenizer from tokenizer/
+        encoders=("Qwen3VLModel",),
+        # The fusion across the tapped layers, then the text projection into the single stream.
+        text_weights=("text_fusion.layerwise_blocks.0.attn.to_q.weight", "txt_in.linear_1.weight"),
+    ),
+    "flux2": dict(
+        pipeline="Flux2KleinPipeline",
+        index={  # black-forest-labs/FLUX.2-klein-base-4B's model_index.json (and -9B's)
+            "transformer": "Flux2Transformer2DModel", "vae": "AutoencoderKLFlux2",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "text_encoder": "Qwen3ForCausalLM",
+            "tokenizer": "Qwen2TokenizerFast",
+        },
+        # SimpleTuner picks Klein's Qwen3 path by flavour only: unset, a model path runs dev's (Mistral-3 from the hub)
+        settings={"model_flavour": "klein-4b"},
+        t5=("text_encoder", "tokenizer"),  # Qwen3, not T5
+        scheduler=FLUX_SCHEDULER_CONFIG,  # FLUX.2's is Flux's, dynamically shifted
+        vae={},  # no scaling or shift factor: latents are normalised by the VAE's batch-norm statistics
+        latent_channels=128,  # the VAE's 32, 2 x 2 patchified (Flux2.LATENT_CHANNEL_COUNT)
+        vae_scale=16,  # 8x down, then the patchify
+        simpletuner_class="Flux2",
+        t5_tokens=512,  # Flux2.check_user_config's MAX_SEQUENCE_LENGTH
+        prompt_tokens=512,  # the chat-templated prompt, padded to 512
+        tokenizers=("Qwen2TokenizerFast",),  # Flux2._load_text_encoder_qwen3, from tokenizer/
+        encoders=("Qwen3ForCausalLM",),
+        # The text projection, then the double stream block's text stream.
+        text_weights=("context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight"),
+    ),
+    "moss_image": dict(
+        # diffusers has no MOSS-Image pipeline: SimpleTuner's own (its MOSSImage.PIPELINE_CLASSES) loads the folder.
+        pipeline="MOSSImagePipeline",
+        pipeline_module="simpletuner.helpers.models.moss_image.pipeline",
+        index={  # what MOSSImagePipeline.from_pretrained loads
+            "transformer": "MOSSImageTransformer", "vae": "AutoencoderKLFlux2", "scheduler": "MOSSImageScheduler",
+            "text_encoder": "Qwen3_5Model", "tokenizer": "Qwen2Tokenizer",
+        },
+        t5=("text_encoder", "tokenizer"),  # Qwen3.5, not T5
+        scheduler=MOSS_IMAGE_SCHEDULER_CONFIG,
+        training_shift=1.0,  # MOSSImage forces flow_schedule_shift 1 and trains on its own unshifted schedule
+        vae={},  # no scaling or shift factor: latents are normalised by the VAE's batch-norm statistics
+        latent_channels=128,  # the VAE's 32, 2 x 2 patchified (MOSSImage.LATENT_CHANNEL_COUNT)
+        vae_scale=16,  # 8x down, then the patchify
+        simpletuner_class="MOSSImage",
+        t5_tokens=4096,  # MOSSImage's default tokenizer_max_length (text.MAX_TEXT_LENGTH), a truncation limit only
+        prompt_tokens=10,  # the chat-templated prompt, unpadded: "<|im_start|>user\n" ... "<|im_start|>assistant\n"
+        tokenizers=("Qwen2Tokenizer",),  # MOSSImage.TEXT_ENCODER_CONFIGURATION
+        encoders=("Qwen3_5Model",),
+        # The text projection, then the first single-stream block's attention over image and text tokens.
+        text_weights=("text_embedder.proj.weight", "layers.0.proj.k.weight"),
+    ),
 }
 
 def read_json(path: Path) -> dict:
@@ -252,7 +362,10 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     spec, folder = FAMILIES[family], model_dirs[family]
     index = read_json(folder / "model_index.json")
     assert index["_class_name"] == spec["pipeline"]
-    assert {k: v[1] for k, v in index.items() if not k.startswith("_") and v[0] is not None} == spec["index"]
+    # Components only ([library, class]): FLUX.2-klein's index also records its pipeline's is_distilled flag, Krea 2's
+    # its text_encoder_select_layers.
+    assert {k: v[1] for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and isinstance(v[0], str)} == spec["index"]
     for component in spec["index"]:
         assert (folder / component).is_dir(), component
 
@@ -263,6 +376,21 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     vae = read_json(folder / "vae" / "config.json")
     if family == "qwen_image":
         assert_the_qwen_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+        return
+    if family == "flux3_image":
+        assert_the_flux3_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+        return
+    if family == "ernie":
+        assert_the_ernie_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+        return
+    if family == "flux2":
+        assert_the_flux2_klein_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+        return
+    if family == "krea2":
+        assert_the_krea2_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+        return
+    if family == "moss_image":
+        assert_the_moss_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
         return
     assert vae["latent_channels"] == spec["latent_channels"] and len(vae["block_out_channels"]) == 4  # latents 1/8
     assert {k: vae[k] for k in spec["vae"]} == spec["vae"]
@@ -363,6 +491,130 @@ def assert_the_qwen_image_folder_is_consistent(folder: Path, vae: dict, transfor
     assert transformer["patch_size"] == 2 and sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
     assert not {"zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"} & set(transformer)
     assert not (folder / "processor").exists()  # the text-to-image pipeline takes no processor
+
+
+def assert_the_flux3_image_folder_is_consistent(folder: Path, vae: dict, transformer: dict) -> None:
+    """FLUX.3's sizes, as SimpleTuner's flux3_image wires them: the transformer's text input is Qwen3-VL's width
+    times the hidden states text.TEXT_LAYERS concatenates (so the encoder has that many layers), its vision tower
+    projects to that width; the FLUX.2 VAE's 32 latent channels (8x down) patchified 2 x 2 into in_channels, batch
+    norm over those; the rope axes sum to the head size; the tokenizer, with a chat template, in text_encoder/."""
+    from simpletuner.helpers.models.flux3_image.text import TEXT_LAYERS
+
+    qwen = read_json(folder / "text_encoder" / "config.json")
+    assert qwen["model_type"] == "qwen3_vl"
+    text = qwen["text_config"]
+    assert text["num_hidden_layers"] >= max(TEXT_LAYERS)
+    assert transformer["joint_attention_dim"] == len(TEXT_LAYERS) * text["hidden_size"]
+    assert qwen["vision_config"]["out_hidden_size"] == text["hidden_size"]
+    assert 2 * sum(text["rope_parameters"]["mrope_section"]) == text["head_dim"]  # multimodal RoPE over the head
+    assert vae["latent_channels"] == 32 and len(vae["block_out_channels"]) == 4 and vae["patch_size"] == [2, 2]
+    assert transformer["in_channels"] == transformer["cond_in_channels"] == 4 * vae["latent_channels"]
+    assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+    assert transformer["flow_map"] is False  # the base, flow-matching checkpoint
+    tokenizer = read_json(folder / "text_encoder" / "tokenizer_config.json")
+    assert tokenizer["tokenizer_class"] == "Qwen2Tokenizer" and tokenizer["chat_template"]
+    assert not (folder / "tokenizer").exists()
+
+
+def assert_the_flux2_klein_folder_is_consistent(folder: Path, vae: dict, transformer: dict) -> None:
+    """FLUX.2-klein base's sizes, as SimpleTuner's klein flavours and diffusers' pipeline wire them: the transformer's
+    text input is Qwen3's width times the hidden states both stack (KLEIN_OUTPUT_LAYERS, the pipeline's default
+    text_encoder_out_layers), so the encoder has that many layers; no guidance embedding and is_distilled false (the
+    base model samples with CFG); FLUX.2's VAE (32 channels, 8x down) patchified 2 x 2 into in_channels; the rope
+    axes sum to the head size; Qwen3's chat template with its no-thinking block, padded on the right."""
+    import inspect
+
+    from diffusers import Flux2KleinPipeline
+    from simpletuner.helpers.models.flux2.model import KLEIN_OUTPUT_LAYERS
+
+    layers = inspect.signature(Flux2KleinPipeline.__call__).parameters["text_encoder_out_layers"].default
+    assert tuple(layers) == KLEIN_OUTPUT_LAYERS
+    qwen = read_json(folder / "text_encoder" / "config.json")
+    assert qwen["model_type"] == "qwen3" and qwen["num_hidden_layers"] >= max(KLEIN_OUTPUT_LAYERS)
+    assert transformer["joint_attention_dim"] == len(KLEIN_OUTPUT_LAYERS) * qwen["hidden_size"]
+    assert transformer["guidance_embeds"] is False and read_json(folder / "model_index.json")["is_distilled"] is False
+    assert vae["latent_channels"] == 32 and len(vae["block_out_channels"]) == 4 and vae["patch_size"] == [2, 2]
+    assert transformer["in_channels"] == 4 * vae["latent_channels"] and transformer["patch_size"] == 1
+    assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+    tokenizer = read_json(folder / "tokenizer" / "tokenizer_config.json")
+    assert "enable_thinking" in tokenizer["chat_template"] and tokenizer["padding_side"] == "right"
+
+
+def assert_the_ernie_folder_is_consistent(folder: Path, vae: dict, transformer: dict) -> None:
+    """ERNIE-Image's sizes: Ministral 3's width == text_in_dim == what SimpleTuner's Ernie accepts (TEXT_EMBED_DIM),
+    and >= 2 layers (both read the second-to-last hidden states); FLUX.2's VAE (32 channels, 2 x 2 patchified to the
+    transformer's 128); the rope axes sum to the head size; a trained (non-zero) output layer."""
+    from safetensors.torch import load_file
+    from simpletuner.helpers.models.ernie.model import Ernie
+
+    mistral3 = read_json(folder / "text_encoder" / "config.json")
+    text = mistral3["text_config"]
+    assert mistral3["model_type"] == "mistral3" and text["model_type"] == "mistral"
+    assert mistral3["vision_config"]["model_type"] == "pixtral"
+    assert text["hidden_size"] == transformer["text_in_dim"] == Ernie.TEXT_EMBED_DIM and text["num_hidden_layers"] >= 2
+    tokenizer = read_json(folder / "tokenizer" / "tokenizer_config.json")
+    assert tokenizer["tokenizer_class"] == "TokenizersBackend"
+    assert (tokenizer["bos_token"], tokenizer["eos_token"], tokenizer["pad_token"]) == ("<s>", "</s>", "<pad>")
+    vocabulary = read_json(folder / "tokenizer" / "tokenizer.json")["model"]["vocab"]
+    assert vocabulary["[IMG]"] == mistral3["image_token_index"] and vocabulary["<s>"] == text["bos_token_id"]
+    assert vae["latent_channels"] == 32 and len(vae["block_out_channels"]) == 4 and vae["patch_size"] == [2, 2]
+    assert transformer["in_channels"] == transformer["out_channels"] == 4 * vae["latent_channels"]
+    assert transformer["patch_size"] == 1
+    assert sum(transformer["rope_axes_dim"]) == transformer["hidden_size"] // transformer["num_attention_heads"]
+    weights = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.count_nonzero(weights[name]) for name in ("final_linear.weight", "adaLN_modulation.1.weight"))
+    assert not (folder / "pe").exists()  # the optional prompt enhancer: neither SimpleTuner nor these tests load it
+
+
+def assert_the_krea2_folder_is_consistent(folder: Path, vae: dict, transformer: dict) -> None:
+    """Krea 2's sizes, as SimpleTuner's Krea2Pipeline wires them (it builds the one it encodes prompts with from the
+    loaded components, so with its default taps): Qwen3-VL's text width == text_hidden_dim, its layers cover the
+    taps and the transformer fuses that many; the Qwen-Image VAE's 16 channels packed 2 x 2; the rope axes sum to the
+    head size; the template's system turn and assistant suffix tokenize to the counts the pipeline drops and
+    reserves."""
+    from simpletuner.helpers.models.krea2.pipeline import Krea2Pipeline
+    from transformers import Qwen2Tokenizer
+
+    pipeline = Krea2Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    taps = pipeline.text_encoder_select_layers
+    assert tuple(read_json(folder / "model_index.json")["text_encoder_select_layers"]) == taps
+    qwen = read_json(folder / "text_encoder" / "config.json")
+    text = qwen["text_config"]
+    assert qwen["model_type"] == "qwen3_vl" and text["num_hidden_layers"] >= max(taps)
+    assert text["hidden_size"] == transformer["text_hidden_dim"] == qwen["vision_config"]["out_hidden_size"]
+    assert transformer["num_text_layers"] == len(taps)
+    assert 2 * sum(text["rope_parameters"]["mrope_section"]) == text["head_dim"]  # multimodal RoPE over the head
+    assert vae["z_dim"] == 16 and len(vae["dim_mult"]) == 4 and len(vae["temperal_downsample"]) == 3
+    assert transformer["in_channels"] == 4 * vae["z_dim"]
+    assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(folder / "tokenizer"))
+    assert len(tokenizer(pipeline.prompt_template_encode_prefix).input_ids) == pipeline.prompt_template_encode_start_idx
+    suffix = tokenizer(pipeline.prompt_template_encode_suffix).input_ids
+    assert len(suffix) == pipeline.prompt_template_encode_num_suffix_tokens
+
+
+def assert_the_moss_image_folder_is_consistent(folder: Path, vae: dict, transformer: dict) -> None:
+    """MOSS-Image's sizes, as SimpleTuner's MOSSImage and MOSSImagePipeline wire them: Qwen3.5's text width ==
+    text_dim, its vision tower projects to it, its mrope sections cover the rotary half of the head; FLUX.2's VAE
+    (32 channels, 8x down) patchified 2 x 2 into latent_channels; the blocks include the pipeline's default
+    negative-branch skip layers, which every call checks; Qwen3's chat template, asked for with thinking on."""
+    import inspect
+
+    from simpletuner.helpers.models.moss_image.model import MOSSImage
+    from simpletuner.helpers.models.moss_image.pipeline import MOSSImagePipeline
+
+    qwen = read_json(folder / "text_encoder" / "config.json")
+    text = qwen["text_config"]
+    assert qwen["model_type"] == "qwen3_5" and text["model_type"] == "qwen3_5_text"
+    assert text["hidden_size"] == transformer["text_dim"] == qwen["vision_config"]["out_hidden_size"]
+    rope = text["rope_parameters"]
+    assert 2 * sum(rope["mrope_section"]) == text["head_dim"] * rope["partial_rotary_factor"]
+    assert vae["latent_channels"] == 32 and len(vae["block_out_channels"]) == 4 and vae["patch_size"] == [2, 2]
+    assert transformer["latent_channels"] == 4 * vae["latent_channels"] == MOSSImage.LATENT_CHANNEL_COUNT
+    skipped = inspect.signature(MOSSImagePipeline.__call__).parameters["uncond_skip_layers"].default
+    assert max(skipped) < transformer["num_layers"]
+    tokenizer = read_json(folder / "tokenizer" / "tokenizer_config.json")
+    assert "enable_thinking" in tokenizer["chat_template"] and tokenizer["padding_side"] == "right"
 
 
 def assert_the_longcat_image_folder_is_consistent(folder: Path, transformer: dict) -> None:
@@ -487,6 +739,27 @@ def test_qwen_tokenizer_is_built_offline_with_qwen3s_chat_template(tmp_path):
     assert tokenizer.decode(encoded.input_ids[1], skip_special_tokens=True) == "Blue squares é"
 
 
+def test_ernie_tekken_tokenizer_reads_the_same_through_simpletuners_and_diffusers_loaders(tmp_path):
+    """SimpleTuner's Ernie builds a PreTrainedTokenizerFast from tokenizer.json and the config's special tokens
+    (_load_ernie_tokenizer); diffusers' pipeline loads the folder with AutoTokenizer: one pipeline either way, <s>
+    first and the Tekken specials at their real ids."""
+    from simpletuner.helpers.models.ernie.model import Ernie
+    from transformers import AutoTokenizer
+
+    folder = write_tekken_tokenizer(tmp_path / "tekken", VOCABULARY)
+    built = Ernie._build_ernie_tokenizer(str(folder / "tokenizer.json"), read_json(folder / "tokenizer_config.json"))
+    loaded = AutoTokenizer.from_pretrained(str(folder))
+    prompts = ["red circle", "Blue squares é"]
+    encodings = [tokenizer(prompts, padding="longest") for tokenizer in (built, loaded)]
+    assert encodings[0].input_ids == encodings[1].input_ids
+    assert [built.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "[IMG]", "<pad>")] == [0, 1, 2, 10, 11]
+    tokens = built.convert_ids_to_tokens(encodings[0].input_ids[0])
+    assert tokens[:3] == ["<s>", "red", "\u0120circle"] and tokens[-1] == "<pad>"  # no </s>, padded on the right
+    other = built.convert_ids_to_tokens(encodings[0].input_ids[1])
+    assert "\u0120square" in other and "<unk>" not in other  # byte-level: no unknowns
+    assert built.decode(encodings[0].input_ids[1], skip_special_tokens=True) == "Blue squares é"
+
+
 def test_same_seed_writes_the_same_weights(model_dirs, tmp_path):
     from safetensors.torch import load_file
 
@@ -502,9 +775,11 @@ def test_same_seed_writes_the_same_weights(model_dirs, tmp_path):
 
 
 def test_diffusers_pipeline_samples_a_64px_image(model_dirs, family):
-    import diffusers
+    import importlib
 
-    pipeline = getattr(diffusers, FAMILIES[family]["pipeline"]).from_pretrained(str(model_dirs[family]))
+    spec = FAMILIES[family]
+    module = importlib.import_module(spec.get("pipeline_module", "diffusers"))
+    pipeline = getattr(module, spec["pipeline"]).from_pretrained(str(model_dirs[family]))
     pipeline.set_progress_bar_config(disable=True)
     # Qwen-Image's terminal stretch divides by 1 - sigma_last, 0 for a one-step schedule (NaN in diffusers): 2 steps.
     steps = 2 if family == "qwen_image" else 1
@@ -531,13 +806,13 @@ def encode_captions(model, prompts: list[str]) -> dict:
 
 def load_with_simpletuner(family: str, folder: Path, root: Path, **settings):
     """SimpleTuner's model object for `family` with `folder` loaded as its trainer loads it (CPU, fp32); `settings`
-    are config.json keys on top of a LoRA run's."""
+    are config.json keys on top of a LoRA run's and the family spec's own (FAMILIES' `settings`)."""
     from simpletuner.helpers.configuration.cmd_args import parse_cmdline_args
     from simpletuner.helpers.configuration.json_file import normalize_args
     from simpletuner.helpers.models.registry import ModelRegistry
 
     accelerator = types.SimpleNamespace(
-        device=torch.device("cpu"), num_processes=1,
+        device=torch.device("cpu"), num_processes=1, local_process_index=0,  # Flux2's text encoder load logs it
         unwrap_model=lambda model, keep_fp32_wrapper=True: model, wait_for_everyone=lambda: None,
     )
     config = {
@@ -546,7 +821,7 @@ def load_with_simpletuner(family: str, folder: Path, root: Path, **settings):
         "data_backend_config": str(root / "multidatabackend.json"), "resolution": SIZE,
         "resolution_type": "pixel", "mixed_precision": "no", "optimizer": "torch-adamw",
         "max_train_steps": 2, "num_train_epochs": 0, "validation_disable": True, "report_to": "none",
-        "seed": 0, **settings,
+        "seed": 0, **FAMILIES.get(family, {}).get("settings", {}), **settings,
     }
     args = parse_cmdline_args(input_args=normalize_args(config), exit_on_error=True)
     model = ModelRegistry.model_families()[family](args, accelerator)
@@ -597,7 +872,8 @@ def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_mod
         assert {k: model.noise_schedule.config[k] for k in spec["scheduler"] if k != "_class_name"} == {
             k: v for k, v in spec["scheduler"].items() if k != "_class_name"}
     else:
-        assert model.noise_schedule.config.shift == model.config.flow_schedule_shift == 3.0
+        shift = spec.get("training_shift", 3.0)
+        assert model.noise_schedule.config.shift == model.config.flow_schedule_shift == shift
     assert model.noise_schedule.config.use_dynamic_shifting is spec["scheduler"].get("use_dynamic_shifting", False)
     # transformers 5's T5TokenizerFast is T5Tokenizer, its PreTrainedTokenizerFast is TokenizersBackend: by identity.
     assert [type(t) for t in model.tokenizers] == [getattr(transformers, name) for name in spec["tokenizers"]]
@@ -611,9 +887,14 @@ def test_simpletuner_loads_the_folder_with_its_trainer_functions(simpletuner_mod
     state = model.model.state_dict()
     assert saved.keys() <= state.keys()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
-    vae_channels = model.vae.config.z_dim if family == "qwen_image" else model.vae.config.latent_channels
+    qwen_vae = family in ("qwen_image", "krea2")  # AutoencoderKLQwenImage: z_dim
+    vae_channels = model.vae.config.z_dim if qwen_vae else model.vae.config.latent_channels
+    # FLUX.2's VAE: its latents patchified 2 x 2 (post_vae_encode_transform_sample)
+    if family in ("flux3_image", "ernie", "flux2", "moss_image"):
+        vae_channels *= math.prod(model.vae.config.patch_size)
     assert vae_channels == model.LATENT_CHANNEL_COUNT == spec["latent_channels"]
-    assert model.AUTOENCODER_SCALING_FACTOR == spec["vae"].get("scaling_factor", 1.0)
+    # SimpleTuner reads it with a default of 1.0, which Flux2 (its own load_vae sets none) gets.
+    assert getattr(model, "AUTOENCODER_SCALING_FACTOR", 1.0) == spec["vae"].get("scaling_factor", 1.0)
 
 
 def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpletuner_models, family):
@@ -626,8 +907,12 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     # SimpleTuner's collate turns either mask key into the batch's encoder_attention_mask.
     mask = embeds.get("attention_masks", embeds.get("prompt_attention_mask", embeds.get("attention_mask")))
     width = (transformer.cap_feat_dim if family in ("lumina2", "z_image", "z_image_omni")
-             else transformer.joint_attention_dim)
-    assert prompt_embeds.shape == (2, spec["prompt_tokens"], width)
+             else transformer.text_in_dim if family == "ernie"
+             else transformer.text_dim if family == "moss_image"
+             else transformer.text_hidden_dim if family == "krea2" else transformer.joint_attention_dim)
+    # Krea 2: each token's states from the tapped encoder layers, stacked, which its text fusion collapses.
+    taps = (transformer.num_text_layers,) if family == "krea2" else ()
+    assert prompt_embeds.shape == (2, spec["prompt_tokens"], *taps, width)
     if family == "sd3":
         # CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's states.
         clip_width = sum(encoder.config.hidden_size for encoder in model.text_encoders[:2])
@@ -653,6 +938,10 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     if family in ("z_image", "z_image_omni"):
         # The chat-templated prompt, right-padded; the transformer takes each row's masked tokens only.
         assert mask.dtype == torch.bool and bool((mask[:, :-1] >= mask[:, 1:]).all()) and not mask[:, -1].any()
+    if family == "krea2":
+        # [prompt | padding | assistant suffix]: the pipeline pads in the middle of its template.
+        suffix = model.get_pipeline(load_base_model=False).prompt_template_encode_num_suffix_tokens
+        assert mask[:, 0].all() and mask[:, -suffix:].all() and not mask[:, -suffix - 1].any()
 
     pixels = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
@@ -662,7 +951,8 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
         encoded = model.post_vae_encode_transform_sample(encoded)
         encoded = encoded.latent_dist.sample() if hasattr(encoded, "latent_dist") else encoded
         latents = model.scale_vae_latents_for_cache(encoded, model.vae)
-    assert latents.shape == (2, spec["latent_channels"], SIZE // 8, SIZE // 8)
+    scale = spec.get("vae_scale", 8)
+    assert latents.shape == (2, spec["latent_channels"], SIZE // scale, SIZE // scale)
     batch = {"prompt_embeds": prompt_embeds, "add_text_embeds": pooled, "latent_batch": latents,
              "encoder_attention_mask": mask, "batch_time_ids": None}
     torch.manual_seed(0)

@@ -28,28 +28,43 @@ def _validation_scheduler_config(model) -> dict:
 def _flow_card_settings(model, args) -> dict:
     """A flow family's card: its distilled component is a transformer (SimpleTuner's own class, named as diffusers'
     class of the same weights and config, which is what a user loads), and Flux samples at the guidance input it was
-    distilled with. Empty for the UNet families."""
+    distilled with; where diffusers has no pipeline of SimpleTuner's name (FLUX.3's), the card loads the base model
+    with SimpleTuner's own; a pipeline that guides at scale 1 (Krea 2's) is called unguided at its own scale. Empty for
+    the UNet families."""
     from lcm_plugin.config.families import FLOW_FAMILIES
+    from lcm_plugin.inference import pipeline_cfg_scale
 
     family = getattr(args, "model_family", None)
     if family not in FLOW_FAMILIES:
         return {}
     settings = {"denoiser": ("transformer", type(model.get_trained_component()).__name__)}
     pipeline = _diffusers_text_to_image_pipeline(model)
+    own = _simpletuner_text_to_image_pipeline(model)
+    if pipeline is None and own is not None:
+        settings["pipeline_class"] = (own.__module__, own.__name__)
+        pipeline = own
     if pipeline is not None and not hasattr(pipeline, "load_lora_weights"):
         settings["lora_into_denoiser"] = True
+    if pipeline is not None and pipeline_cfg_scale(pipeline, 1.0) != 1.0:
+        settings["unguided_scale"] = pipeline_cfg_scale(pipeline, 1.0)
     if FLOW_FAMILIES[family] == "embedded":
         settings["guidance_scale"] = float(getattr(args, "flux_guidance_value", 1.0))
     return settings
+
+
+def _simpletuner_text_to_image_pipeline(model):
+    """SimpleTuner's class of the model's text-to-image pipeline (its PIPELINE_CLASSES entry), or None."""
+    from simpletuner.helpers.models.common import PipelineTypes
+
+    return (getattr(model, "PIPELINE_CLASSES", None) or {}).get(PipelineTypes.TEXT2IMG)
 
 
 def _diffusers_text_to_image_pipeline(model):
     """diffusers' class of the model's text-to-image pipeline (the one a card's `DiffusionPipeline.from_pretrained`
     gives: SimpleTuner vendors its own copies under the same names), or None when diffusers has none."""
     import diffusers
-    from simpletuner.helpers.models.common import PipelineTypes
 
-    pipeline = (getattr(model, "PIPELINE_CLASSES", None) or {}).get(PipelineTypes.TEXT2IMG)
+    pipeline = _simpletuner_text_to_image_pipeline(model)
     return getattr(diffusers, pipeline.__name__, None) if pipeline is not None else None
 
 
