@@ -408,16 +408,20 @@ def _guidance_arguments(pipeline, scale: float, *, embedded: bool) -> dict:
     """The pipeline call's guidance for `scale`: the model's own guidance input (`embedded`), else a CFG scale w (1:
     unguided). SimpleTuner's own Flux and Flux 2 pipelines take CFG as `guidance_scale_real` (their `guidance_scale`
     feeds the guidance embedding, which a model without one ignores) and skip it on the first `no_cfg_until_timestep`
-    steps: here it guides every step, as the distiller's teacher does."""
+    steps: here it guides every step, as the distiller's teacher does. SimpleTuner's SD3, AuraFlow, Z-Image and Krea 2
+    pipelines apply CFG-Zero* by default (the guided velocity rescaled, the first steps zeroed): turned off, so that
+    the teacher's rows are the plain CFG the distiller's teacher takes."""
     import inspect
 
     from lcm_plugin.inference import pipeline_cfg_scale
 
     if embedded:
         return {"guidance_scale": scale}
-    if "guidance_scale_real" in inspect.signature(pipeline.__call__).parameters:
+    parameters = inspect.signature(pipeline.__call__).parameters
+    if "guidance_scale_real" in parameters:
         return {"guidance_scale_real": scale, "no_cfg_until_timestep": 0}
-    return {"guidance_scale": pipeline_cfg_scale(type(pipeline), scale)}
+    plain = {"use_cfg_zero_star": False} if "use_cfg_zero_star" in parameters else {}
+    return {"guidance_scale": pipeline_cfg_scale(type(pipeline), scale), **plain}
 
 
 def _call_arguments(pipeline, inputs: dict) -> dict:

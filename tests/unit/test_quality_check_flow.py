@@ -172,3 +172,17 @@ def test_simpletuners_flux2_pipeline_guides_the_teacher_with_its_real_cfg_from_t
     assert torch.count_nonzero(teacher["negative_prompt_embeds"]) == 0
     assert not any(key.startswith("negative_") for key in student)
     assert not any(key.endswith("attention_mask") for call in calls for key in call)
+
+
+def test_simpletuners_sd3_pipeline_samples_the_teacher_with_plain_cfg(flow_teacher):
+    """SimpleTuner's own SD3 pipeline (what its validation hands the check) applies CFG-Zero* by default; the teacher's
+    rows are the distiller's plain CFG, which diffusers' StableDiffusion3Pipeline samples: the same images."""
+    from simpletuner.helpers.models.sd3.pipeline import StableDiffusion3Pipeline as SimpleTunersSd3
+
+    lcm = LcmConfig(w_min=3.0, w_max=9.0)
+    theirs = SimpleTunersSd3(**{name: component for name, component in flow_teacher.components.items()
+                                if name not in ("image_encoder", "feature_extractor")})  # IP-Adapter parts
+    theirs.set_progress_bar_config(disable=True)
+    row = Sampler("teacher", 2)
+    expected = sampler_over(flow_teacher, 3, lcm)(row, 7)
+    np.testing.assert_array_equal(sampler_over(theirs, 3, lcm)(row, 7), expected)
