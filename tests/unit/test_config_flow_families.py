@@ -25,9 +25,15 @@ def assistant(cls):
     flavours = list(getattr(cls, "ASSISTANT_LORA_FLAVOURS", None) or [])
     paths = getattr(cls, "ASSISTANT_LORA_PATHS", None) or {}
     return [flavours, [f for f in flavours if paths.get(f, getattr(cls, "ASSISTANT_LORA_PATH", None))]]
+def card_pipeline_takes_sigmas(cls):  # the card's pipeline: diffusers' class of the name, else SimpleTuner's
+    import inspect, diffusers
+    from simpletuner.helpers.models.common import PipelineTypes
+    pipeline = cls.PIPELINE_CLASSES[PipelineTypes.TEXT2IMG]
+    return "sigmas" in inspect.signature(getattr(diffusers, pipeline.__name__, pipeline).__call__).parameters
+covered = json.loads(sys.argv[2])
 open(sys.argv[1], "w").write(json.dumps({
     name: [bool(getattr(getattr(cls, "PREDICTION_TYPE", None), "is_flow_prediction", False)), assistant(cls),
-           getattr(cls, "DEFAULT_MODEL_FLAVOUR", None)]
+           getattr(cls, "DEFAULT_MODEL_FLAVOUR", None), card_pipeline_takes_sigmas(cls) if name in covered else None]
     for name, cls in ModelRegistry.model_families().items()
 }))
 """
@@ -45,6 +51,7 @@ def refusals(config: dict) -> list:
 
 @pytest.mark.parametrize(("config", "where", "words"), [
     (lcm_run("sd3", "tcd"), "/distillation_config/lcm/variant", "variant 'tcd' is defined on a diffusion"),
+    (lcm_run("moss_image", "pcm"), "/distillation_config/lcm/variant", "MOSSImagePipeline takes no sigmas"),
     (lcm_run("hidream"), "/model_family", "model_family 'hidream' is a flow-matching family it does not cover"),
     # Qwen-Image is covered in its v1.0 / v2.0 flavours, not in 2.1 (SimpleTuner's default without a model path) or
     # the edit flavours.
@@ -106,14 +113,14 @@ def test_the_string_form_of_the_block_is_pointed_at_as_a_whole():
     {**lcm_run("z_image", model_flavour="turbo"), "model_type": "full"},
     lcm_run("z_image", model_flavour="base"), lcm_run("flux", model_flavour="dev"),
     # FLUX.3 Image Klein base, named or SimpleTuner's default without a model path
-    lcm_run("flux3_image", "pcm", model_flavour="klein-base"),
+    lcm_run("flux3_image", model_flavour="klein-base"),
     {key: value for key, value in lcm_run("flux3_image").items() if key != "pretrained_model_name_or_path"},
     # ERNIE-Image base, named or SimpleTuner's default without a model path; Turbo without an assistant_lora_path
-    lcm_run("ernie", "pcm", model_flavour="base"),
+    lcm_run("ernie", model_flavour="base"),
     {key: value for key, value in lcm_run("ernie").items() if key != "pretrained_model_name_or_path"},
     lcm_run("ernie", model_flavour="turbo"),
     # MOSS-Image's text-to-image flavours, and its default ("sft") without a model path
-    lcm_run("moss_image", "pcm", model_flavour="base"),
+    lcm_run("moss_image", model_flavour="base"),
     {key: value for key, value in lcm_run("moss_image").items() if key != "pretrained_model_name_or_path"},
     # FLUX.2-klein base, either size, and SimpleTuner's default ("klein-9b") without a model path
     lcm_run("flux2", model_flavour="klein-4b"), lcm_run("flux2", "pcm", model_flavour="klein-9b"),
@@ -127,38 +134,42 @@ def test_covered_runs_pass(config):
 
 
 def test_flow_families_are_those_simpletuners_model_classes_train_by_flow_matching(tmp_path):
-    """And the covered families' assistant-adapter flavours and default flavours are their classes' own."""
+    """And the covered families' assistant-adapter flavours and default flavours are their classes' own, and PCM is
+    refused exactly where the pipeline the card loads takes no sigmas."""
     from lcm_plugin.config.families import (
         ASSISTANT_LORA_FLAVOURS,
         DEFAULT_FLAVOURS,
         FLOW_FAMILIES,
+        PCM_UNSAMPLED,
         UNCOVERED_FLAVOURS,
         is_flow_family,
     )
 
     answer = tmp_path / "classes.json"
-    probe = subprocess.run([sys.executable, "-c", CLASS_PROBE, str(answer)], capture_output=True, text=True,
-                           timeout=300)
+    probe = subprocess.run([sys.executable, "-c", CLASS_PROBE, str(answer), json.dumps(list(FLOW_FAMILIES))],
+                           capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     classes = json.loads(answer.read_text())
-    flow_by_class = {family: flow for family, (flow, _, _) in classes.items()}
+    flow_by_class = {family: flow for family, (flow, *_) in classes.items()}
     assert len(flow_by_class) > 30 and sum(flow_by_class.values()) > 20
     assert {family: is_flow_family(family) for family in flow_by_class} == flow_by_class
+    assert {family for family in FLOW_FAMILIES if not classes[family][3]} == set(PCM_UNSAMPLED)
     for family in FLOW_FAMILIES:
-        _, (flavours, with_default), default_flavour = classes[family]
+        _, (flavours, with_default), default_flavour, _ = classes[family]
         assert ASSISTANT_LORA_FLAVOURS.get(family, ((), ())) == (tuple(flavours), tuple(with_default)), family
         if family in ASSISTANT_LORA_FLAVOURS or family in UNCOVERED_FLAVOURS:
             assert DEFAULT_FLAVOURS.get(family) == default_flavour, family
 
 
 def test_simpletuners_shipped_flow_examples_turned_into_lcm_runs_get_the_trainers_refusal_or_none():
-    """Each of SimpleTuner's own example configs of a flow-matching family, with distillation_method 'lcm' added:
-    a covered family passes with PCM and is refused at its variant with TCD; any other flow family is refused at
-    /model_family, and a covered family's uncovered flavour (Qwen-Image-2.1, every shipped qwen_image example) at
-    /model_flavour."""
+    """Each of SimpleTuner's own example configs of a flow-matching family, with distillation_method 'lcm' added: a
+    covered family passes with PCM (but those whose pipeline takes no sigmas) and is refused at its variant with TCD;
+    any other flow family is refused at /model_family, and a covered family's uncovered flavour (Qwen-Image-2.1, every
+    shipped qwen_image example) at /model_flavour."""
     from lcm_plugin.config.argv import examples_root
     from lcm_plugin.config.families import (
         FLOW_FAMILIES,
+        PCM_UNSAMPLED,
         UNCOVERED_FLAVOURS,
         effective_flavour,
         is_flow_family,
@@ -191,7 +202,7 @@ def test_simpletuners_shipped_flow_examples_turned_into_lcm_runs_get_the_trainer
                 at = "/model_flavour" if "model_flavour" in example else ""
                 assert [problem.pointer for problem in found] == [at], (path, found)
                 refused.add(f"{family} {flavour} assistant")
-            elif variant == "tcd":
+            elif variant == "tcd" or family in PCM_UNSAMPLED:
                 assert [problem.pointer for problem in found] == ["/distillation_config/lcm/variant"], (path, found)
             elif family != "flux" or example.get("flux_guidance_mode", "constant") == "constant":
                 assert found == [], (path, found)

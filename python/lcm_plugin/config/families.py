@@ -68,6 +68,10 @@ UNCOVERED_FLAVOURS = {
 COVERED_FLAVOURS = {"qwen_image": ("v1.0", "v2.0"), "longcat_image": ("final", "dev"),
                      "flux3_image": ("klein-base",), "moss_image": ("base", "sft"), "flux2": ("klein-4b", "klein-9b"),
                      "krea2": ("raw",)}
+# Families whose card pipeline (diffusers' class of SimpleTuner's text-to-image pipeline, else SimpleTuner's own) takes
+# no `sigmas`: a PCM student, sampled on its phase edges passed as sigmas, cannot be sampled there.
+PCM_UNSAMPLED = {"moss_image": "SimpleTuner's MOSSImagePipeline", "flux3_image": "SimpleTuner's Flux3ImagePipeline",
+                 "ernie": "diffusers' ErnieImagePipeline"}
 # The flavour SimpleTuner runs when model_flavour is unset and a model path is given, where its class picks a code path
 # by flavour alone: Flux2 runs anything not named klein as dev (its Mistral-3 encoder, from the hub).
 PATH_FLAVOURS = {"flux2": "dev"}
@@ -135,6 +139,9 @@ def flow_refusal_reason(config: LcmConfig, setting: Callable[[str], object]) -> 
     if config.variant == "tcd":
         return "variant", ("variant 'tcd' is defined on a diffusion (epsilon / v) schedule, not on the flow path "
                            "(TCD's paper); use variant 'lcm' or 'pcm'")
+    if config.variant == "pcm" and model_family in PCM_UNSAMPLED:
+        return "variant", (f"variant 'pcm' ships a student sampled on its phase edges, passed to the pipeline as "
+                           f"sigmas, and {PCM_UNSAMPLED[model_family]} takes no sigmas; use variant 'lcm'")
     if model_family == "flux" and (setting("flux_guidance_mode") or "constant") != "constant":
         return "flux_guidance_mode", (
             "flux_guidance_mode 'random-range' draws a new guidance value at every forward, so the teacher, its "
