@@ -569,12 +569,23 @@ def _save(pipeline, folder: Path, vocabulary: tuple[str, ...], clip_tokenizers: 
     index = json.loads(index_file.read_text())
     index.update({name: ["transformers", cls] for name, cls in fast_classes.items()})
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    # diffusers 0.42 writes FluxTransformer2DModel's `out_channels: null`, which SimpleTuner's own Flux transformer
-    # class does not take (it warns); FLUX.1-dev's config has no such key. Drop unset keys, as the real configs.
-    config_file = folder / "transformer" / "config.json"
+    _drop_unset_keys(folder / "transformer" / "config.json")
+    return folder
+
+
+def _save_with_tokenizer(pipeline, folder: Path, write_tokenizer, vocabulary: tuple[str, ...]) -> None:
+    """save_pretrained, then the tokenizer/ files `write_tokenizer` writes: transformers 5 rewrites them."""
+    pipeline.save_pretrained(str(folder))
+    shutil.rmtree(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", vocabulary)
+
+
+def _drop_unset_keys(config_file: Path) -> None:
+    """Drop the null keys of a component's config, as the real configs have none: diffusers 0.42 writes some
+    (FluxTransformer2DModel's `out_channels`, AutoencoderKLFlux2's `decoder_block_out_channels`) that SimpleTuner's
+    own classes of those components do not take (they warn at every load)."""
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, sort_keys=True))
-    return folder
 
 
 def save_tiny_sd3(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
@@ -951,9 +962,7 @@ def save_tiny_qwen_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, 
         text_encoder=Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, QWEN_IMAGE_TEXT_HIDDEN)),
         tokenizer=tokenizer,
     )
-    pipeline.save_pretrained(str(folder))
-    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
-    write_qwen2_5_vl_tokenizer(folder / "tokenizer", vocabulary)
+    _save_with_tokenizer(pipeline, folder, write_qwen2_5_vl_tokenizer, vocabulary)
     # diffusers 0.42 writes the Qwen-Image-2512 / Edit options (all off), which SimpleTuner's own transformer class
     # does not take (it warns); Qwen/Qwen-Image's config has none of them.
     config_file = folder / "transformer" / "config.json"
@@ -1046,10 +1055,8 @@ def save_tiny_longcat_image(folder: Path, seed: int = 0, *, vocabulary: tuple[st
         tokenizer=tokenizer,
         text_processor=processor,
     )
-    pipeline.save_pretrained(str(folder))
-    # transformers 5 rewrites the tokenizer's files (tokenizer.json and its config only): keep the ones written here
-    shutil.rmtree(folder / "tokenizer")
-    write_longcat_image_tokenizer(folder / "tokenizer", vocabulary)
+    _save_with_tokenizer(pipeline, folder, write_longcat_image_tokenizer, vocabulary)
+    # the processor's copy too (transformers 5 rewrites its tokenizer.json and config only)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / "text_processor" / name).unlink(missing_ok=True)
     write_longcat_image_tokenizer(folder / "text_processor", vocabulary)
@@ -1176,14 +1183,8 @@ def save_tiny_ernie(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] 
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(ERNIE_SCHEDULER_CONFIG),
     )
-    pipeline.save_pretrained(str(folder))
-    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
-    write_tekken_tokenizer(folder / "tokenizer", vocabulary)
-    # diffusers 0.42 writes `decoder_block_out_channels: null`, which SimpleTuner's own AutoencoderKLFlux2 class does
-    # not take (it warns); the real config has no such key.
-    config_file = folder / "vae" / "config.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, sort_keys=True))
+    _save_with_tokenizer(pipeline, folder, write_tekken_tokenizer, vocabulary)
+    _drop_unset_keys(folder / "vae" / "config.json")
     return folder
 
 
@@ -1298,11 +1299,7 @@ def save_tiny_flux3_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str,
     index = json.loads(index_file.read_text())
     del index["tokenizer"]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    # diffusers 0.42 writes `decoder_block_out_channels: null`, which SimpleTuner's own AutoencoderKLFlux2 class does
-    # not take (it warns).
-    config_file = folder / "vae" / "config.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, sort_keys=True))
+    _drop_unset_keys(folder / "vae" / "config.json")
     return folder
 
 
@@ -1385,9 +1382,7 @@ def save_tiny_krea2(folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] 
         tokenizer=tokenizer,
         text_encoder_select_layers=KREA2_TEXT_LAYERS,
     )
-    pipeline.save_pretrained(str(folder))
-    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
-    write_krea2_tokenizer(folder / "tokenizer", vocabulary)
+    _save_with_tokenizer(pipeline, folder, write_krea2_tokenizer, vocabulary)
     return folder
 
 
@@ -1430,6 +1425,7 @@ def save_tiny_flux2_klein(folder: Path, seed: int = 0, *, vocabulary: tuple[str,
     index_file = folder / "model_index.json"  # the real index names the fast class (one class in transformers 5)
     index_file.write_text(json.dumps({**json.loads(index_file.read_text()),
                                       "tokenizer": ["transformers", "Qwen2TokenizerFast"]}, indent=2, sort_keys=True))
+    _drop_unset_keys(folder / "vae" / "config.json")
     return folder
 
 
@@ -1492,14 +1488,13 @@ def save_tiny_moss_image(folder: Path, seed: int = 0, *, vocabulary: tuple[str, 
         text_encoder=Qwen3_5Model(qwen3_5_config(tokenizer, MOSS_IMAGE_TEXT_HIDDEN)),
         tokenizer=tokenizer,
     )
-    pipeline.save_pretrained(str(folder))
-    shutil.rmtree(folder / "tokenizer")  # transformers 5 rewrites the tokenizer's files: keep the ones written here
-    write_qwen_tokenizer(folder / "tokenizer", vocabulary)
+    _save_with_tokenizer(pipeline, folder, write_qwen_tokenizer, vocabulary)
     # MOSSImageScheduler's config holds FlowMatchEulerDiscreteScheduler's options too, which its own __init__ does
     # not take (it warns at every load): only the ones it takes.
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {**MOSS_IMAGE_SCHEDULER_CONFIG, "_diffusers_version": pipeline.scheduler.config["_diffusers_version"]},
         indent=2, sort_keys=True))
+    _drop_unset_keys(folder / "vae" / "config.json")
     return folder
 
 
@@ -1512,7 +1507,6 @@ FAMILIES = {"sd3": save_tiny_sd3, "flux": save_tiny_flux, "chroma": save_tiny_ch
 
 
 def save_tiny_flow(family: str, folder: Path, seed: int = 0, *, vocabulary: tuple[str, ...] = ()) -> Path:
-    """The writer for SimpleTuner's model_family name: "sd3", "flux", "chroma", "lumina2", "auraflow" or "z_image"
-    (FAMILIES)."""
+    """The writer for SimpleTuner's model_family name (a key of FAMILIES)."""
     return FAMILIES[family](folder, seed, vocabulary=vocabulary)
 

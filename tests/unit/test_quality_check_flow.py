@@ -87,6 +87,22 @@ def test_each_flow_sample_depends_on_its_seed_and_index_only(flow_teacher, monke
     assert flow_teacher.scheduler is scheduler_before  # the pipeline is handed back as it was
 
 
+def recorded_calls(pipeline_class, monkeypatch) -> list[dict]:
+    """The keyword arguments of each call of `pipeline_class`'s pipelines, recorded as they run."""
+    import functools
+
+    calls = []
+    original = pipeline_class.__call__
+
+    @functools.wraps(original)  # its signature, which the sampler reads
+    def recorded(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", recorded)
+    return calls
+
+
 def test_flux_is_sampled_at_its_guidance_input_without_an_unconditional_branch(tmp_path, monkeypatch):
     """Flux's guidance is a model input that teacher, target and student all took (flux_guidance_value): both rows
     pass it as the pipeline's guidance_scale and no negative prompt; an input SimpleTuner leaves None (prompt_mask
@@ -101,14 +117,7 @@ def test_flux_is_sampled_at_its_guidance_input_without_an_unconditional_branch(t
     for prompt in shapes.PROMPTS[:2]:
         prompt_embeds, pooled, _ = pipeline.encode_prompt(prompt, None, max_sequence_length=16)
         per_prompt.append({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "prompt_mask": None})
-    calls = []
-    original = FluxPipeline.__call__
-
-    def recorded(self, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(FluxPipeline, "__call__", recorded)
+    calls = recorded_calls(FluxPipeline, monkeypatch)
     lcm = LcmConfig()
     sample = quality_check.pipeline_sampler(
         pipeline, conditioning=quality_check.cycled_conditioning(per_prompt, 3), width=64, height=64,
@@ -129,8 +138,6 @@ def test_simpletuners_flux2_pipeline_guides_the_teacher_with_its_real_cfg_from_t
     guidance_scale_real, skipped on the first no_cfg_until_timestep steps, and no attention mask: the teacher's rows
     guide every step at w with the LCM unconditional input (zero prompt embeddings), the student's not at all, and
     the mask SimpleTuner's Flux2.convert_text_embed_for_pipeline hands over is left out."""
-    import functools
-
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
     from simpletuner.helpers.models.flux2.pipeline import Flux2Pipeline
     from simpletuner.helpers.models.flux2.transformer import Flux2Transformer2DModel
@@ -148,15 +155,7 @@ def test_simpletuners_flux2_pipeline_guides_the_teacher_with_its_real_cfg_from_t
     width = pipeline.transformer.config.joint_attention_dim
     per_prompt = [{"prompt_embeds": torch.randn(1, 8, width, generator=generator),
                    "attention_mask": torch.ones(1, 8, dtype=torch.long)} for _ in range(2)]
-    calls = []
-    original = Flux2Pipeline.__call__
-
-    @functools.wraps(original)  # its signature, which the sampler reads
-    def recorded(self, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Flux2Pipeline, "__call__", recorded)
+    calls = recorded_calls(Flux2Pipeline, monkeypatch)
     lcm = LcmConfig()
     sample = quality_check.pipeline_sampler(
         pipeline, conditioning=quality_check.cycled_conditioning(per_prompt, 3), width=64, height=64,
