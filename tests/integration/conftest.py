@@ -158,15 +158,21 @@ def computed_once(tmp_path_factory, name: str, compute):
         return value
 
 
+# trainer_site/sitecustomize.py: SimpleTuner's CUDA-graph step mark, which imports torch._inductor, skipped on a CPU.
+TRAINER_SITE = Path(__file__).parent / "trainer_site"
+
+
 def stock_trainer_env() -> dict[str, str]:
     """Environment for a CPU `simpletuner train`: this venv's tools first on PATH (the CLI spawns `accelerate`),
-    the plugin armed with its default data path whatever the caller's environment says."""
+    the plugin armed with its default data path whatever the caller's environment says, and no CUDA-graph step mark
+    (TRAINER_SITE)."""
     env = dict(os.environ)
     for name in ("SIMPLETUNER_LCM_DISABLE", "SIMPLETUNER_LCM_DATA_PATH"):
         env.pop(name, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MIXED_PRECISION="no")
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRAINER_SITE), env.get("PYTHONPATH")]))
     return env
 
 

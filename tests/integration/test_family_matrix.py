@@ -1,4 +1,6 @@
-"""Every model family the README names trains an LCM through the stock `simpletuner train`, LoRA and full.
+"""Every epsilon / v-prediction family the README names trains an LCM through the stock `simpletuner train`, LoRA
+and full (the flow-matching families: test_flow_families.py, LoRA, each family; test_flow_full_model.py, full: SD3
+and Flux, the full-model path of the distiller having no family code).
 
 Families: SD 1.x (epsilon, `model_family: sd1x`), SD 2.x-style v-prediction (`model_family: sd1x` with
 `prediction_type: v_prediction`: SimpleTuner 4.10.1's parser refuses `sd2x`) and SDXL (epsilon). Each cell trains
