@@ -157,8 +157,9 @@ def flow_refusal(config: LcmConfig, setting: Callable[[str], object]) -> str | N
 
 def refusal_line(why: str) -> str:
     """The refusal's one line around `why` (the second item of `flow_refusal_reason`)."""
-    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM and PCM (LoRA and full) of "
-            f"{', '.join(FLOW_FAMILIES)} among flow-matching families, and every epsilon / v_prediction family")
+    return (f"distillation_method 'lcm' (simpletuner-lcm): {why}; it covers LCM (LoRA and full) of "
+            f"{', '.join(FLOW_FAMILIES)} among flow-matching families (PCM too, but for {', '.join(PCM_UNSAMPLED)}), "
+            "and every epsilon / v_prediction family")
 
 
 @functools.cache
