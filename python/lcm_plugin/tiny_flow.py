@@ -387,6 +387,26 @@ def _byte_level_pieces() -> dict[int, str]:
     return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
 
 
+def _byte_level_words(first: tuple[str, ...], words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE's vocabulary (`first`, the 256 byte-level pieces, then each ASCII word of `words` as one piece
+    with and without a leading space: "\u0120red", "red") and its merges, the spaced words' chains first, so that a
+    word's own chain always completes."""
+    byte_pieces = _byte_level_pieces()
+    space = byte_pieces[ord(" ")]  # "\u0120"
+    pieces = [*first, *byte_pieces.values()]
+    spaced, plain = [], []
+    for word in sorted(words):
+        if not word or any(ch.isspace() for ch in word) or not word.isascii():
+            continue
+        for merges, current in ((spaced, space), (plain, "")):
+            for ch in word:
+                if current:
+                    merges.append((current, ch))
+                current += ch
+                pieces.append(current)
+    return {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}, list(dict.fromkeys(spaced + plain))
+
+
 def write_qwen_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     """Write a Qwen2/Qwen3-style byte-level BPE tokenizer (tokenizer.json, vocab.json, merges.txt + configs), built
     with `tokenizers`, with Qwen3's chat template: the 256 byte-level pieces, each of `words` and the ChatML roles as
@@ -399,21 +419,7 @@ def write_qwen_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    byte_pieces = _byte_level_pieces()
-    space = byte_pieces[ord(" ")]  # "\u0120"
-    pieces = list(byte_pieces.values())
-    spaced, plain = [], []  # merges: the spaced words' chains first, so a word's own chain always completes
-    for word in sorted(set(words) | {"user", "assistant", "system"}):
-        if not word or any(ch.isspace() for ch in word) or not word.isascii():
-            continue
-        for merges, current in ((spaced, space), (plain, "")):
-            for ch in word:
-                if current:
-                    merges.append((current, ch))
-                current += ch
-                pieces.append(current)
-    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    merges = list(dict.fromkeys(spaced + plain))
+    vocab, merges = _byte_level_words((), set(words) | {"user", "assistant", "system"})
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -1088,21 +1094,8 @@ def write_tekken_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    byte_pieces = _byte_level_pieces()
-    space = byte_pieces[ord(" ")]
-    pieces = list(TEKKEN_SPECIALS) + list(byte_pieces.values())
-    spaced, plain = [], []
-    for word in sorted(set(words)):
-        if not word or any(ch.isspace() for ch in word) or not word.isascii():
-            continue
-        for merges, current in ((spaced, space), (plain, "")):
-            for ch in word:
-                if current:
-                    merges.append((current, ch))
-                current += ch
-                pieces.append(current)
-    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=list(dict.fromkeys(spaced + plain)), unk_token="<unk>",
+    vocab, merges = _byte_level_words(TEKKEN_SPECIALS, set(words))
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>",
                               fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),

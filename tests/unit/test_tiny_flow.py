@@ -374,23 +374,8 @@ def test_folder_has_the_real_checkpoints_layout_and_consistent_sizes(model_dirs,
     assert scheduler.get("use_dynamic_shifting", False) is spec["scheduler"].get("use_dynamic_shifting", False)
 
     vae = read_json(folder / "vae" / "config.json")
-    if family == "qwen_image":
-        assert_the_qwen_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
-        return
-    if family == "flux3_image":
-        assert_the_flux3_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
-        return
-    if family == "ernie":
-        assert_the_ernie_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
-        return
-    if family == "flux2":
-        assert_the_flux2_klein_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
-        return
-    if family == "krea2":
-        assert_the_krea2_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
-        return
-    if family == "moss_image":
-        assert_the_moss_image_folder_is_consistent(folder, vae, read_json(folder / "transformer" / "config.json"))
+    if family in OWN_VAE_CHECKS:  # a VAE other than the 1/8 AutoencoderKL: the family's own check
+        OWN_VAE_CHECKS[family](folder, vae, read_json(folder / "transformer" / "config.json"))
         return
     assert vae["latent_channels"] == spec["latent_channels"] and len(vae["block_out_channels"]) == 4  # latents 1/8
     assert {k: vae[k] for k in spec["vae"]} == spec["vae"]
@@ -967,3 +952,14 @@ def test_encoded_prompts_fit_the_transformer_in_simpletuners_training_step(simpl
     for name in spec["text_weights"]:
         grad = model.model.get_parameter(name).grad
         assert grad is not None and torch.count_nonzero(grad) > 0, name
+
+
+# Families whose VAE is not the 1/8 AutoencoderKL the generic folder test reads: their folder's own checks.
+OWN_VAE_CHECKS = {
+    "qwen_image": assert_the_qwen_image_folder_is_consistent,
+    "flux3_image": assert_the_flux3_image_folder_is_consistent,
+    "ernie": assert_the_ernie_folder_is_consistent,
+    "flux2": assert_the_flux2_klein_folder_is_consistent,
+    "krea2": assert_the_krea2_folder_is_consistent,
+    "moss_image": assert_the_moss_image_folder_is_consistent,
+}

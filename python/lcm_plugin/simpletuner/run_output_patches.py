@@ -37,35 +37,25 @@ def _flow_card_settings(model, args) -> dict:
     family = getattr(args, "model_family", None)
     if family not in FLOW_FAMILIES:
         return {}
+    import diffusers
+    from simpletuner.helpers.models.common import PipelineTypes
+
     settings = {"denoiser": ("transformer", type(model.get_trained_component()).__name__)}
-    pipeline = _diffusers_text_to_image_pipeline(model)
-    own = _simpletuner_text_to_image_pipeline(model)
-    if pipeline is None and own is not None:
-        settings["pipeline_class"] = (own.__module__, own.__name__)
-        pipeline = own
+    # The class a card's `DiffusionPipeline.from_pretrained` gives: diffusers' of SimpleTuner's name (SimpleTuner
+    # vendors its own copies under the same names), else SimpleTuner's own.
+    pipeline = (getattr(model, "PIPELINE_CLASSES", None) or {}).get(PipelineTypes.TEXT2IMG)
+    if pipeline is not None and not hasattr(diffusers, pipeline.__name__):
+        settings["pipeline_class"] = (pipeline.__module__, pipeline.__name__)
+    elif pipeline is not None:
+        pipeline = getattr(diffusers, pipeline.__name__)
     if pipeline is not None and not hasattr(pipeline, "load_lora_weights"):
         settings["lora_into_denoiser"] = True
-    if pipeline is not None and pipeline_cfg_scale(pipeline, 1.0) != 1.0:
-        settings["unguided_scale"] = pipeline_cfg_scale(pipeline, 1.0)
+    unguided_scale = pipeline_cfg_scale(pipeline, 1.0) if pipeline is not None else 1.0
+    if unguided_scale != 1.0:
+        settings["unguided_scale"] = unguided_scale
     if FLOW_FAMILIES[family] == "embedded":
         settings["guidance_scale"] = float(getattr(args, "flux_guidance_value", 1.0))
     return settings
-
-
-def _simpletuner_text_to_image_pipeline(model):
-    """SimpleTuner's class of the model's text-to-image pipeline (its PIPELINE_CLASSES entry), or None."""
-    from simpletuner.helpers.models.common import PipelineTypes
-
-    return (getattr(model, "PIPELINE_CLASSES", None) or {}).get(PipelineTypes.TEXT2IMG)
-
-
-def _diffusers_text_to_image_pipeline(model):
-    """diffusers' class of the model's text-to-image pipeline (the one a card's `DiffusionPipeline.from_pretrained`
-    gives: SimpleTuner vendors its own copies under the same names), or None when diffusers has none."""
-    import diffusers
-
-    pipeline = _simpletuner_text_to_image_pipeline(model)
-    return getattr(diffusers, pipeline.__name__, None) if pipeline is not None else None
 
 
 def _base_scheduler_config(model) -> dict | None:
