@@ -11,6 +11,7 @@ barrier and gather that follow. Without a failure both ranks serve the same imag
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -42,24 +43,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(run: Path, model_dir: Path, faults: dict[int, str], late: dict[int, float] | None = None
+def run_ranks(run: Path | list[Path], model_dir: Path, faults: dict[int, str], late: dict[int, float] | None = None
               ) -> list[tuple[dict, str]]:
     """(result, log) of each rank; `faults`: rank -> LCM_CACHE_BUILD_RAISE for that rank; `late`: rank -> seconds it
-    waits before the data path."""
+    waits before the data path. Given one run folder, the ranks are one machine's; given one per rank, each rank is
+    a machine of its own, started in its folder."""
     port = free_port()
     processes = []
     for rank in range(WORLD):
+        folder, local = (run, rank) if isinstance(run, Path) else (run[rank], 0)
         env = {key: value for key, value in os.environ.items()
                if key not in ("LCM_CACHE_BUILD_FAULT", "LCM_CACHE_BUILD_RAISE", "RAYON_NUM_THREADS",
                               "SIMPLETUNER_LCM_DATA_PATH")}
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CONFIG_PATH=str(run / "config" / "config.json"),
+        env.update(RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(WORLD),
+                   LOCAL_WORLD_SIZE=str(WORLD if isinstance(run, Path) else 1), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), CONFIG_PATH=str(folder / "config" / "config.json"),
                    OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         if rank in faults:
             env["LCM_CACHE_BUILD_RAISE"] = faults[rank]
         env["RANK_WORKER_DELAY_S"] = str((late or {}).get(rank, 0))
-        result = run / f"rank{rank}.json"
-        processes.append((subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(result)], cwd=run,
+        result = folder / f"rank{rank}.json"
+        processes.append((subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(result)], cwd=folder,
                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                           result))
     deadline = time.monotonic() + SECONDS
@@ -106,7 +110,7 @@ def test_both_ranks_serve_the_caches_they_built_together(run, tiny_sdxl_dir):
 
 @pytest.mark.parametrize(
     ("failing", "spec", "phase"),
-    [(0, "checks:1", "the rank-0 checks of the existing caches"), (1, "encoded:1", "encoding")],
+    [(0, "checks:1", "the checks of the existing caches"), (1, "encoded:1", "encoding")],
     ids=["rank0-checks", "rank1-encoding"],
 )
 def test_a_failure_on_one_rank_sends_every_rank_to_simpletuners_path(run, tiny_sdxl_dir, failing, spec, phase):
@@ -121,3 +125,32 @@ def test_a_failure_on_one_rank_sends_every_rank_to_simpletuners_path(run, tiny_s
             line = fallback.format(rank=rank) + f"rank {failing} failed during {phase}: {error}"
         assert line in log, log[-4000:]
         assert "read latents and text embeddings from the memory-mapped caches" not in log
+
+
+def test_machines_with_cache_folders_of_their_own_each_build_and_serve_every_image(run, tmp_path, tiny_sdxl_dir):
+    """Two machines (a rank each) whose relative cache folders resolve to folders of their own, as with a local
+    `cache_dir_vae` per machine: each machine's stores get every latent and caption and their own manifest, so each
+    rank serves all 8 images from its own disk; a restart of both finds everything cached on each."""
+    from lcm_plugin.cache import LatentCacheReader
+    from lcm_plugin.cache_build.layout import LCM_DIR, MANIFEST, PT_RECORD, TIME_IDS
+    from lcm_plugin.cache_build.ranks import MACHINE_MARK
+
+    machines = [run, tmp_path / "second-machine"]
+    shutil.copytree(run, machines[1])  # copy2: the images keep their mtimes, part of each key
+    stores = [folder / "cache" / "vae" / "toy" / LCM_DIR for folder in machines]
+    for start in ("first", "restart"):
+        outcomes = run_ranks(machines, tiny_sdxl_dir, {})
+        for folder, (result, log) in zip(machines, outcomes):
+            served = {Path(path).relative_to(folder).as_posix() for path in result["served"]["datasets"]["toy"]}
+            assert served == {f"data/img{i}.jpg" for i in range(8)}, log[-3000:]
+            assert len(result["served"]["texts"]) == 1
+        log0 = outcomes[0][1]
+        counts = "(8 image(s) encoded here, 0 already" if start == "first" else "(0 image(s) encoded here, 8 already"
+        assert counts in log0, log0[-3000:]
+        if start == "first":
+            shards = [sorted(path.name for path in store.iterdir()) for store in stores]
+    for store, before in zip(stores, shards):
+        latents = [key for key in LatentCacheReader(store).keys() if TIME_IDS not in key and PT_RECORD not in key]
+        assert len(latents) == 8 and (store / MANIFEST).is_file()
+        assert sorted(path.name for path in store.iterdir()) == before  # the restart wrote nothing
+    assert not [path for path in tmp_path.rglob(f"{MACHINE_MARK}*")]

@@ -10,7 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lcm_plugin.cache_build.plan import BuildError
-from lcm_plugin.cache_build.ranks import Phase, RankFailed, require_same_plan, threads_per_rank
+from lcm_plugin.cache_build.ranks import (
+    MACHINE_MARK,
+    Crew,
+    Phase,
+    RankFailed,
+    RanksDisagree,
+    crew_of,
+    mark_folders,
+    marks_seen,
+    require_same_plan,
+    threads_per_rank,
+    unmark_folders,
+)
 
 
 class ThreadGroup:
@@ -152,3 +164,52 @@ def test_the_other_ranks_take_the_first_ranks_memo_without_reading_the_folder(tm
     (stranger,) = datasets_of(settings, entries)
     scan_dataset(stranger, settings.seed, shared_memos={(time + 1, crc) for time, crc in shared})
     assert len(stranger.inventory) == 0  # its own scan of the folder as it is now
+
+
+def crews(folders_of_rank: list[list], first_ranks: set[int]) -> list:
+    """Each rank's crew (or what it raised) when rank r's cache folders are `folders_of_rank[r]` and the ranks in
+    `first_ranks` are their machine's first: the marks and gathers of the build's two planning phases."""
+
+    def body(group, rank):
+        folders = folders_of_rank[rank]
+        mark = mark_folders(folders) if rank in first_ranks else None
+        with Phase(group, "planning on each machine's first rank") as first:
+            first.share(mark)
+        marks = [shared for shared in first.shared if shared]
+        try:
+            with Phase(group, "planning") as planning:
+                planning.share(marks_seen(folders, marks))
+        finally:
+            if mark is not None:
+                unmark_folders(folders, mark)
+        return crew_of(planning.shared, marks, folders, rank)
+
+    outcomes, _ = run_ranks(len(folders_of_rank), body)
+    return outcomes
+
+
+def test_ranks_that_see_the_same_cache_folders_fill_them_together(tmp_path):
+    shared = [tmp_path / "vae", tmp_path / "text"]
+    # one machine of two ranks; two machines of two ranks on shared storage
+    assert crews([shared] * 2, {0}) == [Crew((0, 1), 0), Crew((0, 1), 1)]
+    assert crews([shared] * 4, {0, 2}) == [Crew((0, 1, 2, 3), rank) for rank in range(4)]
+    assert [path.name for folder in shared for path in folder.iterdir()] == []  # the marks are gone
+
+
+def test_machines_with_cache_folders_of_their_own_each_fill_theirs(tmp_path):
+    machine = {name: [tmp_path / name / "vae", tmp_path / name / "text"] for name in ("a", "b")}
+    outcomes = crews([machine["a"], machine["a"], machine["b"], machine["b"]], {0, 2})
+    assert outcomes == [Crew((0, 1), 0), Crew((0, 1), 1), Crew((2, 3), 2), Crew((2, 3), 3)]
+    assert [(crew.index, crew.size, crew.leader, crew.leads) for crew in outcomes] == [
+        (0, 2, 0, True), (1, 2, 0, False), (0, 2, 2, True), (1, 2, 2, False)]
+    assert not any(path.name.startswith(MACHINE_MARK) for path in tmp_path.rglob("*"))
+
+
+def test_cache_folders_shared_by_some_machines_only_are_refused_on_every_rank(tmp_path):
+    vae = tmp_path / "shared-vae"
+    outcomes = crews([[vae, tmp_path / "a-text"], [vae, tmp_path / "b-text"]], {0, 1})
+    for outcome in outcomes:
+        assert isinstance(outcome, RanksDisagree), outcome
+        assert str(outcome).startswith(f"{vae}: the run's machines share some of its cache folders but not all")
+    three = crews([[vae], [vae], [tmp_path / "own"]], {0, 1, 2})  # two machines share a folder, the third has its own
+    assert all(isinstance(outcome, RanksDisagree) for outcome in three), three

@@ -1,17 +1,19 @@
 """`simpletuner-lcm cache build`: fill a run's latent and text caches, resumably, on one or many processes.
 
-Order of work (every rank derives the same plan; rank r takes batches r, r + N, ...), one module a step:
+Order of work (every rank derives the same plan; the ranks that fill one copy of the stores split it, the r-th of N
+taking batches r, r + N, ...: every rank, or with a local cache folder per machine each machine's ranks, `ranks.Crew`),
+one module a step:
 1. `plan`: read and validate config.json + multidatabackend.json, list and header-scan every image through the scan
    memo, bucket it; `fingerprint`: fingerprint the VAE and text encoders and name every entry by its recipe (each
    machine's first rank plans first and writes the memos, its other ranks plan from them);
-2. `store` and `checks` (rank 0): verify the existing stores and drop failing shards, compare them with the plan (log
+2. `store` and `checks` (the crew's first rank): verify the existing stores and drop failing shards, compare them with the plan (log
    what is to encode and why, check the shape and time_ids of every cached entry), remove SimpleTuner-format files
    of ours that the plan no longer produces; all ranks wait. A plan whose completion record (`manifest`) matches
    skips this, and 3-5;
 3. `fill`: VAE batches decoded/resized/cropped in Rust (the next batch on a helper thread while the VAE encodes this
    one), encoded in torch, latents + SDXL time_ids put in the stores;
 4. `fill`: captions encoded with the run's text encoders, prompt_embeds (+ pooled_prompt_embeds for SDXL) put;
-5. ranks exchange the images that failed; rank 0 writes each dataset's manifest and completion record (`manifest`)
+5. ranks exchange the images that failed; the crew's first rank writes each dataset's manifest and completion record (`manifest`)
    and, with --format simpletuner, SimpleTuner's bucket metadata (`simpletuner_format`).
 `ranks` says how the processes agree at the end of each step.
 
@@ -66,6 +68,7 @@ from lcm_plugin.cache_build.plan import (
     shared_memos,
     vae_batches,
 )
+from lcm_plugin.cache_build.ranks import Crew
 from lcm_plugin.cache_build.store import open_reader, prune_stores, repair
 
 
@@ -153,26 +156,43 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     rank, world = rank_and_world()
     if options.prune and world > 1:
         raise BuildError("--prune rewrites the stores: run it in one process, not under a multi-process launcher")
-    from lcm_plugin.cache_build.ranks import Phase
+    from lcm_plugin.cache_build.ranks import (
+        Phase,
+        cache_folders,
+        crew_of,
+        mark_folders,
+        marks_seen,
+        unmark_folders,
+    )
 
     group = _Group(world)
     finished = False
     try:
         # Each machine's first rank plans first and writes the scan memos; its other ranks plan from them.
         first_on_machine = int(os.environ.get("LOCAL_RANK", rank)) == 0
-        with Phase(group, "planning on each machine's first rank") as first:
-            planned = plan_run(options.config_dir, options.threads, remember=True) if first_on_machine else None
-            first.share(memo_tokens(planned[1]) if planned else [])
-        with Phase(group, "planning"):
-            settings, datasets, prints = planned or plan_run(options.config_dir, options.threads,
-                                                             shared=shared_memos(first.shared))
-            elsewhere = next((d for d in datasets if d.image_reader() is not None), None)
-            if options.simpletuner_format and elsewhere is not None:
-                where = "an S3 bucket" if elsewhere.remote is not None else f"{elsewhere.packed.kind} files"
-                raise BuildError(f"{settings.backend_path}: dataset {elsewhere.id!r} is in {where}: --format "
-                                 "simpletuner writes SimpleTuner's files next to local images only; build without it")
+        mark = None
+        try:
+            with Phase(group, "planning on each machine's first rank") as first:
+                planned = plan_run(options.config_dir, options.threads, remember=True) if first_on_machine else None
+                mark = mark_folders(cache_folders(planned[1])) if planned else None
+                first.share((memo_tokens(planned[1]) if planned else [], mark))
+            marks = [shared_mark for _, shared_mark in first.shared if shared_mark]
+            with Phase(group, "planning") as planning:
+                settings, datasets, prints = planned or plan_run(
+                    options.config_dir, options.threads, shared=shared_memos([tokens for tokens, _ in first.shared]))
+                elsewhere = next((d for d in datasets if d.image_reader() is not None), None)
+                if options.simpletuner_format and elsewhere is not None:
+                    where = "an S3 bucket" if elsewhere.remote is not None else f"{elsewhere.packed.kind} files"
+                    raise BuildError(f"{settings.backend_path}: dataset {elsewhere.id!r} is in {where}: --format "
+                                     "simpletuner writes SimpleTuner's files next to local images only; build "
+                                     "without it")
+                planning.share(marks_seen(cache_folders(datasets), marks))
+        finally:
+            if mark is not None:
+                unmark_folders(cache_folders(planned[1]), mark)
+        crew = crew_of(planning.shared, marks, cache_folders(datasets), rank)
         report = build_planned(
-            settings, datasets, prints, options, rank=rank, world=world, group=group, models=FileModels(settings),
+            settings, datasets, prints, options, crew=crew, group=group, models=FileModels(settings),
             write_bucket_files=options.simpletuner_format, remove_stale_files=True, log=log,
         )
         if rank == 0 and options.prune:
@@ -185,8 +205,8 @@ def build(options: BuildOptions, log=print) -> BuildReport:
 
 
 def build_planned(
-    settings: RunSettings, datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, *, rank: int,
-    world: int, group, models, write_bucket_files: bool, remove_stale_files: bool, log,
+    settings: RunSettings, datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, *, crew: Crew,
+    group, models, write_bucket_files: bool, remove_stale_files: bool, log,
 ) -> BuildReport:
     """Steps 2-5 of the module docstring for planned, keyed `datasets`. `group` synchronises the ranks (`gather`);
     `models` gives the VAE and the text encoders (`vae()`, `text_encoders()`), asked only when something is to be
@@ -194,16 +214,19 @@ def build_planned(
     the manifests written (`report.failed_on_any_rank` lists what failed), or every rank raises (ranks.Phase: its own
     error where a part failed, `RankFailed` on the others).
 
-    Collectives, the same on every rank whatever raised where: one gather at the end of each of three phases (rank 0's
-    checks, which also compare the ranks' plans; encoding, which also pools the failed images; rank 0's manifests
-    and bucket files). Each gather also holds back the ranks until rank 0's part of its phase is done."""
+    `crew`: the ranks that fill the stores this rank writes to (every rank, or this machine's: ranks.Crew); they
+    split the work, and their leader checks the stores and writes the manifests and bucket files.
+
+    Collectives, the same on every rank whatever raised where: one gather at the end of each of three phases (the
+    leaders' checks, which also compare the ranks' plans; encoding, which also pools the failed images; the leaders'
+    manifests and bucket files). Each gather also holds back the ranks until the leaders' part of its phase is done."""
     from lcm_plugin.cache_build.ranks import Phase, plan_summary, require_same_plan
 
     report = BuildReport()
     summary = plan_summary(datasets, prints)
-    with Phase(group, "the rank-0 checks of the existing caches") as checks:
+    with Phase(group, "the checks of the existing caches") as checks:
         complete_before, failed_before = False, []
-        if rank == 0:  # every rank scans; one reports
+        if crew.leads:  # every rank scans; one per crew reports
             fault_point("checks")
             for dataset in datasets:
                 report.failed += [(str(path), reason) for path, reason in dataset.skipped]
@@ -225,20 +248,20 @@ def build_planned(
     require_same_plan([shared[0] for shared in checks.shared])
     # The same plan completed before on the same stores (none of their shards dropped since): nothing to encode,
     # check or rewrite; what failed then fails now (the same files, per the plan's content hashes).
-    complete_before = checks.shared[0][1]
-    batches = vae_batches(datasets, settings.vae_batch_size)
+    complete_before = checks.shared[crew.leader][1]
+    batches = vae_batches(datasets, settings.vae_batch_size)[crew.index::crew.size]
     with Phase(group, "encoding") as encoding:
         if complete_before:
-            report.reused = sum(len(batch) for batch in batches[rank::world])
-            report.failed += checks.shared[0][2] if rank == 0 else []
+            report.reused = sum(len(batch) for batch in batches)
+            report.failed += checks.shared[crew.leader][2] if crew.leads else []
         else:
-            encode_images(batches[rank::world], datasets, settings, prints, options, rank, report, models)
-            encode_captions(datasets, prints, options, rank, world, report, models)
+            encode_images(batches, datasets, settings, prints, options, crew.rank, report, models)
+            encode_captions(datasets, prints, options, crew, report, models)
         encoding.share(report.failed)
     failed = dict(pair for failed_on_rank in encoding.shared for pair in failed_on_rank)
     report.failed_on_any_rank = failed
-    with Phase(group, "the rank-0 writing of the manifests and bucket files"):
-        if rank == 0:
+    with Phase(group, "the writing of the manifests and bucket files"):
+        if crew.leads:
             for dataset in datasets:
                 if not complete_before:
                     fault_point("manifest")

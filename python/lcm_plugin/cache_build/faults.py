@@ -6,7 +6,7 @@ or any point when `<point>` is `*`. `<n>` = 0 only counts (`hits`), which the cr
 `LCM_CACHE_BUILD_RAISE=<point>:<n>` makes it raise `InjectedFault` there instead: an error the build does not
 expect, on the one rank whose environment asks for it (tests/integration/test_rank_agreement.py).
 
-Points, in build order: `checks` (rank 0's checks of the existing caches, before the other ranks encode),
+Points, in build order: `checks` (the first rank's checks of the existing caches, before the other ranks encode),
 `encoded` (a VAE batch or a caption chunk encoded, nothing of it stored), `put` (one entry queued; the store seals
 a shard when its size is reached), `pt` (a SimpleTuner-format file written, its record not yet queued), `commit`
 (before a writer seals its pending entries), `manifest` (before manifest.json is replaced), `buckets` (between

@@ -27,6 +27,7 @@ from lcm_plugin.cache_build.plan import (
 
 if TYPE_CHECKING:
     from lcm_plugin.cache_build.build import BuildOptions, BuildReport
+    from lcm_plugin.cache_build.ranks import Crew
 from lcm_plugin.cache_build.store import (
     latent_file,
     open_reader,
@@ -229,10 +230,9 @@ def _encode_decoded(decoded, batch: Batch, dataset: Dataset, writer, vae, settin
 
 
 def encode_captions(
-    datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, rank: int, world: int,
-    report: BuildReport, models,
+    datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, crew: Crew, report: BuildReport, models,
 ) -> None:
-    """Captions in fixed chunks of TEXT_BATCH (rank r takes chunks r, r + N, ...). A chunk with any caption missing
+    """Captions in fixed chunks of TEXT_BATCH (the r-th rank of the `crew`'s N takes chunks r, r + N, ...). A chunk with any caption missing
     is encoded whole, as latents are: an encoder's output bits can depend on the batch it ran in, and the same
     chunk gives the same embeddings after a kill, whatever the number of processes."""
     from tqdm import tqdm
@@ -243,8 +243,9 @@ def encode_captions(
     compress = {d.text_cache_dir: d.compress_text for d in datasets}
     work = []  # (folder, writer, chunks with a caption to encode, captions stored but missing their SimpleTuner file)
     for folder, captions in unique_captions(datasets).items():
-        writer = open_writer(folder / LCM_DIR, rank, options.shard_bytes)
-        chunks = [captions[start : start + TEXT_BATCH] for start in range(0, len(captions), TEXT_BATCH)][rank::world]
+        writer = open_writer(folder / LCM_DIR, crew.rank, options.shard_bytes)
+        chunks = [captions[start : start + TEXT_BATCH] for start in range(0, len(captions), TEXT_BATCH)]
+        chunks = chunks[crew.index::crew.size]
         encode, files = [], []
         for chunk in chunks:
             keys = [text_entry(caption, prints.text_digest) for caption in chunk]
@@ -266,7 +267,7 @@ def encode_captions(
         encode_caption = getattr(models, "encode_caption", None)
         tokenizers, encoders = models.text_encoders()
         bar = tqdm(total=sum(len(c) for _, _, chunks, _ in work for c in chunks), unit="caption",
-                   desc=f"text (rank {rank})", disable=rank != 0)
+                   desc=f"text (rank {crew.rank})", disable=crew.rank != 0)
         for folder, writer, chunks, _ in work:
             for chunk in chunks:
                 if encode_caption is not None:

@@ -1,12 +1,17 @@
 """How the ranks of a multi-process build agree, and share the machine.
 
-Agreement: the build runs in phases (the trainer's planning, rank 0's checks of the existing caches, encoding,
-rank 0's manifests and bucket files, the trainer opening the caches). Each phase ends in exactly one
+Agreement: the build runs in phases (planning, the checks of the existing caches, encoding, the manifests and
+bucket files, the trainer opening the caches). Each phase ends in exactly one
 `group.gather` that every rank reaches, whatever raised where, carrying whether the rank's part went through; when
 any rank's part failed, every rank raises (in the trainer: all ranks take SimpleTuner's own path, or none). A rank
 that raised and left on its own would enter the next collective (SimpleTuner's, in the trainer) while the others
 still wait in the build's: the collectives pair up wrongly, and on gloo a rank receives the other collective's data
 or times out, on NCCL it hangs until the process group's timeout.
+
+Crews: while the ranks plan, each machine's first rank leaves a mark file in every cache folder of the run, and
+which marks each rank then sees (`crew_of`) tells whether the folders are storage the machines share (one crew of
+every rank fills them once) or each machine's own (each machine's ranks fill its folders whole: every machine then
+serves every image from local disk, having encoded every image itself).
 
 `group` is anything with `gather(list) -> list`, the concatenation of every rank's list in rank order
 (`build._Group` over torch.distributed, `trainer_cache.AcceleratorGroup` over accelerate's process group).
@@ -16,6 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
 
 from lcm_plugin.cache_build.plan import BuildError
 
@@ -102,6 +110,83 @@ def require_same_plan(summaries: list[tuple[str, int]]) -> None:
         counts = ", ".join(f"rank {rank}: {images} image(s)" for rank, (_, images) in enumerate(summaries))
         raise RanksDisagree(f"the ranks planned different work ({counts}); every rank must read the same config and "
                          "files (did a dataset change while the ranks scanned it?)")
+
+
+# A file each machine's first rank leaves in every cache folder while the ranks plan: which machines see it tells
+# whether the folder is shared storage or each machine's own.
+MACHINE_MARK = ".lcm-machine-"
+
+
+@dataclass(frozen=True)
+class Crew:
+    """The ranks that fill one copy of the run's stores, and this rank's place among them. When every rank sees the
+    same cache folders (one machine, or storage the machines share), one crew of every rank fills them; when each
+    machine has folders of its own (a local `cache_dir_vae` per machine), each machine's ranks are a crew and fill
+    its own copy whole, so that every machine serves every image from local disk."""
+
+    members: tuple[int, ...]  # global ranks, ascending
+    rank: int
+
+    @property
+    def index(self) -> int:
+        """This rank's share: batches and caption chunks index, index + size, ..."""
+        return self.members.index(self.rank)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def leader(self) -> int:
+        """The rank that checks and repairs the crew's stores and writes their manifests, completion records and
+        SimpleTuner's bucket files."""
+        return self.members[0]
+
+    @property
+    def leads(self) -> bool:
+        return self.rank == self.leader
+
+
+def cache_folders(datasets) -> list[Path]:
+    """The folders the run's stores live in, in config order (the same list on every rank)."""
+    return list(dict.fromkeys([d.vae_cache_dir for d in datasets] + [d.text_cache_dir for d in datasets]))
+
+
+def mark_folders(folders: list[Path]) -> str:
+    """Leaves a file named for this machine in each of `folders` (made when missing); returns its name."""
+    mark = MACHINE_MARK + secrets.token_hex(8)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / mark).touch()
+    return mark
+
+
+def unmark_folders(folders: list[Path], mark: str) -> None:
+    for folder in folders:
+        (folder / mark).unlink(missing_ok=True)
+
+
+def marks_seen(folders: list[Path], marks: list[str]) -> list[tuple[str, ...]]:
+    """Per folder, which of the machines' `marks` this rank sees in it."""
+    return [tuple(mark for mark in marks if (folder / mark).exists()) for folder in folders]
+
+
+def crew_of(seen: list[list[tuple[str, ...]]], marks: list[str], folders: list[Path], rank: int) -> Crew:
+    """This rank's crew, from what every rank saw (`seen`, in rank order: `marks_seen` of each) of every machine's
+    mark. Raises RanksDisagree, alike on every rank, when a folder is shared by some machines and not by others, or
+    shared while another is not: the stores could then be neither filled once nor once per machine."""
+    everyone = tuple(marks)
+    if all(in_folder == everyone for by_rank in seen for in_folder in by_rank):
+        return Crew(tuple(range(len(seen))), rank)
+    machine_of = []
+    for by_rank in seen:
+        odd = [folder for folder, in_folder in zip(folders, by_rank) if len(in_folder) != 1 or in_folder != by_rank[0]]
+        if odd:
+            raise RanksDisagree(f"{odd[0]}: the run's machines share some of its cache folders but not all, or share a "
+                             "folder with some machines only; give every machine the same cache folders (shared "
+                             "storage) or each machine folders of its own (a local cache_dir_vae and text cache_dir)")
+        machine_of.append(by_rank[0][0])
+    return Crew(tuple(r for r, machine in enumerate(machine_of) if machine == machine_of[rank]), rank)
 
 
 def threads_per_rank(processes: int) -> int:

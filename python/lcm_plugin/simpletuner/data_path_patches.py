@@ -154,8 +154,8 @@ def _prepare_data_path(config, accelerator, text_encoders, tokenizers, model) ->
 
         trainer_cache.prepare(
             running_config_path(), config, lcm_run=is_lcm_run(config), models=models,
-            group=trainer_cache.AcceleratorGroup(accelerator), rank=rank, world=accelerator.num_processes,
-            local_rank=accelerator.local_process_index, threads=threads, listed_extensions=image_file_extensions,
+            group=trainer_cache.AcceleratorGroup(accelerator), rank=rank, local_rank=accelerator.local_process_index,
+            threads=threads, listed_extensions=image_file_extensions,
         )
     except trainer_cache.DataPathSwitchError:
         raise
