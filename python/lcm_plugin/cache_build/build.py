@@ -6,15 +6,15 @@ one module a step:
 1. `plan`: read and validate config.json + multidatabackend.json, list and header-scan every image through the scan
    memo, bucket it; `fingerprint`: fingerprint the VAE and text encoders and name every entry by its recipe (each
    machine's first rank plans first and writes the memos, its other ranks plan from them);
-2. `store` and `checks` (the crew's first rank): verify the existing stores and drop failing shards, compare them with the plan (log
-   what is to encode and why, check the shape and time_ids of every cached entry), remove SimpleTuner-format files
-   of ours that the plan no longer produces; all ranks wait. A plan whose completion record (`manifest`) matches
-   skips this, and 3-5;
+2. `store` and `checks` (the crew's first rank): verify the existing stores and drop failing shards, compare them with
+   the plan (log what is to encode and why, check the shape and time_ids of every cached entry), remove
+   SimpleTuner-format files of ours that the plan no longer produces; all ranks wait. A plan whose completion record
+   (`manifest`) matches skips this, and 3-5;
 3. `fill`: VAE batches decoded/resized/cropped in Rust (the next batch on a helper thread while the VAE encodes this
    one), encoded in torch, latents + SDXL time_ids put in the stores;
 4. `fill`: captions encoded with the run's text encoders, prompt_embeds (+ pooled_prompt_embeds for SDXL) put;
-5. ranks exchange the images that failed; the crew's first rank writes each dataset's manifest and completion record (`manifest`)
-   and, with --format simpletuner, SimpleTuner's bucket metadata (`simpletuner_format`).
+5. ranks exchange the images that failed; the crew's first rank writes each dataset's manifest and completion record
+   (`manifest`) and, with --format simpletuner, SimpleTuner's bucket metadata (`simpletuner_format`).
 `ranks` says how the processes agree at the end of each step.
 
 `build` runs it all for `simpletuner-lcm cache build` (models loaded from the run's paths, ranks over gloo);

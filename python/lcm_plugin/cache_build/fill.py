@@ -232,9 +232,9 @@ def _encode_decoded(decoded, batch: Batch, dataset: Dataset, writer, vae, settin
 def encode_captions(
     datasets: list[Dataset], prints: Fingerprints, options: BuildOptions, crew: Crew, report: BuildReport, models,
 ) -> None:
-    """Captions in fixed chunks of TEXT_BATCH (the r-th rank of the `crew`'s N takes chunks r, r + N, ...). A chunk with any caption missing
-    is encoded whole, as latents are: an encoder's output bits can depend on the batch it ran in, and the same
-    chunk gives the same embeddings after a kill, whatever the number of processes."""
+    """Captions in fixed chunks of TEXT_BATCH (the r-th rank of the `crew`'s N takes chunks r, r + N, ...). A chunk
+    with any caption missing is encoded whole, as latents are: an encoder's output bits can depend on the batch it
+    ran in, and the same chunk gives the same embeddings after a kill, whatever the number of processes."""
     from tqdm import tqdm
 
     from lcm_plugin.cache_build.encode import encode_prompts
