@@ -253,48 +253,25 @@ def prepare(config_path: Path | None, args, *, lcm_run: bool, models: TrainerMod
         # latent gather) run on rayon's global pool, which reads this variable when first used: in the header scan.
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     from lcm_plugin.cache_build.build import BuildOptions, build_planned
-    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS, memo_tokens, shared_memos
-    from lcm_plugin.cache_build.ranks import (
-        Phase,
-        RanksDisagree,
-        cache_folders,
-        crew_of,
-        mark_folders,
-        marks_seen,
-        unmark_folders,
-    )
+    from lcm_plugin.cache_build.plan import IMAGE_EXTENSIONS
+    from lcm_plugin.cache_build.ranks import Phase, plan_on_every_rank
 
     listed = listed_as(listed_extensions)
     if not listed >= set(IMAGE_EXTENSIONS):
         listed = frozenset()  # SimpleTuner would not list every image the scan reads: its listing stays its own
     first_on_machine = (rank if local_rank is None else local_rank) == 0
-    mark = None
-    try:
-        with Phase(group, "planning on each machine's first rank") as first:
-            # The machine's other ranks wait: its first one scans on every core (unless RAYON_NUM_THREADS sizes the
-            # pools).
-            scan_threads = None if threads is None else max(threads, os.cpu_count() or 1)
-            planned = _plan(config_path, args, models, rank, listed, log, remember=True,
-                            threads=scan_threads) if first_on_machine else None
-            mark = mark_folders(cache_folders(planned[1])) if planned else None
-            first.share((memo_tokens(planned[1]) if planned else [], mark))
-        marks = [shared_mark for _, shared_mark in first.shared if shared_mark]
-        with Phase(group, "planning") as planning:
-            if not first_on_machine:
-                planned = _plan(config_path, args, models, rank, listed, log, remember=False, threads=None,
-                                shared_memos=shared_memos([tokens for tokens, _ in first.shared]))
-            planning.share(marks_seen(cache_folders(planned[1]), marks) if planned else None)
-    finally:
-        if mark is not None:
-            unmark_folders(cache_folders(planned[1]), mark)
-    if len({seen is None for seen in planning.shared}) > 1:
-        idle = [other for other, seen in enumerate(planning.shared) if seen is None]
-        raise RanksDisagree(f"rank(s) {', '.join(map(str, idle))} found no dataset to build where the others did; "
-                            "every rank must read the same config and files")
+    # The machine's other ranks wait: its first one scans on every core (unless RAYON_NUM_THREADS sizes the pools).
+    scan_threads = None if threads is None else max(threads, os.cpu_count() or 1)
+
+    def plan(memos):
+        if memos is None:
+            return _plan(config_path, args, models, rank, listed, log, remember=True, threads=scan_threads)
+        return _plan(config_path, args, models, rank, listed, log, remember=False, threads=None, shared_memos=memos)
+
+    planned, crew = plan_on_every_rank(group, rank, first_on_machine, plan)
     if planned is None:
         return _coverage
     settings, datasets, prints = planned
-    crew = crew_of(planning.shared, marks, cache_folders(datasets), rank)
     options = BuildOptions(config_dir=settings.config_path, threads=threads)
     report = build_planned(settings, datasets, prints, options, crew=crew, group=group, models=models,
                            # SimpleTuner-format files are neither read nor written here: a trainer leaves them alone

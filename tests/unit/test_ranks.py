@@ -16,12 +16,9 @@ from lcm_plugin.cache_build.ranks import (
     Phase,
     RankFailed,
     RanksDisagree,
-    crew_of,
-    mark_folders,
-    marks_seen,
+    plan_on_every_rank,
     require_same_plan,
     threads_per_rank,
-    unmark_folders,
 )
 
 
@@ -167,22 +164,15 @@ def test_the_other_ranks_take_the_first_ranks_memo_without_reading_the_folder(tm
 
 
 def crews(folders_of_rank: list[list], first_ranks: set[int]) -> list:
-    """Each rank's crew (or what it raised) when rank r's cache folders are `folders_of_rank[r]` and the ranks in
-    `first_ranks` are their machine's first: the marks and gathers of the build's two planning phases."""
+    """Each rank's crew (or what it raised) from `plan_on_every_rank` when rank r's plan puts its stores in
+    `folders_of_rank[r]` (a VAE and a text cache folder) and the ranks in `first_ranks` are their machine's first."""
+    from types import SimpleNamespace
 
     def body(group, rank):
-        folders = folders_of_rank[rank]
-        mark = mark_folders(folders) if rank in first_ranks else None
-        with Phase(group, "planning on each machine's first rank") as first:
-            first.share(mark)
-        marks = [shared for shared in first.shared if shared]
-        try:
-            with Phase(group, "planning") as planning:
-                planning.share(marks_seen(folders, marks))
-        finally:
-            if mark is not None:
-                unmark_folders(folders, mark)
-        return crew_of(planning.shared, marks, folders, rank)
+        vae, text = folders_of_rank[rank]
+        planned = (None, [SimpleNamespace(vae_cache_dir=vae, text_cache_dir=text, memo_token=None)], None)
+        _, crew = plan_on_every_rank(group, rank, rank in first_ranks, lambda memos: planned)
+        return crew
 
     outcomes, _ = run_ranks(len(folders_of_rank), body)
     return outcomes
@@ -211,5 +201,5 @@ def test_cache_folders_shared_by_some_machines_only_are_refused_on_every_rank(tm
     for outcome in outcomes:
         assert isinstance(outcome, RanksDisagree), outcome
         assert str(outcome).startswith(f"{vae}: the run's machines share some of its cache folders but not all")
-    three = crews([[vae], [vae], [tmp_path / "own"]], {0, 1, 2})  # two machines share a folder, the third has its own
+    three = crews([[vae, vae], [vae, vae], [tmp_path / "own"] * 2], {0, 1, 2})  # two machines share a folder, the third has its own
     assert all(isinstance(outcome, RanksDisagree) for outcome in three), three

@@ -62,10 +62,8 @@ from lcm_plugin.cache_build.plan import (
     Dataset,
     RunSettings,
     datasets_of,
-    memo_tokens,
     read_run,
     scan_dataset,
-    shared_memos,
     vae_batches,
 )
 from lcm_plugin.cache_build.ranks import Crew
@@ -156,41 +154,27 @@ def build(options: BuildOptions, log=print) -> BuildReport:
     rank, world = rank_and_world()
     if options.prune and world > 1:
         raise BuildError("--prune rewrites the stores: run it in one process, not under a multi-process launcher")
-    from lcm_plugin.cache_build.ranks import (
-        Phase,
-        cache_folders,
-        crew_of,
-        mark_folders,
-        marks_seen,
-        unmark_folders,
-    )
+    from lcm_plugin.cache_build.ranks import plan_on_every_rank
 
     group = _Group(world)
     finished = False
     try:
         # Each machine's first rank plans first and writes the scan memos; its other ranks plan from them.
         first_on_machine = int(os.environ.get("LOCAL_RANK", rank)) == 0
-        mark = None
-        try:
-            with Phase(group, "planning on each machine's first rank") as first:
-                planned = plan_run(options.config_dir, options.threads, remember=True) if first_on_machine else None
-                mark = mark_folders(cache_folders(planned[1])) if planned else None
-                first.share((memo_tokens(planned[1]) if planned else [], mark))
-            marks = [shared_mark for _, shared_mark in first.shared if shared_mark]
-            with Phase(group, "planning") as planning:
-                settings, datasets, prints = planned or plan_run(
-                    options.config_dir, options.threads, shared=shared_memos([tokens for tokens, _ in first.shared]))
-                elsewhere = next((d for d in datasets if d.image_reader() is not None), None)
-                if options.simpletuner_format and elsewhere is not None:
-                    where = "an S3 bucket" if elsewhere.remote is not None else f"{elsewhere.packed.kind} files"
-                    raise BuildError(f"{settings.backend_path}: dataset {elsewhere.id!r} is in {where}: --format "
-                                     "simpletuner writes SimpleTuner's files next to local images only; build "
-                                     "without it")
-                planning.share(marks_seen(cache_folders(datasets), marks))
-        finally:
-            if mark is not None:
-                unmark_folders(cache_folders(planned[1]), mark)
-        crew = crew_of(planning.shared, marks, cache_folders(datasets), rank)
+
+        def refuse_elsewhere(planned) -> None:
+            settings, datasets, _ = planned
+            elsewhere = next((d for d in datasets if d.image_reader() is not None), None)
+            if options.simpletuner_format and elsewhere is not None:
+                where = "an S3 bucket" if elsewhere.remote is not None else f"{elsewhere.packed.kind} files"
+                raise BuildError(f"{settings.backend_path}: dataset {elsewhere.id!r} is in {where}: --format "
+                                 "simpletuner writes SimpleTuner's files next to local images only; build without it")
+
+        (settings, datasets, prints), crew = plan_on_every_rank(
+            group, rank, first_on_machine,
+            lambda memos: plan_run(options.config_dir, options.threads, remember=memos is None,
+                                   shared=memos or frozenset()),
+            check=refuse_elsewhere)
         report = build_planned(
             settings, datasets, prints, options, crew=crew, group=group, models=FileModels(settings),
             write_bucket_files=options.simpletuner_format, remove_stale_files=True, log=log,

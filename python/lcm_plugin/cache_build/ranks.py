@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcm_plugin.cache_build.plan import BuildError
+from lcm_plugin.cache_build.plan import BuildError, memo_tokens, shared_memos
 
 
 class RanksDisagree(BuildError):
@@ -187,6 +187,39 @@ def crew_of(seen: list[list[tuple[str, ...]]], marks: list[str], folders: list[P
                              "storage) or each machine folders of its own (a local cache_dir_vae and text cache_dir)")
         machine_of.append(by_rank[0][0])
     return Crew(tuple(r for r, machine in enumerate(machine_of) if machine == machine_of[rank]), rank)
+
+
+def plan_on_every_rank(group, rank: int, first_on_machine: bool, plan, check=None):
+    """The two planning phases every rank goes through: each machine's first rank plans with `plan(None)` (scanning,
+    its memos written) and marks the run's cache folders; then the other ranks plan with `plan(memos)` (the tokens of
+    the memos the first ranks wrote, which they map instead of scanning), `check(planned)` runs on every rank that
+    planned, and every rank reports the marks it sees. `plan` returns (settings, datasets, prints) or None (nothing
+    to build). Returns (planned, this rank's Crew), or (None, None) on every rank when none planned; raises
+    RanksDisagree when some ranks planned and others did not."""
+    planned, mark = None, None
+    try:
+        with Phase(group, "planning on each machine's first rank") as first:
+            if first_on_machine:
+                planned = plan(None)
+                mark = mark_folders(cache_folders(planned[1])) if planned else None
+            first.share((memo_tokens(planned[1]) if planned else [], mark))
+        marks = [shared_mark for _, shared_mark in first.shared if shared_mark]
+        with Phase(group, "planning") as planning:
+            if not first_on_machine:
+                planned = plan(shared_memos([tokens for tokens, _ in first.shared]))
+            if planned and check is not None:
+                check(planned)
+            planning.share(marks_seen(cache_folders(planned[1]), marks) if planned else None)
+    finally:
+        if mark is not None:
+            unmark_folders(cache_folders(planned[1]), mark)
+    if len({seen is None for seen in planning.shared}) > 1:
+        idle = [other for other, seen in enumerate(planning.shared) if seen is None]
+        raise RanksDisagree(f"rank(s) {', '.join(map(str, idle))} found no dataset to build where the others did; "
+                            "every rank must read the same config and files")
+    if planned is None:
+        return None, None
+    return planned, crew_of(planning.shared, marks, cache_folders(planned[1]), rank)
 
 
 def threads_per_rank(processes: int) -> int:
